@@ -1,0 +1,189 @@
+"""GeoModel: image tower + GPS tower + temperature, and the geoloc checkpoint format."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from encoders.errors import CheckpointError
+from encoders.gps import GPSTower
+from encoders.image import ImageTower
+
+CHECKPOINT_FORMAT = "geoloc.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class GeoModel(nn.Module):
+    """Both towers of one profile. Embeddings are unit vectors; logits are
+    ``exp(logit_scale) · cos`` as in GeoCLIP."""
+
+    def __init__(
+        self,
+        image_tower: ImageTower,
+        gps_tower: GPSTower,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        profile: str,
+        logit_scale: float = math.log(1 / 0.07),
+        text_model: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_tower = image_tower
+        self.gps_tower = gps_tower
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
+        self.preprocess = preprocess
+        self.profile = profile
+        self.text_model = text_model
+
+    @property
+    def embed_dim(self) -> int:
+        return self.gps_tower.out_dim
+
+    @property
+    def scale(self) -> float:
+        """The multiplier of cosine similarities in the logits (exp of logit_scale)."""
+        return float(self.logit_scale.detach().exp())
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """Preprocess PIL images into one batch tensor on the model's device."""
+        return torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
+
+    def image_embedding(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_tower(pixels), dim=-1)
+
+    def gps_embedding(self, latlon: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.gps_tower(latlon), dim=-1)
+
+    @torch.inference_mode()
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        """PIL images -> (N, D) float32 unit vectors in the GPS space."""
+        return self.image_embedding(self.pixels(images)).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_features(self, features: np.ndarray) -> np.ndarray:
+        """Backbone features (e.g. 768-d CLIP) -> GPS-space unit vectors (head only)."""
+        x = torch.as_tensor(np.asarray(features, dtype=np.float32), device=self.device)
+        return F.normalize(self.image_tower.head(x), dim=-1).cpu().numpy()
+
+    def embed_gps(self, latlon: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+        """(N, 2) degrees -> (N, D) float32 unit vectors."""
+        return self.gps_tower.embed(latlon, batch_size=batch_size)
+
+
+def _fsync_write(path: Path, payload: Callable[[Any], None]) -> None:
+    """Write through a temporary file in the same directory, fsync, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            payload(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    model: GeoModel,
+    path: str | Path,
+    *,
+    config: dict[str, Any],
+    include_backbone: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Save a self-describing checkpoint atomically; returns its sha256.
+
+    ``config`` is the profile's architecture description, so the file alone says what
+    model it belongs to. ``extra`` carries training state (optimizer, epoch, ...).
+    """
+    state = {
+        k: v.detach().cpu()
+        for k, v in model.state_dict().items()
+        if include_backbone or not k.startswith("image_tower.backbone.")
+    }
+    blob = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "profile": model.profile,
+        "config": config,
+        "state_dict": state,
+        "extra": extra or {},
+    }
+    _fsync_write(Path(path), lambda fh: torch.save(blob, fh))
+    return sha256_file(Path(path))
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and validate the envelope of a geoloc checkpoint (not yet the tensors)."""
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); "
+            "it may be truncated or corrupt: re-create it or copy it again"
+        ) from exc
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a geoloc checkpoint (no '{CHECKPOINT_FORMAT}' format tag); "
+            "write checkpoints with `geoloc train` or encoders.save_checkpoint"
+        )
+    if blob.get("format_version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {blob.get('format_version')}, "
+            f"this geoloc reads version {CHECKPOINT_VERSION}"
+        )
+    return blob
+
+
+def load_state(
+    model: GeoModel, blob: dict[str, Any], *, source: str, require_backbone: bool
+) -> None:
+    """Load a checkpoint's tensors. The backbone may be absent (frozen during training)
+    unless ``require_backbone``: then it has no other source and must be there."""
+    if blob.get("profile") != model.profile:
+        raise CheckpointError(
+            f"{source} was written for profile '{blob.get('profile')}', "
+            f"not '{model.profile}'; load it with --profile {blob.get('profile')}"
+        )
+    state = blob["state_dict"]
+    own = model.state_dict()
+    missing = [
+        k
+        for k in own
+        if k not in state and (require_backbone or not k.startswith("image_tower.backbone."))
+    ]
+    unexpected = [k for k in state if k not in own]
+    bad_shape = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad_shape:
+        raise CheckpointError(
+            f"{source} does not fit profile '{model.profile}': "
+            f"missing={missing[:5]} unexpected={unexpected[:5]} wrong shape={bad_shape[:5]}"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

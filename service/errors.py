@@ -1,0 +1,53 @@
+"""One error type for everything a user can get wrong.
+
+Each error has a stable ``type`` slug (the problem+json ``type`` in the HTTP API and
+the prefix of CLI messages), an HTTP status and a human ``detail``.
+"""
+
+from __future__ import annotations
+
+
+class GeolocError(ValueError):
+    type: str = "invalid-request"
+    status: int = 400
+    title: str = "Invalid request"
+
+    def __init__(self, detail: str, *, type: str | None = None, status: int | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        if type is not None:
+            self.type = type
+        if status is not None:
+            self.status = status
+
+
+class InputImageError(GeolocError):
+    """An uploaded or named image that cannot be used."""
+
+    type = "invalid-image"
+    status = 422
+    title = "Unusable image"
+
+
+class ImageTooLargeError(InputImageError):
+    type = "image-too-large"
+    status = 413
+    title = "Image too large"
+
+
+class UnsupportedMediaError(InputImageError):
+    type = "unsupported-media-type"
+    status = 415
+    title = "Unsupported image format"
+
+
+class InvalidOptionError(GeolocError):
+    type = "invalid-option"
+    status = 422
+    title = "Invalid option"
+
+
+class NotFoundError(GeolocError):
+    type = "not-found"
+    status = 404
+    title = "Not found"

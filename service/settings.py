@@ -1,0 +1,78 @@
+"""The one Settings object. Environment (GEOLOC_*) -> Settings -> plain arguments."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.pipeline import LocateOptions
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GEOLOC_", env_file=".env", extra="ignore")
+
+    # -- where things live ---------------------------------------------------------------
+    data_dir: Path = Field(Path("data"), description="Indexes, database and caches live here.")
+    profile: str = Field("bluemarble", description="Model profile (geoloc profiles lists them).")
+    index_name: str = Field("", description="Index to serve; empty: 'default-<profile>'.")
+    index_version: str = Field("", description="Pinned index version; empty: the newest.")
+    checkpoint: Path | None = Field(None, description="geoloc checkpoint replacing bundled weights.")
+    backbone_checkpoint: Path | None = Field(
+        None, description="Local open_clip checkpoint file for the image backbone."
+    )
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: torch's default.")
+
+    # -- limits --------------------------------------------------------------------------
+    max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest image accepted.")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Most pixels (w×h) accepted.")
+    max_batch: int = Field(32, gt=0, description="Most images in one locate call.")
+    max_top_k: int = Field(100, gt=0, description="Largest top_k a request may ask for.")
+    max_retrieve_k: int = Field(2048, gt=0, description="Largest retrieve_k a request may ask for.")
+
+    # -- pipeline defaults (a request may override within the limits) ---------------------
+    top_k: int = 5
+    retrieve_k: int = 128
+    refine_beam: int = 8
+    refine_width: int = 2
+    refine_levels: int = 3
+    refine_start_res: int = 4
+    nms_km: float = 50.0
+    region_share: float = 0.9
+    region_res: int = 3
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir
+
+    @property
+    def default_index(self) -> str:
+        return self.index_name or f"default-{self.profile}"
+
+    def locate_options(self, **overrides: object) -> LocateOptions:
+        """Defaults from settings, overridden per call, then checked against the limits."""
+        base = {
+            "top_k": self.top_k,
+            "retrieve_k": self.retrieve_k,
+            "refine_beam": self.refine_beam,
+            "refine_width": self.refine_width,
+            "refine_levels": self.refine_levels,
+            "refine_start_res": self.refine_start_res,
+            "nms_km": self.nms_km,
+            "region_share": self.region_share,
+            "region_res": self.region_res,
+        }
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        if overrides.get("retrieve_k") is None:
+            # A large top_k needs at least as many retrieved points.
+            base["retrieve_k"] = max(int(base["retrieve_k"]), int(base["top_k"]))  # type: ignore[call-overload]
+        opts = LocateOptions(**base)  # type: ignore[arg-type]
+        return opts.validate(max_top_k=self.max_top_k, max_retrieve_k=self.max_retrieve_k)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
