@@ -59,11 +59,11 @@ class ScaleBranch(nn.Module):
         self.capsule = nn.Sequential(
             FourierFeatures(sigma, 2, rff),
             nn.Linear(2 * rff, hidden),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden, hidden),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden, hidden),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
         )
         self.head = nn.Sequential(nn.Linear(hidden, out_dim))
 
@@ -101,7 +101,9 @@ class GPSTower(nn.Module):
         return out
 
     @torch.inference_mode()
-    def embed(self, latlon: np.ndarray | Sequence[Sequence[float]], batch_size: int = 8192) -> np.ndarray:
+    def embed(
+        self, latlon: np.ndarray | Sequence[Sequence[float]], batch_size: int = 8192
+    ) -> np.ndarray:
         """(N, 2) degrees -> (N, out_dim) float32 unit vectors, in batches."""
         arr = np.asarray(latlon, dtype=np.float32).reshape(-1, 2)
         param = next(self.parameters())

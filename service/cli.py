@@ -22,8 +22,11 @@ from service.evaluation import errors_km, format_summary, summarize_distances
 from service.images import read_image_file
 from service.settings import Settings
 
-app = typer.Typer(help="geoloc: image geolocation (retrieval over a GPS gallery).",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="geoloc: image geolocation (retrieval over a GPS gallery).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 index_app = typer.Typer(help="Build and list gallery indexes.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
@@ -72,7 +75,9 @@ def profiles_cmd() -> None:
 def index_build(
     name: Annotated[str, typer.Argument(help="Index name (lowercase, digits, . _ -).")] = "",
     profile: Annotated[str, typer.Option(help="Model profile.")] = "",
-    gallery: Annotated[str, typer.Option(help="'h3' (cell centres) or 'csv' (lat/lon file).")] = "h3",
+    gallery: Annotated[
+        str, typer.Option(help="'h3' (cell centres) or 'csv' (lat/lon file).")
+    ] = "h3",
     res: Annotated[int, typer.Option(help="H3 resolution of an h3 gallery (0-7).")] = 4,
     all_cells: Annotated[bool, typer.Option("--all-cells", help="Keep sea cells too.")] = False,
     csv: Annotated[Path | None, typer.Option(help="CSV of points for a csv gallery.")] = None,
@@ -86,10 +91,18 @@ def index_build(
         fail("--res must be between 0 and 7")
     model = load_geomodel(s, profile or None, random_backbone=random_backbone)
     spec = GallerySpec(kind=gallery, res=res, land_only=not all_cells, csv=csv)
-    m = build_index(s, name or f"default-{model.profile}", spec, model=model, factory=factory,
-                    batch_size=batch_size)
-    typer.echo(f"published {m.name}/{m.version}: {m.count} points, profile {m.profile}, "
-               f"{m.factory}, {m.extra.get('points_per_second')} points/s")
+    m = build_index(
+        s,
+        name or f"default-{model.profile}",
+        spec,
+        model=model,
+        factory=factory,
+        batch_size=batch_size,
+    )
+    typer.echo(
+        f"published {m.name}/{m.version}: {m.count} points, profile {m.profile}, "
+        f"{m.factory}, {m.extra.get('points_per_second')} points/s"
+    )
 
 
 @index_app.command("list")
@@ -104,16 +117,19 @@ def index_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
         typer.echo("no indexes yet: geoloc index build")
     for m in manifests:
         res = f"res {m.h3_resolution}" if m.h3_resolution is not None else ""
-        typer.echo(f"{m.name}/{m.version}  {m.profile}  {m.gallery_kind} {res}  "
-                   f"{m.count} points  {m.factory}")
+        typer.echo(
+            f"{m.name}/{m.version}  {m.profile}  {m.gallery_kind} {res}  "
+            f"{m.count} points  {m.factory}"
+        )
 
 
 def _load_images(paths: list[Path], s: Settings) -> tuple[list[Any], list[Path], list[str]]:
     images, ok, problems = [], [], []
     for p in paths:
         try:
-            images.append(read_image_file(p, max_bytes=s.max_image_bytes,
-                                          max_pixels=s.max_image_pixels))
+            images.append(
+                read_image_file(p, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+            )
             ok.append(p)
         except GeolocError as exc:
             problems.append(f"[{exc.type}] {exc.detail}")
@@ -132,8 +148,9 @@ def locate_cmd(
     diversify: Annotated[bool, typer.Option(help="Spatial NMS stage.")] = True,
     verify: Annotated[bool, typer.Option(help="Verification stage.")] = True,
     bbox: Annotated[str, typer.Option(help="Search only in south,west,north,east.")] = "",
-    country: Annotated[list[str] | None, typer.Option(help="Search only in these ISO codes.")]
-    = None,
+    country: Annotated[
+        list[str] | None, typer.Option(help="Search only in these ISO codes.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch.")] = 16,
 ) -> None:
     """Locate images; several are encoded as one batch."""
@@ -142,8 +159,12 @@ def locate_cmd(
         s = s.model_copy(update={"profile": profile})
     name, _, version = index.partition("/")
     opts = s.locate_options(
-        top_k=top_k, refine=refine, diversify=diversify, verify=verify,
-        bbox=BBox.parse(bbox) if bbox else None, countries=tuple(country or ()),
+        top_k=top_k,
+        refine=refine,
+        diversify=diversify,
+        verify=verify,
+        bbox=BBox.parse(bbox) if bbox else None,
+        countries=tuple(country or ()),
     )
     pil, ok, problems = _load_images(images, s)
     for p in problems:
@@ -153,7 +174,7 @@ def locate_cmd(
     loc = load_locator(s, index_name=name or None, index_version=version or None)
     results = []
     for start in range(0, len(pil), batch_size):
-        results += loc.locate(pil[start:start + batch_size], opts)
+        results += loc.locate(pil[start : start + batch_size], opts)
     if as_json:
         out = [{"image": str(p), **r.to_dict()} for p, r in zip(ok, results, strict=True)]
         typer.echo(json.dumps(out if len(out) > 1 else out[0], indent=2))
@@ -162,11 +183,14 @@ def locate_cmd(
             typer.echo(f"{p}  ({r.profile}, index {r.index})")
             for i, c in enumerate(r.candidates, 1):
                 place = ", ".join(x for x in (c.city, c.admin1, c.country) if x) or "at sea"
-                typer.echo(f"  {i}. {c.lat:9.4f} {c.lon:10.4f}  p={c.probability:.3f}  "
-                           f"{c.h3}  {place}")
+                typer.echo(
+                    f"  {i}. {c.lat:9.4f} {c.lon:10.4f}  p={c.probability:.3f}  {c.h3}  {place}"
+                )
             if r.region:
-                typer.echo(f"  region: {len(r.region['cells'])} cells, "
-                           f"{r.region['area_km2']:.0f} km² hold {r.region['covered']:.0%}")
+                typer.echo(
+                    f"  region: {len(r.region['cells'])} cells, "
+                    f"{r.region['area_km2']:.0f} km² hold {r.region['covered']:.0%}"
+                )
     if problems:
         raise typer.Exit(1)
 
@@ -176,8 +200,9 @@ def locate_cmd(
 def eval_cmd(
     data: Annotated[Path, typer.Argument(help="CSV with image,lat,lon (paths relative to it).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    skip_bad: Annotated[bool, typer.Option(help="Evaluate the good rows despite bad ones.")]
-    = False,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Evaluate the good rows despite bad ones.")
+    ] = False,
     limit: Annotated[int, typer.Option(min=0, help="Evaluate at most N rows (0: all).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch.")] = 32,
     refine: Annotated[bool, typer.Option(help="H3 refinement stage.")] = True,
@@ -199,10 +224,11 @@ def eval_cmd(
     loc = load_locator(s, index_name=name or None, index_version=version or None)
     opts = s.locate_options(top_k=1, refine=refine, diversify=diversify, describe=False)
     preds, truths, bad = [], [], 0
-    with typer.progressbar(range(0, len(rows), batch_size), label="locating",
-                           file=sys.stderr) as bar:
+    with typer.progressbar(
+        range(0, len(rows), batch_size), label="locating", file=sys.stderr
+    ) as bar:
         for start in bar:
-            chunk = rows[start:start + batch_size]
+            chunk = rows[start : start + batch_size]
             pil, ok_paths, img_problems = _load_images([r.path for r in chunk], s)
             for p in img_problems:
                 typer.echo(f"error: {p}", err=True)
@@ -214,11 +240,21 @@ def eval_cmd(
                 truths.append((r.lat, r.lon))
     summary = summarize_distances(errors_km(np.array(preds), np.array(truths)))
     if as_json:
-        typer.echo(json.dumps({"data": str(data), "index": loc.index_label,
-                               "profile": loc.model.profile, **summary.to_dict()}, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "data": str(data),
+                    "index": loc.index_label,
+                    "profile": loc.model.profile,
+                    **summary.to_dict(),
+                },
+                indent=2,
+            )
+        )
     else:
-        typer.echo(format_summary(summary, label=f"{data} ({loc.model.profile}, "
-                                                  f"{loc.index_label}): "))
+        typer.echo(
+            format_summary(summary, label=f"{data} ({loc.model.profile}, {loc.index_label}): ")
+        )
     if bad and not skip_bad:
         raise typer.Exit(1)
 

@@ -35,8 +35,9 @@ def _column(header: list[str], names: tuple[str, ...]) -> int | None:
     return None
 
 
-def read_labelled_csv(path: str | Path, *, check_files: bool = True
-                      ) -> tuple[list[LabelledImage], list[str]]:
+def read_labelled_csv(
+    path: str | Path, *, check_files: bool = True
+) -> tuple[list[LabelledImage], list[str]]:
     """Rows that are usable, and one message per row that is not ("line N: why").
 
     Image paths are resolved against the CSV's directory.
@@ -67,8 +68,9 @@ def read_labelled_csv(path: str | Path, *, check_files: bool = True
             try:
                 lat, lon = float(rec[cla]), float(rec[clo])
             except ValueError:
-                problems.append(f"{path}:{line}: latitude/longitude "
-                                f"'{rec[cla]}', '{rec[clo]}' are not numbers")
+                problems.append(
+                    f"{path}:{line}: latitude/longitude '{rec[cla]}', '{rec[clo]}' are not numbers"
+                )
                 continue
             if not (math.isfinite(lat) and math.isfinite(lon)) or abs(lat) > 90 or abs(lon) > 180:
                 problems.append(f"{path}:{line}: ({lat}, {lon}) is not a valid (lat, lon)")

@@ -20,8 +20,9 @@ from service.pipeline import Locator
 from service.settings import Settings
 
 
-def load_geomodel(settings: Settings, profile: str | None = None,
-                  random_backbone: bool = False) -> GeoModel:
+def load_geomodel(
+    settings: Settings, profile: str | None = None, random_backbone: bool = False
+) -> GeoModel:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     return load_model(
@@ -33,8 +34,13 @@ def load_geomodel(settings: Settings, profile: str | None = None,
     )
 
 
-def load_locator(settings: Settings, *, model: GeoModel | None = None,
-                 index_name: str | None = None, index_version: str | None = None) -> Locator:
+def load_locator(
+    settings: Settings,
+    *,
+    model: GeoModel | None = None,
+    index_name: str | None = None,
+    index_version: str | None = None,
+) -> Locator:
     """Load model (unless given), index and geocoder once; check they belong together."""
     model = model or load_geomodel(settings)
     index = load_index(
@@ -64,25 +70,39 @@ class GallerySpec:
         raise ValueError(f"unknown gallery kind '{self.kind}'; use 'h3' or 'csv'")
 
 
-def build_index(settings: Settings, name: str, spec: GallerySpec, *, model: GeoModel,
-                factory: str = "Flat", batch_size: int = 4096, progress: bool = True
-                ) -> Manifest:
+def build_index(
+    settings: Settings,
+    name: str,
+    spec: GallerySpec,
+    *,
+    model: GeoModel,
+    factory: str = "Flat",
+    batch_size: int = 4096,
+    progress: bool = True,
+) -> Manifest:
     """Encode a gallery with the profile's GPS tower and publish it as a new version."""
     t0 = time.perf_counter()
     gallery = spec.build()
     t_gallery = time.perf_counter()
-    vectors = encode_gallery(gallery, model.embed_gps, model.embed_dim,
-                             batch_size=batch_size, progress=progress)
+    vectors = encode_gallery(
+        gallery, model.embed_gps, model.embed_dim, batch_size=batch_size, progress=progress
+    )
     t_encode = time.perf_counter()
     countries = ReverseGeocoder().country_codes(gallery.latlon)
     points = PointTable(ids=gallery.ids, latlon=gallery.latlon, country=countries)
     manifest = publish_index(
-        settings.index_dir, name, vectors, points,
-        profile=model.profile, gallery_kind=gallery.kind,
-        h3_resolution=gallery.h3_resolution, factory=factory,
+        settings.index_dir,
+        name,
+        vectors,
+        points,
+        profile=model.profile,
+        gallery_kind=gallery.kind,
+        h3_resolution=gallery.h3_resolution,
+        factory=factory,
         extra={
             "source": gallery.source,
-            "land_mask": "roaring-landmask (GSHHG)" if spec.kind == "h3" and spec.land_only
+            "land_mask": "roaring-landmask (GSHHG)"
+            if spec.kind == "h3" and spec.land_only
             else None,
             "gallery_seconds": round(t_gallery - t0, 3),
             "encode_seconds": round(t_encode - t_gallery, 3),

@@ -29,8 +29,9 @@ class DistanceSummary:
         }
 
 
-def summarize_distances(d_km: np.ndarray, thresholds: tuple[float, ...] = THRESHOLDS_KM
-                        ) -> DistanceSummary:
+def summarize_distances(
+    d_km: np.ndarray, thresholds: tuple[float, ...] = THRESHOLDS_KM
+) -> DistanceSummary:
     d = np.asarray(d_km, dtype=np.float64)
     if d.size == 0:
         return DistanceSummary(0, {t: float("nan") for t in thresholds}, *(float("nan"),) * 3)

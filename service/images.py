@@ -26,7 +26,9 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image") -> Image.Image:
+def decode_image(
+    data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image"
+) -> Image.Image:
     """Bytes -> RGB PIL image, EXIF orientation applied, first frame only.
 
     Raises an InputImageError subclass (with a stable type) for anything unusable.
@@ -60,10 +62,13 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
     except InputImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(f"{name} decompresses to too many pixels: {exc}",
-                                 type="too-many-pixels") from exc
+        raise ImageTooLargeError(
+            f"{name} decompresses to too many pixels: {exc}", type="too-many-pixels"
+        ) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InputImageError(f"{name} is corrupt or truncated ({exc})", type="corrupt-image") from exc
+        raise InputImageError(
+            f"{name} is corrupt or truncated ({exc})", type="corrupt-image"
+        ) from exc
 
 
 def read_image_file(path: str | Path, *, max_bytes: int, max_pixels: int) -> Image.Image:

@@ -16,7 +16,14 @@ import torch
 from PIL import Image
 
 from encoders import GeoModel
-from index.geo import BBox, cells_to_latlon, cell_children, int_to_cell, latlon_to_cells, pairwise_km
+from index.geo import (
+    BBox,
+    cell_children,
+    cells_to_latlon,
+    int_to_cell,
+    latlon_to_cells,
+    pairwise_km,
+)
 from index.geocode import ReverseGeocoder
 from index.region import country_distribution, uncertainty_region
 from index.store import LoadedIndex
@@ -130,8 +137,14 @@ class _Pool:
     source: list[str]
     country: np.ndarray  # (n,) '<U2' or ""
 
-    def extend(self, latlon: np.ndarray, score: np.ndarray, source: str, country: np.ndarray,
-               exact: bool = True) -> None:
+    def extend(
+        self,
+        latlon: np.ndarray,
+        score: np.ndarray,
+        source: str,
+        country: np.ndarray,
+        exact: bool = True,
+    ) -> None:
         self.latlon = np.concatenate([self.latlon, latlon])
         self.score = np.concatenate([self.score, score])
         self.exact = np.concatenate([self.exact, np.full(len(score), exact)])
@@ -139,9 +152,11 @@ class _Pool:
         self.country = np.concatenate([self.country, country])
 
     def take(self, keep: np.ndarray) -> None:
-        self.latlon, self.score, self.exact = self.latlon[keep], self.score[keep], self.exact[keep]
-        self.source = [self.source[i] for i in np.flatnonzero(keep)]
-        self.country = self.country[keep]
+        """Keep rows by index array (in that order) or boolean mask."""
+        idx = np.flatnonzero(keep) if keep.dtype == bool else np.asarray(keep)
+        self.latlon, self.score, self.exact = self.latlon[idx], self.score[idx], self.exact[idx]
+        self.source = [self.source[i] for i in idx]
+        self.country = self.country[idx]
 
 
 class _Timer:
@@ -202,15 +217,26 @@ class Locator:
         )
         return [
             self._locate_one(
-                queries[i], scores[i], rows[i], options, search_ms,
+                queries[i],
+                scores[i],
+                rows[i],
+                options,
+                search_ms,
                 None if gallery_lse is None else float(gallery_lse[i]),
             )
             for i in range(len(queries))
         ]
 
     # -- stages -------------------------------------------------------------------------
-    def _locate_one(self, q: np.ndarray, scores: np.ndarray, rows: np.ndarray,
-                    opt: LocateOptions, search_ms: float, gallery_lse: float | None) -> LocateResult:
+    def _locate_one(
+        self,
+        q: np.ndarray,
+        scores: np.ndarray,
+        rows: np.ndarray,
+        opt: LocateOptions,
+        search_ms: float,
+        gallery_lse: float | None,
+    ) -> LocateResult:
         timer = _Timer()
         timer.ms["retrieve"] = round(search_ms, 3)
         t = time.perf_counter()
@@ -243,8 +269,9 @@ class Locator:
         logits = self.scale * pool.score
         if gallery_lse is not None:
             # GeoCLIP's softmax over the whole gallery (plus any extra points found).
-            extra = np.array([s for s, src in zip(logits, pool.source, strict=True)
-                              if src != "gallery"])
+            extra = np.array(
+                [s for s, src in zip(logits, pool.source, strict=True) if src != "gallery"]
+            )
             lse = np.logaddexp(gallery_lse, _logsumexp(extra)) if len(extra) else gallery_lse
             probs = np.exp(logits - lse)
         else:
@@ -257,8 +284,7 @@ class Locator:
         region = None
         country_probs: list[dict[str, Any]] = []
         if len(probs):
-            reg = uncertainty_region(pool.latlon, probs, res=opt.region_res,
-                                     share=opt.region_share)
+            reg = uncertainty_region(pool.latlon, probs, res=opt.region_res, share=opt.region_share)
             region = {
                 "share": reg.share,
                 "covered": reg.covered,
@@ -283,9 +309,12 @@ class Locator:
         cells = latlon_to_cells(pool.latlon[:n], MAX_REFINE_RES) if n else np.array([], np.int64)
         cands = [
             Candidate(
-                lat=float(pool.latlon[i, 0]), lon=float(pool.latlon[i, 1]),
-                probability=float(keep_probs[i]), score=float(pool.score[i]),
-                h3=int_to_cell(int(cells[i])), source=pool.source[i],
+                lat=float(pool.latlon[i, 0]),
+                lon=float(pool.latlon[i, 1]),
+                probability=float(keep_probs[i]),
+                score=float(pool.score[i]),
+                h3=int_to_cell(int(cells[i])),
+                source=pool.source[i],
             )
             for i in range(n)
         ]
@@ -296,8 +325,13 @@ class Locator:
             stages.append("describe")
             timer.add("describe", t)
         return LocateResult(
-            candidates=cands, region=region, countries=country_probs, stages=stages,
-            timings_ms=timer.ms, profile=self.model.profile, index=self.index_label,
+            candidates=cands,
+            region=region,
+            countries=country_probs,
+            stages=stages,
+            timings_ms=timer.ms,
+            profile=self.model.profile,
+            index=self.index_label,
         )
 
     def _refine(self, q: np.ndarray, pool: _Pool, opt: LocateOptions) -> None:
@@ -387,8 +421,9 @@ def _top_per_group(group: np.ndarray, score: np.ndarray, width: int) -> np.ndarr
     return order[rank < width]
 
 
-def _suppress(latlon: np.ndarray, probs: np.ndarray, radius_km: float
-              ) -> tuple[np.ndarray, np.ndarray]:
+def _suppress(
+    latlon: np.ndarray, probs: np.ndarray, radius_km: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Spatial NMS over points sorted by probability (descending).
 
     Returns the kept indices and their probabilities with the mass of every suppressed

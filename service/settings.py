@@ -19,7 +19,9 @@ class Settings(BaseSettings):
     profile: str = Field("bluemarble", description="Model profile (geoloc profiles lists them).")
     index_name: str = Field("", description="Index to serve; empty: 'default-<profile>'.")
     index_version: str = Field("", description="Pinned index version; empty: the newest.")
-    checkpoint: Path | None = Field(None, description="geoloc checkpoint replacing bundled weights.")
+    checkpoint: Path | None = Field(
+        None, description="geoloc checkpoint replacing bundled weights."
+    )
     backbone_checkpoint: Path | None = Field(
         None, description="Local open_clip checkpoint file for the image backbone."
     )

@@ -35,7 +35,11 @@ def test_profiles_say_what_they_locate():
     assert "satellite" in get_profile("bluemarble").purpose
     assert "not ground photos" in get_profile("bluemarble").purpose
     geoclip = get_profile("geoclip")
-    assert (geoclip.architecture, geoclip.pretrained, geoclip.embed_dim) == ("ViT-L-14", "openai", 512)
+    assert (geoclip.architecture, geoclip.pretrained, geoclip.embed_dim) == (
+        "ViT-L-14",
+        "openai",
+        512,
+    )
 
 
 def test_missing_geoclip_package_says_how_to_install(monkeypatch):
@@ -46,7 +50,7 @@ def test_missing_geoclip_package_says_how_to_install(monkeypatch):
 
 def test_missing_bundled_weights_is_an_error_not_random_weights(monkeypatch, tmp_path):
     monkeypatch.setattr(profiles_mod, "WEIGHTS_DIR", tmp_path)
-    with pytest.raises(WeightsNotFoundError, match="docs/TRAINING.md"):
+    with pytest.raises(WeightsNotFoundError, match=r"docs/TRAINING\.md"):
         load_model("bluemarble")
 
 
@@ -56,7 +60,9 @@ def test_local_backbone_checkpoint_loads_through_open_clip(tmp_path):
     path = tmp_path / "tiny.pt"
     torch.save({"state_dict": ref.state_dict()}, path)
     visual, preprocess, _ = create_backbone("tiny-test-vit", None, checkpoint=path)
-    for (k, a), b in zip(ref.visual.state_dict().items(), visual.state_dict().values(), strict=True):
+    for (k, a), b in zip(
+        ref.visual.state_dict().items(), visual.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), k
     assert preprocess is not None
 

@@ -1,0 +1,653 @@
+"""FAISS index storage: build, atomic publication, checksummed mmap loading and search.
+
+Layout: ``<root>/indexes/<name>/<version>/`` holds ``index.faiss``, the id->point table
+(``ids.npy``, ``latlon.npy``, ``country.npy``, row-aligned with the FAISS index: the FAISS
+label of a vector is its row number) and ``manifest.json``, which is written last. A version
+directory only ever appears by an atomic rename of a finished temporary directory, so readers
+never see a half-written index.
+
+This is the only module that builds or loads FAISS indexes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+__all__ = [
+    "IndexStoreError",
+    "LoadedIndex",
+    "Manifest",
+    "PointTable",
+    "latest_version",
+    "list_indexes",
+    "load_index",
+    "publish_index",
+]
+
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.npy"
+LATLON_FILE = "latlon.npy"
+COUNTRY_FILE = "country.npy"
+MANIFEST_FILE = "manifest.json"
+DATA_FILES = (INDEX_FILE, IDS_FILE, LATLON_FILE, COUNTRY_FILE)
+
+GALLERY_KINDS = ("h3", "csv", "images")
+METRIC = "ip"
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_COUNTRY_RE = re.compile(r"^([A-Z]{2})?$")
+_ADD_CHUNK = 65_536
+# Stored vectors must be unit norm (scores are cosines); allow float32 round-off and fp16 sources.
+_NORM_TOL = 1e-2
+_FACTORY_EXAMPLES = '"Flat" (exact), "HNSW32" (graph), "IVF1024,PQ64" (compressed)'
+
+
+class IndexStoreError(ValueError):
+    """A refused index operation; the message says what to do about it."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    profile: str
+    dim: int
+    metric: str
+    factory: str
+    gallery_kind: str
+    h3_resolution: int | None
+    count: int
+    files: dict[str, str]
+    created_at: str
+    extra: dict[str, Any]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        try:
+            h3_res = d["h3_resolution"]
+            return cls(
+                name=str(d["name"]),
+                version=str(d["version"]),
+                profile=str(d["profile"]),
+                dim=int(d["dim"]),
+                metric=str(d["metric"]),
+                factory=str(d["factory"]),
+                gallery_kind=str(d["gallery_kind"]),
+                h3_resolution=None if h3_res is None else int(h3_res),
+                count=int(d["count"]),
+                files={str(k): str(v) for k, v in dict(d["files"]).items()},
+                created_at=str(d["created_at"]),
+                extra=dict(d.get("extra") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IndexStoreError(
+                f"invalid index manifest ({type(exc).__name__}: {exc}); "
+                "rebuild the index with `geoloc index build`"
+            ) from exc
+
+
+@dataclass(frozen=True, eq=False)  # eq on numpy arrays is ambiguous, so identity equality
+class PointTable:
+    ids: np.ndarray  # int64 (n,)
+    latlon: np.ndarray  # float64 (n, 2), degrees (lat, lon)
+    country: np.ndarray  # '<U2' (n,), ISO alpha-2 or ""
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _check_name(value: str, what: str) -> None:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise IndexStoreError(
+            f"invalid index {what} {value!r}: use 1-64 characters from a-z, 0-9, '.', '_', '-', "
+            "starting with a letter or digit (e.g. 'h3-res5' or '20240101-120000-000000')"
+        )
+
+
+def _check_vectors(vectors: np.ndarray) -> np.ndarray:
+    arr = np.asarray(vectors)
+    if arr.ndim != 2:
+        raise IndexStoreError(f"vectors must be a 2-D (n, dim) array, got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise IndexStoreError(
+            f"vectors are empty (shape {arr.shape}); build the gallery embeddings first"
+        )
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise IndexStoreError(f"vectors must be float32, got dtype {arr.dtype}")
+    # float16/float64 are cast: FAISS only stores float32 and the cast loses nothing that matters.
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).any(axis=1).sum())
+        raise IndexStoreError(
+            f"{bad} vector(s) contain NaN or inf; fix the encoder output before publishing"
+        )
+    norms = np.linalg.norm(arr, axis=1)
+    if np.abs(norms - 1.0).max() > _NORM_TOL:
+        raise IndexStoreError(
+            "vectors must be unit norm (the metric is inner product = cosine); "
+            f"norms range {norms.min():.4g}..{norms.max():.4g}: divide each row by its L2 norm"
+        )
+    return arr
+
+
+def _check_points(points: PointTable, n: int) -> PointTable:
+    ids = np.asarray(points.ids)
+    latlon = np.asarray(points.latlon)
+    country = np.asarray(points.country)
+    if len(ids) != n or len(latlon) != n or len(country) != n:
+        raise IndexStoreError(
+            f"point table length mismatch: {n} vectors but ids={len(ids)}, latlon={len(latlon)}, "
+            f"country={len(country)}; the table must have one row per vector, in the same order"
+        )
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise IndexStoreError(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    if ids.dtype == np.uint64 and n and ids.max() > np.iinfo(np.int64).max:
+        raise IndexStoreError("ids do not fit in int64 (H3 cell ints always do)")
+    if latlon.ndim != 2 or latlon.shape[1] != 2:
+        raise IndexStoreError(f"latlon must have shape (n, 2) as (lat, lon), got {latlon.shape}")
+    latlon = np.ascontiguousarray(latlon, dtype=np.float64)
+    lat, lon = latlon[:, 0], latlon[:, 1]
+    if not np.isfinite(latlon).all() or (np.abs(lat) > 90).any() or (np.abs(lon) > 180).any():
+        raise IndexStoreError(
+            "latlon out of range: need finite (lat, lon) degrees with lat in [-90, 90] and "
+            "lon in [-180, 180]; check the column order (lat first)"
+        )
+    if country.ndim != 1:
+        raise IndexStoreError(f"country must be a 1-D array of strings, got shape {country.shape}")
+    bad = [c for c in np.unique(country.astype(str)) if not _COUNTRY_RE.match(c)]
+    if bad:
+        raise IndexStoreError(
+            f"invalid country codes {bad[:5]}: use upper-case ISO alpha-2 or '' for unknown"
+        )
+    return PointTable(
+        ids=np.ascontiguousarray(ids, dtype=np.int64),
+        latlon=latlon,
+        country=np.ascontiguousarray(country, dtype="<U2"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# filesystem helpers
+
+
+def _indexes_dir(root: Path) -> Path:
+    return Path(root) / "indexes"
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # A directory fsync makes created/renamed entries durable; not all platforms allow it.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with path.open("wb") as fh:
+        np.save(fh, arr, allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _default_version() -> str:
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+
+
+# ---------------------------------------------------------------------------------------------
+# faiss helpers
+
+
+def _make_index(dim: int, factory: str) -> faiss.Index:
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+        raise IndexStoreError(
+            f"bad FAISS factory string {factory!r} for dim {dim}: faiss says: {msg}; "
+            f"examples: {_FACTORY_EXAMPLES}"
+        ) from exc
+
+
+def _skip_polysemous_training(index: faiss.Index) -> None:
+    # index_factory turns on polysemous training for "PQ" codes; it only serves polysemous
+    # (Hamming-filtered) search, which this store never enables, and costs tens of seconds.
+    parts = [faiss.downcast_index(index)]
+    if isinstance(parts[0], faiss.IndexPreTransform):
+        parts.append(faiss.downcast_index(parts[0].index))
+    ivf = _ivf_of(index)
+    if ivf is not None:
+        parts.append(faiss.downcast_index(ivf))
+    for part in parts:
+        if hasattr(part, "do_polysemous_training"):
+            part.do_polysemous_training = False
+
+
+def _ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:  # faiss raises when there is no IVF inside
+        return None
+
+
+def _is_hnsw(index: faiss.Index) -> bool:
+    return isinstance(faiss.downcast_index(index), faiss.IndexHNSW)
+
+
+# ---------------------------------------------------------------------------------------------
+# publication
+
+
+def publish_index(
+    root: Path,
+    name: str,
+    vectors: np.ndarray,
+    points: PointTable,
+    *,
+    profile: str,
+    gallery_kind: str,
+    h3_resolution: int | None,
+    factory: str = "Flat",
+    version: str | None = None,
+    extra: dict | None = None,
+    train_size: int = 100_000,
+    seed: int = 0,
+) -> Manifest:
+    """Build a FAISS inner-product index over unit ``vectors`` and publish it atomically."""
+    t0 = time.perf_counter()
+    _check_name(name, "name")
+    version = _default_version() if version is None else version
+    _check_name(version, "version")
+    if gallery_kind not in GALLERY_KINDS:
+        raise IndexStoreError(f"unknown gallery_kind {gallery_kind!r}; use one of {GALLERY_KINDS}")
+    if gallery_kind == "h3" and h3_resolution is None:
+        raise IndexStoreError("gallery_kind 'h3' needs h3_resolution (0-15)")
+    if h3_resolution is not None and not 0 <= int(h3_resolution) <= 15:
+        raise IndexStoreError(f"h3_resolution must be in 0..15, got {h3_resolution}")
+    if not profile:
+        raise IndexStoreError("profile is required: name the model profile that made the vectors")
+    if train_size < 1:
+        raise IndexStoreError(f"train_size must be >= 1, got {train_size}")
+    vecs = _check_vectors(vectors)
+    n, dim = vecs.shape
+    table = _check_points(points, n)
+    extra = dict(extra or {})
+    try:
+        json.dumps(extra)
+    except TypeError as exc:
+        raise IndexStoreError(f"extra metadata must be JSON-serialisable: {exc}") from exc
+
+    name_dir = _indexes_dir(root) / name
+    final_dir = name_dir / version
+    if final_dir.exists():
+        raise IndexStoreError(
+            f"index {name!r} version {version!r} already exists at {final_dir}; "
+            "published versions are immutable: pick a new version (or omit it for a timestamp)"
+        )
+
+    index = _make_index(dim, factory)
+    _skip_polysemous_training(index)
+    if not index.is_trained:
+        # Train on a seeded sample so that a rebuild from the same vectors is reproducible.
+        rng = np.random.default_rng(seed)
+        sample = vecs
+        if n > train_size:
+            sample = vecs[np.sort(rng.choice(n, size=train_size, replace=False))]
+        try:
+            index.train(sample)
+        except RuntimeError as exc:
+            raise IndexStoreError(
+                f"training FAISS index {factory!r} on {len(sample)} vectors failed: {exc}; "
+                "use more vectors, fewer IVF lists/PQ centroids, or 'Flat'"
+            ) from exc
+    for start in range(0, n, _ADD_CHUNK):
+        index.add(vecs[start : start + _ADD_CHUNK])
+    if index.ntotal != n:  # e.g. a factory that deduplicates; row alignment would break
+        raise IndexStoreError(f"FAISS index holds {index.ntotal} vectors, expected {n}")
+
+    name_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = name_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+    tmp_dir.mkdir()
+    try:
+        faiss.write_index(index, str(tmp_dir / INDEX_FILE))
+        _fsync_file(tmp_dir / INDEX_FILE)
+        _save_npy(tmp_dir / IDS_FILE, table.ids)
+        _save_npy(tmp_dir / LATLON_FILE, table.latlon)
+        _save_npy(tmp_dir / COUNTRY_FILE, table.country)
+        extra.setdefault("faiss_version", faiss.__version__)
+        extra.setdefault("build_seconds", round(time.perf_counter() - t0, 3))
+        manifest = Manifest(
+            name=name,
+            version=version,
+            profile=profile,
+            dim=int(dim),
+            metric=METRIC,
+            factory=factory,
+            gallery_kind=gallery_kind,
+            h3_resolution=None if h3_resolution is None else int(h3_resolution),
+            count=int(n),
+            files={f: _sha256(tmp_dir / f) for f in DATA_FILES},
+            created_at=datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            extra=extra,
+        )
+        # The manifest goes last: its presence is what marks a version directory as complete.
+        with (tmp_dir / MANIFEST_FILE).open("w", encoding="utf-8") as fh:
+            fh.write(manifest.to_json())
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp_dir)
+        if final_dir.exists():  # lost a race with another publisher of the same version
+            raise IndexStoreError(f"index {name!r} version {version!r} was published meanwhile")
+        os.rename(tmp_dir, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    _fsync_dir(name_dir)
+    _fsync_dir(name_dir.parent)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# discovery
+
+
+def _read_manifest(version_dir: Path) -> Manifest:
+    path = version_dir / MANIFEST_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise IndexStoreError(
+            f"cannot read {path}: {exc}; rebuild the index with `geoloc index build`"
+        ) from exc
+    if not isinstance(data, dict):
+        raise IndexStoreError(f"{path} is not a JSON object; rebuild with `geoloc index build`")
+    return Manifest.from_dict(data)
+
+
+def _version_dirs(name_dir: Path) -> list[Path]:
+    # Temp dirs start with "." and lack a final manifest until renamed: never list them.
+    if not name_dir.is_dir():
+        return []
+    return [
+        d
+        for d in name_dir.iterdir()
+        if d.is_dir() and not d.name.startswith(".") and (d / MANIFEST_FILE).is_file()
+    ]
+
+
+def list_indexes(root: Path, name: str | None = None) -> list[Manifest]:
+    """Every complete published index (optionally of one name), sorted by (name, version)."""
+    base = _indexes_dir(root)
+    if name is not None:
+        _check_name(name, "name")
+        name_dirs = [base / name]
+    elif base.is_dir():
+        name_dirs = [d for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    else:
+        name_dirs = []
+    manifests = [_read_manifest(v) for d in name_dirs for v in _version_dirs(d)]
+    return sorted(manifests, key=lambda m: (m.name, m.version))
+
+
+def latest_version(root: Path, name: str) -> str:
+    """The most recently published version of ``name`` (by created_at, then version)."""
+    manifests = list_indexes(root, name)
+    if not manifests:
+        known = sorted({m.name for m in list_indexes(root)})
+        raise IndexStoreError(
+            f"no published index named {name!r} under {_indexes_dir(root)}; "
+            f"known: {known or 'none'}; build one with `geoloc index build`"
+        )
+    return max(manifests, key=lambda m: (m.created_at, m.version)).version
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and search
+
+
+@dataclass
+class LoadedIndex:
+    manifest: Manifest
+    path: Path
+    index: faiss.Index
+    points: PointTable
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _direct_map: bool = field(default=False, init=False, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def _queries(self, queries: np.ndarray) -> np.ndarray:
+        q = np.asarray(queries)
+        if q.ndim != 2 or q.shape[1] != self.manifest.dim:
+            raise IndexStoreError(
+                f"queries must have shape (q, {self.manifest.dim}) for index "
+                f"{self.manifest.name}/{self.manifest.version}, got {q.shape}"
+            )
+        return np.ascontiguousarray(q, dtype=np.float32)
+
+    def _params(
+        self, sel: faiss.IDSelector | None, nprobe: int | None
+    ) -> faiss.SearchParameters | None:
+        ivf = _ivf_of(self.index)
+        if ivf is not None:
+            if nprobe is not None and nprobe < 1:
+                raise IndexStoreError(f"nprobe must be >= 1, got {nprobe}")
+            if sel is None and nprobe is None:
+                return None
+            params = faiss.SearchParametersIVF()
+            if sel is not None:
+                params.sel = sel
+            # Without an explicit nprobe the index's own setting applies (faiss reads 0 as unset).
+            params.nprobe = min(int(nprobe), ivf.nlist) if nprobe is not None else ivf.nprobe
+            return params
+        if sel is None:
+            return None  # nprobe means nothing outside IVF: ignored
+        if _is_hnsw(self.index):
+            return faiss.SearchParametersHNSW(sel=sel)
+        return faiss.SearchParameters(sel=sel)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        allowed: np.ndarray | None = None,
+        nprobe: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows by inner product: (scores (q, k) float32, rows (q, k) int64).
+
+        Missing results (fewer than k candidates) have row -1 and score -inf.
+        """
+        q = self._queries(queries)
+        n = len(self)
+        if k < 1:
+            raise IndexStoreError(f"k must be >= 1, got {k}")
+        k = min(int(k), n)
+        bitmap = None
+        mask = None
+        if allowed is not None:
+            mask = np.asarray(allowed)
+            if mask.dtype != np.bool_ or mask.shape != (n,):
+                raise IndexStoreError(
+                    f"allowed must be a bool mask of shape ({n},), got {mask.dtype} {mask.shape}"
+                )
+            # IDSelectorBitmap reads bit (i & 7) of byte i >> 3: little bit order.
+            bitmap = np.packbits(mask, bitorder="little")
+        # The selector holds a raw pointer into `bitmap`, a local that outlives the search.
+        sel = None if bitmap is None else faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap))
+        params = self._params(sel, nprobe)
+        try:
+            scores, rows = self.index.search(q, k, params=params)
+        except RuntimeError:
+            if mask is None:
+                raise
+            # Some index types (e.g. IndexPQ, IndexRefine) reject search parameters: search
+            # everything and filter here instead; slower but correct.
+            scores, rows = self._filter_fallback(q, k, mask)
+        rows = rows.astype(np.int64, copy=False)
+        scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
+        return scores, rows
+
+    def _filter_fallback(
+        self, q: np.ndarray, k: int, mask: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        all_s, all_r = self.index.search(q, len(self), params=self._params(None, None))
+        keep = (all_r >= 0) & mask[np.clip(all_r, 0, None)]
+        out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+        out_r = np.full((len(q), k), -1, dtype=np.int64)
+        for i in range(len(q)):
+            sel_r = all_r[i][keep[i]][:k]  # faiss results are already sorted by score
+            out_r[i, : len(sel_r)] = sel_r
+            out_s[i, : len(sel_r)] = all_s[i][keep[i]][:k]
+        return out_s, out_r
+
+    def all_scores(self, queries: np.ndarray) -> np.ndarray:
+        """(q, n) inner products with every row, in row order (for a softmax over the gallery)."""
+        q = self._queries(queries)
+        n = len(self)
+        ivf = _ivf_of(self.index)
+        # Probe every IVF list so no row is left out; other indexes use their defaults.
+        params = faiss.SearchParametersIVF(nprobe=ivf.nlist) if ivf is not None else None
+        scores, rows = self.index.search(q, n, params=params)
+        out = np.full((len(q), n), np.nan, dtype=np.float32)
+        valid = rows >= 0
+        qi = np.nonzero(valid)[0]
+        out[qi, rows[valid]] = scores[valid]
+        missing = np.isnan(out)
+        if missing.any():
+            # Graph indexes (HNSW) do not visit every node; score the rest from stored vectors.
+            miss_rows = np.nonzero(missing.any(axis=0))[0]
+            for start in range(0, len(miss_rows), _ADD_CHUNK):
+                chunk = miss_rows[start : start + _ADD_CHUNK]
+                fill = q @ self.vectors(chunk).T
+                sub = out[:, chunk]
+                out[:, chunk] = np.where(np.isnan(sub), fill, sub)
+        return out
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Stored vectors of ``rows`` (float32 (m, dim)); exact for Flat, decoded otherwise."""
+        r = np.ascontiguousarray(np.asarray(rows), dtype=np.int64).reshape(-1)
+        if r.size and (r.min() < 0 or r.max() >= len(self)):
+            raise IndexStoreError(f"rows out of range 0..{len(self) - 1}")
+        ivf = _ivf_of(self.index)
+        if ivf is not None and not self._direct_map:
+            with self._lock:  # make_direct_map mutates the index: once, under a lock
+                if not self._direct_map:
+                    ivf.make_direct_map()
+                    self._direct_map = True
+        try:
+            return self.index.reconstruct_batch(r)
+        except RuntimeError as exc:
+            raise IndexStoreError(
+                f"index type {self.manifest.factory!r} cannot reconstruct stored vectors "
+                f"({str(exc).strip().splitlines()[-1]}); use a 'Flat', 'HNSW' or IVF index"
+            ) from exc
+
+
+def _read_faiss(path: Path) -> faiss.Index:
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        # Not every index type can be memory-mapped; a normal read is correct, just uses RAM.
+        return faiss.read_index(str(path))
+
+
+def load_index(
+    root: Path,
+    name: str,
+    version: str | None = None,
+    *,
+    profile: str | None = None,
+    dim: int | None = None,
+    verify: bool = True,
+) -> LoadedIndex:
+    """Open a published index (latest version by default), verifying checksums and profile."""
+    _check_name(name, "name")
+    if version is None:
+        version = latest_version(root, name)
+    _check_name(version, "version")
+    path = _indexes_dir(root) / name / version
+    if not (path / MANIFEST_FILE).is_file():
+        known = [m.version for m in list_indexes(root, name)]
+        raise IndexStoreError(
+            f"index {name!r} has no published version {version!r}; known versions: "
+            f"{known or 'none'}; build one with `geoloc index build`"
+        )
+    manifest = _read_manifest(path)
+    if manifest.name != name or manifest.version != version:
+        raise IndexStoreError(
+            f"manifest in {path} names {manifest.name}/{manifest.version}: the directory was "
+            "moved or renamed; rebuild with `geoloc index build`"
+        )
+    if profile is not None and profile != manifest.profile:
+        raise IndexStoreError(
+            f"index {name}/{version} was built for profile {manifest.profile!r} but the service "
+            f"runs profile {profile!r}; rebuild the index for this profile or pick another index"
+        )
+    if dim is not None and int(dim) != manifest.dim:
+        raise IndexStoreError(
+            f"index {name}/{version} has dimension {manifest.dim} but the model embeds in "
+            f"{dim}; rebuild the index for this profile or pick another index"
+        )
+    missing = [f for f in DATA_FILES if f not in manifest.files or not (path / f).is_file()]
+    if missing:
+        raise IndexStoreError(f"index {path} lacks {missing}; rebuild with `geoloc index build`")
+    if verify:
+        for fname, expected in manifest.files.items():
+            if _sha256(path / fname) != expected:
+                raise IndexStoreError(
+                    f"checksum mismatch for {fname} in {path}: the file is corrupt or was "
+                    "changed after publication; rebuild with `geoloc index build`"
+                )
+    try:
+        index = _read_faiss(path / INDEX_FILE)
+        points = PointTable(
+            ids=np.load(path / IDS_FILE, mmap_mode="r", allow_pickle=False),
+            latlon=np.load(path / LATLON_FILE, mmap_mode="r", allow_pickle=False),
+            country=np.load(path / COUNTRY_FILE, mmap_mode="r", allow_pickle=False),
+        )
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise IndexStoreError(
+            f"cannot read index files in {path}: {exc}; rebuild with `geoloc index build`"
+        ) from exc
+    if index.d != manifest.dim or index.ntotal != manifest.count or len(points) != manifest.count:
+        raise IndexStoreError(
+            f"index {path} disagrees with its manifest (dim {index.d} vs {manifest.dim}, count "
+            f"{index.ntotal}/{len(points)} vs {manifest.count}); rebuild with `geoloc index build`"
+        )
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise IndexStoreError(f"index {path} is not inner-product; rebuild it")
+    return LoadedIndex(manifest=manifest, path=path, index=index, points=points)

@@ -1,0 +1,288 @@
+"""Tests for index.store: publication, discovery, checksummed loading and search."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.store import (
+    IndexStoreError,
+    LoadedIndex,
+    PointTable,
+    latest_version,
+    list_indexes,
+    load_index,
+    publish_index,
+)
+
+DIM = 32
+
+
+def unit_vectors(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def points_for(n: int, seed: int = 1) -> PointTable:
+    rng = np.random.default_rng(seed)
+    latlon = np.stack([rng.uniform(-90, 90, n), rng.uniform(-180, 180, n)], axis=1)
+    country = np.array(["FR", "", "JP", "BR"] * (n // 4 + 1), dtype="<U2")[:n]
+    return PointTable(ids=np.arange(n, dtype=np.int64) * 7 + 3, latlon=latlon, country=country)
+
+
+def publish(root: Path, n: int = 200, *, name: str = "gal", seed: int = 0, **kw) -> np.ndarray:
+    x = unit_vectors(n, seed=seed)
+    kw.setdefault("profile", "bluemarble")
+    kw.setdefault("gallery_kind", "csv")
+    kw.setdefault("h3_resolution", None)
+    publish_index(root, name, x, points_for(n), **kw)
+    return x
+
+
+def brute_topk(q: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :k]
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    x = unit_vectors(300)
+    pts = points_for(300)
+    m = publish_index(
+        tmp_path,
+        "h3-res2",
+        x,
+        pts,
+        profile="bluemarble",
+        gallery_kind="h3",
+        h3_resolution=2,
+        version="v1",
+        extra={"land_mask": "roaring"},
+    )
+    vdir = tmp_path / "indexes" / "h3-res2" / "v1"
+    assert (m.name, m.version, m.profile, m.dim, m.metric) == (
+        "h3-res2",
+        "v1",
+        "bluemarble",
+        32,
+        "ip",
+    )
+    assert (m.factory, m.gallery_kind, m.h3_resolution, m.count) == ("Flat", "h3", 2, 300)
+    assert m.extra["land_mask"] == "roaring"
+    assert m.created_at.endswith("Z")
+    assert set(m.files) == {"index.faiss", "ids.npy", "latlon.npy", "country.npy"}
+    for fname, digest in m.files.items():
+        assert hashlib.sha256((vdir / fname).read_bytes()).hexdigest() == digest
+    on_disk = json.loads((vdir / "manifest.json").read_text())
+    assert on_disk["files"] == m.files and on_disk["count"] == 300
+
+    li = load_index(tmp_path, "h3-res2", profile="bluemarble", dim=DIM)
+    assert isinstance(li, LoadedIndex)
+    assert li.manifest == m and len(li) == 300 and li.path == vdir
+    np.testing.assert_array_equal(li.points.ids, pts.ids)
+    np.testing.assert_array_equal(li.points.latlon, pts.latlon)
+    np.testing.assert_array_equal(li.points.country, pts.country)
+    assert li.points.country.dtype == np.dtype("<U2")
+    scores, rows = li.search(x[[5, 17, 299]], 3)
+    np.testing.assert_array_equal(rows[:, 0], [5, 17, 299])
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    assert scores.dtype == np.float32 and rows.dtype == np.int64
+    np.testing.assert_allclose(li.vectors(np.array([5, 17])), x[[5, 17]])
+
+
+def test_flat_search_matches_bruteforce(tmp_path: Path) -> None:
+    x = publish(tmp_path, 500)
+    q = unit_vectors(20, seed=9)
+    scores, rows = load_index(tmp_path, "gal").search(q, 10)
+    np.testing.assert_array_equal(rows, brute_topk(q, x, 10))
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, rows, axis=1), atol=1e-5)
+
+
+def test_k_clipped_and_padding_with_mask(tmp_path: Path) -> None:
+    publish(tmp_path, 50)
+    li = load_index(tmp_path, "gal")
+    q = unit_vectors(2, seed=3)
+    scores, rows = li.search(q, 1000)
+    assert rows.shape == (2, 50) and sorted(rows[0]) == list(range(50))
+    allowed = np.zeros(50, dtype=bool)
+    allowed[[4, 9]] = True
+    scores, rows = li.search(q, 5, allowed=allowed)
+    assert rows.shape == (2, 5)
+    assert set(rows[0, :2]) == {4, 9} and (rows[:, 2:] == -1).all()
+    assert np.isneginf(scores[:, 2:]).all()
+
+
+@pytest.mark.parametrize(
+    ("factory", "nprobe"), [("Flat", None), ("HNSW32", None), ("IVF16,Flat", 16), ("PQ8", None)]
+)
+def test_allowed_mask_never_returns_masked_rows(
+    tmp_path: Path, factory: str, nprobe: int | None
+) -> None:
+    x = publish(tmp_path, 1000, factory=factory)
+    li = load_index(tmp_path, "gal")
+    allowed = np.random.default_rng(5).random(1000) < 0.3
+    q = x[:40]  # includes rows that are masked out: they are each query's exact match
+    _, rows = li.search(q, 20, allowed=allowed, nprobe=nprobe)
+    got = rows[rows >= 0]
+    assert got.size > 0 and allowed[got].all()
+    _, unmasked = li.search(q, 20, nprobe=nprobe)
+    assert not allowed[unmasked[unmasked >= 0]].all()  # the mask did something
+    if factory in ("Flat", "IVF16,Flat"):  # exact (nprobe = all lists): equals a filtered brute
+        sims = np.where(allowed[None, :], q @ x.T, -np.inf)
+        np.testing.assert_array_equal(rows, np.argsort(-sims, axis=1, kind="stable")[:, :20])
+
+
+def test_ivf_nprobe_changes_recall(tmp_path: Path) -> None:
+    x = publish(tmp_path, 2000, factory="IVF16,Flat")
+    li = load_index(tmp_path, "gal")
+    q = unit_vectors(50, seed=11)
+    truth = brute_topk(q, x, 10)
+    _, full = li.search(q, 10, nprobe=16)
+    _, one = li.search(q, 10, nprobe=1)
+    np.testing.assert_array_equal(full, truth)
+    assert (one != truth).any()
+
+
+def test_all_scores_equals_matmul(tmp_path: Path) -> None:
+    x = publish(tmp_path, 400)
+    q = unit_vectors(7, seed=4)
+    s = load_index(tmp_path, "gal").all_scores(q)
+    assert s.shape == (7, 400) and s.dtype == np.float32
+    np.testing.assert_allclose(s, q @ x.T, atol=1e-5)
+
+
+@pytest.mark.parametrize("factory", ["HNSW32", "IVF16,Flat"])
+def test_all_scores_covers_every_row_for_approximate_indexes(tmp_path: Path, factory: str) -> None:
+    x = publish(tmp_path, 1000, factory=factory)
+    q = unit_vectors(5, seed=4)
+    s = load_index(tmp_path, "gal").all_scores(q)
+    np.testing.assert_allclose(s, q @ x.T, atol=1e-5)
+
+
+@pytest.mark.parametrize("factory", ["HNSW32", "IVF16,PQ8"])
+def test_other_factories_build_and_search(tmp_path: Path, factory: str) -> None:
+    x = publish(tmp_path, 1000, factory=factory)
+    li = load_index(tmp_path, "gal")
+    assert li.manifest.factory == factory
+    scores, rows = li.search(x[:50], 5, nprobe=16)
+    assert rows.shape == (50, 5) and (rows >= 0).all()
+    # Approximate, but a stored vector must find itself nearly always.
+    assert (rows[:, 0] == np.arange(50)).mean() > 0.8
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # sorted best first
+    assert li.vectors(np.arange(3)).shape == (3, DIM)
+
+
+def test_refusals(tmp_path: Path) -> None:
+    x = unit_vectors(300)
+    pts = points_for(300)
+    kw = {"profile": "bluemarble", "gallery_kind": "csv", "h3_resolution": None}
+    with pytest.raises(IndexStoreError, match=r"(?s)Blah.*HNSW32"):
+        publish_index(tmp_path, "gal", x, pts, factory="Blah", **kw)
+    for bad in ["Bad", "../x", "", "-x", "a/b", "x" * 65]:
+        with pytest.raises(IndexStoreError, match="invalid index name"):
+            publish_index(tmp_path, bad, x, pts, **kw)
+    nan = x.copy()
+    nan[3, 1] = np.nan
+    with pytest.raises(IndexStoreError, match="NaN"):
+        publish_index(tmp_path, "gal", nan, pts, **kw)
+    with pytest.raises(IndexStoreError, match="length mismatch"):
+        publish_index(tmp_path, "gal", x[:299], pts, **kw)
+    with pytest.raises(IndexStoreError, match="empty"):
+        publish_index(tmp_path, "gal", x[:0], points_for(0), **kw)
+    with pytest.raises(IndexStoreError, match="unit norm"):
+        publish_index(tmp_path, "gal", x * 2, pts, **kw)
+    swapped = PointTable(pts.ids, pts.latlon[:, ::-1] * 2, pts.country)
+    with pytest.raises(IndexStoreError, match="latlon out of range"):
+        publish_index(tmp_path, "gal", x, swapped, **kw)
+    with pytest.raises(IndexStoreError, match="training"):
+        publish_index(tmp_path, "gal", x[:10], points_for(10), factory="IVF64,Flat", **kw)
+    assert list_indexes(tmp_path) == []
+    with pytest.raises(IndexStoreError, match="no published index"):
+        load_index(tmp_path, "gal")
+
+
+def test_unknown_version_refused(tmp_path: Path) -> None:
+    publish(tmp_path, version="v1")
+    with pytest.raises(IndexStoreError, match=r"no published version 'v2'.*v1"):
+        load_index(tmp_path, "gal", "v2")
+
+
+@pytest.mark.parametrize("fname", ["index.faiss", "ids.npy"])
+def test_flipped_byte_fails_checksum(tmp_path: Path, fname: str) -> None:
+    publish(tmp_path, version="v1")
+    path = tmp_path / "indexes" / "gal" / "v1" / fname
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # in the payload, so the file still parses
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexStoreError, match=f"checksum mismatch for {fname}"):
+        load_index(tmp_path, "gal")
+    li = load_index(tmp_path, "gal", verify=False)  # no hashing: loads the changed file
+    assert len(li) == 200
+
+
+def test_profile_and_dim_mismatch_refused(tmp_path: Path) -> None:
+    publish(tmp_path)
+    with pytest.raises(IndexStoreError, match=r"'bluemarble'.*'geoclip'.*rebuild"):
+        load_index(tmp_path, "gal", profile="geoclip")
+    with pytest.raises(IndexStoreError, match=r"dimension 32.*512.*rebuild"):
+        load_index(tmp_path, "gal", dim=512)
+    assert len(load_index(tmp_path, "gal", profile="bluemarble", dim=DIM)) == 200
+
+
+def test_crash_before_rename_leaves_nothing_visible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(*_a: object, **_k: object) -> None:
+        raise OSError("simulated crash")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "rename", crash)
+        with pytest.raises(OSError, match="simulated crash"):
+            publish(tmp_path, version="v1")
+    assert list_indexes(tmp_path) == []
+    with pytest.raises(IndexStoreError):
+        latest_version(tmp_path, "gal")
+    # A hard crash leaves its temp dir (manifest and all) behind: still invisible.
+    name_dir = tmp_path / "indexes" / "gal"
+    stale = name_dir / ".tmp-v1-deadbeef"
+    stale.mkdir(parents=True)
+    (stale / "manifest.json").write_text("{}")
+    (name_dir / "v0").mkdir()  # a version dir without a manifest is incomplete
+    assert list_indexes(tmp_path) == []
+    publish(tmp_path, version="v1")  # the rerun succeeds
+    assert [m.version for m in list_indexes(tmp_path)] == ["v1"]
+    assert [p.name for p in name_dir.iterdir() if p.name.startswith(".tmp-v1-")] == [stale.name]
+
+
+def test_existing_version_refused(tmp_path: Path) -> None:
+    publish(tmp_path, version="v1")
+    before = (tmp_path / "indexes" / "gal" / "v1" / "manifest.json").read_bytes()
+    with pytest.raises(IndexStoreError, match="already exists"):
+        publish(tmp_path, version="v1", seed=3)
+    assert (tmp_path / "indexes" / "gal" / "v1" / "manifest.json").read_bytes() == before
+
+
+def test_latest_version_and_listing(tmp_path: Path) -> None:
+    publish(tmp_path)
+    time.sleep(0.002)
+    publish(tmp_path)
+    publish(tmp_path, name="other", version="zzz")
+    time.sleep(0.002)
+    publish(tmp_path, name="other", version="aaa")  # newer although it sorts first
+    versions = [m.version for m in list_indexes(tmp_path, "gal")]
+    assert len(versions) == 2 and versions == sorted(versions)
+    assert latest_version(tmp_path, "gal") == versions[-1]
+    assert load_index(tmp_path, "gal").manifest.version == versions[-1]
+    assert latest_version(tmp_path, "other") == "aaa"
+    listed = [(m.name, m.version) for m in list_indexes(tmp_path)]
+    assert listed == [
+        ("gal", versions[0]),
+        ("gal", versions[1]),
+        ("other", "aaa"),
+        ("other", "zzz"),
+    ]

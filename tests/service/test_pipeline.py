@@ -1,0 +1,155 @@
+"""The locate pipeline on a real GPS tower (GeoCLIP's weights) and an H3 gallery built here.
+
+Queries are GPS-tower embeddings of known points: what a perfect image tower would
+produce for a photo taken there. That isolates what each stage does.
+"""
+
+import h3
+import numpy as np
+import pytest
+
+from index.gallery import encode_gallery, h3_gallery
+from index.geo import BBox, haversine_km, latlon_to_cells
+from index.geocode import ReverseGeocoder
+from index.store import PointTable, load_index, publish_index
+from service.errors import InvalidOptionError
+from service.pipeline import LocateOptions, Locator
+
+TRUTHS = np.array(
+    [
+        [48.60, 2.90],  # Île-de-France
+        [35.40, 139.20],  # near Tokyo
+        [-23.20, -46.10],  # São Paulo state
+        [40.10, -104.70],  # Colorado
+        [-1.10, 36.60],  # Kenya
+        [27.60, 77.90],  # Uttar Pradesh
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def locator(geoclip_heads, tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    gallery = h3_gallery(2, land_only=True)
+    vectors = encode_gallery(gallery, geoclip_heads.embed_gps, 512, progress=False)
+    geocoder = ReverseGeocoder()
+    points = PointTable(
+        ids=gallery.ids, latlon=gallery.latlon, country=geocoder.country_codes(gallery.latlon)
+    )
+    publish_index(
+        root, "res2", vectors, points, profile="geoclip", gallery_kind="h3", h3_resolution=2
+    )
+    return Locator(geoclip_heads, load_index(root, "res2"), geocoder)
+
+
+def top1(results):
+    return np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in results])
+
+
+def dist(a, b):
+    return haversine_km(a[:, 0], a[:, 1], b[:, 0], b[:, 1])
+
+
+def queries(loc):
+    return loc.model.embed_gps(TRUTHS)
+
+
+def test_retrieve_finds_the_cell_of_each_point(locator):
+    # GeoCLIP's GPS space is not smooth at the scale of res-2 cells (~160 km edges), so the
+    # point's own cell is among the first few hits rather than always the first.
+    _scores, rows = locator.index.search(queries(locator), 16)
+    own = latlon_to_cells(TRUTHS, 2)
+    for i in range(len(TRUTHS)):
+        assert own[i] in locator.index.points.ids[rows[i]]
+    opts = LocateOptions(refine=False, diversify=False)
+    d = dist(top1(locator.locate_embeddings(queries(locator), opts)), TRUTHS)
+    assert np.median(d) < 250 and d.max() < 600, d
+
+
+def test_refinement_moves_top1_closer_than_the_gallery_point(locator):
+    base = dist(
+        top1(
+            locator.locate_embeddings(
+                queries(locator), LocateOptions(refine=False, diversify=False)
+            )
+        ),
+        TRUTHS,
+    )
+    refined_results = locator.locate_embeddings(queries(locator), LocateOptions(refine_levels=3))
+    refined = dist(top1(refined_results), TRUTHS)
+    assert all(r.candidates[0].source == "refined" for r in refined_results)
+    # Each refined top-1 that starts in the truth's own cell ends closer than the
+    # gallery cell centre it descended from (inside a wrong cell there is nothing to find).
+    improved = 0
+    for r, truth, d in zip(refined_results, TRUTHS, refined, strict=True):
+        c = r.candidates[0]
+        start = h3.cell_to_parent(h3.latlng_to_cell(c.lat, c.lon, 5), 2)
+        if start == h3.latlng_to_cell(*truth, 2):
+            assert d < haversine_km(*truth, *h3.cell_to_latlng(start))
+            improved += 1
+    assert improved >= 3
+    # ... and overall far closer than retrieval alone.
+    assert np.median(refined) < 0.2 * np.median(base), (refined, base)
+
+
+def test_bbox_filter_never_returns_a_point_outside(locator):
+    box = BBox(south=35.0, west=-10.0, north=60.0, east=30.0)  # Europe; Tokyo is outside
+    for r in locator.locate_embeddings(queries(locator), LocateOptions(top_k=10, bbox=box)):
+        pts = np.array([[c.lat, c.lon] for c in r.candidates])
+        assert len(pts) and box.contains(pts).all()
+
+
+def test_country_filter_never_returns_a_point_outside(locator):
+    opts = LocateOptions(top_k=10, countries=("BR", "AR"))
+    for r in locator.locate_embeddings(queries(locator), opts):
+        assert r.candidates
+        codes = locator.geocoder.country_codes(np.array([[c.lat, c.lon] for c in r.candidates]))
+        assert set(codes) <= {"BR", "AR"}, codes
+        assert all(c.country_code in ("BR", "AR") for c in r.candidates)
+
+
+def test_each_stage_can_be_switched_off_and_the_result_says_which_ran(locator):
+    q = queries(locator)[:1]
+    full = locator.locate_embeddings(q, LocateOptions())[0]
+    assert full.stages == ["retrieve", "refine", "verify", "diversify", "describe"]
+    bare = locator.locate_embeddings(
+        q, LocateOptions(refine=False, diversify=False, verify=False, describe=False)
+    )[0]
+    assert bare.stages == ["retrieve"]
+    assert bare.candidates[0].country is None
+    assert set(full.timings_ms) >= {"retrieve", "refine", "verify", "diversify", "describe"}
+
+
+def test_diversify_keeps_distinct_places_and_merges_their_mass(locator):
+    q = queries(locator)[:1]
+    plain = locator.locate_embeddings(q, LocateOptions(top_k=10, diversify=False))[0]
+    nms = locator.locate_embeddings(q, LocateOptions(top_k=10, nms_km=300))[0]
+    pts = np.array([[c.lat, c.lon] for c in nms.candidates])
+    d = haversine_km(pts[:, None, 0], pts[:, None, 1], pts[None, :, 0], pts[None, :, 1])
+    assert (d[np.triu_indices(len(pts), 1)] > 300).all()
+    assert nms.candidates[0].probability >= plain.candidates[0].probability
+
+
+def test_describe_region_and_countries(locator):
+    r = locator.locate_embeddings(queries(locator)[:1], LocateOptions())[0]
+    c = r.candidates[0]
+    assert c.country_code == "FR" and c.country == "France"
+    assert c.h3 and isinstance(c.h3, str)
+    assert r.countries[0]["country_code"] == "FR"
+    assert abs(sum(x["probability"] for x in r.countries) - 1) < 1e-6
+    assert r.region["covered"] >= 0.9 and r.region["geojson"]["type"] == "FeatureCollection"
+    probs = [x.probability for x in r.candidates]
+    assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+
+
+def test_options_are_validated():
+    for bad in (
+        dict(top_k=0),
+        dict(top_k=1000),
+        dict(region_share=0),
+        dict(countries=("FRA",)),
+        dict(normalization="x"),
+        dict(nms_km=float("nan")),
+    ):
+        with pytest.raises(InvalidOptionError):
+            LocateOptions(**bad).validate(max_top_k=100, max_retrieve_k=1000)
