@@ -55,10 +55,11 @@ class Profile:
         return d
 
 
-# A small ViT for 64x64 satellite tiles; trained by `geoloc train` (see docs/TRAINING.md).
+# A small ViT for satellite tiles (32x32 input, 4x4 patches of 8 px), sized so that it
+# trains on two CPU cores; `geoloc train` reproduces it (docs/TRAINING.md).
 BLUEMARBLE_ARCH: dict[str, Any] = {
-    "embed_dim": 256,
-    "vision_cfg": {"image_size": 64, "layers": 6, "width": 256, "patch_size": 8, "head_width": 64},
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
 }
 
@@ -79,10 +80,10 @@ PROFILES: dict[str, Profile] = {
         purpose="satellite views of the Earth's surface (not ground photos)",
         architecture="geoloc-bluemarble-vit",
         pretrained=None,
-        head_dims=(256, 512, 256),
+        head_dims=(128, 256, 256),
         gps_sigmas=DEFAULT_SIGMAS,
-        gps_hidden=512,
-        gps_rff=128,
+        gps_hidden=256,
+        gps_rff=64,
         weights="bluemarble.pt",
         architecture_config=BLUEMARBLE_ARCH,
     ),

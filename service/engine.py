@@ -15,7 +15,18 @@ import torch
 from encoders import GeoModel, load_model
 from index.gallery import Gallery, csv_gallery, encode_gallery, h3_gallery
 from index.geocode import ReverseGeocoder
-from index.store import Manifest, PointTable, load_index, publish_index
+from index.store import (
+    IndexStoreError,
+    Manifest,
+    PointTable,
+    latest_version,
+    list_indexes,
+    load_index,
+    publish_index,
+)
+from service.datasets import read_labelled_csv
+from service.errors import GeolocError
+from service.images import read_image_file
 from service.pipeline import Locator
 from service.settings import Settings
 
@@ -41,7 +52,7 @@ def load_locator(
     index_name: str | None = None,
     index_version: str | None = None,
 ) -> Locator:
-    """Load model (unless given), index and geocoder once; check they belong together."""
+    """Load model (unless given), indexes and geocoder once; check they belong together."""
     model = model or load_geomodel(settings)
     index = load_index(
         settings.index_dir,
@@ -50,7 +61,18 @@ def load_locator(
         profile=model.profile,
         dim=model.embed_dim,
     )
-    return Locator(model, index, ReverseGeocoder())
+    refs_name = settings.reference_index or f"refs-{model.profile}"
+    neighbours = None
+    if any(m.name == refs_name for m in list_indexes(settings.index_dir)):
+        neighbours = load_index(
+            settings.index_dir, refs_name, profile=model.profile, dim=model.embed_dim
+        )
+    elif settings.reference_index:
+        raise IndexStoreError(
+            f"reference index '{refs_name}' does not exist; "
+            "create it with `geoloc images add DATA.csv`"
+        )
+    return Locator(model, index, ReverseGeocoder(), neighbours=neighbours)
 
 
 @dataclass(frozen=True)
@@ -111,3 +133,73 @@ def build_index(
         },
     )
     return manifest
+
+
+def add_reference_images(
+    settings: Settings,
+    data: Path,
+    *,
+    model: GeoModel,
+    name: str = "",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[Manifest, list[str]]:
+    """Embed labelled reference photos into the image-neighbour index (a new version that
+    holds the previous version's images too). Returns the manifest and the bad rows."""
+    from tqdm import tqdm
+
+    name = name or f"refs-{model.profile}"
+    rows, problems = read_labelled_csv(data)
+    vectors, latlon, kept = [], [], 0
+    with tqdm(total=len(rows), disable=not progress, unit="img") as bar:
+        for start in range(0, len(rows), batch_size):
+            chunk, images = rows[start : start + batch_size], []
+            for r in chunk:
+                try:
+                    images.append(
+                        read_image_file(
+                            r.path,
+                            max_bytes=settings.max_image_bytes,
+                            max_pixels=settings.max_image_pixels,
+                        )
+                    )
+                    latlon.append((r.lat, r.lon))
+                except GeolocError as exc:
+                    problems.append(f"{data}:{r.line}: [{exc.type}] {exc.detail}")
+            if images:
+                vectors.append(model.embed_images(images))
+                kept += len(images)
+            bar.update(len(chunk))
+    if not kept:
+        raise GeolocError(f"no usable images in {data}", type="invalid-dataset")
+    new_vec = np.concatenate(vectors)
+    new_pts = np.asarray(latlon, dtype=np.float64)
+    try:
+        old = load_index(
+            settings.index_dir,
+            name,
+            latest_version(settings.index_dir, name),
+            profile=model.profile,
+            dim=model.embed_dim,
+        )
+    except IndexStoreError:
+        old = None
+    if old is not None:
+        n_old = len(old)
+        new_vec = np.concatenate([old.vectors(np.arange(n_old)), new_vec])
+        new_pts = np.concatenate([np.asarray(old.points.latlon), new_pts])
+    countries = ReverseGeocoder().country_codes(new_pts)
+    points = PointTable(
+        ids=np.arange(len(new_pts), dtype=np.int64), latlon=new_pts, country=countries
+    )
+    manifest = publish_index(
+        settings.index_dir,
+        name,
+        new_vec,
+        points,
+        profile=model.profile,
+        gallery_kind="images",
+        h3_resolution=None,
+        extra={"source": str(data), "added": kept},
+    )
+    return manifest, problems

@@ -59,6 +59,9 @@ class LocateOptions:
     normalization: str = "candidates"
     bbox: BBox | None = None
     countries: tuple[str, ...] = ()
+    #: Reference images to retrieve (G3's Geo-alignment); 0 turns the stage part off.
+    neighbours: int = 10
+    return_neighbours: bool = False
 
     def validate(self, *, max_top_k: int, max_retrieve_k: int) -> LocateOptions:
         def check(ok: bool, msg: str) -> None:
@@ -77,6 +80,7 @@ class LocateOptions:
         check(0 <= self.nms_km <= 5000 and np.isfinite(self.nms_km), "nms_km must be 0..5000")
         check(0 < self.region_share <= 1, "region_share must be in (0, 1]")
         check(0 <= self.region_res <= 8, "region_res must be between 0 and 8")
+        check(0 <= self.neighbours <= 256, "neighbours must be between 0 and 256")
         check(
             self.normalization in ("candidates", "gallery"),
             "normalization must be 'candidates' or 'gallery'",
@@ -172,15 +176,30 @@ class _Timer:
 class Locator:
     """Heavy parts loaded once (model, index, geocoder); ``locate`` per request."""
 
-    def __init__(self, model: GeoModel, index: LoadedIndex, geocoder: ReverseGeocoder) -> None:
+    def __init__(
+        self,
+        model: GeoModel,
+        index: LoadedIndex,
+        geocoder: ReverseGeocoder,
+        neighbours: LoadedIndex | None = None,
+    ) -> None:
         if index.manifest.profile != model.profile or index.manifest.dim != model.embed_dim:
             raise InvalidOptionError(
                 f"index {index.manifest.name}/{index.manifest.version} was built for profile "
                 f"'{index.manifest.profile}' (dim {index.manifest.dim}), the model is "
                 f"'{model.profile}' (dim {model.embed_dim}): build an index for this profile"
             )
+        if neighbours is not None and (
+            neighbours.manifest.profile != model.profile
+            or neighbours.manifest.dim != model.embed_dim
+        ):
+            raise InvalidOptionError(
+                f"reference index {neighbours.manifest.name} was built for profile "
+                f"'{neighbours.manifest.profile}'; embed the references with '{model.profile}'"
+            )
         self.model = model
         self.index = index
+        self.neighbours = neighbours
         self.geocoder = geocoder
         self.scale = model.scale
 
@@ -209,6 +228,12 @@ class Locator:
         k = min(options.retrieve_k, len(self.index))
         timer_start = time.perf_counter()
         scores, rows = self.index.search(queries, k, allowed=allowed)
+        nb: tuple[np.ndarray, np.ndarray] | None = None
+        if self.neighbours is not None and options.neighbours > 0:
+            nb_k = min(options.neighbours, len(self.neighbours))
+            nb = self.neighbours.search(
+                queries, nb_k, allowed=self._allowed_rows(options, self.neighbours)
+            )
         search_ms = (time.perf_counter() - timer_start) * 1000 / max(len(queries), 1)
         gallery_lse = (
             self._gallery_logsumexp(queries, allowed)
@@ -223,6 +248,7 @@ class Locator:
                 options,
                 search_ms,
                 None if gallery_lse is None else float(gallery_lse[i]),
+                None if nb is None else (nb[0][i], nb[1][i]),
             )
             for i in range(len(queries))
         ]
@@ -236,6 +262,7 @@ class Locator:
         opt: LocateOptions,
         search_ms: float,
         gallery_lse: float | None,
+        nb: tuple[np.ndarray, np.ndarray] | None,
     ) -> LocateResult:
         timer = _Timer()
         timer.ms["retrieve"] = round(search_ms, 3)
@@ -251,6 +278,26 @@ class Locator:
             country=np.asarray(pts.country[rows]),
         )
         stages = ["retrieve"]
+        neighbours: list[dict[str, Any]] = []
+        if nb is not None:
+            sims, nrows = nb[0][nb[1] >= 0], nb[1][nb[1] >= 0]
+            nlatlon = np.asarray(self.neighbours.points.latlon[nrows], dtype=np.float64)
+            neighbours = [
+                {"id": int(i), "lat": float(a), "lon": float(b), "similarity": float(sim)}
+                for i, (a, b), sim in zip(
+                    self.neighbours.points.ids[nrows], nlatlon, sims, strict=True
+                )
+            ]
+            if len(nrows):
+                # Their GPS joins the candidates, scored like any other point.
+                pool.extend(
+                    nlatlon,
+                    self._gps_scores(q, nlatlon),
+                    "neighbour",
+                    np.asarray(self.neighbours.points.country[nrows]),
+                )
+            order = np.argsort(-pool.score, kind="stable")
+            pool.take(order)
         t = timer.add("retrieve", t)
 
         if opt.refine and len(pool.score):
@@ -324,7 +371,11 @@ class Locator:
                 c.admin1, c.city = place.admin1, place.city
             stages.append("describe")
             timer.add("describe", t)
+        extra: dict[str, Any] = {}
+        if opt.return_neighbours:
+            extra["neighbours"] = neighbours
         return LocateResult(
+            extra=extra,
             candidates=cands,
             region=region,
             countries=country_probs,
@@ -378,11 +429,14 @@ class Locator:
             emb = self.model.embed_gps(latlon.astype(np.float32))
         return emb @ q
 
-    def _allowed_rows(self, opt: LocateOptions) -> np.ndarray | None:
+    def _allowed_rows(
+        self, opt: LocateOptions, index: LoadedIndex | None = None
+    ) -> np.ndarray | None:
         if opt.bbox is None and not opt.countries:
             return None
-        pts = self.index.points
-        mask = np.ones(len(self.index), dtype=bool)
+        index = index or self.index
+        pts = index.points
+        mask = np.ones(len(index), dtype=bool)
         if opt.bbox is not None:
             mask &= opt.bbox.contains(np.asarray(pts.latlon))
         if opt.countries:

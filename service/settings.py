@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     profile: str = Field("bluemarble", description="Model profile (geoloc profiles lists them).")
     index_name: str = Field("", description="Index to serve; empty: 'default-<profile>'.")
     index_version: str = Field("", description="Pinned index version; empty: the newest.")
+    reference_index: str = Field(
+        "", description="Image-neighbour index; empty: 'refs-<profile>' when it exists."
+    )
     checkpoint: Path | None = Field(
         None, description="geoloc checkpoint replacing bundled weights."
     )
@@ -45,10 +48,22 @@ class Settings(BaseSettings):
     nms_km: float = 50.0
     region_share: float = 0.9
     region_res: int = 3
+    neighbours: int = 10
+
+    # -- persistence ---------------------------------------------------------------------
+    database_url: str = Field(
+        "", description="SQLAlchemy URL; empty: SQLite at <data_dir>/geoloc.db."
+    )
+    redis_url: str = Field("", description="Redis URL for shared rate limits; empty: in-process.")
 
     @property
     def index_dir(self) -> Path:
         return self.data_dir
+
+    @property
+    def db_url(self) -> str:
+        # An absolute path: a relative data_dir must not depend on where alembic or a worker runs.
+        return self.database_url or f"sqlite:///{(self.data_dir / 'geoloc.db').resolve()}"
 
     @property
     def default_index(self) -> str:
@@ -66,6 +81,7 @@ class Settings(BaseSettings):
             "nms_km": self.nms_km,
             "region_share": self.region_share,
             "region_res": self.region_res,
+            "neighbours": self.neighbours,
         }
         base.update({k: v for k, v in overrides.items() if v is not None})
         if overrides.get("retrieve_k") is None:

@@ -1,0 +1,140 @@
+"""Training data sources and the `geoloc train` / `geoloc data` domain functions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from encoders import GeoModel, get_profile, save_checkpoint
+from encoders.bluemarble import TileStyle, iter_tiles, sample_centres, write_tileset
+from encoders.model import read_checkpoint
+from encoders.train import EpochSource, TrainConfig, TrainReport, train
+from index.geo import is_land
+from service.datasets import read_labelled_csv
+from service.errors import GeolocError
+from service.images import read_image_file
+
+#: Tiles for training: the same kinds of change as the held-out test, drawn afresh.
+TRAIN_STYLE = TileStyle()
+#: The held-out test: other centres (another seed), scales, colours, blur and JPEG.
+TEST_STYLE = TileStyle(
+    scale=(1.0, 2.5), brightness=0.3, contrast=0.3, saturation=0.35, blur=1.2, jpeg_quality=(30, 90)
+)
+#: Reference tiles (for the image-neighbour index and the pixel baseline): clean views.
+REFERENCE_STYLE = TileStyle(scale=(1.5, 1.5), augment=False)
+
+
+def bluemarble_source(config: TrainConfig) -> EpochSource:
+    """Fresh tiles every epoch, the same ones for the same (seed, epoch)."""
+    per_epoch = config.steps_per_epoch * config.batch_size
+
+    def source(epoch: int) -> Iterator[tuple[Image.Image, float, float]]:
+        rng = np.random.default_rng([config.seed, epoch])
+        centres = sample_centres(per_epoch, rng, is_land)
+        for (lat, lon), tile in zip(centres, iter_tiles(centres, rng, TRAIN_STYLE), strict=True):
+            yield tile, float(lat), float(lon)
+
+    return source
+
+
+def csv_source(path: Path, config: TrainConfig, *, max_bytes: int, max_pixels: int) -> EpochSource:
+    """A user's geotagged photos from a CSV (image,lat,lon), shuffled per epoch."""
+    rows, problems = read_labelled_csv(path)
+    if problems:
+        raise GeolocError(
+            f"{len(problems)} bad rows in {path}, first: {problems[0]}", type="invalid-dataset"
+        )
+    if not rows:
+        raise GeolocError(f"{path} has no rows", type="invalid-dataset")
+
+    def source(epoch: int) -> Iterator[tuple[Image.Image, float, float]]:
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(rows))
+        n = config.steps_per_epoch * config.batch_size
+        for i in np.resize(order, n):
+            r = rows[int(i)]
+            yield read_image_file(r.path, max_bytes=max_bytes, max_pixels=max_pixels), r.lat, r.lon
+
+    return source
+
+
+def photo_transform(model: GeoModel) -> transforms.Compose:
+    """Augmentations that keep geography: crops and colour, never mirror flips."""
+    normalize = [t for t in model.preprocess.transforms if isinstance(t, transforms.Normalize)]
+    size = model.image_tower.backbone.image_size
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25)),
+            transforms.ColorJitter(0.3, 0.3, 0.3, 0.03),
+            transforms.ToTensor(),
+            *normalize,
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    data: str  # "bluemarble" or a CSV path
+    out_dir: Path
+    config: TrainConfig
+
+
+def run_training(
+    model: GeoModel,
+    job: TrainJob,
+    *,
+    resume: Path | None,
+    progress: bool,
+    max_bytes: int,
+    max_pixels: int,
+) -> TrainReport:
+    torch.manual_seed(job.config.seed)
+    if job.data == "bluemarble":
+        source, transform = bluemarble_source(job.config), None
+    else:
+        source = csv_source(Path(job.data), job.config, max_bytes=max_bytes, max_pixels=max_pixels)
+        transform = photo_transform(model)
+    return train(
+        model,
+        source,
+        job.config,
+        job.out_dir,
+        profile_config=get_profile(model.profile).to_dict(),
+        transform=transform,
+        resume=resume,
+        progress=progress,
+    )
+
+
+def export_weights(checkpoint: Path, model: GeoModel, out: Path) -> str:
+    """Strip training state from a checkpoint: the file that ships as a profile's weights."""
+    blob = read_checkpoint(checkpoint)
+    model.load_state_dict(blob["state_dict"], strict=False)
+    return save_checkpoint(
+        model,
+        out,
+        config=blob["config"],
+        extra={
+            "source": checkpoint.name,
+            "history": blob["extra"].get("train", {}).get("history", []),
+        },
+    )
+
+
+def write_bluemarble_set(
+    out_dir: Path, count: int, *, seed: int, kind: str, progress: bool = True
+) -> Path:
+    style = {"test": TEST_STYLE, "reference": REFERENCE_STYLE, "train": TRAIN_STYLE}.get(kind)
+    if style is None:
+        raise GeolocError(f"unknown tile set kind '{kind}'; use test, reference or train")
+    from tqdm import tqdm
+
+    with tqdm(total=count, disable=not progress, unit="tile") as bar:
+        return write_tileset(
+            out_dir, count, seed=seed, style=style, land_fn=is_land, progress=bar.update
+        )

@@ -1,0 +1,138 @@
+"""The CLI's handling of bad input: one clear line per problem, non-zero exit, no traceback."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from service.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOLOC_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path
+
+
+def run(*args: str):
+    result = runner.invoke(app, list(args))
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    return result
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.output.splitlines() if line.startswith("error:")]
+
+
+def bad_images(tmp_path: Path) -> list[Path]:
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is not a picture")
+    pdf = tmp_path / "doc.jpg"
+    pdf.write_bytes(b"%PDF-1.4\n" + b"0" * 100)
+    truncated = tmp_path / "cut.jpg"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(tmp_path / "ok.jpg", quality=90)
+    truncated.write_bytes((tmp_path / "ok.jpg").read_bytes()[:300])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    return [tmp_path / "missing.jpg", text, pdf, truncated, empty]
+
+
+def test_locate_reports_each_bad_image_on_one_line(tmp_path):
+    paths = bad_images(tmp_path)
+    result = run("locate", *map(str, paths))
+    assert result.exit_code == 2
+    lines = error_lines(result)
+    assert len(lines) == len(paths)
+    for kind in ("file-not-found", "unsupported-media-type", "corrupt-image", "empty-image"):
+        assert any(f"[{kind}]" in line for line in lines), (kind, lines)
+
+
+def test_eval_lists_bad_rows_with_line_numbers(tmp_path):
+    csv = tmp_path / "data.csv"
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    csv.write_text(
+        "image,lat,lon\na.jpg,10,20\na.jpg,north,20\na.jpg,95,20\nmissing.jpg,1,2\na.jpg,1\n"
+    )
+    result = run("eval", str(csv))
+    assert result.exit_code == 2
+    lines = error_lines(result)
+    assert any(":3:" in line and "not numbers" in line for line in lines)
+    assert any(":4:" in line and "not a valid" in line for line in lines)
+    assert any(":5:" in line and "does not exist" in line for line in lines)
+    assert any(":6:" in line and "columns" in line for line in lines)
+    assert "4 bad rows" in lines[-1]
+
+
+def test_eval_with_a_csv_without_the_needed_columns(tmp_path):
+    csv = tmp_path / "data.csv"
+    csv.write_text("name,x,y\na,1,2\n")
+    result = run("eval", str(csv))
+    assert result.exit_code == 2 and len(error_lines(result)) == 1
+    assert "latitude column" in result.output
+
+
+def test_eval_missing_file(tmp_path):
+    result = run("eval", str(tmp_path / "nope.csv"))
+    assert result.exit_code == 2 and "no such file" in result.output
+
+
+def test_index_build_with_unknown_profile_lists_the_known_ones():
+    result = run("index", "build", "x", "--profile", "nope")
+    assert result.exit_code == 2
+    assert "bluemarble" in result.output and "geoclip" in result.output
+
+
+def test_index_build_from_a_csv_with_bad_rows(tmp_path):
+    csv = tmp_path / "points.csv"
+    csv.write_text("lat,lon\n10,20\nabc,1\n91,0\n")
+    result = run(
+        "index",
+        "build",
+        "pts",
+        "--profile",
+        "geoclip",
+        "--random-backbone",
+        "--gallery",
+        "csv",
+        "--csv",
+        str(csv),
+    )
+    assert result.exit_code == 2
+    assert "line 3" in result.output and "line 4" in result.output
+
+
+def test_index_build_list_from_a_csv_gallery(tmp_path):
+    csv = tmp_path / "points.csv"
+    csv.write_text("LAT,LON\n48.85,2.35\n35.68,139.69\n-33.87,151.21\n")
+    result = run(
+        "index",
+        "build",
+        "pts",
+        "--profile",
+        "geoclip",
+        "--random-backbone",
+        "--gallery",
+        "csv",
+        "--csv",
+        str(csv),
+    )
+    assert result.exit_code == 0, result.output
+    assert "published pts/" in result.output and "3 points" in result.output
+    listed = run("index", "list")
+    assert listed.exit_code == 0 and "pts/" in listed.output and "geoclip" in listed.output
+
+
+def test_bad_bbox_and_top_k(tmp_path):
+    img = tmp_path / "ok.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(img)
+    result = run("locate", str(img), "--bbox", "1,2,3")
+    assert result.exit_code == 2 and len(error_lines(result)) == 1
+    result = run("locate", str(img), "--top-k", "0")
+    assert result.exit_code == 2 and "top_k" in result.output
