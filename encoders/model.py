@@ -89,6 +89,7 @@ def _fsync_write(path: Path, payload: Callable[[Any], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; weights are meant to be read by others
         with os.fdopen(fd, "wb") as fh:
             payload(fh)
             fh.flush()

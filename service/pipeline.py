@@ -62,6 +62,11 @@ class LocateOptions:
     #: Reference images to retrieve (G3's Geo-alignment); 0 turns the stage part off.
     neighbours: int = 10
     return_neighbours: bool = False
+    #: Verification adds weight·log(kernel density of the neighbours) to each logit;
+    #: neighbours are weighted by softmax(temperature·image similarity).
+    neighbour_weight: float = 1.0
+    neighbour_kernel_km: float = 50.0
+    neighbour_temperature: float = 50.0
 
     def validate(self, *, max_top_k: int, max_retrieve_k: int) -> LocateOptions:
         def check(ok: bool, msg: str) -> None:
@@ -81,6 +86,9 @@ class LocateOptions:
         check(0 < self.region_share <= 1, "region_share must be in (0, 1]")
         check(0 <= self.region_res <= 8, "region_res must be between 0 and 8")
         check(0 <= self.neighbours <= 256, "neighbours must be between 0 and 256")
+        check(0 <= self.neighbour_weight <= 10, "neighbour_weight must be between 0 and 10")
+        check(1 <= self.neighbour_kernel_km <= 5000, "neighbour_kernel_km must be 1..5000")
+        check(0 <= self.neighbour_temperature <= 1000, "neighbour_temperature must be 0..1000")
         check(
             self.normalization in ("candidates", "gallery"),
             "normalization must be 'candidates' or 'gallery'",
@@ -279,6 +287,7 @@ class Locator:
         )
         stages = ["retrieve"]
         neighbours: list[dict[str, Any]] = []
+        support: tuple[np.ndarray, np.ndarray] | None = None  # neighbour (latlon, weights)
         if nb is not None:
             sims, nrows = nb[0][nb[1] >= 0], nb[1][nb[1] >= 0]
             nlatlon = np.asarray(self.neighbours.points.latlon[nrows], dtype=np.float64)
@@ -289,6 +298,8 @@ class Locator:
                 )
             ]
             if len(nrows):
+                w = np.exp(opt.neighbour_temperature * (sims - sims.max()))
+                support = (nlatlon, w / w.sum())
                 # Their GPS joins the candidates, scored like any other point.
                 pool.extend(
                     nlatlon,
@@ -314,6 +325,10 @@ class Locator:
             t = timer.add("verify", t)
 
         logits = self.scale * pool.score
+        if opt.verify and support is not None and opt.neighbour_weight > 0 and len(logits):
+            logits = logits + opt.neighbour_weight * _neighbour_support(
+                pool.latlon, *support, opt.neighbour_kernel_km
+            )
         if gallery_lse is not None:
             # GeoCLIP's softmax over the whole gallery (plus any extra points found).
             extra = np.array(
@@ -348,6 +363,9 @@ class Locator:
         keep_probs = probs
         if opt.diversify and len(probs):
             keep, keep_probs = _suppress(pool.latlon, probs, opt.nms_km)
+            # A place that absorbed many neighbours can now outrank a lone peak.
+            by_mass = np.argsort(-keep_probs, kind="stable")
+            keep, keep_probs = keep[by_mass], keep_probs[by_mass]
             pool.take(keep)
             stages.append("diversify")
             t = timer.add("diversify", t)
@@ -457,6 +475,20 @@ class Locator:
         if allowed is not None:
             all_scores = np.where(allowed[None, :], all_scores, -np.inf)
         return np.array([_logsumexp(row) for row in all_scores])
+
+
+def _neighbour_support(
+    latlon: np.ndarray, nb_latlon: np.ndarray, nb_weight: np.ndarray, kernel_km: float
+) -> np.ndarray:
+    """log of a Gaussian kernel density of the reference neighbours at each candidate.
+
+    Each neighbour is weighted by the softmax of its image similarity, so a close
+    look-alike pulls the verdict towards its location; the floor keeps candidates far
+    from every neighbour possible rather than impossible.
+    """
+    d = pairwise_km(latlon, nb_latlon)
+    density = (nb_weight[None, :] * np.exp(-0.5 * (d / kernel_km) ** 2)).sum(axis=1)
+    return np.log(1e-3 + density)
 
 
 def _logsumexp(x: np.ndarray) -> float:

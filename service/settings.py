@@ -49,12 +49,53 @@ class Settings(BaseSettings):
     region_share: float = 0.9
     region_res: int = 3
     neighbours: int = 10
+    neighbour_weight: float = 1.0
+    neighbour_kernel_km: float = 50.0
+    neighbour_temperature: float = 50.0
 
     # -- persistence ---------------------------------------------------------------------
     database_url: str = Field(
         "", description="SQLAlchemy URL; empty: SQLite at <data_dir>/geoloc.db."
     )
     redis_url: str = Field("", description="Redis URL for shared rate limits; empty: in-process.")
+
+    # -- http ----------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address `geoloc serve` listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `geoloc serve` listens on.")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes of `geoloc serve`.")
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024,
+        gt=0,
+        description="Largest request body (all images of a batch, base64 included); "
+        "counted while reading, also without Content-Length.",
+    )
+    auth_enabled: bool = Field(
+        False, description="Require an API key (Authorization: Bearer or X-API-Key)."
+    )
+    rate_limit_per_minute: int = Field(
+        0, ge=0, description="Requests per minute per API key (per client IP without auth); 0: off."
+    )
+    redis_prefix: str = Field("geoloc", description="Prefix of the Redis keys of the service.")
+    url_fetch_enabled: bool = Field(False, description="Serve POST /v1/locate/url.")
+    url_fetch_timeout_s: float = Field(
+        10.0, gt=0, description="Total time to fetch one image URL, redirects included."
+    )
+    batching_enabled: bool = Field(
+        True, description="Micro-batch concurrent requests through the image tower."
+    )
+    batch_max_size: int = Field(16, ge=1, description="Most images in one micro-batch.")
+    batch_max_wait_ms: float = Field(
+        5.0, ge=0, description="How long a micro-batch waits for more images."
+    )
+    queue_max: int = Field(
+        64, ge=1, description="Images waiting for the model before requests get 503."
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline of one image in the model queue (then 504)."
+    )
+    index_poll_s: float = Field(
+        5.0, ge=0, description="How often the active index version is read; 0: never."
+    )
 
     @property
     def index_dir(self) -> Path:
@@ -82,6 +123,9 @@ class Settings(BaseSettings):
             "region_share": self.region_share,
             "region_res": self.region_res,
             "neighbours": self.neighbours,
+            "neighbour_weight": self.neighbour_weight,
+            "neighbour_kernel_km": self.neighbour_kernel_km,
+            "neighbour_temperature": self.neighbour_temperature,
         }
         base.update({k: v for k, v in overrides.items() if v is not None})
         if overrides.get("retrieve_k") is None:

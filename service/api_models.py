@@ -1,0 +1,234 @@
+"""Request and response bodies of the HTTP API (pydantic). No logic beyond shape and bounds."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from service.problems import Problem
+
+_STRICT_FLOATS = ConfigDict(allow_inf_nan=False)
+ISO2 = r"^[A-Za-z]{2}$"
+BBOX = r"^\s*[-+]?[0-9.]+\s*(,\s*[-+]?[0-9.]+\s*){3}$"
+Iso2 = Annotated[str, StringConstraints(pattern=ISO2)]
+
+
+class LocateRequestOptions(BaseModel):
+    """Per-request options; unset ones take the service defaults (GEOLOC_* settings).
+
+    Ranges that depend on the service's settings (top_k <= GEOLOC_MAX_TOP_K, bbox order) are
+    checked after parsing and answered with an `invalid-option` problem.
+    """
+
+    model_config = _STRICT_FLOATS
+
+    top_k: int | None = Field(None, ge=1, description="Candidates to return.")
+    refine: bool | None = Field(None, description="Descend the H3 hierarchy (coarse to fine).")
+    diversify: bool | None = Field(None, description="Spatial NMS: keep distinct places.")
+    verify: bool | None = Field(None, description="Score every candidate with the GPS tower.")
+    region_share: float | None = Field(
+        None, gt=0, le=1, description="Probability mass the uncertainty region holds."
+    )
+    bbox: str | None = Field(
+        None,
+        pattern=BBOX,
+        description="Search only inside 'south,west,north,east' (degrees; west > east "
+        "crosses the antimeridian).",
+        examples=["35,-10,60,30"],
+    )
+    countries: list[Iso2] | None = Field(
+        None, max_length=300, description="Search only in these ISO 3166 alpha-2 countries."
+    )
+    neighbours: int | None = Field(
+        None, ge=0, le=256, description="Reference images to retrieve (0: none)."
+    )
+    return_neighbours: bool | None = Field(
+        None, description="Include the retrieved reference images in the answer."
+    )
+
+
+class LocateJSONRequest(LocateRequestOptions):
+    """JSON form of /v1/locate: the image as base64 (a data: URL prefix is accepted)."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
+
+    image_base64: str = Field(..., min_length=1, description="The image bytes, base64-encoded.")
+
+
+class UrlLocateRequest(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
+
+    url: str = Field(..., min_length=1, max_length=2048, description="http(s) URL of the image.")
+    options: LocateRequestOptions | None = None
+
+
+class CandidateOut(BaseModel):
+    lat: float
+    lon: float
+    probability: float
+    score: float = Field(description="Cosine similarity of the image and the place.")
+    h3: str = Field(description="H3 cell (resolution 10) of the point.")
+    source: str = Field(description="gallery, refined or neighbour.")
+    country_code: str | None = None
+    country: str | None = None
+    admin1: str | None = None
+    city: str | None = None
+
+
+class RegionOut(BaseModel):
+    share: float = Field(description="The mass asked for.")
+    covered: float = Field(description="The mass the cells hold.")
+    area_km2: float
+    h3_resolution: int
+    cells: list[str]
+    geojson: dict[str, Any]
+
+
+class CountryOut(BaseModel):
+    country_code: str | None
+    probability: float
+
+
+class NeighbourOut(BaseModel):
+    id: int
+    lat: float
+    lon: float
+    similarity: float
+
+
+class LocateResponse(BaseModel):
+    prediction_id: str | None = Field(
+        description="Id for GET /v1/predictions/{id} and feedback; null when the database "
+        "could not record it (see warnings)."
+    )
+    profile: str
+    purpose: str = Field(description="What the model profile locates.")
+    index_version: str = Field(description="The one index version ('name/version') used.")
+    candidates: list[CandidateOut]
+    region: RegionOut | None
+    countries: list[CountryOut]
+    stages: list[str] = Field(description="The pipeline stages that ran.")
+    timings_ms: dict[str, float]
+    neighbours: list[NeighbourOut] | None = None
+    warnings: list[str] = Field(default_factory=list)
+
+
+class BatchItem(BaseModel):
+    index: int = Field(description="Position of the file in the request.")
+    filename: str | None = None
+    result: LocateResponse | None = None
+    problem: Problem | None = None
+
+
+class BatchResponse(BaseModel):
+    items: list[BatchItem]
+    succeeded: int
+    failed: int
+
+
+class PredictionOut(BaseModel):
+    id: str
+    created_at: datetime
+    profile: str
+    index_version: str
+    latency_ms: float
+    result: dict[str, Any] = Field(description="The locate answer as it was returned.")
+
+
+class FeedbackIn(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
+
+    lat: float = Field(..., ge=-90, le=90)
+    lon: float = Field(..., ge=-180, le=180)
+
+
+class FeedbackOut(BaseModel):
+    prediction_id: str
+    lat: float
+    lon: float
+    error_km: float | None = Field(description="Distance from the top-1 candidate; null if none.")
+    created_at: datetime
+
+
+class RequestCount(BaseModel):
+    route: str
+    method: str
+    status: str
+    count: int
+
+
+class StatsOut(BaseModel):
+    since: datetime | None
+    predictions: int
+    with_feedback: int
+    within_km: dict[str, float | None]
+    median_km: float | None
+    mean_geoscore: float | None
+    requests: list[RequestCount] = Field(
+        description="Requests this process served since it started, by route and status."
+    )
+
+
+class ProfileInfo(BaseModel):
+    name: str
+    description: str
+    purpose: str
+    embedding_dim: int
+
+
+class IndexInfo(BaseModel):
+    name: str
+    version: str
+    count: int
+    gallery_kind: str
+    h3_resolution: int | None
+    factory: str
+    created_at: str
+
+
+class LimitsInfo(BaseModel):
+    max_image_bytes: int
+    max_image_pixels: int
+    max_request_bytes: int
+    max_batch: int
+    max_top_k: int
+    rate_limit_per_minute: int
+    request_timeout_s: float
+
+
+class InfoOut(BaseModel):
+    profile: ProfileInfo
+    index: IndexInfo
+    reference_index: IndexInfo | None
+    limits: LimitsInfo
+    auth_enabled: bool
+    url_fetch_enabled: bool
+    batching_enabled: bool
+
+
+class HealthOut(BaseModel):
+    status: str
+
+
+class ReadyOut(BaseModel):
+    status: str
+    checks: dict[str, str]
+    index_version: str
+
+
+class ActivateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=64)
+    version: str = Field(..., min_length=1, max_length=64)
+
+
+class ActivateOut(BaseModel):
+    name: str
+    version: str
+    profile: str
+    gallery_kind: str
+    count: int
+    active: bool

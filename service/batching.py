@@ -1,0 +1,168 @@
+"""Micro-batching: concurrent requests share one pass through the image tower.
+
+Requests ``submit`` one decoded image each. A worker task takes the first waiting image, waits
+at most ``max_wait_ms`` for up to ``max_size - 1`` more, runs the image tower once for all of
+them (``Locator.embed``) in a worker thread, then the rest of the pipeline per image with that
+request's own options (``Locator.locate_embeddings``). Each request keeps the Locator it
+started with, so an index swap never mixes versions within one answer.
+
+The queue is bounded: a full queue answers 503 at once (``OverloadedError``, with Retry-After)
+rather than letting latency grow without limit, and each image has a deadline (504).
+With batching off the same queue runs batches of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from service.pipeline import LocateOptions, LocateResult, Locator
+from service.problems import DeadlineExceededError, OverloadedError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Item:
+    locator: Locator
+    image: Image.Image
+    options: LocateOptions
+    future: asyncio.Future[LocateResult]
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        *,
+        max_size: int = 16,
+        max_wait_ms: float = 5.0,
+        queue_max: int = 64,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.max_size = max_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.queue_max = queue_max
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._task: asyncio.Task[None] | None = None
+        # One model thread: torch parallelises inside an op; two batches at once only contend.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoloc-model")
+        self._running = 0
+
+    @property
+    def depth(self) -> int:
+        """Images waiting or being located."""
+        return (self._queue.qsize() if self._queue is not None else 0) + self._running
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue(maxsize=self.queue_max)
+        self._task = asyncio.create_task(self._worker(), name="geoloc-micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._queue is not None:
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if not item.future.done():
+                    item.future.set_exception(OverloadedError("the service is shutting down"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(
+        self, locator: Locator, image: Image.Image, options: LocateOptions, *, timeout_s: float
+    ) -> LocateResult:
+        if self._queue is None:
+            raise RuntimeError("MicroBatcher.start() was not called")
+        item = _Item(locator, image, options, asyncio.get_running_loop().create_future())
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            raise OverloadedError(
+                f"{self.queue_max} images are already waiting for the model; retry shortly",
+                headers={"Retry-After": "1"},
+            ) from None
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), timeout_s)
+        except TimeoutError:
+            item.future.cancel()  # the worker skips it if it has not started yet
+            raise DeadlineExceededError(
+                f"the image was not located within {timeout_s:g} s (GEOLOC_REQUEST_TIMEOUT_S)"
+            ) from None
+
+    async def _worker(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(batch) < self.max_size:
+                remaining = deadline - loop.time()
+                try:
+                    if remaining <= 0:
+                        batch.append(self._queue.get_nowait())
+                    else:
+                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except (TimeoutError, asyncio.QueueEmpty):
+                    break
+            batch = [item for item in batch if not item.future.done()]
+            if not batch:
+                continue
+            self._running = len(batch)
+            try:
+                if self.on_batch is not None:
+                    self.on_batch(len(batch))
+                outcomes = await loop.run_in_executor(self._executor, _run_batch, batch)
+            except Exception as exc:  # the whole batch failed (e.g. the image tower)
+                log.exception("micro-batch of %d images failed", len(batch))
+                outcomes = [exc] * len(batch)
+            finally:
+                self._running = 0
+            for item, outcome in zip(batch, outcomes, strict=True):
+                if item.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    item.future.set_exception(outcome)
+                else:
+                    item.future.set_result(outcome)
+
+
+def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:
+    """Image tower once per model, then the pipeline per image with its own options."""
+    batch_start = time.perf_counter()
+    outcomes: list[LocateResult | BaseException] = []
+    groups: dict[int, list[int]] = {}
+    for i, item in enumerate(batch):
+        groups.setdefault(id(item.locator.model), []).append(i)
+    embedded: dict[int, tuple[np.ndarray, float]] = {}
+    for members in groups.values():
+        t0 = time.perf_counter()
+        queries = batch[members[0]].locator.embed([batch[i].image for i in members])
+        per_image_ms = (time.perf_counter() - t0) * 1000 / len(members)
+        for row, i in enumerate(members):
+            embedded[i] = (queries[row : row + 1], per_image_ms)
+    for i, item in enumerate(batch):
+        query, encode_ms = embedded[i]
+        try:
+            result = item.locator.locate_embeddings(query, item.options)[0]
+        except Exception as exc:
+            outcomes.append(exc)
+            continue
+        queue_ms = (batch_start - item.queued_at) * 1000
+        result.timings_ms = {
+            "queue": round(queue_ms, 3),
+            "encode": round(encode_ms, 3),
+            **result.timings_ms,
+        }
+        outcomes.append(result)
+    return outcomes

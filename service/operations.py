@@ -1,0 +1,338 @@
+"""What each HTTP endpoint does, without HTTP: the routes in service/app.py parse the request
+and call exactly one function here.
+
+Locate records a prediction row when it can. When the database is unavailable (down, or its
+schema not at head) the answer still comes, with ``prediction_id`` null and a warning: the
+location is what the caller asked for, the record is bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import anyio
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from encoders import get_profile
+from index.geo import BBox, GeoError
+from index.store import LoadedIndex
+from service import db
+from service.api_models import (
+    ActivateOut,
+    BatchItem,
+    BatchResponse,
+    FeedbackOut,
+    IndexInfo,
+    InfoOut,
+    LimitsInfo,
+    LocateRequestOptions,
+    LocateResponse,
+    PredictionOut,
+    ProfileInfo,
+    ReadyOut,
+    RequestCount,
+    StatsOut,
+)
+from service.errors import GeolocError, InvalidOptionError, NotFoundError
+from service.images import decode_image
+from service.metrics import Metrics
+from service.pipeline import LocateOptions, LocateResult, Locator
+from service.problems import (
+    InvalidBase64Error,
+    NotReadyError,
+    Problem,
+    RequestTooLargeError,
+    UrlFetchDisabledError,
+    problem_dict,
+)
+from service.serving import ServiceState
+from service.settings import Settings
+from service.urlfetch import fetch_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: the API key (when auth is on) and the client address."""
+
+    key_id: int | None
+    client: str | None
+
+
+# -- options and inputs ---------------------------------------------------------------------------
+
+
+def locate_options(settings: Settings, opts: LocateRequestOptions | None) -> LocateOptions:
+    """Request options -> validated pipeline options (InvalidOptionError -> 422)."""
+    opts = opts or LocateRequestOptions()
+    try:
+        bbox = BBox.parse(opts.bbox) if opts.bbox else None
+    except GeoError as exc:
+        raise InvalidOptionError(str(exc)) from None
+    return settings.locate_options(
+        top_k=opts.top_k,
+        refine=opts.refine,
+        diversify=opts.diversify,
+        verify=opts.verify,
+        region_share=opts.region_share,
+        bbox=bbox,
+        countries=tuple(c.upper() for c in opts.countries) if opts.countries else None,
+        neighbours=opts.neighbours,
+        return_neighbours=opts.return_neighbours,
+    )
+
+
+_DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(rb"\s+")
+
+
+def decode_base64(text: str, max_bytes: int) -> bytes:
+    """Standard or URL-safe base64 (whitespace and a data: URL prefix allowed) -> bytes."""
+    try:
+        raw = _WHITESPACE.sub(b"", _DATA_URL.sub("", text, count=1).encode("ascii"))
+    except UnicodeEncodeError:
+        raise InvalidBase64Error("image_base64 is not valid base64 (non-ASCII text)") from None
+    if len(raw) > (max_bytes + 2) // 3 * 4:
+        raise RequestTooLargeError(
+            f"the base64 image decodes to more than {max_bytes} bytes (GEOLOC_MAX_IMAGE_BYTES)"
+        )
+    raw = raw.replace(b"-", b"+").replace(b"_", b"/") + b"=" * (-len(raw) % 4)
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidBase64Error("image_base64 is not valid base64") from None
+
+
+# -- locate ---------------------------------------------------------------------------------------
+
+
+def _response(
+    result: LocateResult, prediction_id: str | None, warnings: list[str]
+) -> LocateResponse:
+    d = result.to_dict()
+    return LocateResponse(
+        prediction_id=prediction_id,
+        profile=result.profile,
+        purpose=get_profile(result.profile).purpose,
+        index_version=result.index,
+        candidates=d["candidates"],
+        region=d["region"],
+        countries=d["countries"],
+        stages=d["stages"],
+        timings_ms=d["timings_ms"],
+        neighbours=d.get("neighbours"),
+        warnings=warnings,
+    )
+
+
+def _record(
+    state: ServiceState, response: LocateResponse, latency_ms: float, caller: Caller
+) -> str | None:
+    """Store the answer; None (and a log line) when the database cannot take it."""
+    if state.sessions is None or state.db_error is not None:
+        return None
+    body = response.model_dump(mode="json", exclude={"prediction_id", "warnings"})
+    try:
+        with state.sessions() as session:
+            return db.record_prediction(
+                session,
+                profile=response.profile,
+                index_version=response.index_version,
+                result=body,
+                latency_ms=latency_ms,
+                api_key_id=caller.key_id,
+                client=caller.client,
+            )
+    except SQLAlchemyError as exc:
+        log.warning("prediction not recorded: %s", exc)
+        return None
+
+
+async def locate_bytes(
+    state: ServiceState,
+    data: bytes,
+    options: LocateOptions,
+    caller: Caller,
+    *,
+    name: str = "image",
+) -> LocateResponse:
+    """Decode, locate (through the micro-batcher) and record one image."""
+    start = time.perf_counter()
+    locator: Locator = state.require_locator()  # read once: a swap does not affect this request
+    s = state.settings
+    image = await anyio.to_thread.run_sync(
+        lambda: decode_image(
+            data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, name=name
+        )
+    )
+    result = await state.batcher.submit(locator, image, options, timeout_s=s.request_timeout_s)
+    state.metrics.observe_stages(result.timings_ms)
+    response = _response(result, None, [])
+    latency_ms = (time.perf_counter() - start) * 1000
+    prediction_id = await anyio.to_thread.run_sync(_record, state, response, latency_ms, caller)
+    if prediction_id is None:
+        response.warnings.append(
+            "the prediction was not recorded (database unavailable): no prediction_id, "
+            "so no feedback can be sent for it"
+        )
+    response.prediction_id = prediction_id
+    return response
+
+
+async def locate_batch(
+    state: ServiceState,
+    files: list[tuple[str | None, bytes]],
+    options: LocateOptions,
+    caller: Caller,
+    *,
+    instance: str,
+) -> BatchResponse:
+    """Locate every file; a bad one gets a problem object and does not fail the others."""
+    state.require_locator()
+
+    async def one(i: int, filename: str | None, data: bytes) -> BatchItem:
+        try:
+            res = await locate_bytes(state, data, options, caller, name=filename or f"file {i}")
+            return BatchItem(index=i, filename=filename, result=res)
+        except GeolocError as exc:
+            state.metrics.problems.labels(exc.type).inc()
+            problem = Problem.model_validate(problem_dict(exc, f"{instance}#{i}"))
+            return BatchItem(index=i, filename=filename, problem=problem)
+
+    items = await asyncio.gather(*(one(i, n, d) for i, (n, d) in enumerate(files)))
+    ok = sum(item.result is not None for item in items)
+    return BatchResponse(items=list(items), succeeded=ok, failed=len(items) - ok)
+
+
+async def locate_url(
+    state: ServiceState, url: str, options: LocateOptions, caller: Caller
+) -> LocateResponse:
+    s = state.settings
+    if not s.url_fetch_enabled:
+        raise UrlFetchDisabledError(
+            "fetching images by URL is turned off on this service (GEOLOC_URL_FETCH_ENABLED)"
+        )
+    state.require_locator()
+    data = await fetch_image(url, max_bytes=s.max_image_bytes, timeout_s=s.url_fetch_timeout_s)
+    return await locate_bytes(state, data, options, caller, name="the fetched image")
+
+
+# -- predictions, feedback, stats -----------------------------------------------------------------
+
+
+def prediction_view(session: Session, prediction_id: str) -> PredictionOut:
+    row = db.get_prediction(session, prediction_id)
+    if row is None:
+        raise NotFoundError(f"no prediction with id {prediction_id!r}")
+    return PredictionOut(
+        id=row.id,
+        created_at=row.created_at,
+        profile=row.profile,
+        index_version=row.index_version,
+        latency_ms=row.latency_ms,
+        result=row.response,
+    )
+
+
+def submit_feedback(session: Session, prediction_id: str, lat: float, lon: float) -> FeedbackOut:
+    fb = db.add_feedback(session, prediction_id, lat, lon)
+    return FeedbackOut(
+        prediction_id=fb.prediction_id,
+        lat=fb.lat,
+        lon=fb.lon,
+        error_km=fb.error_km,
+        created_at=fb.created_at,
+    )
+
+
+def stats(session: Session, metrics: Metrics, since: datetime | None) -> StatsOut:
+    summary = db.prediction_stats(session, since)
+    requests = [RequestCount(**r) for r in metrics.request_counts()]
+    return StatsOut(since=since, requests=requests, **summary)
+
+
+# -- service description --------------------------------------------------------------------------
+
+
+def _index_info(index: LoadedIndex) -> IndexInfo:
+    m = index.manifest
+    return IndexInfo(
+        name=m.name,
+        version=m.version,
+        count=m.count,
+        gallery_kind=m.gallery_kind,
+        h3_resolution=m.h3_resolution,
+        factory=m.factory,
+        created_at=m.created_at,
+    )
+
+
+def service_info(state: ServiceState) -> InfoOut:
+    loc = state.require_locator()
+    s = state.settings
+    p = get_profile(loc.model.profile)
+    return InfoOut(
+        profile=ProfileInfo(
+            name=p.name,
+            description=p.description,
+            purpose=p.purpose,
+            embedding_dim=loc.model.embed_dim,
+        ),
+        index=_index_info(loc.index),
+        reference_index=_index_info(loc.neighbours) if loc.neighbours is not None else None,
+        limits=LimitsInfo(
+            max_image_bytes=s.max_image_bytes,
+            max_image_pixels=s.max_image_pixels,
+            max_request_bytes=s.max_request_bytes,
+            max_batch=s.max_batch,
+            max_top_k=s.max_top_k,
+            rate_limit_per_minute=s.rate_limit_per_minute,
+            request_timeout_s=s.request_timeout_s,
+        ),
+        auth_enabled=s.auth_enabled,
+        url_fetch_enabled=s.url_fetch_enabled,
+        batching_enabled=s.batching_enabled,
+    )
+
+
+def readiness(state: ServiceState) -> ReadyOut:
+    """200 when model, index and database (at head) are usable; else a 503 naming the parts."""
+    loc = state.locator
+    checks: dict[str, Any] = {
+        "model": "ok" if loc is not None or state.model_loaded else str(state.locator_error),
+        "index": "ok" if loc is not None else str(state.locator_error),
+        "database": "ok" if state.db_error is None else state.db_error,
+    }
+    failed = [k for k, v in checks.items() if v != "ok"]
+    if failed or loc is None:
+        raise NotReadyError(
+            "not ready: " + "; ".join(f"{k}: {checks[k]}" for k in failed),
+            headers={"Retry-After": "5"},
+            extensions={"checks": checks},
+        )
+    return ReadyOut(status="ready", checks=checks, index_version=loc.index_label)
+
+
+def activate_index(state: ServiceState, session: Session, name: str, version: str) -> ActivateOut:
+    """Make name/version the active version (every replica swaps to it at its next poll)."""
+    db.sync_index_versions(session, state.settings.index_dir)
+    row = db.activate_index(session, name, version)
+    state.poke()
+    return ActivateOut(
+        name=row.name,
+        version=row.version,
+        profile=row.profile,
+        gallery_kind=row.gallery_kind,
+        count=row.count,
+        active=True,
+    )

@@ -1,0 +1,230 @@
+"""What a running service holds (model + index, database, batcher, limiter, metrics) and the
+background work that keeps it current: index hot swap and the schema check.
+
+The served Locator is one attribute, replaced whole: a request reads it once and keeps that
+object, so a swap never changes the index under a request, and each answer names one version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import anyio
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from encoders import GeoModel
+from index.store import load_index
+from service.batching import MicroBatcher
+from service.db import (
+    active_index_version,
+    check_at_head,
+    display_url,
+    make_engine,
+    make_sessionmaker,
+)
+from service.engine import load_geomodel, load_locator
+from service.errors import GeolocError
+from service.metrics import Metrics
+from service.pipeline import Locator
+from service.problems import DatabaseUnavailableError, NotReadyError
+from service.ratelimit import RateLimiter, make_limiter
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    metrics: Metrics
+    batcher: MicroBatcher
+    limiter: RateLimiter | None
+    engine: Engine | None = None
+    sessions: sessionmaker[Session] | None = None
+    locator: Locator | None = None
+    #: Why the model/index is not loaded (None when it is).
+    locator_error: str | None = "not loaded yet"
+    #: Why the database cannot be used (None when it is at head).
+    db_error: str | None = "not checked yet"
+    _model: GeoModel | None = None
+    _failed_version: str | None = None
+    _poke: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._model is not None
+
+    # -- access for requests ----------------------------------------------------------------
+    def require_locator(self) -> Locator:
+        loc = self.locator
+        if loc is None:
+            raise NotReadyError(
+                f"the model or index is not loaded: {self.locator_error}",
+                headers={"Retry-After": "5"},
+            )
+        return loc
+
+    def require_sessions(self) -> sessionmaker[Session]:
+        if self.sessions is None or self.db_error is not None:
+            raise DatabaseUnavailableError(
+                f"the database cannot be used: {self.db_error}", headers={"Retry-After": "5"}
+            )
+        return self.sessions
+
+    # -- start and stop -------------------------------------------------------------------------
+    async def start(self, injected: Locator | None) -> None:
+        s = self.settings
+        try:
+            self.engine = make_engine(s.db_url)
+            self.sessions = make_sessionmaker(self.engine)
+        except GeolocError as exc:
+            self.db_error = exc.detail
+        await anyio.to_thread.run_sync(self.check_database)
+        if injected is not None:
+            self._set_locator(injected, swapped=False)
+            self._model = injected.model
+        else:
+            await anyio.to_thread.run_sync(self._load_initial)
+        if self.locator is not None:
+            await anyio.to_thread.run_sync(self.locator.geocoder.warm)
+        await self.batcher.start()
+        if s.index_poll_s > 0:
+            self._task = asyncio.create_task(self._poll_loop(), name="geoloc-index-poll")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.batcher.stop()
+        if self.limiter is not None:
+            await self.limiter.close()
+        if self.engine is not None:
+            self.engine.dispose()
+
+    def poke(self) -> None:
+        """Check the active index version now rather than at the next poll."""
+        self._poke.set()
+
+    # -- database -------------------------------------------------------------------------------
+    def check_database(self) -> None:
+        if self.engine is None:
+            return
+        try:
+            check_at_head(self.engine)
+            if self.db_error is not None:
+                log.info("database %s is at head", display_url(self.engine.url))
+            self.db_error = None
+        except GeolocError as exc:
+            self.db_error = exc.detail
+        except SQLAlchemyError as exc:
+            orig = getattr(exc, "orig", None) or exc
+            self.db_error = (str(orig).strip().splitlines() or [type(exc).__name__])[0]
+
+    # -- index ----------------------------------------------------------------------------------
+    def _served_name(self) -> str:
+        return self.locator.index.manifest.name if self.locator else self.settings.default_index
+
+    def _active_version(self) -> str | None:
+        """The version the database names for the served index; None: no opinion."""
+        if self.settings.index_version or self.sessions is None or self.db_error is not None:
+            return None  # a pinned version wins; no usable database, no activation
+        try:
+            with self.sessions() as session:
+                row = active_index_version(session, self._served_name())
+        except SQLAlchemyError as exc:
+            log.warning("cannot read the active index version: %s", exc)
+            return None
+        return row.version if row is not None else None
+
+    def _load_initial(self) -> None:
+        try:
+            self._model = self._model or load_geomodel(self.settings)
+            locator = load_locator(
+                self.settings, model=self._model, index_version=self._active_version()
+            )
+        except (GeolocError, ValueError, OSError) as exc:
+            if self.locator_error != str(exc):
+                log.error("cannot load the model or index (will retry): %s", exc)
+            self.locator_error = str(exc)
+            return
+        self._set_locator(locator, swapped=False)
+
+    def _set_locator(self, locator: Locator, *, swapped: bool) -> None:
+        self.locator = locator
+        self.locator_error = None
+        self.metrics.set_index(locator.index_label)
+        if swapped:
+            self.metrics.index_swaps.inc()
+
+    def refresh_index(self) -> None:
+        """Load and swap in the active version if it differs from the served one.
+
+        Runs off the request path (a thread). A failed load is logged once per version and the
+        served index stays.
+        """
+        current = self.locator
+        if current is None:
+            self._load_initial()
+            return
+        version = self._active_version()
+        if version is None or version == current.index.manifest.version:
+            return
+        try:
+            index = load_index(
+                self.settings.index_dir,
+                current.index.manifest.name,
+                version,
+                profile=current.model.profile,
+                dim=current.model.embed_dim,
+                verify=True,
+            )
+            fresh = Locator(current.model, index, current.geocoder, neighbours=current.neighbours)
+        except (GeolocError, ValueError, OSError) as exc:
+            if self._failed_version != version:
+                log.error(
+                    "cannot load index %s/%s; still serving %s: %s",
+                    current.index.manifest.name,
+                    version,
+                    current.index_label,
+                    exc,
+                )
+                self._failed_version = version
+            return
+        self._failed_version = None
+        self._set_locator(fresh, swapped=True)
+        log.info("now serving index %s (was %s)", fresh.index_label, current.index_label)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), self.settings.index_poll_s)
+            self._poke.clear()
+            try:
+                if self.db_error is not None:
+                    await anyio.to_thread.run_sync(self.check_database)
+                await anyio.to_thread.run_sync(self.refresh_index)
+            except Exception:  # never let the poller die
+                log.exception("index poll failed")
+
+
+def build_state(settings: Settings) -> ServiceState:
+    metrics = Metrics()
+    size = settings.batch_max_size if settings.batching_enabled else 1
+    batcher = MicroBatcher(
+        max_size=size,
+        max_wait_ms=settings.batch_max_wait_ms if settings.batching_enabled else 0.0,
+        queue_max=settings.queue_max,
+        on_batch=metrics.batch_size.observe,
+    )
+    metrics.queue_depth.set_function(lambda: batcher.depth)
+    limiter = make_limiter(
+        settings.rate_limit_per_minute, settings.redis_url, settings.redis_prefix
+    )
+    return ServiceState(settings=settings, metrics=metrics, batcher=batcher, limiter=limiter)

@@ -1,0 +1,154 @@
+"""Micro-batching: shared image-tower passes, per-request options, capacity and deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from api_fixtures import (  # noqa: F401 (fixtures)
+    assert_problem,
+    bm_index,
+    bm_locator,
+    bm_model,
+    make_client,
+    tile_bytes,
+)
+from PIL import Image
+
+from encoders.bluemarble import render_tile
+from service.batching import MicroBatcher
+from service.pipeline import LocateOptions, Locator
+from service.problems import OverloadedError
+
+PLACES = [(23.0, 12.0), (29.5, 84.0), (-4.0, -63.0), (72.0, -40.0), (30.8, 31.0), (-25.0, 133.0)]
+
+
+class SpyLocator(Locator):
+    """The same model and index; records image-tower batch sizes and can be slowed down."""
+
+    def __init__(self, base: Locator, delay_s: float = 0.0) -> None:
+        super().__init__(base.model, base.index, base.geocoder, neighbours=base.neighbours)
+        self.delay_s = delay_s
+        self.embed_sizes: list[int] = []
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        self.embed_sizes.append(len(images))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return super().embed(images)
+
+
+def test_concurrent_images_share_one_pass_and_keep_their_own_options(bm_locator):
+    spy = SpyLocator(bm_locator)
+    tiles = [render_tile(lat, lon, 2.0, 64) for lat, lon in PLACES]
+    options = [LocateOptions(top_k=k, refine=k % 2 == 0) for k in range(1, len(tiles) + 1)]
+    sizes: list[int] = []
+
+    async def main() -> list:
+        batcher = MicroBatcher(max_size=16, max_wait_ms=200, queue_max=16, on_batch=sizes.append)
+        await batcher.start()
+        try:
+            return await asyncio.gather(
+                *(
+                    batcher.submit(spy, t, o, timeout_s=30)
+                    for t, o in zip(tiles, options, strict=True)
+                )
+            )
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(main())
+    assert sizes == [len(tiles)] and spy.embed_sizes == [len(tiles)]
+    for tile, opt, res in zip(tiles, options, results, strict=True):
+        alone = bm_locator.locate([tile], opt)[0]
+        assert len(res.candidates) == opt.top_k
+        assert ("refine" in res.stages) == opt.refine
+        assert res.index == bm_locator.index_label
+        assert {"queue", "encode"} <= set(res.timings_ms)
+        for a, b in zip(res.candidates, alone.candidates, strict=True):
+            assert (a.lat, a.lon) == pytest.approx((b.lat, b.lon), abs=1e-3)
+            assert a.probability == pytest.approx(b.probability, abs=1e-4)
+
+
+def test_a_full_queue_refuses_at_once(bm_locator):
+    spy = SpyLocator(bm_locator, delay_s=0.3)
+    tile = render_tile(0.0, 20.0, 2.0, 64)
+
+    async def main() -> list:
+        batcher = MicroBatcher(max_size=1, max_wait_ms=0, queue_max=2)
+        await batcher.start()
+        try:
+            first = asyncio.create_task(batcher.submit(spy, tile, LocateOptions(), timeout_s=10))
+            await asyncio.sleep(0.05)  # the worker has taken it: the queue is empty again
+            rest = [
+                asyncio.create_task(batcher.submit(spy, tile, LocateOptions(), timeout_s=10))
+                for _ in range(4)
+            ]
+            return await asyncio.gather(first, *rest, return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+    outcomes = asyncio.run(main())
+    refused = [o for o in outcomes if isinstance(o, OverloadedError)]
+    assert len(refused) == 2 and refused[0].headers["Retry-After"] == "1"
+    assert sum(not isinstance(o, BaseException) for o in outcomes) == 3
+
+
+def _post_concurrently(client, n: int, **params) -> list:
+    png = tile_bytes()
+    with ThreadPoolExecutor(n) as pool:
+        futures = [
+            pool.submit(
+                client.post,
+                "/v1/locate",
+                files={"file": ("t.png", png, "image/png")},
+                params=params,
+            )
+            for _ in range(n)
+        ]
+        return [f.result() for f in futures]
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert m, name
+    return float(m.group(1))
+
+
+def test_over_capacity_answers_503_with_retry_after(make_client, bm_locator):
+    slow = SpyLocator(bm_locator, delay_s=0.4)
+    with make_client(locator=slow, queue_max=1, batch_max_size=1) as client:
+        responses = _post_concurrently(client, 8)
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) == {200, 503}, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert_problem(r, 503, "overloaded")
+            assert r.headers["retry-after"] == "1"
+
+
+def test_deadline_answers_504(make_client, bm_locator):
+    slow = SpyLocator(bm_locator, delay_s=1.0)
+    with make_client(locator=slow, request_timeout_s=0.2) as client:
+        r = client.post("/v1/locate", files={"file": ("t.png", tile_bytes(), "image/png")})
+        assert_problem(r, 504, "timeout")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_batching_on_and_off_through_the_app(make_client, bm_locator, enabled):
+    spy = SpyLocator(bm_locator, delay_s=0.2)  # while one batch runs, the others queue up
+    with make_client(locator=spy, batching_enabled=enabled, batch_max_wait_ms=20) as client:
+        responses = _post_concurrently(client, 6, top_k=2)
+        metrics = client.get("/metrics").text
+    assert [r.status_code for r in responses] == [200] * 6
+    assert all(len(r.json()["candidates"]) == 2 for r in responses)
+    assert _metric(metrics, "geoloc_batch_size_sum") == 6
+    if enabled:
+        assert max(spy.embed_sizes) > 1 and _metric(metrics, "geoloc_batch_size_count") < 6
+    else:
+        assert spy.embed_sizes == [1] * 6
