@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
+	$(BIN)/geoloc db upgrade
 	$(BIN)/geoloc index list | grep -q "^default-$${GEOLOC_PROFILE:-bluemarble}/" || \
-		$(BIN)/geoloc index build --res $${GEOLOC_DEFAULT_RES:-3}
+		$(BIN)/geoloc index build --res $${GEOLOC_DEFAULT_RES:-4}
 	$(BIN)/geoloc serve
 
 lint: $(STAMP)

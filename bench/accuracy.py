@@ -4,7 +4,7 @@ Rows: a pixel-space nearest-neighbour baseline over the reference tiles, gallery
 retrieval alone (GeoCLIP-style, fixed H3 land gallery), + H3 refinement,
 + reference-image neighbours, + diversify/verify (the full pipeline). Top-1 error.
 
-    .venv/bin/python bench/accuracy.py [--test 2000] [--refs 20000] [--res 4]
+    .venv/bin/python bench/accuracy.py [--test 2000] [--refs 100000] [--res 4]
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encoders import load_model  # noqa: E402
-from index.geocode import ReverseGeocoder  # noqa: E402
-from index.store import load_index  # noqa: E402
-from service.datasets import read_labelled_csv  # noqa: E402
-from service.engine import GallerySpec, add_reference_images, build_index  # noqa: E402
-from service.evaluation import errors_km, summarize_distances  # noqa: E402
-from service.pipeline import LocateOptions, Locator  # noqa: E402
-from service.settings import Settings  # noqa: E402
-from service.training import write_bluemarble_set  # noqa: E402
+from encoders import load_model
+from index.geocode import ReverseGeocoder
+from index.store import load_index
+from service.datasets import read_labelled_csv
+from service.engine import GallerySpec, add_reference_images, build_index
+from service.evaluation import errors_km, summarize_distances
+from service.pipeline import LocateOptions, Locator
+from service.settings import Settings
+from service.training import write_bluemarble_set
 
 OUT = Path(__file__).resolve().parent / "out"
 TEST_SEED, REF_SEED = 12345, 777  # training uses seeds derived from 0 (see docs/TRAINING.md)
@@ -56,14 +56,14 @@ def pixels(rows: list, side: int = 16) -> np.ndarray:
 def embed(model, rows: list, batch: int = 256) -> np.ndarray:
     chunks = []
     for s in range(0, len(rows), batch):
-        chunks.append(model.embed_images([Image.open(r.path) for r in rows[s:s + batch]]))
+        chunks.append(model.embed_images([Image.open(r.path) for r in rows[s : s + batch]]))
     return np.concatenate(chunks)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--test", type=int, default=2000)
-    ap.add_argument("--refs", type=int, default=20000)
+    ap.add_argument("--refs", type=int, default=100000)
     ap.add_argument("--res", type=int, default=4)
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus")
@@ -76,10 +76,13 @@ def main() -> None:
     if not (settings.data_dir / "indexes" / "gallery").is_dir():
         build_index(settings, "gallery", GallerySpec(kind="h3", res=args.res), model=model)
     if not (settings.data_dir / "indexes" / "refs").is_dir():
-        add_reference_images(settings, refs[0].path.parent / "labels.csv", model=model,
-                             name="refs")
-    locator = Locator(model, load_index(settings.data_dir, "gallery"), ReverseGeocoder(),
-                      neighbours=load_index(settings.data_dir, "refs"))
+        add_reference_images(settings, refs[0].path.parent / "labels.csv", model=model, name="refs")
+    locator = Locator(
+        model,
+        load_index(settings.data_dir, "gallery"),
+        ReverseGeocoder(),
+        neighbours=load_index(settings.data_dir, "refs"),
+    )
 
     rows: list[tuple[str, np.ndarray, float]] = []
     t = time.perf_counter()
@@ -88,21 +91,28 @@ def main() -> None:
     nn = np.empty(len(test), np.int64)
     ref_sq = (ref_px**2).sum(1)
     for s in range(0, len(test), 256):
-        d = ref_sq[None, :] - 2 * test_px[s:s + 256] @ ref_px.T
-        nn[s:s + 256] = d.argmin(1)
-    rows.append(("pixel nearest neighbour (reference tiles)", ref_ll[nn],
-                 (time.perf_counter() - t) / len(test)))
+        d = ref_sq[None, :] - 2 * test_px[s : s + 256] @ ref_px.T
+        nn[s : s + 256] = d.argmin(1)
+    rows.append(
+        (
+            "pixel nearest neighbour (reference tiles)",
+            ref_ll[nn],
+            (time.perf_counter() - t) / len(test),
+        )
+    )
 
     t = time.perf_counter()
     q = embed(model, test)
     embed_s = (time.perf_counter() - t) / len(test)
     off = dict(refine=False, diversify=False, verify=False, neighbours=0, describe=False)
     variants = [
-        ("gallery retrieval alone (H3 res-%d land gallery)" % args.res, off),
+        (f"gallery retrieval alone (H3 res-{args.res} land gallery)", off),
         ("+ H3 refinement", {**off, "refine": True}),
         ("+ reference-image neighbours", {**off, "refine": True, "neighbours": 10}),
-        ("+ diversify/verify (full pipeline)", {**off, "refine": True, "neighbours": 10,
-                                                "diversify": True, "verify": True}),
+        (
+            "+ diversify/verify (full pipeline)",
+            {**off, "refine": True, "neighbours": 10, "diversify": True, "verify": True},
+        ),
     ]
     for label, opts in variants:
         o = LocateOptions(top_k=1, **opts)
@@ -112,18 +122,24 @@ def main() -> None:
         pred = np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res])
         rows.append((label, pred, per))
 
-    print(f"\nheld-out Blue Marble test: {len(test)} tiles (seed {TEST_SEED}); "
-          f"{len(refs)} reference tiles; gallery H3 res {args.res}, {len(locator.index)} cells")
-    head = f"{'method':<48} {'25km':>7} {'200km':>7} {'750km':>7} {'2500km':>7} " \
-           f"{'median km':>10} {'GeoScore':>9} {'ms/img':>7}"
+    print(
+        f"\nheld-out Blue Marble test: {len(test)} tiles (seed {TEST_SEED}); "
+        f"{len(refs)} reference tiles; gallery H3 res {args.res}, {len(locator.index)} cells"
+    )
+    head = (
+        f"{'method':<48} {'25km':>7} {'200km':>7} {'750km':>7} {'2500km':>7} "
+        f"{'median km':>10} {'GeoScore':>9} {'ms/img':>7}"
+    )
     print(head)
     print("-" * len(head))
     for label, pred, per in rows:
         s = summarize_distances(errors_km(pred, truth))
         w = s.within
-        print(f"{label:<48} {100 * w[25]:>6.1f}% {100 * w[200]:>6.1f}% {100 * w[750]:>6.1f}% "
-              f"{100 * w[2500]:>6.1f}% {s.median_km:>10.1f} {s.mean_geoscore:>9.0f} "
-              f"{per * 1000:>7.2f}")
+        print(
+            f"{label:<48} {100 * w[25]:>6.1f}% {100 * w[200]:>6.1f}% {100 * w[750]:>6.1f}% "
+            f"{100 * w[2500]:>6.1f}% {s.median_km:>10.1f} {s.mean_geoscore:>9.0f} "
+            f"{per * 1000:>7.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -158,6 +158,14 @@ def cell_children(cells: Any, res: int) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(np.arange(len(parts)), counts), np.concatenate(parts)
 
 
+def cell_center_children(cells: Any, res: int) -> np.ndarray:
+    """The centre child at `res` of each cell (int64): it shares its parent's centre."""
+    res = _check_res(res)
+    return np.fromiter(
+        (h3i.cell_to_center_child(c, res) for c in _as_cell_ints(cells)), dtype=np.uint64
+    ).view(np.int64)
+
+
 def cell_area_km2(cells: Any) -> np.ndarray:
     """Exact spherical area of each cell in km² (H3 cells vary by ~2x in area)."""
     ints = _as_cell_ints(cells)

@@ -25,7 +25,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -48,7 +48,7 @@ from service.api_models import (
 )
 from service.bodylimit import BodyLimitMiddleware
 from service.db import authenticate
-from service.errors import GeolocError
+from service.errors import GeolocError, InvalidOptionError
 from service.metrics import MetricsMiddleware
 from service.pipeline import LocateOptions, Locator
 from service.problems import (
@@ -56,6 +56,7 @@ from service.problems import (
     DatabaseUnavailableError,
     ForbiddenError,
     HttpProblem,
+    InvalidRequestError,
     MissingImageError,
     Problem,
     TooManyImagesError,
@@ -174,6 +175,15 @@ class ImageInput:
     options: LocateOptions
 
 
+def _only_fields(form: FormData, name: str) -> None:
+    unknown = sorted({key for key in form if key != name})
+    if unknown:
+        raise InvalidRequestError(
+            f"unexpected multipart field(s) {unknown[:5]}; send only '{name}' "
+            "(options go in the query string)"
+        )
+
+
 def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
@@ -199,10 +209,11 @@ async def read_image_input(
         return ImageInput(data=data, filename=None, options=opts)
     if ctype == "multipart/form-data":
         opts = ops.locate_options(settings, query)
-        async with request.form(max_files=2, max_fields=32) as form:
+        async with request.form(max_files=16, max_fields=64) as form:
             files = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
             if not files:
                 raise MissingImageError("send the image as the multipart field 'file'")
+            _only_fields(form, "file")
             if len(files) > 1:
                 raise MissingImageError(
                     "one 'file' per request; send several to POST /v1/locate/batch as 'files'",
@@ -219,6 +230,30 @@ async def read_image_input(
 ImageDep = Annotated[ImageInput, Depends(read_image_input)]
 
 
+def parse_since(
+    since: Annotated[
+        str | None,
+        Query(
+            description="ISO 8601 date or date-time (UTC unless it has an offset); only "
+            "predictions made since then.",
+            json_schema_extra={"format": "date-time"},
+            max_length=64,
+        ),
+    ] = None,
+) -> datetime | None:
+    if since is None:
+        return None
+    try:
+        return datetime.fromisoformat(since.strip())
+    except ValueError:
+        raise InvalidOptionError(
+            f"since must be an ISO 8601 date-time such as 2026-01-31T12:00:00Z, not {since!r}"
+        ) from None
+
+
+SinceDep = Annotated[datetime | None, Depends(parse_since)]
+
+
 async def read_batch_input(
     request: Request, settings: SettingsDep, query: QueryOptions
 ) -> tuple[list[tuple[str | None, bytes]], LocateOptions]:
@@ -227,10 +262,13 @@ async def read_batch_input(
             "send the images as multipart/form-data, each in a field named 'files'"
         )
     opts = ops.locate_options(settings, query)
-    async with request.form(max_files=settings.max_batch + 1, max_fields=32) as form:
+    # The parser's own limits (400 beyond them) sit above ours, so that a few files too many
+    # get the clearer too-many-images problem.
+    async with request.form(max_files=settings.max_batch + 16, max_fields=64) as form:
         files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
         if not files:
             raise MissingImageError("send the images as multipart fields named 'files'")
+        _only_fields(form, "files")
         if len(files) > settings.max_batch:
             raise TooManyImagesError(
                 f"at most {settings.max_batch} images per batch (GEOLOC_MAX_BATCH)"
@@ -259,10 +297,8 @@ async def validation_error_handler(request: Request, exc: Exception) -> Response
     ]
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(first["loc"]) or "request"
-    problem = HttpProblem(
+    problem = InvalidRequestError(
         f"{where}: {first['msg']}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
-        type="invalid-request",
-        status=422,
         extensions={"errors": errors},
     )
     return problem_response(problem, request.url.path)
@@ -323,12 +359,18 @@ _MULTIPART_ONE = {
     "type": "object",
     "required": ["file"],
     "properties": {"file": {"type": "string", "format": "binary"}},
+    "additionalProperties": False,
 }
-_MULTIPART_MANY = {
-    "type": "object",
-    "required": ["files"],
-    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-}
+
+
+def _multipart_many(max_batch: int) -> dict[str, Any]:
+    files = {"type": "array", "items": {"type": "string", "format": "binary"}}
+    return {
+        "type": "object",
+        "required": ["files"],
+        "properties": {"files": {**files, "minItems": 1, "maxItems": max_batch}},
+        "additionalProperties": False,
+    }
 
 
 def _body(content: dict[str, Any]) -> dict[str, Any]:
@@ -409,7 +451,10 @@ def create_app(settings: Settings | None = None, *, locator: Locator | None = No
         operation_id="locate_batch",
         tags=["locate"],
         responses=openapi_problems(400, *auth_errors, 413, 415, 422, 500, 503),
-        openapi_extra={**_body({"multipart/form-data": {"schema": _MULTIPART_MANY}}), **secured},
+        openapi_extra={
+            **_body({"multipart/form-data": {"schema": _multipart_many(settings.max_batch)}}),
+            **secured,
+        },
     )
     async def locate_batch(
         request: Request, caller: LocateCaller, batch: BatchDep, state: StateDep
@@ -455,7 +500,7 @@ def create_app(settings: Settings | None = None, *, locator: Locator | None = No
         "/v1/predictions/{prediction_id}/feedback",
         operation_id="add_feedback",
         tags=["predictions"],
-        responses=openapi_problems(*auth_errors, 404, 413, 422, 500, 503),
+        responses=openapi_problems(400, *auth_errors, 404, 413, 422, 500, 503),
         openapi_extra=secured,
     )
     def add_feedback(
@@ -472,12 +517,7 @@ def create_app(settings: Settings | None = None, *, locator: Locator | None = No
         openapi_extra=secured,
     )
     def get_stats(
-        caller: LocateCaller,
-        session: SessionDep,
-        state: StateDep,
-        since: Annotated[
-            datetime | None, Query(description="ISO 8601; only predictions since then.")
-        ] = None,
+        caller: LocateCaller, session: SessionDep, state: StateDep, since: SinceDep
     ) -> StatsOut:
         """Prediction counts and accuracy (from feedback), and this process's request counts."""
         return ops.stats(session, state.metrics, since)
@@ -486,7 +526,7 @@ def create_app(settings: Settings | None = None, *, locator: Locator | None = No
         "/v1/admin/index/activate",
         operation_id="activate_index",
         tags=["admin"],
-        responses=openapi_problems(401, 403, 404, 413, 422, 429, 500, 503),
+        responses=openapi_problems(400, 401, 403, 404, 413, 422, 429, 500, 503),
         openapi_extra=secured,
     )
     def activate_index(
@@ -502,9 +542,9 @@ def create_app(settings: Settings | None = None, *, locator: Locator | None = No
         tags=["service"],
         responses=openapi_problems(500, 503),
     )
-    def info(state: StateDep) -> InfoOut:
+    def info(locator: LocatorDep, settings: SettingsDep) -> InfoOut:
         """The model profile (and what it locates), the served index, and the limits."""
-        return ops.service_info(state)
+        return ops.service_info(settings, locator)
 
     @app.get("/healthz", operation_id="healthz", tags=["service"])
     def healthz() -> HealthOut:

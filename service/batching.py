@@ -54,8 +54,7 @@ class MicroBatcher:
         self.on_batch = on_batch
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task[None] | None = None
-        # One model thread: torch parallelises inside an op; two batches at once only contend.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoloc-model")
+        self._executor: ThreadPoolExecutor | None = None
         self._running = 0
 
     @property
@@ -64,6 +63,8 @@ class MicroBatcher:
         return (self._queue.qsize() if self._queue is not None else 0) + self._running
 
     async def start(self) -> None:
+        # One model thread: torch parallelises inside an op; two batches at once only contend.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoloc-model")
         self._queue = asyncio.Queue(maxsize=self.queue_max)
         self._task = asyncio.create_task(self._worker(), name="geoloc-micro-batcher")
 
@@ -77,13 +78,15 @@ class MicroBatcher:
                 item = self._queue.get_nowait()
                 if not item.future.done():
                     item.future.set_exception(OverloadedError("the service is shutting down"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._queue = self._task = self._executor = None
 
     async def submit(
         self, locator: Locator, image: Image.Image, options: LocateOptions, *, timeout_s: float
     ) -> LocateResult:
         if self._queue is None:
-            raise RuntimeError("MicroBatcher.start() was not called")
+            raise OverloadedError("the service is not started or is shutting down")
         item = _Item(locator, image, options, asyncio.get_running_loop().create_future())
         try:
             self._queue.put_nowait(item)
@@ -101,7 +104,7 @@ class MicroBatcher:
             ) from None
 
     async def _worker(self) -> None:
-        assert self._queue is not None
+        assert self._queue is not None and self._executor is not None
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]

@@ -586,6 +586,32 @@ def apikey_revoke(
     )
 
 
+@app.command("serve")
+@friendly_errors
+def serve_cmd(
+    host: Annotated[str | None, typer.Option(help="Listen address; default GEOLOC_HOST.")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="Port; default GEOLOC_PORT.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Worker processes; default GEOLOC_WORKERS.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the HTTP API (uvicorn; each worker loads the model and index once)."""
+    import uvicorn
+
+    s = settings()
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=host or s.host,
+        port=s.port if port is None else port,
+        workers=workers or s.workers,
+        log_level=log_level,
+    )
+
+
 def main() -> None:
     app()
 

@@ -42,7 +42,7 @@ from service.api_models import (
     RequestCount,
     StatsOut,
 )
-from service.errors import GeolocError, InvalidOptionError, NotFoundError
+from service.errors import GeolocError, ImageTooLargeError, InvalidOptionError, NotFoundError
 from service.images import decode_image
 from service.metrics import Metrics
 from service.pipeline import LocateOptions, LocateResult, Locator
@@ -50,7 +50,6 @@ from service.problems import (
     InvalidBase64Error,
     NotReadyError,
     Problem,
-    RequestTooLargeError,
     UrlFetchDisabledError,
     problem_dict,
 )
@@ -103,7 +102,7 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
     except UnicodeEncodeError:
         raise InvalidBase64Error("image_base64 is not valid base64 (non-ASCII text)") from None
     if len(raw) > (max_bytes + 2) // 3 * 4:
-        raise RequestTooLargeError(
+        raise ImageTooLargeError(
             f"the base64 image decodes to more than {max_bytes} bytes (GEOLOC_MAX_IMAGE_BYTES)"
         )
     raw = raw.replace(b"-", b"+").replace(b"_", b"/") + b"=" * (-len(raw) % 4)
@@ -165,10 +164,12 @@ async def locate_bytes(
     caller: Caller,
     *,
     name: str = "image",
+    locator: Locator | None = None,
 ) -> LocateResponse:
     """Decode, locate (through the micro-batcher) and record one image."""
     start = time.perf_counter()
-    locator: Locator = state.require_locator()  # read once: a swap does not affect this request
+    # Read once: an index swap does not affect a request that has started.
+    locator = locator or state.require_locator()
     s = state.settings
     image = await anyio.to_thread.run_sync(
         lambda: decode_image(
@@ -197,12 +198,15 @@ async def locate_batch(
     *,
     instance: str,
 ) -> BatchResponse:
-    """Locate every file; a bad one gets a problem object and does not fail the others."""
-    state.require_locator()
+    """Locate every file; a bad one gets a problem object and does not fail the others.
+
+    All items use the same Locator, so one batch answer names one index version."""
+    locator = state.require_locator()
 
     async def one(i: int, filename: str | None, data: bytes) -> BatchItem:
         try:
-            res = await locate_bytes(state, data, options, caller, name=filename or f"file {i}")
+            name = filename or f"file {i}"
+            res = await locate_bytes(state, data, options, caller, name=name, locator=locator)
             return BatchItem(index=i, filename=filename, result=res)
         except GeolocError as exc:
             state.metrics.problems.labels(exc.type).inc()
@@ -277,9 +281,7 @@ def _index_info(index: LoadedIndex) -> IndexInfo:
     )
 
 
-def service_info(state: ServiceState) -> InfoOut:
-    loc = state.require_locator()
-    s = state.settings
+def service_info(s: Settings, loc: Locator) -> InfoOut:
     p = get_profile(loc.model.profile)
     return InfoOut(
         profile=ProfileInfo(

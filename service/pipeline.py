@@ -18,6 +18,7 @@ from PIL import Image
 from encoders import GeoModel
 from index.geo import (
     BBox,
+    cell_center_children,
     cell_children,
     cells_to_latlon,
     int_to_cell,
@@ -45,7 +46,7 @@ class LocateOptions:
     verify: bool = True
     describe: bool = True
     #: Start cells to descend from, beam width under each, and levels below the gallery res.
-    refine_beam: int = 8
+    refine_beam: int = 6
     refine_width: int = 2
     refine_levels: int = 3
     #: Resolution at which CSV-gallery points enter the H3 hierarchy for refinement.
@@ -419,23 +420,35 @@ class Locator:
         beam_idx = np.arange(min(opt.refine_beam, len(pool.score)))
         cells = latlon_to_cells(pool.latlon[beam_idx], start_res)
         owner = beam_idx.copy()  # which start cell each frontier cell descends from
+        # Scores of the frontier cells' centres where known: an H3 gallery point is its
+        # cell's centre, and a centre child shares its parent's centre, so one GPS-tower
+        # call in seven is saved.
+        known = np.full(len(cells), np.nan)
+        if m.gallery_kind == "h3":
+            from_gallery = np.array([pool.source[i] == "gallery" for i in beam_idx], dtype=bool)
+            known[from_gallery] = pool.score[beam_idx][from_gallery]
         best_score = np.full(len(beam_idx), -np.inf)
         best_latlon = np.zeros((len(beam_idx), 2))
         for level in range(1, levels + 1):
-            parent, children = cell_children(cells, start_res + level)
+            res = start_res + level
+            parent, children = cell_children(cells, res)
+            s = np.full(len(children), np.nan)
+            centre = children == cell_center_children(cells, res)[parent]
+            s[centre] = known[parent[centre]]
             child_owner = owner[parent]
             latlon = cells_to_latlon(children)
             ok = self._filter_points(latlon, opt)
-            children, child_owner, latlon = children[ok], child_owner[ok], latlon[ok]
+            children, child_owner, latlon, s = children[ok], child_owner[ok], latlon[ok], s[ok]
             if not len(children):
                 break
-            s = self._gps_scores(q, latlon)
+            todo = np.isnan(s)
+            s[todo] = self._gps_scores(q, latlon[todo])
             keep = _top_per_group(child_owner, s, opt.refine_width)
             for j in keep:
                 o = child_owner[j]
                 if s[j] > best_score[o]:
                     best_score[o], best_latlon[o] = s[j], latlon[j]
-            cells, owner = children[keep], child_owner[keep]
+            cells, owner, known = children[keep], child_owner[keep], s[keep]
         found = np.isfinite(best_score)
         if found.any():
             pts = best_latlon[found]

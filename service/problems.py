@@ -48,6 +48,10 @@ class HttpProblem(GeolocError):
         self.extensions = extensions or {}
 
 
+class InvalidRequestError(HttpProblem):
+    type, status, title = "invalid-request", 422, "Invalid request"
+
+
 class RequestTooLargeError(HttpProblem):
     type, status, title = "request-too-large", 413, "Request too large"
 

@@ -43,7 +43,7 @@ class ServiceState:
     settings: Settings
     metrics: Metrics
     batcher: MicroBatcher
-    limiter: RateLimiter | None
+    limiter: RateLimiter | None = None
     engine: Engine | None = None
     sessions: sessionmaker[Session] | None = None
     locator: Locator | None = None
@@ -54,6 +54,8 @@ class ServiceState:
     _model: GeoModel | None = None
     _failed_version: str | None = None
     _poke: asyncio.Event = field(default_factory=asyncio.Event)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _stopping: bool = False
     _task: asyncio.Task[None] | None = None
 
     @property
@@ -79,7 +81,14 @@ class ServiceState:
 
     # -- start and stop -------------------------------------------------------------------------
     async def start(self, injected: Locator | None) -> None:
+        """Open the database, load (or take) the Locator, start the batcher and the poller.
+
+        Safe to call again after ``stop`` (a test client may run the lifespan twice)."""
         s = self.settings
+        self._loop = asyncio.get_running_loop()
+        self._poke = asyncio.Event()
+        self._stopping = False
+        self.limiter = make_limiter(s.rate_limit_per_minute, s.redis_url, s.redis_prefix)
         try:
             self.engine = make_engine(s.db_url)
             self.sessions = make_sessionmaker(self.engine)
@@ -98,19 +107,26 @@ class ServiceState:
             self._task = asyncio.create_task(self._poll_loop(), name="geoloc-index-poll")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._poke.set()
+            try:
+                # At most one index load is in flight; past that, give up on it.
+                await asyncio.wait_for(self._task, timeout=60)
+            except (TimeoutError, asyncio.CancelledError):
+                log.warning("the index poller did not stop in time")
         await self.batcher.stop()
         if self.limiter is not None:
             await self.limiter.close()
+            self.limiter = None
         if self.engine is not None:
             self.engine.dispose()
+        self._task = None
 
     def poke(self) -> None:
-        """Check the active index version now rather than at the next poll."""
-        self._poke.set()
+        """Check the active index version now rather than at the next poll (any thread)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._poke.set)
 
     # -- database -------------------------------------------------------------------------------
     def check_database(self) -> None:
@@ -202,14 +218,19 @@ class ServiceState:
         log.info("now serving index %s (was %s)", fresh.index_label, current.index_label)
 
     async def _poll_loop(self) -> None:
-        while True:
+        # Stopped by a flag, not by cancellation alone: a cancel that lands while a worker
+        # thread runs could be lost, and then shutdown would wait forever.
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), self.settings.index_poll_s)
             self._poke.clear()
+            if self._stopping:
+                return
             try:
                 if self.db_error is not None:
-                    await anyio.to_thread.run_sync(self.check_database)
-                await anyio.to_thread.run_sync(self.refresh_index)
+                    await loop.run_in_executor(None, self.check_database)
+                await loop.run_in_executor(None, self.refresh_index)
             except Exception:  # never let the poller die
                 log.exception("index poll failed")
 
@@ -224,7 +245,4 @@ def build_state(settings: Settings) -> ServiceState:
         on_batch=metrics.batch_size.observe,
     )
     metrics.queue_depth.set_function(lambda: batcher.depth)
-    limiter = make_limiter(
-        settings.rate_limit_per_minute, settings.redis_url, settings.redis_prefix
-    )
-    return ServiceState(settings=settings, metrics=metrics, batcher=batcher, limiter=limiter)
+    return ServiceState(settings=settings, metrics=metrics, batcher=batcher)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from functools import lru_cache
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.pipeline import LocateOptions
+
+_DEFAULTS = LocateOptions()
 
 
 class Settings(BaseSettings):
@@ -39,19 +42,20 @@ class Settings(BaseSettings):
     max_retrieve_k: int = Field(2048, gt=0, description="Largest retrieve_k a request may ask for.")
 
     # -- pipeline defaults (a request may override within the limits) ---------------------
-    top_k: int = 5
-    retrieve_k: int = 128
-    refine_beam: int = 8
-    refine_width: int = 2
-    refine_levels: int = 3
-    refine_start_res: int = 4
-    nms_km: float = 50.0
-    region_share: float = 0.9
-    region_res: int = 3
-    neighbours: int = 10
-    neighbour_weight: float = 1.0
-    neighbour_kernel_km: float = 50.0
-    neighbour_temperature: float = 50.0
+    # Same names and defaults as LocateOptions; see service/pipeline.py for meanings.
+    top_k: int = _DEFAULTS.top_k
+    retrieve_k: int = _DEFAULTS.retrieve_k
+    refine_beam: int = _DEFAULTS.refine_beam
+    refine_width: int = _DEFAULTS.refine_width
+    refine_levels: int = _DEFAULTS.refine_levels
+    refine_start_res: int = _DEFAULTS.refine_start_res
+    nms_km: float = _DEFAULTS.nms_km
+    region_share: float = _DEFAULTS.region_share
+    region_res: int = _DEFAULTS.region_res
+    neighbours: int = _DEFAULTS.neighbours
+    neighbour_weight: float = _DEFAULTS.neighbour_weight
+    neighbour_kernel_km: float = _DEFAULTS.neighbour_kernel_km
+    neighbour_temperature: float = _DEFAULTS.neighbour_temperature
 
     # -- persistence ---------------------------------------------------------------------
     database_url: str = Field(
@@ -112,20 +116,8 @@ class Settings(BaseSettings):
 
     def locate_options(self, **overrides: object) -> LocateOptions:
         """Defaults from settings, overridden per call, then checked against the limits."""
-        base = {
-            "top_k": self.top_k,
-            "retrieve_k": self.retrieve_k,
-            "refine_beam": self.refine_beam,
-            "refine_width": self.refine_width,
-            "refine_levels": self.refine_levels,
-            "refine_start_res": self.refine_start_res,
-            "nms_km": self.nms_km,
-            "region_share": self.region_share,
-            "region_res": self.region_res,
-            "neighbours": self.neighbours,
-            "neighbour_weight": self.neighbour_weight,
-            "neighbour_kernel_km": self.neighbour_kernel_km,
-            "neighbour_temperature": self.neighbour_temperature,
+        base: dict[str, object] = {
+            f.name: getattr(self, f.name) for f in fields(LocateOptions) if f.name in _PIPELINE
         }
         base.update({k: v for k, v in overrides.items() if v is not None})
         if overrides.get("retrieve_k") is None:
@@ -133,6 +125,9 @@ class Settings(BaseSettings):
             base["retrieve_k"] = max(int(base["retrieve_k"]), int(base["top_k"]))  # type: ignore[call-overload]
         opts = LocateOptions(**base)  # type: ignore[arg-type]
         return opts.validate(max_top_k=self.max_top_k, max_retrieve_k=self.max_retrieve_k)
+
+
+_PIPELINE = {f.name for f in fields(LocateOptions)} & set(Settings.model_fields)
 
 
 @lru_cache

@@ -12,16 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from api_fixtures import (  # noqa: F401 (fixtures)
-    IndexData,
-    assert_problem,
-    bm_index,
-    bm_locator,
-    bm_model,
-    make_client,
-    tile_bytes,
-)
+from api_helpers import IndexData, assert_problem, tile_bytes
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 
 from service.app import create_app
 from service.db import (
@@ -33,6 +26,8 @@ from service.db import (
     upgrade,
 )
 from service.settings import Settings
+
+pytest_plugins = ["api_fixtures"]  # the bluemarble model, index and app fixtures
 
 REDIS_URL = os.environ.get("GEOLOC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -50,7 +45,8 @@ def check_locate_body(body: dict, locator, top_k: int) -> None:
     c = body["candidates"][0]
     assert -90 <= c["lat"] <= 90 and -180 <= c["lon"] <= 180 and 0 < c["probability"] <= 1
     assert set(c) >= {"h3", "source", "score", "country_code", "country", "admin1", "city"}
-    assert set(body["region"]) == {"share", "covered", "area_km2", "h3_resolution", "cells", "geojson"}
+    region_keys = {"share", "covered", "area_km2", "h3_resolution", "cells", "geojson"}
+    assert set(body["region"]) == region_keys
     assert body["stages"][0] == "retrieve" and "encode" in body["timings_ms"]
     assert body["warnings"] == []
 
@@ -143,7 +139,8 @@ def test_prediction_feedback_and_stats(make_client):
             404,
             "not-found",
         )
-        assert_problem(client.get("/v1/stats", params={"since": "yesterday"}), 422, "invalid-request")
+        r = client.get("/v1/stats", params={"since": "yesterday"})
+        assert_problem(r, 422, "invalid-option")
 
 
 def test_batch_with_one_bad_item(make_client):
@@ -257,7 +254,8 @@ def test_auth_on_and_off(make_client, db_url, bm_index: IndexData):
         )
     upgrade(db_url)
     keys = _keys(db_url)
-    with make_client(auth_enabled=True) as client:
+    # A long poll interval: the activation itself must make this replica look at once.
+    with make_client(auth_enabled=True, index_poll_s=60) as client:
         r = client.post("/v1/locate", files=upload())
         assert_problem(r, 401, "unauthorized")
         assert r.headers["www-authenticate"].startswith("Bearer")
@@ -285,6 +283,10 @@ def test_auth_on_and_off(make_client, db_url, bm_index: IndexData):
         r = client.post("/v1/admin/index/activate", json=body, headers=admin)
         assert r.status_code == 200, r.text
         assert r.json()["active"] and r.json()["version"] == bm_index.versions[1]
+        deadline = time.monotonic() + 10
+        while not client.get("/readyz").json()["index_version"].endswith(bm_index.versions[1]):
+            assert time.monotonic() < deadline, "the activated version was not swapped in"
+            time.sleep(0.05)
         missing = {"name": "default-bluemarble", "version": "19990101-000000-000000"}
         r = client.post("/v1/admin/index/activate", json=missing, headers=admin)
         assert_problem(r, 404, "not-found")
@@ -297,13 +299,23 @@ def test_auth_on_and_off(make_client, db_url, bm_index: IndexData):
 def _activate(db_url: str, data_dir: Path, version: str) -> None:
     engine = make_engine(db_url)
     try:
-        with make_sessionmaker(engine)() as s:
-            sync_index_versions(s, data_dir)
-            activate_index(s, "default-bluemarble", version)
+        for attempt in range(10):
+            try:
+                with make_sessionmaker(engine)() as s:
+                    sync_index_versions(s, data_dir)
+                    activate_index(s, "default-bluemarble", version)
+                return
+            except OperationalError as exc:
+                # SQLite: db.activate_index reads, then writes in a deferred transaction, which
+                # fails at once ("database is locked") while the app is writing predictions.
+                if "locked" not in str(exc) or attempt == 9:
+                    raise
+                time.sleep(0.1)
     finally:
         engine.dispose()
 
 
+@pytest.mark.timeout(180)
 def test_index_swap_while_requests_run(make_client, db_url, bm_index: IndexData, bm_locator):
     v1, v2 = bm_index.versions
     upgrade(db_url)
@@ -314,22 +326,28 @@ def test_index_swap_while_requests_run(make_client, db_url, bm_index: IndexData,
     with make_client(index_poll_s=0.05) as client:
 
         def hammer() -> None:
-            while not stop.is_set():
+            for _ in range(500):  # bounded, whatever happens to `stop`
+                if stop.is_set():
+                    return
                 r = client.post("/v1/locate", files=upload(png))
-                seen.append((r.status_code, r.json().get("index_version", r.text)))
+                version = r.json().get("index_version") if r.status_code == 200 else r.text
+                seen.append((r.status_code, str(version)))
 
         with ThreadPoolExecutor(4) as pool:
-            for _ in range(4):
-                pool.submit(hammer)
-            time.sleep(0.5)
-            _activate(db_url, bm_index.data_dir, v2)
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                if seen and seen[-1][1].endswith(v2) and len(seen) > 20:
-                    break
-                time.sleep(0.05)
-            time.sleep(0.3)
-            stop.set()
+            futures = [pool.submit(hammer) for _ in range(4)]
+            try:
+                time.sleep(0.5)
+                _activate(db_url, bm_index.data_dir, v2)
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    if seen and seen[-1][1].endswith(v2) and len(seen) > 20:
+                        break
+                    time.sleep(0.05)
+                time.sleep(0.3)
+            finally:
+                stop.set()
+        for f in futures:
+            f.result()  # a hammer that raised fails the test here
         after = client.get("/readyz").json()["index_version"]
         metrics = client.get("/metrics").text
     statuses = {s for s, _ in seen}
@@ -409,3 +427,20 @@ def test_redis_down_falls_back_to_in_process_limits(make_client):
     with make_client(**opts) as client:
         assert client.get("/v1/stats").status_code == 200
         assert_problem(client.get("/v1/stats"), 429, "rate-limited")
+
+
+def test_serve_runs_uvicorn_with_the_app_factory(monkeypatch):
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from service import cli
+
+    calls: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: calls.update(args=a, kwargs=kw))
+    monkeypatch.setenv("GEOLOC_PORT", "9123")
+    result = CliRunner().invoke(cli.app, ["serve", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert calls["args"] == ("service.app:create_app",)
+    kw = calls["kwargs"]
+    assert kw["factory"] is True and kw["workers"] == 2
+    assert (kw["host"], kw["port"]) == ("127.0.0.1", 9123)

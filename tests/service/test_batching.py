@@ -10,20 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from api_fixtures import (  # noqa: F401 (fixtures)
-    assert_problem,
-    bm_index,
-    bm_locator,
-    bm_model,
-    make_client,
-    tile_bytes,
-)
+from api_helpers import assert_problem, tile_bytes
 from PIL import Image
 
 from encoders.bluemarble import render_tile
 from service.batching import MicroBatcher
 from service.pipeline import LocateOptions, Locator
 from service.problems import OverloadedError
+
+pytest_plugins = ["api_fixtures"]  # the bluemarble model, index and app fixtures
 
 PLACES = [(23.0, 12.0), (29.5, 84.0), (-4.0, -63.0), (72.0, -40.0), (30.8, 31.0), (-25.0, 133.0)]
 
@@ -120,6 +115,7 @@ def _metric(text: str, name: str) -> float:
     return float(m.group(1))
 
 
+@pytest.mark.timeout(120)
 def test_over_capacity_answers_503_with_retry_after(make_client, bm_locator):
     slow = SpyLocator(bm_locator, delay_s=0.4)
     with make_client(locator=slow, queue_max=1, batch_max_size=1) as client:
@@ -139,6 +135,7 @@ def test_deadline_answers_504(make_client, bm_locator):
         assert_problem(r, 504, "timeout")
 
 
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("enabled", [True, False])
 def test_batching_on_and_off_through_the_app(make_client, bm_locator, enabled):
     spy = SpyLocator(bm_locator, delay_s=0.2)  # while one batch runs, the others queue up
