@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-res5", action="store_true")
     ap.add_argument("--skip-geoclip", action="store_true")
+    ap.add_argument("--skip-galleries", action="store_true")
     ap.add_argument("--sample", type=int, default=50_000, help="res-5 points to encode")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -115,7 +116,7 @@ def main() -> None:
     # Gallery builds: land-only H3 galleries at res 4 and 5. Res 5 (~600K cells) is
     # encoded on a sample of --sample points; the rate is per point, and a Flat index
     # stores the same bytes per point at any size, so its size follows from the count.
-    for res in (4,) if args.skip_res5 else (4, 5):
+    for res in () if args.skip_galleries else (4,) if args.skip_res5 else (4, 5):
         t = time.perf_counter()
         g = h3_gallery(res, land_only=True)
         t_cells = time.perf_counter() - t

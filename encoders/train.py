@@ -245,7 +245,7 @@ def train(
             loss_sum += float(loss.detach()) * len(pixels)
             rate = seen / (time.perf_counter() - t0)
             bar.set_postfix(
-                loss=f"{float(loss):.3f}",
+                loss=f"{float(loss.detach()):.3f}",
                 img_s=f"{rate:.0f}",
                 T=f"{float(model.logit_scale.exp()):.1f}",
             )
