@@ -46,7 +46,7 @@ class LocateOptions:
     verify: bool = True
     describe: bool = True
     #: Start cells to descend from, beam width under each, and levels below the gallery res.
-    refine_beam: int = 6
+    refine_beam: int = 5
     refine_width: int = 2
     refine_levels: int = 3
     #: Resolution at which CSV-gallery points enter the H3 hierarchy for refinement.
