@@ -48,7 +48,8 @@ def h3_gallery(res: int, land_only: bool = True) -> Gallery:
     )
 
 
-def _find_column(header: list[str], names: tuple[str, ...]) -> int | None:
+def find_column(header: list[str], names: tuple[str, ...]) -> int | None:
+    """Position of the first of ``names`` in a CSV header (case-insensitive), or None."""
     lowered = [h.strip().lower() for h in header]
     for name in names:
         if name in lowered:
@@ -72,9 +73,9 @@ def csv_gallery(path: Path) -> Gallery:
             header = next(reader, None)
             if header is None:
                 raise GalleryError(f"{path}: empty file; need a header row with {accepted}")
-            i_lat = _find_column(header, LAT_HEADERS)
-            i_lon = _find_column(header, LON_HEADERS)
-            i_id = _find_column(header, (ID_HEADER,))
+            i_lat = find_column(header, LAT_HEADERS)
+            i_lon = find_column(header, LON_HEADERS)
+            i_id = find_column(header, (ID_HEADER,))
             if i_lat is None or i_lon is None:
                 raise GalleryError(
                     f"{path}: no latitude/longitude columns in header {header}; "

@@ -39,7 +39,7 @@ from service.db import (
 from service.engine import GallerySpec, build_index, load_geomodel, load_locator
 from service.errors import GeolocError
 from service.evaluation import errors_km, format_summary, summarize_distances
-from service.images import read_image_file
+from service.images import read_image_files
 from service.settings import Settings
 
 app = typer.Typer(
@@ -210,16 +210,10 @@ def index_activate(
 
 
 def _load_images(paths: list[Path], s: Settings) -> tuple[list[Any], list[Path], list[str]]:
-    images, ok, problems = [], [], []
-    for p in paths:
-        try:
-            images.append(
-                read_image_file(p, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
-            )
-            ok.append(p)
-        except GeolocError as exc:
-            problems.append(f"[{exc.type}] {exc.detail}")
-    return images, ok, problems
+    images, ok, problems = read_image_files(
+        paths, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels
+    )
+    return images, [paths[i] for i in ok], problems
 
 
 @app.command("locate")

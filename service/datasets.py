@@ -7,11 +7,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from index.gallery import LAT_HEADERS, LON_HEADERS, find_column
 from service.errors import GeolocError
 
 _IMAGE_COLS = ("image", "path", "image_path", "file", "filename", "img_path", "img_id")
-_LAT_COLS = ("lat", "latitude")
-_LON_COLS = ("lon", "lng", "long", "longitude")
 
 
 class DatasetError(GeolocError):
@@ -25,14 +24,6 @@ class LabelledImage:
     path: Path
     lat: float
     lon: float
-
-
-def _column(header: list[str], names: tuple[str, ...]) -> int | None:
-    lowered = [h.strip().lower() for h in header]
-    for n in names:
-        if n in lowered:
-            return lowered.index(n)
-    return None
 
 
 def read_labelled_csv(
@@ -50,12 +41,12 @@ def read_labelled_csv(
         header = next(reader, None)
         if not header:
             raise DatasetError(f"{path} is empty; expected a header such as image,lat,lon")
-        ci, cla, clo = (_column(header, c) for c in (_IMAGE_COLS, _LAT_COLS, _LON_COLS))
+        ci, cla, clo = (find_column(header, c) for c in (_IMAGE_COLS, LAT_HEADERS, LON_HEADERS))
         if ci is None or cla is None or clo is None:
             raise DatasetError(
                 f"{path}: header {header} lacks an image column ({'/'.join(_IMAGE_COLS)}), "
-                f"a latitude column ({'/'.join(_LAT_COLS)}) or a longitude column "
-                f"({'/'.join(_LON_COLS)})"
+                f"a latitude column ({'/'.join(LAT_HEADERS)}) or a longitude column "
+                f"({'/'.join(LON_HEADERS)})"
             )
         rows: list[LabelledImage] = []
         problems: list[str] = []

@@ -26,7 +26,7 @@ from index.store import (
 )
 from service.datasets import read_labelled_csv
 from service.errors import GeolocError
-from service.images import read_image_file
+from service.images import read_image_files
 from service.pipeline import Locator
 from service.settings import Settings
 
@@ -153,19 +153,17 @@ def add_reference_images(
     vectors, latlon, kept = [], [], 0
     with tqdm(total=len(rows), disable=not progress, unit="img") as bar:
         for start in range(0, len(rows), batch_size):
-            chunk, images = rows[start : start + batch_size], []
-            for r in chunk:
-                try:
-                    images.append(
-                        read_image_file(
-                            r.path,
-                            max_bytes=settings.max_image_bytes,
-                            max_pixels=settings.max_image_pixels,
-                        )
-                    )
-                    latlon.append((r.lat, r.lon))
-                except GeolocError as exc:
-                    problems.append(f"{data}:{r.line}: [{exc.type}] {exc.detail}")
+            chunk = rows[start : start + batch_size]
+            images, ok, bad = read_image_files(
+                [r.path for r in chunk],
+                max_bytes=settings.max_image_bytes,
+                max_pixels=settings.max_image_pixels,
+            )
+            latlon += [(chunk[i].lat, chunk[i].lon) for i in ok]
+            failed = sorted(set(range(len(chunk))) - set(ok))
+            problems += [
+                f"{data}:{chunk[i].line}: {msg}" for i, msg in zip(failed, bad, strict=True)
+            ]
             if images:
                 vectors.append(model.embed_images(images))
                 kept += len(images)

@@ -79,3 +79,20 @@ def read_image_file(path: str | Path, *, max_bytes: int, max_pixels: int) -> Ima
     with open(p, "rb") as fh:
         data = fh.read(max_bytes + 1)
     return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, name=str(p))
+
+
+def read_image_files(
+    paths: list[Path], *, max_bytes: int, max_pixels: int
+) -> tuple[list[Image.Image], list[int], list[str]]:
+    """Decode many files: the images, the positions of those that decoded, and one
+    "[type] detail" line per file that did not."""
+    images: list[Image.Image] = []
+    ok: list[int] = []
+    problems: list[str] = []
+    for i, p in enumerate(paths):
+        try:
+            images.append(read_image_file(p, max_bytes=max_bytes, max_pixels=max_pixels))
+            ok.append(i)
+        except InputImageError as exc:
+            problems.append(f"[{exc.type}] {exc.detail}")
+    return images, ok, problems
