@@ -6,10 +6,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps run test lint bench-engine clean
+.PHONY: install system-deps web run test lint bench-engine clean
 
-# Debian packages the tests drive as real processes (the load balancer, the browser).
-SYSTEM_PACKAGES ?= nginx chromium
+# Debian packages the tests drive as real processes (the load balancer, the browser), and
+# Node.js for the web page's npm packages.
+SYSTEM_PACKAGES ?= nginx chromium nodejs
+WEB       := service/web
+WEB_STAMP := $(WEB)/static/.built
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,18 +20,29 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The web page's libraries (npm ci, versions from package-lock.json) and its offline base
+# map, copied into the gitignored service/web/static that the app serves under /web/lib.
+$(WEB_STAMP): $(WEB)/package.json $(WEB)/package-lock.json service/webpage.py | $(STAMP)
+	@command -v npm >/dev/null || { echo "npm not found: make system-deps (Debian nodejs npm)"; exit 1; }
+	cd $(WEB) && npm ci --no-audit --no-fund --loglevel=error
+	$(BIN)/python -m service.webpage build
+	touch $(WEB_STAMP)
+
+web: $(WEB_STAMP)
+
+install: $(STAMP) $(WEB_STAMP)
 
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
 		dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 			apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-run: $(STAMP)
+run: $(STAMP) $(WEB_STAMP)
 	$(BIN)/geoloc db upgrade
 	$(BIN)/geoloc index list | grep -q "^default-$${GEOLOC_PROFILE:-bluemarble}/" || \
 		$(BIN)/geoloc index build --res $${GEOLOC_DEFAULT_RES:-4}
@@ -38,11 +52,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint system-deps
+test: lint system-deps $(WEB_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench-engine: $(STAMP)
 	$(BIN)/python bench/engine.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache $(WEB)/node_modules $(WEB)/static

@@ -19,9 +19,13 @@ from torch import nn
 from encoders.errors import CheckpointError
 from encoders.gps import GPSTower
 from encoders.image import ImageTower
+from encoders.text import TextTower
 
 CHECKPOINT_FORMAT = "geoloc.checkpoint"
 CHECKPOINT_VERSION = 1
+#: Parameters that come from the open_clip checkpoint (image backbone, text tower): a
+#: checkpoint may leave them out when they have that other source.
+BACKBONE_PREFIXES = ("image_tower.backbone.", "text_tower.")
 
 
 class GeoModel(nn.Module):
@@ -35,7 +39,7 @@ class GeoModel(nn.Module):
         preprocess: Callable[[Image.Image], torch.Tensor],
         profile: str,
         logit_scale: float = math.log(1 / 0.07),
-        text_model: nn.Module | None = None,
+        text_tower: TextTower | None = None,
     ) -> None:
         super().__init__()
         self.image_tower = image_tower
@@ -43,7 +47,7 @@ class GeoModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
         self.preprocess = preprocess
         self.profile = profile
-        self.text_model = text_model
+        self.text_tower = text_tower
 
     @property
     def embed_dim(self) -> int:
@@ -78,6 +82,17 @@ class GeoModel(nn.Module):
         """Backbone features (e.g. 768-d CLIP) -> GPS-space unit vectors (head only)."""
         x = torch.as_tensor(np.asarray(features, dtype=np.float32), device=self.device)
         return F.normalize(self.image_tower.head(x), dim=-1).cpu().numpy()
+
+    @property
+    def has_text(self) -> bool:
+        return self.text_tower is not None
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Texts -> (N, D) unit vectors in the GPS space: text tower, then the image head."""
+        if self.text_tower is None:
+            raise ValueError(f"profile '{self.profile}' has no text tower")
+        return F.normalize(self.image_tower.head(self.text_tower(texts)), dim=-1).cpu().numpy()
 
     def embed_gps(self, latlon: np.ndarray, batch_size: int = 8192) -> np.ndarray:
         """(N, 2) degrees -> (N, D) float32 unit vectors."""
@@ -116,7 +131,7 @@ def save_checkpoint(
     state = {
         k: v.detach().cpu()
         for k, v in model.state_dict().items()
-        if include_backbone or not k.startswith("image_tower.backbone.")
+        if include_backbone or not k.startswith(BACKBONE_PREFIXES)
     }
     blob = {
         "format": CHECKPOINT_FORMAT,
@@ -170,9 +185,10 @@ def load_state(
     missing = [
         k
         for k in own
-        if k not in state and (require_backbone or not k.startswith("image_tower.backbone."))
+        if k not in state and (require_backbone or not k.startswith(BACKBONE_PREFIXES))
     ]
-    unexpected = [k for k in state if k not in own]
+    # A text tower saved by a model that had one is of no use to a model built without it.
+    unexpected = [k for k in state if k not in own and not k.startswith("text_tower.")]
     bad_shape = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or bad_shape:
         raise CheckpointError(

@@ -18,6 +18,7 @@ from encoders.errors import UnknownProfileError, WeightsNotFoundError
 from encoders.gps import DEFAULT_SIGMAS, GPSTower
 from encoders.image import ImageTower, create_backbone, mlp_head, register_architecture
 from encoders.model import GeoModel, load_state, read_checkpoint
+from encoders.text import create_text_tower
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -42,6 +43,8 @@ class Profile:
     weights: str = ""
     #: A custom open_clip model config, registered under ``architecture`` before building.
     architecture_config: dict[str, Any] | None = field(default=None, compare=False)
+    #: The open_clip text encoder is loaded with the backbone and feeds the image head, so
+    #: text queries ("a beach in Brittany") land in the GPS space.
     has_text: bool = False
 
     @property
@@ -94,6 +97,11 @@ def list_profiles() -> list[str]:
     return sorted(PROFILES)
 
 
+def text_profiles() -> list[str]:
+    """Profiles whose model can embed text queries."""
+    return sorted(name for name, p in PROFILES.items() if p.has_text)
+
+
 def get_profile(name: str) -> Profile:
     try:
         return PROFILES[name]
@@ -139,7 +147,7 @@ def build_model(
         register_architecture(profile.architecture, profile.architecture_config)
     # Backbones trained by geoloc come with the profile checkpoint, not from a tag.
     backbone_random = random_backbone or profile.pretrained is None
-    visual, preprocess, text = create_backbone(
+    visual, preprocess, clip = create_backbone(
         profile.architecture,
         profile.pretrained,
         checkpoint=backbone_checkpoint,
@@ -149,7 +157,8 @@ def build_model(
     )
     tower = ImageTower(visual, mlp_head(profile.head_dims))
     gps = GPSTower(profile.gps_sigmas, profile.gps_hidden, profile.embed_dim, profile.gps_rff)
-    model = GeoModel(tower, gps, preprocess, profile.name, text_model=text)
+    text = create_text_tower(clip, profile.architecture) if clip is not None else None
+    model = GeoModel(tower, gps, preprocess, profile.name, text_tower=text)
     return model.to(device).eval()
 
 

@@ -7,7 +7,10 @@ not attributed to whichever country owns the nearest island town.
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from typing import Any
 
 import numpy as np
@@ -97,3 +100,28 @@ class ReverseGeocoder:
         codes = np.array([r.get("country_code") or "" for r in records], dtype="<U2")
         codes[at_sea] = ""
         return codes
+
+
+@cache
+def _continent_table() -> dict[str, str]:
+    """ISO alpha-2 -> continent (7-continent scheme) from the data file of the maintained
+    ``country_converter`` package. Read with the csv module: the package's own reader turns
+    Namibia's code "NA" into a missing value under some pandas versions."""
+    path = resources.files("country_converter") / "country_data.tsv"
+    table: dict[str, str] = {}
+    with path.open(encoding="utf-8") as fh:
+        for row in csv.DictReader(fh, delimiter="\t"):
+            # The column is a pattern for some countries: "^GB$|^UK$".
+            for code in row["ISO2"].split("|"):
+                if code.strip("^$") and row["Continent_7"]:
+                    table[code.strip("^$").upper()] = row["Continent_7"]
+    return table
+
+
+def continents(codes: Any) -> np.ndarray:
+    """Continent name per ISO alpha-2 code ("Europe", "North America"...); "" for "" or an
+    unknown code."""
+    table = _continent_table()
+    return np.array(
+        [table.get(str(c).upper(), "") for c in np.asarray(codes).reshape(-1)], dtype=object
+    )

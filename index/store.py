@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,10 +34,18 @@ __all__ = [
     "LoadedIndex",
     "Manifest",
     "PointTable",
+    "VectorChunk",
+    "compressed_factory",
+    "exact_top_k",
+    "gpu_count",
     "latest_version",
     "list_indexes",
     "load_index",
     "publish_index",
+    "publish_index_chunked",
+    "recall_1_at_k",
+    "remove_unfinished",
+    "select_device",
 ]
 
 INDEX_FILE = "index.faiss"
@@ -349,35 +357,370 @@ def publish_index(
         _save_npy(tmp_dir / COUNTRY_FILE, table.country)
         extra.setdefault("faiss_version", faiss.__version__)
         extra.setdefault("build_seconds", round(time.perf_counter() - t0, 3))
-        manifest = Manifest(
-            name=name,
-            version=version,
+        manifest = _finish_publication(
+            tmp_dir,
+            final_dir,
             profile=profile,
-            dim=int(dim),
-            metric=METRIC,
+            dim=dim,
             factory=factory,
             gallery_kind=gallery_kind,
-            h3_resolution=None if h3_resolution is None else int(h3_resolution),
-            count=int(n),
-            files={f: _sha256(tmp_dir / f) for f in DATA_FILES},
-            created_at=datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            h3_resolution=h3_resolution,
+            count=n,
+            files=DATA_FILES,
             extra=extra,
         )
-        # The manifest goes last: its presence is what marks a version directory as complete.
-        with (tmp_dir / MANIFEST_FILE).open("w", encoding="utf-8") as fh:
-            fh.write(manifest.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(tmp_dir)
-        if final_dir.exists():  # lost a race with another publisher of the same version
-            raise IndexStoreError(f"index {name!r} version {version!r} was published meanwhile")
-        os.rename(tmp_dir, final_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    _fsync_dir(name_dir)
-    _fsync_dir(name_dir.parent)
     return manifest
+
+
+def _finish_publication(
+    tmp_dir: Path,
+    final_dir: Path,
+    *,
+    profile: str,
+    dim: int,
+    factory: str,
+    gallery_kind: str,
+    h3_resolution: int | None,
+    count: int,
+    files: tuple[str, ...],
+    extra: dict[str, Any],
+) -> Manifest:
+    """Write the manifest (checksums of ``files``) into a filled temporary directory and
+    rename the directory into place as ``final_dir`` (<name>/<version>)."""
+    manifest = Manifest(
+        name=final_dir.parent.name,
+        version=final_dir.name,
+        profile=profile,
+        dim=int(dim),
+        metric=METRIC,
+        factory=factory,
+        gallery_kind=gallery_kind,
+        h3_resolution=None if h3_resolution is None else int(h3_resolution),
+        count=int(count),
+        files={f: _sha256(tmp_dir / f) for f in files},
+        created_at=datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+        extra=extra,
+    )
+    # The manifest goes last: its presence is what marks a version directory as complete.
+    with (tmp_dir / MANIFEST_FILE).open("w", encoding="utf-8") as fh:
+        fh.write(manifest.to_json())
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_dir(tmp_dir)
+    if final_dir.exists():  # lost a race with another publisher of the same version
+        raise IndexStoreError(
+            f"index {manifest.name!r} version {manifest.version!r} was published meanwhile"
+        )
+    os.rename(tmp_dir, final_dir)
+    _fsync_dir(final_dir.parent)
+    _fsync_dir(final_dir.parent.parent)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# large indexes: compressed, trained on a sample, filled chunk by chunk, merged on disk
+
+#: Inverted lists of a compressed index live in this file beside ``index.faiss``.
+ONDISK_FILE = "index.ivfdata"
+DEVICES = ("auto", "cpu", "gpu")
+
+
+def gpu_count() -> int:
+    """GPUs faiss can use (0 with faiss-cpu, which has no GPU code at all)."""
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def select_device(prefer: str, gpus: int | None = None) -> str:
+    """'cpu' or 'gpu' for a preference 'auto' | 'cpu' | 'gpu' (faiss's GPUs, counted)."""
+    if prefer not in DEVICES:
+        raise IndexStoreError(f"unknown faiss device {prefer!r}; use one of {DEVICES}")
+    gpus = gpu_count() if gpus is None else gpus
+    if prefer == "gpu" and gpus == 0:
+        raise IndexStoreError(
+            "faiss device 'gpu' asked for, but faiss sees no GPU: install the `gpu` extra "
+            "(faiss-gpu) on a machine with CUDA, or use 'auto' or 'cpu'"
+        )
+    return "gpu" if prefer != "cpu" and gpus > 0 else "cpu"
+
+
+def compressed_factory(n: int, dim: int) -> str:
+    """The factory string used for ``n`` vectors of ``dim`` above the compression threshold.
+
+    About 4·sqrt(n) inverted lists (a power of two, 1024..65536) found by an HNSW graph over
+    the centroids, so that assigning a vector stays fast with many lists; PQ codes of dim/4
+    bytes (128 for 512-d: 1.3 GB for 10M vectors). An OPQ rotation ("OPQ128,IVF...") can be
+    asked for by factory string; its training takes far longer on a CPU.
+    """
+    nlist = 1 << round(np.log2(max(4 * np.sqrt(max(n, 1)), 1)))
+    nlist = int(min(max(nlist, 1024), 65536))
+    m = dim // 4
+    while m > 1 and dim % m:
+        m -= 1
+    return f"IVF{nlist}_HNSW32,PQ{m}"
+
+
+@dataclass(frozen=True)
+class VectorChunk:
+    """One chunk of a gallery that is too large to hold at once: vectors and their points."""
+
+    vectors: np.ndarray
+    points: PointTable
+
+
+def _to_gpu_training(index: faiss.Index) -> None:
+    # k-means of the coarse quantizer is the slow part of training: run it on the GPUs.
+    ivf = _ivf_of(index)
+    if ivf is not None:
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+
+
+def _clone_empty(trained: faiss.Index) -> faiss.Index:
+    return faiss.deserialize_index(faiss.serialize_index(trained))
+
+
+def exact_top_k(
+    queries: np.ndarray, chunks: Iterable[np.ndarray], k: int, exclude: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows of the exact top-k inner products over vectors given chunk by chunk (q, k)."""
+    nq = len(queries)
+    best_s = np.full((nq, k), -np.inf, dtype=np.float32)
+    best_r = np.full((nq, k), -1, dtype=np.int64)
+    start = 0
+    for chunk in chunks:
+        s = queries @ np.asarray(chunk, dtype=np.float32).T
+        rows = np.arange(start, start + s.shape[1], dtype=np.int64)
+        if exclude is not None:  # a query drawn from the gallery must not find itself
+            hit = (exclude[:, None] >= start) & (exclude[:, None] < start + s.shape[1])
+            qi = np.nonzero(hit[:, 0])[0]
+            s[qi, exclude[qi] - start] = -np.inf
+        all_s = np.concatenate([best_s, s], axis=1)
+        all_r = np.concatenate([best_r, np.broadcast_to(rows, s.shape)], axis=1)
+        top = np.argpartition(-all_s, k - 1, axis=1)[:, :k]
+        best_s = np.take_along_axis(all_s, top, axis=1)
+        best_r = np.take_along_axis(all_r, top, axis=1)
+        start += s.shape[1]
+    order = np.argsort(-best_s, axis=1)
+    return np.take_along_axis(best_r, order, axis=1)
+
+
+def recall_1_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """Share of queries whose exact nearest neighbour is among the found rows."""
+    return float(np.mean([exact[i, 0] in found[i] for i in range(len(exact))]))
+
+
+def publish_index_chunked(
+    root: Path,
+    name: str,
+    chunks: Callable[[], Iterable[VectorChunk]],
+    *,
+    count: int,
+    dim: int,
+    train_vectors: np.ndarray,
+    profile: str,
+    gallery_kind: str,
+    h3_resolution: int | None = None,
+    factory: str = "",
+    version: str | None = None,
+    extra: dict | None = None,
+    device: str = "cpu",
+    recall_queries: int = 200,
+    nprobe: int | None = None,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> Manifest:
+    """Publish an index over a gallery given as chunks, never holding all vectors at once.
+
+    ``chunks()`` yields the gallery in row order (it is called twice: to fill the index and
+    to compute exact neighbours for the recall measurement). An IVF factory (by default
+    :func:`compressed_factory`) is trained on ``train_vectors`` (a sample), each chunk
+    fills its own block index, and the blocks' inverted lists are merged into one
+    ``index.ivfdata`` file that is memory-mapped at load. Other factories are filled
+    chunk by chunk in memory. The manifest records the factory and the measured
+    1-recall@10 at ``nprobe`` over ``recall_queries`` gallery vectors (each must not find
+    itself), against exact search.
+    """
+    t0 = time.perf_counter()
+    _check_name(name, "name")
+    version = _default_version() if version is None else version
+    _check_name(version, "version")
+    if gallery_kind not in GALLERY_KINDS:
+        raise IndexStoreError(f"unknown gallery_kind {gallery_kind!r}; use one of {GALLERY_KINDS}")
+    if count < 1:
+        raise IndexStoreError("the gallery is empty: nothing to index")
+    factory = factory or compressed_factory(count, dim)
+    device = select_device(device)
+    name_dir = _indexes_dir(root) / name
+    final_dir = name_dir / version
+    if final_dir.exists():
+        raise IndexStoreError(f"index {name!r} version {version!r} already exists at {final_dir}")
+    train = _check_vectors(train_vectors)
+    if train.shape[1] != dim:
+        raise IndexStoreError(f"training vectors have dimension {train.shape[1]}, not {dim}")
+    trained = _make_index(dim, factory)
+    _skip_polysemous_training(trained)
+    if device == "gpu":
+        _to_gpu_training(trained)
+    if not trained.is_trained:
+        try:
+            trained.train(train)
+        except RuntimeError as exc:
+            raise IndexStoreError(
+                f"training FAISS index {factory!r} on {len(train)} vectors failed: {exc}; "
+                "use a larger training sample or fewer IVF lists/PQ centroids"
+            ) from exc
+    t_train = time.perf_counter()
+    ivf = _ivf_of(trained)
+    if ivf is not None:
+        ivf.clustering_index = None
+
+    rng = np.random.default_rng(seed)
+    n_recall = min(int(recall_queries), count - 1) if factory != "Flat" else 0
+    recall_rows = np.sort(rng.choice(count, size=n_recall, replace=False)) if n_recall else None
+    recall_q = np.zeros((n_recall, dim), dtype=np.float32)
+    ids = np.empty(count, dtype=np.int64)
+    latlon = np.empty((count, 2), dtype=np.float64)
+    country = np.empty(count, dtype="<U2")
+
+    name_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = name_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+    tmp_dir.mkdir()
+    try:
+        blocks: list[Path] = []
+        whole = trained if ivf is None else None
+        start = 0
+        for chunk in chunks():
+            vecs = _check_vectors(chunk.vectors)
+            n = len(vecs)
+            if vecs.shape[1] != dim or start + n > count:
+                raise IndexStoreError(
+                    f"chunk at row {start} has shape {vecs.shape}: expected dimension {dim} "
+                    f"and {count} rows in all"
+                )
+            table = _check_points(chunk.points, n)
+            ids[start : start + n] = table.ids
+            latlon[start : start + n] = table.latlon
+            country[start : start + n] = table.country
+            if recall_rows is not None:
+                sel = (recall_rows >= start) & (recall_rows < start + n)
+                recall_q[sel] = vecs[recall_rows[sel] - start]
+            if whole is not None:
+                whole.add(vecs)
+            else:
+                block = _clone_empty(trained)
+                block.add_with_ids(vecs, np.arange(start, start + n, dtype=np.int64))
+                blocks.append(tmp_dir / f"block-{len(blocks):05d}.faiss")
+                faiss.write_index(block, str(blocks[-1]))
+                del block
+            start += n
+            if progress is not None:
+                progress(n)
+        if start != count:
+            raise IndexStoreError(f"the chunks held {start} rows, expected {count}")
+        t_fill = time.perf_counter()
+        if whole is None:
+            whole = _merge_blocks(trained, blocks, tmp_dir / ONDISK_FILE)
+            for b in blocks:
+                b.unlink()
+        if whole.ntotal != count:
+            raise IndexStoreError(f"FAISS index holds {whole.ntotal} vectors, expected {count}")
+        whole_ivf = _ivf_of(whole)
+        if whole_ivf is not None and nprobe is not None:
+            # Stored with the index: the default of searches that do not name an nprobe.
+            whole_ivf.nprobe = min(int(nprobe), whole_ivf.nlist)
+        faiss.write_index(whole, str(tmp_dir / INDEX_FILE))
+        t_merge = time.perf_counter()
+        recall = None
+        if recall_rows is not None:
+            exact = exact_top_k(recall_q, (c.vectors for c in chunks()), 10, recall_rows)
+            recall = _measure_recall(whole, recall_q, recall_rows, exact)
+        del whole
+        data_files = [*DATA_FILES, *([ONDISK_FILE] if (tmp_dir / ONDISK_FILE).exists() else [])]
+        for f in data_files:
+            if f.endswith(".faiss") or f.endswith(".ivfdata"):
+                _fsync_file(tmp_dir / f)
+        _save_npy(tmp_dir / IDS_FILE, ids)
+        _save_npy(tmp_dir / LATLON_FILE, latlon)
+        _save_npy(tmp_dir / COUNTRY_FILE, country)
+        extra = dict(extra or {})
+        extra.setdefault("faiss_version", faiss.__version__)
+        extra.update(
+            {
+                "faiss_device": device,
+                "train_vectors": len(train),
+                "train_seconds": round(t_train - t0, 3),
+                "fill_seconds": round(t_fill - t_train, 3),
+                "merge_seconds": round(t_merge - t_fill, 3),
+                "on_disk": (tmp_dir / ONDISK_FILE).exists(),
+            }
+        )
+        if recall is not None:
+            extra.update(recall)
+        extra.setdefault("build_seconds", round(time.perf_counter() - t0, 3))
+        manifest = _finish_publication(
+            tmp_dir,
+            final_dir,
+            profile=profile,
+            dim=dim,
+            factory=factory,
+            gallery_kind=gallery_kind,
+            h3_resolution=h3_resolution,
+            count=count,
+            files=tuple(data_files),
+            extra=extra,
+        )
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _merge_blocks(trained: faiss.Index, blocks: list[Path], ivfdata: Path) -> faiss.Index:
+    """One index whose inverted lists, merged from the block files, live in ``ivfdata``."""
+    index = _clone_empty(trained)
+    ivf = faiss.extract_index_ivf(index)
+    # Blocks are read memory-mapped, so the merge never holds all codes in RAM; the block
+    # indexes stay referenced until the merge is done because they own those lists.
+    opened = [faiss.read_index(str(b), faiss.IO_FLAG_MMAP) for b in blocks]
+    sources = faiss.InvertedListsPtrVector()
+    for block in opened:
+        sources.push_back(faiss.extract_index_ivf(block).invlists)
+    ondisk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(ivfdata))
+    ntotal = ondisk.merge_from_multiple(sources.data(), sources.size(), False)
+    ivf.replace_invlists(ondisk, True)
+    ondisk.this.disown()  # the index owns the lists now
+    ivf.ntotal = ntotal
+    index.ntotal = ntotal
+    del opened
+    return index
+
+
+def _measure_recall(
+    index: faiss.Index,
+    queries: np.ndarray,
+    self_rows: np.ndarray,
+    exact: np.ndarray,
+) -> dict[str, Any]:
+    """1-recall@10 of the index at its own nprobe, for the manifest."""
+    ivf = _ivf_of(index)
+    params = None if ivf is None else faiss.SearchParametersIVF(nprobe=ivf.nprobe)
+    _, found = index.search(queries, exact.shape[1] + 1, params=params)
+    found = np.array(
+        [
+            [r for r in row if r != own][: exact.shape[1]]
+            for row, own in zip(found, self_rows, strict=True)
+        ]
+    )
+    return {
+        "recall_at_10": round(recall_1_at_k(found, exact), 4),
+        "recall_nprobe": None if ivf is None else int(ivf.nprobe),
+        "recall_queries": len(queries),
+        "recall_protocol": "1-recall@10 of gallery vectors (each excluded from its own "
+        "results) against exact inner-product search",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +749,18 @@ def _version_dirs(name_dir: Path) -> list[Path]:
         for d in name_dir.iterdir()
         if d.is_dir() and not d.name.startswith(".") and (d / MANIFEST_FILE).is_file()
     ]
+
+
+def remove_unfinished(root: Path, name: str) -> list[Path]:
+    """Delete the temporary directories that builds of ``name`` left behind (a build that was
+    killed never reaches its rename). Only safe while holding the build lock of ``name``:
+    a running build's own temporary directory looks the same."""
+    _check_name(name, "name")
+    name_dir = _indexes_dir(root) / name
+    stale = sorted(name_dir.glob(".tmp-*")) if name_dir.is_dir() else []
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return stale
 
 
 def list_indexes(root: Path, name: str | None = None) -> list[Manifest]:
@@ -603,6 +958,10 @@ class LoadedIndex:
 
 
 def _read_faiss(path: Path) -> faiss.Index:
+    if (path.parent / ONDISK_FILE).is_file():
+        # Inverted lists on disk (mmapped by faiss): the index file names the lists file by
+        # the path it was built at, so look for it beside the index file instead.
+        return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     try:
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:

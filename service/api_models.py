@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from service.llm_stage import LLMReport
 from service.problems import Problem
 
 _STRICT_FLOATS = ConfigDict(allow_inf_nan=False)
@@ -47,6 +48,18 @@ class LocateRequestOptions(BaseModel):
     return_neighbours: bool | None = Field(
         None, description="Include the retrieved reference images in the answer."
     )
+    nprobe: int | None = Field(
+        None,
+        ge=1,
+        description="IVF lists searched in a compressed index (more: better recall, slower); "
+        "at most GEOLOC_MAX_NPROBE. Default: the index's own.",
+    )
+    llm_diversify: bool | None = Field(
+        None, description="Ask the LLM (when one is configured) for extra candidates."
+    )
+    llm_rerank: bool | None = Field(
+        None, description="Let the LLM (when one is configured) rerank the candidates."
+    )
 
 
 class LocateJSONRequest(LocateRequestOptions):
@@ -55,6 +68,19 @@ class LocateJSONRequest(LocateRequestOptions):
     model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     image_base64: str = Field(..., min_length=1, description="The image bytes, base64-encoded.")
+
+
+class TextLocateRequest(LocateRequestOptions):
+    """POST /v1/locate/text: a description of a place, for profiles with a text tower."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
+
+    text: str = Field(
+        ...,
+        min_length=1,
+        description="What the place looks like, e.g. 'a sandy beach with palm trees'. At most "
+        "GEOLOC_MAX_TEXT_CHARS characters.",
+    )
 
 
 class UrlLocateRequest(BaseModel):
@@ -70,11 +96,14 @@ class CandidateOut(BaseModel):
     probability: float
     score: float = Field(description="Cosine similarity of the image and the place.")
     h3: str = Field(description="H3 cell (resolution 10) of the point.")
-    source: str = Field(description="gallery, refined or neighbour.")
+    source: str = Field(description="gallery, refined, neighbour or llm (an LLM proposal).")
     country_code: str | None = None
     country: str | None = None
     admin1: str | None = None
     city: str | None = None
+    llm_rank: int | None = Field(
+        None, description="Position in the LLM's reranking (1: its first choice), if ranked."
+    )
 
 
 class RegionOut(BaseModel):
@@ -112,6 +141,9 @@ class LocateResponse(BaseModel):
     stages: list[str] = Field(description="The pipeline stages that ran.")
     timings_ms: dict[str, float]
     neighbours: list[NeighbourOut] | None = None
+    llm: LLMReport | None = Field(
+        None, description="Whether the LLM stages ran, were skipped (and why) or failed."
+    )
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -159,13 +191,49 @@ class RequestCount(BaseModel):
     count: int
 
 
+class RecallVsAreaOut(BaseModel):
+    n: int
+    recall_in_region: float | None = Field(
+        description="Share of truths inside the returned uncertainty region at all."
+    )
+    area_km2_at_recall: dict[str, float | None] = Field(
+        description="Recall level ('0.5', '0.9') -> km² searched, cells in the model's order, "
+        "to reach it; null when the regions never reach it."
+    )
+    curve: dict[str, list[float]] = Field(description="area_km2 grid and the recall at each.")
+
+
+class ReliabilityBin(BaseModel):
+    lo: float
+    hi: float
+    n: int
+    confidence: float = Field(description="Mean top-1 probability in the bin.")
+    accuracy: float = Field(description="Share of top-1 answers within within_km.")
+
+
+class CalibrationOut(BaseModel):
+    n: int
+    within_km: float
+    ece: float | None = Field(description="Expected calibration error of the top-1 probability.")
+    mean_confidence: float | None
+    accuracy: float | None
+    bins: list[ReliabilityBin]
+
+
 class StatsOut(BaseModel):
     since: datetime | None
+    until: datetime | None = None
     predictions: int
     with_feedback: int
+    measured: int = Field(
+        0, description="Predictions with feedback and a candidate measured (newest first)."
+    )
     within_km: dict[str, float | None]
     median_km: float | None
+    mean_km: float | None = None
     mean_geoscore: float | None
+    recall_vs_area: RecallVsAreaOut | None = None
+    calibration: CalibrationOut | None = None
     requests: list[RequestCount] = Field(
         description="Requests this process served since it started, by route and status."
     )
@@ -198,6 +266,14 @@ class LimitsInfo(BaseModel):
     request_timeout_s: float
 
 
+class CalibrationInfo(BaseModel):
+    version: str
+    temperature: float
+    within_km: float = Field(description="The event the top-1 probability states.")
+    created_at: str
+    data: dict[str, Any] = Field(description="The held-out data it was fitted on.")
+
+
 class InfoOut(BaseModel):
     profile: ProfileInfo
     index: IndexInfo
@@ -206,6 +282,9 @@ class InfoOut(BaseModel):
     auth_enabled: bool
     url_fetch_enabled: bool
     batching_enabled: bool
+    calibration: CalibrationInfo | None = Field(
+        None, description="The fitted softmax temperature in use (geoloc calibrate); null: none."
+    )
 
 
 class HealthOut(BaseModel):

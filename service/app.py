@@ -10,6 +10,7 @@ routes what they need.
 from __future__ import annotations
 
 import logging
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
@@ -27,7 +28,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from starlette.responses import FileResponse, HTMLResponse, Response
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import operations as ops
 from service.api_models import (
@@ -44,6 +47,7 @@ from service.api_models import (
     PredictionOut,
     ReadyOut,
     StatsOut,
+    TextLocateRequest,
     UrlLocateRequest,
 )
 from service.bodylimit import BodyLimitMiddleware
@@ -67,6 +71,7 @@ from service.problems import (
 )
 from service.serving import ServiceState, build_state
 from service.settings import Settings
+from service.webpage import PAGE_DIR, missing_assets, not_built_page
 
 log = logging.getLogger("geoloc.http")
 
@@ -241,17 +246,49 @@ def parse_since(
         ),
     ] = None,
 ) -> datetime | None:
-    if since is None:
+    return _instant("since", since)
+
+
+def _instant(name: str, text: str | None) -> datetime | None:
+    if text is None:
         return None
     try:
-        return datetime.fromisoformat(since.strip())
+        return datetime.fromisoformat(text.strip())
     except ValueError:
         raise InvalidOptionError(
-            f"since must be an ISO 8601 date-time such as 2026-01-31T12:00:00Z, not {since!r}"
+            f"{name} must be an ISO 8601 date-time such as 2026-01-31T12:00:00Z, not {text!r}"
         ) from None
 
 
 SinceDep = Annotated[datetime | None, Depends(parse_since)]
+
+
+def stats_query(
+    since: SinceDep,
+    until: Annotated[
+        str | None,
+        Query(
+            description="ISO 8601 date or date-time; only predictions made before then.",
+            json_schema_extra={"format": "date-time"},
+            max_length=64,
+        ),
+    ] = None,
+    within_km: Annotated[
+        float | None,
+        Query(
+            gt=0,
+            le=20_000,
+            description="Calibration event: the top-1 answer within this many km; default "
+            "GEOLOC_CALIBRATION_KM.",
+        ),
+    ] = None,
+    bins: Annotated[int, Query(ge=1, le=100, description="Reliability bins.")] = 10,
+) -> ops.StatsQuery:
+    end = _instant("until", until)
+    return ops.StatsQuery(since=since, until=end, within_km=within_km, bins=bins)
+
+
+StatsQueryDep = Annotated[ops.StatsQuery, Depends(stats_query)]
 
 
 async def read_batch_input(
@@ -355,6 +392,28 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
 
 # -- the app --------------------------------------------------------------------------------------
 
+
+class ReplicaHeaderMiddleware:
+    """Adds ``X-Geoloc-Replica: <name>`` to every response: behind a load balancer, which
+    replica answered is the first thing to know about a request that went wrong."""
+
+    def __init__(self, app: ASGIApp, name: str) -> None:
+        self.app = app
+        self.header = (b"x-geoloc-replica", name.encode("ascii", "replace"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
 _MULTIPART_ONE = {
     "type": "object",
     "required": ["file"],
@@ -381,6 +440,26 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
+def add_web_page(app: FastAPI, settings: Settings) -> None:
+    """The page at ``/``: our files under /web, the built libraries and base map under /web/lib.
+
+    Without built assets the service still starts; ``/`` then says how to build them.
+    """
+    assets = settings.web_assets_path
+    lib_mounted = assets.is_dir()
+
+    @app.get("/", include_in_schema=False)
+    def web_page() -> Response:
+        missing = missing_assets(assets)
+        if missing or not lib_mounted:  # built after start-up: /web/lib needs a restart
+            return HTMLResponse(not_built_page(assets, missing), status_code=503)
+        return FileResponse(PAGE_DIR / "index.html", media_type="text/html")
+
+    if lib_mounted:  # mounted first: /web would otherwise take /web/lib/... too
+        app.mount("/web/lib", StaticFiles(directory=assets), name="web-lib")
+    app.mount("/web", StaticFiles(directory=PAGE_DIR), name="web")
+
+
 def create_app(settings: Settings | None = None, *, locator: Locator | None = None) -> FastAPI:
     """The ASGI app. The lifespan loads the Locator (unless one is given), the database and
     the micro-batcher, and starts the index poller."""
@@ -405,6 +484,7 @@ def create_app(settings: Settings | None = None, *, locator: Locator | None = No
     app.state.service = state
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(ReplicaHeaderMiddleware, name=settings.replica_name or socket.gethostname())
     app.add_exception_handler(GeolocError, geoloc_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
@@ -429,7 +509,12 @@ def create_app(settings: Settings | None = None, *, locator: Locator | None = No
         index version used and the prediction id for feedback.
         """
         return await ops.locate_bytes(
-            state, image.data, image.options, caller, name=image.filename or "image"
+            state,
+            image.data,
+            image.options,
+            caller,
+            name=image.filename or "image",
+            filename=image.filename,
         )
 
     locate_errors = openapi_problems(400, *auth_errors, 413, 415, 422, 500, 503, 504)
@@ -483,6 +568,25 @@ def create_app(settings: Settings | None = None, *, locator: Locator | None = No
         options = ops.locate_options(settings, body.options)
         return await ops.locate_url(state, body.url, options, caller)
 
+    @app.post(
+        "/v1/locate/text",
+        operation_id="locate_text",
+        tags=["locate"],
+        responses=openapi_problems(400, *auth_errors, 413, 422, 500, 503),
+        openapi_extra=secured,
+    )
+    async def locate_text(
+        caller: LocateCaller, body: TextLocateRequest, settings: SettingsDep, state: StateDep
+    ) -> LocateResponse:
+        """Locate a description of a place, e.g. `{"text": "a sandy beach with palm trees"}`.
+
+        Only for profiles with a text tower (`geoclip`: CLIP's text encoder into GeoCLIP's image
+        head); others answer 422 `text-not-supported`. Options are body fields.
+        """
+        opts = LocateRequestOptions(**body.model_dump(exclude={"text"}, exclude_none=True))
+        options = ops.locate_options(settings, opts)
+        return await ops.locate_text(state, body.text, options, caller)
+
     @app.get(
         "/v1/predictions/{prediction_id}",
         operation_id="get_prediction",
@@ -517,10 +621,13 @@ def create_app(settings: Settings | None = None, *, locator: Locator | None = No
         openapi_extra=secured,
     )
     def get_stats(
-        caller: LocateCaller, session: SessionDep, state: StateDep, since: SinceDep
+        caller: LocateCaller, session: SessionDep, state: StateDep, query: StatsQueryDep
     ) -> StatsOut:
-        """Prediction counts and accuracy (from feedback), and this process's request counts."""
-        return ops.stats(session, state.metrics, since)
+        """Prediction counts and, over the predictions with feedback made in the window
+        [since, until), the metrics of `geoloc eval`: distance table, GeoScore,
+        Recall-vs-Area of the returned regions, calibration (ECE) of the top-1 probability;
+        and this process's request counts."""
+        return ops.stats(session, state.metrics, state.settings, query)
 
     @app.post(
         "/v1/admin/index/activate",
@@ -571,6 +678,8 @@ def create_app(settings: Settings | None = None, *, locator: Locator | None = No
     def metrics(state: StateDep) -> Response:
         """Prometheus metrics of this process."""
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    add_web_page(app, settings)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -7,7 +7,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -35,11 +35,18 @@ from service.db import (
     revoke_api_key,
     sync_index_versions,
     upgrade,
+    wait_for_database,
 )
-from service.engine import GallerySpec, build_index, load_geomodel, load_locator
+from service.engine import (
+    GallerySpec,
+    build_index,
+    load_geomodel,
+    load_locator,
+    verify_published,
+)
 from service.errors import GeolocError
-from service.evaluation import errors_km, format_summary, summarize_distances
 from service.images import read_image_files
+from service.pipeline import text_query
 from service.settings import Settings
 
 app = typer.Typer(
@@ -107,7 +114,7 @@ def db_errors(fn: F) -> F:
 @contextlib.contextmanager
 def db_session(s: Settings) -> Iterator[Session]:
     """A session on a database whose schema is at head (else SchemaNotAtHeadError)."""
-    engine = make_engine(s.db_url)
+    engine = make_engine(s.db_url, s.database_wait_s)
     try:
         check_at_head(engine)
         with make_sessionmaker(engine)() as session:
@@ -200,6 +207,7 @@ def index_activate(
 ) -> None:
     """Make NAME/VERSION the served version of NAME (replicas pick it up)."""
     s = settings()
+    verify_published(s, name, version)
     with db_session(s) as session:
         sync_index_versions(session, s.index_dir)  # versions built before the database existed
         row = activate_index(session, name, version)
@@ -219,11 +227,21 @@ def _load_images(paths: list[Path], s: Settings) -> tuple[list[Any], list[Path],
 @app.command("locate")
 @friendly_errors
 def locate_cmd(
-    images: Annotated[list[Path], typer.Argument(help="Image files (JPEG, PNG, WebP).")],
+    images: Annotated[
+        list[Path] | None, typer.Argument(help="Image files (JPEG, PNG, WebP).")
+    ] = None,
+    text: Annotated[
+        str,
+        typer.Option(
+            "--text",
+            help="Locate this description of a place instead of images (profiles with a "
+            "text tower, e.g. geoclip).",
+        ),
+    ] = "",
     top_k: Annotated[int | None, typer.Option(help="Candidates per image.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     profile: Annotated[str, typer.Option(help="Model profile.")] = "",
-    index: Annotated[str, typer.Option(help="Index name[/version].")] = "",
+    index: Annotated[str, typer.Option(help="Index NAME or NAME/VERSION.")] = "",
     refine: Annotated[bool, typer.Option(help="H3 refinement stage.")] = True,
     diversify: Annotated[bool, typer.Option(help="Spatial NMS stage.")] = True,
     verify: Annotated[bool, typer.Option(help="Verification stage.")] = True,
@@ -234,7 +252,7 @@ def locate_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch.")] = 16,
     neighbours: Annotated[int | None, typer.Option(help="Reference images to retrieve.")] = None,
 ) -> None:
-    """Locate images; several are encoded as one batch."""
+    """Locate images (several are encoded as one batch), or a description with --text."""
     s = settings()
     if profile:
         s = s.model_copy(update={"profile": profile})
@@ -247,21 +265,31 @@ def locate_cmd(
         bbox=BBox.parse(bbox) if bbox else None,
         countries=tuple(country or ()),
     )
-    pil, ok, problems = _load_images(images, s)
-    for p in problems:
-        typer.echo(f"error: {p}", err=True)
-    if not pil:
-        raise typer.Exit(2)
-    loc = load_locator(s, index_name=name or None, index_version=version or None)
-    results = []
-    for start in range(0, len(pil), batch_size):
-        results += loc.locate(pil[start : start + batch_size], opts)
+    if bool(text) == bool(images):
+        fail('give image files, or --text "a description of a place", not both')
+    problems: list[str] = []
+    if text:
+        query = text_query(text, s.max_text_chars)
+        loc = load_locator(s, index_name=name or None, index_version=version or None)
+        results = loc.locate_texts([query], opts)
+        labels = [("text", query)]
+    else:
+        pil, ok, problems = _load_images(images or [], s)
+        for p in problems:
+            typer.echo(f"error: {p}", err=True)
+        if not pil:
+            raise typer.Exit(2)
+        loc = load_locator(s, index_name=name or None, index_version=version or None)
+        results = []
+        for start in range(0, len(pil), batch_size):
+            results += loc.locate(pil[start : start + batch_size], opts)
+        labels = [("image", str(p)) for p in ok]
     if as_json:
-        out = [{"image": str(p), **r.to_dict()} for p, r in zip(ok, results, strict=True)]
+        out = [{key: label, **r.to_dict()} for (key, label), r in zip(labels, results, strict=True)]
         typer.echo(json.dumps(out if len(out) > 1 else out[0], indent=2))
     else:
-        for p, r in zip(ok, results, strict=True):
-            typer.echo(f"{p}  ({r.profile}, index {r.index})")
+        for (_, label), r in zip(labels, results, strict=True):
+            typer.echo(f"{label}  ({r.profile}, index {r.index})")
             for i, c in enumerate(r.candidates, 1):
                 place = ", ".join(x for x in (c.city, c.admin1, c.country) if x) or "at sea"
                 typer.echo(
@@ -276,6 +304,35 @@ def locate_cmd(
         raise typer.Exit(1)
 
 
+def _read_eval_rows(data: Path, skip_bad: bool, limit: int) -> list[Any]:
+    rows, problems = read_labelled_csv(data)
+    for p in problems:
+        typer.echo(f"error: {p}", err=True)
+    if problems and not skip_bad:
+        fail(f"{len(problems)} bad rows in {data}; fix them or pass --skip-bad")
+    rows = rows[:limit] if limit else rows
+    if not rows:
+        fail(f"no usable rows in {data}")
+    return rows
+
+
+def _embed_rows(loc: Any, rows: list[Any], s: Settings, batch_size: int) -> Any:
+    from service.evalrun import embed_rows
+
+    with typer.progressbar(length=len(rows), label="encoding", file=sys.stderr) as bar:
+        emb = embed_rows(
+            loc,
+            rows,
+            max_bytes=s.max_image_bytes,
+            max_pixels=s.max_image_pixels,
+            batch_size=batch_size,
+            progress=bar.update,
+        )
+    for p in emb.problems:
+        typer.echo(f"error: {p}", err=True)
+    return emb
+
+
 @app.command("eval")
 @friendly_errors
 def eval_cmd(
@@ -288,55 +345,174 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch.")] = 32,
     refine: Annotated[bool, typer.Option(help="H3 refinement stage.")] = True,
     diversify: Annotated[bool, typer.Option(help="Spatial NMS stage.")] = True,
-    index: Annotated[str, typer.Option(help="Index name[/version].")] = "",
+    index: Annotated[str, typer.Option(help="Index NAME or NAME/VERSION.")] = "",
+    within_km: Annotated[
+        float | None,
+        typer.Option(help="ECE event: top-1 within this many km; default GEOLOC_CALIBRATION_KM."),
+    ] = None,
+    bins: Annotated[int, typer.Option(min=1, max=100, help="Reliability bins.")] = 10,
+    region_res: Annotated[
+        int | None,
+        typer.Option(help="H3 resolution of the ranked region (Recall-vs-Area)."),
+    ] = None,
+    calibrated: Annotated[
+        bool,
+        typer.Option(
+            "--calibrated/--uncalibrated",
+            help="Use the served calibration (GEOLOC_CALIBRATION) or temperature 1.",
+        ),
+    ] = True,
+    temperature: Annotated[
+        float | None, typer.Option(help="Softmax temperature to evaluate (overrides both).")
+    ] = None,
+    plots: Annotated[Path | None, typer.Option(help="Write PNG figures into this folder.")] = None,
+    compare: Annotated[
+        Path | None, typer.Option(help="Another run's --json output, drawn on the same figures.")
+    ] = None,
+    label: Annotated[str, typer.Option(help="This run's name in figures.")] = "",
+    groups: Annotated[
+        int, typer.Option(min=0, help="Countries and continents shown on the terminal.")
+    ] = 15,
 ) -> None:
-    """Share of top-1 predictions within 1/25/200/750/2500 km, median km, GeoScore."""
+    """Top-1 distance table (1/25/200/750/2500 km, median, GeoScore) overall, by continent
+    and by country; Recall-vs-Area of the ranked region; calibration (ECE) of the top-1
+    probability; optional PNG figures."""
+    from service.evalrun import eval_options, format_report, measure
+
     s = settings()
-    rows, problems = read_labelled_csv(data)
-    for p in problems:
-        typer.echo(f"error: {p}", err=True)
-    if problems and not skip_bad:
-        fail(f"{len(problems)} bad rows in {data}; fix them or pass --skip-bad")
-    if limit:
-        rows = rows[:limit]
-    if not rows:
-        fail(f"no usable rows in {data}")
+    other = _read_report(compare) if compare is not None else None
+    rows = _read_eval_rows(data, skip_bad, limit)
+    name, _, version = index.partition("/")
+    if not calibrated:
+        s = s.model_copy(update={"calibration": "off"})
+    loc = load_locator(s, index_name=name or None, index_version=version or None)
+    opts = eval_options(
+        s.locate_options(refine=refine, diversify=diversify, temperature=temperature),
+        **({} if region_res is None else {"region_res": region_res}),
+    )
+    opts.validate(max_top_k=s.max_top_k, max_retrieve_k=s.max_retrieve_k)
+    emb = _embed_rows(loc, rows, s, batch_size)
+    results = []
+    with typer.progressbar(length=len(emb.rows), label="locating", file=sys.stderr) as bar:
+        for start in range(0, len(emb.rows), batch_size):
+            results += loc.locate_embeddings(emb.vectors[start : start + batch_size], opts)
+            bar.update(batch_size)
+    truths = np.array([(r.lat, r.lon) for r in emb.rows]).reshape(-1, 2)
+    within = s.calibration_km if within_km is None else within_km
+    rep = measure(
+        truths,
+        results,
+        within_km=within,
+        bins=bins,
+        truth_countries=loc.geocoder.country_codes(truths) if len(truths) else None,
+    )
+    t = loc.temperature(opts)
+    cal = loc.calibration
+    rep = {
+        "label": label or f"{data.parent.name}/{data.name}, temperature {t:.3g}",
+        "data": str(data),
+        "index": loc.index_label,
+        "profile": loc.model.profile,
+        "temperature": t,
+        "calibration_version": cal.version if cal is not None and temperature is None else None,
+        "region_res": opts.region_res,
+        "images_unreadable": len(emb.problems),
+        **rep,
+    }
+    if plots is not None:
+        from service.plots import write_plots
+
+        runs = [(rep["label"], rep)] + ([(other["label"], other)] if other else [])
+        for path in write_plots(runs, plots):
+            typer.echo(f"wrote {path}", err=True)
+    if as_json:
+        typer.echo(json.dumps(rep, indent=2))
+    else:
+        head = f"{data} ({loc.model.profile}, {loc.index_label}, temperature {t:.3g}): "
+        typer.echo(format_report(rep, label=head, groups=groups))
+    if emb.problems and not skip_bad:
+        raise typer.Exit(1)
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    """Another run's `geoloc eval --json` output, checked enough to draw it."""
+    try:
+        rep = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        fail(f"--compare {path}: cannot read it as JSON: {exc}")
+    need = ("label", "recall_vs_area", "calibration", "error_cdf_km", "median_km")
+    if not isinstance(rep, dict) or any(k not in rep for k in need):
+        fail(f"--compare {path}: not the output of `geoloc eval --json`")
+    return rep
+
+
+@app.command("calibrate")
+@friendly_errors
+def calibrate_cmd(
+    data: Annotated[Path, typer.Argument(help="Held-out CSV of image,lat,lon.")],
+    skip_bad: Annotated[bool, typer.Option(help="Fit on the good rows despite bad ones.")] = False,
+    limit: Annotated[int, typer.Option(min=0, help="Use at most N rows (0: all).")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch.")] = 32,
+    index: Annotated[str, typer.Option(help="Index NAME or NAME/VERSION to calibrate.")] = "",
+    within_km: Annotated[
+        float | None,
+        typer.Option(help="Event the probability states; default GEOLOC_CALIBRATION_KM."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Fit and print; store nothing.")] = False,
+) -> None:
+    """Fit the softmax temperature on held-out images and store it, versioned, beside the
+    index version; the service and `geoloc eval` use the newest one."""
+    from service.calibration import (
+        Calibration,
+        file_sha256,
+        fit_temperature,
+        new_version,
+        prepare_cases,
+        save_calibration,
+        weights_label,
+    )
+
+    s = settings().model_copy(update={"calibration": "off"})
+    rows = _read_eval_rows(data, skip_bad, limit)
     name, _, version = index.partition("/")
     loc = load_locator(s, index_name=name or None, index_version=version or None)
-    opts = s.locate_options(top_k=1, refine=refine, diversify=diversify, describe=False)
-    preds, truths, bad = [], [], 0
-    with typer.progressbar(
-        range(0, len(rows), batch_size), label="locating", file=sys.stderr
-    ) as bar:
-        for start in bar:
-            chunk = rows[start : start + batch_size]
-            pil, ok_paths, img_problems = _load_images([r.path for r in chunk], s)
-            for p in img_problems:
-                typer.echo(f"error: {p}", err=True)
-            bad += len(img_problems)
-            good = [r for r in chunk if r.path in set(ok_paths)]
-            for r, res in zip(good, loc.locate(pil, opts) if pil else [], strict=True):
-                c = res.candidates[0]
-                preds.append((c.lat, c.lon))
-                truths.append((r.lat, r.lon))
-    summary = summarize_distances(errors_km(np.array(preds), np.array(truths)))
-    if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "data": str(data),
-                    "index": loc.index_label,
-                    "profile": loc.model.profile,
-                    **summary.to_dict(),
-                },
-                indent=2,
-            )
-        )
-    else:
-        typer.echo(
-            format_summary(summary, label=f"{data} ({loc.model.profile}, {loc.index_label}): ")
-        )
-    if bad and not skip_bad:
+    opts = s.locate_options(top_k=1, describe=False)
+    emb = _embed_rows(loc, rows, s, batch_size)
+    pools = loc.candidate_logits(emb.vectors, opts)
+    truths = np.array([(r.lat, r.lon) for r in emb.rows]).reshape(-1, 2)
+    within = s.calibration_km if within_km is None else within_km
+    cases = prepare_cases(pools, truths, nms_km=opts.nms_km, diversify=opts.diversify)
+    temperature, fit = fit_temperature(cases, within_km=within)
+    b, a = fit["before"], fit["after"]
+    typer.echo(
+        f"{loc.index_label}: temperature {temperature:.4g} on {fit['images']} images "
+        f"(top-1 within {within:g} km: {a['accuracy']:.1%})\n"
+        f"  before: ECE {b['ece']:.4f}, log loss {b['log_loss']:.4f}, "
+        f"mean probability {b['mean_confidence']:.3f}\n"
+        f"  after:  ECE {a['ece']:.4f}, log loss {a['log_loss']:.4f}, "
+        f"mean probability {a['mean_confidence']:.3f}"
+    )
+    if dry_run:
+        return
+    m = loc.index.manifest
+    cal = Calibration(
+        temperature=temperature,
+        within_km=within,
+        version=new_version(),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        index=f"{m.name}/{m.version}",
+        profile=loc.model.profile,
+        weights=weights_label(s.checkpoint),
+        data={"path": str(data.resolve()), "sha256": file_sha256(data), "rows": len(emb.rows)},
+        options={
+            k: getattr(opts, k)
+            for k in ("retrieve_k", "refine", "diversify", "nms_km", "neighbours", "verify")
+        },
+        fit=fit,
+    )
+    path = save_calibration(s.data_dir, cal)
+    typer.echo(f"stored {path} (GEOLOC_CALIBRATION=latest serves it)")
+    if emb.problems and not skip_bad:
         raise typer.Exit(1)
 
 
@@ -435,25 +611,88 @@ app.add_typer(images_app, name="images")
 @images_app.command("add")
 @friendly_errors
 def images_add(
-    data: Annotated[Path, typer.Argument(help="CSV of image,lat,lon (paths relative to it).")],
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV or Parquet table: uri (or image/path), lat, lon, optional integer id; "
+            "relative paths are resolved against the table's folder."
+        ),
+    ],
     name: Annotated[str, typer.Option(help="Reference index name; default refs-<profile>.")] = "",
     profile: Annotated[str, typer.Option(help="Model profile.")] = "",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch.")] = 64,
+    runner: Annotated[
+        str,
+        typer.Option(
+            help="auto (Ray at GEOLOC_REFS_RAY_MIN_ROWS rows or with --ray-address), "
+            "inprocess or ray."
+        ),
+    ] = "auto",
+    ray_address: Annotated[
+        str, typer.Option(help="Ray cluster to run on (default GEOLOC_RAY_ADDRESS; local).")
+    ] = "",
+    shard_rows: Annotated[
+        int, typer.Option(min=0, help="Rows per shard; 0: GEOLOC_REFS_SHARD_ROWS.")
+    ] = 0,
+    actors: Annotated[
+        int, typer.Option(min=0, help="Ray encoder actors; 0: GEOLOC_RAY_ACTORS.")
+    ] = 0,
+    factory: Annotated[
+        str,
+        typer.Option(help="faiss factory; default Flat, or IVF-PQ above the threshold."),
+    ] = "",
+    device: Annotated[
+        str, typer.Option(help="Encoders' torch device: auto (CUDA if present), cpu, cuda...")
+    ] = "auto",
 ) -> None:
-    """Embed reference photos; locate then retrieves their GPS as candidates."""
+    """Embed reference photos; locate then retrieves their GPS as candidates.
+
+    Resumable: run the same command again after an interruption and the finished shards
+    are kept. Bad rows are listed in the job's bad_rows.csv and never stop the job.
+    """
     from service.engine import add_reference_images
 
     s = settings()
     model = load_geomodel(s, profile or None)
-    m, problems = add_reference_images(s, data, model=model, name=name, batch_size=batch_size)
-    for p in problems:
-        typer.echo(f"error: {p}", err=True)
-    typer.echo(
-        f"published {m.name}/{m.version}: {m.count} reference images "
-        f"({m.extra.get('added')} added, {len(problems)} skipped)"
+    r = add_reference_images(
+        s,
+        data,
+        model=model,
+        name=name,
+        batch_size=batch_size,
+        runner=runner,
+        ray_address=ray_address,
+        shard_rows=shard_rows,
+        actors=actors,
+        factory=factory,
+        device=device,
     )
-    if problems:
+    for p in r.problems[:_MAX_LISTED_PROBLEMS]:
+        typer.echo(f"error: {p}", err=True)
+    if len(r.problems) > _MAX_LISTED_PROBLEMS:
+        typer.echo(f"error: ... {len(r.problems) - _MAX_LISTED_PROBLEMS} more", err=True)
+    m = r.manifest
+    if r.already_published:
+        typer.echo(f"already added: {data} was published as {m.name}/{m.version}")
+    else:
+        resumed = f", resumed {r.resumed_shards} finished shards" if r.resumed_shards else ""
+        recall = m.extra.get("recall_at_10")
+        typer.echo(
+            f"published {m.name}/{m.version}: {m.count} reference images, {m.factory}"
+            + (
+                f" (1-recall@10 {recall} at nprobe {m.extra.get('recall_nprobe')})"
+                if recall
+                else ""
+            )
+            + f"; {m.extra.get('added')} added, {len(r.problems)} bad rows ({r.runner}{resumed})"
+        )
+    typer.echo(f"report: {r.report}")
+    if r.problems:
         raise typer.Exit(1)
+
+
+#: Bad rows printed by `images add`; the job's bad_rows.csv lists all of them.
+_MAX_LISTED_PROBLEMS = 20
 
 
 @db_app.command("upgrade")
@@ -461,9 +700,19 @@ def images_add(
 @db_errors
 def db_upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait", help="First wait for the database (GEOLOC_DATABASE_START_TIMEOUT_S)."
+        ),
+    ] = False,
 ) -> None:
-    """Create or migrate the database schema (safe to run again)."""
-    url = settings().db_url
+    """Create or migrate the database schema (safe to run again, and from several replicas at
+    once: they take a lock and migrate one after the other)."""
+    s = settings()
+    url = s.db_url
+    if wait:
+        wait_for_database(url, s.database_start_timeout_s, s.database_connect_timeout_s)
     engine = make_engine(url)
     try:
         before = current_revision(engine)
@@ -591,14 +840,28 @@ def serve_cmd(
         int | None, typer.Option(min=1, help="Worker processes; default GEOLOC_WORKERS.")
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    migrate: Annotated[
+        bool | None,
+        typer.Option(
+            "--migrate/--no-migrate",
+            help="Wait for the database and migrate it first; default GEOLOC_MIGRATE_ON_START.",
+        ),
+    ] = None,
 ) -> None:
-    """Serve the HTTP API (uvicorn; each worker loads the model and index once)."""
-    import uvicorn
+    """Serve the HTTP API (uvicorn; each worker loads the model and index once).
+
+    On SIGTERM: /readyz turns 503, in-flight requests finish (GEOLOC_SHUTDOWN_GRACE_S), exit.
+    """
+    from service.server import prepare_database, serve
 
     s = settings()
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
+    if s.migrate_on_start if migrate is None else migrate:
+        try:
+            typer.echo(prepare_database(s))
+        except SQLAlchemyError as exc:
+            fail(f"[database-error] {_db_error_line(exc)}")
+    serve(
+        s,
         host=host or s.host,
         port=s.port if port is None else port,
         workers=workers or s.workers,

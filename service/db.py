@@ -9,13 +9,16 @@ returned row can be read after its session is closed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
 import math
 import secrets
+import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
@@ -27,15 +30,15 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, update
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from index.geo import haversine_km
 from index.store import Manifest, list_indexes
 from service.errors import GeolocError, InvalidOptionError, NotFoundError
-from service.evaluation import summarize_distances
+from service.evaluation import area_to_truth, report
 from service.models import (
     SCOPES,
     ApiKey,
@@ -47,6 +50,8 @@ from service.models import (
 
 __all__ = [
     "KEY_PREFIX",
+    "DatabaseUnreachableError",
+    "IndexBuildLockedError",
     "SchemaNotAtHeadError",
     "activate_index",
     "active_index_version",
@@ -59,6 +64,7 @@ __all__ = [
     "downgrade",
     "get_prediction",
     "head_revision",
+    "index_build_lock",
     "list_api_keys",
     "list_index_versions",
     "make_engine",
@@ -69,6 +75,7 @@ __all__ = [
     "revoke_api_key",
     "sync_index_versions",
     "upgrade",
+    "wait_for_database",
 ]
 
 # migrations/ is a sibling package of service/, both in a checkout and once installed.
@@ -130,7 +137,13 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _json_dumps(obj: Any) -> str:
-    return json.dumps(_jsonable(obj), allow_nan=False)
+    try:  # most values are JSON-safe already (API responses): skip the copy
+        return json.dumps(obj, allow_nan=False)
+    except (TypeError, ValueError):
+        return json.dumps(_jsonable(obj), allow_nan=False)
+
+
+_WRITE_OPTION = "geoloc_write"
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -143,8 +156,28 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(url: str | URL) -> Engine:
-    """An Engine for SQLite (file or memory) or PostgreSQL (psycopg 3)."""
+def _sqlite_begin(conn: Connection) -> None:
+    # A write transaction (see ``_begin_write``) takes the write lock at BEGIN, where the busy
+    # timeout waits for it; a deferred one that reads and then writes fails at once ("database
+    # is locked") when another writer committed in between. Readers stay deferred: WAL lets
+    # them run beside the writer.
+    write = conn.get_execution_options().get(_WRITE_OPTION, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _begin_write(session: Session) -> None:
+    """Open the session's transaction as a write transaction (IMMEDIATE on SQLite)."""
+    if not session.in_transaction():
+        session.connection(execution_options={_WRITE_OPTION: True})
+
+
+def make_engine(url: str | URL, wait_s: float = 15.0, connect_timeout_s: float = 5.0) -> Engine:
+    """An Engine for SQLite (file or memory) or PostgreSQL (psycopg 3).
+
+    ``wait_s`` bounds how long a statement waits for another transaction's lock before it
+    fails (SQLite's busy timeout, PostgreSQL's ``lock_timeout``); ``connect_timeout_s`` bounds
+    one connection attempt to PostgreSQL (an unreachable host must not hang a request).
+    """
     u = _parse_url(url)
     if u.get_backend_name() == "sqlite":
         db = u.database
@@ -152,14 +185,23 @@ def make_engine(url: str | URL) -> Engine:
             Path(db).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             u,
-            connect_args={"check_same_thread": False},  # the app's threads share the pool
+            # check_same_thread: the app's threads share the pool.
+            connect_args={"check_same_thread": False, "timeout": wait_s},
             json_serializer=_json_dumps,
         )
         event.listen(engine, "connect", _sqlite_on_connect)
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     # pre_ping: replicas outlive database restarts and idle-connection reaping.
-    return create_engine(u, pool_pre_ping=True, json_serializer=_json_dumps)
+    return create_engine(
+        u,
+        pool_pre_ping=True,
+        json_serializer=_json_dumps,
+        connect_args={
+            "options": f"-c lock_timeout={int(wait_s * 1000)}",
+            "connect_timeout": max(1, round(connect_timeout_s)),
+        },
+    )
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
@@ -175,10 +217,19 @@ def _alembic_config() -> Config:
     return cfg
 
 
+#: PostgreSQL advisory lock key of migrations (any fixed bigint unique to this purpose).
+_MIGRATION_LOCK_KEY = 0x67656F6C6F63  # "geoloc"
+
+
 def _run_alembic(url: str | URL, fn: str, rev: str) -> str | None:
-    engine = make_engine(url)
+    # A write transaction on SQLite (IMMEDIATE: the second migrator waits at BEGIN).
+    engine = make_engine(url).execution_options(**{_WRITE_OPTION: True})
     try:
         with engine.begin() as conn:  # one transaction: a failed migration leaves nothing
+            if conn.dialect.name == "postgresql":
+                # Replicas that start together migrate one after the other: the others wait
+                # here (up to lock_timeout), then find the schema at head and do nothing.
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})")
             cfg = _alembic_config()
             cfg.attributes["connection"] = conn
             try:
@@ -241,6 +292,101 @@ def check_at_head(engine: Engine) -> str:
     raise SchemaNotAtHeadError(detail)
 
 
+class DatabaseUnreachableError(GeolocError):
+    type = "database-unavailable"
+    status = 503
+    title = "Database unavailable"
+
+
+def wait_for_database(url: str | URL, timeout_s: float, connect_timeout_s: float = 5.0) -> None:
+    """Return once the database accepts connections; DatabaseUnreachableError after
+    ``timeout_s`` (a container starting beside its database gets there first)."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.25
+    engine = make_engine(url, connect_timeout_s=min(connect_timeout_s, timeout_s))
+    try:
+        while True:
+            try:
+                with engine.connect() as conn:
+                    conn.exec_driver_sql("SELECT 1")
+                return
+            except OperationalError as exc:
+                last = (str(exc.orig or exc).strip().splitlines() or ["unreachable"])[0]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DatabaseUnreachableError(
+                    f"{display_url(url)} did not accept a connection within {timeout_s:g} s "
+                    f"(GEOLOC_DATABASE_START_TIMEOUT_S): {last}"
+                )
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 2.0)
+    finally:
+        engine.dispose()
+
+
+# -- index build lock ----------------------------------------------------------------------------
+
+
+class IndexBuildLockedError(GeolocError):
+    type = "index-build-in-progress"
+    status = 409
+    title = "Index build in progress"
+
+
+def _build_lock_key(name: str) -> int:
+    # PostgreSQL advisory locks take one bigint: 8 bytes of a hash of the purpose and the name.
+    digest = hashlib.sha256(f"geoloc:index-build:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def index_build_lock(url: str | URL, name: str, connect_timeout_s: float = 5.0) -> Iterator[None]:
+    """Hold the build lock of index ``name`` (IndexBuildLockedError at once if another build
+    of that name holds it). The lock dies with its holder: a killed build leaves none behind.
+
+    PostgreSQL: a session advisory lock on a connection kept open for the build. SQLite: an
+    exclusive ``flock`` on a file beside the database (SQLite is single-host; a write
+    transaction held for the whole build would stall every prediction write meanwhile).
+    """
+    u = _parse_url(url)
+    busy = IndexBuildLockedError(
+        f"another build of index {name!r} is running (it holds the build lock in "
+        f"{display_url(u)}); wait for it to finish"
+    )
+    if u.get_backend_name() == "sqlite":
+        db = u.database
+        if not db or db == ":memory:" or db.startswith("file:"):
+            yield  # no file, no other process to exclude
+            return
+        path = Path(f"{db}.build-{name}.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise busy from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return
+    engine = make_engine(u, connect_timeout_s=connect_timeout_s)
+    key = _build_lock_key(name)
+    try:
+        with engine.connect() as conn:
+            got = conn.exec_driver_sql(f"SELECT pg_try_advisory_lock({key})").scalar()
+            conn.commit()  # a session lock outlives the transaction that took it
+            if not got:
+                raise busy
+            try:
+                yield
+            finally:
+                conn.exec_driver_sql(f"SELECT pg_advisory_unlock({key})")
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
 # -- predictions and feedback ------------------------------------------------------------------
 
 
@@ -265,19 +411,22 @@ def record_prediction(
     latency_ms: float,
     api_key_id: int | None = None,
     client: str | None = None,
+    prediction_id: str | None = None,
 ) -> str:
-    """Store one locate result; returns the prediction id (32 hex characters)."""
+    """Store one locate result; returns the prediction id (32 hex characters; a caller may
+    choose it beforehand, e.g. to log with it while the request runs)."""
+    _begin_write(session)
     candidates = result.get("candidates") or []
     top = candidates[0] if candidates and isinstance(candidates[0], dict) else {}
     pred = Prediction(
-        id=uuid.uuid4().hex,
+        id=prediction_id or uuid.uuid4().hex,
         created_at=utcnow(),
         profile=profile,
         index_version=index_version,
         lat=_float_or_none(top.get("lat")),
         lon=_float_or_none(top.get("lon")),
         probability=_float_or_none(top.get("probability")),
-        response=_jsonable(result),
+        response=result,  # made JSON-safe when written (_json_dumps)
         latency_ms=float(latency_ms),
         api_key_id=api_key_id,
         client=client[:255] if client else None,
@@ -312,6 +461,7 @@ def add_feedback(session: Session, prediction_id: str, lat: float, lon: float) -
     One feedback per prediction: a second call replaces the first (same row, new lat/lon,
     error_km and created_at), so a user can correct a mistake.
     """
+    _begin_write(session)
     lat_f, lon_f = _check_latlon(lat, lon)
     pred = get_prediction(session, prediction_id)
     if pred is None:
@@ -340,26 +490,73 @@ def add_feedback(session: Session, prediction_id: str, lat: float, lon: float) -
     return fb
 
 
-def prediction_stats(session: Session, since: datetime | None = None) -> dict[str, Any]:
-    """Counts and accuracy of predictions made since ``since`` (all when None).
+def prediction_stats(
+    session: Session,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    *,
+    within_km: float = 50.0,
+    bins: int = 10,
+    max_rows: int = 50_000,
+) -> dict[str, Any]:
+    """Counts and accuracy of predictions made in [since, until) (open ends when None).
 
-    Accuracy is measured on the predictions with feedback that had a candidate: share within
-    1/25/200/750/2500 km, median km and mean GeoScore; None where there is nothing to measure.
+    Accuracy is measured on the predictions with feedback that had a candidate (the newest
+    ``max_rows``) with the metrics of ``geoloc eval``: share within 1/25/200/750/2500 km,
+    median and mean km, mean GeoScore, Recall-vs-Area of each stored uncertainty region
+    (a truth outside the returned region is not found) and the calibration of the top-1
+    probability for "within ``within_km``"; None where there is nothing to measure.
     """
-    count_q = select(func.count()).select_from(Prediction)
-    err_q = select(Feedback.error_km).join(Prediction, Feedback.prediction_id == Prediction.id)
+    window = []
     if since is not None:
-        count_q = count_q.where(Prediction.created_at >= _aware(since))
-        err_q = err_q.where(Prediction.created_at >= _aware(since))
-    errors = list(session.scalars(err_q))
-    known = np.array([e for e in errors if e is not None], dtype=np.float64)
-    summary = summarize_distances(known)
+        window.append(Prediction.created_at >= _aware(since))
+    if until is not None:
+        window.append(Prediction.created_at < _aware(until))
+    count_q = select(func.count()).select_from(Prediction).where(*window)
+    fb_q = (
+        select(func.count())
+        .select_from(Feedback)
+        .join(Prediction, Feedback.prediction_id == Prediction.id)
+        .where(*window)
+    )
+    rows_q = (
+        select(
+            Feedback.error_km,
+            Feedback.lat,
+            Feedback.lon,
+            Prediction.probability,
+            # Only the region's cells and resolution: its GeoJSON is the bulk of a response.
+            Prediction.response[("region", "cells")],
+            Prediction.response[("region", "h3_resolution")],
+        )
+        .join(Prediction, Feedback.prediction_id == Prediction.id)
+        .where(*window, Feedback.error_km.is_not(None))
+        .order_by(Prediction.created_at.desc())
+        .limit(max_rows)
+    )
+    rows = session.execute(rows_q).all()
+    d = np.array([r[0] for r in rows], dtype=np.float64)
+    conf = np.array([_float_or_none(r[3]) or 0.0 for r in rows], dtype=np.float64)
+    areas = np.array(
+        [
+            area_to_truth(cells, (lat, lon), int(res))
+            if isinstance(cells, list) and isinstance(res, int)
+            else math.inf
+            for _, lat, lon, _, cells, res in rows
+        ],
+        dtype=np.float64,
+    )
+    rep = report(d, conf, areas, within_km=within_km, bins=bins)
     return {
         "predictions": int(session.scalar(count_q) or 0),
-        "with_feedback": len(errors),
-        "within_km": {f"{t:g}": _float_or_none(v) for t, v in summary.within.items()},
-        "median_km": _float_or_none(summary.median_km),
-        "mean_geoscore": _float_or_none(summary.mean_geoscore),
+        "with_feedback": int(session.scalar(fb_q) or 0),
+        "measured": len(rows),
+        "within_km": {t: _float_or_none(v) for t, v in rep["within_km"].items()},
+        "median_km": _float_or_none(rep["median_km"]),
+        "mean_km": _float_or_none(rep["mean_km"]),
+        "mean_geoscore": _float_or_none(rep["mean_geoscore"]),
+        "recall_vs_area": rep["recall_vs_area"],
+        "calibration": rep["calibration"],
     }
 
 
@@ -382,6 +579,7 @@ def _find_version(session: Session, name: str, version: str) -> IndexVersion | N
 def register_index_version(session: Session, manifest: Manifest, path: str | Path) -> IndexVersion:
     """Record a published index version; registering it again refreshes it from its manifest
     (the files on disk are the truth) and keeps whether it is active."""
+    _begin_write(session)
     values = {
         "profile": manifest.profile,
         "gallery_kind": manifest.gallery_kind,
@@ -426,6 +624,7 @@ def list_index_versions(session: Session, name: str | None = None) -> list[Index
 
 def activate_index(session: Session, name: str, version: str) -> IndexVersion:
     """Make ``name/version`` the one active version of ``name``, in one transaction."""
+    _begin_write(session)
     # Lock every row of this name (PostgreSQL; SQLite serialises writers anyway) so concurrent
     # activations run one after the other; ordered by id so they never deadlock.
     rows = session.scalars(
@@ -491,6 +690,7 @@ def _check_scopes(scopes: Iterable[str]) -> list[str]:
 
 def create_api_key(session: Session, name: str, scopes: Sequence[str]) -> tuple[str, ApiKey]:
     """A new key: returns (plaintext, row). The plaintext is not stored and never shown again."""
+    _begin_write(session)
     name = name.strip()
     if not name or len(name) > 100:
         raise InvalidOptionError("an API key needs a name of 1-100 characters")
@@ -513,6 +713,7 @@ def list_api_keys(session: Session) -> list[ApiKey]:
 
 def revoke_api_key(session: Session, key_id_or_prefix: int | str) -> ApiKey:
     """Revoke a key by id, prefix (as listed) or the whole key. Revoking twice is a no-op."""
+    _begin_write(session)
     ref = str(key_id_or_prefix).strip()
     if ref.isdigit():
         rows = list(session.scalars(select(ApiKey).where(ApiKey.id == int(ref))))
@@ -544,6 +745,9 @@ def authenticate(session: Session, plaintext: str) -> ApiKey | None:
                 return None
             now = utcnow()
             if row.last_used_at is None or now - row.last_used_at >= LAST_USED_PRECISION:
+                # End the read before writing: the write transaction must begin as one.
+                _commit(session)
+                _begin_write(session)
                 row.last_used_at = now
                 _commit(session)
             return row

@@ -6,8 +6,10 @@ The CLI and the HTTP app call these; they hold no parsing or presentation.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,16 +19,20 @@ from index.gallery import Gallery, csv_gallery, encode_gallery, h3_gallery
 from index.geocode import ReverseGeocoder
 from index.store import (
     IndexStoreError,
+    LoadedIndex,
     Manifest,
     PointTable,
+    VectorChunk,
     latest_version,
     list_indexes,
     load_index,
     publish_index,
+    publish_index_chunked,
+    remove_unfinished,
 )
-from service.datasets import read_labelled_csv
-from service.errors import GeolocError
-from service.images import read_image_files
+from service.calibration import Calibration, load_calibration, weights_label
+from service.db import index_build_lock
+from service.errors import GeolocError, IndexRefusedError
 from service.pipeline import Locator
 from service.settings import Settings
 
@@ -72,7 +78,37 @@ def load_locator(
             f"reference index '{refs_name}' does not exist; "
             "create it with `geoloc images add DATA.csv`"
         )
-    return Locator(model, index, ReverseGeocoder(), neighbours=neighbours)
+    return Locator(
+        model,
+        index,
+        ReverseGeocoder(),
+        neighbours=neighbours,
+        calibration=calibration_for(settings, index, model),
+    )
+
+
+def calibration_for(settings: Settings, index: LoadedIndex, model: GeoModel) -> Calibration | None:
+    """The calibration GEOLOC_CALIBRATION names for this index version (None: uncalibrated)."""
+    m = index.manifest
+    return load_calibration(
+        settings.data_dir,
+        m.name,
+        m.version,
+        settings.calibration,
+        profile=model.profile,
+        weights=weights_label(settings.checkpoint),
+    )
+
+
+def verify_published(settings: Settings, name: str, version: str) -> None:
+    """Check a version's files against its manifest before it is activated (IndexRefusedError),
+    so that a corrupt build is refused once, here, not by every replica. A version that is not
+    on this host is left to the database, which knows whether it exists."""
+    try:
+        if any(m.version == version for m in list_indexes(settings.index_dir, name)):
+            load_index(settings.index_dir, name, version, verify=True)
+    except IndexStoreError as exc:
+        raise IndexRefusedError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -102,7 +138,34 @@ def build_index(
     batch_size: int = 4096,
     progress: bool = True,
 ) -> Manifest:
-    """Encode a gallery with the profile's GPS tower and publish it as a new version."""
+    """Encode a gallery with the profile's GPS tower and publish it as a new version.
+
+    Holds the build lock of ``name`` throughout, so two builds of one name never both publish
+    (IndexBuildLockedError for the second), and first clears what killed builds left behind.
+    """
+    with index_build_lock(settings.db_url, name, settings.database_connect_timeout_s):
+        remove_unfinished(settings.index_dir, name)
+        return _build_index(
+            settings,
+            name,
+            spec,
+            model=model,
+            factory=factory,
+            batch_size=batch_size,
+            progress=progress,
+        )
+
+
+def _build_index(
+    settings: Settings,
+    name: str,
+    spec: GallerySpec,
+    *,
+    model: GeoModel,
+    factory: str,
+    batch_size: int,
+    progress: bool,
+) -> Manifest:
     t0 = time.perf_counter()
     gallery = spec.build()
     t_gallery = time.perf_counter()
@@ -135,6 +198,16 @@ def build_index(
     return manifest
 
 
+@dataclass(frozen=True)
+class ReferencesAdded:
+    manifest: Manifest
+    problems: list[str]  # one line per bad row
+    report: Path  # report.json of the job (bad_rows.csv beside it)
+    runner: str  # "inprocess" or "ray"
+    resumed_shards: int  # shards a previous run had finished
+    already_published: bool = False
+
+
 def add_reference_images(
     settings: Settings,
     data: Path,
@@ -143,35 +216,101 @@ def add_reference_images(
     name: str = "",
     batch_size: int = 64,
     progress: bool = True,
-) -> tuple[Manifest, list[str]]:
-    """Embed labelled reference photos into the image-neighbour index (a new version that
-    holds the previous version's images too). Returns the manifest and the bad rows."""
+    runner: str = "auto",
+    ray_address: str = "",
+    shard_rows: int = 0,
+    actors: int = 0,
+    factory: str = "",
+    device: str = "",
+) -> ReferencesAdded:
+    """Embed a table of reference photos (CSV or Parquet: uri, lat, lon, optional id) into
+    the image-neighbour index: a new version that also holds the previous version's images.
+
+    The work is a resumable job (service/refjobs.py): shards with done-markers, encoded in
+    this process or on Ray (``runner``; 'auto' picks Ray at GEOLOC_REFS_RAY_MIN_ROWS rows),
+    on ``device`` ('auto': CUDA when a GPU is visible; default GEOLOC_DEVICE).
+    Bad rows are listed in the job's report, never stop it. Above
+    GEOLOC_COMPRESSED_MIN_ROWS vectors the index is compressed (IVF-PQ, merged on disk).
+    """
     from tqdm import tqdm
 
+    from service import refjobs
+
     name = name or f"refs-{model.profile}"
-    rows, problems = read_labelled_csv(data)
-    vectors, latlon, kept = [], [], 0
-    with tqdm(total=len(rows), disable=not progress, unit="img") as bar:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            images, ok, bad = read_image_files(
-                [r.path for r in chunk],
-                max_bytes=settings.max_image_bytes,
-                max_pixels=settings.max_image_pixels,
-            )
-            latlon += [(chunk[i].lat, chunk[i].lon) for i in ok]
-            failed = sorted(set(range(len(chunk))) - set(ok))
-            problems += [
-                f"{data}:{chunk[i].line}: {msg}" for i, msg in zip(failed, bad, strict=True)
-            ]
-            if images:
-                vectors.append(model.embed_images(images))
-                kept += len(images)
-            bar.update(len(chunk))
-    if not kept:
-        raise GeolocError(f"no usable images in {data}", type="invalid-dataset")
-    new_vec = np.concatenate(vectors)
-    new_pts = np.asarray(latlon, dtype=np.float64)
+    with index_build_lock(settings.db_url, name, settings.database_connect_timeout_s):
+        remove_unfinished(settings.index_dir, name)
+        job, input_bad = refjobs.prepare_job(
+            settings.data_dir / "jobs",
+            data,
+            index_name=name,
+            profile=model.profile,
+            checkpoint=str(settings.checkpoint) if settings.checkpoint else None,
+            shard_rows=shard_rows or settings.refs_shard_rows,
+        )
+        done = job.done()
+        chosen = refjobs.choose_runner(
+            runner,
+            job.n_rows,
+            ray_min_rows=settings.refs_ray_min_rows,
+            ray_address=ray_address or settings.ray_address,
+        )
+        if job.meta.get("published"):
+            report, bad = refjobs.write_report(job, input_bad)
+            version = job.meta["published"].split("/", 1)[1]
+            m = next(m for m in list_indexes(settings.index_dir, name) if m.version == version)
+            return ReferencesAdded(m, _bad_lines(data, bad), report, chosen, len(done), True)
+        spec = refjobs.EncoderSpec(
+            profile=model.profile,
+            checkpoint=str(settings.checkpoint) if settings.checkpoint else None,
+            backbone_checkpoint=str(settings.backbone_checkpoint)
+            if settings.backbone_checkpoint
+            else None,
+            device=refjobs.resolve_device(device or settings.device),
+            batch_size=batch_size,
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            torch_threads=settings.torch_threads,
+        )
+        pending = job.pending()
+        initial = job.n_rows - sum(job.shard_rows(s) for s in pending)
+        with tqdm(
+            total=job.n_rows, initial=initial, disable=not progress, unit="img", desc="embedding"
+        ) as bar:
+
+            def on_done(stat: dict) -> None:
+                bar.update(job.shard_rows(int(stat["shard"])))
+
+            if pending and chosen == "ray":
+                refjobs.run_on_ray(
+                    job,
+                    pending,
+                    spec,
+                    on_done,
+                    address=ray_address or settings.ray_address,
+                    num_cpus=settings.ray_num_cpus,
+                    actors=actors or settings.ray_actors,
+                )
+            elif pending:
+                # The caller's model serves when it is on the job's device; else one is loaded.
+                own = model if torch.device(spec.device) == model.device else None
+                refjobs.run_inprocess(job, pending, spec, on_done, model=own)
+        report, bad = refjobs.write_report(job, input_bad)
+        manifest = _publish_references(settings, name, job, model=model, factory=factory)
+        job.meta["published"] = f"{manifest.name}/{manifest.version}"
+        job.save_meta()
+    return ReferencesAdded(manifest, _bad_lines(data, bad), report, chosen, len(done))
+
+
+def _bad_lines(data: Path, bad: list) -> list[str]:
+    return [f"{data}: row {b.row}: {b.reason}" for b in bad]
+
+
+def _publish_references(
+    settings: Settings, name: str, job: Any, *, model: GeoModel, factory: str
+) -> Manifest:
+    """The previous version's images plus the job's shards, as one new index version."""
+    from service import refjobs
+
     try:
         old = load_index(
             settings.index_dir,
@@ -182,22 +321,85 @@ def add_reference_images(
         )
     except IndexStoreError:
         old = None
-    if old is not None:
-        n_old = len(old)
-        new_vec = np.concatenate([old.vectors(np.arange(n_old)), new_vec])
-        new_pts = np.concatenate([np.asarray(old.points.latlon), new_pts])
-    countries = ReverseGeocoder().country_codes(new_pts)
-    points = PointTable(
-        ids=np.arange(len(new_pts), dtype=np.int64), latlon=new_pts, country=countries
+    n_old = len(old) if old is not None else 0
+    outputs = list(refjobs.iter_shard_outputs(job))  # small: only file handles are kept open
+    n_new = sum(len(o["row"]) for o in outputs)
+    if not n_new:
+        raise GeolocError(f"no usable images in {job.meta['input']}", type="invalid-dataset")
+    # Rows without an id get the next free ones after the previous version's.
+    next_id = int(np.max(old.points.ids)) + 1 if n_old else 0
+    given = np.concatenate([o["id"] for o in outputs])
+    if n_old and np.isin(given[given >= 0], np.asarray(old.points.ids)).any():
+        clash = given[given >= 0][np.isin(given[given >= 0], np.asarray(old.points.ids))]
+        raise GeolocError(
+            f"ids {clash[:5].tolist()} are already in index {name}; use new ids or none",
+            type="invalid-dataset",
+        )
+    next_id = max(next_id, int(given.max()) + 1)
+    for o in outputs:
+        missing = o["id"] < 0
+        o["id"][missing] = np.arange(next_id, next_id + int(missing.sum()))
+        next_id += int(missing.sum())
+    total = n_old + n_new
+    geocoder = ReverseGeocoder()
+
+    def chunks() -> Iterator[VectorChunk]:
+        step = 65_536
+        for start in range(0, n_old, step):
+            rows = np.arange(start, min(start + step, n_old))
+            yield VectorChunk(
+                old.vectors(rows),  # type: ignore[union-attr]
+                PointTable(
+                    ids=np.asarray(old.points.ids[rows]),  # type: ignore[union-attr]
+                    latlon=np.asarray(old.points.latlon[rows]),  # type: ignore[union-attr]
+                    country=np.asarray(old.points.country[rows]),  # type: ignore[union-attr]
+                ),
+            )
+        for o in outputs:
+            country = geocoder.country_codes(o["latlon"])
+            yield VectorChunk(o["vectors"], PointTable(o["id"], o["latlon"], country))
+
+    extra = {
+        "source": job.meta["input"],
+        "added": n_new,
+        "job": str(job.dir),
+        "report": str(job.dir / "report.json"),
+    }
+    compressed = factory not in ("", "Flat") or (
+        not factory and total >= settings.compressed_min_rows
     )
-    manifest = publish_index(
+    if not compressed:
+        parts = list(chunks())
+        return publish_index(
+            settings.index_dir,
+            name,
+            np.concatenate([p.vectors for p in parts]),
+            PointTable(
+                ids=np.concatenate([p.points.ids for p in parts]),
+                latlon=np.concatenate([p.points.latlon for p in parts]),
+                country=np.concatenate([p.points.country for p in parts]),
+            ),
+            profile=model.profile,
+            gallery_kind="images",
+            h3_resolution=None,
+            extra=extra,
+        )
+    # Training sample: the same share of every chunk, up to GEOLOC_INDEX_TRAIN_SIZE vectors.
+    rng = np.random.default_rng(0)
+    share = min(1.0, settings.index_train_size / total)
+    train = np.concatenate([c.vectors[rng.random(len(c.vectors)) < share] for c in chunks()])
+    return publish_index_chunked(
         settings.index_dir,
         name,
-        new_vec,
-        points,
+        chunks,
+        count=total,
+        dim=model.embed_dim,
+        train_vectors=train,
         profile=model.profile,
         gallery_kind="images",
-        h3_resolution=None,
-        extra={"source": str(data), "added": kept},
+        factory=factory,
+        extra=extra,
+        device=settings.faiss_device,
+        recall_queries=settings.index_recall_queries,
+        nprobe=settings.index_nprobe,
     )
-    return manifest, problems

@@ -51,3 +51,19 @@ class NotFoundError(GeolocError):
     type = "not-found"
     status = 404
     title = "Not found"
+
+
+class IndexRefusedError(GeolocError):
+    """A published index whose files fail their checks (checksums, manifest)."""
+
+    type = "index-refused"
+    status = 422
+    title = "Index refused"
+
+
+class TextQueryUnsupportedError(GeolocError):
+    """A text query to a profile without a text tower."""
+
+    type = "text-not-supported"
+    status = 422
+    title = "Text queries not supported"

@@ -1,14 +1,31 @@
-"""Accuracy metrics over predicted and true (lat, lon): the standard geolocation table."""
+"""Accuracy metrics: the distance table and GeoScore, per-group breakdowns, Recall-vs-Area
+of ranked regions and the calibration of the top-1 probability.
+
+One implementation of each metric, used by ``geoloc eval`` and by ``/v1/stats``.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from index.geo import geoscore, haversine_km
+from index.geo import cell_area_km2, cell_to_int, geoscore, haversine_km, latlon_to_cells
+from index.geocode import continents
 
 THRESHOLDS_KM: tuple[float, ...] = (1, 25, 200, 750, 2500)
+#: Recall levels whose search area is reported.
+RECALL_LEVELS: tuple[float, ...] = (0.5, 0.9)
+#: The fixed area grid of the Recall-vs-Area curve (10 km² to the whole Earth, 20 points a
+#: decade), the same in every run so that curves compare.
+AREA_GRID_KM2: np.ndarray = np.logspace(1, 8.75, 156)
+#: Points of the error CDF kept in a report (quantiles), enough to redraw the curve.
+CDF_POINTS = 201
+#: Images listed in a report for the world map of errors.
+MAP_POINTS = 5000
 
 
 @dataclass(frozen=True)
@@ -61,3 +78,167 @@ def format_summary(s: DistanceSummary, label: str = "") -> str:
         f"GeoScore: {s.mean_geoscore:.1f}",
     ]
     return "\n".join(lines)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+# -- per-group breakdown ----------------------------------------------------------------------
+
+
+def breakdown(
+    groups: Sequence[str], d_km: np.ndarray, thresholds: tuple[float, ...] = THRESHOLDS_KM
+) -> dict[str, DistanceSummary]:
+    """The distance summary of each group ("" is reported as "(none)": at sea), largest
+    group first."""
+    g = np.asarray([str(x) or "(none)" for x in groups], dtype=object)
+    d = np.asarray(d_km, dtype=np.float64)
+    names, counts = np.unique(g, return_counts=True) if len(g) else ([], [])
+    order = sorted(zip(names, counts, strict=True), key=lambda nc: (-nc[1], nc[0]))
+    return {str(n): summarize_distances(d[g == n], thresholds) for n, _ in order}
+
+
+# -- Recall-vs-Area ---------------------------------------------------------------------------
+
+
+def area_to_truth(cells: Sequence[str | int], truth: tuple[float, float], res: int) -> float:
+    """km² searched, visiting ``cells`` (H3 cells at ``res``, the model's ranking, best first)
+    in order, up to and including the cell that holds ``truth``; inf when none holds it."""
+    ids = np.array([cell_to_int(c) if isinstance(c, str) else int(c) for c in cells], np.int64)
+    if not len(ids):
+        return math.inf
+    hit = np.flatnonzero(ids == latlon_to_cells(np.array([truth]), res)[0])
+    if not len(hit):
+        return math.inf
+    return float(cell_area_km2(ids[: hit[0] + 1]).sum())
+
+
+@dataclass(frozen=True)
+class RecallVsArea:
+    n: int
+    recall_in_region: float  # share of truths inside the ranked region at all
+    area_km2_at: dict[float, float | None]  # recall level -> area (None: never reached)
+    curve: list[float]  # recall at each area of AREA_GRID_KM2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "recall_in_region": _finite_or_none(self.recall_in_region),
+            "area_km2_at_recall": {f"{r:g}": a for r, a in self.area_km2_at.items()},
+            "curve": {"area_km2": AREA_GRID_KM2.tolist(), "recall": self.curve},
+        }
+
+
+def recall_vs_area(
+    area_needed_km2: np.ndarray, levels: tuple[float, ...] = RECALL_LEVELS
+) -> RecallVsArea:
+    """Recall as a function of the area searched, from each prediction's ``area_to_truth``.
+
+    The area for recall r is the smallest area A such that a share >= r of the truths lie
+    within the first A km² of their ranking.
+    """
+    a = np.asarray(area_needed_km2, dtype=np.float64).reshape(-1)
+    n = len(a)
+    if n == 0:
+        return RecallVsArea(0, math.nan, dict.fromkeys(levels), [math.nan] * len(AREA_GRID_KM2))
+    found = np.sort(a[np.isfinite(a)])
+    at: dict[float, float | None] = {}
+    for r in levels:
+        k = math.ceil(r * n - 1e-9)  # images that must be found
+        at[r] = float(found[k - 1]) if 1 <= k <= len(found) else (0.0 if k < 1 else None)
+    curve = (np.searchsorted(found, AREA_GRID_KM2, side="right") / n).tolist()
+    return RecallVsArea(n, len(found) / n, at, curve)
+
+
+# -- calibration ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """How well the top-1 probability states the chance that the truth is within_km of it."""
+
+    n: int
+    within_km: float
+    ece: float  # expected calibration error: sum over bins of share * |accuracy - confidence|
+    mean_confidence: float
+    accuracy: float
+    bins: list[dict[str, Any]]  # lo, hi, n, confidence, accuracy (empty bins left out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "within_km": self.within_km,
+            "ece": _finite_or_none(self.ece),
+            "mean_confidence": _finite_or_none(self.mean_confidence),
+            "accuracy": _finite_or_none(self.accuracy),
+            "bins": self.bins,
+        }
+
+
+def reliability(
+    confidence: np.ndarray, d_km: np.ndarray, *, within_km: float, bins: int = 10
+) -> Reliability:
+    """Equal-width confidence bins over [0, 1]; a prediction is right when d <= within_km."""
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    p = np.clip(np.asarray(confidence, dtype=np.float64).reshape(-1), 0.0, 1.0)
+    hit = np.asarray(d_km, dtype=np.float64).reshape(-1) <= within_km
+    if len(p) != len(hit):
+        raise ValueError(f"{len(p)} confidences but {len(hit)} distances")
+    n = len(p)
+    if n == 0:
+        return Reliability(0, within_km, math.nan, math.nan, math.nan, [])
+    which = np.minimum((p * bins).astype(int), bins - 1)  # 1.0 goes into the last bin
+    out, ece = [], 0.0
+    for b in range(bins):
+        m = which == b
+        if not m.any():
+            continue
+        conf, acc = float(p[m].mean()), float(hit[m].mean())
+        ece += m.sum() / n * abs(acc - conf)
+        out.append(
+            {
+                "lo": b / bins,
+                "hi": (b + 1) / bins,
+                "n": int(m.sum()),
+                "confidence": conf,
+                "accuracy": acc,
+            }
+        )
+    return Reliability(n, within_km, float(ece), float(p.mean()), float(hit.mean()), out)
+
+
+# -- the whole report -------------------------------------------------------------------------
+
+
+def report(
+    d_km: np.ndarray,
+    confidence: np.ndarray,
+    area_needed_km2: np.ndarray,
+    *,
+    within_km: float,
+    bins: int,
+    truth_countries: np.ndarray | None = None,
+    points: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Every metric over top-1 errors, top-1 probabilities and RvA areas (JSON-ready)."""
+    d = np.asarray(d_km, dtype=np.float64)
+    out: dict[str, Any] = {
+        **summarize_distances(d).to_dict(),
+        "recall_vs_area": recall_vs_area(area_needed_km2).to_dict(),
+        "calibration": reliability(confidence, d, within_km=within_km, bins=bins).to_dict(),
+        "error_cdf_km": np.quantile(d, np.linspace(0, 1, CDF_POINTS)).tolist() if len(d) else [],
+    }
+    if truth_countries is not None:
+        codes = np.asarray(truth_countries)
+        out["by_continent"] = {
+            k: v.to_dict() for k, v in breakdown(list(continents(codes)), d).items()
+        }
+        out["by_country"] = {k: v.to_dict() for k, v in breakdown(list(codes), d).items()}
+    if points is not None:
+        out["points"] = {
+            "columns": ["lat", "lon", "error_km"],
+            "rows": np.round(points[:MAP_POINTS], 4).tolist(),
+        }
+    return out

@@ -96,3 +96,59 @@ def read_image_files(
         except InputImageError as exc:
             problems.append(f"[{exc.type}] {exc.detail}")
     return images, ok, problems
+
+
+# Text tags a camera or an editor writes into EXIF (IFD0), and UserComment (Exif IFD).
+_EXIF_TEXT = {
+    0x010E: "ImageDescription",
+    0x010F: "Make",
+    0x0110: "Model",
+    0x0131: "Software",
+    0x013B: "Artist",
+    0x8298: "Copyright",
+    0x9C9B: "XPTitle",
+    0x9C9C: "XPComment",
+    0x9C9D: "XPAuthor",
+    0x9C9E: "XPKeywords",
+    0x9C9F: "XPSubject",
+}
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+
+
+def _exif_str(tag: int, value: object) -> str:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, bytes):
+        return str(value)
+    if 0x9C9B <= tag <= 0x9C9F:  # Windows XP tags: UTF-16LE
+        return value.decode("utf-16-le", "replace")
+    if tag == _USER_COMMENT:  # an 8-byte character code, then the text
+        code, text = value[:8], value[8:]
+        return text.decode("utf-16" if code.startswith(b"UNICODE") else "latin-1", "replace")
+    return value.decode("utf-8", "replace")
+
+
+def image_text(data: bytes) -> list[tuple[str, str]]:
+    """Text the image file carries (EXIF text tags, PNG text chunks) as (name, text).
+
+    Only headers are parsed; a file without any, or one that does not parse, gives []."""
+    out: list[tuple[str, str]] = []
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            exif = im.getexif()
+            items = [(t, exif.get(t)) for t in _EXIF_TEXT]
+            items.append((_USER_COMMENT, exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)))
+            # Text chunks before the pixels (im.text would decode the whole image).
+            png_text = {
+                k: v for k, v in im.info.items() if im.format == "PNG" and isinstance(v, str)
+            }
+    except Exception:  # metadata is optional context; the decoder judges the image itself
+        return []
+    for tag, value in items:
+        if value is None:
+            continue
+        text = _exif_str(tag, value).replace("\x00", "").strip()
+        if text:
+            out.append((f"exif.{_EXIF_TEXT.get(tag, 'UserComment')}", text))
+    out += [(f"png.{k}", str(v).strip()) for k, v in png_text.items() if str(v).strip()]
+    return out

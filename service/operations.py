@@ -14,8 +14,9 @@ import binascii
 import logging
 import re
 import time
+import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -30,6 +31,7 @@ from service.api_models import (
     ActivateOut,
     BatchItem,
     BatchResponse,
+    CalibrationInfo,
     FeedbackOut,
     IndexInfo,
     InfoOut,
@@ -42,10 +44,13 @@ from service.api_models import (
     RequestCount,
     StatsOut,
 )
+from service.engine import verify_published
 from service.errors import GeolocError, ImageTooLargeError, InvalidOptionError, NotFoundError
-from service.images import decode_image
+from service.images import decode_image, image_text
+from service.llm_stage import LLMReport
+from service.llm_stage import skipped as llm_skipped
 from service.metrics import Metrics
-from service.pipeline import LocateOptions, LocateResult, Locator
+from service.pipeline import LocateOptions, LocateResult, Locator, text_query
 from service.problems import (
     InvalidBase64Error,
     NotReadyError,
@@ -88,6 +93,9 @@ def locate_options(settings: Settings, opts: LocateRequestOptions | None) -> Loc
         countries=tuple(c.upper() for c in opts.countries) if opts.countries else None,
         neighbours=opts.neighbours,
         return_neighbours=opts.return_neighbours,
+        nprobe=opts.nprobe,
+        llm_diversify=opts.llm_diversify,
+        llm_rerank=opts.llm_rerank,
     )
 
 
@@ -116,7 +124,10 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
 
 
 def _response(
-    result: LocateResult, prediction_id: str | None, warnings: list[str]
+    result: LocateResult,
+    prediction_id: str | None,
+    warnings: list[str],
+    llm: LLMReport | None = None,
 ) -> LocateResponse:
     d = result.to_dict()
     return LocateResponse(
@@ -130,12 +141,17 @@ def _response(
         stages=d["stages"],
         timings_ms=d["timings_ms"],
         neighbours=d.get("neighbours"),
+        llm=llm,
         warnings=warnings,
     )
 
 
 def _record(
-    state: ServiceState, response: LocateResponse, latency_ms: float, caller: Caller
+    state: ServiceState,
+    response: LocateResponse,
+    latency_ms: float,
+    caller: Caller,
+    prediction_id: str | None = None,
 ) -> str | None:
     """Store the answer; None (and a log line) when the database cannot take it."""
     if state.sessions is None or state.db_error is not None:
@@ -151,9 +167,11 @@ def _record(
                 latency_ms=latency_ms,
                 api_key_id=caller.key_id,
                 client=caller.client,
+                prediction_id=prediction_id,
             )
     except SQLAlchemyError as exc:
         log.warning("prediction not recorded: %s", exc)
+        state.database_failed(exc)
         return None
 
 
@@ -164,10 +182,14 @@ async def locate_bytes(
     caller: Caller,
     *,
     name: str = "image",
+    filename: str | None = None,
     locator: Locator | None = None,
 ) -> LocateResponse:
-    """Decode, locate (through the micro-batcher) and record one image."""
+    """Decode, locate (through the micro-batcher), run the LLM stages when configured, and
+    record one image. ``filename`` is the client's name for the file (LLM context only)."""
     start = time.perf_counter()
+    # Chosen now so that the LLM's debug log lines carry it.
+    prediction_id = uuid.uuid4().hex
     # Read once: an index swap does not affect a request that has started.
     locator = locator or state.require_locator()
     s = state.settings
@@ -176,18 +198,71 @@ async def locate_bytes(
             data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, name=name
         )
     )
-    result = await state.batcher.submit(locator, image, options, timeout_s=s.request_timeout_s)
+    llm = state.llm
+    use_llm = llm is not None and llm.wanted(options)
+    first_options = llm.first_pass_options(options) if llm is not None and use_llm else options
+    result = await state.batcher.submit(
+        locator, image, first_options, timeout_s=s.request_timeout_s
+    )
+    warnings: list[str] = []
+    if llm is None:
+        report = llm_skipped("no LLM is configured (GEOLOC_LLM_BASE_URL is empty)")
+    else:
+        # The LLM stages end by the request's deadline, and within their own budget.
+        deadline = time.monotonic() + min(
+            s.llm_budget_s, s.request_timeout_s - (time.perf_counter() - start)
+        )
+        metadata = [("filename", filename)] if filename else []
+        metadata += await anyio.to_thread.run_sync(image_text, data)
+        result, report = await llm.run(
+            locator,
+            image,
+            result,
+            options,
+            metadata=metadata,
+            prediction_id=prediction_id,
+            deadline=deadline,
+        )
+        if report.status == "failed":
+            warnings.append(f"the LLM stages failed ({report.reason}); the answer is without them")
+    return await _answer(state, result, caller, start, prediction_id, warnings, report)
+
+
+async def _answer(
+    state: ServiceState,
+    result: LocateResult,
+    caller: Caller,
+    start: float,
+    prediction_id: str,
+    warnings: list[str],
+    llm: LLMReport,
+) -> LocateResponse:
+    """The response, recorded as prediction ``prediction_id`` when the database can."""
     state.metrics.observe_stages(result.timings_ms)
-    response = _response(result, None, [])
+    response = _response(result, None, warnings, llm)
     latency_ms = (time.perf_counter() - start) * 1000
-    prediction_id = await anyio.to_thread.run_sync(_record, state, response, latency_ms, caller)
-    if prediction_id is None:
+    recorded = await anyio.to_thread.run_sync(
+        _record, state, response, latency_ms, caller, prediction_id
+    )
+    if recorded is None:
         response.warnings.append(
             "the prediction was not recorded (database unavailable): no prediction_id, "
             "so no feedback can be sent for it"
         )
-    response.prediction_id = prediction_id
+    response.prediction_id = recorded
     return response
+
+
+async def locate_text(
+    state: ServiceState, text: str, options: LocateOptions, caller: Caller
+) -> LocateResponse:
+    """Locate a description of a place (profiles with a text tower; else 422)."""
+    start = time.perf_counter()
+    text = text_query(text, state.settings.max_text_chars)
+    locator = state.require_locator()
+    results = await anyio.to_thread.run_sync(locator.locate_texts, [text], options)
+    report = llm_skipped("text queries do not use the LLM stages")
+    return await _answer(state, results[0], caller, start, uuid.uuid4().hex, [], report)
 
 
 async def locate_batch(
@@ -206,7 +281,9 @@ async def locate_batch(
     async def one(i: int, filename: str | None, data: bytes) -> BatchItem:
         try:
             name = filename or f"file {i}"
-            res = await locate_bytes(state, data, options, caller, name=name, locator=locator)
+            res = await locate_bytes(
+                state, data, options, caller, name=name, filename=filename, locator=locator
+            )
             return BatchItem(index=i, filename=filename, result=res)
         except GeolocError as exc:
             state.metrics.problems.labels(exc.type).inc()
@@ -259,10 +336,35 @@ def submit_feedback(session: Session, prediction_id: str, lat: float, lon: float
     )
 
 
-def stats(session: Session, metrics: Metrics, since: datetime | None) -> StatsOut:
-    summary = db.prediction_stats(session, since)
+@dataclass(frozen=True)
+class StatsQuery:
+    """The window and the calibration event of /v1/stats (None: the settings' defaults)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    within_km: float | None = None
+    bins: int = 10
+
+
+def stats(session: Session, metrics: Metrics, settings: Settings, query: StatsQuery) -> StatsOut:
+    if query.since is not None and query.until is not None:
+        since, until = (
+            t if t.tzinfo else t.replace(tzinfo=UTC) for t in (query.since, query.until)
+        )
+        if until <= since:
+            raise InvalidOptionError(
+                f"until ({query.until}) must be later than since ({query.since})"
+            )
+    summary = db.prediction_stats(
+        session,
+        query.since,
+        query.until,
+        within_km=settings.calibration_km if query.within_km is None else query.within_km,
+        bins=query.bins,
+        max_rows=settings.stats_max_predictions,
+    )
     requests = [RequestCount(**r) for r in metrics.request_counts()]
-    return StatsOut(since=since, requests=requests, **summary)
+    return StatsOut(since=query.since, until=query.until, requests=requests, **summary)
 
 
 # -- service description --------------------------------------------------------------------------
@@ -304,6 +406,15 @@ def service_info(s: Settings, loc: Locator) -> InfoOut:
         auth_enabled=s.auth_enabled,
         url_fetch_enabled=s.url_fetch_enabled,
         batching_enabled=s.batching_enabled,
+        calibration=None
+        if loc.calibration is None
+        else CalibrationInfo(
+            version=loc.calibration.version,
+            temperature=loc.calibration.temperature,
+            within_km=loc.calibration.within_km,
+            created_at=loc.calibration.created_at,
+            data=loc.calibration.data,
+        ),
     )
 
 
@@ -314,6 +425,7 @@ def readiness(state: ServiceState) -> ReadyOut:
         "model": "ok" if loc is not None or state.model_loaded else str(state.locator_error),
         "index": "ok" if loc is not None else str(state.locator_error),
         "database": "ok" if state.db_error is None else state.db_error,
+        "shutdown": "draining: finishing in-flight requests" if state.draining else "ok",
     }
     failed = [k for k, v in checks.items() if v != "ok"]
     if failed or loc is None:
@@ -327,6 +439,7 @@ def readiness(state: ServiceState) -> ReadyOut:
 
 def activate_index(state: ServiceState, session: Session, name: str, version: str) -> ActivateOut:
     """Make name/version the active version (every replica swaps to it at its next poll)."""
+    verify_published(state.settings, name, version)
     db.sync_index_versions(session, state.settings.index_dir)
     row = db.activate_index(session, name, version)
     state.poke()

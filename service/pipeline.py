@@ -2,20 +2,25 @@
 
 Joins the encoders (image and GPS towers) and the index (gallery search, H3,
 geocoding). No HTTP here: the CLI and the web service both call ``Locator.locate``.
+
+A result keeps its query's verified pool (``LocateResult.draft``), so ``Locator.revise`` can
+finish the query again with extra candidate points (the LLM's proposals, service/llm_stage.py):
+they are scored by the GPS tower and verified like every other candidate.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from encoders import GeoModel
+from encoders import GeoModel, get_profile
+from encoders.profiles import text_profiles
 from index.geo import (
     BBox,
     cell_center_children,
@@ -28,7 +33,10 @@ from index.geo import (
 from index.geocode import ReverseGeocoder
 from index.region import country_distribution, uncertainty_region
 from index.store import LoadedIndex
-from service.errors import InvalidOptionError
+from service.errors import InvalidOptionError, TextQueryUnsupportedError
+
+if TYPE_CHECKING:
+    from service.calibration import Calibration
 
 STAGES = ("retrieve", "refine", "diversify", "verify", "describe")
 #: The finest H3 resolution refinement descends to (~0.1 km² cells).
@@ -68,8 +76,20 @@ class LocateOptions:
     neighbour_weight: float = 1.0
     neighbour_kernel_km: float = 50.0
     neighbour_temperature: float = 50.0
+    #: The optional LLM stages (service/llm_stage.py): proposals that join the candidates,
+    #: and a reranking among the returned candidates. Used only when an LLM is configured.
+    llm_diversify: bool = True
+    llm_rerank: bool = True
+    #: Softmax temperature of verification (logits / temperature); None: the locator's
+    #: calibration (``geoloc calibrate``), 1.0 without one.
+    temperature: float | None = None
+    #: IVF lists searched in a compressed index (gallery and reference images); 0: the
+    #: index's own default, recorded in its manifest with the recall measured there.
+    nprobe: int = 0
 
-    def validate(self, *, max_top_k: int, max_retrieve_k: int) -> LocateOptions:
+    def validate(
+        self, *, max_top_k: int, max_retrieve_k: int, max_nprobe: int = 1024
+    ) -> LocateOptions:
         def check(ok: bool, msg: str) -> None:
             if not ok:
                 raise InvalidOptionError(msg)
@@ -87,9 +107,14 @@ class LocateOptions:
         check(0 < self.region_share <= 1, "region_share must be in (0, 1]")
         check(0 <= self.region_res <= 8, "region_res must be between 0 and 8")
         check(0 <= self.neighbours <= 256, "neighbours must be between 0 and 256")
+        check(0 <= self.nprobe <= max_nprobe, f"nprobe must be between 1 and {max_nprobe}")
         check(0 <= self.neighbour_weight <= 10, "neighbour_weight must be between 0 and 10")
         check(1 <= self.neighbour_kernel_km <= 5000, "neighbour_kernel_km must be 1..5000")
         check(0 <= self.neighbour_temperature <= 1000, "neighbour_temperature must be 0..1000")
+        check(
+            self.temperature is None or 0.01 <= self.temperature <= 100,
+            "temperature must be between 0.01 and 100",
+        )
         check(
             self.normalization in ("candidates", "gallery"),
             "normalization must be 'candidates' or 'gallery'",
@@ -111,6 +136,8 @@ class Candidate:
     country: str | None = None
     admin1: str | None = None
     city: str | None = None
+    #: Position in the LLM's reranking (1: its first choice) when it ranked this candidate.
+    llm_rank: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -126,6 +153,8 @@ class LocateResult:
     profile: str
     index: str
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The query's verified pool, for ``Locator.revise``; never serialised.
+    draft: _Scored | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -171,6 +200,15 @@ class _Pool:
         self.source = [self.source[i] for i in idx]
         self.country = self.country[idx]
 
+    def copy(self) -> _Pool:
+        return _Pool(
+            self.latlon.copy(),
+            self.score.copy(),
+            self.exact.copy(),
+            list(self.source),
+            self.country.copy(),
+        )
+
 
 class _Timer:
     def __init__(self) -> None:
@@ -182,6 +220,36 @@ class _Timer:
         return now
 
 
+@dataclass
+class _Scored:
+    """One query after verification: its pool and logits, before the softmax."""
+
+    pool: _Pool
+    logits: np.ndarray
+    gallery_lse: float | None  # log-sum-exp over the gallery ("gallery" normalisation)
+    stages: list[str]
+    timer: _Timer
+    t: float  # when verification ended
+    neighbours: list[dict[str, Any]]
+    q: np.ndarray | None = None  # the query vector
+    support: tuple[np.ndarray, np.ndarray] | None = None  # neighbour (latlon, weights)
+
+    def copy(self) -> _Scored:
+        timer = _Timer()
+        timer.ms = dict(self.timer.ms)
+        return _Scored(
+            self.pool.copy(),
+            self.logits.copy(),
+            self.gallery_lse,
+            list(self.stages),
+            timer,
+            self.t,
+            self.neighbours,
+            self.q,
+            self.support,
+        )
+
+
 class Locator:
     """Heavy parts loaded once (model, index, geocoder); ``locate`` per request."""
 
@@ -191,6 +259,7 @@ class Locator:
         index: LoadedIndex,
         geocoder: ReverseGeocoder,
         neighbours: LoadedIndex | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         if index.manifest.profile != model.profile or index.manifest.dim != model.embed_dim:
             raise InvalidOptionError(
@@ -211,6 +280,13 @@ class Locator:
         self.neighbours = neighbours
         self.geocoder = geocoder
         self.scale = model.scale
+        self.calibration = calibration
+
+    def temperature(self, options: LocateOptions) -> float:
+        """The request's temperature, else the calibrated one, else 1."""
+        if options.temperature is not None:
+            return float(options.temperature)
+        return self.calibration.temperature if self.calibration is not None else 1.0
 
     @property
     def index_label(self) -> str:
@@ -222,9 +298,31 @@ class Locator:
         return self.model.embed_images(list(images))
 
     def locate(self, images: Sequence[Image.Image], options: LocateOptions) -> list[LocateResult]:
+        return self._locate_encoded(lambda: self.embed(images), len(images), options)
+
+    def locate_texts(self, texts: Sequence[str], options: LocateOptions) -> list[LocateResult]:
+        """Text queries ("a beach in Brittany"): text tower -> image head -> the pipeline."""
+        if not self.model.has_text:
+            profile = get_profile(self.model.profile)
+            why = (
+                "its text tower is not loaded (the model was built without open_clip weights)"
+                if profile.has_text
+                else "it has no text tower"
+            )
+            raise TextQueryUnsupportedError(
+                f"profile '{self.model.profile}' cannot locate text: {why}. Text queries need "
+                f"a profile with a text tower: {', '.join(text_profiles()) or 'none'}"
+            )
+        return self._locate_encoded(
+            lambda: self.model.embed_texts(list(texts)), len(texts), options
+        )
+
+    def _locate_encoded(
+        self, encode: Callable[[], np.ndarray], n: int, options: LocateOptions
+    ) -> list[LocateResult]:
         t0 = time.perf_counter()
-        queries = self.embed(images)
-        encode_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
+        queries = encode()
+        encode_ms = (time.perf_counter() - t0) * 1000 / max(n, 1)
         results = self.locate_embeddings(queries, options)
         for r in results:
             r.timings_ms = {"encode": round(encode_ms, 3), **r.timings_ms}
@@ -232,50 +330,136 @@ class Locator:
 
     def locate_embeddings(self, queries: np.ndarray, options: LocateOptions) -> list[LocateResult]:
         """The pipeline after the image tower, for (n, D) unit query vectors."""
+        temperature = self.temperature(options)
+        return [
+            self._describe(scored, options, temperature)
+            for scored in self._score(queries, options, temperature)
+        ]
+
+    def candidate_logits(
+        self, queries: np.ndarray, options: LocateOptions
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(latlon (n, 2), logits (n,)) of every candidate of each query, before the softmax
+        and its temperature: what calibration fits the temperature on. Candidate
+        normalisation only."""
+        return [(s.pool.latlon.copy(), s.logits.copy()) for s in self._score(queries, options, 1.0)]
+
+    def revise(
+        self, result: LocateResult, points: np.ndarray, options: LocateOptions, source: str
+    ) -> LocateResult:
+        """Finish ``result``'s query again with extra candidate points.
+
+        The points are scored by the GPS tower (plus the neighbours' support, as in
+        verification) and then go through the softmax, suppression and description like
+        every other candidate, so they win only if the image and the place agree. Remove
+        points outside the request's filters first (``allowed``).
+        """
+        if result.draft is None:
+            raise ValueError("this result keeps no draft to revise")
+        scored = result.draft.copy()
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        if len(pts) and scored.q is not None:
+            t = time.perf_counter()
+            score = self._gps_scores(scored.q, pts)
+            logits = self.scale * score
+            if options.verify and scored.support is not None and options.neighbour_weight > 0:
+                logits = logits + options.neighbour_weight * _neighbour_support(
+                    pts, *scored.support, options.neighbour_kernel_km
+                )
+            scored.pool.extend(pts, score, source, self.geocoder.country_codes(pts))
+            scored.logits = np.concatenate([scored.logits, logits])
+            scored.timer.add("verify", t)
+        scored.t = time.perf_counter()
+        return self._describe(scored, options, self.temperature(options))
+
+    def allowed(self, latlon: np.ndarray, options: LocateOptions) -> np.ndarray:
+        """Which points pass the request's filters (bbox, countries): a boolean mask."""
+        return self._filter_points(np.asarray(latlon, dtype=np.float64).reshape(-1, 2), options)
+
+    def _score(
+        self, queries: np.ndarray, options: LocateOptions, temperature: float
+    ) -> list[_Scored]:
+        """Retrieve, refine and verify a batch: each query's pool and logits (before softmax).
+
+        Every stage runs for the whole batch at once, with one GPS-tower call per stage and
+        refinement level instead of one per query; each query's timings get its share.
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        n = max(len(queries), 1)
         allowed = self._allowed_rows(options)
         k = min(options.retrieve_k, len(self.index))
-        timer_start = time.perf_counter()
-        scores, rows = self.index.search(queries, k, allowed=allowed)
+        t = time.perf_counter()
+        nprobe = options.nprobe or None
+        scores, rows = self.index.search(queries, k, allowed=allowed, nprobe=nprobe)
         nb: tuple[np.ndarray, np.ndarray] | None = None
         if self.neighbours is not None and options.neighbours > 0:
             nb_k = min(options.neighbours, len(self.neighbours))
             nb = self.neighbours.search(
-                queries, nb_k, allowed=self._allowed_rows(options, self.neighbours)
+                queries,
+                nb_k,
+                allowed=self._allowed_rows(options, self.neighbours),
+                nprobe=nprobe,
             )
-        search_ms = (time.perf_counter() - timer_start) * 1000 / max(len(queries), 1)
         gallery_lse = (
-            self._gallery_logsumexp(queries, allowed)
+            self._gallery_logsumexp(queries, allowed, temperature)
             if options.normalization == "gallery"
             else None
         )
-        return [
-            self._locate_one(
+        batch = [
+            self._retrieve(
                 queries[i],
                 scores[i],
                 rows[i],
                 options,
-                search_ms,
                 None if gallery_lse is None else float(gallery_lse[i]),
                 None if nb is None else (nb[0][i], nb[1][i]),
             )
             for i in range(len(queries))
         ]
+        self._fill_scores(batch, [np.isnan(s.pool.score) for s in batch])  # neighbours
+        for s in batch:
+            s.pool.take(np.argsort(-s.pool.score, kind="stable"))
+        t = _share(batch, "retrieve", t, n)
+
+        live = [s for s in batch if len(s.pool.score)]
+        if options.refine and live:
+            self._refine(live, options)
+            for s in live:
+                s.stages.append("refine")
+            t = _share(live, "refine", t, n)
+
+        if options.verify and live:
+            self._fill_scores(live, [~s.pool.exact for s in live])
+            for s in live:
+                s.stages.append("verify")
+            t = _share(live, "verify", t, n)
+
+        for s in batch:
+            s.logits = self.scale * s.pool.score
+            if (
+                options.verify
+                and s.support is not None
+                and options.neighbour_weight > 0
+                and len(s.logits)
+            ):
+                s.logits = s.logits + options.neighbour_weight * _neighbour_support(
+                    s.pool.latlon, *s.support, options.neighbour_kernel_km
+                )
+            s.t = t
+        return batch
 
     # -- stages -------------------------------------------------------------------------
-    def _locate_one(
+    def _retrieve(
         self,
         q: np.ndarray,
         scores: np.ndarray,
         rows: np.ndarray,
         opt: LocateOptions,
-        search_ms: float,
         gallery_lse: float | None,
         nb: tuple[np.ndarray, np.ndarray] | None,
-    ) -> LocateResult:
-        timer = _Timer()
-        timer.ms["retrieve"] = round(search_ms, 3)
-        t = time.perf_counter()
+    ) -> _Scored:
+        """One query's starting pool: gallery hits, plus its image neighbours' points (score
+        NaN until the batch's GPS-tower call)."""
         ok = rows >= 0
         rows, scores = rows[ok], scores[ok]
         pts = self.index.points
@@ -286,7 +470,6 @@ class Locator:
             source=["gallery"] * len(rows),
             country=np.asarray(pts.country[rows]),
         )
-        stages = ["retrieve"]
         neighbours: list[dict[str, Any]] = []
         support: tuple[np.ndarray, np.ndarray] | None = None  # neighbour (latlon, weights)
         if nb is not None:
@@ -304,44 +487,47 @@ class Locator:
                 # Their GPS joins the candidates, scored like any other point.
                 pool.extend(
                     nlatlon,
-                    self._gps_scores(q, nlatlon),
+                    np.full(len(nlatlon), np.nan),
                     "neighbour",
                     np.asarray(self.neighbours.points.country[nrows]),
+                    exact=False,
                 )
-            order = np.argsort(-pool.score, kind="stable")
-            pool.take(order)
-        t = timer.add("retrieve", t)
+        return _Scored(
+            pool, np.empty(0), gallery_lse, ["retrieve"], _Timer(), 0.0, neighbours, q, support
+        )
 
-        if opt.refine and len(pool.score):
-            self._refine(q, pool, opt)
-            stages.append("refine")
-            t = timer.add("refine", t)
+    def _fill_scores(self, batch: list[_Scored], todo: list[np.ndarray]) -> None:
+        """Score the ``todo`` points of each pool with the GPS tower, for the whole batch."""
+        new = self._gps_scores_many(
+            [s.q for s in batch], [s.pool.latlon[m] for s, m in zip(batch, todo, strict=True)]
+        )
+        for s, m, v in zip(batch, todo, new, strict=True):
+            s.pool.score[m] = v
+            s.pool.exact[m] = True
 
-        if opt.verify and len(pool.score):
-            todo = ~pool.exact
-            if todo.any():
-                pool.score[todo] = self._gps_scores(q, pool.latlon[todo])
-                pool.exact[todo] = True
-            stages.append("verify")
-            t = timer.add("verify", t)
-
-        logits = self.scale * pool.score
-        if opt.verify and support is not None and opt.neighbour_weight > 0 and len(logits):
-            logits = logits + opt.neighbour_weight * _neighbour_support(
-                pool.latlon, *support, opt.neighbour_kernel_km
-            )
-        if gallery_lse is not None:
+    def _describe(self, scored: _Scored, opt: LocateOptions, temperature: float) -> LocateResult:
+        """Softmax, uncertainty region, diversify and describe one scored pool."""
+        draft = scored.copy()  # before the pool is sorted and cut, for ``revise``
+        pool, stages, timer, t = scored.pool, scored.stages, scored.timer, scored.t
+        logits = scored.logits / temperature
+        if scored.gallery_lse is not None:
             # GeoCLIP's softmax over the whole gallery (plus any extra points found).
             extra = np.array(
                 [s for s, src in zip(logits, pool.source, strict=True) if src != "gallery"]
             )
-            lse = np.logaddexp(gallery_lse, _logsumexp(extra)) if len(extra) else gallery_lse
+            lse = scored.gallery_lse
+            lse = np.logaddexp(lse, _logsumexp(extra)) if len(extra) else lse
             probs = np.exp(logits - lse)
         else:
             probs = np.exp(logits - _logsumexp(logits)) if len(logits) else logits
         order = np.argsort(-probs, kind="stable")
         pool.take(order)
         probs = probs[order]
+        # Places are ranked by the mass at temperature 1: a temperature (calibration) changes
+        # the probabilities stated, never which places come first.
+        rank_by = probs
+        if temperature != 1.0 and len(probs):
+            rank_by = np.exp(scored.logits[order] - scored.logits.max())
 
         # Region and countries use the whole pool distribution, before suppression.
         region = None
@@ -363,10 +549,7 @@ class Locator:
 
         keep_probs = probs
         if opt.diversify and len(probs):
-            keep, keep_probs = _suppress(pool.latlon, probs, opt.nms_km)
-            # A place that absorbed many neighbours can now outrank a lone peak.
-            by_mass = np.argsort(-keep_probs, kind="stable")
-            keep, keep_probs = keep[by_mass], keep_probs[by_mass]
+            keep, keep_probs = merge_places(nms_owners(pool.latlon, opt.nms_km), probs, rank_by)
             pool.take(keep)
             stages.append("diversify")
             t = timer.add("diversify", t)
@@ -392,7 +575,7 @@ class Locator:
             timer.add("describe", t)
         extra: dict[str, Any] = {}
         if opt.return_neighbours:
-            extra["neighbours"] = neighbours
+            extra["neighbours"] = scored.neighbours
         return LocateResult(
             extra=extra,
             candidates=cands,
@@ -402,13 +585,15 @@ class Locator:
             timings_ms=timer.ms,
             profile=self.model.profile,
             index=self.index_label,
+            draft=draft,
         )
 
-    def _refine(self, q: np.ndarray, pool: _Pool, opt: LocateOptions) -> None:
-        """Descend the H3 hierarchy under the best start cells, scoring children on the fly.
+    def _refine(self, batch: list[_Scored], opt: LocateOptions) -> None:
+        """Descend the H3 hierarchy under each query's best start cells, scoring children
+        on the fly (one GPS-tower call per level for the whole batch).
 
         Each start cell keeps ``refine_width`` children per level; the best leaf found
-        under each start cell joins the pool.
+        under each start cell joins its pool.
         """
         m = self.index.manifest
         start_res = m.h3_resolution if m.gallery_kind == "h3" else opt.refine_start_res
@@ -417,48 +602,37 @@ class Locator:
         levels = min(opt.refine_levels, MAX_REFINE_RES - start_res)
         if levels <= 0:
             return
-        beam_idx = np.arange(min(opt.refine_beam, len(pool.score)))
-        cells = latlon_to_cells(pool.latlon[beam_idx], start_res)
-        owner = beam_idx.copy()  # which start cell each frontier cell descends from
-        # Scores of the frontier cells' centres where known: an H3 gallery point is its
-        # cell's centre, and a centre child shares its parent's centre, so one GPS-tower
-        # call in seven is saved.
-        known = np.full(len(cells), np.nan)
-        if m.gallery_kind == "h3":
-            from_gallery = np.array([pool.source[i] == "gallery" for i in beam_idx], dtype=bool)
-            known[from_gallery] = pool.score[beam_idx][from_gallery]
-        best_score = np.full(len(beam_idx), -np.inf)
-        best_latlon = np.zeros((len(beam_idx), 2))
+        beams = [_Beam.start(s.pool, opt.refine_beam, start_res, m.gallery_kind) for s in batch]
         for level in range(1, levels + 1):
             res = start_res + level
-            parent, children = cell_children(cells, res)
-            s = np.full(len(children), np.nan)
-            centre = children == cell_center_children(cells, res)[parent]
-            s[centre] = known[parent[centre]]
-            child_owner = owner[parent]
-            latlon = cells_to_latlon(children)
-            ok = self._filter_points(latlon, opt)
-            children, child_owner, latlon, s = children[ok], child_owner[ok], latlon[ok], s[ok]
-            if not len(children):
-                break
-            todo = np.isnan(s)
-            s[todo] = self._gps_scores(q, latlon[todo])
-            keep = _top_per_group(child_owner, s, opt.refine_width)
-            for j in keep:
-                o = child_owner[j]
-                if s[j] > best_score[o]:
-                    best_score[o], best_latlon[o] = s[j], latlon[j]
-            cells, owner, known = children[keep], child_owner[keep], s[keep]
-        found = np.isfinite(best_score)
-        if found.any():
-            pts = best_latlon[found]
-            pool.extend(pts, best_score[found], "refined", self.geocoder.country_codes(pts))
+            for beam in beams:
+                beam.expand(res, lambda latlon: self._filter_points(latlon, opt))
+            scores = self._gps_scores_many([s.q for s in batch], [b.latlon[b.todo] for b in beams])
+            for beam, s in zip(beams, scores, strict=True):
+                beam.keep(s, opt.refine_width)
+        for s, beam in zip(batch, beams, strict=True):
+            found = np.isfinite(beam.best_score)
+            if found.any():
+                pts = beam.best_latlon[found]
+                s.pool.extend(
+                    pts, beam.best_score[found], "refined", self.geocoder.country_codes(pts)
+                )
 
     # -- helpers ------------------------------------------------------------------------
     def _gps_scores(self, q: np.ndarray, latlon: np.ndarray) -> np.ndarray:
+        return self._gps_scores_many([q], [latlon])[0]
+
+    def _gps_scores_many(
+        self, queries: Sequence[np.ndarray], latlons: Sequence[np.ndarray]
+    ) -> list[np.ndarray]:
+        """Cosine of each query with its own points, in one GPS-tower call for all."""
+        sizes = [len(p) for p in latlons]
+        if not sum(sizes):
+            return [np.empty(0) for _ in sizes]
         with torch.inference_mode():
-            emb = self.model.embed_gps(latlon.astype(np.float32))
-        return emb @ q
+            emb = self.model.embed_gps(np.concatenate(latlons).astype(np.float32))
+        parts = np.split(emb, np.cumsum(sizes)[:-1])
+        return [part @ q for part, q in zip(parts, queries, strict=True)]
 
     def _allowed_rows(
         self, opt: LocateOptions, index: LoadedIndex | None = None
@@ -483,11 +657,26 @@ class Locator:
             ok[ok] = np.isin(codes, [c.upper() for c in opt.countries])
         return ok
 
-    def _gallery_logsumexp(self, queries: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
-        all_scores = self.index.all_scores(queries) * self.scale
+    def _gallery_logsumexp(
+        self, queries: np.ndarray, allowed: np.ndarray | None, temperature: float
+    ) -> np.ndarray:
+        all_scores = self.index.all_scores(queries) * (self.scale / temperature)
         if allowed is not None:
             all_scores = np.where(allowed[None, :], all_scores, -np.inf)
         return np.array([_logsumexp(row) for row in all_scores])
+
+
+def text_query(text: str, max_chars: int) -> str:
+    """A text query, stripped; empty or longer than ``max_chars`` is an invalid option."""
+    text = text.strip()
+    if not text:
+        raise InvalidOptionError("the text query is empty")
+    if len(text) > max_chars:
+        raise InvalidOptionError(
+            f"the text query has {len(text)} characters; the limit is {max_chars} "
+            "(GEOLOC_MAX_TEXT_CHARS)"
+        )
+    return text
 
 
 def _neighbour_support(
@@ -520,17 +709,89 @@ def _top_per_group(group: np.ndarray, score: np.ndarray, width: int) -> np.ndarr
     return order[rank < width]
 
 
-def _suppress(
-    latlon: np.ndarray, probs: np.ndarray, radius_km: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Spatial NMS over points sorted by probability (descending).
+def _share(batch: list[_Scored], stage: str, start: float, n: int) -> float:
+    """Give each query of a batch its share (1/n) of a stage's time since ``start``."""
+    now = time.perf_counter()
+    ms = (now - start) * 1000 / n
+    for s in batch:
+        s.timer.ms[stage] = round(s.timer.ms.get(stage, 0.0) + ms, 3)
+    return now
 
-    Returns the kept indices and their probabilities with the mass of every suppressed
-    point added to the kept point that suppressed it, so "this place" means the area.
+
+@dataclass
+class _Beam:
+    """One query's H3 refinement: the frontier cells, the start cell each descends from,
+    and the best leaf found so far under each start cell."""
+
+    cells: np.ndarray
+    owner: np.ndarray
+    known: np.ndarray  # the frontier cells' centre scores where known, else NaN
+    best_score: np.ndarray
+    best_latlon: np.ndarray
+    # The level being scored: children of the frontier, their start cell, centre, score.
+    children: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
+    child_owner: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    latlon: np.ndarray = field(default_factory=lambda: np.empty((0, 2)))
+    score: np.ndarray = field(default_factory=lambda: np.empty(0))
+    todo: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
+
+    @classmethod
+    def start(cls, pool: _Pool, beam: int, res: int, gallery_kind: str) -> _Beam:
+        idx = np.arange(min(beam, len(pool.score)))
+        # An H3 gallery point is its cell's centre, and a centre child shares its parent's
+        # centre: its score is known, which saves one GPS-tower call in seven.
+        known = np.full(len(idx), np.nan)
+        if gallery_kind == "h3":
+            from_gallery = np.array([pool.source[i] == "gallery" for i in idx], dtype=bool)
+            known[from_gallery] = pool.score[idx][from_gallery]
+        return cls(
+            cells=latlon_to_cells(pool.latlon[idx], res),
+            owner=idx.copy(),
+            known=known,
+            best_score=np.full(len(idx), -np.inf),
+            best_latlon=np.zeros((len(idx), 2)),
+        )
+
+    def expand(self, res: int, allowed: Callable[[np.ndarray], np.ndarray]) -> None:
+        """The children at ``res`` that pass the filters; ``todo`` marks those to score."""
+        if not len(self.cells):
+            self.children, self.latlon, self.todo = self.cells, np.empty((0, 2)), self.todo[:0]
+            self.child_owner, self.score = self.owner, np.empty(0)
+            return
+        parent, children = cell_children(self.cells, res)
+        score = np.full(len(children), np.nan)
+        centre = children == cell_center_children(self.cells, res)[parent]
+        score[centre] = self.known[parent[centre]]
+        latlon = cells_to_latlon(children)
+        ok = allowed(latlon)
+        self.children, self.child_owner = children[ok], self.owner[parent][ok]
+        self.latlon, self.score = latlon[ok], score[ok]
+        self.todo = np.isnan(self.score)
+
+    def keep(self, new_scores: np.ndarray, width: int) -> None:
+        """Take the scores of ``todo``; keep the best ``width`` children per start cell."""
+        self.score[self.todo] = new_scores
+        keep = _top_per_group(self.child_owner, self.score, width)
+        for j in keep:
+            o = self.child_owner[j]
+            if self.score[j] > self.best_score[o]:
+                self.best_score[o], self.best_latlon[o] = self.score[j], self.latlon[j]
+        self.cells, self.owner, self.known = (
+            self.children[keep],
+            self.child_owner[keep],
+            self.score[keep],
+        )
+
+
+def nms_owners(latlon: np.ndarray, radius_km: float) -> np.ndarray:
+    """Spatial NMS over points sorted by probability (descending): for each point, the
+    index of the kept point it is merged into (itself when kept).
+
+    Depends only on the order of the probabilities, so it holds for any softmax temperature.
     """
-    n = len(probs)
+    n = len(latlon)
     if radius_km <= 0 or n == 0:
-        return np.arange(n), probs
+        return np.arange(n)
     dist = pairwise_km(latlon, latlon)
     owner = np.full(n, -1)
     for i in range(n):
@@ -539,6 +800,19 @@ def _suppress(
         owner[i] = i
         near = (dist[i] <= radius_km) & (owner < 0)
         owner[near] = i
+    return owner
+
+
+def merge_places(
+    owner: np.ndarray, probs: np.ndarray, rank_by: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The kept points and their probabilities with the mass of every point merged into
+    them added (so "this place" means the area), ordered by the merged mass of ``rank_by``
+    (default ``probs``), most probable first."""
+    n = len(probs)
     keep = np.flatnonzero(owner == np.arange(n))
-    mass = np.bincount(owner, weights=probs, minlength=n)
-    return keep, mass[keep]
+    mass = np.bincount(owner, weights=probs, minlength=n)[keep]
+    rank = mass if rank_by is None else np.bincount(owner, weights=rank_by, minlength=n)[keep]
+    # A place that absorbed many neighbours can now outrank a lone peak.
+    by_mass = np.argsort(-rank, kind="stable")
+    return keep[by_mass], mass[by_mass]

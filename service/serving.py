@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import anyio
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from encoders import GeoModel
@@ -27,8 +27,9 @@ from service.db import (
     make_engine,
     make_sessionmaker,
 )
-from service.engine import load_geomodel, load_locator
+from service.engine import calibration_for, load_geomodel, load_locator
 from service.errors import GeolocError
+from service.llm_stage import LLMStage
 from service.metrics import Metrics
 from service.pipeline import Locator
 from service.problems import DatabaseUnavailableError, NotReadyError
@@ -51,6 +52,10 @@ class ServiceState:
     locator_error: str | None = "not loaded yet"
     #: Why the database cannot be used (None when it is at head).
     db_error: str | None = "not checked yet"
+    #: SIGTERM received: /readyz answers 503 while the in-flight requests finish.
+    draining: bool = False
+    #: The optional LLM stages (None: no GEOLOC_LLM_BASE_URL).
+    llm: LLMStage | None = None
     _model: GeoModel | None = None
     _failed_version: str | None = None
     _poke: asyncio.Event = field(default_factory=asyncio.Event)
@@ -88,9 +93,11 @@ class ServiceState:
         self._loop = asyncio.get_running_loop()
         self._poke = asyncio.Event()
         self._stopping = False
+        self.draining = False
         self.limiter = make_limiter(s.rate_limit_per_minute, s.redis_url, s.redis_prefix)
+        self.llm = LLMStage.from_settings(s)
         try:
-            self.engine = make_engine(s.db_url)
+            self.engine = make_engine(s.db_url, s.database_wait_s, s.database_connect_timeout_s)
             self.sessions = make_sessionmaker(self.engine)
         except GeolocError as exc:
             self.db_error = exc.detail
@@ -119,6 +126,9 @@ class ServiceState:
         if self.limiter is not None:
             await self.limiter.close()
             self.limiter = None
+        if self.llm is not None:
+            await self.llm.aclose()
+            self.llm = None
         if self.engine is not None:
             self.engine.dispose()
         self._task = None
@@ -128,7 +138,17 @@ class ServiceState:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._poke.set)
 
+    def begin_drain(self) -> None:
+        """Stop reporting ready (called from the SIGTERM handler: sets a flag, nothing else)."""
+        self.draining = True
+
     # -- database -------------------------------------------------------------------------------
+    def database_failed(self, exc: SQLAlchemyError) -> None:
+        """A request lost the database: report not ready and stop trying it per request until
+        the poller's next check finds it back."""
+        if isinstance(exc, OperationalError | InterfaceError):
+            self.db_error = _first_line(exc)
+
     def check_database(self) -> None:
         if self.engine is None:
             return
@@ -140,8 +160,7 @@ class ServiceState:
         except GeolocError as exc:
             self.db_error = exc.detail
         except SQLAlchemyError as exc:
-            orig = getattr(exc, "orig", None) or exc
-            self.db_error = (str(orig).strip().splitlines() or [type(exc).__name__])[0]
+            self.db_error = _first_line(exc)
 
     # -- index ----------------------------------------------------------------------------------
     def _served_name(self) -> str:
@@ -201,7 +220,13 @@ class ServiceState:
                 dim=current.model.embed_dim,
                 verify=True,
             )
-            fresh = Locator(current.model, index, current.geocoder, neighbours=current.neighbours)
+            fresh = Locator(
+                current.model,
+                index,
+                current.geocoder,
+                neighbours=current.neighbours,
+                calibration=calibration_for(self.settings, index, current.model),
+            )
         except (GeolocError, ValueError, OSError) as exc:
             if self._failed_version != version:
                 log.error(
@@ -228,11 +253,17 @@ class ServiceState:
             if self._stopping:
                 return
             try:
-                if self.db_error is not None:
-                    await loop.run_in_executor(None, self.check_database)
+                # Every round, not only after a failure: readiness must notice a database
+                # that went away while no request needed it.
+                await loop.run_in_executor(None, self.check_database)
                 await loop.run_in_executor(None, self.refresh_index)
             except Exception:  # never let the poller die
                 log.exception("index poll failed")
+
+
+def _first_line(exc: SQLAlchemyError) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return (str(orig).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def build_state(settings: Settings) -> ServiceState:

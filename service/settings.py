@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import fields
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.pipeline import LocateOptions
 
@@ -40,6 +41,9 @@ class Settings(BaseSettings):
     max_batch: int = Field(32, gt=0, description="Most images in one locate call.")
     max_top_k: int = Field(100, gt=0, description="Largest top_k a request may ask for.")
     max_retrieve_k: int = Field(2048, gt=0, description="Largest retrieve_k a request may ask for.")
+    max_text_chars: int = Field(
+        1000, gt=0, description="Longest text query (POST /v1/locate/text, locate --text)."
+    )
 
     # -- pipeline defaults (a request may override within the limits) ---------------------
     # Same names and defaults as LocateOptions; see service/pipeline.py for meanings.
@@ -56,12 +60,169 @@ class Settings(BaseSettings):
     neighbour_weight: float = _DEFAULTS.neighbour_weight
     neighbour_kernel_km: float = _DEFAULTS.neighbour_kernel_km
     neighbour_temperature: float = _DEFAULTS.neighbour_temperature
+    nprobe: int = Field(
+        _DEFAULTS.nprobe,
+        ge=0,
+        description="IVF lists a compressed index searches; 0: the index's own (the value its "
+        "manifest's recall was measured at). A request may ask for 1..max_nprobe.",
+    )
+    max_nprobe: int = Field(1024, ge=1, description="Largest nprobe a request may ask for.")
+
+    # -- calibration and evaluation ------------------------------------------------------
+    calibration: str = Field(
+        "latest",
+        pattern=r"^(latest|off|[A-Za-z0-9._-]+)$",
+        description="Softmax temperature fitted by `geoloc calibrate` for the served index "
+        "version: 'latest', 'off' or a calibration version.",
+    )
+    calibration_km: float = Field(
+        50.0,
+        gt=0,
+        le=20_000,
+        description="The event the top-1 probability states: the truth is within this many "
+        "km of the candidate. Calibrate fits it; eval and /v1/stats measure its ECE.",
+    )
+    stats_max_predictions: int = Field(
+        50_000,
+        gt=0,
+        description="Most predictions with feedback /v1/stats measures (the newest in the window).",
+    )
+
+    # -- LLM stages (optional; off unless llm_base_url is set; docs/API.md "LLM") --------
+    # Per-request defaults (a request may switch either off or on).
+    llm_diversify: bool = _DEFAULTS.llm_diversify
+    llm_rerank: bool = _DEFAULTS.llm_rerank
+    llm_base_url: str = Field(
+        "",
+        description="OpenAI-compatible API base URL (…/v1) of a vision model: vLLM, Ollama, "
+        "llama.cpp server, OpenAI; empty: no LLM.",
+    )
+    llm_model: str = Field("", description="Model name sent with every LLM call.")
+    llm_api_key: SecretStr = Field(
+        SecretStr(""), description="Bearer key of the LLM server; empty: none sent."
+    )
+    llm_timeout_s: float = Field(
+        15.0, gt=0, description="One LLM HTTP attempt (clipped to what is left of the budget)."
+    )
+    llm_connect_timeout_s: float = Field(2.0, gt=0, description="Connecting to the LLM server.")
+    llm_budget_s: float = Field(
+        25.0,
+        gt=0,
+        description="The most the LLM stages add to one request: calls, retries and waits "
+        "(also cut at GEOLOC_REQUEST_TIMEOUT_S from the request's start).",
+    )
+    llm_max_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Retries of one call on 429, 5xx, timeouts, refused connections.",
+    )
+    llm_backoff_s: float = Field(
+        0.5, ge=0, description="First retry wait (doubles each retry, with jitter)."
+    )
+    llm_backoff_max_s: float = Field(8.0, ge=0, description="Longest retry wait.")
+    llm_breaker_failures: int = Field(
+        5, ge=1, description="Consecutive failed attempts that open the circuit breaker."
+    )
+    llm_breaker_cooldown_s: float = Field(
+        30.0, ge=0, description="How long the open breaker skips the LLM before one trial call."
+    )
+    llm_max_concurrency: int = Field(
+        4, ge=1, description="LLM calls in flight at once in this process."
+    )
+    llm_max_tokens: int = Field(300, ge=16, description="max_tokens of every LLM call.")
+    llm_json_mode: bool = Field(
+        True,
+        description='Send response_format {"type": "json_object"} (off for servers that '
+        "refuse it).",
+    )
+    llm_temperature: float = Field(
+        0.7, ge=0, le=2, description="Sampling temperature of the diversification prompts."
+    )
+    llm_diversify_k: Annotated[tuple[int, ...], NoDecode] = Field(
+        (0, 5, 10),
+        description="Diversification prompts: how many candidates each carries (0: zero-shot); "
+        "comma-separated, e.g. 0,5,10.",
+    )
+    llm_samples: int = Field(
+        2, ge=1, le=10, description="Answers sampled per diversification prompt."
+    )
+    llm_rerank_k: int = Field(5, ge=2, le=26, description="Candidates the reranking shows the LLM.")
+    llm_rerank_weight: float = Field(
+        1.0,
+        ge=0,
+        le=10,
+        description="Largest log-odds bonus the LLM's reranking gives a candidate (its first "
+        "choice gets all of it).",
+    )
+    llm_image_max_side: int = Field(
+        512, ge=32, le=4096, description="The image goes to the LLM as JPEG of at most this side."
+    )
+    llm_metadata_max_chars: int = Field(
+        200, ge=0, le=2000, description="Request text (file name, EXIF) per field sent to the LLM."
+    )
+    llm_metadata_max_fields: int = Field(
+        8, ge=0, le=50, description="Request text fields (file name, EXIF tags) sent to the LLM."
+    )
+
+    @field_validator("llm_diversify_k", mode="before")
+    @classmethod
+    def _split_k(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(int(x) for x in value.replace(" ", "").split(",") if x)
+        return value
+
+    @field_validator("llm_diversify_k")
+    @classmethod
+    def _check_k(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(not 0 <= k <= 50 for k in value):
+            raise ValueError("llm_diversify_k: one or more numbers of candidates, each 0..50")
+        return tuple(dict.fromkeys(value))
+
+    # -- large reference galleries (geoloc images add) -------------------------------------
+    refs_shard_rows: int = Field(
+        10_000, ge=1, description="Rows per shard of an images-add job (the unit of resuming)."
+    )
+    refs_ray_min_rows: int = Field(
+        50_000, ge=1, description="Jobs with at least this many rows run on Ray (runner auto)."
+    )
+    ray_address: str = Field(
+        "", description="Ray cluster address for images-add jobs; empty: a local Ray."
+    )
+    ray_num_cpus: int = Field(2, ge=1, description="CPUs of the local Ray an images-add starts.")
+    ray_actors: int = Field(2, ge=1, description="Encoder actors of a Ray images-add job.")
+    compressed_min_rows: int = Field(
+        1_000_000,
+        ge=1,
+        description="Reference indexes with at least this many images are compressed "
+        "(IVF-PQ, inverted lists on disk); smaller ones are exact (Flat).",
+    )
+    index_train_size: int = Field(
+        200_000, ge=1000, description="Vectors a compressed index is trained on (a sample)."
+    )
+    index_nprobe: int = Field(
+        64, ge=1, description="nprobe a new compressed index keeps, its recall measured at."
+    )
+    index_recall_queries: int = Field(
+        200, ge=0, description="Queries of the recall measurement recorded in the manifest."
+    )
+    faiss_device: str = Field(
+        "auto",
+        pattern="^(auto|cpu|gpu)$",
+        description="auto: faiss on a GPU when faiss-gpu sees one (index training), else CPU.",
+    )
 
     # -- persistence ---------------------------------------------------------------------
     database_url: str = Field(
         "", description="SQLAlchemy URL; empty: SQLite at <data_dir>/geoloc.db."
     )
     redis_url: str = Field("", description="Redis URL for shared rate limits; empty: in-process.")
+    database_wait_s: float = Field(
+        15.0,
+        gt=0,
+        description="How long a database write waits for another's lock before failing "
+        "(SQLite busy timeout, PostgreSQL lock_timeout).",
+    )
 
     # -- http ----------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address `geoloc serve` listens on.")
@@ -98,7 +259,46 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Deadline of one image in the model queue (then 504)."
     )
     index_poll_s: float = Field(
-        5.0, ge=0, description="How often the active index version is read; 0: never."
+        5.0,
+        ge=0,
+        description="How often the active index version is read and the database checked "
+        "(readiness); 0: never.",
+    )
+    web_assets_dir: Path | None = Field(
+        None,
+        description="Built libraries and base map of the web page at /; empty: "
+        "service/web/static (python -m service.webpage build).",
+    )
+
+    # -- deployment (several replicas behind a load balancer) ---------------------------
+    replica_name: str = Field(
+        "", description="Sent as the X-Geoloc-Replica response header; empty: the host name."
+    )
+    migrate_on_start: bool = Field(
+        False,
+        description="`geoloc serve` first waits for the database and migrates it to head "
+        "(under a lock: replicas starting together migrate once).",
+    )
+    database_start_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="How long start-up waits for the database to accept connections "
+        "(migrate_on_start, `geoloc db upgrade --wait`).",
+    )
+    database_connect_timeout_s: float = Field(
+        5.0, ge=1, description="Timeout of one connection attempt to PostgreSQL."
+    )
+    shutdown_drain_s: float = Field(
+        0.0,
+        ge=0,
+        description="On SIGTERM, keep serving this long with /readyz at 503 before closing the "
+        "listener (for balancers that poll readiness; 0 with nginx's passive checks).",
+    )
+    shutdown_grace_s: float = Field(
+        30.0,
+        gt=0,
+        description="On SIGTERM, how long in-flight requests may still run before they are "
+        "cancelled and the process exits.",
     )
 
     @property
@@ -114,6 +314,12 @@ class Settings(BaseSettings):
     def default_index(self) -> str:
         return self.index_name or f"default-{self.profile}"
 
+    @property
+    def web_assets_path(self) -> Path:
+        from service.webpage import DEFAULT_ASSETS_DIR
+
+        return self.web_assets_dir or DEFAULT_ASSETS_DIR
+
     def locate_options(self, **overrides: object) -> LocateOptions:
         """Defaults from settings, overridden per call, then checked against the limits."""
         base: dict[str, object] = {
@@ -124,7 +330,9 @@ class Settings(BaseSettings):
             # A large top_k needs at least as many retrieved points.
             base["retrieve_k"] = max(int(base["retrieve_k"]), int(base["top_k"]))  # type: ignore[call-overload]
         opts = LocateOptions(**base)  # type: ignore[arg-type]
-        return opts.validate(max_top_k=self.max_top_k, max_retrieve_k=self.max_retrieve_k)
+        return opts.validate(
+            max_top_k=self.max_top_k, max_retrieve_k=self.max_retrieve_k, max_nprobe=self.max_nprobe
+        )
 
 
 _PIPELINE = {f.name for f in fields(LocateOptions)} & set(Settings.model_fields)

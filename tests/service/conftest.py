@@ -1,51 +1,21 @@
 """Database fixtures: every database test runs on SQLite (a temporary file) and PostgreSQL.
 
-PostgreSQL: a fresh database per test session (``geoloc_test_<random>`` on the server named by
-GEOLOC_TEST_POSTGRES_URL, default 127.0.0.1:5432 as postgres), emptied before each test and
-dropped at the end. Tests on it are skipped, saying why, only when the server is unreachable.
+PostgreSQL: the session database of ``postgres_database`` (tests/conftest.py), emptied before
+each test.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import Engine, create_engine
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from index.store import Manifest, PointTable, publish_index
 from service.db import make_engine, make_sessionmaker, upgrade
-
-PG_ADMIN_URL = os.environ.get(
-    "GEOLOC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-
-
-@pytest.fixture(scope="session")
-def postgres_database() -> Iterator[str]:
-    admin = create_engine(
-        PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
-    )
-    name = f"geoloc_test_{secrets.token_hex(4)}"
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except OperationalError as exc:
-        admin.dispose()
-        first = str(exc.orig or exc).strip().splitlines()[0]
-        pytest.skip(f"PostgreSQL unreachable at {make_url(PG_ADMIN_URL)!r}: {first}")
-    try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -187,7 +187,12 @@ def test_info_health_ready_and_metrics(make_client, bm_locator):
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = client.get("/readyz")
         assert ready.status_code == 200
-        assert ready.json()["checks"] == {"model": "ok", "index": "ok", "database": "ok"}
+        assert ready.json()["checks"] == {
+            "model": "ok",
+            "index": "ok",
+            "database": "ok",
+            "shutdown": "ok",
+        }
 
         client.post("/v1/locate", files=upload())
         client.post("/v1/locate", files=upload(b"nope"))

@@ -77,6 +77,20 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     )
 
 
+def filled_png_bomb(side: int) -> bytes:
+    """A complete side x side RGB PNG of zeros: tiny on the wire, side² x 3 bytes decoded."""
+    row = b"\0" * (1 + 3 * side)  # filter byte + pixels
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    pack = zlib.compressobj(9)
+    idat = b"".join(pack.compress(row) for _ in range(side)) + pack.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
 def encoded(img: Image.Image, fmt: str, **kw: Any) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
@@ -119,6 +133,32 @@ def test_bad_files(client, case):
     r = client.post("/v1/locate/batch", files=[("files", ("x.jpg", data, "image/jpeg"))])
     assert r.status_code == 200
     assert r.json()["items"][0]["problem"]["type"].endswith("/" + type_)
+
+
+def _peak_rss_bytes() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1]) * 1024
+
+
+def test_memory_stays_bounded_under_hostile_input(client):
+    # 15000 x 15000 decodes to 675 MB; compressed it fits under the 1 MiB image limit, so only
+    # the pixel check stands between it and the decoder.
+    bomb = filled_png_bomb(15_000)
+    assert len(bomb) < MIB
+    hostile = [bomb, png_bomb(), BAD_FILES["huge dimensions"][0], JPEG[: len(JPEG) // 2]]
+    Path("/proc/self/clear_refs").write_text("5")  # resets this process's peak RSS (VmHWM)
+    before = _peak_rss_bytes()
+    for _ in range(3):
+        for data in hostile:
+            r = client.post("/v1/locate", files={"file": ("x.png", data, "image/png")})
+            assert 400 <= r.status_code < 500, r.text
+            b64 = base64.b64encode(data).decode()
+            r = client.post("/v1/locate", json={"image_base64": b64})
+            assert 400 <= r.status_code < 500, r.text
+            r = client.post("/v1/locate/batch", files=[("files", ("x.png", data, "image/png"))])
+            assert r.status_code == 200 and "problem" in r.json()["items"][0]
+    growth = _peak_rss_bytes() - before
+    assert growth < 100 * MIB, f"peak memory grew by {growth / MIB:.0f} MiB"
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])

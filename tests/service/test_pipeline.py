@@ -153,3 +153,14 @@ def test_options_are_validated():
     ):
         with pytest.raises(InvalidOptionError):
             LocateOptions(**bad).validate(max_top_k=100, max_retrieve_k=1000)
+
+
+def test_a_batch_gives_each_query_the_answer_it_gets_alone(locator):
+    # The stages score the whole batch in shared GPS-tower calls; no query may see another's.
+    q = queries(locator)
+    together = locator.locate_embeddings(q, LocateOptions())
+    for i in range(len(q)):
+        alone = locator.locate_embeddings(q[i : i + 1], LocateOptions())[0]
+        got = [(c.lat, c.lon, c.probability) for c in together[i].candidates]
+        want = [(c.lat, c.lon, c.probability) for c in alone.candidates]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

@@ -4,7 +4,7 @@ Starts the real server (uvicorn, one worker) twice, with micro-batching on and o
 and drives it with N concurrent clients posting Blue Marble tiles to /v1/locate for a
 fixed time per concurrency level. Bounded: every level runs --seconds, then stops.
 
-    .venv/bin/python bench/http_service.py [--seconds 20] [--levels 1,4,16]
+    .venv/bin/python bench/service.py [--seconds 20] [--levels 1,4,16]
 """
 
 from __future__ import annotations

@@ -1,0 +1,82 @@
+# geoloc: the HTTP service in a container. The image runs what CI runs: `pip install -e .`
+# (plus extras) and `geoloc serve`.
+#
+#   docker build -t geoloc .                                  # CPU (CPU-only torch wheels)
+#   docker build -t geoloc:gpu --build-arg VARIANT=gpu .       # CUDA torch + the `gpu` extra
+#   docker build -t geoloc:geoclip --build-arg EXTRAS=geoclip \
+#       --build-arg WEIGHTS=baked --build-arg BACKBONE_URL=https://.../ViT-L-14.pt \
+#       --build-arg BACKBONE_SHA256=<sha256> .                # GeoCLIP with its backbone baked in
+#
+# The container waits for its database and migrates it (GEOLOC_MIGRATE_ON_START; replicas
+# take a lock and migrate once), serves on :8000 as an unprivileged user, and on SIGTERM stops
+# reporting ready and lets in-flight requests finish (GEOLOC_SHUTDOWN_GRACE_S).
+# deploy/docker-compose.yml runs several replicas behind nginx; docs/OPERATIONS.md explains.
+
+ARG PYTHON_VERSION=3.11
+# none: the bundled bluemarble weights only; baked: BACKBONE_URL is downloaded into the image.
+ARG WEIGHTS=none
+
+# -- build: a virtual environment with geoloc and its dependencies ---------------------------
+FROM python:${PYTHON_VERSION}-slim AS builder
+# cpu: torch from PyTorch's CPU wheel index (about 1 GB smaller); gpu: torch from PyPI (CUDA).
+ARG VARIANT=cpu
+# Extra pyproject extras, comma-separated (e.g. geoclip).
+ARG EXTRAS=""
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PATH=/opt/venv/bin:$PATH
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN python -m venv /opt/venv
+WORKDIR /app
+COPY . /app
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir --upgrade pip \
+    && case "$VARIANT" in \
+         cpu) pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu \
+                torch torchvision \
+              && extras="$EXTRAS" ;; \
+         gpu) extras="gpu${EXTRAS:+,$EXTRAS}" ;; \
+         *) echo "VARIANT must be cpu or gpu, not '$VARIANT'" >&2; exit 2 ;; \
+       esac \
+    && pip install --no-cache-dir -e ".${extras:+[$extras]}" \
+    && geoloc profiles
+
+# -- model weights: nothing, or a checkpoint baked in (checked against its sha256) ------------
+FROM builder AS weights-none
+RUN mkdir -p /weights
+
+FROM builder AS weights-baked
+ARG BACKBONE_URL
+ARG BACKBONE_SHA256
+# A remote file with a pinned checksum: what ADD is for (COPY cannot fetch URLs).
+# hadolint ignore=DL3020
+ADD --checksum=sha256:${BACKBONE_SHA256} ${BACKBONE_URL} /weights/backbone.pt
+
+# A stage of this file chosen by the build arg, not an image to pin.
+# hadolint ignore=DL3006
+FROM weights-${WEIGHTS} AS weights
+
+# -- runtime: slim, unprivileged --------------------------------------------------------------
+FROM python:${PYTHON_VERSION}-slim AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    GEOLOC_HOST=0.0.0.0 \
+    GEOLOC_PORT=8000 \
+    GEOLOC_DATA_DIR=/data \
+    GEOLOC_MIGRATE_ON_START=true
+RUN groupadd --system --gid 10001 geoloc \
+    && useradd --system --uid 10001 --gid geoloc --home-dir /app --shell /usr/sbin/nologin geoloc \
+    && mkdir -p /data \
+    && chown geoloc:geoloc /data
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /app /app
+COPY --from=weights /weights /opt/geoloc/weights
+WORKDIR /app
+USER 10001:10001
+VOLUME ["/data"]
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "/app/deploy/healthcheck.py"]
+ENTRYPOINT ["geoloc"]
+CMD ["serve"]

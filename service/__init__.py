@@ -1,0 +1,1 @@
+"""The geoloc service: pipeline, HTTP app, persistence and CLI."""

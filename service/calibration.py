@@ -1,0 +1,240 @@
+"""Calibrated probabilities: fit the softmax temperature on held-out data, store it beside
+the index version it was fitted for, load it with that version.
+
+An artifact is one JSON file, ``<data>/calibrations/<index name>/<index version>/<version>.json``,
+that describes itself: the fitted temperature, the event its probability states ("the truth
+is within ``within_km`` of the top-1 candidate"), the data it was fitted on (path, sha256,
+rows), the options and weights used, when, and the fit's before/after figures. Published
+index files are never touched; a new fit is a new version, written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.geo import haversine_km
+from service.errors import GeolocError
+from service.evaluation import reliability
+from service.pipeline import merge_places, nms_owners
+
+FORMAT = 1
+#: Temperatures searched (log-spaced); the best is then refined by golden-section search.
+T_MIN, T_MAX = 0.02, 50.0
+
+
+class CalibrationError(GeolocError):
+    type = "invalid-calibration"
+    status = 422
+
+
+@dataclass(frozen=True)
+class Calibration:
+    temperature: float
+    within_km: float
+    version: str
+    created_at: str
+    index: str  # "name/version" it was fitted for
+    profile: str
+    weights: str  # "bundled" or the checkpoint file the model was loaded from
+    data: dict[str, Any]  # path, sha256, rows
+    options: dict[str, Any]  # the pipeline options of the fit
+    fit: dict[str, Any]  # before/after figures on the fitting data
+    format: int = FORMAT
+    path: str = field(default="", compare=False)  # where it was read from (not stored)
+
+    @property
+    def label(self) -> str:
+        return f"{self.version} (temperature {self.temperature:.3g})"
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.pop("path")
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_file(cls, path: Path) -> Calibration:
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            if d.get("format") != FORMAT:
+                raise CalibrationError(f"{path}: unknown format {d.get('format')!r}")
+            cal = cls(**{k: v for k, v in d.items() if k != "path"}, path=str(path))
+        except (OSError, ValueError, TypeError) as exc:
+            raise CalibrationError(f"{path}: not a calibration file: {exc}") from None
+        if not (isinstance(cal.temperature, int | float) and 0 < cal.temperature < math.inf):
+            raise CalibrationError(f"{path}: temperature {cal.temperature!r} is not > 0")
+        return cal
+
+
+def weights_label(checkpoint: Path | None) -> str:
+    return str(Path(checkpoint).resolve()) if checkpoint else "bundled"
+
+
+def file_sha256(path: Path) -> str:
+    with Path(path).open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+# -- storage ----------------------------------------------------------------------------------
+
+
+def calibration_dir(root: Path, index_name: str, index_version: str) -> Path:
+    return Path(root) / "calibrations" / index_name / index_version
+
+
+def list_calibrations(root: Path, index_name: str, index_version: str) -> list[Calibration]:
+    """Every calibration of an index version, oldest first."""
+    d = calibration_dir(root, index_name, index_version)
+    if not d.is_dir():
+        return []
+    return [Calibration.from_file(p) for p in sorted(d.glob("*.json"))]
+
+
+def save_calibration(root: Path, cal: Calibration) -> Path:
+    """Publish atomically (temporary file, fsync, no-clobber link); never overwrites."""
+    name, _, version = cal.index.partition("/")
+    d = calibration_dir(root, name, version)
+    d.mkdir(parents=True, exist_ok=True)
+    final = d / f"{cal.version}.json"
+    tmp = d / f".tmp-{cal.version}-{uuid.uuid4().hex[:8]}"
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(cal.to_json())
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, final)  # fails if the version exists: published files are immutable
+        except FileExistsError:
+            raise CalibrationError(f"calibration {final} exists already") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def load_calibration(
+    root: Path, index_name: str, index_version: str, which: str, *, profile: str, weights: str
+) -> Calibration | None:
+    """``which``: "latest" (None when there is none), "off" (None) or a version."""
+    if which == "off":
+        return None
+    cals = list_calibrations(root, index_name, index_version)
+    if which != "latest":
+        cals = [c for c in cals if c.version == which]
+        if not cals:
+            raise CalibrationError(
+                f"no calibration {which!r} for index {index_name}/{index_version} "
+                f"(GEOLOC_CALIBRATION); fit one with `geoloc calibrate DATA.csv`",
+                status=404,
+            )
+    if not cals:
+        return None
+    cal = cals[-1]
+    if cal.profile != profile or cal.weights != weights:
+        raise CalibrationError(
+            f"calibration {cal.path} was fitted for profile {cal.profile!r} with weights "
+            f"{cal.weights!r}, the model is {profile!r} with {weights!r}: fit a new one "
+            "(geoloc calibrate) or set GEOLOC_CALIBRATION=off"
+        )
+    return cal
+
+
+# -- fitting ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Case:
+    """One held-out image: its candidates' logits, which of them form the top-1 place (the
+    pipeline ranks places at temperature 1, so the same for every temperature) and that
+    place's distance to the truth."""
+
+    logits: np.ndarray
+    top_place: np.ndarray  # bool: merged into the top-1 place
+    d_km: float
+
+
+def prepare_cases(
+    pools: list[tuple[np.ndarray, np.ndarray]],
+    truths: np.ndarray,
+    *,
+    nms_km: float,
+    diversify: bool,
+) -> list[_Case]:
+    cases = []
+    for (latlon, logits), (lat, lon) in zip(pools, np.asarray(truths), strict=True):
+        if not len(logits):
+            continue
+        order = np.argsort(-logits, kind="stable")
+        pts, z = latlon[order], logits[order]
+        owner = nms_owners(pts, nms_km) if diversify else np.arange(len(pts))
+        keep, _ = merge_places(owner, np.exp(z - z[0]))
+        d = float(haversine_km(pts[keep[0], 0], pts[keep[0], 1], lat, lon))
+        cases.append(_Case(z, owner == keep[0], d))
+    return cases
+
+
+def top1(cases: list[_Case], temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """(probability, error km) of each case's top-1 place at a temperature, as the
+    pipeline states them (softmax, then diversify's merge)."""
+    conf = np.empty(len(cases))
+    for i, c in enumerate(cases):
+        p = np.exp((c.logits - c.logits[0]) / temperature)
+        conf[i] = p[c.top_place].sum() / p.sum()
+    return conf, np.array([c.d_km for c in cases])
+
+
+def _nll(conf: np.ndarray, hit: np.ndarray) -> float:
+    c = np.clip(conf, 1e-6, 1 - 1e-6)
+    return float(-np.mean(np.where(hit, np.log(c), np.log1p(-c))))
+
+
+def fit_temperature(
+    cases: list[_Case], *, within_km: float, bins: int = 10
+) -> tuple[float, dict[str, Any]]:
+    """The temperature minimising the log loss of "top-1 within ``within_km``" given the
+    top-1 probability; and the fit's figures at temperature 1 and at the fitted one."""
+    if len(cases) < 20:
+        raise CalibrationError(f"{len(cases)} usable images; calibration needs at least 20")
+
+    def loss(log_t: float) -> float:
+        conf, err = top1(cases, math.exp(log_t))
+        return _nll(conf, err <= within_km)
+
+    grid = np.linspace(math.log(T_MIN), math.log(T_MAX), 41)
+    losses = [loss(g) for g in grid]
+    b = int(np.argmin(losses))
+    lo, hi = grid[max(b - 1, 0)], grid[min(b + 1, len(grid) - 1)]
+    golden = (math.sqrt(5) - 1) / 2
+    for _ in range(30):  # golden-section search in the bracket around the best grid point
+        x1, x2 = hi - golden * (hi - lo), lo + golden * (hi - lo)
+        if loss(x1) <= loss(x2):
+            hi = x2
+        else:
+            lo = x1
+    best = math.exp((lo + hi) / 2)
+
+    def figures(t: float) -> dict[str, Any]:
+        conf, err = top1(cases, t)
+        rel = reliability(conf, err, within_km=within_km, bins=bins)
+        return {
+            "temperature": t,
+            "log_loss": _nll(conf, err <= within_km),
+            "ece": rel.ece,
+            "mean_confidence": rel.mean_confidence,
+            "accuracy": rel.accuracy,
+            "median_km": float(np.median(err)),
+        }
+
+    return best, {"images": len(cases), "before": figures(1.0), "after": figures(best)}
+
+
+def new_version() -> str:
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")

@@ -1,0 +1,534 @@
+"""Reference-image jobs: embed a table of (id, uri, lat, lon) into the image-neighbour index.
+
+A job splits the validated rows of a CSV or Parquet table into shards of a fixed number
+of rows and embeds each shard with the image tower, either in this process (small jobs)
+or on Ray Data with a pool of encoder actors (large jobs; a cluster with an address).
+Everything lives under ``<data_dir>/jobs/<job id>/``:
+
+- ``job.json``: what the job is (input and its sha256, profile, index name, shard size);
+- ``rows/shard-NNNNN.parquet``: the input rows of each shard;
+- ``out/shard-NNNNN.npz``: the embeddings of the rows that worked, then
+  ``out/shard-NNNNN.done``, written last: a shard with its marker is never redone, so a
+  job that was killed resumes where it stopped when the same command runs again;
+- ``report.json`` and ``bad_rows.csv``: every row that could not be used (bad
+  coordinates, unreadable image, ...) with the reason. Bad rows never stop a job.
+
+The job id is derived from the input's content and the job's parameters, so rerunning the
+same command finds the same job. A job publishes one new index version and records it; a
+rerun after that publishes nothing more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from index.gallery import LAT_HEADERS, LON_HEADERS, find_column
+from service.datasets import _IMAGE_COLS as IMAGE_COLUMNS
+from service.datasets import DatasetError
+from service.errors import InputImageError
+from service.images import decode_image
+
+URI_COLUMNS = ("uri", "url", *IMAGE_COLUMNS)
+ID_COLUMNS = ("id", "image_id", "photo_id")
+RUNNERS = ("auto", "inprocess", "ray")
+_SHARD = "shard-{:05d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the input table
+
+
+@dataclass(frozen=True)
+class ReferenceTable:
+    """Validated rows: ``row`` is the 1-based data row of the input (header excluded)."""
+
+    row: np.ndarray  # int64
+    id: np.ndarray  # int64, -1 where the input has no id column
+    uri: list[str]
+    lat: np.ndarray  # float64
+    lon: np.ndarray  # float64
+    base: Path  # relative paths are resolved against the input's directory
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+
+@dataclass(frozen=True)
+class BadRow:
+    row: int
+    id: str
+    uri: str
+    reason: str
+
+
+def _read_arrow(path: Path) -> pa.Table:
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return pq.read_table(path)
+        # Every column as text: the checks below say which value is wrong and where.
+        with path.open("rb") as fh:
+            header = next(csv.reader(io.TextIOWrapper(fh, encoding="utf-8-sig")), None)
+        if not header:
+            raise DatasetError(f"{path} is empty; expected a header such as id,uri,lat,lon")
+        return pacsv.read_csv(
+            path,
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False
+            ),
+        )
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: not a readable CSV or Parquet table: {exc}") from exc
+
+
+def _column(table: pa.Table, names: tuple[str, ...]) -> pa.Array | None:
+    i = find_column(table.column_names, names)
+    if i is None:
+        return None
+    col = table.column(i).combine_chunks()
+    return col if col.type == pa.string() else pc.cast(col, pa.string(), safe=False)
+
+
+def read_reference_table(path: str | Path) -> tuple[ReferenceTable, list[BadRow]]:
+    """Rows of a CSV or Parquet table with an image URI, latitude, longitude and optional
+    integer id; rows with bad coordinates or ids are returned as bad rows, not raised."""
+    path = Path(path)
+    table = _read_arrow(path)
+    uri = _column(table, URI_COLUMNS)
+    lat_s = _column(table, LAT_HEADERS)
+    lon_s = _column(table, LON_HEADERS)
+    if uri is None or lat_s is None or lon_s is None:
+        raise DatasetError(
+            f"{path}: columns {table.column_names} lack an image column "
+            f"({'/'.join(URI_COLUMNS)}), a latitude column ({'/'.join(LAT_HEADERS)}) or a "
+            f"longitude column ({'/'.join(LON_HEADERS)})"
+        )
+    id_s = _column(table, ID_COLUMNS)
+    uris = [u.strip() if u is not None else "" for u in uri.to_pylist()]
+    ids_text = id_s.to_pylist() if id_s is not None else None
+    lat = _to_float(lat_s)
+    lon = _to_float(lon_s)
+    bad: list[BadRow] = []
+    keep = np.ones(len(uris), dtype=bool)
+    ids = np.full(len(uris), -1, dtype=np.int64)
+    seen: dict[int, int] = {}
+    for i in range(len(uris)):
+        reason = None
+        if not (math.isfinite(lat[i]) and math.isfinite(lon[i])):
+            reason = f"latitude/longitude {lat_s[i]}, {lon_s[i]} are not numbers"
+        elif abs(lat[i]) > 90 or abs(lon[i]) > 180:
+            reason = f"({lat[i]}, {lon[i]}) is not a valid (lat, lon)"
+        elif not uris[i]:
+            reason = "empty image uri"
+        elif ids_text is not None:
+            reason = _parse_id(ids_text[i], i, ids, seen)
+        if reason is not None:
+            keep[i] = False
+            bad.append(BadRow(i + 1, str(ids_text[i] if ids_text else ""), uris[i], reason))
+    rows = np.nonzero(keep)[0]
+    return (
+        ReferenceTable(
+            row=rows + 1,
+            id=ids[rows],
+            uri=[uris[i] for i in rows],
+            lat=lat[rows],
+            lon=lon[rows],
+            base=path.resolve().parent,
+        ),
+        bad,
+    )
+
+
+def _to_float(col: pa.Array) -> np.ndarray:
+    out = np.full(len(col), np.nan)
+    for i, v in enumerate(col.to_pylist()):
+        with contextlib.suppress(TypeError, ValueError):
+            out[i] = float(v)
+    return out
+
+
+def _parse_id(text: str | None, i: int, ids: np.ndarray, seen: dict[int, int]) -> str | None:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        return f"id {text!r} is not an integer"
+    if value < 0:
+        return f"id {value} is negative"
+    if value in seen:
+        return f"duplicate id {value} (first on row {seen[value]})"
+    seen[value] = i + 1
+    ids[i] = value
+    return None
+
+
+def read_uri(uri: str, base: Path, max_bytes: int) -> bytes:
+    """The bytes behind an image URI: a path (relative to ``base``), a file:// URI or any
+    URI a pyarrow filesystem opens (s3://, gs://, hdfs://). At most max_bytes + 1 bytes."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    try:
+        if scheme in ("", "file"):
+            path = Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path)) if scheme else None
+            path = path or (base / uri)
+            with path.open("rb") as fh:
+                return fh.read(max_bytes + 1)
+        fs, inner = pafs.FileSystem.from_uri(uri)
+        with fs.open_input_stream(inner) as fh:
+            return fh.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise InputImageError(f"{uri}: no such file", type="file-not-found", status=404) from None
+    except (OSError, pa.ArrowException) as exc:
+        raise InputImageError(f"{uri}: cannot read ({exc})", type="unreadable-image") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# the job directory
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an encoder worker needs to build the same model as the caller (plain values)."""
+
+    profile: str
+    checkpoint: str | None
+    backbone_checkpoint: str | None
+    device: str
+    batch_size: int
+    max_bytes: int
+    max_pixels: int
+    torch_threads: int = 1
+
+
+@dataclass
+class Job:
+    dir: Path
+    n_shards: int
+    n_rows: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def rows_file(self, shard: int) -> Path:
+        return self.dir / "rows" / f"{_SHARD.format(shard)}.parquet"
+
+    def out_file(self, shard: int) -> Path:
+        return self.dir / "out" / f"{_SHARD.format(shard)}.npz"
+
+    def bad_file(self, shard: int) -> Path:
+        return self.dir / "out" / f"{_SHARD.format(shard)}.bad.json"
+
+    def done_file(self, shard: int) -> Path:
+        return self.dir / "out" / f"{_SHARD.format(shard)}.done"
+
+    def done(self) -> list[int]:
+        return [s for s in range(self.n_shards) if self.done_file(s).is_file()]
+
+    def pending(self) -> list[int]:
+        return [s for s in range(self.n_shards) if not self.done_file(s).is_file()]
+
+    def shard_rows(self, shard: int) -> int:
+        return int(self.meta["shard_sizes"][shard])
+
+    def save_meta(self) -> None:
+        _atomic_write(self.dir / "job.json", json.dumps(self.meta, indent=2).encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def prepare_job(
+    jobs_dir: Path,
+    data: Path,
+    *,
+    index_name: str,
+    profile: str,
+    checkpoint: str | None,
+    shard_rows: int,
+) -> tuple[Job, list[BadRow]]:
+    """Find the job of this input and these parameters, or create it (rows split in shards)."""
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+    data = Path(data)
+    digest = file_sha256(data) if data.is_file() else ""
+    key = json.dumps([digest, index_name, profile, checkpoint, shard_rows]).encode()
+    job_dir = Path(jobs_dir) / f"refs-{hashlib.sha256(key).hexdigest()[:16]}"
+    meta_file = job_dir / "job.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        bad = [BadRow(**b) for b in json.loads((job_dir / "input-bad.json").read_text())]
+        return Job(job_dir, meta["n_shards"], meta["n_rows"], meta), bad
+    table, bad = read_reference_table(data)
+    (job_dir / "rows").mkdir(parents=True, exist_ok=True)
+    (job_dir / "out").mkdir(exist_ok=True)
+    sizes = []
+    for shard, start in enumerate(range(0, len(table), shard_rows)):
+        stop = min(start + shard_rows, len(table))
+        part = pa.table(
+            {
+                "row": table.row[start:stop],
+                "id": table.id[start:stop],
+                "uri": table.uri[start:stop],
+                "lat": table.lat[start:stop],
+                "lon": table.lon[start:stop],
+            }
+        )
+        tmp = job_dir / "rows" / f".{_SHARD.format(shard)}.tmp"
+        pq.write_table(part, tmp)
+        os.replace(tmp, job_dir / "rows" / f"{_SHARD.format(shard)}.parquet")
+        sizes.append(stop - start)
+    _atomic_write(job_dir / "input-bad.json", json.dumps([asdict(b) for b in bad]).encode())
+    meta = {
+        "input": str(data.resolve()),
+        "input_sha256": digest,
+        "base": str(table.base),
+        "index_name": index_name,
+        "profile": profile,
+        "checkpoint": checkpoint,
+        "shard_rows": shard_rows,
+        "n_rows": len(table),
+        "n_shards": len(sizes),
+        "shard_sizes": sizes,
+        "input_bad_rows": len(bad),
+        "created_at": time.time(),
+        "published": None,
+    }
+    job = Job(job_dir, len(sizes), len(table), meta)
+    job.save_meta()  # last: a job without job.json is prepared again from scratch
+    return job, bad
+
+
+# ---------------------------------------------------------------------------------------------
+# encoding shards
+
+
+class ShardEncoder:
+    """Loads the model once; embeds whole shards. Runs in-process or as a Ray actor."""
+
+    def __init__(self, spec: EncoderSpec, job_dir: str, model: Any = None) -> None:
+        import torch
+
+        from encoders import load_model
+
+        if spec.torch_threads:
+            torch.set_num_threads(spec.torch_threads)
+        self.spec = spec
+        self.job = Job(Path(job_dir), 0, 0)
+        self.base = Path(json.loads((self.job.dir / "job.json").read_text())["base"])
+        self.model = model or load_model(
+            spec.profile,
+            checkpoint=Path(spec.checkpoint) if spec.checkpoint else None,
+            backbone_checkpoint=Path(spec.backbone_checkpoint)
+            if spec.backbone_checkpoint
+            else None,
+            device=spec.device,
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Ray Data entry point: a batch of shard numbers -> one summary row per shard."""
+        stats = [self.encode_shard(int(s)) for s in batch["shard"]]
+        return {k: np.array([st[k] for st in stats]) for k in ("shard", "ok", "bad", "seconds")}
+
+    def encode_shard(self, shard: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        rows = pq.read_table(self.job.rows_file(shard)).to_pydict()
+        n = len(rows["row"])
+        dim = self.model.embed_dim
+        vectors = np.empty((n, dim), dtype=np.float32)
+        ok = np.zeros(n, dtype=bool)
+        bad: list[dict[str, Any]] = []
+        size = self.spec.batch_size
+        for start in range(0, n, size):
+            images, where = [], []
+            for i in range(start, min(start + size, n)):
+                try:
+                    data = read_uri(rows["uri"][i], self.base, self.spec.max_bytes)
+                    images.append(
+                        decode_image(
+                            data,
+                            max_bytes=self.spec.max_bytes,
+                            max_pixels=self.spec.max_pixels,
+                            name=rows["uri"][i],
+                        )
+                    )
+                    where.append(i)
+                except InputImageError as exc:
+                    bad.append(
+                        asdict(
+                            BadRow(
+                                int(rows["row"][i]),
+                                "" if rows["id"][i] < 0 else str(rows["id"][i]),
+                                rows["uri"][i],
+                                f"[{exc.type}] {exc.detail}",
+                            )
+                        )
+                    )
+            if images:
+                vectors[where] = self.model.embed_images(images)
+                ok[where] = True
+        out = self.job.out_file(shard)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        with tmp.open("wb") as fh:
+            np.savez(
+                fh,
+                vectors=vectors[ok],
+                id=np.asarray(rows["id"], dtype=np.int64)[ok],
+                row=np.asarray(rows["row"], dtype=np.int64)[ok],
+                latlon=np.column_stack([rows["lat"], rows["lon"]]).astype(np.float64)[ok],
+            )
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+        _atomic_write(self.job.bad_file(shard), json.dumps(bad).encode())
+        # The marker goes last: a shard killed before it is simply encoded again.
+        _atomic_write(self.job.done_file(shard), b"")
+        return {
+            "shard": shard,
+            "ok": int(ok.sum()),
+            "bad": len(bad),
+            "seconds": time.perf_counter() - t0,
+        }
+
+
+ShardDone = Callable[[dict[str, Any]], None]
+
+
+def run_inprocess(
+    job: Job, shards: list[int], spec: EncoderSpec, on_done: ShardDone, model: Any = None
+) -> None:
+    encoder = ShardEncoder(spec, str(job.dir), model=model)
+    for shard in shards:
+        on_done(encoder.encode_shard(shard))
+
+
+def run_on_ray(
+    job: Job,
+    shards: list[int],
+    spec: EncoderSpec,
+    on_done: ShardDone,
+    *,
+    address: str,
+    num_cpus: int,
+    actors: int,
+) -> None:
+    """Ray Data: a dataset of shard numbers mapped by a pool of encoder actors."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise DatasetError(
+            "this job runs on Ray, which is not installed: pip install 'geoloc[scale]' "
+            "(or use --runner inprocess)"
+        ) from exc
+    started = not ray.is_initialized()
+    if started:
+        kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": num_cpus}
+        ray.init(**kwargs, include_dashboard=False, log_to_driver=False)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # one bar, the caller's, counts rows
+        gpu = spec.device.startswith("cuda")
+        cpus = ray.cluster_resources().get("CPU", num_cpus)
+        per_actor = max(1.0, math.floor(cpus / max(actors, 1)))
+        ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+        out = ds.map_batches(
+            ShardEncoder,
+            fn_constructor_kwargs={
+                "spec": EncoderSpec(**{**asdict(spec), "torch_threads": int(per_actor)}),
+                "job_dir": str(job.dir),
+            },
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=per_actor if not gpu else 1,
+            num_gpus=1 if gpu else 0,
+        )
+        for row in out.iter_rows():
+            on_done({k: v.item() if hasattr(v, "item") else v for k, v in row.items()})
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def resolve_device(requested: str, cuda_available: bool | None = None) -> str:
+    """The torch device the encoders use: 'auto' is CUDA when a GPU is visible, else CPU."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if requested == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if requested.startswith("cuda") and not cuda_available:
+        raise ValueError(
+            f"device {requested!r} asked for, but torch sees no CUDA GPU; use 'auto' or 'cpu'"
+        )
+    return requested
+
+
+def choose_runner(runner: str, n_rows: int, *, ray_min_rows: int, ray_address: str) -> str:
+    """'inprocess' or 'ray' for a requested runner ('auto' picks by job size)."""
+    if runner not in RUNNERS:
+        raise ValueError(f"unknown runner {runner!r}; use one of {RUNNERS}")
+    if runner != "auto":
+        return runner
+    return "ray" if ray_address or n_rows >= ray_min_rows else "inprocess"
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+def iter_shard_outputs(job: Job) -> Iterator[dict[str, np.ndarray]]:
+    for shard in range(job.n_shards):
+        with np.load(job.out_file(shard), allow_pickle=False) as z:
+            if len(z["row"]):
+                yield {k: z[k] for k in ("vectors", "id", "row", "latlon")}
+
+
+def write_report(job: Job, input_bad: list[BadRow]) -> tuple[Path, list[BadRow]]:
+    """report.json (counts) and bad_rows.csv (every bad row, why) in the job directory."""
+    bad = list(input_bad)
+    for shard in range(job.n_shards):
+        bad += [BadRow(**b) for b in json.loads(job.bad_file(shard).read_text())]
+    bad.sort(key=lambda b: b.row)
+    with (job.dir / "bad_rows.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["row", "id", "uri", "reason"])
+        w.writerows([b.row, b.id, b.uri, b.reason] for b in bad)
+    report = {
+        "input": job.meta["input"],
+        "rows": job.n_rows + len(input_bad),
+        "embedded": job.n_rows - (len(bad) - len(input_bad)),
+        "bad_rows": len(bad),
+        "bad_coordinates_or_ids": len(input_bad),
+        "bad_images": len(bad) - len(input_bad),
+        "bad_rows_file": str(job.dir / "bad_rows.csv"),
+        "shards": job.n_shards,
+    }
+    _atomic_write(job.dir / "report.json", json.dumps(report, indent=2).encode())
+    return job.dir / "report.json", bad

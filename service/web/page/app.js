@@ -1,0 +1,618 @@
+// The geoloc web page: send images to POST /v1/locate, draw the answer on an offline map.
+// Everything it loads comes from this service (no CDN, no tile server).
+"use strict";
+
+(function () {
+  const STAGES = ["retrieve", "refine", "verify", "diversify", "describe"];
+  const CONCURRENCY = 4; // uploads in flight at once; the service micro-batches them
+  const KEY_NAME = "geoloc.apiKey";
+  const EARTH_KM = 6371.0088;
+  // Yellow -> orange -> dark red (low -> high probability), readable on the satellite map.
+  const RAMP = [[255, 237, 160], [254, 178, 76], [240, 59, 32], [128, 0, 38]];
+
+  const $ = (id) => document.getElementById(id);
+  const el = (tag, attrs = {}, ...children) => {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs)) {
+      if (k === "class") node.className = v;
+      else if (k === "text") node.textContent = v;
+      else node.setAttribute(k, v);
+    }
+    for (const c of children) node.append(c);
+    return node;
+  };
+
+  const state = { info: null, items: [], selected: null, nextId: 1, active: 0, waiting: [] };
+
+  // -- API key: kept in this browser only ------------------------------------------------------
+
+  function storedKey() {
+    return localStorage.getItem(KEY_NAME) || sessionStorage.getItem(KEY_NAME) || "";
+  }
+
+  function saveKey() {
+    const key = $("api-key").value.trim();
+    const remember = $("key-remember").checked;
+    localStorage.removeItem(KEY_NAME);
+    sessionStorage.removeItem(KEY_NAME);
+    if (key) (remember ? localStorage : sessionStorage).setItem(KEY_NAME, key);
+    showKeyState();
+  }
+
+  function showKeyState() {
+    const needed = state.info ? state.info.auth_enabled : false;
+    const key = storedKey();
+    $("key-state").textContent = key ? "set" : needed ? "required" : "not needed";
+    $("key-state").className = "key-state" + (needed && !key ? " warn" : "");
+  }
+
+  function headers(extra = {}) {
+    const key = storedKey();
+    return key ? { ...extra, "X-API-Key": key } : extra;
+  }
+
+  // -- errors: one clear sentence per problem type, the server's detail underneath -------------
+
+  function mb(bytes) {
+    return (bytes / (1024 * 1024)).toFixed(bytes < 1024 * 1024 ? 2 : 0) + " MB";
+  }
+
+  function explain(status, problem, retryAfter) {
+    const type = (problem && problem.type ? problem.type : "").split("/").pop();
+    const limits = state.info ? state.info.limits : null;
+    const wait = retryAfter ? ` Try again in ${retryAfter} s.` : " Try again shortly.";
+    if (status === 0) return { text: "The service could not be reached. Is it running?", retry: true };
+    if (status === 401) {
+      return storedKey()
+        ? { text: "The API key was refused: it is unknown or revoked. Paste a valid key.", key: true }
+        : { text: "This service needs an API key: paste one in the API key field above.", key: true };
+    }
+    if (status === 403) return { text: "This API key is not allowed to do this (it lacks the 'locate' scope).", key: true };
+    if (status === 413) {
+      if (type === "too-many-pixels") {
+        const mp = limits ? ` (at most ${(limits.max_image_pixels / 1e6).toFixed(0)} megapixels)` : "";
+        return { text: `The image has too many pixels${mp}. Send a smaller version.` };
+      }
+      if (type === "request-too-large") {
+        const max = limits ? ` (at most ${mb(limits.max_request_bytes)})` : "";
+        return { text: `The upload is too large for one request${max}. Send a smaller image.` };
+      }
+      const max = limits ? ` The limit is ${mb(limits.max_image_bytes)} per image.` : "";
+      return { text: `The file is too large.${max} Send a smaller or more compressed image.` };
+    }
+    if (status === 415 || type === "corrupt-image" || type === "empty-image") {
+      if (type === "corrupt-image") return { text: "The image is damaged or truncated and cannot be read." };
+      if (type === "empty-image") return { text: "The file is empty." };
+      return { text: "This file is not an image the service can read: send a JPEG, PNG or WebP image." };
+    }
+    if (status === 429) return { text: "Too many requests: the rate limit was reached." + wait, retry: true };
+    if (status === 503) {
+      if (type === "overloaded") return { text: "The service is busy with other images." + wait, retry: true };
+      if (type === "database-unavailable") return { text: "The service's database is unavailable." + wait, retry: true };
+      return { text: "The service is not ready yet (model or index loading)." + wait, retry: true };
+    }
+    if (status === 504) return { text: "The service took too long to locate this image." + wait, retry: true };
+    if (status === 404) return { text: "Not found: the service has no such prediction or page." };
+    if (status === 405) return { text: "The service does not accept this kind of request here." };
+    if (status === 422 || status === 400) return { text: "The service refused the request." };
+    if (status >= 500) return { text: "The service failed on this request; the error is logged.", retry: true };
+    return { text: `Unexpected answer (HTTP ${status}).` };
+  }
+
+  async function call(url, options) {
+    // Returns {ok, status, body, problem, retryAfter}; never throws.
+    let response;
+    try {
+      response = await fetch(url, options);
+    } catch (err) {
+      return { ok: false, status: 0, problem: { detail: String(err) } };
+    }
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (err) {
+      body = null;
+    }
+    const retryAfter = response.headers.get("Retry-After");
+    if (response.ok) return { ok: true, status: response.status, body };
+    return { ok: false, status: response.status, problem: body || {}, retryAfter };
+  }
+
+  function problemBox(failure, onRetry) {
+    const how = explain(failure.status, failure.problem, failure.retryAfter);
+    const box = el("div", { class: "problem", "data-status": String(failure.status) });
+    box.append(el("p", { class: "problem-text", text: how.text }));
+    const p = failure.problem || {};
+    if (p.detail || p.title) {
+      const code = p.type ? ` [${p.type.split("/").pop()}, HTTP ${failure.status}]` : "";
+      box.append(el("p", { class: "problem-detail", text: `${p.detail || p.title}${code}` }));
+    }
+    if (how.retry && onRetry) {
+      const b = el("button", { type: "button", class: "secondary", text: "Try again" });
+      b.addEventListener("click", onRetry);
+      box.append(b);
+    }
+    if (how.key) {
+      $("key-box").open = true;
+    }
+    return box;
+  }
+
+  // -- geometry --------------------------------------------------------------------------------
+
+  function haversineKm(a, b) {
+    const rad = Math.PI / 180;
+    const dlat = (b.lat - a.lat) * rad;
+    const dlon = (b.lon - a.lon) * rad;
+    const h = Math.sin(dlat / 2) ** 2 + Math.cos(a.lat * rad) * Math.cos(b.lat * rad) * Math.sin(dlon / 2) ** 2;
+    return 2 * EARTH_KM * Math.asin(Math.min(1, Math.sqrt(h)));
+  }
+
+  function km(d) {
+    return d < 10 ? `${d.toFixed(1)} km` : `${Math.round(d).toLocaleString("en")} km`;
+  }
+
+  function coord(lat, lon) {
+    const ns = lat >= 0 ? "N" : "S";
+    const ew = lon >= 0 ? "E" : "W";
+    return `${Math.abs(lat).toFixed(2)}°${ns}, ${Math.abs(lon).toFixed(2)}°${ew}`;
+  }
+
+  function pct(p) {
+    return p >= 0.095 ? `${Math.round(p * 100)}%` : `${(p * 100).toFixed(1)}%`;
+  }
+
+  function colour(t) {
+    const x = Math.max(0, Math.min(1, t)) * (RAMP.length - 1);
+    const i = Math.min(RAMP.length - 2, Math.floor(x));
+    const f = x - i;
+    const c = RAMP[i].map((v, k) => Math.round(v + (RAMP[i + 1][k] - v) * f));
+    return `rgb(${c[0]}, ${c[1]}, ${c[2]})`;
+  }
+
+  const regionNames = typeof Intl.DisplayNames === "function" ? new Intl.DisplayNames(["en"], { type: "region" }) : null;
+
+  function countryName(code, candidates) {
+    if (!code) return "no country (sea)";
+    const c = candidates.find((x) => x.country_code === code && x.country);
+    if (c) return c.country;
+    try {
+      return (regionNames && regionNames.of(code)) || code;
+    } catch (err) {
+      return code;
+    }
+  }
+
+  function placeName(c) {
+    const parts = [c.city, c.admin1, c.country].filter(Boolean);
+    return parts.length ? parts.join(", ") : "open sea, no place nearby";
+  }
+
+  // -- the map ---------------------------------------------------------------------------------
+
+  const map = L.map("map", {
+    crs: L.CRS.EPSG4326, // Blue Marble is equirectangular: one image, no tiles
+    center: [15, 10],
+    zoom: 1,
+    minZoom: 0,
+    maxZoom: 8,
+    zoomSnap: 0.25,
+    worldCopyJump: false,
+    keyboard: true,
+  });
+  map.attributionControl.setPrefix(false);
+  L.imageOverlay("/web/lib/bluemarble.jpg", [[-90, -180], [90, 180]], {
+    alt: "NASA Blue Marble satellite mosaic of the Earth",
+    attribution: "NASA Blue Marble · Natural Earth borders",
+  }).addTo(map);
+  map.setMaxBounds([[-100, -200], [100, 200]]);
+  // The whole width of the world filling the map (512 px wide at zoom 0 in this CRS).
+  map.setView([20, 10], Math.ceil(4 * Math.log2(Math.max(map.getSize().x, 256) / 512)) / 4);
+
+  // Borders as lines, cut where a ring jumps across the antimeridian (no streaks across the map).
+  function borderLines(geometry) {
+    const rings = geometry.type === "Polygon" ? geometry.coordinates : geometry.coordinates.flat();
+    const lines = [];
+    for (const ring of rings) {
+      let line = [];
+      for (let i = 0; i < ring.length; i++) {
+        if (i > 0 && Math.abs(ring[i][0] - ring[i - 1][0]) > 180) {
+          if (line.length > 1) lines.push(line);
+          line = [];
+        }
+        line.push([ring[i][1], ring[i][0]]);
+      }
+      if (line.length > 1) lines.push(line);
+    }
+    return lines;
+  }
+
+  fetch("/web/lib/countries-50m.json")
+    .then((r) => r.json())
+    .then((topo) => {
+      const countries = topojson.feature(topo, topo.objects.countries);
+      const lines = [];
+      for (const f of countries.features) if (f.geometry) lines.push(...borderLines(f.geometry));
+      L.polyline(lines, { color: "#ffffff", weight: 0.7, opacity: 0.55, interactive: false, className: "geoloc-borders" }).addTo(map);
+    })
+    .catch(() => {});
+
+  const regionLayer = L.layerGroup().addTo(map);
+  const markerLayer = L.layerGroup().addTo(map);
+  const truthLayer = L.layerGroup().addTo(map);
+  const markers = []; // rank order, for the tests and for focusing from the list
+
+  // -- uploads ---------------------------------------------------------------------------------
+
+  function addFiles(files) {
+    const images = Array.from(files);
+    if (!images.length) return;
+    let first = null;
+    for (const file of images) {
+      const item = { id: state.nextId++, file, name: file.name || "image", status: "waiting", result: null, failure: null, truth: null, exif: null, exifAnswered: false, feedback: null };
+      state.items.push(item);
+      first = first || item;
+      readExifGps(item);
+      enqueue(item);
+    }
+    select(first);
+    renderQueue();
+  }
+
+  async function readExifGps(item) {
+    // Read locally; the position is used only if the person agrees on screen.
+    if (typeof exifr === "undefined") return;
+    try {
+      const gps = await exifr.gps(item.file);
+      if (gps && Number.isFinite(gps.latitude) && Number.isFinite(gps.longitude)) {
+        item.exif = { lat: gps.latitude, lon: gps.longitude };
+        if (state.selected === item) renderTruth();
+      }
+    } catch (err) {
+      // no EXIF, or not a JPEG/TIFF: nothing to offer
+    }
+  }
+
+  function enqueue(item) {
+    item.status = "waiting";
+    state.waiting.push(item);
+    pump();
+  }
+
+  function pump() {
+    while (state.active < CONCURRENCY && state.waiting.length) {
+      const item = state.waiting.shift();
+      state.active++;
+      locate(item).finally(() => {
+        state.active--;
+        pump();
+      });
+    }
+  }
+
+  async function locate(item) {
+    item.status = "locating";
+    item.failure = null;
+    renderQueue();
+    if (state.selected === item) render();
+    const form = new FormData();
+    form.append("file", item.file, item.name);
+    const k = parseInt($("top-k").value, 10);
+    const query = Number.isFinite(k) && k > 0 ? `?top_k=${k}` : "";
+    const started = performance.now();
+    const answer = await call("/v1/locate" + query, { method: "POST", body: form, headers: headers() });
+    item.elapsedMs = performance.now() - started;
+    if (answer.ok) {
+      item.result = answer.body;
+      item.status = "done";
+    } else {
+      item.failure = answer;
+      item.status = "failed";
+    }
+    renderQueue();
+    if (state.selected === item) render();
+  }
+
+  function select(item) {
+    state.selected = item;
+    renderQueue();
+    render();
+  }
+
+  // -- rendering -------------------------------------------------------------------------------
+
+  function renderQueue() {
+    const ul = $("queue");
+    ul.replaceChildren();
+    for (const item of state.items) {
+      let label;
+      if (item.status === "done") {
+        const top = item.result.candidates[0];
+        label = top ? `${placeName(top)} · ${pct(top.probability)}` : "no candidate";
+      } else if (item.status === "failed") {
+        label = "failed: " + explain(item.failure.status, item.failure.problem, item.failure.retryAfter).text;
+      } else {
+        label = item.status === "waiting" ? "waiting…" : "locating…";
+      }
+      const b = el("button", { type: "button", class: "queue-item " + item.status, "aria-pressed": String(state.selected === item) });
+      if (item.status === "waiting" || item.status === "locating") b.append(el("span", { class: "spinner small", "aria-hidden": "true" }));
+      b.append(el("span", { class: "queue-name", text: item.name }), el("span", { class: "queue-label", text: label }));
+      b.addEventListener("click", () => select(item));
+      ul.append(el("li", {}, b));
+    }
+  }
+
+  function render() {
+    const item = state.selected;
+    const status = $("status");
+    const error = $("error");
+    status.replaceChildren();
+    error.replaceChildren();
+    error.hidden = true;
+    $("results").hidden = true;
+    regionLayer.clearLayers();
+    markerLayer.clearLayers();
+    truthLayer.clearLayers();
+    markers.length = 0;
+    if (!item) return;
+    if (item.status === "waiting" || item.status === "locating") {
+      status.append(el("span", { class: "spinner", "aria-hidden": "true" }), el("span", { text: `Locating ${item.name}…` }));
+      return;
+    }
+    if (item.status === "failed") {
+      error.append(el("p", { class: "problem-file", text: item.name }), problemBox(item.failure, () => enqueue(item)));
+      error.hidden = false;
+      return;
+    }
+    const r = item.result;
+    status.append(el("span", { text: `${item.name}: ${r.candidates.length} candidates in ${Math.round(item.elapsedMs)} ms.` }));
+    if (r.warnings && r.warnings.length) status.append(el("span", { class: "warn", text: " " + r.warnings.join(" ") }));
+    $("results").hidden = false;
+    renderCandidates(r);
+    renderCountries(r);
+    renderTimings(r);
+    renderTruth();
+    fitResult(r);
+  }
+
+  function renderCandidates(r) {
+    const list = $("candidates");
+    list.replaceChildren();
+    const top = r.candidates[0];
+    const pmax = top ? top.probability : 1;
+    r.candidates.forEach((c, i) => {
+      const far = i === 0 ? "best" : `${km(haversineKm(top, c))} from #1`;
+      const prev = i > 1 ? ` · ${km(haversineKm(r.candidates[i - 1], c))} from #${i}` : "";
+      const swatch = el("span", { class: "swatch", "aria-hidden": "true" });
+      swatch.style.background = colour(c.probability / pmax);
+      const li = el("li", { class: "candidate", "data-lat": String(c.lat), "data-lon": String(c.lon) },
+        swatch,
+        el("span", { class: "cand-main" },
+          el("span", { class: "cand-place", text: placeName(c) }),
+          el("span", { class: "cand-meta", text: `${coord(c.lat, c.lon)} · ${far}${prev}` })),
+        el("span", { class: "cand-prob", text: pct(c.probability) }));
+      li.tabIndex = 0;
+      li.addEventListener("click", () => map.flyTo([c.lat, c.lon], Math.max(map.getZoom(), 4)));
+      li.addEventListener("keydown", (e) => {
+        if (e.key === "Enter" || e.key === " ") {
+          e.preventDefault();
+          map.flyTo([c.lat, c.lon], Math.max(map.getZoom(), 4));
+        }
+      });
+      list.append(li);
+    });
+    // Region: H3 hexagons shaded by the mass each holds.
+    if (r.region && r.region.geojson) {
+      const values = r.region.geojson.features.map((f) => f.properties.value || 0);
+      const vmax = Math.max(...values, 1e-12);
+      L.geoJSON(r.region.geojson, {
+        style: (f) => {
+          const t = (f.properties.value || 0) / vmax;
+          return { className: "geoloc-region", color: "#ffffff", weight: 1, opacity: 0.85, fillColor: colour(t), fillOpacity: 0.35 + 0.4 * t };
+        },
+        onEachFeature: (f, layer) => layer.bindTooltip(`H3 ${f.properties.h3}: ${pct(f.properties.value || 0)} of the mass`),
+      }).addTo(regionLayer);
+      $("region-summary").textContent = `Uncertainty region: ${r.region.cells.length} H3 cells (resolution ${r.region.h3_resolution}) holding ${pct(r.region.covered)} of the probability, ${Math.round(r.region.area_km2).toLocaleString("en")} km².`;
+    } else {
+      $("region-summary").textContent = "";
+    }
+    // Markers: radius and colour by probability; the best drawn last (on top).
+    r.candidates.forEach((c, i) => {
+      const m = L.circleMarker([c.lat, c.lon], {
+        className: "geoloc-candidate" + (i === 0 ? " geoloc-top" : ""),
+        radius: 5 + 17 * Math.sqrt(c.probability / pmax),
+        color: i === 0 ? "#ffffff" : "#1b1b1b",
+        weight: i === 0 ? 3 : 1.5,
+        fillColor: colour(c.probability / pmax),
+        fillOpacity: 0.9,
+      });
+      m.bindTooltip(`#${i + 1} ${placeName(c)}: ${pct(c.probability)}`);
+      markers.push(m);
+    });
+    for (let i = markers.length - 1; i >= 0; i--) markers[i].addTo(markerLayer);
+  }
+
+  function renderCountries(r) {
+    const ul = $("country-bars");
+    ul.replaceChildren();
+    const rows = r.countries.slice(0, 8);
+    const pmax = rows.length ? rows[0].probability : 1;
+    for (const row of rows) {
+      const bar = el("span", { class: "bar" });
+      bar.style.width = `${Math.max(1, (100 * row.probability) / Math.max(pmax, 1e-12))}%`;
+      bar.style.background = colour(row.probability / Math.max(pmax, 1e-12));
+      ul.append(el("li", { class: "bar-row" },
+        el("span", { class: "bar-label", text: countryName(row.country_code, r.candidates) }),
+        el("span", { class: "bar-track" }, bar),
+        el("span", { class: "bar-value", text: pct(row.probability) })));
+    }
+  }
+
+  function renderTimings(r) {
+    const body = $("timings").tBodies[0];
+    body.replaceChildren();
+    const t = r.timings_ms || {};
+    const ran = new Set(r.stages);
+    const names = ["queue", "encode", ...STAGES, ...Object.keys(t).filter((k) => k !== "queue" && k !== "encode" && !STAGES.includes(k))];
+    let total = 0;
+    for (const name of names) {
+      const isStage = STAGES.includes(name);
+      if (!isStage && !(name in t)) continue;
+      const ms = t[name];
+      if (Number.isFinite(ms)) total += ms;
+      const mark = isStage ? (ran.has(name) ? "yes" : "off") : "—";
+      body.append(el("tr", { class: isStage && !ran.has(name) ? "off" : "" },
+        el("th", { scope: "row", text: name }),
+        el("td", { text: mark }),
+        el("td", { class: "num", text: Number.isFinite(ms) ? ms.toFixed(1) : "—" })));
+    }
+    body.append(el("tr", { class: "total" }, el("th", { scope: "row", text: "total" }), el("td", { text: "" }), el("td", { class: "num", text: total.toFixed(1) })));
+    $("index-version").textContent = `Index ${r.index_version} · model ${r.profile}` + (r.prediction_id ? ` · prediction ${r.prediction_id}` : "");
+  }
+
+  function fitResult(r) {
+    const pts = r.candidates.map((c) => [c.lat, c.lon]);
+    if (!pts.length) return;
+    let bounds = L.latLngBounds(pts);
+    regionLayer.eachLayer((g) => {
+      if (g.getBounds) bounds = bounds.extend(g.getBounds());
+    });
+    map.fitBounds(bounds.pad(0.3), { maxZoom: 4, animate: false });
+  }
+
+  // -- known location, error and feedback ------------------------------------------------------
+
+  function setTruth(lat, lon, source) {
+    const item = state.selected;
+    if (!item || item.status !== "done") return;
+    item.truth = { lat, lon, source };
+    item.feedback = null;
+    renderTruth();
+  }
+
+  function renderTruth() {
+    const item = state.selected;
+    truthLayer.clearLayers();
+    const consent = $("exif-consent");
+    consent.hidden = !(item && item.exif && !item.exifAnswered && item.status === "done");
+    if (!consent.hidden) {
+      $("exif-text").textContent = `This photo's EXIF data says it was taken at ${coord(item.exif.lat, item.exif.lon)}. Use that as the known location? It stays in this browser unless you send it as feedback.`;
+    }
+    const out = $("truth-error");
+    const button = $("feedback");
+    const fbStatus = $("feedback-status");
+    if (!item || item.status !== "done" || !item.truth) {
+      out.textContent = "";
+      button.hidden = true;
+      fbStatus.textContent = "";
+      return;
+    }
+    const top = item.result.candidates[0];
+    $("truth-lat").value = item.truth.lat.toFixed(4);
+    $("truth-lon").value = item.truth.lon.toFixed(4);
+    L.circleMarker([item.truth.lat, item.truth.lon], { className: "geoloc-truth", radius: 7, color: "#00e5ff", weight: 3, fillColor: "#003a44", fillOpacity: 1 })
+      .bindTooltip("known location")
+      .addTo(truthLayer);
+    if (top) {
+      L.polyline([[top.lat, top.lon], [item.truth.lat, item.truth.lon]], { color: "#00e5ff", weight: 2, dashArray: "6 6", interactive: false }).addTo(truthLayer);
+      const d = haversineKm(top, item.truth);
+      out.textContent = `Known location ${coord(item.truth.lat, item.truth.lon)} (${item.truth.source}): the best candidate is ${km(d)} away.`;
+      out.dataset.km = String(d);
+    }
+    button.hidden = !item.result.prediction_id;
+    button.disabled = Boolean(item.feedback && item.feedback.ok);
+    fbStatus.replaceChildren();
+    if (!item.result.prediction_id) fbStatus.textContent = "This prediction was not recorded, so no feedback can be sent.";
+    else if (item.feedback && item.feedback.ok) fbStatus.textContent = `Thank you: feedback recorded (error ${km(item.feedback.body.error_km)}).`;
+    else if (item.feedback) fbStatus.append(problemBox(item.feedback, sendFeedback));
+  }
+
+  async function sendFeedback() {
+    const item = state.selected;
+    if (!item || !item.truth || !item.result.prediction_id) return;
+    $("feedback").disabled = true;
+    $("feedback-status").textContent = "Sending…";
+    item.feedback = await call(`/v1/predictions/${encodeURIComponent(item.result.prediction_id)}/feedback`, {
+      method: "POST",
+      headers: headers({ "Content-Type": "application/json" }),
+      body: JSON.stringify({ lat: item.truth.lat, lon: item.truth.lon }),
+    });
+    if (state.selected === item) renderTruth();
+  }
+
+  // -- wiring ----------------------------------------------------------------------------------
+
+  function wire() {
+    const input = $("file");
+    $("choose").addEventListener("click", () => input.click());
+    input.addEventListener("change", () => {
+      addFiles(input.files);
+      input.value = "";
+    });
+    const drop = $("drop");
+    for (const ev of ["dragenter", "dragover"]) {
+      drop.addEventListener(ev, (e) => {
+        e.preventDefault();
+        drop.classList.add("over");
+      });
+    }
+    for (const ev of ["dragleave", "drop"]) drop.addEventListener(ev, () => drop.classList.remove("over"));
+    drop.addEventListener("drop", (e) => {
+      e.preventDefault();
+      if (e.dataTransfer && e.dataTransfer.files) addFiles(e.dataTransfer.files);
+    });
+    // A file dropped next to the zone would make the browser open it and leave the page.
+    window.addEventListener("dragover", (e) => e.preventDefault());
+    window.addEventListener("drop", (e) => e.preventDefault());
+
+    $("api-key").value = storedKey();
+    $("key-remember").checked = Boolean(localStorage.getItem(KEY_NAME));
+    $("key-form").addEventListener("submit", (e) => e.preventDefault());
+    $("api-key").addEventListener("input", saveKey);
+    $("key-remember").addEventListener("change", saveKey);
+    $("key-clear").addEventListener("click", () => {
+      $("api-key").value = "";
+      saveKey();
+    });
+
+    map.on("click", (e) => setTruth(e.latlng.lat, L.Util.wrapNum(e.latlng.lng, [-180, 180], true), "clicked on the map"));
+    $("truth-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      const lat = parseFloat($("truth-lat").value);
+      const lon = parseFloat($("truth-lon").value);
+      if (Number.isFinite(lat) && Number.isFinite(lon) && Math.abs(lat) <= 90 && Math.abs(lon) <= 180) setTruth(lat, lon, "typed");
+    });
+    $("exif-use").addEventListener("click", () => {
+      const item = state.selected;
+      item.exifAnswered = true;
+      setTruth(item.exif.lat, item.exif.lon, "from the photo's EXIF GPS");
+      renderTruth();
+    });
+    $("exif-ignore").addEventListener("click", () => {
+      state.selected.exifAnswered = true;
+      renderTruth();
+    });
+    $("feedback").addEventListener("click", sendFeedback);
+  }
+
+  async function loadInfo() {
+    const answer = await call("/v1/info", { headers: headers() });
+    if (!answer.ok) {
+      $("purpose").textContent = "The service is not ready: " + explain(answer.status, answer.problem, answer.retryAfter).text;
+      return;
+    }
+    const info = answer.body;
+    state.info = info;
+    $("purpose").textContent = `Model "${info.profile.name}": ${info.profile.purpose}`;
+    $("limits").textContent = `JPEG, PNG or WebP, up to ${mb(info.limits.max_image_bytes)} each.`;
+    $("top-k").max = String(info.limits.max_top_k);
+    if (info.auth_enabled && !storedKey()) $("key-box").open = true;
+    showKeyState();
+  }
+
+  wire();
+  showKeyState();
+  loadInfo();
+  // For people debugging in the console, and for the end-to-end test.
+  window.geoloc = { map, markers, regionLayer, state, explain };
+})();

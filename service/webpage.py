@@ -1,0 +1,145 @@
+"""The web page served at ``/``: our own HTML/JS/CSS (committed, ``service/web/page``) plus
+front-end libraries from npm and an offline base map, built into a static folder.
+
+    make install                      # npm ci in service/web, then:
+    python -m service.webpage build   # copy the libraries, downscale Blue Marble once
+
+The built folder (``service/web/static`` unless GEOLOC_WEB_ASSETS_DIR) is gitignored. When it
+is incomplete the app still starts and ``/`` says how to build it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+PAGE_DIR = WEB_DIR / "page"  # our own files, committed
+NODE_MODULES = WEB_DIR / "node_modules"
+DEFAULT_ASSETS_DIR = WEB_DIR / "static"
+
+BASEMAP = "bluemarble.jpg"
+# Three quarters of the mosaic's 5400x2700: sharp when zoomed in, about 1 MB to load.
+BASEMAP_SIZE = (4096, 2048)
+BASEMAP_QUALITY = 85
+
+
+@dataclass(frozen=True)
+class Vendored:
+    """One file (or folder) of an npm package, copied to ``target`` in the static folder."""
+
+    package: str
+    source: str  # path inside node_modules/<package>
+    target: str
+
+
+# What the page loads; licences travel with the code they cover.
+VENDORED: tuple[Vendored, ...] = (
+    Vendored("leaflet", "dist/leaflet.js", "leaflet.js"),
+    Vendored("leaflet", "dist/leaflet.css", "leaflet.css"),
+    Vendored("leaflet", "dist/images", "images"),
+    Vendored("leaflet", "LICENSE", "LICENSE-leaflet.txt"),
+    Vendored("topojson-client", "dist/topojson-client.min.js", "topojson-client.min.js"),
+    Vendored("topojson-client", "LICENSE", "LICENSE-topojson-client.txt"),
+    Vendored("world-atlas", "countries-50m.json", "countries-50m.json"),
+    Vendored("world-atlas", "LICENSE", "LICENSE-world-atlas.txt"),
+    Vendored("exifr", "dist/lite.umd.js", "exifr.lite.umd.js"),
+    Vendored("exifr", "LICENSE", "LICENSE-exifr.txt"),
+)
+
+BUILD_HINT = (
+    "make install    (runs `npm ci` in service/web, then `python -m service.webpage build`)"
+)
+
+
+def required_files() -> list[str]:
+    """Names, relative to the static folder, that the page needs."""
+    return [v.target for v in VENDORED] + [BASEMAP]
+
+
+def missing_assets(assets_dir: Path) -> list[str]:
+    return [name for name in required_files() if not (assets_dir / name).exists()]
+
+
+def _copy(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    else:
+        shutil.copyfile(src, dst)
+
+
+def build_basemap(dst: Path, size: tuple[int, int] = BASEMAP_SIZE) -> None:
+    """Blue Marble (equirectangular, 2:1) downscaled once for the page's image overlay."""
+    from encoders.bluemarble import bmng_path  # the one place that knows where bmng.jpg is
+
+    with Image.open(bmng_path()) as im:
+        small = im.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+    tmp = dst.with_suffix(".tmp")
+    small.save(tmp, "JPEG", quality=BASEMAP_QUALITY, optimize=True, progressive=True)
+    tmp.replace(dst)
+
+
+def build_assets(assets_dir: Path, node_modules: Path = NODE_MODULES) -> list[Path]:
+    """Copy the vendored files from node_modules and make the base map; returns what was
+    written. Raises FileNotFoundError naming the first missing npm file (run npm ci)."""
+    assets_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for v in VENDORED:
+        src = node_modules / v.package / v.source
+        if not src.exists():
+            raise FileNotFoundError(f"{src} is missing: run `npm ci` in {node_modules.parent}")
+        _copy(src, assets_dir / v.target)
+        written.append(assets_dir / v.target)
+    basemap = assets_dir / BASEMAP
+    if not basemap.exists():  # the slow part (a few seconds): only once
+        build_basemap(basemap)
+    written.append(basemap)
+    return written
+
+
+def not_built_page(assets_dir: Path, missing: list[str]) -> str:
+    """What ``/`` shows while the static folder is incomplete."""
+    items = "".join(f"<li><code>{html.escape(m)}</code></li>" for m in missing[:12])
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>geoloc: web page not built</title></head>
+<body style="font-family: system-ui, sans-serif; max-width: 48rem; margin: 2rem auto">
+<main>
+<h1>The web page is not built</h1>
+<p>The API works (see <a href="/docs">/docs</a>); the page needs its front-end libraries and
+base map in <code>{html.escape(str(assets_dir))}</code>. Build them with</p>
+<pre>{html.escape(BUILD_HINT)}</pre>
+<p>then restart the service.{" Missing:" if missing else ""}</p><ul>{items}</ul>
+</main></body></html>"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m service.webpage", description=__doc__)
+    ap.add_argument("command", choices=["build", "check"])
+    ap.add_argument("--out", type=Path, default=None, help="static folder (default: settings)")
+    args = ap.parse_args(argv)
+    if args.out is None:
+        from service.settings import Settings
+
+        args.out = Settings().web_assets_path
+    if args.command == "build":
+        try:
+            written = build_assets(args.out)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"web page assets: {len(written)} files in {args.out}")
+        return 0
+    missing = missing_assets(args.out)
+    for name in missing:
+        print(f"missing: {args.out / name}")
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Runs `geoloc ...` commands in forked children of one process that has already imported
+geoloc, so that each run costs the command's own work, not seconds of imports, and can be
+SIGKILLed at a chosen moment. The children run the real CLI code (service.cli.app).
+
+Protocol: one JSON object per stdin line, ``{"args": [...], "kill_after": seconds|null,
+"log": path}``; one JSON line back per command, ``{"pid", "status", "killed", "seconds",
+"started_at"}``: status is the exit code, or minus the signal that ended the child;
+started_at the wall-clock time of the fork.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+from index.geocode import ReverseGeocoder
+from service.cli import app  # the imports are the point: paid once, before any fork
+
+
+def run(args: list[str], kill_after: float | None, log: str) -> dict[str, object]:
+    t0 = time.monotonic()
+    started_at = time.time()
+    pid = os.fork()
+    if pid == 0:  # the child: the CLI, output to the log
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        code = 0
+        try:
+            app(args, prog_name="geoloc")
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            code = 70
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    killed = False
+    reaped, wstatus = 0, 0
+    if kill_after is not None:
+        deadline = t0 + kill_after
+        while time.monotonic() < deadline:
+            reaped, wstatus = os.waitpid(pid, os.WNOHANG)
+            if reaped:
+                break
+            time.sleep(0.005)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            killed = True
+    if not reaped:
+        _, wstatus = os.waitpid(pid, 0)
+    status = os.waitstatus_to_exitcode(wstatus)
+    return {
+        "pid": pid,
+        "status": status,
+        "killed": killed,
+        "seconds": time.monotonic() - t0,
+        "started_at": started_at,
+    }
+
+
+def main() -> None:
+    # The reverse geocoder's tables are module-level caches: load them once, here.
+    ReverseGeocoder().country_codes(np.zeros((1, 2)))
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        reply = run(request["args"], request.get("kill_after"), request["log"])
+        print(json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,535 @@
+"""The web page at / end to end: Debian's headless Chromium, driven by Playwright, against
+`geoloc serve` started as a real process on loopback with the bundled bluemarble model.
+
+Needs the built page assets (`make install`: npm ci + python -m service.webpage build) and
+/usr/bin/chromium (`make system-deps`); without either these tests are skipped, saying why.
+Screenshots are written under the test's tmp_path (the path is printed; `pytest -s` shows it).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import pytest
+from api_helpers import IndexData
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from encoders.bluemarble import render_tile
+from index.geo import haversine_km
+from service.app import create_app
+from service.db import create_api_key, make_engine, make_sessionmaker, upgrade
+from service.settings import Settings
+from service.webpage import NODE_MODULES, missing_assets
+
+pytest_plugins = ["api_fixtures"]  # the bluemarble model and a small H3 index
+
+CHROMIUM = "/usr/bin/chromium"
+AXE = NODE_MODULES / "axe-core" / "axe.min.js"
+SAHARA = (23.0, 12.0)  # a distinctive desert view the bundled model places well
+AUSTRALIA = (-25.0, 134.0)
+TIMEOUT_MS = 60_000
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (dev extra)")
+
+
+def _skip_reason() -> str | None:
+    if not Path(CHROMIUM).exists():
+        return f"{CHROMIUM} is missing: make system-deps (Debian package chromium)"
+    missing = missing_assets(Settings().web_assets_path)
+    if missing:
+        return f"web page assets not built ({missing[0]} ...): make install"
+    if not AXE.exists():
+        return f"{AXE} is missing: make install (npm ci in service/web)"
+    return None
+
+
+# -- a real server ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    db_url: str
+
+
+@contextmanager
+def geoloc_serve(data_dir: Path, db_path: Path, ready: str, **env: str) -> Iterator[Server]:
+    """`geoloc serve` on a free loopback port, on its own SQLite database; stops it after."""
+    db_url = f"sqlite:///{db_path}"
+    upgrade(db_url)
+    port = _free_port()
+    environ = {
+        **os.environ,
+        "GEOLOC_DATA_DIR": str(data_dir),
+        "GEOLOC_DATABASE_URL": db_url,
+        "GEOLOC_INDEX_POLL_S": "0",
+        **{f"GEOLOC_{k.upper()}": v for k, v in env.items()},
+    }
+    geoloc = Path(sys.executable).with_name("geoloc")
+    log = (db_path.parent / f"serve-{port}.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            str(geoloc),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=environ,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"geoloc serve exited: {log.name}")
+            try:
+                if httpx.get(url + ready, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"geoloc serve not ready in 180 s: {log.name}")
+            time.sleep(0.5)
+        yield Server(url, db_url)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(bm_index: IndexData, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Auth off, the defaults: what `make run` serves."""
+    tmp = tmp_path_factory.mktemp("web-open")
+    with geoloc_serve(bm_index.data_dir, tmp / "geoloc.db", "/readyz") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def locked_server(
+    bm_index: IndexData, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """API keys on, 1 request a minute, 100 kB requests, and an index that does not exist:
+    every error a page user can meet, from a real server (a locate that passes the key check
+    gets 503 not-ready)."""
+    tmp = tmp_path_factory.mktemp("web-locked")
+    with geoloc_serve(
+        bm_index.data_dir,
+        tmp / "geoloc.db",
+        "/healthz",
+        auth_enabled="true",
+        rate_limit_per_minute="1",
+        max_request_bytes=str(100_000),
+        index_name="no-such-index",
+    ) as s:
+        yield s
+
+
+# -- the browser -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    reason = _skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@dataclass
+class Page:
+    page: object
+    requests: list[str]
+    file_choosers: list[object]
+
+    def off_loopback(self) -> list[str]:
+        out = []
+        for url in self.requests:
+            parts = urlsplit(url)
+            if parts.scheme in ("data", "blob"):
+                continue
+            if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+                out.append(url)
+        return out
+
+
+@pytest.fixture
+def open_page(browser: object) -> Iterator[object]:
+    contexts = []
+
+    def opener(server: Server) -> Page:
+        ctx = browser.new_context(viewport={"width": 1400, "height": 900})  # type: ignore[attr-defined]
+        contexts.append(ctx)
+        page = ctx.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        seen: list[str] = []
+        choosers: list[object] = []
+        page.on("request", lambda r: seen.append(r.url))
+        # Listening before the page loads intercepts every file chooser from the start.
+        page.on("filechooser", lambda chooser: choosers.append(chooser))
+        page.goto(server.url + "/")
+        page.wait_for_function("window.geoloc && document.querySelector('.geoloc-borders')")
+        return Page(page, seen, choosers)
+
+    yield opener
+    for ctx in contexts:
+        ctx.close()
+
+
+def _tile(path: Path, lat: float, lon: float, gps: tuple[float, float] | None = None) -> Path:
+    img = render_tile(lat, lon, 2.0, 64)
+    if gps is None:
+        img.save(path)
+        return path
+    exif = Image.Exif()
+    ifd = exif.get_ifd(0x8825)  # GPS IFD
+    ifd.update(
+        {
+            1: "N" if gps[0] >= 0 else "S",
+            2: (abs(gps[0]), 0.0, 0.0),
+            3: "E" if gps[1] >= 0 else "W",
+            4: (abs(gps[1]), 0.0, 0.0),
+        }
+    )
+    img.save(path, "JPEG", quality=92, exif=exif)
+    return path
+
+
+def _axe(page: object) -> list[dict]:
+    page.add_script_tag(path=str(AXE))  # type: ignore[attr-defined]
+    result = page.evaluate("async () => (await axe.run(document)).violations")  # type: ignore[attr-defined]
+    return [
+        {"id": v["id"], "impact": v["impact"], "nodes": [n["target"] for n in v["nodes"][:3]]}
+        for v in result
+    ]
+
+
+def _screenshot(page: object, path: Path) -> None:
+    page.screenshot(path=str(path))  # type: ignore[attr-defined]
+    print(f"\nscreenshot: {path}")
+    assert path.stat().st_size > 10_000
+
+
+TOP_MARKER = "[geoloc.markers[0].getLatLng().lat, geoloc.markers[0].getLatLng().lng]"
+
+
+def _wait_item(page: object, n: int, status: str) -> None:
+    """Wait until the page has n images and the last one has this status."""
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "([n, status]) => geoloc.state.items.length === n "
+        "&& geoloc.state.items[n - 1].status === status",
+        arg=[n, status],
+    )
+
+
+def _error_text(page: object) -> str:
+    page.wait_for_selector("#error:not([hidden]) .problem-text")  # type: ignore[attr-defined]
+    return str(page.inner_text("#error"))  # type: ignore[attr-defined]
+
+
+# -- tests -----------------------------------------------------------------------------------
+
+
+def test_locate_a_tile_shows_candidates_region_chart_and_timings(server, open_page, tmp_path):
+    p = open_page(server)
+    page = p.page
+    assert "satellite" in page.inner_text("#purpose").lower()  # the model says what it locates
+    page.set_input_files("#file", str(_tile(tmp_path / "sahara.png", *SAHARA)))
+    page.wait_for_selector("#results:not([hidden]) .candidate")
+
+    top = page.evaluate("geoloc.markers.map(m => [m.getLatLng().lat, m.getLatLng().lng])")
+    assert len(top) == 5  # default top_k
+    err_km = haversine_km(*SAHARA, *top[0])
+    assert err_km < 750, (top[0], err_km)
+    assert page.locator("path.geoloc-candidate").count() == 5
+    assert page.locator("path.geoloc-top").count() == 1
+    radii = page.evaluate("geoloc.markers.map(m => m.getRadius())")
+    assert radii == sorted(radii, reverse=True) and radii[0] > radii[-1]  # sized by probability
+
+    hexes = page.locator("path.geoloc-region")
+    assert hexes.count() >= 1  # the uncertainty region, one path per H3 cell
+    fills = set(
+        page.eval_on_selector_all(
+            "path.geoloc-region", "ps => ps.map(p => p.getAttribute('fill-opacity'))"
+        )
+    )
+    assert "0.75" in fills  # the cell with the most mass is shaded darkest
+
+    bars = page.locator("#country-bars .bar-row")
+    assert bars.count() >= 1
+    assert "%" in bars.first.inner_text()
+    items = page.locator("#candidates .candidate")
+    assert items.count() == 5
+    first = items.first.inner_text()
+    assert "%" in first and "best" in first
+    assert "km from #1" in items.nth(1).inner_text()  # distances between candidates
+    timings = page.inner_text("#timings")
+    for stage in ("encode", "retrieve", "refine", "verify", "diversify", "describe", "total"):
+        assert stage in timings
+
+    _screenshot(page, tmp_path / "web-page.png")
+    assert p.off_loopback() == [], p.off_loopback()
+    assert any(u.endswith("/web/lib/bluemarble.jpg") for u in p.requests)
+    assert any(u.endswith("/web/lib/countries-50m.json") for u in p.requests)
+
+
+def test_drop_several_images_and_switch_between_them(server, open_page, tmp_path):
+    p = open_page(server)
+    page = p.page
+    files = [
+        ("sahara.png", (tmp_path / "s.png", SAHARA)),
+        ("australia.png", (tmp_path / "a.png", AUSTRALIA)),
+    ]
+    payload = []
+    for name, (path, (lat, lon)) in files:
+        payload.append({"name": name, "bytes": list(_tile(path, lat, lon).read_bytes())})
+    page.evaluate(
+        """files => {
+            const dt = new DataTransfer();
+            for (const f of files) {
+                dt.items.add(new File([new Uint8Array(f.bytes)], f.name, {type: 'image/png'}));
+            }
+            const drop = new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true});
+            document.getElementById('drop').dispatchEvent(drop);
+        }""",
+        payload,
+    )
+    page.wait_for_function(
+        "geoloc.state.items.length === 2 && geoloc.state.items.every(i => i.status === 'done')"
+    )
+    assert page.locator("#queue .queue-item").count() == 2
+    page.locator("#queue .queue-item").nth(1).click()
+    page.wait_for_selector("#results:not([hidden]) .candidate")
+    lat, lon = page.evaluate(TOP_MARKER)
+    assert haversine_km(*AUSTRALIA, lat, lon) < 750
+    assert p.off_loopback() == []
+
+
+def test_known_location_by_click_shows_error_and_sends_feedback(server, open_page, tmp_path):
+    p = open_page(server)
+    page = p.page
+    page.set_input_files("#file", str(_tile(tmp_path / "sahara.png", *SAHARA)))
+    page.wait_for_selector("#results:not([hidden]) .candidate")
+    # Click the map where the truth is.
+    xy = page.evaluate(
+        "ll => { const pt = geoloc.map.latLngToContainerPoint(ll); return [pt.x, pt.y]; }",
+        list(SAHARA),
+    )
+    box = page.locator("#map").bounding_box()
+    page.mouse.click(box["x"] + xy[0], box["y"] + xy[1])
+    page.wait_for_selector("#feedback:not([hidden])")
+    shown_km = float(page.get_attribute("#truth-error", "data-km"))
+    top = page.evaluate(TOP_MARKER)
+    clicked = (float(page.input_value("#truth-lat")), float(page.input_value("#truth-lon")))
+    assert haversine_km(*clicked, *SAHARA) < 100  # the click landed where aimed
+    assert shown_km == pytest.approx(haversine_km(*top, *clicked), rel=1e-3, abs=0.5)
+    assert "km away" in page.inner_text("#truth-error")
+
+    page.click("#feedback")
+    page.wait_for_selector("#feedback-status:has-text('feedback recorded')")
+    pid = page.evaluate("geoloc.state.selected.result.prediction_id")
+    stored = httpx.get(f"{server.url}/v1/predictions/{pid}").json()
+    assert stored["id"] == pid
+    stats = httpx.get(f"{server.url}/v1/stats").json()
+    assert stats["with_feedback"] >= 1
+    _screenshot(page, tmp_path / "web-feedback.png")
+
+
+def test_exif_gps_is_used_only_after_consent(server, open_page, tmp_path):
+    p = open_page(server)
+    page = p.page
+    photo = _tile(tmp_path / "geotagged.jpg", *SAHARA, gps=(24.5, 13.25))
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector("#exif-consent:not([hidden])")
+    assert "24.50°N, 13.25°E" in page.inner_text("#exif-text")
+    assert page.inner_text("#truth-error") == ""  # nothing used before the person agrees
+    page.click("#exif-use")
+    page.wait_for_selector("#feedback:not([hidden])")
+    assert "EXIF" in page.inner_text("#truth-error")
+    assert page.locator("#exif-consent").is_hidden()
+    top = page.evaluate(TOP_MARKER)
+    shown_km = float(page.get_attribute("#truth-error", "data-km"))
+    assert shown_km == pytest.approx(haversine_km(*top, 24.5, 13.25), rel=1e-3, abs=0.5)
+
+
+def test_not_an_image_and_a_damaged_image_get_clear_messages(server, open_page, tmp_path):
+    p = open_page(server)
+    page = p.page
+    text = tmp_path / "notes.png"  # the name lies; the service judges by content
+    text.write_text("these are not pixels\n" * 20)
+    page.set_input_files("#file", str(text))
+    message = _error_text(page)
+    assert "not an image the service can read" in message
+    assert "unsupported-media-type, HTTP 415" in message
+    assert page.locator("#results").is_hidden()
+
+    good = _tile(tmp_path / "t.png", *SAHARA).read_bytes()
+    (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])
+    page.set_input_files("#file", str(tmp_path / "cut.png"))
+    _wait_item(page, 2, "failed")
+    assert "damaged or truncated" in _error_text(page)
+    _screenshot(page, tmp_path / "web-error.png")
+    assert "failed:" in page.locator("#queue .queue-item").nth(0).inner_text()
+    assert p.off_loopback() == []
+
+
+def test_every_api_error_from_a_locked_server(locked_server, open_page, tmp_path):
+    """401, 403, a key that works, 413, 503 and 429 from a real server, as a person sees them."""
+    engine = make_engine(locked_server.db_url)
+    with make_sessionmaker(engine)() as session:
+        locate_key, _ = create_api_key(session, "web", ["locate"])
+        admin_key, _ = create_api_key(session, "admin-only", ["admin"])
+    engine.dispose()
+    p = open_page(locked_server)
+    page = p.page
+    tile = _tile(tmp_path / "t.png", *SAHARA)
+
+    page.set_input_files("#file", str(tile))
+    assert "needs an API key" in _error_text(page)
+    assert page.evaluate("document.getElementById('key-box').open")  # the field is shown
+
+    page.fill("#api-key", admin_key)
+    page.set_input_files("#file", str(tile))
+    _wait_item(page, 2, "failed")
+    assert "lacks the 'locate' scope" in _error_text(page)
+
+    page.fill("#api-key", locate_key)
+    # Kept in this browser only: session storage unless remembered, then local storage.
+    assert page.evaluate("sessionStorage.getItem('geoloc.apiKey')") == locate_key
+    assert page.evaluate("localStorage.getItem('geoloc.apiKey')") is None
+    page.check("#key-remember")
+    assert page.evaluate("localStorage.getItem('geoloc.apiKey')") == locate_key
+
+    page.set_input_files("#file", str(tile))  # the key passes; the index is missing: 503
+    _wait_item(page, 3, "failed")
+    message = _error_text(page)
+    assert "not ready yet" in message and "Try again" in message
+    assert page.locator("#error button:has-text('Try again')").count() == 1
+
+    noise = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    big = tmp_path / "big.png"
+    Image.fromarray(noise).save(big)
+    assert big.stat().st_size > 100_000
+    page.set_input_files("#file", str(big))
+    _wait_item(page, 4, "failed")
+    message = _error_text(page)
+    assert "too large" in message and "request-too-large, HTTP 413" in message
+
+    # The 2nd request this minute that reached the limiter (401, 403 and 413 come before it).
+    page.set_input_files("#file", str(tile))
+    _wait_item(page, 5, "failed")
+    message = _error_text(page)
+    assert "rate limit" in message and "Try again in" in message
+    assert p.off_loopback() == []
+
+
+def test_every_problem_type_of_the_api_has_its_own_message(server, open_page):
+    """docs/API.md lists the problem types; the page explains each one in words."""
+    page = open_page(server).page
+    api_md = (Path(__file__).resolve().parents[2] / "docs" / "API.md").read_text()
+    errors = api_md.split("## Errors", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        line.split("|")[1:3]
+        for line in errors.splitlines()
+        if line.startswith("| `") and line.split("|")[2].strip()[:3].isdigit()
+    ]
+    types = {cell[0].strip().strip("`"): int(cell[1].strip()[:3]) for cell in rows}
+    assert {"overloaded", "rate-limited", "image-too-large", "unauthorized"} <= set(types)
+    texts = page.evaluate(
+        """types => Object.fromEntries(Object.entries(types).map(([t, status]) =>
+            [t, geoloc.explain(status, {type: 'https://geoloc.dev/problems/' + t}, '7').text]))""",
+        types,
+    )
+    generic = {"Unexpected answer", "The service refused the request."}
+    for type_, status in types.items():
+        assert texts[type_] and not texts[type_].startswith("Unexpected"), (type_, texts[type_])
+        if status in (413, 415, 429, 503, 504, 401, 403):
+            assert texts[type_] not in generic, (type_, texts[type_])
+    assert "busy" in texts["overloaded"] and "7 s" in texts["overloaded"]
+    assert "took too long" in texts["timeout"]
+
+
+def test_keyboard_reaches_the_upload_control_and_opens_the_file_chooser(server, open_page):
+    p = open_page(server)
+    page = p.page
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "choose":
+            break
+    else:
+        pytest.fail("Tab never reached the upload button")
+    for key in ("Enter", "Space"):
+        before = len(p.file_choosers)
+        page.keyboard.press(key)
+        for _ in range(50):
+            if len(p.file_choosers) > before:
+                break
+            page.wait_for_timeout(100)
+        assert len(p.file_choosers) == before + 1, f"{key} did not open the file chooser"
+        assert p.file_choosers[-1].is_multiple()  # type: ignore[attr-defined]
+    assert page.get_attribute("#choose", "type") == "button"  # a real control, named by text
+    assert page.inner_text("#choose").strip() == "Choose images…"
+
+
+def test_axe_finds_no_accessibility_violations(server, open_page, tmp_path):
+    p = open_page(server)
+    page = p.page
+    assert _axe(page) == []  # the empty page
+    page.set_input_files("#file", str(_tile(tmp_path / "sahara.png", *SAHARA)))
+    page.wait_for_selector("#results:not([hidden]) .candidate")
+    page.click("#map")  # a known location, so the feedback part is shown too
+    page.wait_for_selector("#feedback:not([hidden])")
+    assert _axe(page) == []
+    (tmp_path / "notes.png").write_text("not an image")
+    page.set_input_files("#file", str(tmp_path / "notes.png"))
+    _error_text(page)
+    assert _axe(page) == []
+    # The checker is live: an input that loses its label is reported.
+    page.evaluate("document.querySelector('label[for=top-k]').remove()")
+    assert [v["id"] for v in _axe(page)] == ["label"]
+
+
+def test_page_says_how_to_build_when_assets_are_missing(tmp_path, bm_index, bm_locator):
+    settings = Settings(data_dir=bm_index.data_dir, web_assets_dir=tmp_path / "nothing")
+    with TestClient(create_app(settings, locator=bm_locator)) as client:
+        r = client.get("/")
+        assert r.status_code == 503 and r.headers["content-type"].startswith("text/html")
+        assert "make install" in r.text and "leaflet.js" in r.text
+        assert client.get("/healthz").status_code == 200  # the API still serves
+        assert client.get("/web/app.js").status_code == 200  # our own files are committed
+        assert client.get("/web/lib/leaflet.js").status_code == 404
+        assert "/" not in client.get("/openapi.json").json()["paths"]  # a page, not the API
