@@ -76,7 +76,13 @@ def main() -> None:
     if not (settings.data_dir / "indexes" / "gallery").is_dir():
         build_index(settings, "gallery", GallerySpec(kind="h3", res=args.res), model=model)
     if not (settings.data_dir / "indexes" / "refs").is_dir():
-        add_reference_images(settings, refs[0].path.parent / "labels.csv", model=model, name="refs")
+        add_reference_images(
+            settings,
+            refs[0].path.parent / "labels.csv",
+            model=model,
+            name="refs",
+            runner="inprocess",
+        )
     locator = Locator(
         model,
         load_index(settings.data_dir, "gallery"),

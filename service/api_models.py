@@ -200,7 +200,9 @@ class RecallVsAreaOut(BaseModel):
         description="Recall level ('0.5', '0.9') -> km² searched, cells in the model's order, "
         "to reach it; null when the regions never reach it."
     )
-    curve: dict[str, list[float]] = Field(description="area_km2 grid and the recall at each.")
+    curve: dict[str, list[float | None]] = Field(
+        description="area_km2 grid and the recall at each (null while nothing is measured)."
+    )
 
 
 class ReliabilityBin(BaseModel):

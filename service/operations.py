@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -347,14 +347,7 @@ class StatsQuery:
 
 
 def stats(session: Session, metrics: Metrics, settings: Settings, query: StatsQuery) -> StatsOut:
-    if query.since is not None and query.until is not None:
-        since, until = (
-            t if t.tzinfo else t.replace(tzinfo=UTC) for t in (query.since, query.until)
-        )
-        if until <= since:
-            raise InvalidOptionError(
-                f"until ({query.until}) must be later than since ({query.since})"
-            )
+    # A window whose end is not after its start is empty: zero predictions, not an error.
     summary = db.prediction_stats(
         session,
         query.since,
