@@ -4,7 +4,7 @@ Rows: a pixel-space nearest-neighbour baseline over the reference tiles, gallery
 retrieval alone (GeoCLIP-style, fixed H3 land gallery), + H3 refinement,
 + reference-image neighbours, + diversify/verify (the full pipeline). Top-1 error.
 
-    .venv/bin/python bench/accuracy.py [--test 2000] [--refs 100000] [--res 4]
+    .venv/bin/python bench/accuracy.py [--test 2000] [--refs 300000] [--res 4]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def embed(model, rows: list, batch: int = 256) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--test", type=int, default=2000)
-    ap.add_argument("--refs", type=int, default=100000)
+    ap.add_argument("--refs", type=int, default=300000)
     ap.add_argument("--res", type=int, default=4)
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus")
