@@ -1,10 +1,10 @@
 """HTTP throughput and latency of `geoloc serve` (bundled model) on loopback.
 
-Starts the real server (uvicorn, one worker) twice, with micro-batching on and off,
+Starts the real server (uvicorn, --workers processes) twice, with micro-batching on and off,
 and drives it with N concurrent clients posting Blue Marble tiles to /v1/locate for a
 fixed time per concurrency level. Bounded: every level runs --seconds, then stops.
 
-    .venv/bin/python bench/service.py [--seconds 20] [--levels 1,4,16]
+    .venv/bin/python bench/service.py [--seconds 20] [--levels 1,4,16] [--workers 2]
 """
 
 from __future__ import annotations
@@ -77,12 +77,13 @@ async def drive(
     return ok, failed, lat
 
 
-def serve(data_dir: Path, port: int, batching: bool) -> subprocess.Popen:
+def serve(data_dir: Path, port: int, batching: bool, workers: int) -> subprocess.Popen:
     env = {
         **os.environ,
         "GEOLOC_DATA_DIR": str(data_dir),
         "GEOLOC_PORT": str(port),
         "GEOLOC_BATCHING_ENABLED": str(batching).lower(),
+        "GEOLOC_WORKERS": str(workers),
         "GEOLOC_QUEUE_MAX": str(QUEUE_MAX),
     }
     proc = subprocess.Popen(
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--levels", default="1,4,16")
     ap.add_argument("--res", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     data = Path(tempfile.mkdtemp(prefix="geoloc-bench-svc-"))
@@ -116,7 +118,8 @@ def main() -> None:
     )
     images = tiles(64)
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cpus; bundled bluemarble model, "
+        f"machine: {platform.machine()}, {os.cpu_count()} cpus; {args.workers} worker(s); "
+        "bundled bluemarble model, "
         f"H3 res-{args.res} land gallery, {args.seconds:.0f} s per level"
     )
     # A request admitted to the queue waits at most for the QUEUE_MAX images ahead of it:
@@ -128,7 +131,7 @@ def main() -> None:
     base: dict[bool, float] = {}
     for batching in (True, False):
         port = free_port()
-        proc = serve(data, port, batching)
+        proc = serve(data, port, batching, args.workers)
         try:
             url = f"http://127.0.0.1:{port}/v1/locate"
             asyncio.run(drive(url, images, 2, 3))  # warm-up

@@ -175,6 +175,16 @@ def cell_area_km2(cells: Any) -> np.ndarray:
 
 
 def _ring_lonlat(cell: int) -> list[list[float]]:
+    """A fresh copy of the cell's ring: callers may change it, the cache must not."""
+    return [list(p) for p in _cached_ring(cell)]
+
+
+@functools.lru_cache(maxsize=1 << 16)  # the same cells recur in every region near them
+def _cached_ring(cell: int) -> tuple[tuple[float, float], ...]:
+    return tuple((p[0], p[1]) for p in _compute_ring(cell))
+
+
+def _compute_ring(cell: int) -> list[list[float]]:
     """A closed GeoJSON ring ([lon, lat] pairs) for one cell, drawable on a flat map.
 
     Antimeridian: we *shift*, not split. Longitudes are unwrapped so consecutive vertices

@@ -451,9 +451,10 @@ def compressed_factory(n: int, dim: int) -> str:
     """The factory string used for ``n`` vectors of ``dim`` above the compression threshold.
 
     About 4·sqrt(n) inverted lists (a power of two, 1024..65536) found by an HNSW graph over
-    the centroids, so that assigning a vector stays fast with many lists; PQ codes of dim/4
-    bytes (128 for 512-d: 1.3 GB for 10M vectors). An OPQ rotation ("OPQ128,IVF...") can be
-    asked for by factory string; its training takes far longer on a CPU.
+    the centroids, so that assigning a vector stays fast with many lists, and PQ codes of
+    dim/4 bytes (128 for 512-d: 1.3 GB for 10M vectors). No OPQ rotation by default: on
+    clustered 512-d data it gave the same recall for 11x the training time
+    (docs/BENCHMARKS.md); a factory string can still ask for one.
     """
     nlist = 1 << round(np.log2(max(4 * np.sqrt(max(n, 1)), 1)))
     nlist = int(min(max(nlist, 1024), 65536))
