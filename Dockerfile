@@ -16,6 +16,12 @@ ARG PYTHON_VERSION=3.11
 # none: the bundled bluemarble weights only; baked: BACKBONE_URL is downloaded into the image.
 ARG WEIGHTS=none
 
+# -- web page libraries: npm ci from the lockfile (what `make web` runs) ----------------------
+FROM node:20-slim AS web
+WORKDIR /web
+COPY service/web/package.json service/web/package-lock.json ./
+RUN npm ci --no-audit --no-fund --loglevel=error
+
 # -- build: a virtual environment with geoloc and its dependencies ---------------------------
 FROM python:${PYTHON_VERSION}-slim AS builder
 # cpu: torch from PyTorch's CPU wheel index (about 1 GB smaller); gpu: torch from PyPI (CUDA).
@@ -40,6 +46,9 @@ RUN pip install --no-cache-dir --upgrade pip \
        esac \
     && pip install --no-cache-dir -e ".${extras:+[$extras]}" \
     && geoloc profiles
+# The page's static folder: the npm packages and the offline base map (as `make web`).
+COPY --from=web /web/node_modules /app/service/web/node_modules
+RUN python -m service.webpage build && rm -rf /app/service/web/node_modules
 
 # -- model weights: nothing, or a checkpoint baked in (checked against its sha256) ------------
 FROM builder AS weights-none
