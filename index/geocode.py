@@ -8,9 +8,10 @@ not attributed to whichever country owns the nearest island town.
 from __future__ import annotations
 
 import csv
+import importlib.util
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,7 +108,11 @@ def _continent_table() -> dict[str, str]:
     """ISO alpha-2 -> continent (7-continent scheme) from the data file of the maintained
     ``country_converter`` package. Read with the csv module: the package's own reader turns
     Namibia's code "NA" into a missing value under some pandas versions."""
-    path = resources.files("country_converter") / "country_data.tsv"
+    # Located, not imported: importing the package would load pandas for one data file.
+    spec = importlib.util.find_spec("country_converter")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("country_converter (pip install country_converter)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "country_data.tsv"
     table: dict[str, str] = {}
     with path.open(encoding="utf-8") as fh:
         for row in csv.DictReader(fh, delimiter="\t"):

@@ -231,7 +231,8 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         os.fsync(fh.fileno())
 
 
-def _default_version() -> str:
+def new_version() -> str:
+    """A version name that sorts by creation time (UTC, microseconds)."""
     return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
 
 
@@ -297,7 +298,7 @@ def publish_index(
     """Build a FAISS inner-product index over unit ``vectors`` and publish it atomically."""
     t0 = time.perf_counter()
     _check_name(name, "name")
-    version = _default_version() if version is None else version
+    version = new_version() if version is None else version
     _check_name(version, "version")
     if gallery_kind not in GALLERY_KINDS:
         raise IndexStoreError(f"unknown gallery_kind {gallery_kind!r}; use one of {GALLERY_KINDS}")
@@ -546,7 +547,7 @@ def publish_index_chunked(
     """
     t0 = time.perf_counter()
     _check_name(name, "name")
-    version = _default_version() if version is None else version
+    version = new_version() if version is None else version
     _check_name(version, "version")
     if gallery_kind not in GALLERY_KINDS:
         raise IndexStoreError(f"unknown gallery_kind {gallery_kind!r}; use one of {GALLERY_KINDS}")

@@ -235,20 +235,6 @@ async def read_image_input(
 ImageDep = Annotated[ImageInput, Depends(read_image_input)]
 
 
-def parse_since(
-    since: Annotated[
-        str | None,
-        Query(
-            description="ISO 8601 date or date-time (UTC unless it has an offset); only "
-            "predictions made since then.",
-            json_schema_extra={"format": "date-time"},
-            max_length=64,
-        ),
-    ] = None,
-) -> datetime | None:
-    return _instant("since", since)
-
-
 def _instant(name: str, text: str | None) -> datetime | None:
     if text is None:
         return None
@@ -260,11 +246,16 @@ def _instant(name: str, text: str | None) -> datetime | None:
         ) from None
 
 
-SinceDep = Annotated[datetime | None, Depends(parse_since)]
-
-
 def stats_query(
-    since: SinceDep,
+    since: Annotated[
+        str | None,
+        Query(
+            description="ISO 8601 date or date-time (UTC unless it has an offset); only "
+            "predictions made since then.",
+            json_schema_extra={"format": "date-time"},
+            max_length=64,
+        ),
+    ] = None,
     until: Annotated[
         str | None,
         Query(
@@ -284,8 +275,12 @@ def stats_query(
     ] = None,
     bins: Annotated[int, Query(ge=1, le=100, description="Reliability bins.")] = 10,
 ) -> ops.StatsQuery:
-    end = _instant("until", until)
-    return ops.StatsQuery(since=since, until=end, within_km=within_km, bins=bins)
+    return ops.StatsQuery(
+        since=_instant("since", since),
+        until=_instant("until", until),
+        within_km=within_km,
+        bins=bins,
+    )
 
 
 StatsQueryDep = Annotated[ops.StatsQuery, Depends(stats_query)]
@@ -372,6 +367,8 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
 
 async def database_error_handler(request: Request, exc: Exception) -> Response:
     log.warning("database error on %s: %s", request.url.path, exc)
+    if isinstance(exc, SQLAlchemyError):  # /readyz reports it until the poller finds it back
+        request.app.state.service.database_failed(exc)
     problem = DatabaseUnavailableError(
         "the database did not answer; retry shortly", headers={"Retry-After": "5"}
     )

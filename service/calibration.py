@@ -10,13 +10,11 @@ index files are never touched; a new fit is a new version, written atomically.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +75,6 @@ class Calibration:
 
 def weights_label(checkpoint: Path | None) -> str:
     return str(Path(checkpoint).resolve()) if checkpoint else "bundled"
-
-
-def file_sha256(path: Path) -> str:
-    with Path(path).open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 # -- storage ----------------------------------------------------------------------------------
@@ -234,7 +227,3 @@ def fit_temperature(
         }
 
     return best, {"images": len(cases), "before": figures(1.0), "after": figures(best)}
-
-
-def new_version() -> str:
-    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")

@@ -28,6 +28,7 @@ from service.db import (
     current_revision,
     display_url,
     downgrade,
+    error_line,
     head_revision,
     list_api_keys,
     make_engine,
@@ -92,12 +93,6 @@ def settings() -> Settings:
     return Settings()
 
 
-def _db_error_line(exc: SQLAlchemyError) -> str:
-    # The driver's own message, first line: SQLAlchemy appends the SQL and a help link.
-    orig = getattr(exc, "orig", None)
-    return (str(orig or exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def db_errors(fn: F) -> F:
     """Database failures (unreachable server, bad credentials...) become one error line."""
 
@@ -106,7 +101,7 @@ def db_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except SQLAlchemyError as exc:
-            fail(f"[database-error] {_db_error_line(exc)}")
+            fail(f"[database-error] {error_line(exc)}")
 
     return wrapper  # type: ignore[return-value]
 
@@ -131,7 +126,7 @@ def _record_index_version(s: Settings) -> None:
     except SchemaNotAtHeadError:
         typer.echo("note: the database schema is not at head: run `geoloc db upgrade` to record it")
     except (SQLAlchemyError, ValueError) as exc:
-        line = _db_error_line(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
+        line = error_line(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
         typer.echo(f"note: not recorded in the database ({line}); `geoloc index activate` will")
 
 
@@ -462,11 +457,11 @@ def calibrate_cmd(
 ) -> None:
     """Fit the softmax temperature on held-out images and store it, versioned, beside the
     index version; the service and `geoloc eval` use the newest one."""
+    from encoders.model import sha256_file
+    from index.store import new_version
     from service.calibration import (
         Calibration,
-        file_sha256,
         fit_temperature,
-        new_version,
         prepare_cases,
         save_calibration,
         weights_label,
@@ -503,7 +498,7 @@ def calibrate_cmd(
         index=f"{m.name}/{m.version}",
         profile=loc.model.profile,
         weights=weights_label(s.checkpoint),
-        data={"path": str(data.resolve()), "sha256": file_sha256(data), "rows": len(emb.rows)},
+        data={"path": str(data.resolve()), "sha256": sha256_file(data), "rows": len(emb.rows)},
         options={
             k: getattr(opts, k)
             for k in ("retrieve_k", "refine", "diversify", "nms_km", "neighbours", "verify")
@@ -718,7 +713,7 @@ def db_upgrade(
         before = current_revision(engine)
     finally:
         engine.dispose()
-    after = upgrade(url, revision)
+    after = upgrade(url, revision, wait_s=s.database_start_timeout_s)
     if before == after:
         typer.echo(f"{display_url(url)}: already at {after}")
     else:
@@ -856,10 +851,7 @@ def serve_cmd(
 
     s = settings()
     if s.migrate_on_start if migrate is None else migrate:
-        try:
-            typer.echo(prepare_database(s))
-        except SQLAlchemyError as exc:
-            fail(f"[database-error] {_db_error_line(exc)}")
+        typer.echo(db_errors(prepare_database)(s))
     serve(
         s,
         host=host or s.host,

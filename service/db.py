@@ -32,13 +32,13 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, create_engine, event, func, select, update
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from index.geo import haversine_km
 from index.store import Manifest, list_indexes
 from service.errors import GeolocError, InvalidOptionError, NotFoundError
-from service.evaluation import area_to_truth, report
+from service.evaluation import region_areas, report
 from service.models import (
     SCOPES,
     ApiKey,
@@ -47,10 +47,10 @@ from service.models import (
     Prediction,
     utcnow,
 )
+from service.problems import DatabaseUnavailableError
 
 __all__ = [
     "KEY_PREFIX",
-    "DatabaseUnreachableError",
     "IndexBuildLockedError",
     "SchemaNotAtHeadError",
     "activate_index",
@@ -62,6 +62,7 @@ __all__ = [
     "current_revision",
     "display_url",
     "downgrade",
+    "error_line",
     "get_prediction",
     "head_revision",
     "index_build_lock",
@@ -224,14 +225,15 @@ def _alembic_config() -> Config:
 _MIGRATION_LOCK_KEY = 0x67656F6C6F63  # "geoloc"
 
 
-def _run_alembic(url: str | URL, fn: str, rev: str) -> str | None:
-    # A write transaction on SQLite (IMMEDIATE: the second migrator waits at BEGIN).
-    engine = make_engine(url).execution_options(**{_WRITE_OPTION: True})
+def _run_alembic(url: str | URL, fn: str, rev: str, wait_s: float = 15.0) -> str | None:
+    # A write transaction on SQLite (IMMEDIATE: the second migrator waits at BEGIN). Either
+    # database: a migrator waits up to ``wait_s`` for another's lock.
+    engine = make_engine(url, wait_s).execution_options(**{_WRITE_OPTION: True})
     try:
         with engine.begin() as conn:  # one transaction: a failed migration leaves nothing
             if conn.dialect.name == "postgresql":
                 # Replicas that start together migrate one after the other: the others wait
-                # here (up to lock_timeout), then find the schema at head and do nothing.
+                # here (up to wait_s), then find the schema at head and do nothing.
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})")
             cfg = _alembic_config()
             cfg.attributes["connection"] = conn
@@ -244,9 +246,10 @@ def _run_alembic(url: str | URL, fn: str, rev: str) -> str | None:
         engine.dispose()
 
 
-def upgrade(url: str | URL, rev: str = "head") -> str | None:
-    """Migrate the database up to ``rev``; returns the revision it is at afterwards."""
-    return _run_alembic(url, "upgrade", rev)
+def upgrade(url: str | URL, rev: str = "head", wait_s: float = 15.0) -> str | None:
+    """Migrate the database up to ``rev`` (waiting up to ``wait_s`` for another migrator);
+    returns the revision it is at afterwards."""
+    return _run_alembic(url, "upgrade", rev, wait_s)
 
 
 def downgrade(url: str | URL, rev: str = "base") -> str | None:
@@ -295,14 +298,14 @@ def check_at_head(engine: Engine) -> str:
     raise SchemaNotAtHeadError(detail)
 
 
-class DatabaseUnreachableError(GeolocError):
-    type = "database-unavailable"
-    status = 503
-    title = "Database unavailable"
+def error_line(exc: SQLAlchemyError) -> str:
+    """The driver's own message, first line (SQLAlchemy appends the SQL and a help link)."""
+    orig = getattr(exc, "orig", None)
+    return (str(orig or exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def wait_for_database(url: str | URL, timeout_s: float, connect_timeout_s: float = 5.0) -> None:
-    """Return once the database accepts connections; DatabaseUnreachableError after
+    """Return once the database accepts connections; DatabaseUnavailableError after
     ``timeout_s`` (a container starting beside its database gets there first)."""
     deadline = time.monotonic() + timeout_s
     delay = 0.25
@@ -314,10 +317,10 @@ def wait_for_database(url: str | URL, timeout_s: float, connect_timeout_s: float
                     conn.exec_driver_sql("SELECT 1")
                 return
             except OperationalError as exc:
-                last = (str(exc.orig or exc).strip().splitlines() or ["unreachable"])[0]
+                last = error_line(exc)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise DatabaseUnreachableError(
+                raise DatabaseUnavailableError(
                     f"{display_url(url)} did not accept a connection within {timeout_s:g} s "
                     f"(GEOLOC_DATABASE_START_TIMEOUT_S): {last}"
                 )
@@ -540,24 +543,16 @@ def prediction_stats(
     rows = session.execute(rows_q).all()
     d = np.array([r[0] for r in rows], dtype=np.float64)
     conf = np.array([_float_or_none(r[3]) or 0.0 for r in rows], dtype=np.float64)
-    areas = np.array(
-        [
-            area_to_truth(cells, (lat, lon), int(res))
-            if isinstance(cells, list) and isinstance(res, int)
-            else math.inf
-            for _, lat, lon, _, cells, res in rows
-        ],
-        dtype=np.float64,
+    areas = region_areas(
+        [{"cells": cells, "h3_resolution": res} for *_, cells, res in rows],
+        [(lat, lon) for _, lat, lon, *_ in rows],
     )
     rep = report(d, conf, areas, within_km=within_km, bins=bins)
     return {
         "predictions": int(session.scalar(count_q) or 0),
         "with_feedback": int(session.scalar(fb_q) or 0),
         "measured": len(rows),
-        "within_km": {t: _float_or_none(v) for t, v in rep["within_km"].items()},
-        "median_km": _float_or_none(rep["median_km"]),
-        "mean_km": _float_or_none(rep["mean_km"]),
-        "mean_geoscore": _float_or_none(rep["mean_geoscore"]),
+        **{k: rep[k] for k in ("within_km", "median_km", "mean_km", "mean_geoscore")},
         "recall_vs_area": rep["recall_vs_area"],
         "calibration": rep["calibration"],
     }

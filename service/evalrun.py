@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from service.datasets import LabelledImage
-from service.evaluation import THRESHOLDS_KM, area_to_truth, errors_km, report
+from service.evaluation import THRESHOLDS_KM, errors_km, region_areas, report
 from service.images import read_image_files
 from service.pipeline import LocateOptions, LocateResult, Locator
 
@@ -69,19 +69,12 @@ def measure(
     truths = np.asarray(truths, dtype=np.float64).reshape(-1, 2)
     # A filter can leave an image without any candidate: counted, not measured.
     has = np.array([bool(r.candidates) for r in results], dtype=bool)
-    answered = [r for r in results if r.candidates]
-    truths = truths[has] if len(results) else truths
+    answered = [r for r, h in zip(results, has, strict=True) if h]
+    truths = truths[has]
     pred = np.array([(r.candidates[0].lat, r.candidates[0].lon) for r in answered]).reshape(-1, 2)
     d = errors_km(pred, truths)
     conf = np.array([r.candidates[0].probability for r in answered])
-    areas = np.array(
-        [
-            area_to_truth(r.region["cells"], (t[0], t[1]), r.region["h3_resolution"])
-            if r.region
-            else math.inf
-            for r, t in zip(answered, truths, strict=True)
-        ]
-    )
+    areas = region_areas([r.region for r in answered], truths)
     out = report(
         d,
         conf,
@@ -98,7 +91,7 @@ def _pct(v: float | None) -> str:
     return "     -" if v is None or not math.isfinite(v) else f"{100 * v:5.1f}%"
 
 
-def _km2(v: float | None) -> str:
+def km2(v: float | None) -> str:
     return "not reached" if v is None else f"{v:,.0f} km²"
 
 
@@ -113,9 +106,10 @@ def format_report(rep: dict[str, Any], *, label: str = "", groups: int = 15) -> 
 
     def row(name: str, s: dict[str, Any]) -> str:
         cells = "".join(f"{_pct(s['within_km'][t]):>9}" for t in th)
-        med = s["median_km"]
-        med_s = f"{med:11.1f}" if med is not None and math.isfinite(med) else f"{'-':>11}"
-        return f"  {name[:20]:22}{cells}{med_s}{s['mean_geoscore']:10.0f}  (n={s['n']})"
+        med, score = s["median_km"], s["mean_geoscore"]
+        med_s = f"{'-':>11}" if med is None else f"{med:11.1f}"
+        score_s = f"{'-':>10}" if score is None else f"{score:10.0f}"
+        return f"  {name[:20]:22}{cells}{med_s}{score_s}  (n={s['n']})"
 
     lines.append(row("all", rep))
     for title, key in (("continent", "by_continent"), ("country", "by_country")):
@@ -131,7 +125,7 @@ def format_report(rep: dict[str, Any], *, label: str = "", groups: int = 15) -> 
     at = rva["area_km2_at_recall"]
     lines.append(
         "  recall vs area: "
-        + ", ".join(f"{float(r):.0%} recall within {_km2(a)}" for r, a in at.items())
+        + ", ".join(f"{float(r):.0%} recall within {km2(a)}" for r, a in at.items())
         + f"; {_pct(rva['recall_in_region']).strip()} of truths inside the ranked region"
     )
     cal = rep["calibration"]

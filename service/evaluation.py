@@ -13,7 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from index.geo import cell_area_km2, cell_to_int, geoscore, haversine_km, latlon_to_cells
+from index.geo import (
+    cell_area_km2,
+    cell_to_int,
+    geoscore,
+    haversine_km,
+    int_to_cell,
+    latlon_to_cells,
+)
 from index.geocode import continents
 
 THRESHOLDS_KM: tuple[float, ...] = (1, 25, 200, 750, 2500)
@@ -39,10 +46,10 @@ class DistanceSummary:
     def to_dict(self) -> dict[str, object]:
         return {
             "n": self.n,
-            "within_km": {f"{t:g}": v for t, v in self.within.items()},
-            "median_km": self.median_km,
-            "mean_km": self.mean_km,
-            "mean_geoscore": self.mean_geoscore,
+            "within_km": {f"{t:g}": _finite_or_none(v) for t, v in self.within.items()},
+            "median_km": _finite_or_none(self.median_km),
+            "mean_km": _finite_or_none(self.mean_km),
+            "mean_geoscore": _finite_or_none(self.mean_geoscore),
         }
 
 
@@ -65,19 +72,6 @@ def errors_km(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Great-circle error of (n, 2) predictions against (n, 2) truths."""
     pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
     return haversine_km(pred[:, 0], pred[:, 1], truth[:, 0], truth[:, 1])
-
-
-def format_summary(s: DistanceSummary, label: str = "") -> str:
-    head = " ".join(f"{t:>7g}km" for t in s.within)
-    vals = " ".join(f"{100 * v:>8.2f}%" for v in s.within.values())
-    lines = [
-        f"{label}n={s.n}",
-        f"  within:    {head}",
-        f"             {vals}",
-        f"  median km: {s.median_km:.1f}   mean km: {s.mean_km:.1f}   "
-        f"GeoScore: {s.mean_geoscore:.1f}",
-    ]
-    return "\n".join(lines)
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -105,13 +99,30 @@ def breakdown(
 def area_to_truth(cells: Sequence[str | int], truth: tuple[float, float], res: int) -> float:
     """km² searched, visiting ``cells`` (H3 cells at ``res``, the model's ranking, best first)
     in order, up to and including the cell that holds ``truth``; inf when none holds it."""
-    ids = np.array([cell_to_int(c) if isinstance(c, str) else int(c) for c in cells], np.int64)
-    if not len(ids):
+    target = int(latlon_to_cells(np.array([truth]), res)[0])
+    name = int_to_cell(target)
+    # Find the truth's cell first: only the cells searched before it are converted and measured.
+    hit = next((i for i, c in enumerate(cells) if c in (name, target)), None)
+    if hit is None:
         return math.inf
-    hit = np.flatnonzero(ids == latlon_to_cells(np.array([truth]), res)[0])
-    if not len(hit):
-        return math.inf
-    return float(cell_area_km2(ids[: hit[0] + 1]).sum())
+    ids = [cell_to_int(c) if isinstance(c, str) else int(c) for c in cells[: hit + 1]]
+    return float(cell_area_km2(np.array(ids, np.int64)).sum())
+
+
+def region_areas(regions: Sequence[Any], truths: np.ndarray) -> np.ndarray:
+    """``area_to_truth`` of each (region, truth): a region is a dict with its ranked ``cells``
+    and ``h3_resolution`` (as in a locate answer); inf where there is none."""
+    return np.array(
+        [
+            area_to_truth(r["cells"], (float(t[0]), float(t[1])), int(r["h3_resolution"]))
+            if isinstance(r, dict)
+            and isinstance(r.get("cells"), list)
+            and isinstance(r.get("h3_resolution"), int)
+            else math.inf
+            for r, t in zip(regions, truths, strict=True)
+        ],
+        dtype=np.float64,
+    )
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,10 @@ def image_text(data: bytes) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     try:
         with Image.open(io.BytesIO(data)) as im:
-            exif = im.getexif()
+            # A PNG without an eXIf chunk in its header: Pillow would decode the pixels to
+            # look for one after them.
+            has_exif = im.format != "PNG" or "exif" in im.info
+            exif = im.getexif() if has_exif else Image.Exif()
             items = [(t, exif.get(t)) for t in _EXIF_TEXT]
             items.append((_USER_COMMENT, exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)))
             # Text chunks before the pixels (im.text would decode the whole image).

@@ -21,7 +21,6 @@ caller's context (the prediction id); image bytes are logged as their size and h
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import hashlib
 import json
@@ -123,6 +122,13 @@ class CircuitBreaker:
         if self._opened_at is None:
             return 0.0
         return max(0.0, self._opened_at + self.cooldown_s - self.clock())
+
+    def describe(self) -> str:
+        """Why calls are refused, for reports and errors."""
+        return (
+            f"circuit breaker open after {self.consecutive} consecutive failures; "
+            f"next try in {self.retry_in():.1f} s"
+        )
 
     def allow(self) -> bool:
         """May a call start? In half-open state only one trial call at a time."""
@@ -231,10 +237,7 @@ class ChatClient:
         cfg = self.config
         probe = self.breaker.state == "half-open"
         if not self.breaker.allow():
-            raise LLMUnavailableError(
-                f"circuit breaker open after {self.breaker.consecutive} consecutive failures; "
-                f"next try in {self.breaker.retry_in():.1f} s"
-            )
+            raise LLMUnavailableError(self.breaker.describe())
         payload: dict[str, Any] = {
             "model": cfg.model,
             "messages": messages,
@@ -243,7 +246,8 @@ class ChatClient:
         }
         if cfg.json_mode:
             payload["response_format"] = {"type": "json_object"}
-        log.debug("llm request [%s] model=%s: %s", context, cfg.model, _loggable(messages))
+        if log.isEnabledFor(logging.DEBUG):  # the scrub and hash are not free
+            log.debug("llm request [%s] model=%s: %s", context, cfg.model, _loggable(messages))
         start = self.clock()
         attempt = 0
         try:
@@ -326,9 +330,3 @@ class ChatClient:
             return None, None, err
         self.breaker.success()
         return text, None, None
-
-
-async def close_quietly(client: ChatClient | None) -> None:
-    if client is not None:
-        with contextlib.suppress(Exception):
-            await client.aclose()

@@ -42,7 +42,7 @@ import re
 import secrets
 import time
 import unicodedata
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any, Literal
 
 import anyio
@@ -224,7 +224,7 @@ def json_object(text: str) -> dict[str, Any] | None:
             continue
         try:
             obj, _ = decoder.raw_decode(text, i)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             continue
         if isinstance(obj, dict):
             return obj
@@ -318,22 +318,10 @@ class LLMStage:
     def from_settings(cls, s: Settings) -> LLMStage | None:
         if not s.llm_base_url:
             return None
-        config = LLMConfig(
-            base_url=s.llm_base_url,
-            model=s.llm_model,
-            api_key=s.llm_api_key.get_secret_value(),
-            timeout_s=s.llm_timeout_s,
-            connect_timeout_s=s.llm_connect_timeout_s,
-            max_retries=s.llm_max_retries,
-            backoff_s=s.llm_backoff_s,
-            backoff_max_s=s.llm_backoff_max_s,
-            breaker_failures=s.llm_breaker_failures,
-            breaker_cooldown_s=s.llm_breaker_cooldown_s,
-            max_concurrency=s.llm_max_concurrency,
-            max_tokens=s.llm_max_tokens,
-            json_mode=s.llm_json_mode,
-        )
-        return cls(ChatClient(config), s)
+        # Every LLMConfig field is the setting GEOLOC_LLM_<FIELD>.
+        values = {f.name: getattr(s, f"llm_{f.name}") for f in fields(LLMConfig)}
+        values["api_key"] = s.llm_api_key.get_secret_value()
+        return cls(ChatClient(LLMConfig(**values)), s)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -395,10 +383,7 @@ class LLMStage:
             report.reason = "switched off for this request (llm_diversify, llm_rerank)"
             return self._cut(first, options), report
         if self.client.breaker.state == "open":
-            report.reason = (
-                f"circuit breaker open after {self.client.breaker.consecutive} consecutive "
-                f"failures; next try in {self.client.breaker.retry_in():.1f} s"
-            )
+            report.reason = self.client.breaker.describe()
             return self._cut(first, options), report
         start = time.perf_counter()
         purpose = get_profile(locator.model.profile).purpose
@@ -512,7 +497,6 @@ class LLMStage:
             metadata, max_chars=s.llm_metadata_max_chars, max_fields=s.llm_metadata_max_fields
         )
         messages = _messages(rerank_prompt(purpose, shown, block), image_url)
-        errors_before = sum(report.errors.values())
         text = await self._call(
             report,
             messages,
@@ -520,8 +504,8 @@ class LLMStage:
             temperature=0.0,
             context=f"prediction={prediction_id} rerank",
         )
-        if text is None:
-            rr.status = "failed" if sum(report.errors.values()) > errors_before else "skipped"
+        if text is None:  # the call failed (counted in report.errors)
+            rr.status = "failed"
             rr.reason = report.reason
             return result
         rr.status = "ran"

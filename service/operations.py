@@ -213,7 +213,8 @@ async def locate_bytes(
             s.llm_budget_s, s.request_timeout_s - (time.perf_counter() - start)
         )
         metadata = [("filename", filename)] if filename else []
-        metadata += await anyio.to_thread.run_sync(image_text, data)
+        if use_llm:  # EXIF and PNG text are read only for a prompt that may use them
+            metadata += await anyio.to_thread.run_sync(image_text, data)
         result, report = await llm.run(
             locator,
             image,

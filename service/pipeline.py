@@ -107,7 +107,10 @@ class LocateOptions:
         check(0 < self.region_share <= 1, "region_share must be in (0, 1]")
         check(0 <= self.region_res <= 8, "region_res must be between 0 and 8")
         check(0 <= self.neighbours <= 256, "neighbours must be between 0 and 256")
-        check(0 <= self.nprobe <= max_nprobe, f"nprobe must be between 1 and {max_nprobe}")
+        check(
+            0 <= self.nprobe <= max_nprobe,
+            f"nprobe must be between 1 and {max_nprobe} (0: the index's own)",
+        )
         check(0 <= self.neighbour_weight <= 10, "neighbour_weight must be between 0 and 10")
         check(1 <= self.neighbour_kernel_km <= 5000, "neighbour_kernel_km must be 1..5000")
         check(0 <= self.neighbour_temperature <= 1000, "neighbour_temperature must be 0..1000")
@@ -361,11 +364,7 @@ class Locator:
         if len(pts) and scored.q is not None:
             t = time.perf_counter()
             score = self._gps_scores(scored.q, pts)
-            logits = self.scale * score
-            if options.verify and scored.support is not None and options.neighbour_weight > 0:
-                logits = logits + options.neighbour_weight * _neighbour_support(
-                    pts, *scored.support, options.neighbour_kernel_km
-                )
+            logits = self._logits(pts, score, scored.support, options)
             scored.pool.extend(pts, score, source, self.geocoder.country_codes(pts))
             scored.logits = np.concatenate([scored.logits, logits])
             scored.timer.add("verify", t)
@@ -435,18 +434,25 @@ class Locator:
             t = _share(live, "verify", t, n)
 
         for s in batch:
-            s.logits = self.scale * s.pool.score
-            if (
-                options.verify
-                and s.support is not None
-                and options.neighbour_weight > 0
-                and len(s.logits)
-            ):
-                s.logits = s.logits + options.neighbour_weight * _neighbour_support(
-                    s.pool.latlon, *s.support, options.neighbour_kernel_km
-                )
+            s.logits = self._logits(s.pool.latlon, s.pool.score, s.support, options)
             s.t = t
         return batch
+
+    def _logits(
+        self,
+        latlon: np.ndarray,
+        score: np.ndarray,
+        support: tuple[np.ndarray, np.ndarray] | None,
+        opt: LocateOptions,
+    ) -> np.ndarray:
+        """Verification's logits: the image-GPS similarity, plus (when verifying) the log
+        density of the image neighbours at each point."""
+        logits = self.scale * score
+        if opt.verify and support is not None and opt.neighbour_weight > 0 and len(logits):
+            logits = logits + opt.neighbour_weight * _neighbour_support(
+                latlon, *support, opt.neighbour_kernel_km
+            )
+        return logits
 
     # -- stages -------------------------------------------------------------------------
     def _retrieve(

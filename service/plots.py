@@ -4,6 +4,7 @@ error CDF and a world map of errors. Each figure draws one or more runs (the JSO
 
 from __future__ import annotations
 
+import io
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ import numpy as np
 from matplotlib.colors import ListedColormap, LogNorm
 from PIL import Image
 
-from service.evaluation import THRESHOLDS_KM
+from service.evalrun import km2
+from service.evaluation import RECALL_LEVELS, THRESHOLDS_KM
 
 FILES = {
     "rva": "recall_vs_area.png",
@@ -41,12 +43,13 @@ def _finish(fig: Any, ax: Any, path: Path, title: str) -> Path:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
     plt.close(fig)
     # A palette of 128 colours: the same figure at a third of the bytes or less.
-    with Image.open(path) as img:
+    with Image.open(buf) as img:
         small = img.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
-    small.save(path, optimize=True)
+    small.save(path, format="PNG", optimize=True)
     return path
 
 
@@ -66,16 +69,13 @@ def plot_recall_vs_area(runs: list[Run], path: Path) -> Path:
         area = np.asarray(rva["curve"]["area_km2"])
         recall = 100 * np.asarray(rva["curve"]["recall"], dtype=float)
         at = rva["area_km2_at_recall"]
-        note = ", ".join(
-            f"{float(r):.0%}: " + ("not reached" if a is None else f"{a:,.0f} km²")
-            for r, a in at.items()
-        )
+        note = ", ".join(f"{float(r):.0%}: {km2(a)}" for r, a in at.items())
         ax.plot(area, recall, color=colour, ls=line, lw=2, label=f"{label} ({note})")
         for a in at.values():
             if a is not None:
                 ax.axvline(a, color=colour, ls=":", lw=1)
-    for r in (50, 90):
-        ax.axhline(r, color="grey", ls="--", lw=0.8)
+    for r in RECALL_LEVELS:
+        ax.axhline(100 * r, color="grey", ls="--", lw=0.8)
     _log_x_percent_y(
         ax,
         (10, 5.1e8),
@@ -112,7 +112,7 @@ def plot_error_cdf(runs: list[Run], path: Path) -> Path:
     for (label, rep), colour, line in zip(runs, COLOURS, LINES, strict=False):
         q = np.maximum(np.asarray(rep["error_cdf_km"], dtype=float), 0.1)
         share = np.linspace(0, 100, len(q))
-        med = f"median {rep['median_km']:,.0f} km"
+        med = "no median" if rep["median_km"] is None else f"median {rep['median_km']:,.0f} km"
         ax.plot(q, share, color=colour, ls=line, lw=2, label=f"{label} ({med})")
     for t in THRESHOLDS_KM:
         ax.axvline(t, color="grey", ls=":", lw=0.8)

@@ -41,6 +41,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from encoders.model import sha256_file
 from index.gallery import LAT_HEADERS, LON_HEADERS, find_column
 from service.datasets import _IMAGE_COLS as IMAGE_COLUMNS
 from service.datasets import DatasetError
@@ -259,11 +260,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def prepare_job(
     jobs_dir: Path,
     data: Path,
@@ -277,7 +273,7 @@ def prepare_job(
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
     data = Path(data)
-    digest = file_sha256(data) if data.is_file() else ""
+    digest = sha256_file(data) if data.is_file() else ""
     key = json.dumps([digest, index_name, profile, checkpoint, shard_rows]).encode()
     job_dir = Path(jobs_dir) / f"refs-{hashlib.sha256(key).hexdigest()[:16]}"
     meta_file = job_dir / "job.json"

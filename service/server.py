@@ -70,7 +70,7 @@ class DrainingServer(uvicorn.Server):
 def prepare_database(s: Settings) -> str:
     """Wait for the database, migrate it to head (under the migration lock); a status line."""
     wait_for_database(s.db_url, s.database_start_timeout_s, s.database_connect_timeout_s)
-    revision = upgrade(s.db_url)
+    revision = upgrade(s.db_url, wait_s=s.database_start_timeout_s)
     return f"{display_url(s.db_url)}: at {revision}"
 
 

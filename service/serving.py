@@ -24,6 +24,7 @@ from service.db import (
     active_index_version,
     check_at_head,
     display_url,
+    error_line,
     make_engine,
     make_sessionmaker,
 )
@@ -147,7 +148,7 @@ class ServiceState:
         """A request lost the database: report not ready and stop trying it per request until
         the poller's next check finds it back."""
         if isinstance(exc, OperationalError | InterfaceError):
-            self.db_error = _first_line(exc)
+            self.db_error = error_line(exc)
 
     def check_database(self) -> None:
         if self.engine is None:
@@ -160,7 +161,7 @@ class ServiceState:
         except GeolocError as exc:
             self.db_error = exc.detail
         except SQLAlchemyError as exc:
-            self.db_error = _first_line(exc)
+            self.db_error = error_line(exc)
 
     # -- index ----------------------------------------------------------------------------------
     def _served_name(self) -> str:
@@ -259,11 +260,6 @@ class ServiceState:
                 await loop.run_in_executor(None, self.refresh_index)
             except Exception:  # never let the poller die
                 log.exception("index poll failed")
-
-
-def _first_line(exc: SQLAlchemyError) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    return (str(orig).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def build_state(settings: Settings) -> ServiceState:

@@ -25,10 +25,10 @@ from tests.deploy.cluster import (
     Nginx,
     PrivatePostgres,
     Replica,
-    free_port,
     kill_group,
     replica_env,
 )
+from tests.net import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 INDEX = "default-bluemarble"

@@ -24,7 +24,6 @@ from sqlalchemy import select
 
 from index.store import list_indexes, load_index
 from service.db import (
-    DatabaseUnreachableError,
     IndexBuildLockedError,
     activate_index,
     index_build_lock,
@@ -34,12 +33,13 @@ from service.db import (
     wait_for_database,
 )
 from service.models import Prediction
+from service.problems import PROBLEM_MEDIA_TYPE as PROBLEM
+from service.problems import DatabaseUnavailableError
 from service.settings import Settings
 from tests.deploy.cluster import ROOT, Load, PrivatePostgres, Replica, running, wait_until
 from tests.deploy.conftest import INDEX, Cluster
 
 pytestmark = pytest.mark.timeout(300)
-PROBLEM = "application/problem+json"
 
 
 def served_version(replica: Replica) -> str | None:
@@ -317,7 +317,7 @@ def test_postgres_outage(
             assert "not recorded" in r.json()["warnings"][0]
         r = httpx.get(f"{url}/v1/predictions/{stored[0]}", timeout=10)
         assert r.status_code == 503 and r.headers["content-type"] == PROBLEM
-        with pytest.raises(DatabaseUnreachableError, match="did not accept a connection"):
+        with pytest.raises(DatabaseUnavailableError, match="did not accept a connection"):
             wait_for_database(private_pg.url, 0.5)
         threading.Timer(1.0, private_pg.start).start()  # back while start-up waits for it
         wait_for_database(private_pg.url, 30)

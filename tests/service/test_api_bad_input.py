@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import struct
 import threading
 import time
@@ -32,6 +31,7 @@ from schemathesis.config import SchemathesisConfig
 from service.app import create_app
 from service.db import upgrade
 from service.settings import Settings
+from tests.net import free_port
 
 pytest_plugins = ["api_fixtures"]  # the bluemarble model, index and app fixtures
 
@@ -347,16 +347,10 @@ def test_other_bad_requests(client):
 # -- a real server: chunked uploads on the wire ----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def live_url(sqlite_url: str, bm_index: IndexData, bm_locator) -> Iterator[str]:
     s = api_settings(sqlite_url, data_dir=bm_index.data_dir, **LIMITS)
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(
         create_app(s, locator=bm_locator), host="127.0.0.1", port=port, log_level="warning"
     )

@@ -9,7 +9,6 @@ Screenshots are written under the test's tmp_path (the path is printed; `pytest 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from service.app import create_app
 from service.db import create_api_key, make_engine, make_sessionmaker, upgrade
 from service.settings import Settings
 from service.webpage import NODE_MODULES, missing_assets
+from tests.net import free_port
 
 pytest_plugins = ["api_fixtures"]  # the bluemarble model and a small H3 index
 
@@ -58,13 +58,6 @@ def _skip_reason() -> str | None:
 # -- a real server ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass(frozen=True)
 class Server:
     url: str
@@ -76,7 +69,7 @@ def geoloc_serve(data_dir: Path, db_path: Path, ready: str, **env: str) -> Itera
     """`geoloc serve` on a free loopback port, on its own SQLite database; stops it after."""
     db_url = f"sqlite:///{db_path}"
     upgrade(db_url)
-    port = _free_port()
+    port = free_port()
     environ = {
         **os.environ,
         "GEOLOC_DATA_DIR": str(data_dir),
