@@ -33,17 +33,20 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN python -m venv /opt/venv
-WORKDIR /app
-COPY . /app
+# torch first, in its own layer: it depends only on VARIANT, so a change to the sources does
+# not download it again.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir --upgrade pip \
     && case "$VARIANT" in \
          cpu) pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu \
-                torch torchvision \
-              && extras="$EXTRAS" ;; \
-         gpu) extras="gpu${EXTRAS:+,$EXTRAS}" ;; \
+                torch torchvision ;; \
+         gpu) pip install --no-cache-dir torch torchvision ;; \
          *) echo "VARIANT must be cpu or gpu, not '$VARIANT'" >&2; exit 2 ;; \
-       esac \
+       esac
+WORKDIR /app
+COPY . /app
+RUN extras="$EXTRAS" \
+    && if [ "$VARIANT" = gpu ]; then extras="gpu${EXTRAS:+,$EXTRAS}"; fi \
     && pip install --no-cache-dir -e ".${extras:+[$extras]}" \
     && geoloc profiles
 # The page's static folder: the npm packages and the offline base map (as `make web`).

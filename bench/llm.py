@@ -16,7 +16,6 @@ held-out Blue Marble test tiles.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import statistics
@@ -27,17 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# Not bench/ itself: bench/service.py would shadow the service package.
-sys.path[:] = [str(ROOT), str(ROOT / "tests" / "service")] + [
-    p for p in sys.path if Path(p).resolve() != ROOT / "bench"
-]
+# The project first (the service package, not bench/service.py), then the test server.
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "service")]
 
+import accuracy  # noqa: E402  (its held-out test tiles and output directory)
 from fastapi.testclient import TestClient  # noqa: E402
 from llm_server import Received, Reply, answer, chat_server  # noqa: E402
 
 from encoders import load_model  # noqa: E402
+from encoders.train import jitter_latlon  # noqa: E402
 from index.geo import haversine_km  # noqa: E402
 from index.geocode import ReverseGeocoder  # noqa: E402
 from index.store import load_index  # noqa: E402
@@ -48,13 +48,7 @@ from service.evaluation import summarize_distances  # noqa: E402
 from service.pipeline import Locator  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "bench" / "accuracy.py")
-assert _spec is not None and _spec.loader is not None
-accuracy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(accuracy)  # its held-out test tiles and output directory
-
 OFF = {"llm_diversify": "false", "llm_rerank": "false"}
-KM_PER_DEG = 111.2
 
 
 def post(client: TestClient, data: bytes, **params: Any) -> dict[str, Any]:
@@ -81,7 +75,7 @@ def main() -> None:
             settings, "default-bluemarble", GallerySpec(kind="h3", res=args.res), model=model
         )
     locator = Locator(model, load_index(data_dir, "default-bluemarble"), ReverseGeocoder())
-    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
     state: dict[str, Any] = {"truth": (0.0, 0.0), "mode": "oracle", "delay": 0.0}
 
     def script(req: Received) -> Reply:
@@ -91,8 +85,8 @@ def main() -> None:
         if state["mode"] == "wrong":
             lat, lon = -lat, lon - 180 if lon > 0 else lon + 180
         else:  # within ~25 km: 15 km of noise per axis
-            lat += rng.normal(0, 15 / KM_PER_DEG)
-            lon += rng.normal(0, 15 / KM_PER_DEG / max(np.cos(np.radians(lat)), 0.2))
+            near = jitter_latlon(torch.tensor([[lat, lon]], dtype=torch.float64), 15.0, gen)
+            lat, lon = (float(v) for v in near[0])
         return answer({"lat": lat, "lon": lon}, delay_s=state["delay"])
 
     with chat_server() as server, tempfile.TemporaryDirectory() as tmp:

@@ -198,6 +198,19 @@ def load_state(
     model.load_state_dict(state, strict=False)
 
 
+def resolve_device(requested: str, cuda_available: bool | None = None) -> str:
+    """The torch device the encoders use: 'auto' is CUDA when a GPU is visible, else CPU."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if requested == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if requested.startswith("cuda") and not cuda_available:
+        raise ValueError(
+            f"device {requested!r} asked for, but torch sees no CUDA GPU; use 'auto' or 'cpu'"
+        )
+    return requested
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

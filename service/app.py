@@ -443,16 +443,17 @@ def add_web_page(app: FastAPI, settings: Settings) -> None:
     Without built assets the service still starts; ``/`` then says how to build them.
     """
     assets = settings.web_assets_path
-    lib_mounted = assets.is_dir()
+    # Checked once: assets built later are served after a restart (the page says so).
+    missing = missing_assets(assets)
+    not_built = not_built_page(assets, missing) if missing else None
 
     @app.get("/", include_in_schema=False)
     def web_page() -> Response:
-        missing = missing_assets(assets)
-        if missing or not lib_mounted:  # built after start-up: /web/lib needs a restart
-            return HTMLResponse(not_built_page(assets, missing), status_code=503)
+        if not_built is not None:
+            return HTMLResponse(not_built, status_code=503)
         return FileResponse(PAGE_DIR / "index.html", media_type="text/html")
 
-    if lib_mounted:  # mounted first: /web would otherwise take /web/lib/... too
+    if not missing:  # mounted first: /web would otherwise take /web/lib/... too
         app.mount("/web/lib", StaticFiles(directory=assets), name="web-lib")
     app.mount("/web", StaticFiles(directory=PAGE_DIR), name="web")
 

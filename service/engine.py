@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from encoders import GeoModel, load_model
+from encoders.model import resolve_device
 from index.gallery import Gallery, csv_gallery, encode_gallery, h3_gallery
 from index.geocode import ReverseGeocoder
 from index.store import (
@@ -47,7 +48,7 @@ def load_geomodel(
         checkpoint=settings.checkpoint,
         backbone_checkpoint=settings.backbone_checkpoint,
         random_backbone=random_backbone,
-        device=settings.device,
+        device=resolve_device(settings.device),
     )
 
 
@@ -265,7 +266,7 @@ def add_reference_images(
             backbone_checkpoint=str(settings.backbone_checkpoint)
             if settings.backbone_checkpoint
             else None,
-            device=refjobs.resolve_device(device or settings.device),
+            device=resolve_device(device or settings.device),
             batch_size=batch_size,
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
@@ -321,6 +322,16 @@ def _publish_references(
         )
     except IndexStoreError:
         old = None
+    if old is not None and old.manifest.factory != "Flat":
+        # Its vectors exist only as compression codes: re-adding them decoded would compress
+        # them twice (and they are no longer unit length).
+        raise GeolocError(
+            f"reference index {name} ({old.manifest.version}) is compressed "
+            f"({old.manifest.factory}); adding images to it is not supported: add every "
+            "table to a new index name in one job, or raise GEOLOC_COMPRESSED_MIN_ROWS",
+            type="invalid-option",
+            status=422,
+        )
     n_old = len(old) if old is not None else 0
     outputs = list(refjobs.iter_shard_outputs(job))  # small: only file handles are kept open
     n_new = sum(len(o["row"]) for o in outputs)

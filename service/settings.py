@@ -32,7 +32,10 @@ class Settings(BaseSettings):
     backbone_checkpoint: Path | None = Field(
         None, description="Local open_clip checkpoint file for the image backbone."
     )
-    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
+    device: str = Field(
+        "cpu",
+        description="torch device: cpu, cuda, cuda:1 ..., or auto (CUDA when a GPU is visible)",
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: torch's default.")
 
     # -- limits --------------------------------------------------------------------------

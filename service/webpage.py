@@ -105,7 +105,7 @@ def build_assets(assets_dir: Path, node_modules: Path = NODE_MODULES) -> list[Pa
 
 def not_built_page(assets_dir: Path, missing: list[str]) -> str:
     """What ``/`` shows while the static folder is incomplete."""
-    items = "".join(f"<li><code>{html.escape(m)}</code></li>" for m in missing[:12])
+    items = "".join(f"<li><code>{html.escape(m)}</code></li>" for m in missing)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>geoloc: web page not built</title></head>
 <body style="font-family: system-ui, sans-serif; max-width: 48rem; margin: 2rem auto">
@@ -120,25 +120,20 @@ base map in <code>{html.escape(str(assets_dir))}</code>. Build them with</p>
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m service.webpage", description=__doc__)
-    ap.add_argument("command", choices=["build", "check"])
+    ap.add_argument("command", choices=["build"])
     ap.add_argument("--out", type=Path, default=None, help="static folder (default: settings)")
     args = ap.parse_args(argv)
     if args.out is None:
         from service.settings import Settings
 
         args.out = Settings().web_assets_path
-    if args.command == "build":
-        try:
-            written = build_assets(args.out)
-        except FileNotFoundError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        print(f"web page assets: {len(written)} files in {args.out}")
-        return 0
-    missing = missing_assets(args.out)
-    for name in missing:
-        print(f"missing: {args.out / name}")
-    return 1 if missing else 0
+    try:
+        written = build_assets(args.out)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"web page assets: {len(written)} files in {args.out}")
+    return 0
 
 
 if __name__ == "__main__":

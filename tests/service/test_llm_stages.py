@@ -77,12 +77,6 @@ def top1_km(body: dict, lat: float, lon: float) -> float:
     return float(haversine_km(lat, lon, c["lat"], c["lon"]))
 
 
-def png(lat: float, lon: float) -> bytes:
-    buf = io.BytesIO()
-    render_tile(lat, lon, 2.0, 64).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def points_near(body: dict, lat: float, lon: float, km: float) -> list[dict]:
     return [c for c in body["candidates"] if haversine_km(lat, lon, c["lat"], c["lon"]) < km]
 
@@ -102,7 +96,7 @@ def test_proposals_near_the_truth_win_verification_and_improve_top1(make_client,
     with make_client(**llm_settings(chat, llm_rerank=False)) as client:
         for lat, lon in PLACES.values():
             truth["now"] = (lat, lon)
-            data = png(lat, lon)
+            data = tile_bytes(lat, lon)
             base = locate(client, data, refine="false", **OFF)
             assert base["llm"]["status"] == "skipped"
             body = locate(client, data, refine="false")
@@ -129,7 +123,7 @@ def test_proposals_the_image_disagrees_with_lose_verification(make_client, chat)
     with make_client(**llm_settings(chat, llm_rerank=False)) as client:
         for lat, lon in list(PLACES.values())[:4]:
             truth["now"] = (lat, lon)
-            data = png(lat, lon)
+            data = tile_bytes(lat, lon)
             base = locate(client, data, refine="false", **OFF)
             body = locate(client, data, refine="false", top_k=20)
             assert len(body["llm"]["diversify"]["proposals"]) == 2
@@ -150,7 +144,7 @@ def test_garbage_prose_and_out_of_range_answers_are_dropped_and_counted(make_cli
     )
     settings = llm_settings(chat, llm_rerank=False, llm_samples=4)
     with make_client(**settings) as client:
-        body = locate(client, png(23.0, 12.0), bbox="10,0,35,25", top_k=20)
+        body = locate(client, tile_bytes(23.0, 12.0), bbox="10,0,35,25", top_k=20)
     report = body["llm"]
     assert report["status"] == "ran" and report["calls"] == 8 and report["answered"] == 8
     div = report["diversify"]
@@ -166,7 +160,7 @@ def test_prompts_carry_k_candidates_with_place_names_and_are_sampled_n_times(mak
     chat.script = lambda req: answer({"lat": 23.0, "lon": 12.0})
     settings = llm_settings(chat, llm_rerank=False, llm_diversify_k=(0, 3, 6), llm_samples=2)
     with make_client(**settings) as client:
-        body = locate(client, png(23.0, 12.0))
+        body = locate(client, tile_bytes(23.0, 12.0))
     assert body["llm"]["diversify"]["prompts"] == [0, 3, 6]
     texts = sorted((req.text for req in chat.requests), key=len)
     assert len(texts) == 6 and texts[0] == texts[1]  # each prompt sampled twice
@@ -270,7 +264,7 @@ def test_429_then_success_is_retried_within_the_request(make_client, chat):
         answer({"ranking": ["c1"]}) if req.is_rerank else answer({"lat": 23.0, "lon": 12.0})
     )
     with make_client(**llm_settings(chat)) as client:
-        body = locate(client, png(23.0, 12.0))
+        body = locate(client, tile_bytes(23.0, 12.0))
     report = body["llm"]
     assert report["status"] == "ran" and report["errors"] == {}
     assert report["calls"] == 3 and report["attempts"] == 4 and report["answered"] == 3
@@ -369,7 +363,7 @@ def test_every_llm_input_and_output_is_logged_with_the_prediction_id(make_client
     )
     caplog.set_level(logging.DEBUG, logger="geoloc.llm")
     with make_client(**llm_settings(chat)) as client:
-        body = locate(client, png(23.0, 12.0))
+        body = locate(client, tile_bytes(23.0, 12.0))
     pid = body["prediction_id"]
     lines = [r.getMessage() for r in caplog.records if r.name == "geoloc.llm"]
     mine = [line for line in lines if f"prediction={pid}" in line]

@@ -19,17 +19,17 @@ import pytest
 
 from encoders import load_model
 from encoders.bluemarble import TileStyle, write_tileset
+from encoders.model import resolve_device
 from index.store import list_indexes, load_index
 from service.datasets import DatasetError
 from service.engine import add_reference_images
-from service.errors import InputImageError
+from service.errors import GeolocError, InputImageError
 from service.refjobs import (
     ShardEncoder,
     choose_runner,
     prepare_job,
     read_reference_table,
     read_uri,
-    resolve_device,
 )
 from service.settings import Settings
 
@@ -215,6 +215,12 @@ def test_a_second_table_adds_to_the_index_and_can_compress_it(tmp_path, model):
     assert m.extra["recall_nprobe"] == 4 and 0 < m.extra["recall_at_10"] <= 1
     idx = load_index(s.index_dir, "refs-bluemarble", m.version)
     assert sorted(np.asarray(idx.points.ids).tolist()) == [*range(100, 140), *range(140, 170)]
+
+    # A compressed index keeps only codes: a third table is refused with a clear error, and
+    # the served version stays.
+    with pytest.raises(GeolocError, match="is compressed"):
+        add_reference_images(s, _tiles(tmp_path / "c", 10, seed=3), model=model, progress=False)
+    assert len(list_indexes(s.index_dir, "refs-bluemarble")) == 2
 
 
 def _spec(s: Settings):

@@ -192,8 +192,6 @@
 
   const map = L.map("map", {
     crs: L.CRS.EPSG4326, // Blue Marble is equirectangular: one image, no tiles
-    center: [15, 10],
-    zoom: 1,
     minZoom: 0,
     maxZoom: 8,
     zoomSnap: 0.25,
@@ -586,7 +584,6 @@
       const item = state.selected;
       item.exifAnswered = true;
       setTruth(item.exif.lat, item.exif.lon, "from the photo's EXIF GPS");
-      renderTruth();
     });
     $("exif-ignore").addEventListener("click", () => {
       state.selected.exifAnswered = true;
