@@ -10,6 +10,7 @@ one run, compared as ratios.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -122,7 +123,8 @@ def main() -> None:
         t_cells = time.perf_counter() - t
         n_enc = len(g.ids) if res == 4 else min(args.sample, len(g.ids))
         t = time.perf_counter()
-        vec = np.asarray(model.embed_gps(g.latlon[:n_enc].astype(np.float32)))
+        part = dataclasses.replace(g, ids=g.ids[:n_enc], latlon=g.latlon[:n_enc])
+        vec = encode_gallery(part, model.embed_gps, 512, progress=False)
         t_enc = time.perf_counter() - t
         rate = n_enc / t_enc
         if res == 4:

@@ -333,26 +333,30 @@ def _publish_references(
             status=422,
         )
     n_old = len(old) if old is not None else 0
-    outputs = list(refjobs.iter_shard_outputs(job))  # small: only file handles are kept open
-    n_new = sum(len(o["row"]) for o in outputs)
+    # Ids and positions only: each shard's vectors are read when its chunk is wanted.
+    shards = list(refjobs.iter_shard_points(job))
+    n_new = sum(len(ids) for _, ids, _ in shards)
     if not n_new:
         raise GeolocError(f"no usable images in {job.meta['input']}", type="invalid-dataset")
     # Rows without an id get the next free ones after the previous version's.
     next_id = int(np.max(old.points.ids)) + 1 if n_old else 0
-    given = np.concatenate([o["id"] for o in outputs])
-    if n_old and np.isin(given[given >= 0], np.asarray(old.points.ids)).any():
-        clash = given[given >= 0][np.isin(given[given >= 0], np.asarray(old.points.ids))]
+    given = np.concatenate([ids for _, ids, _ in shards])
+    own = given[given >= 0]
+    clash = own[np.isin(own, np.asarray(old.points.ids))] if n_old else own[:0]
+    if clash.size:
         raise GeolocError(
             f"ids {clash[:5].tolist()} are already in index {name}; use new ids or none",
             type="invalid-dataset",
         )
     next_id = max(next_id, int(given.max()) + 1)
-    for o in outputs:
-        missing = o["id"] < 0
-        o["id"][missing] = np.arange(next_id, next_id + int(missing.sum()))
-        next_id += int(missing.sum())
-    total = n_old + n_new
     geocoder = ReverseGeocoder()
+    new_points: list[tuple[int, PointTable]] = []
+    for shard, ids, latlon in shards:
+        missing = ids < 0
+        ids[missing] = np.arange(next_id, next_id + int(missing.sum()))
+        next_id += int(missing.sum())
+        new_points.append((shard, PointTable(ids, latlon, geocoder.country_codes(latlon))))
+    total = n_old + n_new
 
     def chunks() -> Iterator[VectorChunk]:
         step = 65_536
@@ -366,9 +370,8 @@ def _publish_references(
                     country=np.asarray(old.points.country[rows]),  # type: ignore[union-attr]
                 ),
             )
-        for o in outputs:
-            country = geocoder.country_codes(o["latlon"])
-            yield VectorChunk(o["vectors"], PointTable(o["id"], o["latlon"], country))
+        for shard, points in new_points:
+            yield VectorChunk(refjobs.shard_vectors(job, shard), points)
 
     extra = {
         "source": job.meta["input"],

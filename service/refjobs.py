@@ -484,11 +484,18 @@ def choose_runner(runner: str, n_rows: int, *, ray_min_rows: int, ray_address: s
 # results
 
 
-def iter_shard_outputs(job: Job) -> Iterator[dict[str, np.ndarray]]:
+def iter_shard_points(job: Job) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(shard, ids, latlon) of every shard with embedded rows; the vectors stay on disk
+    (an npz member is read only when asked for)."""
     for shard in range(job.n_shards):
         with np.load(job.out_file(shard), allow_pickle=False) as z:
             if len(z["row"]):
-                yield {k: z[k] for k in ("vectors", "id", "row", "latlon")}
+                yield shard, z["id"], z["latlon"]
+
+
+def shard_vectors(job: Job, shard: int) -> np.ndarray:
+    with np.load(job.out_file(shard), allow_pickle=False) as z:
+        return z["vectors"]
 
 
 def write_report(job: Job, input_bad: list[BadRow]) -> tuple[Path, list[BadRow]]:
