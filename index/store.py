@@ -280,6 +280,57 @@ def _is_hnsw(index: faiss.Index) -> bool:
 # publication
 
 
+def _check_publication(
+    root: Path,
+    name: str,
+    version: str | None,
+    *,
+    profile: str,
+    gallery_kind: str,
+    h3_resolution: int | None,
+    extra: dict | None,
+) -> tuple[Path, str, dict]:
+    """Checks shared by both ways to publish: (the version's final directory, the version,
+    the extra metadata). Nothing is written."""
+    _check_name(name, "name")
+    version = new_version() if version is None else version
+    _check_name(version, "version")
+    if gallery_kind not in GALLERY_KINDS:
+        raise IndexStoreError(f"unknown gallery_kind {gallery_kind!r}; use one of {GALLERY_KINDS}")
+    if gallery_kind == "h3" and h3_resolution is None:
+        raise IndexStoreError("gallery_kind 'h3' needs h3_resolution (0-15)")
+    if h3_resolution is not None and not 0 <= int(h3_resolution) <= 15:
+        raise IndexStoreError(f"h3_resolution must be in 0..15, got {h3_resolution}")
+    if not profile:
+        raise IndexStoreError("profile is required: name the model profile that made the vectors")
+    extra = dict(extra or {})
+    try:
+        json.dumps(extra)
+    except TypeError as exc:
+        raise IndexStoreError(f"extra metadata must be JSON-serialisable: {exc}") from exc
+    final_dir = _indexes_dir(root) / name / version
+    if final_dir.exists():
+        raise IndexStoreError(
+            f"index {name!r} version {version!r} already exists at {final_dir}; "
+            "published versions are immutable: pick a new version (or omit it for a timestamp)"
+        )
+    return final_dir, version, extra
+
+
+def _train(index: faiss.Index, sample: np.ndarray, factory: str) -> None:
+    """Train ``index`` (if its factory needs training) on ``sample``."""
+    _skip_polysemous_training(index)
+    if index.is_trained:
+        return
+    try:
+        index.train(sample)
+    except RuntimeError as exc:
+        raise IndexStoreError(
+            f"training FAISS index {factory!r} on {len(sample)} vectors failed: {exc}; "
+            "use more training vectors, fewer IVF lists/PQ centroids, or 'Flat'"
+        ) from exc
+
+
 def publish_index(
     root: Path,
     name: str,
@@ -297,51 +348,29 @@ def publish_index(
 ) -> Manifest:
     """Build a FAISS inner-product index over unit ``vectors`` and publish it atomically."""
     t0 = time.perf_counter()
-    _check_name(name, "name")
-    version = new_version() if version is None else version
-    _check_name(version, "version")
-    if gallery_kind not in GALLERY_KINDS:
-        raise IndexStoreError(f"unknown gallery_kind {gallery_kind!r}; use one of {GALLERY_KINDS}")
-    if gallery_kind == "h3" and h3_resolution is None:
-        raise IndexStoreError("gallery_kind 'h3' needs h3_resolution (0-15)")
-    if h3_resolution is not None and not 0 <= int(h3_resolution) <= 15:
-        raise IndexStoreError(f"h3_resolution must be in 0..15, got {h3_resolution}")
-    if not profile:
-        raise IndexStoreError("profile is required: name the model profile that made the vectors")
+    final_dir, version, extra = _check_publication(
+        root,
+        name,
+        version,
+        profile=profile,
+        gallery_kind=gallery_kind,
+        h3_resolution=h3_resolution,
+        extra=extra,
+    )
     if train_size < 1:
         raise IndexStoreError(f"train_size must be >= 1, got {train_size}")
     vecs = _check_vectors(vectors)
     n, dim = vecs.shape
     table = _check_points(points, n)
-    extra = dict(extra or {})
-    try:
-        json.dumps(extra)
-    except TypeError as exc:
-        raise IndexStoreError(f"extra metadata must be JSON-serialisable: {exc}") from exc
-
-    name_dir = _indexes_dir(root) / name
-    final_dir = name_dir / version
-    if final_dir.exists():
-        raise IndexStoreError(
-            f"index {name!r} version {version!r} already exists at {final_dir}; "
-            "published versions are immutable: pick a new version (or omit it for a timestamp)"
-        )
+    name_dir = final_dir.parent
 
     index = _make_index(dim, factory)
-    _skip_polysemous_training(index)
-    if not index.is_trained:
-        # Train on a seeded sample so that a rebuild from the same vectors is reproducible.
-        rng = np.random.default_rng(seed)
-        sample = vecs
-        if n > train_size:
-            sample = vecs[np.sort(rng.choice(n, size=train_size, replace=False))]
-        try:
-            index.train(sample)
-        except RuntimeError as exc:
-            raise IndexStoreError(
-                f"training FAISS index {factory!r} on {len(sample)} vectors failed: {exc}; "
-                "use more vectors, fewer IVF lists/PQ centroids, or 'Flat'"
-            ) from exc
+    # Train on a seeded sample so that a rebuild from the same vectors is reproducible.
+    rng = np.random.default_rng(seed)
+    sample = vecs
+    if n > train_size:
+        sample = vecs[np.sort(rng.choice(n, size=train_size, replace=False))]
+    _train(index, sample, factory)
     for start in range(0, n, _ADD_CHUNK):
         index.add(vecs[start : start + _ADD_CHUNK])
     if index.ntotal != n:  # e.g. a factory that deduplicates; row alignment would break
@@ -546,34 +575,27 @@ def publish_index_chunked(
     itself), against exact search.
     """
     t0 = time.perf_counter()
-    _check_name(name, "name")
-    version = new_version() if version is None else version
-    _check_name(version, "version")
-    if gallery_kind not in GALLERY_KINDS:
-        raise IndexStoreError(f"unknown gallery_kind {gallery_kind!r}; use one of {GALLERY_KINDS}")
+    final_dir, version, extra = _check_publication(
+        root,
+        name,
+        version,
+        profile=profile,
+        gallery_kind=gallery_kind,
+        h3_resolution=h3_resolution,
+        extra=extra,
+    )
     if count < 1:
         raise IndexStoreError("the gallery is empty: nothing to index")
     factory = factory or compressed_factory(count, dim)
     device = select_device(device)
-    name_dir = _indexes_dir(root) / name
-    final_dir = name_dir / version
-    if final_dir.exists():
-        raise IndexStoreError(f"index {name!r} version {version!r} already exists at {final_dir}")
+    name_dir = final_dir.parent
     train = _check_vectors(train_vectors)
     if train.shape[1] != dim:
         raise IndexStoreError(f"training vectors have dimension {train.shape[1]}, not {dim}")
     trained = _make_index(dim, factory)
-    _skip_polysemous_training(trained)
     if device == "gpu":
         _to_gpu_training(trained)
-    if not trained.is_trained:
-        try:
-            trained.train(train)
-        except RuntimeError as exc:
-            raise IndexStoreError(
-                f"training FAISS index {factory!r} on {len(train)} vectors failed: {exc}; "
-                "use a larger training sample or fewer IVF lists/PQ centroids"
-            ) from exc
+    _train(trained, train, factory)
     t_train = time.perf_counter()
     ivf = _ivf_of(trained)
     if ivf is not None:
@@ -647,7 +669,6 @@ def publish_index_chunked(
         _save_npy(tmp_dir / IDS_FILE, ids)
         _save_npy(tmp_dir / LATLON_FILE, latlon)
         _save_npy(tmp_dir / COUNTRY_FILE, country)
-        extra = dict(extra or {})
         extra.setdefault("faiss_version", faiss.__version__)
         extra.update(
             {
