@@ -157,15 +157,15 @@ class Replica:
                 cwd=ROOT,
             )
 
-    def ready(self) -> bool:
+    def ready(self, path: str = "/readyz") -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"replica {self.name} exited: {self.log.read_text()[-3000:]}")
-        r = _get(f"{self.url}/readyz")
+        r = _get(f"{self.url}{path}")
         return r is not None and r.status_code == 200
 
-    def wait_ready(self, timeout_s: float = 120) -> None:
-        wait_until(self.ready, timeout_s, f"replica {self.name} ready", step_s=0.3)
+    def wait_ready(self, timeout_s: float = 120, path: str = "/readyz") -> None:
+        wait_until(lambda: self.ready(path), timeout_s, f"replica {self.name} ready", step_s=0.3)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

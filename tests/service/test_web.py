@@ -8,10 +8,6 @@ Screenshots are written under the test's tmp_path (the path is printed; `pytest 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,9 +24,10 @@ from PIL import Image
 from encoders.bluemarble import render_tile
 from index.geo import haversine_km
 from service.app import create_app
-from service.db import create_api_key, make_engine, make_sessionmaker, upgrade
+from service.db import create_api_key, make_engine, make_sessionmaker
 from service.settings import Settings
 from service.webpage import NODE_MODULES, missing_assets
+from tests.deploy.cluster import Replica, replica_env
 from tests.net import free_port
 
 pytest_plugins = ["api_fixtures"]  # the bluemarble model and a small H3 index
@@ -68,55 +65,25 @@ class Server:
 def geoloc_serve(data_dir: Path, db_path: Path, ready: str, **env: str) -> Iterator[Server]:
     """`geoloc serve` on a free loopback port, on its own SQLite database; stops it after."""
     db_url = f"sqlite:///{db_path}"
-    upgrade(db_url)
-    port = free_port()
-    environ = {
-        **os.environ,
-        "GEOLOC_DATA_DIR": str(data_dir),
-        "GEOLOC_DATABASE_URL": db_url,
-        "GEOLOC_INDEX_POLL_S": "0",
-        **{f"GEOLOC_{k.upper()}": v for k, v in env.items()},
-    }
-    geoloc = Path(sys.executable).with_name("geoloc")
-    log = (db_path.parent / f"serve-{port}.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            str(geoloc),
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=environ,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    settings = {f"GEOLOC_{k.upper()}": v for k, v in env.items()}
+    replica = Replica(
+        "web",
+        free_port(),
+        replica_env(
+            data_dir,
+            db_url,
+            GEOLOC_INDEX_POLL_S="0",
+            GEOLOC_WEB_ASSETS_DIR=str(Settings().web_assets_path),
+            **settings,
+        ),
+        db_path.parent / "serve.log",
     )
-    url = f"http://127.0.0.1:{port}"
+    replica.start()
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"geoloc serve exited: {log.name}")
-            try:
-                if httpx.get(url + ready, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"geoloc serve not ready in 180 s: {log.name}")
-            time.sleep(0.5)
-        yield Server(url, db_url)
+        replica.wait_ready(180, path=ready)
+        yield Server(replica.url, db_url)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        replica.stop()
 
 
 @pytest.fixture(scope="module")
