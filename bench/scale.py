@@ -9,12 +9,21 @@ truth) chunk by chunk, never all at once. Queries are fresh draws from the same 
 new photos of known places.
 
 For each size it builds the indexes through the project's own code (``publish_index``
-for flat, ``publish_index_chunked`` for IVF-PQ), loads them as the service does
-(``load_index``: mmap) and reports build time, index memory, single-query search
-latency p50/p95 and 1-recall@10 (the exact nearest neighbour is among the 10 returned)
-against exact search computed in chunks.
+for flat, ``publish_index_chunked`` for IVF-PQ with its float16 exact vectors on disk),
+loads them as the service does (``load_index``: mmap) and reports build time, index
+memory, single-query search latency p50/p95 and 1-recall@10 (the exact nearest
+neighbour is among the 10 returned) against exact search computed in chunks, for each
+nprobe and each re-ranking depth (``rerank_k``: the best PQ candidates re-scored with
+the exact vectors; 0: PQ scores only).
 
-    .venv/bin/python bench/scale.py --sizes 1000000 --nprobe 16,32,64,128
+Memory is the growth of the process's resident set from before the index is opened to
+after the queries: it counts the pages of the memory-mapped files that the queries
+touched, not the operating system's file cache. Re-ranking reads rows of the exact
+vectors from disk, so each setting is timed twice with the same queries: first with
+the vectors file evicted from the file cache (``p95 cold``: every row read from disk),
+then again (p50/p95: the rows those queries need are in memory).
+
+    .venv/bin/python bench/scale.py --sizes 1000000 --nprobe 16,32,64 --rerank 0,128,256
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from index.store import (
+    EXACT_FILE,
     PointTable,
     VectorChunk,
     compressed_factory,
@@ -109,43 +119,33 @@ class Row:
     size: int
     index: str
     nprobe: int | None
+    rerank_k: int
     build_s: float
     disk_mib: float
     memory_mib: float
     p50_ms: float
     p95_ms: float
+    p95_cold_ms: float | None
     recall_1_at_10: float
 
 
-def measure(
-    root: Path, name: str, queries: np.ndarray, exact: np.ndarray, nprobes: list[int | None]
-) -> list[tuple[int | None, float, float, float, float]]:
-    """(nprobe, memory MiB, p50 ms, p95 ms, recall) per nprobe, single-query searches."""
-    gc.collect()
-    before = rss_mib()
-    idx = load_index(root, name)
-    out = []
-    for nprobe in nprobes:
-        idx.search(queries[:5], 10, nprobe=nprobe)  # warm the pages the first queries touch
-        times, found = [], []
-        for q in queries:
-            t = time.perf_counter()
-            _, rows = idx.search(q[None], 10, nprobe=nprobe)
-            times.append((time.perf_counter() - t) * 1000)
-            found.append(rows[0])
-        found_arr = np.array(found)
-        out.append(
-            (
-                nprobe,
-                rss_mib() - before,
-                float(np.percentile(times, 50)),
-                float(np.percentile(times, 95)),
-                recall_1_at_k(found_arr, exact),
-            )
-        )
-    del idx
-    gc.collect()
-    return out
+def evict(path: Path) -> None:
+    """Drop a file's pages from the operating system's file cache (those no process maps)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def timed(idx, queries: np.ndarray, nprobe: int | None, rerank_k: int) -> tuple[list, np.ndarray]:
+    times, found = [], []
+    for q in queries:
+        t = time.perf_counter()
+        _, rows = idx.search(q[None], 10, nprobe=nprobe, rerank_k=rerank_k)
+        times.append((time.perf_counter() - t) * 1000)
+        found.append(rows[0])
+    return times, np.array(found)
 
 
 def measured(
@@ -156,13 +156,42 @@ def measured(
     build: float,
     queries: np.ndarray,
     exact: np.ndarray,
-    nprobes: list[int | None],
+    configs: list[tuple[int | None, int]],
 ) -> list[Row]:
+    """One row per (nprobe, rerank_k), single-query searches, the index opened afresh."""
     disk = dir_mib(root / "indexes" / name)
+    load_index(root, name)  # checksums verified once
     rows = []
-    for nprobe, mem, p50, p95, rec in measure(root, name, queries, exact, nprobes):
-        rows.append(Row(n, label, nprobe, build, disk, mem, p50, p95, rec))
+    for nprobe, rerank_k in configs:
+        gc.collect()
+        before = rss_mib()
+        idx = load_index(root, name, verify=False)
+        cold = None
+        if idx.exact is not None and rerank_k:
+            evict(idx.path / EXACT_FILE)
+        idx.search(queries[:5], 10, nprobe=nprobe, rerank_k=0)  # warm the first lists' pages
+        if idx.exact is not None and rerank_k:
+            times, _ = timed(idx, queries, nprobe, rerank_k)
+            cold = float(np.percentile(times, 95))
+        times, found = timed(idx, queries, nprobe, rerank_k)
+        rows.append(
+            Row(
+                n,
+                label,
+                nprobe,
+                rerank_k if idx.exact is not None else 0,
+                build,
+                disk,
+                rss_mib() - before,
+                float(np.percentile(times, 50)),
+                float(np.percentile(times, 95)),
+                cold,
+                recall_1_at_k(found, exact),
+            )
+        )
         print(asdict(rows[-1]), file=sys.stderr)
+        del idx
+    gc.collect()
     return rows
 
 
@@ -191,7 +220,7 @@ def run_size(args: argparse.Namespace, n: int, mix: Mixture, params: tuple) -> l
             )
             build = time.perf_counter() - t
             del vecs, chunk
-            rows += measured(root, "flat", "Flat", n, build, queries, exact, [None])
+            rows += measured(root, "flat", "Flat", n, build, queries, exact, [(None, 0)])
 
         factory = args.factory or compressed_factory(n, mix.dim)
         rng = np.random.default_rng(1)
@@ -217,11 +246,13 @@ def run_size(args: argparse.Namespace, n: int, mix: Mixture, params: tuple) -> l
             device=args.device,
             recall_queries=args.manifest_recall_queries,
             nprobe=args.nprobe[len(args.nprobe) // 2],
+            rerank_k=sorted(args.rerank)[len(args.rerank) // 2],
         )
         build = time.perf_counter() - t
         del train
         print(f"[{n:,}] {factory}: {json.dumps(m.extra)}", file=sys.stderr)
-        rows += measured(root, "ivfpq", factory, n, build, queries, exact, args.nprobe)
+        configs = [(p, r) for p in args.nprobe for r in args.rerank]
+        rows += measured(root, "ivfpq", factory, n, build, queries, exact, configs)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return rows
@@ -229,15 +260,16 @@ def run_size(args: argparse.Namespace, n: int, mix: Mixture, params: tuple) -> l
 
 def table(rows: list[Row]) -> str:
     out = [
-        "| vectors | index | nprobe | build s | on disk MiB | memory MiB | p50 ms | p95 ms "
-        "| 1-recall@10 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| vectors | index | nprobe | rerank_k | build s | on disk MiB | memory MiB "
+        "| p50 ms | p95 ms | p95 cold ms | 1-recall@10 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        cold = "-" if r.p95_cold_ms is None else f"{r.p95_cold_ms:.2f}"
         out.append(
-            f"| {r.size:,} | {r.index} | {r.nprobe or '-'} | {r.build_s:.0f} | "
-            f"{r.disk_mib:,.0f} | {r.memory_mib:,.0f} | {r.p50_ms:.2f} | {r.p95_ms:.2f} | "
-            f"{r.recall_1_at_10:.3f} |"
+            f"| {r.size:,} | {r.index} | {r.nprobe or '-'} | {r.rerank_k or '-'} | "
+            f"{r.build_s:.0f} | {r.disk_mib:,.0f} | {r.memory_mib:,.0f} | {r.p50_ms:.2f} | "
+            f"{r.p95_ms:.2f} | {cold} | {r.recall_1_at_10:.3f} |"
         )
     return "\n".join(out)
 
@@ -246,7 +278,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1000000", help="comma-separated gallery sizes")
     ap.add_argument("--queries", type=int, default=300, help="queries (exact truth each)")
-    ap.add_argument("--nprobe", default="16,32,64,128", help="comma-separated nprobe values")
+    ap.add_argument("--nprobe", default="16,32,64", help="comma-separated nprobe values")
+    ap.add_argument(
+        "--rerank",
+        default="0,128,256",
+        help="comma-separated re-ranking depths (0: PQ scores only); the middle one is the "
+        "index's own, its manifest recall measured there",
+    )
     ap.add_argument("--factory", default="", help="faiss factory; default compressed_factory()")
     ap.add_argument("--train", type=int, default=200_000, help="training sample size")
     ap.add_argument("--flat-max", type=int, default=1_000_000, help="largest size with Flat")
@@ -257,6 +295,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = ap.parse_args()
     args.nprobe = [int(x) for x in args.nprobe.split(",")]
+    args.rerank = [int(x) for x in args.rerank.split(",")]
     mix = Mixture(clusters=args.clusters)
     params = mix.params()
     rows: list[Row] = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ import faiss
 import numpy as np
 
 __all__ = [
+    "ExactVectors",
     "IndexStoreError",
     "LoadedIndex",
     "Manifest",
@@ -455,6 +457,9 @@ def _finish_publication(
 
 #: Inverted lists of a compressed index live in this file beside ``index.faiss``.
 ONDISK_FILE = "index.ivfdata"
+#: Row-aligned float16 copies of a compressed index's vectors, read memory-mapped from disk
+#: to re-score its best candidates exactly (codes alone cap recall; see ``rerank_k``).
+EXACT_FILE = "vectors.f16.npy"
 DEVICES = ("auto", "cpu", "gpu")
 
 
@@ -500,6 +505,83 @@ class VectorChunk:
 
     vectors: np.ndarray
     points: PointTable
+
+
+class ExactVectors:
+    """The ``EXACT_FILE`` of an index: float16 rows, memory-mapped, read a few rows at a time.
+
+    Only the rows a search re-scores are read, so the file stays on disk instead of in
+    memory. The mapping is marked random-access (no read-ahead of neighbouring rows), and
+    the rows of one call are asked for together (``MADV_WILLNEED``) before they are copied,
+    so that their reads from disk overlap instead of waiting one after another.
+    """
+
+    def __init__(self, path: Path) -> None:
+        with path.open("rb") as fh:
+            major, _ = np.lib.format.read_magic(fh)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if major == 1
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(fh)
+            offset = fh.tell()
+            if fortran or len(shape) != 2 or dtype != np.float16:
+                raise IndexStoreError(
+                    f"{path} must hold a C-order float16 (n, dim) array, got {dtype} {shape}; "
+                    "rebuild the index"
+                )
+            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        if hasattr(mmap, "MADV_RANDOM"):
+            self._map.madvise(mmap.MADV_RANDOM)
+        self.array = np.ndarray(shape, dtype=np.float16, buffer=self._map, offset=offset)
+        self._offset = offset
+        self._row_bytes = int(shape[1]) * 2
+
+    def __len__(self) -> int:
+        return int(self.array.shape[0])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 (m, dim) copies of ``rows`` (valid row numbers)."""
+        r = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(r) > 1 and hasattr(mmap, "MADV_WILLNEED"):
+            page = mmap.PAGESIZE
+            for start in np.unique(r) * self._row_bytes + self._offset:
+                first = int(start) - int(start) % page
+                self._map.madvise(mmap.MADV_WILLNEED, first, int(start) + self._row_bytes - first)
+        return self.array[r].astype(np.float32)
+
+
+def _write_exact_header(fh: Any, count: int, dim: int) -> None:
+    np.lib.format.write_array_header_1_0(
+        fh, {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": (count, dim)}
+    )
+
+
+def rerank(
+    queries: np.ndarray, scores: np.ndarray, rows: np.ndarray, k: int, exact: ExactVectors
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of each query's candidate ``rows`` by exact inner product.
+
+    ``scores``/``rows`` are a search's (q, c) answer (row -1: no candidate); the rows of
+    all queries are read from disk once, together.
+    """
+    out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    out_r = np.full((len(queries), k), -1, dtype=np.int64)
+    valid = rows >= 0
+    if not valid.any():
+        return out_s, out_r
+    uniq, inverse = np.unique(rows[valid], return_inverse=True)
+    vecs = exact.take(uniq)
+    where = np.zeros(rows.shape, dtype=np.int64)
+    where[valid] = inverse
+    for i, q in enumerate(queries):
+        cand = np.nonzero(valid[i])[0]
+        s = vecs[where[i, cand]] @ q
+        best = np.argsort(-s, kind="stable")[:k]
+        out_s[i, : len(best)] = s[best]
+        out_r[i, : len(best)] = rows[i, cand[best]]
+    return out_s, out_r
 
 
 def _to_gpu_training(index: faiss.Index) -> None:
@@ -560,6 +642,7 @@ def publish_index_chunked(
     device: str = "cpu",
     recall_queries: int = 200,
     nprobe: int | None = None,
+    rerank_k: int = 0,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> Manifest:
@@ -570,9 +653,11 @@ def publish_index_chunked(
     :func:`compressed_factory`) is trained on ``train_vectors`` (a sample), each chunk
     fills its own block index, and the blocks' inverted lists are merged into one
     ``index.ivfdata`` file that is memory-mapped at load. Other factories are filled
-    chunk by chunk in memory. The manifest records the factory and the measured
-    1-recall@10 at ``nprobe`` over ``recall_queries`` gallery vectors (each must not find
-    itself), against exact search.
+    chunk by chunk in memory. With ``rerank_k`` > 0 (not for "Flat") every vector is also
+    kept as float16 in ``EXACT_FILE``, and searches re-score their best ``rerank_k``
+    candidates with those exact vectors read from disk. The manifest records the factory
+    and the measured 1-recall@10 at ``nprobe`` (and ``rerank_k``) over ``recall_queries``
+    gallery vectors (each must not find itself), against exact search.
     """
     t0 = time.perf_counter()
     final_dir, version, extra = _check_publication(
@@ -586,7 +671,10 @@ def publish_index_chunked(
     )
     if count < 1:
         raise IndexStoreError("the gallery is empty: nothing to index")
+    if rerank_k < 0:
+        raise IndexStoreError(f"rerank_k must be >= 0 (0: no exact re-ranking), got {rerank_k}")
     factory = factory or compressed_factory(count, dim)
+    rerank_k = int(rerank_k) if factory != "Flat" else 0
     device = select_device(device)
     name_dir = final_dir.parent
     train = _check_vectors(train_vectors)
@@ -612,7 +700,10 @@ def publish_index_chunked(
     name_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = name_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
     tmp_dir.mkdir()
+    exact_fh = (tmp_dir / EXACT_FILE).open("wb") if rerank_k else None
     try:
+        if exact_fh is not None:
+            _write_exact_header(exact_fh, count, dim)
         blocks: list[Path] = []
         whole = trained if ivf is None else None
         start = 0
@@ -631,6 +722,8 @@ def publish_index_chunked(
             if recall_rows is not None:
                 sel = (recall_rows >= start) & (recall_rows < start + n)
                 recall_q[sel] = vecs[recall_rows[sel] - start]
+            if exact_fh is not None:
+                exact_fh.write(vecs.astype(np.float16).tobytes())
             if whole is not None:
                 whole.add(vecs)
             else:
@@ -644,6 +737,10 @@ def publish_index_chunked(
                 progress(n)
         if start != count:
             raise IndexStoreError(f"the chunks held {start} rows, expected {count}")
+        if exact_fh is not None:
+            exact_fh.flush()
+            os.fsync(exact_fh.fileno())
+            exact_fh.close()
         t_fill = time.perf_counter()
         if whole is None:
             whole = _merge_blocks(trained, blocks, tmp_dir / ONDISK_FILE)
@@ -660,9 +757,14 @@ def publish_index_chunked(
         recall = None
         if recall_rows is not None:
             exact = exact_top_k(recall_q, (c.vectors for c in chunks()), 10, recall_rows)
-            recall = _measure_recall(whole, recall_q, recall_rows, exact)
+            exact_vectors = ExactVectors(tmp_dir / EXACT_FILE) if rerank_k else None
+            recall = _measure_recall(whole, recall_q, recall_rows, exact, exact_vectors, rerank_k)
+            del exact_vectors
         del whole
-        data_files = [*DATA_FILES, *([ONDISK_FILE] if (tmp_dir / ONDISK_FILE).exists() else [])]
+        data_files = [
+            *DATA_FILES,
+            *(f for f in (ONDISK_FILE, EXACT_FILE) if (tmp_dir / f).exists()),
+        ]
         for f in data_files:
             if f.endswith(".faiss") or f.endswith(".ivfdata"):
                 _fsync_file(tmp_dir / f)
@@ -678,6 +780,7 @@ def publish_index_chunked(
                 "fill_seconds": round(t_fill - t_train, 3),
                 "merge_seconds": round(t_merge - t_fill, 3),
                 "on_disk": (tmp_dir / ONDISK_FILE).exists(),
+                "rerank_k": rerank_k,
             }
         )
         if recall is not None:
@@ -696,6 +799,8 @@ def publish_index_chunked(
             extra=extra,
         )
     except BaseException:
+        if exact_fh is not None:
+            exact_fh.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return manifest
@@ -726,11 +831,16 @@ def _measure_recall(
     queries: np.ndarray,
     self_rows: np.ndarray,
     exact: np.ndarray,
+    exact_vectors: ExactVectors | None,
+    rerank_k: int,
 ) -> dict[str, Any]:
-    """1-recall@10 of the index at its own nprobe, for the manifest."""
+    """1-recall@10 of the index at its own nprobe (and rerank_k), for the manifest."""
     ivf = _ivf_of(index)
     params = None if ivf is None else faiss.SearchParametersIVF(nprobe=ivf.nprobe)
-    _, found = index.search(queries, exact.shape[1] + 1, params=params)
+    k = exact.shape[1] + 1
+    scores, found = index.search(queries, max(k, rerank_k), params=params)
+    if exact_vectors is not None:
+        _, found = rerank(queries, scores, found, k, exact_vectors)
     found = np.array(
         [
             [r for r in row if r != own][: exact.shape[1]]
@@ -740,6 +850,7 @@ def _measure_recall(
     return {
         "recall_at_10": round(recall_1_at_k(found, exact), 4),
         "recall_nprobe": None if ivf is None else int(ivf.nprobe),
+        "recall_rerank_k": rerank_k,
         "recall_queries": len(queries),
         "recall_protocol": "1-recall@10 of gallery vectors (each excluded from its own "
         "results) against exact inner-product search",
@@ -844,6 +955,8 @@ class LoadedIndex:
     path: Path
     index: faiss.Index
     points: PointTable
+    #: Exact (float16, on disk) copies of the vectors of a compressed index, if it kept them.
+    exact: ExactVectors | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _direct_map: bool = field(default=False, init=False, repr=False)
 
@@ -887,16 +1000,24 @@ class LoadedIndex:
         *,
         allowed: np.ndarray | None = None,
         nprobe: int | None = None,
+        rerank_k: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows by inner product: (scores (q, k) float32, rows (q, k) int64).
 
-        Missing results (fewer than k candidates) have row -1 and score -inf.
+        Missing results (fewer than k candidates) have row -1 and score -inf. An index
+        with exact vectors re-scores its best ``rerank_k`` candidates (None: the manifest's
+        ``rerank_k``; 0: off) with them and returns exact scores; others ignore it.
         """
         q = self._queries(queries)
         n = len(self)
         if k < 1:
             raise IndexStoreError(f"k must be >= 1, got {k}")
+        if rerank_k is not None and rerank_k < 0:
+            raise IndexStoreError(f"rerank_k must be >= 0 (0: off), got {rerank_k}")
         k = min(int(k), n)
+        if rerank_k is None:
+            rerank_k = int(self.manifest.extra.get("rerank_k") or 0)
+        depth = min(max(k, rerank_k), n) if self.exact is not None and rerank_k else 0
         bitmap = None
         mask = None
         if allowed is not None:
@@ -912,14 +1033,16 @@ class LoadedIndex:
         params = self._params(sel, nprobe)
         try:
             with _search_threads(len(q)):
-                scores, rows = self.index.search(q, k, params=params)
+                scores, rows = self.index.search(q, depth or k, params=params)
         except RuntimeError:
             if mask is None:
                 raise
             # Some index types (e.g. IndexPQ, IndexRefine) reject search parameters: search
             # everything and filter here instead; slower but correct.
-            scores, rows = self._filter_fallback(q, k, mask)
+            scores, rows = self._filter_fallback(q, depth or k, mask)
         rows = rows.astype(np.int64, copy=False)
+        if depth and self.exact is not None:
+            return rerank(q, scores, rows, k, self.exact)
         scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
         return scores, rows
 
@@ -961,10 +1084,13 @@ class LoadedIndex:
         return out
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
-        """Stored vectors of ``rows`` (float32 (m, dim)); exact for Flat, decoded otherwise."""
+        """Stored vectors of ``rows`` (float32 (m, dim)): exact for Flat, float16-exact for
+        an index that kept its exact vectors, decoded from the codes otherwise."""
         r = np.ascontiguousarray(np.asarray(rows), dtype=np.int64).reshape(-1)
         if r.size and (r.min() < 0 or r.max() >= len(self)):
             raise IndexStoreError(f"rows out of range 0..{len(self) - 1}")
+        if self.exact is not None:
+            return self.exact.take(r)
         ivf = _ivf_of(self.index)
         if ivf is not None and not self._direct_map:
             with self._lock:  # make_direct_map mutates the index: once, under a lock
@@ -1046,6 +1172,7 @@ def load_index(
             latlon=np.load(path / LATLON_FILE, mmap_mode="r", allow_pickle=False),
             country=np.load(path / COUNTRY_FILE, mmap_mode="r", allow_pickle=False),
         )
+        exact = ExactVectors(path / EXACT_FILE) if EXACT_FILE in manifest.files else None
     except (RuntimeError, ValueError, OSError) as exc:
         raise IndexStoreError(
             f"cannot read index files in {path}: {exc}; rebuild with `geoloc index build`"
@@ -1055,6 +1182,11 @@ def load_index(
             f"index {path} disagrees with its manifest (dim {index.d} vs {manifest.dim}, count "
             f"{index.ntotal}/{len(points)} vs {manifest.count}); rebuild with `geoloc index build`"
         )
+    if exact is not None and exact.array.shape != (manifest.count, manifest.dim):
+        raise IndexStoreError(
+            f"{path / EXACT_FILE} has shape {exact.array.shape}, the manifest says "
+            f"({manifest.count}, {manifest.dim}); rebuild with `geoloc index build`"
+        )
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise IndexStoreError(f"index {path} is not inner-product; rebuild it")
-    return LoadedIndex(manifest=manifest, path=path, index=index, points=points)
+    return LoadedIndex(manifest=manifest, path=path, index=index, points=points, exact=exact)

@@ -54,6 +54,13 @@ class LocateRequestOptions(BaseModel):
         description="IVF lists searched in a compressed index (more: better recall, slower); "
         "at most GEOLOC_MAX_NPROBE. Default: the index's own.",
     )
+    rerank_k: int | None = Field(
+        None,
+        ge=0,
+        description="Best candidates of a compressed index re-scored with its exact vectors "
+        "(more: better recall, slower); 0: off; at most GEOLOC_MAX_RERANK_K. Default: the "
+        "index's own.",
+    )
     llm_diversify: bool | None = Field(
         None, description="Ask the LLM (when one is configured) for extra candidates."
     )

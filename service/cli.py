@@ -675,7 +675,13 @@ def images_add(
         typer.echo(
             f"published {m.name}/{m.version}: {m.count} reference images, {m.factory}"
             + (
-                f" (1-recall@10 {recall} at nprobe {m.extra.get('recall_nprobe')})"
+                f" (1-recall@10 {recall} at nprobe {m.extra.get('recall_nprobe')}"
+                + (
+                    f", exact re-ranking of {m.extra['rerank_k']}"
+                    if m.extra.get("rerank_k")
+                    else ""
+                )
+                + ")"
                 if recall
                 else ""
             )

@@ -322,13 +322,15 @@ def _publish_references(
         )
     except IndexStoreError:
         old = None
-    if old is not None and old.manifest.factory != "Flat":
+    if old is not None and old.manifest.factory != "Flat" and old.exact is None:
         # Its vectors exist only as compression codes: re-adding them decoded would compress
-        # them twice (and they are no longer unit length).
+        # them twice (and they are no longer unit length). An index that kept its exact
+        # vectors (GEOLOC_INDEX_RERANK_K > 0) is rebuilt from those instead.
         raise GeolocError(
             f"reference index {name} ({old.manifest.version}) is compressed "
-            f"({old.manifest.factory}); adding images to it is not supported: add every "
-            "table to a new index name in one job, or raise GEOLOC_COMPRESSED_MIN_ROWS",
+            f"({old.manifest.factory}) without its exact vectors; adding images to it is not "
+            "supported: add every table to a new index name in one job (with "
+            "GEOLOC_INDEX_RERANK_K > 0 it keeps them), or raise GEOLOC_COMPRESSED_MIN_ROWS",
             type="invalid-option",
             status=422,
         )
@@ -416,4 +418,5 @@ def _publish_references(
         device=settings.faiss_device,
         recall_queries=settings.index_recall_queries,
         nprobe=settings.index_nprobe,
+        rerank_k=settings.index_rerank_k,
     )

@@ -94,6 +94,7 @@ def locate_options(settings: Settings, opts: LocateRequestOptions | None) -> Loc
         neighbours=opts.neighbours,
         return_neighbours=opts.return_neighbours,
         nprobe=opts.nprobe,
+        rerank_k=opts.rerank_k,
         llm_diversify=opts.llm_diversify,
         llm_rerank=opts.llm_rerank,
     )

@@ -86,9 +86,17 @@ class LocateOptions:
     #: IVF lists searched in a compressed index (gallery and reference images); 0: the
     #: index's own default, recorded in its manifest with the recall measured there.
     nprobe: int = 0
+    #: Best candidates of a compressed index re-scored with its exact vectors (read from
+    #: disk); None: the index's own depth (its manifest's ``rerank_k``), 0: off.
+    rerank_k: int | None = None
 
     def validate(
-        self, *, max_top_k: int, max_retrieve_k: int, max_nprobe: int = 1024
+        self,
+        *,
+        max_top_k: int,
+        max_retrieve_k: int,
+        max_nprobe: int = 1024,
+        max_rerank_k: int = 2048,
     ) -> LocateOptions:
         def check(ok: bool, msg: str) -> None:
             if not ok:
@@ -110,6 +118,10 @@ class LocateOptions:
         check(
             0 <= self.nprobe <= max_nprobe,
             f"nprobe must be between 1 and {max_nprobe} (0: the index's own)",
+        )
+        check(
+            self.rerank_k is None or 0 <= self.rerank_k <= max_rerank_k,
+            f"rerank_k must be between 0 (off) and {max_rerank_k}",
         )
         check(0 <= self.neighbour_weight <= 10, "neighbour_weight must be between 0 and 10")
         check(1 <= self.neighbour_kernel_km <= 5000, "neighbour_kernel_km must be 1..5000")
@@ -389,7 +401,9 @@ class Locator:
         k = min(options.retrieve_k, len(self.index))
         t = time.perf_counter()
         nprobe = options.nprobe or None
-        scores, rows = self.index.search(queries, k, allowed=allowed, nprobe=nprobe)
+        scores, rows = self.index.search(
+            queries, k, allowed=allowed, nprobe=nprobe, rerank_k=options.rerank_k
+        )
         nb: tuple[np.ndarray, np.ndarray] | None = None
         if self.neighbours is not None and options.neighbours > 0:
             nb_k = min(options.neighbours, len(self.neighbours))
@@ -398,6 +412,7 @@ class Locator:
                 nb_k,
                 allowed=self._allowed_rows(options, self.neighbours),
                 nprobe=nprobe,
+                rerank_k=options.rerank_k,
             )
         gallery_lse = (
             self._gallery_logsumexp(queries, allowed, temperature)

@@ -70,6 +70,16 @@ class Settings(BaseSettings):
         "manifest's recall was measured at). A request may ask for 1..max_nprobe.",
     )
     max_nprobe: int = Field(1024, ge=1, description="Largest nprobe a request may ask for.")
+    rerank_k: int | None = Field(
+        _DEFAULTS.rerank_k,
+        ge=0,
+        description="Best candidates of a compressed index re-scored with its exact vectors; "
+        "unset: the index's own (its manifest's rerank_k), 0: off. A request may ask for "
+        "0..max_rerank_k.",
+    )
+    max_rerank_k: int = Field(
+        2048, ge=0, description="Largest rerank_k a request may ask for (rows read from disk)."
+    )
 
     # -- calibration and evaluation ------------------------------------------------------
     calibration: str = Field(
@@ -206,6 +216,13 @@ class Settings(BaseSettings):
     index_nprobe: int = Field(
         64, ge=1, description="nprobe a new compressed index keeps, its recall measured at."
     )
+    index_rerank_k: int = Field(
+        256,
+        ge=0,
+        description="A new compressed index keeps its vectors as float16 on disk and re-scores "
+        "this many best candidates with them (recall beyond what PQ codes allow); 0: no "
+        "exact vectors kept.",
+    )
     index_recall_queries: int = Field(
         200, ge=0, description="Queries of the recall measurement recorded in the manifest."
     )
@@ -334,7 +351,10 @@ class Settings(BaseSettings):
             base["retrieve_k"] = max(int(base["retrieve_k"]), int(base["top_k"]))  # type: ignore[call-overload]
         opts = LocateOptions(**base)  # type: ignore[arg-type]
         return opts.validate(
-            max_top_k=self.max_top_k, max_retrieve_k=self.max_retrieve_k, max_nprobe=self.max_nprobe
+            max_top_k=self.max_top_k,
+            max_retrieve_k=self.max_retrieve_k,
+            max_nprobe=self.max_nprobe,
+            max_rerank_k=self.max_rerank_k,
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 from index.store import (
+    EXACT_FILE,
     ONDISK_FILE,
     IndexStoreError,
     PointTable,
@@ -62,8 +65,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         nprobe=8,
         recall_queries=150,
         device="cpu",
+        rerank_k=RERANK,
     )
     return root, m
+
+
+RERANK = 64
 
 
 def _exact(q: np.ndarray) -> np.ndarray:
@@ -77,6 +84,7 @@ def test_inverted_lists_live_on_disk_and_are_checksummed(built):
     assert ONDISK_FILE in m.files
     assert m.factory == FACTORY and m.count == N
     assert m.extra["on_disk"] is True
+    assert EXACT_FILE in m.files and m.extra["rerank_k"] == RERANK
     # No block files or temporary directories are left behind.
     assert sorted(p.name for p in vdir.iterdir()) == sorted([*m.files, "manifest.json"])
     assert not list((root / "indexes" / "refs").glob(".tmp-*"))
@@ -91,11 +99,11 @@ def test_search_finds_the_exact_neighbours_and_nprobe_is_per_request(built):
     idx = load_index(root, "refs")
     queries = _clustered(200, 7)
     exact = _exact(queries)
-    _, few = idx.search(queries, 10, nprobe=1)
-    _, default = idx.search(queries, 10)
-    _, many = idx.search(queries, 10, nprobe=64)
+    _, few = idx.search(queries, 10, nprobe=1, rerank_k=0)
+    _, default = idx.search(queries, 10, rerank_k=0)
+    _, many = idx.search(queries, 10, nprobe=64, rerank_k=0)
     # Without nprobe the index searches as many lists as its manifest's recall was measured at.
-    np.testing.assert_array_equal(default, idx.search(queries, 10, nprobe=8)[1])
+    np.testing.assert_array_equal(default, idx.search(queries, 10, nprobe=8, rerank_k=0)[1])
     r1, r64 = recall_1_at_k(few, exact), recall_1_at_k(many, exact)
     assert r1 < r64
     assert r64 >= 0.85
@@ -115,23 +123,74 @@ def test_manifest_records_the_measured_recall(built):
     s = q @ VECS.T
     s[np.arange(len(rows)), rows] = -np.inf
     exact = np.argsort(-s, axis=1)[:, :10]
-    _, found = idx.search(q, 11, nprobe=8)
+    _, found = idx.search(q, 11, nprobe=8)  # the index's own re-ranking depth
     found = np.array([[r for r in f if r != own][:10] for f, own in zip(found, rows, strict=True)])
     assert abs(recall_1_at_k(found, exact) - m.extra["recall_at_10"]) < 0.12
     assert 0.5 < m.extra["recall_at_10"] <= 1.0
+    assert m.extra["recall_rerank_k"] == RERANK
 
 
-def test_a_changed_lists_file_is_refused(built, tmp_path):
+def test_exact_reranking_lifts_recall_past_the_codes(built):
+    root, _ = built
+    idx = load_index(root, "refs")
+    assert idx.exact is not None and idx.exact.array.shape == (N, DIM)
+    queries = _clustered(300, 11)
+    exact = _exact(queries)
+    # Every list probed: what is still wrong is the codes' ranking, which re-ranking fixes:
+    # the exact nearest neighbour comes first, and the top 10 are the exact top 10.
+    codes_s, codes = idx.search(queries, 10, nprobe=64, rerank_k=0)
+    rer_s, rer = idx.search(queries, 10, nprobe=64, rerank_k=RERANK)
+
+    def first_right(found: np.ndarray) -> float:
+        return float((found[:, 0] == exact[:, 0]).mean())
+
+    def overlap(found: np.ndarray) -> float:
+        return float(
+            np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)])
+        )
+
+    assert first_right(rer) >= 0.99 and first_right(codes) < 0.9
+    assert overlap(rer) >= 0.99 and overlap(codes) < 0.9
+    assert recall_1_at_k(rer, exact) >= recall_1_at_k(codes, exact)
+    # The default is the manifest's depth; a deeper one finds at least as much.
+    np.testing.assert_array_equal(idx.search(queries, 10, nprobe=64)[1], rer)
+    deeper = recall_1_at_k(idx.search(queries, 10, nprobe=64, rerank_k=400)[1], exact)
+    assert deeper >= recall_1_at_k(rer, exact)
+    # Re-ranked scores are exact inner products (float16 vectors), best first.
+    want = np.einsum("qkd,qd->qk", VECS[rer], queries)
+    np.testing.assert_allclose(rer_s, want, atol=2e-3)
+    assert (np.diff(rer_s, axis=1) <= 0).all()
+    assert np.abs(codes_s - np.einsum("qkd,qd->qk", VECS[codes], queries)).max() > 5e-3
+    # Stored vectors come from the exact copy, not decoded from the codes.
+    np.testing.assert_allclose(
+        idx.vectors(np.array([0, 4999, N - 1])), VECS[[0, 4999, N - 1]], atol=1e-3
+    )
+    with pytest.raises(IndexStoreError, match="rerank_k must be >= 0"):
+        idx.search(queries, 10, rerank_k=-1)
+
+
+def test_reranking_keeps_the_allowed_mask(built):
+    root, _ = built
+    idx = load_index(root, "refs")
+    allowed = np.random.default_rng(2).random(N) < 0.2
+    queries = VECS[:50]  # each query's own row is masked out for most of them
+    _, rows = idx.search(queries, 10, nprobe=64, allowed=allowed)
+    assert (rows >= 0).all() and allowed[rows].all()
+    sims = np.where(allowed[None, :], queries @ VECS.T, -np.inf)
+    best = np.argsort(-sims, axis=1)[:, :10]
+    assert recall_1_at_k(rows, best) >= 0.98
+
+
+@pytest.mark.parametrize(("fname", "offset"), [(ONDISK_FILE, 100), (EXACT_FILE, -3)])
+def test_a_changed_data_file_is_refused(built, tmp_path, fname, offset):
     root, m = built
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
-    lists = copy / "indexes" / "refs" / m.version / ONDISK_FILE
-    data = bytearray(lists.read_bytes())
-    data[100] ^= 0xFF
-    lists.write_bytes(bytes(data))
-    with pytest.raises(IndexStoreError, match=r"checksum mismatch for index\.ivfdata"):
+    path = copy / "indexes" / "refs" / m.version / fname
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexStoreError, match=f"checksum mismatch for {re.escape(fname)}"):
         load_index(copy, "refs", m.version)
 
 
@@ -163,8 +222,10 @@ def test_non_ivf_factories_are_filled_in_memory(tmp_path):
         profile="bluemarble",
         gallery_kind="images",
         factory="Flat",
+        rerank_k=100,  # meaningless for an exact index: no vectors file is kept
     )
     assert ONDISK_FILE not in m.files and "recall_at_10" not in m.extra
+    assert EXACT_FILE not in m.files and m.extra["rerank_k"] == 0
     idx = load_index(tmp_path, "flat")
     q = _clustered(20, 3)
     np.testing.assert_array_equal(idx.search(q, 10)[1], _exact(q))

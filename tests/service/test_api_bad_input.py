@@ -246,6 +246,8 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], int, str]] = {
     "top_k negative": ({**file(), "params": {"top_k": -3}}, 422, "invalid-request"),
     "top_k huge": ({**file(), "params": {"top_k": 10**9}}, 422, "invalid-option"),
     "top_k text": ({**file(), "params": {"top_k": "five"}}, 422, "invalid-request"),
+    "rerank_k negative": ({**file(), "params": {"rerank_k": -1}}, 422, "invalid-request"),
+    "rerank_k huge": ({**file(), "params": {"rerank_k": 10**6}}, 422, "invalid-option"),
     "top_k huge in JSON": ({"json": {"image_base64": B64, "top_k": 10**30}}, 422, "invalid-option"),
     "top_k float in JSON": ({"json": {"image_base64": B64, "top_k": 2.5}}, 422, "invalid-request"),
     "region_share NaN": ({**file(), "params": {"region_share": "nan"}}, 422, "invalid-request"),

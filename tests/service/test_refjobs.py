@@ -20,7 +20,7 @@ import pytest
 from encoders import load_model
 from encoders.bluemarble import TileStyle, write_tileset
 from encoders.model import resolve_device
-from index.store import list_indexes, load_index
+from index.store import EXACT_FILE, list_indexes, load_index
 from service.datasets import DatasetError
 from service.engine import add_reference_images
 from service.errors import GeolocError, InputImageError
@@ -53,6 +53,12 @@ def _tiles(out: Path, n: int, seed: int = 3) -> Path:
         w.writerow([900, rows[0]["image"], "95.5", "10"])
         w.writerow([901, "gone.jpg", "10", "10"])
         w.writerow([902, "broken.jpg", "1", "2"])
+    return table
+
+
+def _without_ids(table: Path) -> Path:
+    lines = table.read_text().splitlines()
+    table.write_text("\n".join(",".join(li.split(",")[1:]) for li in lines) + "\n")
     return table
 
 
@@ -206,9 +212,7 @@ def test_a_second_table_adds_to_the_index_and_can_compress_it(tmp_path, model):
     first = add_reference_images(s, _tiles(tmp_path / "a", 40, seed=1), model=model, progress=False)
     assert first.manifest.factory == "Flat" and first.manifest.count == 40
     # Without ids in the second table, the new rows take the next free ids.
-    src = _tiles(tmp_path / "b", 30, seed=2)
-    lines = src.read_text().splitlines()
-    src.write_text("\n".join(",".join(li.split(",")[1:]) for li in lines) + "\n")
+    src = _without_ids(_tiles(tmp_path / "b", 30, seed=2))
     r = add_reference_images(s, src, model=model, progress=False, factory="IVF4,PQ16x4")
     m = r.manifest
     assert m.count == 70 and m.factory == "IVF4,PQ16x4" and m.extra["on_disk"] is True
@@ -216,11 +220,28 @@ def test_a_second_table_adds_to_the_index_and_can_compress_it(tmp_path, model):
     idx = load_index(s.index_dir, "refs-bluemarble", m.version)
     assert sorted(np.asarray(idx.points.ids).tolist()) == [*range(100, 140), *range(140, 170)]
 
-    # A compressed index keeps only codes: a third table is refused with a clear error, and
-    # the served version stays.
-    with pytest.raises(GeolocError, match="is compressed"):
-        add_reference_images(s, _tiles(tmp_path / "c", 10, seed=3), model=model, progress=False)
-    assert len(list_indexes(s.index_dir, "refs-bluemarble")) == 2
+    assert m.extra["rerank_k"] == s.index_rerank_k and idx.exact is not None
+
+    # The compressed index kept its exact vectors, so a third table is added to it: the new
+    # version holds every image, the old ones with the vectors they had.
+    third = _without_ids(_tiles(tmp_path / "c", 10, seed=3))
+    m3 = add_reference_images(s, third, model=model, progress=False, factory="IVF4,PQ16x4")
+    idx3 = load_index(s.index_dir, "refs-bluemarble", m3.manifest.version)
+    assert m3.manifest.count == 80 and m3.manifest.extra["rerank_k"] > 0
+    assert sorted(np.asarray(idx3.points.ids).tolist()) == list(range(100, 180))
+    np.testing.assert_array_equal(idx3.vectors(np.arange(70)), idx.vectors(np.arange(70)))
+
+    # One that kept only codes refuses a further table with a clear error, and the served
+    # version stays.
+    codes_only = s.model_copy(update={"index_rerank_k": 0})
+    for table, factory in ((tmp_path / "a" / "refs.csv", ""), (src, "IVF4,PQ16x4")):
+        add_reference_images(
+            codes_only, table, model=model, name="codes", progress=False, factory=factory
+        )
+    assert EXACT_FILE not in list_indexes(s.index_dir, "codes")[-1].files
+    with pytest.raises(GeolocError, match="without its exact vectors"):
+        add_reference_images(codes_only, third, model=model, name="codes", progress=False)
+    assert len(list_indexes(s.index_dir, "codes")) == 2
 
 
 def _spec(s: Settings):
@@ -317,3 +338,20 @@ def test_nprobe_per_request_is_bounded_by_the_setting():
         locate_options(s, LocateRequestOptions(nprobe=257))
     with pytest.raises(ValueError):
         LocateRequestOptions(nprobe=0)
+
+
+def test_rerank_k_per_request_is_bounded_by_the_setting():
+    from service.api_models import LocateRequestOptions
+    from service.errors import InvalidOptionError
+    from service.operations import locate_options
+
+    s = Settings(max_rerank_k=500)
+    assert s.locate_options().rerank_k is None  # the index's own
+    assert locate_options(s, LocateRequestOptions(rerank_k=0)).rerank_k == 0  # off
+    assert locate_options(s, LocateRequestOptions(rerank_k=500)).rerank_k == 500
+    with pytest.raises(InvalidOptionError, match=r"rerank_k must be between 0 \(off\) and 500"):
+        locate_options(s, LocateRequestOptions(rerank_k=501))
+    with pytest.raises(ValueError):
+        LocateRequestOptions(rerank_k=-1)
+    with pytest.raises(InvalidOptionError, match="rerank_k"):
+        Settings(rerank_k=600, max_rerank_k=500).locate_options()
