@@ -160,7 +160,9 @@ def measured(
 ) -> list[Row]:
     """One row per (nprobe, rerank_k), single-query searches, the index opened afresh."""
     disk = dir_mib(root / "indexes" / name)
-    load_index(root, name)  # checksums verified once
+    t = time.perf_counter()
+    load_index(root, name)  # checksums verified once, as a service does at start-up
+    print(f"[{n:,}] {label}: load with checksums {time.perf_counter() - t:.1f} s", file=sys.stderr)
     rows = []
     for nprobe, rerank_k in configs:
         gc.collect()

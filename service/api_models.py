@@ -263,6 +263,15 @@ class IndexInfo(BaseModel):
     h3_resolution: int | None
     factory: str
     created_at: str
+    nprobe: int | None = Field(
+        None, description="IVF lists searched by default (compressed indexes; None: exact)."
+    )
+    rerank_k: int = Field(
+        0, description="Candidates re-scored by default with exact vectors (0: none kept)."
+    )
+    recall_at_10: float | None = Field(
+        None, description="1-recall@10 measured at publication, at nprobe and rerank_k."
+    )
 
 
 class LimitsInfo(BaseModel):

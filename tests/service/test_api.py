@@ -181,6 +181,8 @@ def test_info_health_ready_and_metrics(make_client, bm_locator):
         assert info["index"]["version"] == bm_locator.index.manifest.version
         assert info["index"]["gallery_kind"] == "h3" and info["index"]["h3_resolution"] == 2
         assert info["index"]["count"] == len(bm_locator.index)
+        # An exact index: no lists to probe, nothing to re-rank.
+        assert info["index"]["nprobe"] is None and info["index"]["rerank_k"] == 0
         assert info["reference_index"] is None
         assert info["limits"]["max_batch"] > 0 and not info["auth_enabled"]
 
