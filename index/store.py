@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import mmap
 import os
 import re
 import shutil
@@ -508,12 +507,13 @@ class VectorChunk:
 
 
 class ExactVectors:
-    """The ``EXACT_FILE`` of an index: float16 rows, memory-mapped, read a few rows at a time.
+    """The ``EXACT_FILE`` of an index: float16 rows on disk, read a few rows at a time.
 
-    Only the rows a search re-scores are read, so the file stays on disk instead of in
-    memory. The mapping is marked random-access (no read-ahead of neighbouring rows), and
-    the rows of one call are asked for together (``MADV_WILLNEED``) before they are copied,
-    so that their reads from disk overlap instead of waiting one after another.
+    Only the rows a search re-scores are read, with positional reads (not a memory map),
+    so they pass through the operating system's file cache, which gives them back under
+    memory pressure, and never count towards the process's memory. The rows of one call
+    are announced together first (``POSIX_FADV_WILLNEED``) so that their reads from disk
+    overlap instead of waiting one after another. Safe to share between threads.
     """
 
     def __init__(self, path: Path) -> None:
@@ -526,30 +526,46 @@ class ExactVectors:
             )
             shape, fortran, dtype = read_header(fh)
             offset = fh.tell()
-            if fortran or len(shape) != 2 or dtype != np.float16:
-                raise IndexStoreError(
-                    f"{path} must hold a C-order float16 (n, dim) array, got {dtype} {shape}; "
-                    "rebuild the index"
-                )
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        if hasattr(mmap, "MADV_RANDOM"):
-            self._map.madvise(mmap.MADV_RANDOM)
-        self.array = np.ndarray(shape, dtype=np.float16, buffer=self._map, offset=offset)
+        if fortran or len(shape) != 2 or dtype != np.float16:
+            raise IndexStoreError(
+                f"{path} must hold a C-order float16 (n, dim) array, got {dtype} {shape}; "
+                "rebuild the index"
+            )
+        self.shape = (int(shape[0]), int(shape[1]))
         self._offset = offset
-        self._row_bytes = int(shape[1]) * 2
+        self._row_bytes = self.shape[1] * 2
+        if path.stat().st_size != offset + self.shape[0] * self._row_bytes:
+            raise IndexStoreError(f"{path} is truncated or too long; rebuild the index")
+        self._fd = os.open(path, os.O_RDONLY)
+        self._advise = hasattr(os, "posix_fadvise")
+        if self._advise:  # no read-ahead of neighbouring rows: they are not wanted
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
 
     def __len__(self) -> int:
-        return int(self.array.shape[0])
+        return self.shape[0]
+
+    def __del__(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):
+            os.close(self._fd)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """float32 (m, dim) copies of ``rows`` (valid row numbers)."""
         r = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if len(r) > 1 and hasattr(mmap, "MADV_WILLNEED"):
-            page = mmap.PAGESIZE
-            for start in np.unique(r) * self._row_bytes + self._offset:
-                first = int(start) - int(start) % page
-                self._map.madvise(mmap.MADV_WILLNEED, first, int(start) + self._row_bytes - first)
-        return self.array[r].astype(np.float32)
+        uniq, inverse = np.unique(r, return_inverse=True)
+        size = self._row_bytes
+        if len(uniq) and uniq[-1] - uniq[0] + 1 == len(uniq):  # a range: one read
+            first = int(uniq[0]) * size + self._offset
+            data = os.pread(self._fd, size * len(uniq), first)
+        else:
+            starts = (uniq * size + self._offset).tolist()
+            if self._advise and len(starts) > 1:
+                for start in starts:
+                    os.posix_fadvise(self._fd, start, size, os.POSIX_FADV_WILLNEED)
+            data = b"".join([os.pread(self._fd, size, start) for start in starts])
+        if len(data) != size * len(uniq):
+            raise IndexStoreError("the exact vectors file was cut short while being read")
+        vecs = np.frombuffer(data, dtype=np.float16).reshape(len(uniq), self.shape[1])
+        return vecs[inverse.reshape(-1)].astype(np.float32)
 
 
 def _write_exact_header(fh: Any, count: int, dim: int) -> None:
@@ -1182,9 +1198,9 @@ def load_index(
             f"index {path} disagrees with its manifest (dim {index.d} vs {manifest.dim}, count "
             f"{index.ntotal}/{len(points)} vs {manifest.count}); rebuild with `geoloc index build`"
         )
-    if exact is not None and exact.array.shape != (manifest.count, manifest.dim):
+    if exact is not None and exact.shape != (manifest.count, manifest.dim):
         raise IndexStoreError(
-            f"{path / EXACT_FILE} has shape {exact.array.shape}, the manifest says "
+            f"{path / EXACT_FILE} has shape {exact.shape}, the manifest says "
             f"({manifest.count}, {manifest.dim}); rebuild with `geoloc index build`"
         )
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:

@@ -133,7 +133,7 @@ def test_manifest_records_the_measured_recall(built):
 def test_exact_reranking_lifts_recall_past_the_codes(built):
     root, _ = built
     idx = load_index(root, "refs")
-    assert idx.exact is not None and idx.exact.array.shape == (N, DIM)
+    assert idx.exact is not None and idx.exact.shape == (N, DIM)
     queries = _clustered(300, 11)
     exact = _exact(queries)
     # Every list probed: what is still wrong is the codes' ranking, which re-ranking fixes:
