@@ -2,8 +2,9 @@
 
 Layout: ``<root>/indexes/<name>/<version>/`` holds ``index.faiss``, the id->point table
 (``ids.npy``, ``latlon.npy``, ``country.npy``, row-aligned with the FAISS index: the FAISS
-label of a vector is its row number) and ``manifest.json``, which is written last. A version
-directory only ever appears by an atomic rename of a finished temporary directory, so readers
+label of a vector is its row number) and ``manifest.json``, which is written last; a
+compressed index adds its inverted lists (``index.ivfdata``) and, to re-rank, its vectors
+as float16 (``vectors.f16.npy``). A version directory only ever appears by an atomic rename of a finished temporary directory, so readers
 never see a half-written index.
 
 This is the only module that builds or loads FAISS indexes.
@@ -456,8 +457,8 @@ def _finish_publication(
 
 #: Inverted lists of a compressed index live in this file beside ``index.faiss``.
 ONDISK_FILE = "index.ivfdata"
-#: Row-aligned float16 copies of a compressed index's vectors, read memory-mapped from disk
-#: to re-score its best candidates exactly (codes alone cap recall; see ``rerank_k``).
+#: Row-aligned float16 copies of a compressed index's vectors, read from disk a few rows at a
+#: time to re-score its best candidates exactly (codes alone cap recall; see ``rerank_k``).
 EXACT_FILE = "vectors.f16.npy"
 DEVICES = ("auto", "cpu", "gpu")
 
