@@ -4,8 +4,8 @@ Layout: ``<root>/indexes/<name>/<version>/`` holds ``index.faiss``, the id->poin
 (``ids.npy``, ``latlon.npy``, ``country.npy``, row-aligned with the FAISS index: the FAISS
 label of a vector is its row number) and ``manifest.json``, which is written last; a
 compressed index adds its inverted lists (``index.ivfdata``) and, to re-rank, its vectors
-as float16 (``vectors.f16.npy``). A version directory only ever appears by an atomic rename of a finished temporary directory, so readers
-never see a half-written index.
+as float16 (``vectors.f16.npy``). A version directory only ever appears by an atomic rename
+of a finished temporary directory, so readers never see a half-written index.
 
 This is the only module that builds or loads FAISS indexes.
 """
