@@ -39,6 +39,8 @@ class Received:
     body: dict[str, Any]
     headers: dict[str, str]
     at: float
+    #: When the answer started to be sent; None while it is being prepared.
+    done_at: float | None = None
 
     @property
     def text(self) -> str:
@@ -117,6 +119,8 @@ class ChatServer:
                     body = reply.body
                     if body is None:
                         body = completion(reply.content, req.body.get("model", ""))
+                    # Before sending: the client can only send its next request after this.
+                    req.done_at = time.monotonic()
                     self._send(reply.status, body, reply.headers)
                 except OSError:
                     pass  # the client gave up (timeout) and closed the connection

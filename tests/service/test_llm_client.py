@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
 import pytest
 from llm_server import ChatServer, Reply, answer
 from PIL import Image
@@ -248,10 +249,12 @@ def test_concurrency_limit_bounds_calls_in_flight(chat):
 
     t0 = time.monotonic()
     replies = run(cfg(chat, max_concurrency=2), body)
-    assert len(replies) == 6
-    # Arrivals come in three waves of two, one answer delay apart.
-    arrivals = sorted(r.at - chat.requests[0].at for r in chat.requests)
-    assert [round(a / 0.2) for a in arrivals] == [0, 0, 1, 1, 2, 2], arrivals
+    assert len(replies) == 6 and len(chat.requests) == 6
+    # Never more than two at once (counted at each arrival), and two did run together; six
+    # answers of 0.2 s two at a time take at least three answer times.
+    reqs = chat.requests
+    at_once = [sum(o.at <= r.at < (o.done_at or np.inf) for o in reqs) for r in reqs]
+    assert max(at_once) == 2, at_once
     assert time.monotonic() - t0 >= 0.6
 
 
