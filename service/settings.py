@@ -217,7 +217,7 @@ class Settings(BaseSettings):
         64, ge=1, description="nprobe a new compressed index keeps, its recall measured at."
     )
     index_rerank_k: int = Field(
-        256,
+        128,
         ge=0,
         description="A new compressed index keeps its vectors as float16 on disk and re-scores "
         "this many best candidates with them (recall beyond what PQ codes allow); 0: no "
