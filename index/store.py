@@ -518,25 +518,17 @@ class ExactVectors:
     """
 
     def __init__(self, path: Path) -> None:
-        with path.open("rb") as fh:
-            major, _ = np.lib.format.read_magic(fh)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if major == 1
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(fh)
-            offset = fh.tell()
-        if fortran or len(shape) != 2 or dtype != np.float16:
+        # numpy reads the header (and refuses a short file); only its layout is kept.
+        header = np.load(path, mmap_mode="r", allow_pickle=False)
+        if header.ndim != 2 or header.dtype != np.float16 or not header.flags.c_contiguous:
             raise IndexStoreError(
-                f"{path} must hold a C-order float16 (n, dim) array, got {dtype} {shape}; "
-                "rebuild the index"
+                f"{path} must hold a C-order float16 (n, dim) array, got {header.dtype} "
+                f"{header.shape}; rebuild the index"
             )
-        self.shape = (int(shape[0]), int(shape[1]))
-        self._offset = offset
+        self.shape = (int(header.shape[0]), int(header.shape[1]))
+        self._offset = int(header.offset)
         self._row_bytes = self.shape[1] * 2
-        if path.stat().st_size != offset + self.shape[0] * self._row_bytes:
-            raise IndexStoreError(f"{path} is truncated or too long; rebuild the index")
+        del header
         self._fd = os.open(path, os.O_RDONLY)
         self._advise = hasattr(os, "posix_fadvise")
         if self._advise:  # no read-ahead of neighbouring rows: they are not wanted
@@ -550,23 +542,22 @@ class ExactVectors:
             os.close(self._fd)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """float32 (m, dim) copies of ``rows`` (valid row numbers)."""
+        """float32 (m, dim) copies of ``rows`` (valid row numbers), in their order."""
         r = np.asarray(rows, dtype=np.int64).reshape(-1)
-        uniq, inverse = np.unique(r, return_inverse=True)
         size = self._row_bytes
-        if len(uniq) and uniq[-1] - uniq[0] + 1 == len(uniq):  # a range: one read
-            first = int(uniq[0]) * size + self._offset
-            data = os.pread(self._fd, size * len(uniq), first)
+        if len(r) and (np.diff(r) == 1).all():  # a range: one read
+            data = os.pread(self._fd, size * len(r), int(r[0]) * size + self._offset)
         else:
-            starts = (uniq * size + self._offset).tolist()
+            starts = (r * size + self._offset).tolist()
             if self._advise and len(starts) > 1:
                 for start in starts:
                     os.posix_fadvise(self._fd, start, size, os.POSIX_FADV_WILLNEED)
             data = b"".join([os.pread(self._fd, size, start) for start in starts])
-        if len(data) != size * len(uniq):
+        if len(data) != size * len(r):
             raise IndexStoreError("the exact vectors file was cut short while being read")
-        vecs = np.frombuffer(data, dtype=np.float16).reshape(len(uniq), self.shape[1])
-        return vecs[inverse.reshape(-1)].astype(np.float32)
+        return (
+            np.frombuffer(data, dtype=np.float16).reshape(len(r), self.shape[1]).astype(np.float32)
+        )
 
 
 def _write_exact_header(fh: Any, count: int, dim: int) -> None:
@@ -576,12 +567,13 @@ def _write_exact_header(fh: Any, count: int, dim: int) -> None:
 
 
 def rerank(
-    queries: np.ndarray, scores: np.ndarray, rows: np.ndarray, k: int, exact: ExactVectors
+    queries: np.ndarray, rows: np.ndarray, k: int, exact: ExactVectors
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The best ``k`` of each query's candidate ``rows`` by exact inner product.
+    """The best ``k`` of each query's candidate ``rows`` by exact inner product:
+    (scores (q, k), rows (q, k)).
 
-    ``scores``/``rows`` are a search's (q, c) answer (row -1: no candidate); the rows of
-    all queries are read from disk once, together.
+    ``rows`` are a search's (q, c) answer (row -1: no candidate); the distinct rows of all
+    queries are read from disk once, together, in file order.
     """
     out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
     out_r = np.full((len(queries), k), -1, dtype=np.int64)
@@ -755,9 +747,7 @@ def publish_index_chunked(
         if start != count:
             raise IndexStoreError(f"the chunks held {start} rows, expected {count}")
         if exact_fh is not None:
-            exact_fh.flush()
-            os.fsync(exact_fh.fileno())
-            exact_fh.close()
+            exact_fh.close()  # fsynced with the other large files below
         t_fill = time.perf_counter()
         if whole is None:
             whole = _merge_blocks(trained, blocks, tmp_dir / ONDISK_FILE)
@@ -783,7 +773,7 @@ def publish_index_chunked(
             *(f for f in (ONDISK_FILE, EXACT_FILE) if (tmp_dir / f).exists()),
         ]
         for f in data_files:
-            if f.endswith(".faiss") or f.endswith(".ivfdata"):
+            if f in (INDEX_FILE, ONDISK_FILE, EXACT_FILE):
                 _fsync_file(tmp_dir / f)
         _save_npy(tmp_dir / IDS_FILE, ids)
         _save_npy(tmp_dir / LATLON_FILE, latlon)
@@ -855,9 +845,9 @@ def _measure_recall(
     ivf = _ivf_of(index)
     params = None if ivf is None else faiss.SearchParametersIVF(nprobe=ivf.nprobe)
     k = exact.shape[1] + 1
-    scores, found = index.search(queries, max(k, rerank_k), params=params)
+    _, found = index.search(queries, max(k, rerank_k), params=params)
     if exact_vectors is not None:
-        _, found = rerank(queries, scores, found, k, exact_vectors)
+        _, found = rerank(queries, found, k, exact_vectors)
     found = np.array(
         [
             [r for r in row if r != own][: exact.shape[1]]
@@ -980,6 +970,18 @@ class LoadedIndex:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
+    @property
+    def nprobe(self) -> int | None:
+        """IVF lists a search probes when it names no nprobe (None: not an IVF index)."""
+        ivf = _ivf_of(self.index)
+        return None if ivf is None else int(ivf.nprobe)
+
+    @property
+    def rerank_k(self) -> int:
+        """Candidates a search re-scores with exact vectors when it names no rerank_k
+        (the manifest's; 0 without exact vectors)."""
+        return int(self.manifest.extra.get("rerank_k") or 0) if self.exact is not None else 0
+
     def _queries(self, queries: np.ndarray) -> np.ndarray:
         q = np.asarray(queries)
         if q.ndim != 2 or q.shape[1] != self.manifest.dim:
@@ -1032,8 +1034,7 @@ class LoadedIndex:
         if rerank_k is not None and rerank_k < 0:
             raise IndexStoreError(f"rerank_k must be >= 0 (0: off), got {rerank_k}")
         k = min(int(k), n)
-        if rerank_k is None:
-            rerank_k = int(self.manifest.extra.get("rerank_k") or 0)
+        rerank_k = self.rerank_k if rerank_k is None else rerank_k
         depth = min(max(k, rerank_k), n) if self.exact is not None and rerank_k else 0
         bitmap = None
         mask = None
@@ -1059,7 +1060,7 @@ class LoadedIndex:
             scores, rows = self._filter_fallback(q, depth or k, mask)
         rows = rows.astype(np.int64, copy=False)
         if depth and self.exact is not None:
-            return rerank(q, scores, rows, k, self.exact)
+            return rerank(q, rows, k, self.exact)
         scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
         return scores, rows
 

@@ -375,8 +375,8 @@ def _index_info(index: LoadedIndex) -> IndexInfo:
         h3_resolution=m.h3_resolution,
         factory=m.factory,
         created_at=m.created_at,
-        nprobe=m.extra.get("recall_nprobe"),
-        rerank_k=int(m.extra.get("rerank_k") or 0) if index.exact is not None else 0,
+        nprobe=index.nprobe,
+        rerank_k=index.rerank_k,
         recall_at_10=m.extra.get("recall_at_10"),
     )
 

@@ -134,6 +134,8 @@ def test_exact_reranking_lifts_recall_past_the_codes(built):
     root, _ = built
     idx = load_index(root, "refs")
     assert idx.exact is not None and idx.exact.shape == (N, DIM)
+    # The defaults a search uses when it names neither: the manifest's.
+    assert idx.nprobe == 8 and idx.rerank_k == RERANK
     queries = _clustered(300, 11)
     exact = _exact(queries)
     # Every list probed: what is still wrong is the codes' ranking, which re-ranking fixes:
