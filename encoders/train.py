@@ -247,7 +247,7 @@ def train(
             bar.set_postfix(
                 loss=f"{float(loss.detach()):.3f}",
                 img_s=f"{rate:.0f}",
-                T=f"{float(model.logit_scale.exp()):.1f}",
+                T=f"{float(model.logit_scale.detach().exp()):.1f}",
             )
             bar.update()
             if on_step is not None:
