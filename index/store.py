@@ -298,7 +298,7 @@ def ivf_params(
         quantizer = faiss.SearchParametersHNSW()
         quantizer.efSearch = max(QUANTIZER_EF, 2 * nprobe)
         params.quantizer_params = quantizer
-        params.keep_alive = quantizer  # faiss holds a raw pointer to it
+        params.hnsw_params = quantizer  # kept alive here: faiss holds a raw pointer to it
     return params
 
 
