@@ -47,6 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from index import store
 from index.store import (
     EXACT_FILE,
     PointTable,
@@ -301,7 +302,14 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=Mixture.clusters)
     ap.add_argument("--work-dir", default=None, help="where the indexes are built (deleted)")
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    ap.add_argument(
+        "--quantizer-ef",
+        type=int,
+        default=store.QUANTIZER_EF,
+        help="efSearch floor of an HNSW coarse quantizer (faiss's own default: 16)",
+    )
     args = ap.parse_args()
+    store.QUANTIZER_EF = args.quantizer_ef
     args.nprobe = [int(x) for x in args.nprobe.split(",")]
     args.rerank = [int(x) for x in args.rerank.split(",")]
     mix = Mixture(clusters=args.clusters)
