@@ -306,7 +306,7 @@ def main() -> None:
         "--quantizer-ef",
         type=int,
         default=store.QUANTIZER_EF,
-        help="efSearch floor of an HNSW coarse quantizer (faiss's own default: 16)",
+        help="floor of the HNSW coarse quantizer's efSearch, which is max(floor, 2*nprobe)",
     )
     args = ap.parse_args()
     store.QUANTIZER_EF = args.quantizer_ef
