@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make run    install, build the default index if there is none, start geoloc
+#   make run    install, `geoloc setup` (what the service needs, once), start geoloc
 #   make test   install, lint, run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -42,10 +42,10 @@ system-deps:
 			apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+# geoloc setup: database, default gallery, reference-image index and calibration, each only
+# when missing (the first time about 6 min of CPU with the bluemarble defaults; then seconds).
 run: $(STAMP) $(WEB_STAMP)
-	$(BIN)/geoloc db upgrade
-	$(BIN)/geoloc index list | grep -q "^default-$${GEOLOC_PROFILE:-bluemarble}/" || \
-		$(BIN)/geoloc index build --res $${GEOLOC_DEFAULT_RES:-4}
+	$(BIN)/geoloc setup
 	$(BIN)/geoloc serve
 
 lint: $(STAMP)

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The project first (the service package, not bench/service.py), then the test server.
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "service")]
 
-import accuracy  # noqa: E402  (its held-out test tiles and output directory)
+import tilesets  # noqa: E402  (the held-out test tiles and the output directory)
 from fastapi.testclient import TestClient  # noqa: E402
 from llm_server import Received, Reply, answer, chat_server  # noqa: E402
 
@@ -64,10 +64,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=10)
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus")
-    rows = accuracy.tileset("test", args.test, accuracy.TEST_SEED)
+    rows = tilesets.tileset("test", args.test, tilesets.TEST_SEED)
     tiles = [(r.lat, r.lon, Path(r.path).read_bytes()) for r in rows]
 
-    data_dir = accuracy.OUT / f"llm-data-res{args.res}"
+    data_dir = tilesets.OUT / f"llm-data-res{args.res}"
     settings = Settings(data_dir=data_dir)
     model = load_model("bluemarble")
     if not (data_dir / "indexes" / "default-bluemarble").is_dir():

@@ -50,19 +50,63 @@ def load_map() -> np.ndarray:
 class TileStyle:
     """How tiles are drawn. ``clean`` tiles are references; augmented ones mimic a new
     picture of a known place: other scale, colour, brightness, blur, JPEG compression.
-    No mirror flips or rotations: they would move the geography."""
+    No mirror flips or rotations: they would move the geography.
+
+    The rendering changes (hue, grayscale, channel swap, gamma, palette, noise) make a
+    model rely on the shape of coasts and relief rather than on Blue Marble's colours, so
+    that it holds for imagery from another sensor or colour balance. Each is drawn with
+    its own probability; at 0 it draws nothing from the random stream.
+    """
 
     size: int = 64
     scale: tuple[float, float] = (1.0, 2.5)  # map pixels per output pixel
+    #: Draw the scale log-uniformly (as many halvings of zoom as doublings).
+    log_scale: bool = False
     augment: bool = True
     brightness: float = 0.25
     contrast: float = 0.25
     saturation: float = 0.3
     blur: float = 1.0  # max Gaussian radius, output pixels
     jpeg_quality: tuple[int, int] = (35, 95)
+    hue: float = 0.0  # probability of a hue rotation by any angle
+    grayscale: float = 0.0  # probability of dropping colour
+    channel_swap: float = 0.0  # probability of a random permutation of R, G, B
+    gamma: float = 0.0  # max |log gamma|, drawn per channel
+    palette: float = 0.0  # probability of a random false-colour palette over luminance
+    noise: float = 0.0  # max std of Gaussian pixel noise (0-255 scale)
+
+    def draw_scale(self, rng: np.random.Generator) -> float:
+        lo, hi = self.scale
+        if self.log_scale and lo != hi:
+            return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        return float(rng.uniform(lo, hi))
 
 
 CLEAN = TileStyle(scale=(1.5, 1.5), augment=False)
+
+#: Luma weights (ITU-R BT.601) and the YIQ transform used for hue rotation.
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+_YIQ = np.array(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32
+)
+_RGB = np.linalg.inv(_YIQ).astype(np.float32)
+
+
+def rotate_hue(x: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotate the chroma plane of (..., 3) RGB values in [0, 1] (YIQ), keeping luma."""
+    a = np.radians(degrees)
+    rot = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]], np.float32)
+    return x @ (_RGB @ rot @ _YIQ).T
+
+
+def luma(x: np.ndarray) -> np.ndarray:
+    return x @ _LUMA
+
+
+def apply_palette(y: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """Map luminance (...,) in [0, 1] through a piecewise-linear palette (k, 3) of colours."""
+    grid = np.linspace(0.0, 1.0, len(knots))
+    return np.stack([np.interp(y, grid, knots[:, c]) for c in range(3)], axis=-1)
 
 
 def render_tile(
@@ -82,10 +126,38 @@ def render_tile(
     return Image.fromarray(window).resize((size, size), Image.Resampling.BILINEAR)
 
 
+def _recolour(x: np.ndarray, rng: np.random.Generator, style: TileStyle) -> np.ndarray:
+    """The rendering changes of ``style`` on (h, w, 3) floats in [0, 1]."""
+    if style.palette and rng.random() < style.palette:
+        x = apply_palette(luma(x), rng.uniform(0, 1, (int(rng.integers(3, 7)), 3)))
+    if style.hue and rng.random() < style.hue:
+        x = rotate_hue(x, float(rng.uniform(0, 360)))
+    if style.channel_swap and rng.random() < style.channel_swap:
+        x = x[..., rng.permutation(3)]
+    if style.grayscale and rng.random() < style.grayscale:
+        x = np.repeat(luma(x)[..., None], 3, axis=-1)
+    x = np.clip(x, 0.0, 1.0)
+    if style.gamma:
+        x = x ** np.exp(rng.uniform(-style.gamma, style.gamma, 3)).astype(np.float32)
+    if style.noise:
+        x = x + rng.normal(0, rng.uniform(0, style.noise) / 255.0, x.shape).astype(np.float32)
+    return np.clip(x, 0.0, 1.0)
+
+
 def augment_tile(img: Image.Image, rng: np.random.Generator, style: TileStyle) -> Image.Image:
     def factor(amount: float) -> float:
         return float(rng.uniform(1 - amount, 1 + amount))
 
+    if (
+        style.hue
+        or style.grayscale
+        or style.channel_swap
+        or style.gamma
+        or style.palette
+        or style.noise
+    ):
+        x = _recolour(np.asarray(img, np.float32) / 255.0, rng, style)
+        img = Image.fromarray(np.round(x * 255).astype(np.uint8))
     img = ImageEnhance.Brightness(img).enhance(factor(style.brightness))
     img = ImageEnhance.Contrast(img).enhance(factor(style.contrast))
     img = ImageEnhance.Color(img).enhance(factor(style.saturation))
@@ -127,7 +199,7 @@ def iter_tiles(
     """One tile per centre, drawn in the given style with the given random stream."""
     mosaic = load_map()
     for lat, lon in centres:
-        scale = float(rng.uniform(*style.scale))
+        scale = style.draw_scale(rng)
         img = render_tile(float(lat), float(lon), scale, style.size, mosaic)
         yield augment_tile(img, rng, style) if style.augment else img
 

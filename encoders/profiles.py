@@ -46,6 +46,9 @@ class Profile:
     #: The open_clip text encoder is loaded with the backbone and feeds the image head, so
     #: text queries ("a beach in Brittany") land in the GPS space.
     has_text: bool = False
+    #: The kind of pictures it locates: "satellite" (views from above) or "photo" (taken on
+    #: the ground). It chooses the synthetic negatives of the localizability verdict.
+    domain: str = "photo"
 
     @property
     def embed_dim(self) -> int:
@@ -76,6 +79,7 @@ PROFILES: dict[str, Profile] = {
         head_dims=(768, 768, 512),
         weights="geoclip-package",
         has_text=True,
+        domain="photo",
     ),
     "bluemarble": Profile(
         name="bluemarble",
@@ -89,6 +93,7 @@ PROFILES: dict[str, Profile] = {
         gps_rff=64,
         weights="bluemarble.pt",
         architecture_config=BLUEMARBLE_ARCH,
+        domain="satellite",
     ),
 }
 

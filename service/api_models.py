@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -111,6 +111,25 @@ class CandidateOut(BaseModel):
     llm_rank: int | None = Field(
         None, description="Position in the LLM's reranking (1: its first choice), if ranked."
     )
+    reliable: bool = Field(
+        True,
+        description="False when the answer abstained (localizability below the abstain "
+        "threshold): the point is the model's best guess, not a location to rely on.",
+    )
+
+
+class LocalizabilityOut(BaseModel):
+    score: float = Field(
+        ge=0, le=1, description="How much the picture is like those the model can locate."
+    )
+    verdict: Literal["located", "uncertain", "not_locatable"] = Field(
+        description="not_locatable below the fitted t_low, located from t_high, else uncertain."
+    )
+    reason: str = Field(description="Why, in words.")
+    abstained: bool = Field(
+        description="The score is below the abstain threshold (GEOLOC_ABSTAIN_BELOW, default "
+        "t_low): every candidate is unreliable, no country probabilities, no region."
+    )
 
 
 class RegionOut(BaseModel):
@@ -147,6 +166,11 @@ class LocateResponse(BaseModel):
     countries: list[CountryOut]
     stages: list[str] = Field(description="The pipeline stages that ran.")
     timings_ms: dict[str, float]
+    localizability: LocalizabilityOut | None = Field(
+        None,
+        description="Whether this model can locate the picture at all; null without a fitted "
+        "verdict (geoloc calibrate) and for text queries.",
+    )
     neighbours: list[NeighbourOut] | None = None
     llm: LLMReport | None = Field(
         None, description="Whether the LLM stages ran, were skipped (and why) or failed."
@@ -292,6 +316,30 @@ class CalibrationInfo(BaseModel):
     data: dict[str, Any] = Field(description="The held-out data it was fitted on.")
 
 
+class LocalizabilityInfo(BaseModel):
+    version: str = Field(description="The calibration it was fitted with.")
+    created_at: str
+    t_low: float = Field(description="Below it: not_locatable.")
+    t_high: float = Field(description="From it: located; between: uncertain.")
+    abstain_below: float = Field(description="Answers below it abstain (GEOLOC_ABSTAIN_BELOW).")
+    domain: str = Field(description="satellite or photo: the profile's kind of pictures.")
+    uses_reference_images: bool
+    in_domain: dict[str, Any] | None = Field(
+        description="Verdict shares on held-out in-domain images of the fit's validation split."
+    )
+    negatives: dict[str, Any] | None = Field(
+        description="Verdict shares on generated non-domain images of the validation split."
+    )
+    negative_kinds: dict[str, int] | None = Field(
+        description="Generated negatives of each kind the verdict was fitted on."
+    )
+    leave_one_kind_out: dict[str, dict[str, float]] | None = Field(
+        None,
+        description="For each negative kind, the share still flagged when it is left out of "
+        "the fit: how the verdict holds for kinds of pictures it never saw.",
+    )
+
+
 class InfoOut(BaseModel):
     profile: ProfileInfo
     index: IndexInfo
@@ -302,6 +350,11 @@ class InfoOut(BaseModel):
     batching_enabled: bool
     calibration: CalibrationInfo | None = Field(
         None, description="The fitted softmax temperature in use (geoloc calibrate); null: none."
+    )
+    localizability: LocalizabilityInfo | None = Field(
+        None,
+        description="The localizability verdict in use (fitted by geoloc calibrate with the "
+        "calibration); null: none, answers carry no verdict.",
     )
 
 

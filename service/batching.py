@@ -141,7 +141,10 @@ class MicroBatcher:
 
 
 def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:
-    """Image tower once per model, then the pipeline per image with its own options."""
+    """Image tower once per model, then the pipeline per image with its own options.
+
+    The localizability statistics of the pictures are computed per Locator (a swap may bring
+    a verdict, or take it away), for that Locator's images at once."""
     batch_start = time.perf_counter()
     outcomes: list[LocateResult | BaseException] = []
     groups: dict[int, list[int]] = {}
@@ -154,13 +157,26 @@ def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:
         per_image_ms = (time.perf_counter() - t0) * 1000 / len(members)
         for row, i in enumerate(members):
             embedded[i] = (queries[row : row + 1], per_image_ms)
+    stats: dict[int, tuple[np.ndarray | None, float]] = {}
+    judges: dict[int, list[int]] = {}
+    for i, item in enumerate(batch):
+        judges.setdefault(id(item.locator), []).append(i)
+    for members in judges.values():
+        t0 = time.perf_counter()
+        rows = batch[members[0]].locator.image_features([batch[i].image for i in members])
+        per_image_ms = (time.perf_counter() - t0) * 1000 / len(members)
+        for row, i in enumerate(members):
+            stats[i] = (None if rows is None else rows[row : row + 1], per_image_ms)
     for i, item in enumerate(batch):
         query, encode_ms = embedded[i]
+        image_stats, stats_ms = stats[i]
         try:
-            result = item.locator.locate_embeddings(query, item.options)[0]
+            result = item.locator.locate_embeddings(query, item.options, image_stats=image_stats)[0]
         except Exception as exc:
             outcomes.append(exc)
             continue
+        if result.localizability is not None:
+            result.add_time("judge", stats_ms)
         queue_ms = (batch_start - item.queued_at) * 1000
         result.timings_ms = {
             "queue": round(queue_ms, 3),

@@ -6,6 +6,10 @@ that describes itself: the fitted temperature, the event its probability states 
 is within ``within_km`` of the top-1 candidate"), the data it was fitted on (path, sha256,
 rows), the options and weights used, when, and the fit's before/after figures. Published
 index files are never touched; a new fit is a new version, written atomically.
+
+Format 2 adds ``localizability``: the verdict fitted on the same held-out pictures (the
+in-domain positives) against generated negatives (service/localizability.py), or null. Format-1
+files still load, without a verdict.
 """
 
 from __future__ import annotations
@@ -14,18 +18,25 @@ import json
 import math
 import os
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from index.geo import haversine_km
 from service.errors import GeolocError
 from service.evaluation import reliability
-from service.pipeline import merge_places, nms_owners
+from service.localizability import LocalizabilityModel
+from service.pipeline import LocateOptions, Locator, merge_places, nms_owners
 
-FORMAT = 1
+if TYPE_CHECKING:
+    from PIL import Image
+
+FORMAT = 2
+#: Formats this code reads (1: before the localizability verdict).
+READABLE_FORMATS = (1, 2)
 #: Temperatures searched (log-spaced); the best is then refined by golden-section search.
 T_MIN, T_MAX = 0.02, 50.0
 
@@ -48,11 +59,26 @@ class Calibration:
     options: dict[str, Any]  # the pipeline options of the fit
     fit: dict[str, Any]  # before/after figures on the fitting data
     format: int = FORMAT
+    #: The fitted localizability verdict (LocalizabilityModel.to_dict); None: none (format 1).
+    localizability: dict[str, Any] | None = None
     path: str = field(default="", compare=False)  # where it was read from (not stored)
 
     @property
     def label(self) -> str:
         return f"{self.version} (temperature {self.temperature:.3g})"
+
+    def localizability_model(self) -> LocalizabilityModel | None:
+        """The verdict of this calibration (None without one); CalibrationError if unusable."""
+        if self.localizability is None:
+            return None
+        try:
+            return LocalizabilityModel.from_dict(self.localizability)
+        except (KeyError, TypeError, ValueError) as exc:
+            where = self.path or self.version
+            raise CalibrationError(
+                f"{where}: its localizability model cannot be used ({exc}); fit a new one "
+                "(geoloc calibrate) or set GEOLOC_CALIBRATION=off"
+            ) from None
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -63,13 +89,16 @@ class Calibration:
     def from_file(cls, path: Path) -> Calibration:
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
-            if d.get("format") != FORMAT:
+            if d.get("format") not in READABLE_FORMATS:
                 raise CalibrationError(f"{path}: unknown format {d.get('format')!r}")
             cal = cls(**{k: v for k, v in d.items() if k != "path"}, path=str(path))
+        except CalibrationError:
+            raise
         except (OSError, ValueError, TypeError) as exc:
             raise CalibrationError(f"{path}: not a calibration file: {exc}") from None
         if not (isinstance(cal.temperature, int | float) and 0 < cal.temperature < math.inf):
             raise CalibrationError(f"{path}: temperature {cal.temperature!r} is not > 0")
+        cal.localizability_model()  # a broken verdict is refused now, not on the first request
         return cal
 
 
@@ -227,3 +256,63 @@ def fit_temperature(
         }
 
     return best, {"images": len(cases), "before": figures(1.0), "after": figures(best)}
+
+
+# -- localizability -----------------------------------------------------------------------------
+
+#: The seed of the generated negatives' stream (tests draw theirs with other seeds).
+NEGATIVES_SEED = 1_405_001
+
+
+def fit_localizability_for(
+    locator: Locator,
+    image_stats: np.ndarray,
+    vectors: np.ndarray,
+    options: LocateOptions,
+    *,
+    per_kind: int,
+    seed: int = NEGATIVES_SEED,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> LocalizabilityModel:
+    """Fit the verdict of ``locator``: its held-out in-domain pictures (their image statistics
+    and embeddings) against ``per_kind`` generated negatives of each kind of the profile's
+    domain, which go through the same model and index."""
+    from encoders import get_profile
+    from service.localizability import fit_localizability, image_statistics_many
+    from service.negatives import kinds_for, negatives
+
+    profile = get_profile(locator.model.profile)
+    pos = locator.judge_features(vectors, image_stats, options)
+    rows: list[np.ndarray] = []
+    kinds: list[str] = []
+
+    def run(batch: Iterable[tuple[str, Image.Image]]) -> None:
+        names, images = zip(*batch, strict=True)
+        rows.append(
+            locator.judge_features(locator.embed(images), image_statistics_many(images), options)
+        )
+        kinds.extend(names)
+        if progress is not None:
+            progress(len(images))
+
+    batch: list[tuple[str, Image.Image]] = []
+    for item in negatives(kinds_for(profile.domain), per_kind, seed, profile.domain):
+        batch.append(item)
+        if len(batch) == batch_size:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    refs = locator.neighbours.manifest if locator.neighbours is not None else None
+    return fit_localizability(
+        pos,
+        np.vstack(rows),
+        kinds,
+        purpose=profile.purpose,
+        domain=profile.domain,
+        notes={
+            "reference_index": f"{refs.name}/{refs.version}" if refs else None,
+            "negatives_seed": seed,
+        },
+    )

@@ -7,7 +7,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -285,10 +285,14 @@ def locate_cmd(
     else:
         for (_, label), r in zip(labels, results, strict=True):
             typer.echo(f"{label}  ({r.profile}, index {r.index})")
+            verdict = r.localizability
+            if verdict is not None and verdict["verdict"] != "located":
+                typer.echo(f"  {verdict_line(verdict)}")
             for i, c in enumerate(r.candidates, 1):
                 place = ", ".join(x for x in (c.city, c.admin1, c.country) if x) or "at sea"
                 typer.echo(
                     f"  {i}. {c.lat:9.4f} {c.lon:10.4f}  p={c.probability:.3f}  {c.h3}  {place}"
+                    + ("" if c.reliable else "  (unreliable)")
                 )
             if r.region:
                 typer.echo(
@@ -297,6 +301,12 @@ def locate_cmd(
                 )
     if problems:
         raise typer.Exit(1)
+
+
+def verdict_line(verdict: dict[str, Any]) -> str:
+    """'not_locatable (0.03): unlike the satellite views ...' for a localizability verdict."""
+    line = f"{verdict['verdict']} ({verdict['score']:.2f}): {verdict['reason']}"
+    return line + ("; abstained" if verdict["abstained"] else "")
 
 
 def _read_eval_rows(data: Path, skip_bad: bool, limit: int) -> list[Any]:
@@ -311,7 +321,9 @@ def _read_eval_rows(data: Path, skip_bad: bool, limit: int) -> list[Any]:
     return rows
 
 
-def _embed_rows(loc: Any, rows: list[Any], s: Settings, batch_size: int) -> Any:
+def _embed_rows(
+    loc: Any, rows: list[Any], s: Settings, batch_size: int, image_stats: bool = False
+) -> Any:
     from service.evalrun import embed_rows
 
     with typer.progressbar(length=len(rows), label="encoding", file=sys.stderr) as bar:
@@ -322,6 +334,7 @@ def _embed_rows(loc: Any, rows: list[Any], s: Settings, batch_size: int) -> Any:
             max_pixels=s.max_image_pixels,
             batch_size=batch_size,
             progress=bar.update,
+            image_stats=image_stats,
         )
     for p in emb.problems:
         typer.echo(f"error: {p}", err=True)
@@ -354,7 +367,8 @@ def eval_cmd(
         bool,
         typer.Option(
             "--calibrated/--uncalibrated",
-            help="Use the served calibration (GEOLOC_CALIBRATION) or temperature 1.",
+            help="Use the served calibration (GEOLOC_CALIBRATION: its temperature and "
+            "localizability verdict) or neither (temperature 1, no verdicts).",
         ),
     ] = True,
     temperature: Annotated[
@@ -386,11 +400,13 @@ def eval_cmd(
         **({} if region_res is None else {"region_res": region_res}),
     )
     opts.validate(max_top_k=s.max_top_k, max_retrieve_k=s.max_retrieve_k)
-    emb = _embed_rows(loc, rows, s, batch_size)
+    emb = _embed_rows(loc, rows, s, batch_size, image_stats=loc.judge is not None)
     results = []
     with typer.progressbar(length=len(emb.rows), label="locating", file=sys.stderr) as bar:
         for start in range(0, len(emb.rows), batch_size):
-            results += loc.locate_embeddings(emb.vectors[start : start + batch_size], opts)
+            part = slice(start, start + batch_size)
+            stats = emb.stats[part] if emb.stats is not None else None
+            results += loc.locate_embeddings(emb.vectors[part], opts, image_stats=stats)
             bar.update(batch_size)
     truths = np.array([(r.lat, r.lon) for r in emb.rows]).reshape(-1, 2)
     within = s.calibration_km if within_km is None else within_km
@@ -410,6 +426,8 @@ def eval_cmd(
         "profile": loc.model.profile,
         "temperature": t,
         "calibration_version": cal.version if cal is not None and temperature is None else None,
+        "localizability_version": cal.version if loc.judge is not None and cal else None,
+        "abstain_below": loc.abstain_threshold,
         "region_res": opts.region_res,
         "images_unreadable": len(emb.problems),
         **rep,
@@ -454,60 +472,70 @@ def calibrate_cmd(
         typer.Option(help="Event the probability states; default GEOLOC_CALIBRATION_KM."),
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Fit and print; store nothing.")] = False,
+    localizability: Annotated[
+        bool,
+        typer.Option(
+            "--localizability/--no-localizability",
+            help="Also fit the localizability verdict (these images against generated negatives).",
+        ),
+    ] = True,
+    negatives_per_kind: Annotated[
+        int | None,
+        typer.Option(
+            min=10,
+            help="Generated negatives of each kind for the verdict; default "
+            "GEOLOC_CALIBRATION_NEGATIVES.",
+        ),
+    ] = None,
 ) -> None:
-    """Fit the softmax temperature on held-out images and store it, versioned, beside the
-    index version; the service and `geoloc eval` use the newest one."""
-    from encoders.model import sha256_file
-    from index.store import new_version
-    from service.calibration import (
-        Calibration,
-        fit_temperature,
-        prepare_cases,
-        save_calibration,
-        weights_label,
-    )
+    """Fit the softmax temperature and the localizability verdict on held-out images and
+    store them, versioned, beside the index version; the service and `geoloc eval` use the
+    newest one."""
+    from encoders import get_profile
+    from service.evalrun import fit_calibration
+    from service.negatives import kinds_for
 
     s = settings().model_copy(update={"calibration": "off"})
     rows = _read_eval_rows(data, skip_bad, limit)
     name, _, version = index.partition("/")
     loc = load_locator(s, index_name=name or None, index_version=version or None)
-    opts = s.locate_options(top_k=1, describe=False)
-    emb = _embed_rows(loc, rows, s, batch_size)
-    pools = loc.candidate_logits(emb.vectors, opts)
-    truths = np.array([(r.lat, r.lon) for r in emb.rows]).reshape(-1, 2)
-    within = s.calibration_km if within_km is None else within_km
-    cases = prepare_cases(pools, truths, nms_km=opts.nms_km, diversify=opts.diversify)
-    temperature, fit = fit_temperature(cases, within_km=within)
+    per_kind = s.calibration_negatives if negatives_per_kind is None else negatives_per_kind
+    kinds = kinds_for(get_profile(loc.model.profile).domain) if localizability else ()
+    total = len(rows) + per_kind * len(kinds)
+    with typer.progressbar(length=total, label="encoding", file=sys.stderr) as bar:
+        r = fit_calibration(
+            s,
+            loc,
+            rows,
+            data=data,
+            within_km=within_km,
+            batch_size=batch_size,
+            store=not dry_run,
+            progress=bar.update,
+            localizability=localizability,
+            negatives_per_kind=per_kind,
+            negatives_progress=bar.update,
+        )
+    for p in r.problems:
+        typer.echo(f"error: {p}", err=True)
+    cal, fit = r.calibration, r.calibration.fit
     b, a = fit["before"], fit["after"]
     typer.echo(
-        f"{loc.index_label}: temperature {temperature:.4g} on {fit['images']} images "
-        f"(top-1 within {within:g} km: {a['accuracy']:.1%})\n"
+        f"{loc.index_label}: temperature {cal.temperature:.4g} on {fit['images']} images "
+        f"(top-1 within {cal.within_km:g} km: {a['accuracy']:.1%})\n"
         f"  before: ECE {b['ece']:.4f}, log loss {b['log_loss']:.4f}, "
         f"mean probability {b['mean_confidence']:.3f}\n"
         f"  after:  ECE {a['ece']:.4f}, log loss {a['log_loss']:.4f}, "
         f"mean probability {a['mean_confidence']:.3f}"
     )
-    if dry_run:
-        return
-    m = loc.index.manifest
-    cal = Calibration(
-        temperature=temperature,
-        within_km=within,
-        version=new_version(),
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        index=f"{m.name}/{m.version}",
-        profile=loc.model.profile,
-        weights=weights_label(s.checkpoint),
-        data={"path": str(data.resolve()), "sha256": sha256_file(data), "rows": len(emb.rows)},
-        options={
-            k: getattr(opts, k)
-            for k in ("retrieve_k", "refine", "diversify", "nms_km", "neighbours", "verify")
-        },
-        fit=fit,
-    )
-    path = save_calibration(s.data_dir, cal)
-    typer.echo(f"stored {path} (GEOLOC_CALIBRATION=latest serves it)")
-    if emb.problems and not skip_bad:
+    if cal.localizability is not None:
+        from service.localizability import fit_lines
+
+        for line in fit_lines(cal.localizability):
+            typer.echo(f"  {line}")
+    if r.path is not None:
+        typer.echo(f"stored {r.path} (GEOLOC_CALIBRATION=latest serves it)")
+    if r.problems and not skip_bad:
         raise typer.Exit(1)
 
 
@@ -558,9 +586,11 @@ def train_cmd(
     """Contrastive image<->GPS alignment; a checkpoint every epoch."""
     from encoders.profiles import build_model, get_profile
     from encoders.train import TrainConfig
+    from service.engine import set_torch_threads
     from service.training import TrainJob, export_weights, run_training
 
     s = settings()
+    set_torch_threads(s)
     name = profile or s.profile
     if init == "random" or resume is not None:
         model = build_model(get_profile(name), random_backbone=True)
@@ -828,6 +858,19 @@ def apikey_revoke(
     typer.echo(
         f"revoked key {row.id} {row.name!r} (prefix {row.prefix}) at {_when(row.revoked_at)}"
     )
+
+
+@app.command("setup")
+@friendly_errors
+@db_errors
+def setup_cmd() -> None:
+    """Build what the default service runs with, once: migrate the database, build the
+    default gallery (GEOLOC_DEFAULT_RES), the reference-image index refs-<profile> and the
+    calibration (bluemarble renders its own tiles for both). Each step is skipped when its
+    result exists; an interrupted run resumes."""
+    from service.bootstrap import run_setup
+
+    run_setup(settings(), echo=typer.echo)
 
 
 @app.command("serve")

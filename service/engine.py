@@ -38,11 +38,16 @@ from service.pipeline import Locator
 from service.settings import Settings
 
 
+def set_torch_threads(settings: Settings) -> None:
+    """Apply ``GEOLOC_TORCH_THREADS`` (0: torch's default, one thread per core)."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+
+
 def load_geomodel(
     settings: Settings, profile: str | None = None, random_backbone: bool = False
 ) -> GeoModel:
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    set_torch_threads(settings)
     return load_model(
         profile or settings.profile,
         checkpoint=settings.checkpoint,
@@ -85,6 +90,7 @@ def load_locator(
         ReverseGeocoder(),
         neighbours=neighbours,
         calibration=calibration_for(settings, index, model),
+        abstain_below=settings.abstain_below,
     )
 
 

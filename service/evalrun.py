@@ -6,14 +6,25 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from service.datasets import LabelledImage
-from service.evaluation import THRESHOLDS_KM, errors_km, region_areas, report
+from service.evaluation import (
+    THRESHOLDS_KM,
+    errors_km,
+    region_areas,
+    report,
+    summarize_distances,
+)
 from service.images import read_image_files
 from service.pipeline import LocateOptions, LocateResult, Locator
+
+if TYPE_CHECKING:
+    from service.calibration import Calibration
+    from service.settings import Settings
 
 
 @dataclass
@@ -21,6 +32,8 @@ class Embedded:
     rows: list[LabelledImage]  # the rows whose image could be read
     vectors: np.ndarray  # (n, D) image embeddings
     problems: list[str]  # one line per unreadable image
+    #: (n, F) image statistics of the localizability verdict; None: not asked for.
+    stats: np.ndarray | None = None
 
 
 def embed_rows(
@@ -31,10 +44,15 @@ def embed_rows(
     max_pixels: int,
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
+    image_stats: bool = False,
 ) -> Embedded:
-    """Read and embed the images in batches; unreadable ones become problem lines."""
+    """Read and embed the images in batches; unreadable ones become problem lines. With
+    ``image_stats``, also the pictures' localizability statistics."""
+    from service.localizability import image_statistics_many
+
     kept: list[LabelledImage] = []
     vectors: list[np.ndarray] = []
+    stats: list[np.ndarray] = []
     problems: list[str] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -45,10 +63,17 @@ def embed_rows(
         kept += [chunk[i] for i in ok]
         if images:
             vectors.append(locator.embed(images))
+            if image_stats:
+                stats.append(image_statistics_many(images))
         if progress is not None:
             progress(len(chunk))
     dim = locator.model.embed_dim
-    return Embedded(kept, np.concatenate(vectors) if vectors else np.zeros((0, dim)), problems)
+    return Embedded(
+        kept,
+        np.concatenate(vectors) if vectors else np.zeros((0, dim)),
+        problems,
+        (np.concatenate(stats) if stats else np.zeros((0, 0))) if image_stats else None,
+    )
 
 
 def eval_options(base: LocateOptions, **changes: Any) -> LocateOptions:
@@ -84,7 +109,34 @@ def measure(
         truth_countries=None if truth_countries is None else np.asarray(truth_countries)[has],
         points=np.column_stack([truths, d]),
     )
-    return {"no_answer": int((~has).sum()), **out}
+    return {
+        "no_answer": int((~has).sum()),
+        **out,
+        "localizability": localizability_summary(results, has, d),
+    }
+
+
+def localizability_summary(
+    results: list[LocateResult], has: np.ndarray, d_km: np.ndarray
+) -> dict[str, Any] | None:
+    """Verdict counts, abstentions, and accuracy on the answered share (the answers that did
+    not abstain) beside accuracy on all images: coverage against accuracy. None when no answer
+    carries a verdict. ``d_km``: the top-1 errors of the results with candidates (``has``)."""
+    from service.localizability import VERDICTS
+
+    verdicts = [r.localizability for r in results]
+    judged = [v for v in verdicts if v is not None]
+    if not judged:
+        return None
+    abstained = np.array([bool(v is not None and v["abstained"]) for v in verdicts], dtype=bool)
+    return {
+        "judged": len(judged),
+        "verdicts": {k: sum(v["verdict"] == k for v in judged) for k in VERDICTS},
+        "abstained": int(abstained.sum()),
+        "coverage": float(1 - abstained.mean()),
+        "answered": summarize_distances(d_km[~abstained[has]]).to_dict(),
+        "all": summarize_distances(d_km).to_dict(),
+    }
 
 
 def _pct(v: float | None) -> str:
@@ -112,6 +164,9 @@ def format_report(rep: dict[str, Any], *, label: str = "", groups: int = 15) -> 
         return f"  {name[:20]:22}{cells}{med_s}{score_s}  (n={s['n']})"
 
     lines.append(row("all", rep))
+    judged = rep.get("localizability")
+    if judged:
+        lines.append(row("answered", judged["answered"]))
     for title, key in (("continent", "by_continent"), ("country", "by_country")):
         if key not in rep:
             continue
@@ -134,4 +189,105 @@ def format_report(rep: dict[str, Any], *, label: str = "", groups: int = 15) -> 
             f"  calibration (top-1 within {cal['within_km']:g} km): ECE {cal['ece']:.3f}, "
             f"mean probability {cal['mean_confidence']:.3f}, accuracy {cal['accuracy']:.3f}"
         )
+    if judged:
+        counts = ", ".join(f"{n} {k}" for k, n in judged["verdicts"].items())
+        lines.append(
+            f"  localizability: {counts}; abstained on {judged['abstained']} of "
+            f"{judged['judged']} (coverage {_pct(judged['coverage']).strip()}); 'answered' is "
+            "the accuracy without them"
+        )
     return "\n".join(lines)
+
+
+@dataclass
+class Calibrated:
+    calibration: Calibration  # the fit, as stored (or as it would be, when not stored)
+    path: Path | None  # the stored file; None: not stored (dry run)
+    problems: list[str]  # one line per unreadable image
+
+
+def fit_calibration(
+    settings: Settings,
+    locator: Locator,
+    rows: list[LabelledImage],
+    *,
+    data: Path,
+    within_km: float | None = None,
+    batch_size: int = 32,
+    store: bool = True,
+    progress: Callable[[int], None] | None = None,
+    localizability: bool = True,
+    negatives_per_kind: int | None = None,
+    negatives_progress: Callable[[int], None] | None = None,
+) -> Calibrated:
+    """Fit the served calibration of ``locator``'s index version on held-out labelled images
+    (``data`` is their CSV, recorded with its sha256) and store it, versioned, beside the index
+    version: the one domain function of `geoloc calibrate` and `geoloc setup`.
+
+    With ``localizability`` the same images are the in-domain positives of the verdict, fitted
+    against ``negatives_per_kind`` (default GEOLOC_CALIBRATION_NEGATIVES; 0: no verdict)
+    generated pictures of each negative kind (``negatives_progress`` counts them).
+
+    ``locator`` should be loaded uncalibrated (GEOLOC_CALIBRATION=off): places are ranked at
+    temperature 1 and the fit starts from the raw candidate logits.
+    """
+    from datetime import UTC, datetime
+
+    from encoders.model import sha256_file
+    from index.store import new_version
+    from service.calibration import (
+        Calibration,
+        fit_localizability_for,
+        fit_temperature,
+        prepare_cases,
+        save_calibration,
+        weights_label,
+    )
+
+    opts = settings.locate_options(top_k=1, describe=False)
+    per_kind = settings.calibration_negatives if negatives_per_kind is None else negatives_per_kind
+    localizability = localizability and per_kind > 0
+    emb = embed_rows(
+        locator,
+        rows,
+        max_bytes=settings.max_image_bytes,
+        max_pixels=settings.max_image_pixels,
+        batch_size=batch_size,
+        progress=progress,
+        image_stats=localizability,
+    )
+    pools = locator.candidate_logits(emb.vectors, opts)
+    truths = np.array([(r.lat, r.lon) for r in emb.rows]).reshape(-1, 2)
+    within = settings.calibration_km if within_km is None else within_km
+    cases = prepare_cases(pools, truths, nms_km=opts.nms_km, diversify=opts.diversify)
+    temperature, fit = fit_temperature(cases, within_km=within)
+    judge = None
+    if localizability and emb.stats is not None:
+        judge = fit_localizability_for(
+            locator,
+            emb.stats,
+            emb.vectors,
+            opts,
+            per_kind=per_kind,
+            batch_size=batch_size,
+            progress=negatives_progress,
+        )
+    m = locator.index.manifest
+    cal = Calibration(
+        temperature=temperature,
+        within_km=within,
+        version=new_version(),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        index=f"{m.name}/{m.version}",
+        profile=locator.model.profile,
+        weights=weights_label(settings.checkpoint),
+        data={"path": str(data.resolve()), "sha256": sha256_file(data), "rows": len(emb.rows)},
+        options={
+            k: getattr(opts, k)
+            for k in ("retrieve_k", "refine", "diversify", "nms_km", "neighbours", "verify")
+        },
+        fit=fit,
+        localizability=judge.to_dict() if judge is not None else None,
+    )
+    path = save_calibration(settings.data_dir, cal) if store else None
+    return Calibrated(cal, path, emb.problems)

@@ -36,6 +36,7 @@ from service.api_models import (
     IndexInfo,
     InfoOut,
     LimitsInfo,
+    LocalizabilityInfo,
     LocateRequestOptions,
     LocateResponse,
     PredictionOut,
@@ -141,6 +142,7 @@ def _response(
         countries=d["countries"],
         stages=d["stages"],
         timings_ms=d["timings_ms"],
+        localizability=d["localizability"],
         neighbours=d.get("neighbours"),
         llm=llm,
         warnings=warnings,
@@ -413,6 +415,21 @@ def service_info(s: Settings, loc: Locator) -> InfoOut:
             created_at=loc.calibration.created_at,
             data=loc.calibration.data,
         ),
+        localizability=_localizability_info(loc),
+    )
+
+
+def _localizability_info(loc: Locator) -> LocalizabilityInfo | None:
+    judge, cal, below = loc.judge, loc.calibration, loc.abstain_threshold
+    if judge is None or cal is None or below is None:
+        return None
+    summary = judge.summary()
+    return LocalizabilityInfo(
+        version=cal.version,
+        created_at=cal.created_at,
+        abstain_below=below,
+        leave_one_kind_out=judge.fit.get("leave_one_kind_out") or None,
+        **summary,
     )
 
 

@@ -1,7 +1,12 @@
-"""The locate pipeline: retrieve -> refine -> diversify -> verify -> describe.
+"""The locate pipeline: retrieve -> refine -> diversify -> verify -> judge -> describe.
 
 Joins the encoders (image and GPS towers) and the index (gallery search, H3,
 geocoding). No HTTP here: the CLI and the web service both call ``Locator.locate``.
+
+``judge`` is the localizability verdict (service/localizability.py), fitted with the
+calibration: from the pictures' statistics and the shape of the answer it says whether this
+model can locate the picture at all; below its threshold the answer abstains (candidates
+flagged unreliable, no region, no country probabilities).
 
 A result keeps its query's verified pool (``LocateResult.draft``), so ``Locator.revise`` can
 finish the query again with extra candidate points (the LLM's proposals, service/llm_stage.py):
@@ -34,11 +39,18 @@ from index.geocode import ReverseGeocoder
 from index.region import country_distribution, uncertainty_region
 from index.store import LoadedIndex
 from service.errors import InvalidOptionError, TextQueryUnsupportedError
+from service.localizability import (
+    GALLERY_K,
+    NEIGHBOURS_K,
+    LocalizabilityModel,
+    answer_features,
+    image_statistics_many,
+)
 
 if TYPE_CHECKING:
     from service.calibration import Calibration
 
-STAGES = ("retrieve", "refine", "diversify", "verify", "describe")
+STAGES = ("retrieve", "refine", "diversify", "verify", "judge", "describe")
 #: The finest H3 resolution refinement descends to (~0.1 km² cells).
 MAX_REFINE_RES = 10
 
@@ -153,6 +165,8 @@ class Candidate:
     city: str | None = None
     #: Position in the LLM's reranking (1: its first choice) when it ranked this candidate.
     llm_rank: int | None = None
+    #: False when the answer abstained (the picture is not one this model can locate).
+    reliable: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -170,6 +184,9 @@ class LocateResult:
     extra: dict[str, Any] = field(default_factory=dict)
     #: The query's verified pool, for ``Locator.revise``; never serialised.
     draft: _Scored | None = field(default=None, repr=False)
+    #: The verdict ``{"score", "verdict", "reason", "abstained"}`` (service/localizability.py);
+    #: None without a fitted model or for text queries.
+    localizability: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -180,8 +197,13 @@ class LocateResult:
             "countries": self.countries,
             "stages": self.stages,
             "timings_ms": self.timings_ms,
+            "localizability": self.localizability,
             **self.extra,
         }
+
+    def add_time(self, stage: str, ms: float) -> None:
+        if ms:
+            self.timings_ms[stage] = round(self.timings_ms.get(stage, 0.0) + ms, 3)
 
 
 @dataclass
@@ -248,6 +270,10 @@ class _Scored:
     neighbours: list[dict[str, Any]]
     q: np.ndarray | None = None  # the query vector
     support: tuple[np.ndarray, np.ndarray] | None = None  # neighbour (latlon, weights)
+    #: Unfiltered best gallery / reference cosines from retrieval, reused by the verdict.
+    gallery_top: np.ndarray | None = None
+    refs_top: np.ndarray | None = None
+    verdict: dict[str, Any] | None = None
 
     def copy(self) -> _Scored:
         timer = _Timer()
@@ -262,6 +288,9 @@ class _Scored:
             self.neighbours,
             self.q,
             self.support,
+            self.gallery_top,
+            self.refs_top,
+            self.verdict,
         )
 
 
@@ -275,6 +304,7 @@ class Locator:
         geocoder: ReverseGeocoder,
         neighbours: LoadedIndex | None = None,
         calibration: Calibration | None = None,
+        abstain_below: float | None = None,
     ) -> None:
         if index.manifest.profile != model.profile or index.manifest.dim != model.embed_dim:
             raise InvalidOptionError(
@@ -296,6 +326,18 @@ class Locator:
         self.geocoder = geocoder
         self.scale = model.scale
         self.calibration = calibration
+        #: The localizability verdict fitted with the calibration (None: no verdicts).
+        self.judge: LocalizabilityModel | None = (
+            calibration.localizability_model() if calibration is not None else None
+        )
+        #: Answers whose localizability score is below this abstain; None: the fitted t_low.
+        self.abstain_below = abstain_below
+
+    @property
+    def abstain_threshold(self) -> float | None:
+        if self.judge is None:
+            return None
+        return self.judge.t_low if self.abstain_below is None else float(self.abstain_below)
 
     def temperature(self, options: LocateOptions) -> float:
         """The request's temperature, else the calibrated one, else 1."""
@@ -312,8 +354,21 @@ class Locator:
         """One batch through the image tower -> (n, D) unit vectors."""
         return self.model.embed_images(list(images))
 
+    def image_features(self, images: Sequence[Image.Image]) -> np.ndarray | None:
+        """The image statistics of the localizability verdict (None: no verdict is fitted)."""
+        return image_statistics_many(images) if self.judge is not None else None
+
     def locate(self, images: Sequence[Image.Image], options: LocateOptions) -> list[LocateResult]:
-        return self._locate_encoded(lambda: self.embed(images), len(images), options)
+        t0 = time.perf_counter()
+        stats = self.image_features(images)
+        stats_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
+        results = self._locate_encoded(
+            lambda: self.embed(images), len(images), options, image_stats=stats
+        )
+        for r in results:
+            if r.localizability is not None:
+                r.add_time("judge", stats_ms)
+        return results
 
     def locate_texts(self, texts: Sequence[str], options: LocateOptions) -> list[LocateResult]:
         """Text queries ("a beach in Brittany"): text tower -> image head -> the pipeline."""
@@ -333,23 +388,94 @@ class Locator:
         )
 
     def _locate_encoded(
-        self, encode: Callable[[], np.ndarray], n: int, options: LocateOptions
+        self,
+        encode: Callable[[], np.ndarray],
+        n: int,
+        options: LocateOptions,
+        image_stats: np.ndarray | None = None,
     ) -> list[LocateResult]:
         t0 = time.perf_counter()
         queries = encode()
         encode_ms = (time.perf_counter() - t0) * 1000 / max(n, 1)
-        results = self.locate_embeddings(queries, options)
+        results = self.locate_embeddings(queries, options, image_stats=image_stats)
         for r in results:
             r.timings_ms = {"encode": round(encode_ms, 3), **r.timings_ms}
         return results
 
-    def locate_embeddings(self, queries: np.ndarray, options: LocateOptions) -> list[LocateResult]:
-        """The pipeline after the image tower, for (n, D) unit query vectors."""
+    def locate_embeddings(
+        self,
+        queries: np.ndarray,
+        options: LocateOptions,
+        image_stats: np.ndarray | None = None,
+    ) -> list[LocateResult]:
+        """The pipeline after the image tower, for (n, D) unit query vectors.
+
+        ``image_stats``: the pictures' ``image_features`` (one row per query); with them and
+        a fitted verdict every answer carries its localizability, else it is None.
+        """
         temperature = self.temperature(options)
-        return [
-            self._describe(scored, options, temperature)
-            for scored in self._score(queries, options, temperature)
-        ]
+        batch = self._score(queries, options, temperature)
+        if image_stats is not None and self.judge is not None and batch:
+            self._judge(batch, np.asarray(image_stats), options)
+        return [self._describe(scored, options, temperature) for scored in batch]
+
+    def judge_features(
+        self, queries: np.ndarray, image_stats: np.ndarray, options: LocateOptions
+    ) -> np.ndarray:
+        """The localizability features of pictures (image statistics, answer shape), as the
+        verdict sees them when serving: what ``geoloc calibrate`` fits it on (with the
+        reference index when there is one)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        known = [None] * len(queries)
+        gallery, refs = self._answer_shape(queries, options, known, self.neighbours is not None)
+        return np.hstack([image_stats, answer_features(gallery, self.scale, refs)])
+
+    def _answer_shape(
+        self,
+        queries: np.ndarray,
+        options: LocateOptions,
+        known: Sequence[_Scored | None],
+        with_refs: bool,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Each query's best GALLERY_K gallery and NEIGHBOURS_K reference cosines, without the
+        request's filters (the verdict judges the picture, not the filter): taken from
+        retrieval where it searched deep enough unfiltered, else searched here."""
+        nprobe = options.nprobe or None
+
+        def fill(got: list[np.ndarray | None], index: LoadedIndex, k: int) -> np.ndarray:
+            todo = [i for i, g in enumerate(got) if g is None or len(g) < k]
+            if todo:
+                sims, _ = index.search(
+                    queries[todo], min(k, len(index)), nprobe=nprobe, rerank_k=options.rerank_k
+                )
+                for row, i in enumerate(todo):
+                    got[i] = sims[row]
+            out = np.full((len(got), k), np.nan)
+            for i, g in enumerate(got):
+                g = np.asarray(g, dtype=np.float64)[:k]
+                out[i, : len(g)] = g
+            return out
+
+        gallery = fill([s.gallery_top if s else None for s in known], self.index, GALLERY_K)
+        refs = None
+        if with_refs and self.neighbours is not None:
+            refs = fill([s.refs_top if s else None for s in known], self.neighbours, NEIGHBOURS_K)
+        return gallery, refs
+
+    def _judge(self, batch: list[_Scored], image_stats: np.ndarray, options: LocateOptions) -> None:
+        assert self.judge is not None
+        t = time.perf_counter()
+        queries = np.stack([s.q for s in batch]).astype(np.float32)
+        gallery, refs = self._answer_shape(
+            queries, options, batch, self.neighbours is not None and self.judge.uses_refs
+        )
+        features = np.hstack([image_stats, answer_features(gallery, self.scale, refs)])
+        for s, v in zip(batch, self.judge.judge(features, self.abstain_threshold), strict=True):
+            s.verdict = v
+            s.stages.append("judge")
+        now = _share(batch, "judge", t, len(batch))
+        for s in batch:
+            s.t = now
 
     def candidate_logits(
         self, queries: np.ndarray, options: LocateOptions
@@ -430,6 +556,10 @@ class Locator:
             )
             for i in range(len(queries))
         ]
+        if self.judge is not None and not (options.bbox or options.countries):
+            for i, s in enumerate(batch):  # unfiltered: the verdict can reuse them
+                s.gallery_top = scores[i][:GALLERY_K]
+                s.refs_top = None if nb is None else nb[0][i][:NEIGHBOURS_K]
         self._fill_scores(batch, [np.isnan(s.pool.score) for s in batch])  # neighbours
         for s in batch:
             s.pool.take(np.argsort(-s.pool.score, kind="stable"))
@@ -550,10 +680,13 @@ class Locator:
         if temperature != 1.0 and len(probs):
             rank_by = np.exp(scored.logits[order] - scored.logits.max())
 
-        # Region and countries use the whole pool distribution, before suppression.
+        # Region and countries use the whole pool distribution, before suppression. An answer
+        # that abstains states neither: they would present it as confident.
+        verdict = dict(scored.verdict) if scored.verdict is not None else None
+        abstained = verdict is not None and verdict["abstained"]
         region = None
         country_probs: list[dict[str, Any]] = []
-        if len(probs):
+        if len(probs) and not abstained:
             reg = uncertainty_region(pool.latlon, probs, res=opt.region_res, share=opt.region_share)
             region = {
                 "share": reg.share,
@@ -585,6 +718,7 @@ class Locator:
                 score=float(pool.score[i]),
                 h3=int_to_cell(int(cells[i])),
                 source=pool.source[i],
+                reliable=not abstained,
             )
             for i in range(n)
         ]
@@ -607,6 +741,7 @@ class Locator:
             profile=self.model.profile,
             index=self.index_label,
             draft=draft,
+            localizability=verdict,
         )
 
     def _refine(self, batch: list[_Scored], opt: LocateOptions) -> None:

@@ -227,6 +227,7 @@ class ServiceState:
                 current.geocoder,
                 neighbours=current.neighbours,
                 calibration=calibration_for(self.settings, index, current.model),
+                abstain_below=self.settings.abstain_below,
             )
         except (GeolocError, ValueError, OSError) as exc:
             if self._failed_version != version:

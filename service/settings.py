@@ -95,6 +95,20 @@ class Settings(BaseSettings):
         description="The event the top-1 probability states: the truth is within this many "
         "km of the candidate. Calibrate fits it; eval and /v1/stats measure its ECE.",
     )
+    calibration_negatives: int = Field(
+        150,
+        ge=0,
+        description="Generated non-domain pictures of each kind that `geoloc calibrate` (and "
+        "`geoloc setup`) fit the localizability verdict on; 0: no verdict.",
+    )
+    abstain_below: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Answers whose localizability score is below this abstain (200, candidates "
+        "flagged unreliable, no country probabilities, no region); unset: the fitted t_low of "
+        "the served calibration's verdict.",
+    )
     stats_max_predictions: int = Field(
         50_000,
         gt=0,
@@ -230,6 +244,28 @@ class Settings(BaseSettings):
         "auto",
         pattern="^(auto|cpu|gpu)$",
         description="auto: faiss on a GPU when faiss-gpu sees one (index training), else CPU.",
+    )
+
+    # -- first start (geoloc setup, make run) ------------------------------------------------
+    default_res: int = Field(
+        4, ge=0, le=7, description="H3 resolution of the default gallery `geoloc setup` builds."
+    )
+    setup_reference_tiles: int = Field(
+        100_000,
+        ge=0,
+        description="Clean reference tiles `geoloc setup` renders and embeds into the "
+        "image-neighbour index of a profile that makes its own data (bluemarble); 0: none.",
+    )
+    setup_calibration_tiles: int = Field(
+        2000,
+        ge=0,
+        description="Held-out tiles `geoloc setup` fits the calibration on (profiles that make "
+        "their own data); 0: no calibration.",
+    )
+    setup_seed: int = Field(
+        20_240,
+        description="Seed of the tiles `geoloc setup` renders: references use it, the held-out "
+        "calibration tiles seed+1 (other than the benchmarks' 12345 and 777 and training's 0).",
     )
 
     # -- persistence ---------------------------------------------------------------------

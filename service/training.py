@@ -20,14 +20,32 @@ from service.datasets import read_labelled_csv
 from service.errors import GeolocError
 from service.images import read_image_file
 
-#: Tiles for training: the same kinds of change as the held-out test, drawn afresh.
-TRAIN_STYLE = TileStyle()
+#: Tiles for training, drawn afresh: views about 210 to 2,400 km wide (log-uniform), and
+#: besides the held-out test's changes, renderings of other sensors and colour balances
+#: (hue, grayscale, swapped channels, gamma, false-colour palettes, noise, heavier blur and
+#: JPEG), so that the model learns the shape of the land rather than Blue Marble's colours.
+TRAIN_STYLE = TileStyle(
+    scale=(0.45, 5.0),
+    log_scale=True,
+    brightness=0.4,
+    contrast=0.4,
+    saturation=0.5,
+    blur=1.5,
+    jpeg_quality=(15, 95),
+    hue=0.3,
+    grayscale=0.15,
+    channel_swap=0.15,
+    gamma=0.4,
+    palette=0.15,
+    noise=8.0,
+)
 #: The held-out test: other centres (another seed), scales, colours, blur and JPEG.
 TEST_STYLE = TileStyle(
     scale=(1.0, 2.5), brightness=0.3, contrast=0.3, saturation=0.35, blur=1.2, jpeg_quality=(30, 90)
 )
-#: Reference tiles (for the image-neighbour index and the pixel baseline): clean views.
-REFERENCE_STYLE = TileStyle(scale=(1.5, 1.5), augment=False)
+#: Reference tiles (for the image-neighbour index and the pixel baseline): clean views
+#: about 240 to 2,100 km wide (log-uniform), so that a neighbour can be found at any zoom.
+REFERENCE_STYLE = TileStyle(scale=(0.5, 4.5), log_scale=True, augment=False)
 
 
 def bluemarble_source(config: TrainConfig) -> EpochSource:

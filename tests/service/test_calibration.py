@@ -60,7 +60,8 @@ def world(tmp_path_factory):
         mp.setenv("GEOLOC_DATA_DIR", str(data_dir))
         index_files = _tree_digest(data_dir / "indexes")
         before = json.loads(cli("eval", str(held), "--json"))
-        out = cli("calibrate", str(fit))
+        # The temperature alone: the localizability verdict has tests of its own.
+        out = cli("calibrate", str(fit), "--no-localizability")
         after = json.loads(cli("eval", str(held), "--json"))
         yield {
             "root": root,
@@ -103,12 +104,15 @@ def test_the_calibration_is_a_versioned_artifact_beside_the_untouched_index(worl
     assert raw["data"]["rows"] == TILES and len(raw["data"]["sha256"]) == 64
     assert raw["data"]["path"] == str(world["fit"].resolve())
     assert raw["fit"]["after"]["log_loss"] < raw["fit"]["before"]["log_loss"]
-    assert raw["format"] == 1 and raw["created_at"] and raw["weights"] == "bundled"
+    assert raw["format"] == 2 and raw["created_at"] and raw["weights"] == "bundled"
+    assert raw["localizability"] is None and loc.judge is None  # --no-localizability
     assert loc.calibration == first  # the service's loader picks the newest up
 
     # A new fit is a new version; the first stays as it was and can still be chosen.
     digest = hashlib.sha256(Path(first.path).read_bytes()).hexdigest()
-    cli("calibrate", str(world["fit"]), "--limit", "60", "--within-km", "200")
+    cli(
+        "calibrate", str(world["fit"]), "--limit", "60", "--within-km", "200", "--no-localizability"
+    )
     cals = list_calibrations(data_dir, m.name, m.version)
     assert len(cals) == 2 and cals[0] == first and cals[1].within_km == 200
     assert hashlib.sha256(Path(first.path).read_bytes()).hexdigest() == digest

@@ -366,11 +366,34 @@
     status.append(el("span", { text: `${item.name}: ${r.candidates.length} candidates in ${Math.round(item.elapsedMs)} ms.` }));
     if (r.warnings && r.warnings.length) status.append(el("span", { class: "warn", text: " " + r.warnings.join(" ") }));
     $("results").hidden = false;
+    renderVerdict(r);
     renderCandidates(r);
     renderCountries(r);
     renderTimings(r);
     renderTruth();
     fitResult(r);
+  }
+
+  // The localizability verdict: a banner whenever the answer should not be taken at face
+  // value (uncertain), or the service abstained (not locatable by this model).
+  const VERDICTS = {
+    located: { title: "Located", cls: "ok" },
+    uncertain: { title: "Uncertain: treat these candidates with caution", cls: "warn" },
+    not_locatable: { title: "Not locatable by this model", cls: "bad" },
+  };
+
+  function renderVerdict(r) {
+    const box = $("verdict");
+    const v = r.localizability;
+    box.hidden = !v;
+    if (!v) return;
+    const kind = VERDICTS[v.verdict] || { title: v.verdict, cls: "warn" };
+    box.className = "verdict " + kind.cls;
+    box.setAttribute("data-verdict", v.verdict);
+    $("verdict-title").textContent = kind.title;
+    let text = `${v.reason} (localizability ${pct(v.score)}).`;
+    if (v.abstained) text += " The service abstains: the candidates below are its unreliable best guesses, with no country or region.";
+    $("verdict-text").textContent = text;
   }
 
   function renderCandidates(r) {
@@ -383,12 +406,12 @@
       const prev = i > 1 ? ` · ${km(haversineKm(r.candidates[i - 1], c))} from #${i}` : "";
       const swatch = el("span", { class: "swatch", "aria-hidden": "true" });
       swatch.style.background = colour(c.probability / pmax);
-      const li = el("li", { class: "candidate", "data-lat": String(c.lat), "data-lon": String(c.lon) },
+      const li = el("li", { class: "candidate" + (c.reliable === false ? " unreliable" : ""), "data-lat": String(c.lat), "data-lon": String(c.lon) },
         swatch,
         el("span", { class: "cand-main" },
           el("span", { class: "cand-place", text: placeName(c) }),
           el("span", { class: "cand-meta", text: `${coord(c.lat, c.lon)} · ${far}${prev}` })),
-        el("span", { class: "cand-prob", text: pct(c.probability) }));
+        el("span", { class: "cand-prob", text: c.reliable === false ? "unreliable" : pct(c.probability) }));
       li.tabIndex = 0;
       li.addEventListener("click", () => map.flyTo([c.lat, c.lon], Math.max(map.getZoom(), 4)));
       li.addEventListener("keydown", (e) => {
@@ -434,6 +457,11 @@
     const ul = $("country-bars");
     ul.replaceChildren();
     const rows = r.countries.slice(0, 8);
+    const note = $("countries-note");
+    note.hidden = rows.length > 0;
+    note.textContent = r.localizability && r.localizability.abstained
+      ? "No country probabilities: the model cannot locate this picture."
+      : "No country probabilities.";
     const pmax = rows.length ? rows[0].probability : 1;
     for (const row of rows) {
       const bar = el("span", { class: "bar" });

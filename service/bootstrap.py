@@ -1,0 +1,263 @@
+"""`geoloc setup`: build, once, everything the default service runs with (`make run`).
+
+Steps, each skipped when its result exists, so running it again does nothing new, and an
+interrupted run resumes (rendered tile sets are reused, the reference job keeps its
+finished shards):
+
+1. database: migrate to head (what `geoloc db upgrade` does);
+2. gallery: the default H3 gallery index (`geoloc index build --res GEOLOC_DEFAULT_RES`);
+3. references: the image-neighbour index ``refs-<profile>`` (G3's Geo-alignment). A profile
+   that makes its own data (bluemarble) renders GEOLOC_SETUP_REFERENCE_TILES clean tiles
+   under ``<data>/setup/references`` and embeds them through `geoloc images add`'s job
+   (in-process); the tiles are deleted once published (the index keeps their embeddings and
+   GPS, which is all a neighbour needs; they are ~4 KB each). Other profiles take reference
+   photos from the user (`geoloc images add`);
+4. calibration: for the served index version, unless one exists, fitted on
+   GEOLOC_SETUP_CALIBRATION_TILES held-out tiles (augmented, another seed), kept under
+   ``<data>/setup/calibration`` (the calibration record names them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from index.store import latest_version, list_indexes
+from service.settings import Settings
+
+#: Profiles that can render their own reference and held-out images.
+SELF_DATA_PROFILES = frozenset({"bluemarble"})
+#: Style of the held-out calibration tiles (service/training.py): in-domain with training's
+#: changes of sensor, colour and zoom, what the localizability model is fitted on.
+HELD_OUT_KIND = "train"
+
+Echo = Callable[[str], None]
+
+
+class _Model:
+    """The model, loaded once and only when a step needs it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._model: Any = None
+
+    def get(self) -> Any:
+        if self._model is None:
+            from service.engine import load_geomodel
+
+            self._model = load_geomodel(self.settings)
+        return self._model
+
+
+def run_setup(settings: Settings, *, echo: Echo = print, progress: bool = True) -> list[str]:
+    """Run the steps; returns one line per step saying what it did (and echoes as it goes)."""
+    s = settings
+    model = _Model(s)
+    steps = [
+        ("database", lambda: _database(s, echo)),
+        ("gallery", lambda: _gallery(s, model, echo, progress)),
+        ("references", lambda: _references(s, model, echo, progress)),
+        ("calibration", lambda: _calibration(s, model, echo, progress)),
+    ]
+    lines = []
+    t_all = time.perf_counter()
+    with _one_setup_at_a_time(s):
+        for i, (name, step) in enumerate(steps, 1):
+            echo(f"[{i}/{len(steps)}] {name} ...")
+            t0 = time.perf_counter()
+            what = step()
+            line = f"[{i}/{len(steps)}] {name}: {what} ({time.perf_counter() - t0:.0f} s)"
+            echo(line)
+            lines.append(line)
+    echo(f"setup done in {time.perf_counter() - t_all:.0f} s")
+    return lines
+
+
+@contextlib.contextmanager
+def _one_setup_at_a_time(s: Settings) -> Iterator[None]:
+    """A second `geoloc setup` on the same database fails at once instead of rendering into
+    the tile folders the first one is using (the index build locks, by another name)."""
+    from service.db import IndexBuildLockedError, index_build_lock
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(index_build_lock(s.db_url, ".setup", s.database_connect_timeout_s))
+        except IndexBuildLockedError:
+            raise IndexBuildLockedError(
+                "another `geoloc setup` is running on this database; wait for it to finish"
+            ) from None
+        yield
+
+
+def _database(s: Settings, echo: Echo) -> str:
+    from service.db import current_revision, display_url, make_engine, upgrade
+
+    engine = make_engine(s.db_url)
+    try:
+        before = current_revision(engine)
+    finally:
+        engine.dispose()
+    after = upgrade(s.db_url, "head", wait_s=s.database_start_timeout_s)
+    if before == after:
+        return f"{display_url(s.db_url)} already at {after}"
+    return f"{display_url(s.db_url)} upgraded {before or 'empty'} -> {after}"
+
+
+def _exists(s: Settings, name: str) -> bool:
+    return bool(list_indexes(s.index_dir, name))
+
+
+def _record_versions(s: Settings, echo: Echo) -> None:
+    """Register the published versions in the database (as `geoloc index build` does)."""
+    from service.db import make_engine, make_sessionmaker, sync_index_versions
+
+    engine = make_engine(s.db_url, s.database_wait_s)
+    try:
+        with make_sessionmaker(engine)() as session:
+            sync_index_versions(session, s.index_dir)
+    except SQLAlchemyError as exc:
+        echo(f"note: not recorded in the database ({exc.__class__.__name__})")
+    finally:
+        engine.dispose()
+
+
+def _gallery(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
+    name = s.default_index
+    if _exists(s, name):
+        return f"{name}/{latest_version(s.index_dir, name)} exists"
+    from service.engine import GallerySpec, build_index
+
+    echo(f"building {name}: H3 land cells at res {s.default_res}")
+    m = build_index(
+        s, name, GallerySpec(kind="h3", res=s.default_res), model=model.get(), progress=progress
+    )
+    _record_versions(s, echo)
+    return f"built {m.name}/{m.version} ({m.count} points)"
+
+
+def _tiles(out: Path, count: int, *, seed: int, kind: str, progress: bool, echo: Echo) -> Path:
+    """A rendered tile set, reused when a previous run finished writing it (labels.csv is
+    written last)."""
+    csv = out / "labels.csv"
+    if csv.is_file() and sum(1 for _ in csv.open()) == count + 1:
+        echo(f"reusing {count} {kind} tiles in {out}")
+        return csv
+    from service.training import write_bluemarble_set
+
+    shutil.rmtree(out, ignore_errors=True)
+    echo(f"rendering {count} {kind} tiles into {out}")
+    return write_bluemarble_set(out, count, seed=seed, kind=kind, progress=progress)
+
+
+def _references(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
+    name = s.reference_index or f"refs-{s.profile}"
+    if _exists(s, name):
+        return f"{name}/{latest_version(s.index_dir, name)} exists"
+    if s.profile not in SELF_DATA_PROFILES:
+        echo(
+            f"profile {s.profile} takes its reference photos from you: "
+            "`geoloc images add refs.csv` (image,lat,lon) builds the neighbour index"
+        )
+        return "skipped (no reference images of this profile's own)"
+    if s.setup_reference_tiles <= 0:
+        return "skipped (GEOLOC_SETUP_REFERENCE_TILES=0)"
+    from service.engine import add_reference_images
+
+    out = s.data_dir / "setup" / "references"
+    csv = _tiles(
+        out,
+        s.setup_reference_tiles,
+        seed=s.setup_seed,
+        kind="reference",
+        progress=progress,
+        echo=echo,
+    )
+    echo(f"embedding them into {name}")
+    # 256 tiles a batch: about a third less CPU per tile than images add's 64 on small tiles.
+    r = add_reference_images(
+        s,
+        csv,
+        model=model.get(),
+        name=name,
+        runner="inprocess",
+        batch_size=256,
+        progress=progress,
+    )
+    for p in r.problems[:20]:
+        echo(f"warning: {p}")
+    shutil.rmtree(out, ignore_errors=True)  # published: the index holds what neighbours need
+    m = r.manifest
+    return f"built {m.name}/{m.version} ({m.count} reference images)"
+
+
+def served_version(s: Settings, name: str) -> str:
+    """The version `geoloc serve` starts with: pinned, else active in the database, else the
+    newest."""
+    if s.index_version:
+        return s.index_version
+    from service.db import active_index_version, make_engine, make_sessionmaker
+
+    engine = make_engine(s.db_url, s.database_wait_s)
+    try:
+        with make_sessionmaker(engine)() as session:
+            row = active_index_version(session, name)
+        if row is not None:
+            return row.version
+    except SQLAlchemyError:
+        pass
+    finally:
+        engine.dispose()
+    return latest_version(s.index_dir, name)
+
+
+def _calibration(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
+    from service.calibration import list_calibrations
+
+    if s.calibration != "latest":
+        return f"skipped (GEOLOC_CALIBRATION={s.calibration})"
+    name = s.default_index
+    version = served_version(s, name)
+    have = list_calibrations(s.data_dir, name, version)
+    if have:
+        return f"{name}/{version} has calibration {have[-1].label}"
+    if s.profile not in SELF_DATA_PROFILES:
+        echo(
+            f"profile {s.profile} has no held-out images of its own: fit the calibration with "
+            "`geoloc calibrate heldout.csv` (image,lat,lon)"
+        )
+        return "skipped (no held-out images of this profile's own)"
+    if s.setup_calibration_tiles <= 0:
+        return "skipped (GEOLOC_SETUP_CALIBRATION_TILES=0)"
+    from tqdm import tqdm
+
+    from service.datasets import read_labelled_csv
+    from service.engine import load_locator
+    from service.evalrun import fit_calibration
+
+    csv = _tiles(
+        s.data_dir / "setup" / "calibration",
+        s.setup_calibration_tiles,
+        seed=s.setup_seed + 1,
+        kind=HELD_OUT_KIND,
+        progress=progress,
+        echo=echo,
+    )
+    rows, problems = read_labelled_csv(csv)
+    for p in problems[:20]:
+        echo(f"warning: {p}")
+    uncalibrated = s.model_copy(update={"calibration": "off"})
+    loc = load_locator(uncalibrated, model=model.get(), index_version=version)
+    echo(f"fitting the calibration of {loc.index_label} on {len(rows)} held-out tiles")
+    with tqdm(total=len(rows), disable=not progress, unit="img", desc="calibration") as bar:
+        r = fit_calibration(uncalibrated, loc, rows, data=csv, progress=bar.update)
+    cal, after = r.calibration, r.calibration.fit["after"]
+    return (
+        f"temperature {cal.temperature:.3g} for {cal.index} (ECE {after['ece']:.3f}, "
+        f"top-1 within {cal.within_km:g} km {after['accuracy']:.1%}) -> {r.path}"
+    )

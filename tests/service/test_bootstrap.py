@@ -1,0 +1,77 @@
+"""`geoloc setup` (what `make run` runs before serving) as a real process on a fresh data
+directory: it builds the default gallery, the bluemarble reference-image index and the
+calibration, the locator then serves neighbours, and a second run builds nothing new."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from index.store import list_indexes
+from service.bootstrap import served_version
+from service.calibration import list_calibrations
+from service.engine import load_locator
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = {
+    "GEOLOC_DEFAULT_RES": "2",
+    "GEOLOC_SETUP_REFERENCE_TILES": "300",
+    "GEOLOC_SETUP_CALIBRATION_TILES": "200",
+}
+
+
+def _setup(data: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEOLOC_")}
+    env |= {**SMALL, "GEOLOC_DATA_DIR": str(data)}
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "setup"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "Traceback" not in out, out
+    return done.stdout
+
+
+def _state(data: Path) -> dict[str, object]:
+    indexes = sorted(f"{m.name}/{m.version}" for m in list_indexes(data))
+    cal = {i: [c.version for c in list_calibrations(data, *i.split("/"))] for i in indexes}
+    return {"indexes": indexes, "calibrations": cal}
+
+
+def test_setup_builds_gallery_references_and_calibration_once(tmp_path):
+    data = tmp_path / "data"
+    out = _setup(data)
+    for step in ("[1/4] database", "[2/4] gallery", "[3/4] references", "[4/4] calibration"):
+        assert step in out, out
+    s = Settings(data_dir=data)
+    refs = list_indexes(data, "refs-bluemarble")
+    assert len(refs) == 1 and refs[0].count == 300 and refs[0].gallery_kind == "images"
+    (gallery,) = list_indexes(data, "default-bluemarble")
+    assert gallery.h3_resolution == 2
+    assert not (data / "setup" / "references").exists()  # the rendered tiles are gone
+    assert (data / "setup" / "calibration" / "labels.csv").is_file()
+
+    loc = load_locator(s)
+    assert loc.neighbours is not None and len(loc.neighbours) == 300
+    assert loc.calibration is not None  # the served version got a calibration
+    assert loc.calibration.index == f"default-bluemarble/{served_version(s, 'default-bluemarble')}"
+    assert loc.calibration.data["rows"] == 200
+    with Image.open(data / "setup" / "calibration" / "tile_000000.jpg") as im:
+        (r,) = loc.locate([im.convert("RGB")], s.locate_options(return_neighbours=True))
+    assert r.extra["neighbours"]  # Geo-alignment ran: reference images were retrieved
+
+    before = _state(data)
+    again = _setup(data)
+    assert _state(data) == before  # nothing new
+    assert "exists" in again and "has calibration" in again, again
+    assert "rendering" not in again and "building" not in again, again
