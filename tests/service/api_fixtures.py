@@ -1,5 +1,6 @@
 """Fixtures of the HTTP API tests: the bundled bluemarble model, a small H3 index (two
-published versions, for hot swap), and a factory for the real app on a test database (the
+published versions, for hot swap), a copy of it with a calibration and fitted localizability
+verdict (``judged``), and a factory for the real app on a test database (the
 ``db_url`` fixture of conftest.py: SQLite and PostgreSQL).
 
 Test modules load this file as a plugin (``pytest_plugins = ["api_fixtures"]``) so the session
@@ -8,8 +9,10 @@ fixtures exist once; helpers are in api_helpers.py.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,10 +21,17 @@ from fastapi.testclient import TestClient
 
 from encoders import GeoModel, load_model
 from service.app import create_app
+from service.datasets import read_labelled_csv
 from service.db import upgrade
 from service.engine import GallerySpec, build_index, load_locator
+from service.evalrun import fit_calibration
 from service.pipeline import Locator
 from service.settings import Settings
+from service.training import write_bluemarble_set
+
+#: The fitted verdict of the tests: held-out tiles and generated negatives per kind.
+FIT_TILES = 300
+NEGATIVES_PER_KIND = 40
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +55,33 @@ def bm_index(tmp_path_factory: pytest.TempPathFactory, bm_model: GeoModel) -> In
 def bm_locator(bm_model: GeoModel, bm_index: IndexData) -> Locator:
     s = Settings(data_dir=bm_index.data_dir)
     return load_locator(s, model=bm_model, index_version=bm_index.versions[0])
+
+
+@pytest.fixture(scope="session")
+def judged(tmp_path_factory, bm_model: GeoModel, bm_index: IndexData) -> SimpleNamespace:
+    """A data dir of its own (the session's two index versions), a calibration with a fitted
+    verdict for the first version, and the Locator that serves it."""
+    root = tmp_path_factory.mktemp("localizability")
+    data_dir = root / "data"
+    shutil.copytree(bm_index.data_dir / "indexes", data_dir / "indexes")
+    v1, v2 = bm_index.versions
+    fit = write_bluemarble_set(root / "fit", FIT_TILES, seed=515, kind="test", progress=False)
+    s = Settings(data_dir=data_dir)
+    raw = load_locator(
+        s.model_copy(update={"calibration": "off"}), model=bm_model, index_version=v1
+    )
+    rows, problems = read_labelled_csv(fit)
+    assert not problems
+    r = fit_calibration(s, raw, rows, data=fit, negatives_per_kind=NEGATIVES_PER_KIND)
+    assert r.path is not None
+    return SimpleNamespace(
+        root=root,
+        data_dir=data_dir,
+        versions=(v1, v2),
+        calibration=r.calibration,
+        path=r.path,
+        locator=load_locator(s, model=bm_model, index_version=v1),
+    )
 
 
 @pytest.fixture

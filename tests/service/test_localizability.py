@@ -14,15 +14,14 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from api_helpers import IndexData, tile_bytes
+from api_fixtures import FIT_TILES, NEGATIVES_PER_KIND
+from api_helpers import tile_bytes
 from PIL import Image
 from typer.testing import CliRunner
 
-from encoders import GeoModel
 from index.store import new_version
 from service import localizability as L
 from service import operations
@@ -37,15 +36,12 @@ from service.cli import app
 from service.datasets import read_labelled_csv
 from service.db import activate_index, make_engine, make_sessionmaker, sync_index_versions, upgrade
 from service.engine import load_locator
-from service.evalrun import fit_calibration
 from service.negatives import KINDS, kinds_for, negatives
 from service.settings import Settings
 from service.training import write_bluemarble_set
 
-pytest_plugins = ["api_fixtures"]  # the bluemarble model and its two index versions
+pytest_plugins = ["api_fixtures"]  # the model, its two index versions, a fitted verdict
 
-FIT_TILES = 300
-NEGATIVES_PER_KIND = 40
 TEST_SEED = 4_040_404  # the tests' negatives: another stream than the fit's
 runner = CliRunner()
 
@@ -54,33 +50,6 @@ def png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def judged(tmp_path_factory, bm_model: GeoModel, bm_index: IndexData) -> SimpleNamespace:
-    """A data dir of its own (the session's two index versions), a calibration with a fitted
-    verdict for the first version, and the Locator that serves it."""
-    root = tmp_path_factory.mktemp("localizability")
-    data_dir = root / "data"
-    shutil.copytree(bm_index.data_dir / "indexes", data_dir / "indexes")
-    v1, v2 = bm_index.versions
-    fit = write_bluemarble_set(root / "fit", FIT_TILES, seed=515, kind="test", progress=False)
-    s = Settings(data_dir=data_dir)
-    raw = load_locator(
-        s.model_copy(update={"calibration": "off"}), model=bm_model, index_version=v1
-    )
-    rows, problems = read_labelled_csv(fit)
-    assert not problems
-    r = fit_calibration(s, raw, rows, data=fit, negatives_per_kind=NEGATIVES_PER_KIND)
-    assert r.path is not None
-    return SimpleNamespace(
-        root=root,
-        data_dir=data_dir,
-        versions=(v1, v2),
-        calibration=r.calibration,
-        path=r.path,
-        locator=load_locator(s, model=bm_model, index_version=v1),
-    )
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -25,6 +26,7 @@ from encoders.bluemarble import render_tile
 from index.geo import haversine_km
 from service.app import create_app
 from service.db import create_api_key, make_engine, make_sessionmaker
+from service.negatives import negatives
 from service.settings import Settings
 from service.webpage import NODE_MODULES, missing_assets
 from tests.deploy.cluster import Replica, replica_env
@@ -114,6 +116,16 @@ def locked_server(
         yield s
 
 
+@pytest.fixture(scope="module")
+def judged_server(judged: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The defaults, serving the index version that has a fitted localizability verdict."""
+    tmp = tmp_path_factory.mktemp("web-judged")
+    with geoloc_serve(
+        judged.data_dir, tmp / "geoloc.db", "/readyz", index_version=judged.versions[0]
+    ) as s:
+        yield s
+
+
 # -- the browser -----------------------------------------------------------------------------
 
 
@@ -151,8 +163,9 @@ class Page:
 def open_page(browser: object) -> Iterator[object]:
     contexts = []
 
-    def opener(server: Server) -> Page:
-        ctx = browser.new_context(viewport={"width": 1400, "height": 900})  # type: ignore[attr-defined]
+    def opener(server: Server, viewport: tuple[int, int] = (1400, 900)) -> Page:
+        size = {"width": viewport[0], "height": viewport[1]}
+        ctx = browser.new_context(viewport=size)  # type: ignore[attr-defined]
         contexts.append(ctx)
         page = ctx.new_page()
         page.set_default_timeout(TIMEOUT_MS)
@@ -265,6 +278,48 @@ def test_locate_a_tile_shows_candidates_region_chart_and_timings(server, open_pa
     assert p.off_loopback() == [], p.off_loopback()
     assert any(u.endswith("/web/lib/bluemarble.jpg") for u in p.requests)
     assert any(u.endswith("/web/lib/countries-50m.json") for u in p.requests)
+
+
+PHONE = (390, 844)
+
+
+def test_a_picture_the_model_cannot_locate_gets_a_banner_and_no_country_bars_on_a_phone(
+    judged_server, open_page, tmp_path
+):
+    p = open_page(judged_server, viewport=PHONE)
+    page = p.page
+    assert page.is_visible("#purpose") and "satellite" in page.inner_text("#purpose").lower()
+    for kind, img in negatives(("text", "flat"), 1, seed=77_001):
+        img.save(tmp_path / f"{kind}.png")
+    page.set_input_files("#file", str(tmp_path / "text.png"))
+    page.wait_for_selector("#results:not([hidden]) .candidate")
+    verdict = page.locator("#verdict")
+    assert verdict.get_attribute("data-verdict") == "not_locatable"
+    assert "Not locatable" in verdict.inner_text() and "abstains" in verdict.inner_text()
+    # On screen after the upload, not clipped by a scroll box: the element drawn at the
+    # banner's centre is the banner.
+    verdict.scroll_into_view_if_needed()
+    assert page.evaluate(
+        """() => { const b = document.getElementById('verdict').getBoundingClientRect();
+        const hit = document.elementFromPoint(b.left + b.width / 2, b.top + b.height / 2);
+        return b.height > 0 && b.top >= 0 && b.bottom <= innerHeight
+            && document.getElementById('verdict').contains(hit); }"""
+    )
+    assert "not locatable" in page.inner_text("#queue")
+    assert page.locator("#country-bars .bar-row").count() == 0  # no confident country bars
+    assert "cannot locate" in page.inner_text("#countries-note")
+    assert page.locator("path.geoloc-region").count() == 0  # no region either
+    items = page.locator("#candidates .candidate")
+    assert items.count() >= 1 and items.count() == page.locator(".candidate.unreliable").count()
+    assert "unreliable" in items.first.inner_text() and "%" not in items.first.inner_text()
+    _screenshot(page, tmp_path / "phone-not-locatable.png")
+
+    page.set_input_files("#file", str(_tile(tmp_path / "sahara.png", *SAHARA)))
+    _wait_item(page, 2, "done")
+    assert page.locator("#verdict").get_attribute("data-verdict") in ("located", "uncertain")
+    assert page.locator("#country-bars .bar-row").count() >= 1
+    assert not page.locator(".candidate.unreliable").count()
+    assert p.off_loopback() == [], p.off_loopback()
 
 
 def test_drop_several_images_and_switch_between_them(server, open_page, tmp_path):

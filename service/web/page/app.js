@@ -326,7 +326,10 @@
       let label;
       if (item.status === "done") {
         const top = item.result.candidates[0];
-        label = top ? `${placeName(top)} · ${pct(top.probability)}` : "no candidate";
+        const v = item.result.localizability;
+        if (v && v.abstained) label = "not locatable by this model";
+        else label = top ? `${placeName(top)} · ${pct(top.probability)}` : "no candidate";
+        if (v && v.verdict === "uncertain") label += " · uncertain";
       } else if (item.status === "failed") {
         label = "failed: " + explain(item.failure.status, item.failure.problem, item.failure.retryAfter).text;
       } else {
