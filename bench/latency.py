@@ -1,0 +1,111 @@
+"""Per-image latency of the served pipeline, for two weights files in one run.
+
+Each image is located alone (one request's path: decode is left out, the image tower, every
+stage, the verdict), the two models alternating image by image so that both see the same
+machine load. Each model gets the set-up `make run` serves (H3 land gallery, reference-image
+index, calibration with its localizability verdict), built by bench/tilesets.py and shared
+with bench/shift.py's cache.
+
+    .venv/bin/python bench/latency.py --old OLD.pt [--new NEW.pt] [--images 200]
+        [--refs 100000] [--calib 2000] [--res 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tilesets import (
+    CALIB_SEED,
+    REF_SEED,
+    TEST_SEED,
+    bundled_weights,
+    command_line,
+    load_weights,
+    machine_line,
+    markdown_table,
+    served_locator,
+    tileset,
+)
+
+from service.pipeline import LocateOptions, Locator
+
+
+def one(locator: Locator, image: Image.Image, options: LocateOptions) -> tuple[float, dict]:
+    t = time.perf_counter()
+    result = locator.locate([image], options)[0]
+    return (time.perf_counter() - t) * 1000, result.timings_ms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--old", type=Path, required=True, help="weights file of the old model")
+    ap.add_argument("--new", type=Path, default=None, help="default: the bundled weights")
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--refs", type=int, default=100_000)
+    ap.add_argument("--calib", type=int, default=2000)
+    ap.add_argument("--res", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (a worker's share)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(machine_line())
+    print(command_line())
+
+    refs = tileset("reference", args.refs, REF_SEED)
+    calib = tileset("train", args.calib, CALIB_SEED) if args.calib else []
+    images = [Image.open(r.path).convert("RGB") for r in tileset("test", args.images, TEST_SEED)]
+    named = {"old": args.old, "new": args.new or bundled_weights()}
+    locators = {}
+    for name, path in named.items():
+        model, how = load_weights(path)
+        locators[name], _ = served_locator(
+            model, weights=path, res=args.res, refs=refs, calibration=calib
+        )
+        print(f"{name}: {path} ({how})")
+    options = LocateOptions()
+    for loc in locators.values():  # warm-up: lazy initialisations, caches
+        one(loc, images[0], options)
+
+    total: dict[str, list[float]] = {k: [] for k in locators}
+    stages: dict[str, dict[str, list[float]]] = {k: {} for k in locators}
+    for img in images:
+        for name, loc in locators.items():
+            ms, timings = one(loc, img, options)
+            total[name].append(ms)
+            for stage, v in timings.items():
+                stages[name].setdefault(stage, []).append(v)
+
+    names = sorted({s for d in stages.values() for s in d})
+    rows = []
+    for name in locators:
+        med = statistics.median(total[name])
+        judge = statistics.median(stages[name].get("judge", [0.0]))
+        rows.append(
+            [
+                name,
+                f"{med:.2f}",
+                f"{statistics.quantiles(total[name], n=20)[-1]:.2f}",
+                *(f"{statistics.median(stages[name].get(s, [0.0])):.2f}" for s in names),
+                f"{100 * judge / med:.1f} %",
+            ]
+        )
+    print(
+        f"\n{len(images)} held-out test tiles (seed {TEST_SEED}), one at a time, "
+        f"{args.threads} torch thread(s), default options; ms per image (median, p95) and "
+        "median ms per stage"
+    )
+    print(markdown_table(["model", "median", "p95", *names, "verdict share"], rows))
+    ratio = statistics.median(total["new"]) / statistics.median(total["old"])
+    print(f"\nnew / old median per-image latency: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""How the verification's reference-neighbour settings were chosen: a grid over
+``neighbour_weight``, ``neighbour_kernel_km`` and ``neighbour_temperature`` on *validation*
+draws that bench/shift.py never reports (other seeds, other widths, other shift parameters),
+in the set-up `make run` serves.
+
+Every set is embedded once; each setting reruns the pipeline after the image tower. Printed:
+per setting, the mean over the sets of the shares within 25/200/750 km and the worst set's
+200 km share.
+
+    .venv/bin/python bench/tune.py [--weights PATH] [--per-set 300] [--refs 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shift import SIZE, _blur, _gamma, _grayscale, _hue, _jpeg, scale_for
+from tilesets import (
+    OUT,
+    REF_SEED,
+    bundled_weights,
+    cached_set,
+    command_line,
+    embed,
+    latlon,
+    load_weights,
+    machine_line,
+    markdown_table,
+    read_rows,
+    served_locator,
+    tileset,
+    write_labelled,
+)
+
+from encoders.bluemarble import load_map, render_tile, sample_centres
+from index.geo import is_land
+from service.evaluation import errors_km
+from service.pipeline import LocateOptions
+
+#: Validation draws only: seeds and parameters distinct from bench/shift.py's reported sets.
+VAL_SEED = 50501
+VAL_WIDTHS_KM = (300, 600, 1200, 1800)
+VAL_SHIFTS = {
+    "gray": _grayscale,
+    "hue135": _hue(135.0),
+    "gamma0.6": _gamma(0.6),
+    "jpeg12": _jpeg(12),
+    "blur2": _blur(2.0),
+}
+GRID = {
+    "neighbour_weight": (0.0, 1.0, 3.0, 10.0),
+    "neighbour_kernel_km": (25.0, 50.0),
+    "neighbour_temperature": (50.0, 200.0),
+}
+
+
+def validation_sets(n: int) -> dict[str, list]:
+    def draw(name: str, width_km: float | None, shift) -> list:
+        def write(tmp: Path) -> None:
+            rng = np.random.default_rng([VAL_SEED, len(name)])
+            centres = sample_centres(n, rng, is_land, sea_weight=0.0)
+            if width_km is None:  # shifts: widths log-uniform over 470-1,180 km
+                widths = np.exp(rng.uniform(np.log(470.0), np.log(1180.0), n))
+            else:
+                widths = np.full(n, float(width_km))
+            mosaic = load_map()
+            write_labelled(
+                tmp,
+                (
+                    (shift(render_tile(a, o, scale_for(w), SIZE, mosaic)), a, o)
+                    for (a, o), w in zip(centres.tolist(), widths.tolist(), strict=True)
+                ),
+            )
+
+        return read_rows(cached_set(OUT / f"val-{name}-{n}-{VAL_SEED}-{SIZE}px", write))
+
+    sets = {f"{w} km": draw(f"zoom{w}", w, lambda im: im) for w in VAL_WIDTHS_KM}
+    sets.update({name: draw(name, None, f) for name, f in VAL_SHIFTS.items()})
+    return sets
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--weights", type=Path, default=None)
+    ap.add_argument("--per-set", type=int, default=300)
+    ap.add_argument("--refs", type=int, default=100_000)
+    ap.add_argument("--res", type=int, default=4)
+    args = ap.parse_args()
+    print(machine_line())
+    print(command_line())
+    weights = args.weights or bundled_weights()
+    model, how = load_weights(weights)
+    print(f"weights: {weights} ({how})")
+    refs = tileset("reference", args.refs, REF_SEED)
+    locator, _ = served_locator(model, weights=weights, res=args.res, refs=refs)
+    sets = validation_sets(args.per_set)
+    embedded = {
+        name: (embed(model, rows), latlon(rows)) for name, rows in sets.items()
+    }  # one pass through the image tower per set
+
+    rows_out = []
+    names = list(GRID)
+    for values in itertools.product(*GRID.values()):
+        opts = LocateOptions(top_k=1, **dict(zip(names, values, strict=True)))
+        shares = []
+        for q, truth in embedded.values():
+            res = locator.locate_embeddings(q, opts)
+            pred = np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res])
+            d = errors_km(pred, truth)
+            shares.append([np.mean(d <= t) for t in (25, 200, 750)])
+        s = np.array(shares)
+        rows_out.append(
+            (
+                *(f"{v:g}" for v in values),
+                *(f"{100 * m:.1f} %" for m in s.mean(0)),
+                f"{100 * s[:, 1].min():.1f} %",
+            )
+        )
+        print(" ".join(rows_out[-1]), flush=True)
+    print(
+        f"\nvalidation sets (seed {VAL_SEED}, {args.per_set} each): "
+        f"{', '.join(sets)}; top-1 of the full pipeline"
+    )
+    print(
+        markdown_table(
+            [*names, "mean 25 km", "mean 200 km", "mean 750 km", "worst 200 km"], rows_out
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
