@@ -18,7 +18,7 @@ import torch
 
 from encoders.errors import CheckpointError
 from encoders.model import GeoModel, load_state, read_checkpoint
-from encoders.profiles import PROFILES, Profile, build_model
+from encoders.profiles import PROFILES, Profile, build_model, weights_identity
 
 #: Fields that only describe a profile; they never change what is built.
 _DESCRIPTIVE = ("description", "purpose", "weights", "domain")
@@ -82,4 +82,5 @@ def load_checkpoint_model(path: str | Path, *, device: str | torch.device = "cpu
     profile = checkpoint_profile(blob, source=str(path))
     model = build_model(profile, device=device)
     load_state(model, blob, source=str(path), require_backbone=profile.pretrained is None)
+    model.weights_id = weights_identity(profile, [path])
     return model.to(device).eval()

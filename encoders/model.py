@@ -26,11 +26,18 @@ CHECKPOINT_VERSION = 1
 #: Parameters that come from the open_clip checkpoint (image backbone, text tower): a
 #: checkpoint may leave them out when they have that other source.
 BACKBONE_PREFIXES = ("image_tower.backbone.", "text_tower.")
+#: ``GeoModel.weights_id`` of a model whose weights come from no file (random or untrained).
+RANDOM_WEIGHTS = "random"
 
 
 class GeoModel(nn.Module):
     """Both towers of one profile. Embeddings are unit vectors; logits are
-    ``exp(logit_scale) · cos`` as in GeoCLIP."""
+    ``exp(logit_scale) · cos`` as in GeoCLIP.
+
+    ``weights_id`` names the weights it was loaded with (``profiles.weights_identity``):
+    indexes and calibrations record it, so that artifacts made by other weights of the same
+    profile are refused rather than served.
+    """
 
     def __init__(
         self,
@@ -40,8 +47,10 @@ class GeoModel(nn.Module):
         profile: str,
         logit_scale: float = math.log(1 / 0.07),
         text_tower: TextTower | None = None,
+        weights_id: str = RANDOM_WEIGHTS,
     ) -> None:
         super().__init__()
+        self.weights_id = weights_id
         self.image_tower = image_tower
         self.gps_tower = gps_tower
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))

@@ -7,7 +7,9 @@ unless ``random_backbone=True`` is asked for (timing only).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 from encoders.errors import UnknownProfileError, WeightsNotFoundError
 from encoders.gps import DEFAULT_SIGMAS, GPSTower
 from encoders.image import ImageTower, create_backbone, mlp_head, register_architecture
-from encoders.model import GeoModel, load_state, read_checkpoint
+from encoders.model import RANDOM_WEIGHTS, GeoModel, load_state, read_checkpoint, sha256_file
 from encoders.text import create_text_tower
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -179,6 +181,82 @@ def _load_geoclip_weights(model: GeoModel) -> None:
         model.logit_scale.copy_(load(files["logit_scale"]).reshape(()))
 
 
+#: Hex digits of a weights identity: 64 bits of sha256, plenty to tell weight files apart.
+WEIGHTS_ID_CHARS = 16
+
+
+def weights_identity(
+    profile: Profile,
+    files: Sequence[Path],
+    *,
+    backbone_checkpoint: str | Path | None = None,
+    random_backbone: bool = False,
+) -> str:
+    """A stable identity of the weights a model of ``profile`` gets from ``files``.
+
+    One file that holds everything (a bluemarble checkpoint): the first hex digits of its
+    sha256, so ``sha256sum`` shows it. Otherwise a sha256 over the files' digests and, for a
+    backbone that comes from elsewhere, where it comes from: the open_clip tag, or a backbone
+    checkpoint's path and size. A backbone file is not hashed: a ViT-L checkpoint would cost
+    seconds at every start, and the head and GPS tower files change with any retraining.
+    ``RANDOM_WEIGHTS`` for a random backbone (timing only).
+    """
+    if profile.pretrained is not None and random_backbone:
+        return RANDOM_WEIGHTS
+    digests = [sha256_file(Path(f)) for f in files]
+    if profile.pretrained is None and len(digests) == 1:
+        return digests[0][:WEIGHTS_ID_CHARS]
+    parts = list(digests)
+    if profile.pretrained is not None:
+        if backbone_checkpoint is not None:
+            path = Path(backbone_checkpoint).resolve()
+            if not path.is_file():
+                raise WeightsNotFoundError(f"backbone checkpoint {path} is missing")
+            parts.append(f"backbone-file:{path}:{path.stat().st_size}")
+        else:
+            parts.append(f"open_clip:{profile.architecture}:{profile.pretrained}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:WEIGHTS_ID_CHARS]
+
+
+def _weight_files(profile: Profile, checkpoint: str | Path | None) -> list[Path]:
+    """The files ``load_model`` reads the weights of ``profile`` from (not the backbone's)."""
+    if checkpoint is None and profile.weights == "geoclip-package":
+        files = geoclip_weight_files()
+        return [files["head"], files["gps"], files["logit_scale"]]
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        hint = "pass the path of a checkpoint written by `geoloc train`"
+    else:
+        path = WEIGHTS_DIR / profile.weights
+        hint = (
+            "it ships in the geoloc repository (git checkout it) or is re-created with "
+            "the command in docs/TRAINING.md"
+        )
+    if not path.is_file():
+        raise WeightsNotFoundError(
+            f"profile '{profile.name}' needs {path}, which is missing; {hint}"
+        )
+    return [path]
+
+
+def weights_id(
+    name: str,
+    *,
+    checkpoint: str | Path | None = None,
+    backbone_checkpoint: str | Path | None = None,
+    random_backbone: bool = False,
+) -> str:
+    """The ``weights_id`` that ``load_model`` with these arguments gives, without building
+    the model (hashes the weight files only)."""
+    profile = get_profile(name)
+    return weights_identity(
+        profile,
+        _weight_files(profile, checkpoint),
+        backbone_checkpoint=backbone_checkpoint,
+        random_backbone=random_backbone,
+    )
+
+
 def load_model(
     name: str,
     *,
@@ -191,29 +269,24 @@ def load_model(
 
     ``checkpoint``: a geoloc checkpoint (e.g. from `geoloc train`) that replaces the
     profile's bundled weights. ``backbone_checkpoint``: a local open_clip checkpoint file
-    for the image backbone, loaded through the same path as hub weights.
+    for the image backbone, loaded through the same path as hub weights. The model's
+    ``weights_id`` is computed here, once (``weights_identity``).
     """
     profile = get_profile(name)
+    files = _weight_files(profile, checkpoint)
     model = build_model(
         profile,
         random_backbone=random_backbone,
         backbone_checkpoint=backbone_checkpoint,
         device=device,
     )
+    model.weights_id = weights_identity(
+        profile, files, backbone_checkpoint=backbone_checkpoint, random_backbone=random_backbone
+    )
     if checkpoint is None and profile.weights == "geoclip-package":
         _load_geoclip_weights(model)
         return model.to(device).eval()
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        hint = "pass the path of a checkpoint written by `geoloc train`"
-    else:
-        path = WEIGHTS_DIR / profile.weights
-        hint = (
-            "it ships in the geoloc repository (git checkout it) or is re-created with "
-            "the command in docs/TRAINING.md"
-        )
-    if not path.is_file():
-        raise WeightsNotFoundError(f"profile '{name}' needs {path}, which is missing; {hint}")
+    (path,) = files
     load_state(
         model,
         read_checkpoint(path),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,12 +32,15 @@ import faiss
 import numpy as np
 
 __all__ = [
+    "WEIGHTS_KEY",
     "ExactVectors",
     "IndexStoreError",
+    "IndexWeightsError",
     "LoadedIndex",
     "Manifest",
     "PointTable",
     "VectorChunk",
+    "check_weights",
     "compressed_factory",
     "exact_top_k",
     "gpu_count",
@@ -65,10 +69,19 @@ _ADD_CHUNK = 65_536
 # Stored vectors must be unit norm (scores are cosines); allow float32 round-off and fp16 sources.
 _NORM_TOL = 1e-2
 _FACTORY_EXAMPLES = '"Flat" (exact), "HNSW32" (graph), "IVF1024,PQ64" (compressed)'
+#: The manifest ``extra`` entry naming the model weights that made the vectors (the model's
+#: ``weights_id``). Manifests written before it existed lack it: their weights are unknown.
+WEIGHTS_KEY = "weights"
+
+log = logging.getLogger(__name__)
 
 
 class IndexStoreError(ValueError):
     """A refused index operation; the message says what to do about it."""
+
+
+class IndexWeightsError(IndexStoreError):
+    """An index whose vectors were made by other weights than the model's."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,12 @@ class Manifest:
     files: dict[str, str]
     created_at: str
     extra: dict[str, Any]
+
+    @property
+    def weights(self) -> str | None:
+        """The weights that made the vectors (``WEIGHTS_KEY``); None: not recorded."""
+        value = self.extra.get(WEIGHTS_KEY)
+        return str(value) if value else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -1142,6 +1161,41 @@ class LoadedIndex:
             ) from exc
 
 
+def check_weights(manifest: Manifest, weights: str) -> None:
+    """Refuse an index built with other model weights than ``weights`` (IndexWeightsError):
+    same profile and dimension, but its vectors come from another model, so every answer
+    would be wrong without any error. An index that records no weights only gets a warning,
+    so that indexes published before weights were recorded keep serving."""
+    m = manifest
+    if m.weights is None:
+        log.warning(
+            "index %s/%s records no model weights (published before they were recorded): "
+            "cannot check it was built with these weights (%s); rebuild it to have it checked",
+            m.name,
+            m.version,
+            weights,
+        )
+        return
+    if m.weights == weights:
+        return
+    if m.gallery_kind == "images":
+        fix = (
+            f"`geoloc images add TABLE --name {m.name}` for each table it held (the first "
+            "starts a new version without the old images)"
+        )
+    else:
+        fix = (
+            f"`geoloc index build {m.name}` with the options it was built with (a new version; "
+            "`geoloc index activate` it where versions are activated)"
+        )
+    raise IndexWeightsError(
+        f"index {m.name}/{m.version} was built with model weights {m.weights}, but the model "
+        f"has weights {weights} (profile {m.profile}): its vectors come from another model. "
+        f"Rebuild it with these weights: {fix}; `geoloc setup` does this for the default "
+        "indexes (it builds new versions and deletes nothing)"
+    )
+
+
 def _read_faiss(path: Path) -> faiss.Index:
     if (path.parent / ONDISK_FILE).is_file():
         # Inverted lists on disk (mmapped by faiss): the index file names the lists file by
@@ -1161,9 +1215,14 @@ def load_index(
     *,
     profile: str | None = None,
     dim: int | None = None,
+    weights: str | None = None,
     verify: bool = True,
 ) -> LoadedIndex:
-    """Open a published index (latest version by default), verifying checksums and profile."""
+    """Open a published index (latest version by default), verifying checksums and profile.
+
+    ``weights``: the model's weights identity; an index built with other weights is refused
+    (IndexWeightsError), one that records none (older manifests) loads with a warning.
+    """
     _check_name(name, "name")
     if version is None:
         version = latest_version(root, name)
@@ -1191,6 +1250,8 @@ def load_index(
             f"index {name}/{version} has dimension {manifest.dim} but the model embeds in "
             f"{dim}; rebuild the index for this profile or pick another index"
         )
+    if weights is not None:
+        check_weights(manifest, weights)
     missing = [f for f in DATA_FILES if f not in manifest.files or not (path / f).is_file()]
     if missing:
         raise IndexStoreError(f"index {path} lacks {missing}; rebuild with `geoloc index build`")

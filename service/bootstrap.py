@@ -1,17 +1,23 @@
 """`geoloc setup`: build, once, everything the default service runs with (`make run`).
 
-Steps, each skipped when its result exists, so running it again does nothing new, and an
-interrupted run resumes (rendered tile sets are reused, the reference job keeps its
-finished shards):
+Steps, each skipped when its result exists and was made with the model's weights (the
+``weights_id`` of encoders/profiles.py, recorded in manifests and calibrations), so running it
+again does nothing new, and an interrupted run resumes (rendered tile sets are reused, the
+reference job keeps its finished shards). An index or calibration made with other weights (a
+new release's bundled weights, another GEOLOC_CHECKPOINT), or an index that records none
+(built before weights were recorded), is treated as missing: a new version is built beside
+it and nothing is deleted.
 
 1. database: migrate to head (what `geoloc db upgrade` does);
 2. gallery: the default H3 gallery index (`geoloc index build --res GEOLOC_DEFAULT_RES`);
+   a new version replacing a stale one is activated where the database names an active one;
 3. references: the image-neighbour index ``refs-<profile>`` (G3's Geo-alignment). A profile
    that makes its own data (bluemarble) renders GEOLOC_SETUP_REFERENCE_TILES clean tiles
    under ``<data>/setup/references`` and embeds them through `geoloc images add`'s job
    (in-process); the tiles are deleted once published (the index keeps their embeddings and
-   GPS, which is all a neighbour needs; they are ~4 KB each). Other profiles take reference
-   photos from the user (`geoloc images add`);
+   GPS, which is all a neighbour needs; they are ~4 KB each). A new version replacing a stale
+   one holds only the tiles (`images add --replace`). Other profiles take reference photos
+   from the user (`geoloc images add`);
 4. calibration: for the served index version, unless one exists, fitted on
    GEOLOC_SETUP_CALIBRATION_TILES held-out tiles (augmented, another seed), kept under
    ``<data>/setup/calibration`` (the calibration record names them).
@@ -28,7 +34,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from index.store import latest_version, list_indexes
+from index.store import IndexWeightsError, Manifest, latest_version, list_indexes
 from service.settings import Settings
 
 #: Profiles that can render their own reference and held-out images.
@@ -46,6 +52,21 @@ class _Model:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._model: Any = None
+        self._weights_id: str | None = None
+
+    def weights_id(self) -> str:
+        """The weights identity, from the loaded model or else from the weight files alone
+        (hashing them costs far less than loading the model)."""
+        if self._model is not None:
+            return str(self._model.weights_id)
+        if self._weights_id is None:
+            from encoders.profiles import weights_id
+
+            s = self.settings
+            self._weights_id = weights_id(
+                s.profile, checkpoint=s.checkpoint, backbone_checkpoint=s.backbone_checkpoint
+            )
+        return self._weights_id
 
     def get(self) -> Any:
         if self._model is None:
@@ -113,6 +134,35 @@ def _exists(s: Settings, name: str) -> bool:
     return bool(list_indexes(s.index_dir, name))
 
 
+def _stale(m: Manifest, weights: str) -> str:
+    """Why index version ``m`` is not what a model with ``weights`` needs ("": it is)."""
+    if m.weights == weights:
+        return ""
+    if m.weights is None:
+        return "records no model weights (built before they were recorded)"
+    return f"was built with other model weights ({m.weights}; the model has {weights})"
+
+
+def _activate_in_place(s: Settings, name: str, old: str, new: str, echo: Echo) -> bool:
+    """Activate ``new`` when the database names ``old`` the active version of ``name`` (else
+    the newest version is served, which ``new`` is); True when it did."""
+    from service.db import activate_index, active_index_version, make_engine, make_sessionmaker
+
+    engine = make_engine(s.db_url, s.database_wait_s)
+    try:
+        with make_sessionmaker(engine)() as session:
+            row = active_index_version(session, name)
+            if row is None or row.version != old:
+                return False
+            activate_index(session, name, new)
+            return True
+    except SQLAlchemyError as exc:
+        echo(f"note: could not activate {name}/{new} ({exc.__class__.__name__})")
+        return False
+    finally:
+        engine.dispose()
+
+
 def _record_versions(s: Settings, echo: Echo) -> None:
     """Register the published versions in the database (as `geoloc index build` does)."""
     from service.db import make_engine, make_sessionmaker, sync_index_versions
@@ -129,8 +179,25 @@ def _record_versions(s: Settings, echo: Echo) -> None:
 
 def _gallery(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
     name = s.default_index
+    served: Manifest | None = None
+    stale = ""
     if _exists(s, name):
-        return f"{name}/{latest_version(s.index_dir, name)} exists"
+        version = served_version(s, name)
+        served = next((m for m in list_indexes(s.index_dir, name) if m.version == version), None)
+        if served is None:  # a pinned version that is not here: serve says so
+            return f"{name}/{latest_version(s.index_dir, name)} exists"
+        stale = _stale(served, model.weights_id())
+        if not stale:
+            return f"{name}/{version} exists"
+        if s.index_version:
+            if served.weights is None:  # serve loads it, with a warning
+                return f"{name}/{version} (pinned by GEOLOC_INDEX_VERSION) {stale}; kept"
+            raise IndexWeightsError(
+                f"GEOLOC_INDEX_VERSION pins {name}/{version}, which {stale}: unset it "
+                "(`geoloc setup` then builds a new version) or pin a version built with these "
+                "weights"
+            )
+        echo(f"{name}/{version} {stale}: building a new version (the old one is kept)")
     from service.engine import GallerySpec, build_index
 
     echo(f"building {name}: H3 land cells at res {s.default_res}")
@@ -138,7 +205,12 @@ def _gallery(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
         s, name, GallerySpec(kind="h3", res=s.default_res), model=model.get(), progress=progress
     )
     _record_versions(s, echo)
-    return f"built {m.name}/{m.version} ({m.count} points)"
+    line = f"built {m.name}/{m.version} ({m.count} points)"
+    if served is not None:
+        line += f"; {served.name}/{served.version} {stale}: kept"
+        if _activate_in_place(s, name, served.version, m.version, echo):
+            line += f", {m.version} activated in its place"
+    return line
 
 
 def _tiles(out: Path, count: int, *, seed: int, kind: str, progress: bool, echo: Echo) -> Path:
@@ -157,8 +229,20 @@ def _tiles(out: Path, count: int, *, seed: int, kind: str, progress: bool, echo:
 
 def _references(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
     name = s.reference_index or f"refs-{s.profile}"
+    old: Manifest | None = None
+    stale = ""
     if _exists(s, name):
-        return f"{name}/{latest_version(s.index_dir, name)} exists"
+        # The service serves the newest version of a reference index.
+        old = max(list_indexes(s.index_dir, name), key=lambda m: (m.created_at, m.version))
+        stale = _stale(old, model.weights_id())
+        if not stale:
+            return f"{name}/{old.version} exists"
+        echo(f"{name}/{old.version} {stale}")
+    if s.profile not in SELF_DATA_PROFILES and old is not None:
+        return (
+            f"{name}/{old.version} {stale}: rebuild it with `geoloc images add TABLE --name "
+            f"{name} --replace` for its first table, then without --replace for the others"
+        )
     if s.profile not in SELF_DATA_PROFILES:
         echo(
             f"profile {s.profile} takes its reference photos from you: "
@@ -166,7 +250,9 @@ def _references(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
         )
         return "skipped (no reference images of this profile's own)"
     if s.setup_reference_tiles <= 0:
-        return "skipped (GEOLOC_SETUP_REFERENCE_TILES=0)"
+        return "skipped (GEOLOC_SETUP_REFERENCE_TILES=0)" + (
+            f"; {name}/{old.version} {stale}" if old is not None else ""
+        )
     from service.engine import add_reference_images
 
     out = s.data_dir / "setup" / "references"
@@ -188,12 +274,19 @@ def _references(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
         runner="inprocess",
         batch_size=256,
         progress=progress,
+        replace=old is not None,  # the stale version's images are another model's vectors
     )
     for p in r.problems[:20]:
         echo(f"warning: {p}")
     shutil.rmtree(out, ignore_errors=True)  # published: the index holds what neighbours need
     m = r.manifest
-    return f"built {m.name}/{m.version} ({m.count} reference images)"
+    line = f"built {m.name}/{m.version} ({m.count} reference images)"
+    if old is not None:
+        line += (
+            f"; {old.name}/{old.version} {stale}: kept, its {old.count} images are not in the "
+            "new version"
+        )
+    return line
 
 
 def served_version(s: Settings, name: str) -> str:
@@ -217,15 +310,22 @@ def served_version(s: Settings, name: str) -> str:
 
 
 def _calibration(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
-    from service.calibration import list_calibrations
+    from service.calibration import list_calibrations, weights_label
 
     if s.calibration != "latest":
         return f"skipped (GEOLOC_CALIBRATION={s.calibration})"
     name = s.default_index
     version = served_version(s, name)
     have = list_calibrations(s.data_dir, name, version)
-    if have:
+    # The service applies the newest one; it must have been fitted for these weights.
+    label = weights_label(s.checkpoint, model.weights_id())
+    if have and have[-1].profile == s.profile and have[-1].weights == label:
         return f"{name}/{version} has calibration {have[-1].label}"
+    if have:
+        echo(
+            f"calibration {have[-1].version} of {name}/{version} was fitted for weights "
+            f"{have[-1].weights!r}, the model has {label!r}: fitting a new one (it is kept)"
+        )
     if s.profile not in SELF_DATA_PROFILES:
         echo(
             f"profile {s.profile} has no held-out images of its own: fit the calibration with "

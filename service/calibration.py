@@ -15,6 +15,7 @@ files still load, without a verdict.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import uuid
@@ -33,6 +34,8 @@ from service.pipeline import LocateOptions, Locator, merge_places, nms_owners
 
 if TYPE_CHECKING:
     from PIL import Image
+
+log = logging.getLogger(__name__)
 
 FORMAT = 2
 #: Formats this code reads (1: before the localizability verdict).
@@ -54,7 +57,9 @@ class Calibration:
     created_at: str
     index: str  # "name/version" it was fitted for
     profile: str
-    weights: str  # "bundled" or the checkpoint file the model was loaded from
+    #: weights_label: "bundled:<weights id>" or "<checkpoint file>:<weights id>"; files
+    #: written before weights identities say "bundled" or the checkpoint file alone.
+    weights: str
     data: dict[str, Any]  # path, sha256, rows
     options: dict[str, Any]  # the pipeline options of the fit
     fit: dict[str, Any]  # before/after figures on the fitting data
@@ -102,8 +107,17 @@ class Calibration:
         return cal
 
 
-def weights_label(checkpoint: Path | None) -> str:
-    return str(Path(checkpoint).resolve()) if checkpoint else "bundled"
+def weights_label(checkpoint: Path | None, weights_id: str) -> str:
+    """What a calibration records of the model's weights: where they came from ("bundled" or
+    the checkpoint file) and which they are (``GeoModel.weights_id``), so that a calibration
+    fitted for the previous bundled weights is not applied to new ones."""
+    source = str(Path(checkpoint).resolve()) if checkpoint else "bundled"
+    return f"{source}:{weights_id}"
+
+
+def _unversioned(label: str) -> str:
+    # The label a calibration written before weights identities has for the same source.
+    return label.rpartition(":")[0]
 
 
 # -- storage ----------------------------------------------------------------------------------
@@ -160,6 +174,17 @@ def load_calibration(
     if not cals:
         return None
     cal = cals[-1]
+    if cal.profile == profile and cal.weights != weights and cal.weights == _unversioned(weights):
+        # Fitted before weights were recorded: which weights is unknown. Kept, as the indexes
+        # of that time are, so that existing deployments keep working; `geoloc setup` refits.
+        log.warning(
+            "calibration %s records weights %r without their identity: cannot check it was "
+            "fitted for these weights (%s); fit a new one (geoloc calibrate) to have it checked",
+            cal.path,
+            cal.weights,
+            weights,
+        )
+        return cal
     if cal.profile != profile or cal.weights != weights:
         raise CalibrationError(
             f"calibration {cal.path} was fitted for profile {cal.profile!r} with weights "

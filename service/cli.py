@@ -669,6 +669,14 @@ def images_add(
     device: Annotated[
         str, typer.Option(help="Encoders' torch device: auto (CUDA if present), cpu, cuda...")
     ] = "auto",
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="The new version holds only this table's images, not the previous version's "
+            "(e.g. to rebuild an index after a weights change).",
+        ),
+    ] = False,
 ) -> None:
     """Embed reference photos; locate then retrieves their GPS as candidates.
 
@@ -691,7 +699,10 @@ def images_add(
         actors=actors,
         factory=factory,
         device=device,
+        replace=replace,
     )
+    if r.left_out:
+        typer.echo(f"note: {r.left_out}")
     for p in r.problems[:_MAX_LISTED_PROBLEMS]:
         typer.echo(f"error: {p}", err=True)
     if len(r.problems) > _MAX_LISTED_PROBLEMS:
@@ -867,7 +878,8 @@ def setup_cmd() -> None:
     """Build what the default service runs with, once: migrate the database, build the
     default gallery (GEOLOC_DEFAULT_RES), the reference-image index refs-<profile> and the
     calibration (bluemarble renders its own tiles for both). Each step is skipped when its
-    result exists; an interrupted run resumes."""
+    result exists and was made with the model's weights (else a new version is built beside
+    it); an interrupted run resumes."""
     from service.bootstrap import run_setup
 
     run_setup(settings(), echo=typer.echo)

@@ -19,6 +19,7 @@ from encoders.model import resolve_device
 from index.gallery import Gallery, csv_gallery, encode_gallery, h3_gallery
 from index.geocode import ReverseGeocoder
 from index.store import (
+    WEIGHTS_KEY,
     IndexStoreError,
     LoadedIndex,
     Manifest,
@@ -64,7 +65,8 @@ def load_locator(
     index_name: str | None = None,
     index_version: str | None = None,
 ) -> Locator:
-    """Load model (unless given), indexes and geocoder once; check they belong together."""
+    """Load model (unless given), indexes and geocoder once; check they belong together:
+    profile, dimension and the weights that made the vectors (IndexWeightsError)."""
     model = model or load_geomodel(settings)
     index = load_index(
         settings.index_dir,
@@ -72,12 +74,17 @@ def load_locator(
         index_version or settings.index_version or None,
         profile=model.profile,
         dim=model.embed_dim,
+        weights=model.weights_id,
     )
     refs_name = settings.reference_index or f"refs-{model.profile}"
     neighbours = None
     if any(m.name == refs_name for m in list_indexes(settings.index_dir)):
         neighbours = load_index(
-            settings.index_dir, refs_name, profile=model.profile, dim=model.embed_dim
+            settings.index_dir,
+            refs_name,
+            profile=model.profile,
+            dim=model.embed_dim,
+            weights=model.weights_id,
         )
     elif settings.reference_index:
         raise IndexStoreError(
@@ -103,17 +110,20 @@ def calibration_for(settings: Settings, index: LoadedIndex, model: GeoModel) -> 
         m.version,
         settings.calibration,
         profile=model.profile,
-        weights=weights_label(settings.checkpoint),
+        weights=weights_label(settings.checkpoint, model.weights_id),
     )
 
 
-def verify_published(settings: Settings, name: str, version: str) -> None:
+def verify_published(
+    settings: Settings, name: str, version: str, *, weights: str | None = None
+) -> None:
     """Check a version's files against its manifest before it is activated (IndexRefusedError),
     so that a corrupt build is refused once, here, not by every replica. A version that is not
-    on this host is left to the database, which knows whether it exists."""
+    on this host is left to the database, which knows whether it exists. ``weights``: the
+    served model's weights identity, when known: a version built with others is refused."""
     try:
         if any(m.version == version for m in list_indexes(settings.index_dir, name)):
-            load_index(settings.index_dir, name, version, verify=True)
+            load_index(settings.index_dir, name, version, weights=weights, verify=True)
     except IndexStoreError as exc:
         raise IndexRefusedError(str(exc)) from None
 
@@ -192,6 +202,7 @@ def _build_index(
         h3_resolution=gallery.h3_resolution,
         factory=factory,
         extra={
+            WEIGHTS_KEY: model.weights_id,
             "source": gallery.source,
             "land_mask": "roaring-landmask (GSHHG)"
             if spec.kind == "h3" and spec.land_only
@@ -214,6 +225,20 @@ class ReferencesAdded:
     resumed_shards: int  # shards a previous run had finished
     already_published: bool = False
 
+    @property
+    def left_out(self) -> str:
+        """Why the previous version's images are not in the new version ("": they are)."""
+        d = self.manifest.extra.get("left_out")
+        if not d or self.already_published:
+            return ""
+        why = (
+            "--replace"
+            if d["reason"] == "replace"
+            else f"they were embedded with weights {d['weights']}, the model has "
+            f"{self.manifest.weights}"
+        )
+        return f"the {d['images']} images of {d['index']} are not in the new version ({why})"
+
 
 def add_reference_images(
     settings: Settings,
@@ -229,9 +254,12 @@ def add_reference_images(
     actors: int = 0,
     factory: str = "",
     device: str = "",
+    replace: bool = False,
 ) -> ReferencesAdded:
     """Embed a table of reference photos (CSV or Parquet: uri, lat, lon, optional id) into
-    the image-neighbour index: a new version that also holds the previous version's images.
+    the image-neighbour index: a new version that also holds the previous version's images,
+    unless ``replace`` or they were embedded with other weights than the model's (they would
+    be another model's vectors); the new version's manifest then says so (``left_out``).
 
     The work is a resumable job (service/refjobs.py): shards with done-markers, encoded in
     this process or on Ray (``runner``; 'auto' picks Ray at GEOLOC_REFS_RAY_MIN_ROWS rows),
@@ -252,6 +280,7 @@ def add_reference_images(
             index_name=name,
             profile=model.profile,
             checkpoint=str(settings.checkpoint) if settings.checkpoint else None,
+            weights=model.weights_id,
             shard_rows=shard_rows or settings.refs_shard_rows,
         )
         done = job.done()
@@ -261,7 +290,9 @@ def add_reference_images(
             ray_min_rows=settings.refs_ray_min_rows,
             ray_address=ray_address or settings.ray_address,
         )
-        if job.meta.get("published"):
+        # A replacing run publishes again from the finished shards: the version it published
+        # before may no longer be the newest.
+        if job.meta.get("published") and not replace:
             report, bad = refjobs.write_report(job, input_bad)
             version = job.meta["published"].split("/", 1)[1]
             m = next(m for m in list_indexes(settings.index_dir, name) if m.version == version)
@@ -277,6 +308,7 @@ def add_reference_images(
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
             torch_threads=settings.torch_threads,
+            weights_id=model.weights_id,
         )
         pending = job.pending()
         initial = job.n_rows - sum(job.shard_rows(s) for s in pending)
@@ -302,7 +334,9 @@ def add_reference_images(
                 own = model if torch.device(spec.device) == model.device else None
                 refjobs.run_inprocess(job, pending, spec, on_done, model=own)
         report, bad = refjobs.write_report(job, input_bad)
-        manifest = _publish_references(settings, name, job, model=model, factory=factory)
+        manifest = _publish_references(
+            settings, name, job, model=model, factory=factory, replace=replace
+        )
         job.meta["published"] = f"{manifest.name}/{manifest.version}"
         job.save_meta()
     return ReferencesAdded(manifest, _bad_lines(data, bad), report, chosen, len(done))
@@ -313,7 +347,7 @@ def _bad_lines(data: Path, bad: list) -> list[str]:
 
 
 def _publish_references(
-    settings: Settings, name: str, job: Any, *, model: GeoModel, factory: str
+    settings: Settings, name: str, job: Any, *, model: GeoModel, factory: str, replace: bool
 ) -> Manifest:
     """The previous version's images plus the job's shards, as one new index version."""
     from service import refjobs
@@ -327,6 +361,16 @@ def _publish_references(
             dim=model.embed_dim,
         )
     except IndexStoreError:
+        old = None
+    left_out = None
+    if old is not None and (replace or old.manifest.weights not in (None, model.weights_id)):
+        # Vectors of other weights would sit beside this model's and match nothing it embeds.
+        left_out = {
+            "index": f"{name}/{old.manifest.version}",
+            "images": len(old),
+            "weights": old.manifest.weights,
+            "reason": "replace" if replace else "other weights",
+        }
         old = None
     if old is not None and old.manifest.factory != "Flat" and old.exact is None:
         # Its vectors exist only as compression codes: re-adding them decoded would compress
@@ -382,6 +426,10 @@ def _publish_references(
             yield VectorChunk(refjobs.shard_vectors(job, shard), points)
 
     extra = {
+        # Images carried from a version that records no weights keep the new one unrecorded
+        # too: which model embedded them is unknown.
+        WEIGHTS_KEY: model.weights_id if old is None or old.manifest.weights else None,
+        "left_out": left_out,
         "source": job.meta["input"],
         "added": n_new,
         "job": str(job.dir),

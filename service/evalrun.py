@@ -280,7 +280,7 @@ def fit_calibration(
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         index=f"{m.name}/{m.version}",
         profile=locator.model.profile,
-        weights=weights_label(settings.checkpoint),
+        weights=weights_label(settings.checkpoint, locator.model.weights_id),
         data={"path": str(data.resolve()), "sha256": sha256_file(data), "rows": len(emb.rows)},
         options={
             k: getattr(opts, k)

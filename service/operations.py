@@ -453,8 +453,12 @@ def readiness(state: ServiceState) -> ReadyOut:
 
 
 def activate_index(state: ServiceState, session: Session, name: str, version: str) -> ActivateOut:
-    """Make name/version the active version (every replica swaps to it at its next poll)."""
-    verify_published(state.settings, name, version)
+    """Make name/version the active version (every replica swaps to it at its next poll).
+    A version of the served index built with other weights than the served model's is refused
+    here, not only by each replica's swap."""
+    loc = state.locator
+    weights = loc.model.weights_id if loc is not None and loc.index.manifest.name == name else None
+    verify_published(state.settings, name, version, weights=weights)
     db.sync_index_versions(session, state.settings.index_dir)
     row = db.activate_index(session, name, version)
     state.poke()

@@ -5,7 +5,8 @@ of rows and embeds each shard with the image tower, either in this process (smal
 or on Ray Data with a pool of encoder actors (large jobs; a cluster with an address).
 Everything lives under ``<data_dir>/jobs/<job id>/``:
 
-- ``job.json``: what the job is (input and its sha256, profile, index name, shard size);
+- ``job.json``: what the job is (input and its sha256, profile, weights, index name, shard
+  size);
 - ``rows/shard-NNNNN.parquet``: the input rows of each shard;
 - ``out/shard-NNNNN.npz``: the embeddings of the rows that worked, then
   ``out/shard-NNNNN.done``, written last: a shard with its marker is never redone, so a
@@ -13,7 +14,8 @@ Everything lives under ``<data_dir>/jobs/<job id>/``:
 - ``report.json`` and ``bad_rows.csv``: every row that could not be used (bad
   coordinates, unreadable image, ...) with the reason. Bad rows never stop a job.
 
-The job id is derived from the input's content and the job's parameters, so rerunning the
+The job id is derived from the input's content and the job's parameters (the model's weights
+identity among them: shards embedded by other weights are never reused), so rerunning the
 same command finds the same job. A job publishes one new index version and records it; a
 rerun after that publishes nothing more.
 """
@@ -45,7 +47,7 @@ from encoders.model import sha256_file
 from index.gallery import LAT_HEADERS, LON_HEADERS, find_column
 from service.datasets import _IMAGE_COLS as IMAGE_COLUMNS
 from service.datasets import DatasetError
-from service.errors import InputImageError
+from service.errors import GeolocError, InputImageError
 from service.images import decode_image
 
 URI_COLUMNS = ("uri", "url", *IMAGE_COLUMNS)
@@ -217,6 +219,9 @@ class EncoderSpec:
     max_bytes: int
     max_pixels: int
     torch_threads: int = 1
+    #: The caller's model's weights_id: a worker that loads other weights refuses to embed
+    #: (e.g. a Ray node with another geoloc release). Empty: not checked.
+    weights_id: str = ""
 
 
 @dataclass
@@ -267,6 +272,7 @@ def prepare_job(
     index_name: str,
     profile: str,
     checkpoint: str | None,
+    weights: str,
     shard_rows: int,
 ) -> tuple[Job, list[BadRow]]:
     """Find the job of this input and these parameters, or create it (rows split in shards)."""
@@ -274,7 +280,7 @@ def prepare_job(
         raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
     data = Path(data)
     digest = sha256_file(data) if data.is_file() else ""
-    key = json.dumps([digest, index_name, profile, checkpoint, shard_rows]).encode()
+    key = json.dumps([digest, index_name, profile, checkpoint, weights, shard_rows]).encode()
     job_dir = Path(jobs_dir) / f"refs-{hashlib.sha256(key).hexdigest()[:16]}"
     meta_file = job_dir / "job.json"
     if meta_file.is_file():
@@ -308,6 +314,7 @@ def prepare_job(
         "index_name": index_name,
         "profile": profile,
         "checkpoint": checkpoint,
+        "weights": weights,
         "shard_rows": shard_rows,
         "n_rows": len(table),
         "n_shards": len(sizes),
@@ -346,6 +353,14 @@ class ShardEncoder:
             else None,
             device=spec.device,
         )
+        if spec.weights_id and self.model.weights_id != spec.weights_id:
+            raise GeolocError(
+                f"this encoder loaded profile {spec.profile} with weights "
+                f"{self.model.weights_id}, the job embeds with {spec.weights_id}: run every "
+                "worker with the same geoloc release and checkpoint",
+                type="weights-mismatch",
+                status=409,
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data entry point: a batch of shard numbers -> one summary row per shard."""

@@ -219,6 +219,7 @@ class ServiceState:
                 version,
                 profile=current.model.profile,
                 dim=current.model.embed_dim,
+                weights=current.model.weights_id,
                 verify=True,
             )
             fresh = Locator(

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from index.store import (
+    WEIGHTS_KEY,
     IndexStoreError,
+    IndexWeightsError,
     LoadedIndex,
     PointTable,
     latest_version,
@@ -232,6 +234,38 @@ def test_profile_and_dim_mismatch_refused(tmp_path: Path) -> None:
     with pytest.raises(IndexStoreError, match=r"dimension 32.*512.*rebuild"):
         load_index(tmp_path, "gal", dim=512)
     assert len(load_index(tmp_path, "gal", profile="bluemarble", dim=DIM)) == 200
+
+
+def test_index_built_with_other_weights_is_refused_with_how_to_rebuild(tmp_path: Path) -> None:
+    publish(tmp_path, version="v1", extra={WEIGHTS_KEY: "aaaa1111aaaa1111"})
+    publish(tmp_path, name="refs", version="v1", gallery_kind="images", extra={WEIGHTS_KEY: "a1"})
+    (gallery,) = list_indexes(tmp_path, "gal")
+    assert gallery.weights == "aaaa1111aaaa1111"
+    assert len(load_index(tmp_path, "gal", weights="aaaa1111aaaa1111")) == 200
+    with pytest.raises(IndexWeightsError) as err:
+        load_index(tmp_path, "gal", profile="bluemarble", weights="bbbb2222bbbb2222")
+    msg = str(err.value)
+    assert "gal/v1 was built with model weights aaaa1111aaaa1111" in msg
+    assert "bbbb2222bbbb2222" in msg and "`geoloc index build gal`" in msg
+    assert "`geoloc setup`" in msg
+    # A reference index names the command that rebuilds those.
+    with pytest.raises(IndexStoreError, match=r"`geoloc images add TABLE --name refs`"):
+        load_index(tmp_path, "refs", weights="b2")
+
+
+def test_index_without_recorded_weights_loads_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    publish(tmp_path, version="v1")  # as every manifest before weights were recorded
+    manifest = tmp_path / "indexes" / "gal" / "v1" / "manifest.json"
+    assert WEIGHTS_KEY not in json.loads(manifest.read_text())["extra"]
+    assert list_indexes(tmp_path, "gal")[0].weights is None
+    with caplog.at_level("WARNING", logger="index.store"):
+        li = load_index(tmp_path, "gal", profile="bluemarble", weights="bbbb2222bbbb2222")
+    assert len(li) == 200
+    (record,) = [r for r in caplog.records if r.name == "index.store"]
+    assert record.levelname == "WARNING" and "gal/v1 records no model weights" in record.message
+    assert "\n" not in record.message
 
 
 def test_crash_before_rename_leaves_nothing_visible(

@@ -31,6 +31,7 @@ from service.calibration import (
     list_calibrations,
     load_calibration,
     save_calibration,
+    weights_label,
 )
 from service.cli import app
 from service.datasets import read_labelled_csv
@@ -257,11 +258,17 @@ def test_format_1_calibration_files_still_load(judged, bm_model, tmp_path):
     old = json.loads(Path(judged.path).read_text())
     old.pop("localizability")
     old["format"] = 1
+    old["weights"] = "bundled"  # as format-1 files say: which bundled weights is not recorded
     folder = d / "calibrations" / "default-bluemarble" / v1
     folder.mkdir(parents=True)
     (folder / "20200101-000000-000000.json").write_text(json.dumps(old))
     cal = load_calibration(
-        d, "default-bluemarble", v1, "latest", profile="bluemarble", weights="bundled"
+        d,
+        "default-bluemarble",
+        v1,
+        "latest",
+        profile="bluemarble",
+        weights=weights_label(None, bm_model.weights_id),
     )
     assert cal is not None and cal.format == 1 and cal.localizability is None
     assert cal.temperature == judged.calibration.temperature

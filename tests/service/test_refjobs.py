@@ -166,6 +166,7 @@ def test_in_process_job_resumes_reports_bad_rows_and_publishes_once(tmp_path, mo
         index_name="refs-bluemarble",
         profile="bluemarble",
         checkpoint=None,
+        weights=model.weights_id,
         shard_rows=10,
     )
     assert job.n_shards == 5 and job.n_rows == 47  # 45 tiles + the 2 rows with bad images
