@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,27 @@ def register_architecture(name: str, config: dict[str, Any]) -> None:
     """Make a custom architecture (open_clip model config as data) buildable by name."""
     # open_clip keeps its registry in a module-level dict; registering twice is harmless.
     open_clip.factory._MODEL_CONFIGS[name] = config
+
+
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextmanager
+def _quiet_random_init(quiet: bool) -> Iterator[None]:
+    """Without a pretrained tag open_clip warns that the model is "initialized randomly".
+    The callers that build without one load their weights right after (a profile's own
+    checkpoint) or asked for random weights (timing), so the warning only misleads."""
+    if not quiet:
+        yield
+        return
+    root, flt = logging.getLogger(), _NoRandomInitWarning()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
 
 
 def create_backbone(
@@ -60,9 +83,10 @@ def create_backbone(
     else:
         source = pretrained
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            architecture, pretrained=source, device=device
-        )
+        with _quiet_random_init(source is None):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                architecture, pretrained=source, device=device
+            )
     except RuntimeError as exc:
         if source is None or checkpoint is not None:
             raise

@@ -63,11 +63,12 @@ class Profile:
         return d
 
 
-# A small ViT for satellite tiles (32x32 input, 4x4 patches of 8 px), sized so that it
-# trains on two CPU cores; `geoloc train` reproduces it (docs/TRAINING.md).
+# A small ViT for satellite tiles (32x32 input, 4x4 patches of 8 px, 6 layers of width
+# 192), sized so that it trains on two CPU cores; `geoloc train` reproduces it
+# (docs/TRAINING.md).
 BLUEMARBLE_ARCH: dict[str, Any] = {
-    "embed_dim": 128,
-    "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
+    "embed_dim": 192,
+    "vision_cfg": {"image_size": 32, "layers": 6, "width": 192, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
 }
 
@@ -89,7 +90,7 @@ PROFILES: dict[str, Profile] = {
         purpose="satellite views of the Earth's surface (not ground photos)",
         architecture="geoloc-bluemarble-vit",
         pretrained=None,
-        head_dims=(128, 256, 256),
+        head_dims=(192, 256, 256),
         gps_sigmas=DEFAULT_SIGMAS,
         gps_hidden=256,
         gps_rff=64,
