@@ -65,7 +65,8 @@ def judged(tmp_path_factory, bm_model: GeoModel, bm_index: IndexData) -> SimpleN
     data_dir = root / "data"
     shutil.copytree(bm_index.data_dir / "indexes", data_dir / "indexes")
     v1, v2 = bm_index.versions
-    fit = write_bluemarble_set(root / "fit", FIT_TILES, seed=515, kind="test", progress=False)
+    # Held-out tiles in the training style (zoom and colour changes), as `geoloc setup` fits.
+    fit = write_bluemarble_set(root / "fit", FIT_TILES, seed=515, kind="train", progress=False)
     s = Settings(data_dir=data_dir)
     raw = load_locator(
         s.model_copy(update={"calibration": "off"}), model=bm_model, index_version=v1

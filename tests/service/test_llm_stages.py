@@ -178,7 +178,8 @@ def test_rerank_reorders_only_the_candidates_it_was_given(make_client, chat):
     chat.script = lambda req: answer(
         {"ranking": ["c5", "c99", "c5", "C2"], "lat": 0.0, "lon": 0.0, "reason": "c5"}
     )
-    settings = llm_settings(chat, llm_diversify=False, llm_rerank_k=5, llm_rerank_weight=5.0)
+    # The largest bonus, so that the LLM's first choice wins whatever the model's logit gaps.
+    settings = llm_settings(chat, llm_diversify=False, llm_rerank_k=5, llm_rerank_weight=10.0)
     with make_client(**settings) as client:
         base = locate(client, top_k=5, **OFF)["candidates"]
         body = locate(client, top_k=5)
