@@ -540,7 +540,7 @@ def main() -> None:
     load = partial(
         read_image_file, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
     )
-    print(f"weights: {weights} (sha256 {sha256_file(weights)[:12]}), {how}")
+    print(f"weights: {weights} (sha256 {model.weights_id[:12]}), {how}")
     print(
         f"gallery: {locator.index_label}, H3 res {args.res}, {len(locator.index):,} land cells; "
         f"reference images: {len(refs):,} REFERENCE_STYLE tiles (seed {REF_SEED}), index "

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from encoders import GeoModel, get_profile, load_model
 from encoders.bluemarble import TileStyle
 from encoders.checkpoints import checkpoint_profile, load_checkpoint_model, same_as_registered
-from encoders.model import read_checkpoint, sha256_file
+from encoders.model import read_checkpoint
 from encoders.profiles import WEIGHTS_DIR
 from index.store import latest_version, list_indexes
 from service.datasets import LabelledImage, read_labelled_csv
@@ -165,8 +165,7 @@ def served_locator(
     bundled = weights.resolve() == bundled_weights(model.profile).resolve()
     sets = (refs[0].path.parent.name, calibration[0].path.parent.name if calibration else "")
     settings = Settings(
-        data_dir=OUT / f"data-{model.profile}-{sha256_file(weights)[:12]}-res{res}-"
-        f"{short_hash(sets)}",
+        data_dir=OUT / f"data-{model.profile}-{model.weights_id[:12]}-res{res}-{short_hash(sets)}",
         profile=model.profile,
         index_name="",
         reference_index="",

@@ -75,6 +75,13 @@ class TileStyle:
     palette: float = 0.0  # probability of a random false-colour palette over luminance
     noise: float = 0.0  # max std of Gaussian pixel noise (0-255 scale)
 
+    @property
+    def recolours(self) -> bool:
+        """Whether any rendering change is on."""
+        return any(
+            (self.hue, self.grayscale, self.channel_swap, self.gamma, self.palette, self.noise)
+        )
+
     def draw_scale(self, rng: np.random.Generator) -> float:
         lo, hi = self.scale
         if self.log_scale and lo != hi:
@@ -148,14 +155,7 @@ def augment_tile(img: Image.Image, rng: np.random.Generator, style: TileStyle) -
     def factor(amount: float) -> float:
         return float(rng.uniform(1 - amount, 1 + amount))
 
-    if (
-        style.hue
-        or style.grayscale
-        or style.channel_swap
-        or style.gamma
-        or style.palette
-        or style.noise
-    ):
+    if style.recolours:
         x = _recolour(np.asarray(img, np.float32) / 255.0, rng, style)
         img = Image.fromarray(np.round(x * 255).astype(np.uint8))
     img = ImageEnhance.Brightness(img).enhance(factor(style.brightness))

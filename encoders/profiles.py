@@ -7,6 +7,7 @@ unless ``random_backbone=True`` is asked for (timing only).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 from collections.abc import Sequence
@@ -186,6 +187,18 @@ def _load_geoclip_weights(model: GeoModel) -> None:
 WEIGHTS_ID_CHARS = 16
 
 
+def _stat_key(path: Path) -> tuple[Path, int, int]:
+    st = path.stat()
+    return path.resolve(), st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a weights file, once per process while its size and mtime stay the same
+    (`geoloc setup` asks for the identity before it loads the model)."""
+    return sha256_file(path)
+
+
 def weights_identity(
     profile: Profile,
     files: Sequence[Path],
@@ -204,7 +217,7 @@ def weights_identity(
     """
     if profile.pretrained is not None and random_backbone:
         return RANDOM_WEIGHTS
-    digests = [sha256_file(Path(f)) for f in files]
+    digests = [_file_digest(*_stat_key(Path(f))) for f in files]
     if profile.pretrained is None and len(digests) == 1:
         return digests[0][:WEIGHTS_ID_CHARS]
     parts = list(digests)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from service.localizability import image_statistics_many
 from service.pipeline import LocateOptions, LocateResult, Locator
 from service.problems import DeadlineExceededError, OverloadedError
 
@@ -151,22 +152,20 @@ def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:
     for i, item in enumerate(batch):
         groups.setdefault(id(item.locator.model), []).append(i)
     embedded: dict[int, tuple[np.ndarray, float]] = {}
-    for members in groups.values():
-        t0 = time.perf_counter()
-        queries = batch[members[0]].locator.embed([batch[i].image for i in members])
-        per_image_ms = (time.perf_counter() - t0) * 1000 / len(members)
-        for row, i in enumerate(members):
-            embedded[i] = (queries[row : row + 1], per_image_ms)
     stats: dict[int, tuple[np.ndarray | None, float]] = {}
-    judges: dict[int, list[int]] = {}
-    for i, item in enumerate(batch):
-        judges.setdefault(id(item.locator), []).append(i)
-    for members in judges.values():
+    for members in groups.values():
+        images = [batch[i].image for i in members]
         t0 = time.perf_counter()
-        rows = batch[members[0]].locator.image_features([batch[i].image for i in members])
-        per_image_ms = (time.perf_counter() - t0) * 1000 / len(members)
+        queries = batch[members[0]].locator.embed(images)
+        t1 = time.perf_counter()
+        # The statistics depend on the pictures only; None where no locator has a verdict.
+        judged = [i for i in members if batch[i].locator.judge is not None]
+        rows = image_statistics_many(images) if judged else None
+        stats_ms = (time.perf_counter() - t1) * 1000 / len(members)
         for row, i in enumerate(members):
-            stats[i] = (None if rows is None else rows[row : row + 1], per_image_ms)
+            embedded[i] = (queries[row : row + 1], (t1 - t0) * 1000 / len(members))
+            own = rows is not None and batch[i].locator.judge is not None
+            stats[i] = (rows[row : row + 1] if own else None, stats_ms)
     for i, item in enumerate(batch):
         query, encode_ms = embedded[i]
         image_stats, stats_ms = stats[i]

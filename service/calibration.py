@@ -21,6 +21,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,8 +73,10 @@ class Calibration:
     def label(self) -> str:
         return f"{self.version} (temperature {self.temperature:.3g})"
 
-    def localizability_model(self) -> LocalizabilityModel | None:
-        """The verdict of this calibration (None without one); CalibrationError if unusable."""
+    @cached_property
+    def judge(self) -> LocalizabilityModel | None:
+        """The verdict of this calibration (None without one), built once; CalibrationError
+        if unusable."""
         if self.localizability is None:
             return None
         try:
@@ -103,7 +106,7 @@ class Calibration:
             raise CalibrationError(f"{path}: not a calibration file: {exc}") from None
         if not (isinstance(cal.temperature, int | float) and 0 < cal.temperature < math.inf):
             raise CalibrationError(f"{path}: temperature {cal.temperature!r} is not > 0")
-        cal.localizability_model()  # a broken verdict is refused now, not on the first request
+        _ = cal.judge  # a broken verdict is refused now, not on the first request
         return cal
 
 

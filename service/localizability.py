@@ -32,6 +32,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -472,6 +473,15 @@ class LocalizabilityModel:
     neighbours_k: int = NEIGHBOURS_K
     format: int = FORMAT
 
+    @cached_property
+    def _what(self) -> str:
+        return domain_words(self.purpose)
+
+    @cached_property
+    def _phrases(self) -> list[tuple[int, str, str]]:
+        """(feature column, phrase when high, phrase when low), in _PHRASES order."""
+        return [(self.features.index(n), hi, lo) for n, (hi, lo) in _PHRASES.items()]
+
     def scores(self, x: np.ndarray) -> np.ndarray:
         return self.classifier.scores(x)
 
@@ -481,7 +491,7 @@ class LocalizabilityModel:
         return "located" if score >= self.t_high else "uncertain"
 
     def reason(self, verdict: str, x: np.ndarray) -> str:
-        what = domain_words(self.purpose)
+        what = self._what
         if verdict == "located":
             return f"like the {what} this model knows"
         why = self._most_unusual(x)
@@ -494,8 +504,7 @@ class LocalizabilityModel:
         first (in _PHRASES order) of those far outside it, else the most unusual one."""
         z = (np.asarray(x, float) - self.typical_median) / self.typical_scale
         candidates: list[tuple[int, float, str]] = []
-        for rank, (name, (high, low)) in enumerate(_PHRASES.items()):
-            i = self.features.index(name)
+        for rank, (i, high, low) in enumerate(self._phrases):
             phrase = high if z[i] > 0 else low
             if phrase and abs(z[i]) >= _UNUSUAL_Z:
                 candidates.append((rank, abs(float(z[i])), phrase))

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from encoders.bluemarble import apply_palette
+
 Rng = np.random.Generator
 
 KINDS: tuple[str, ...] = (
@@ -117,8 +119,7 @@ def _palette(rng: Rng, y: np.ndarray, stops: np.ndarray | None = None) -> np.nda
     """Map (h, w) values in [0, 1] through a piecewise-linear palette of random colours."""
     if stops is None:
         stops = rng.uniform(0, 1, (int(rng.integers(2, 5)), 3))
-    grid = np.linspace(0, 1, len(stops))
-    return np.stack([np.interp(y, grid, stops[:, c]) for c in range(3)], axis=-1)
+    return apply_palette(y, stops)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

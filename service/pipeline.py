@@ -328,7 +328,7 @@ class Locator:
         self.calibration = calibration
         #: The localizability verdict fitted with the calibration (None: no verdicts).
         self.judge: LocalizabilityModel | None = (
-            calibration.localizability_model() if calibration is not None else None
+            calibration.judge if calibration is not None else None
         )
         #: Answers whose localizability score is below this abstain; None: the fitted t_low.
         self.abstain_below = abstain_below
@@ -416,7 +416,7 @@ class Locator:
         temperature = self.temperature(options)
         batch = self._score(queries, options, temperature)
         if image_stats is not None and self.judge is not None and batch:
-            self._judge(batch, np.asarray(image_stats), options)
+            self._judge(batch, queries, np.asarray(image_stats), options)
         return [self._describe(scored, options, temperature) for scored in batch]
 
     def judge_features(
@@ -443,7 +443,8 @@ class Locator:
         nprobe = options.nprobe or None
 
         def fill(got: list[np.ndarray | None], index: LoadedIndex, k: int) -> np.ndarray:
-            todo = [i for i, g in enumerate(got) if g is None or len(g) < k]
+            need = min(k, len(index))  # a small index holds fewer than k
+            todo = [i for i, g in enumerate(got) if g is None or len(g) < need]
             if todo:
                 sims, _ = index.search(
                     queries[todo], min(k, len(index)), nprobe=nprobe, rerank_k=options.rerank_k
@@ -462,10 +463,16 @@ class Locator:
             refs = fill([s.refs_top if s else None for s in known], self.neighbours, NEIGHBOURS_K)
         return gallery, refs
 
-    def _judge(self, batch: list[_Scored], image_stats: np.ndarray, options: LocateOptions) -> None:
+    def _judge(
+        self,
+        batch: list[_Scored],
+        queries: np.ndarray,
+        image_stats: np.ndarray,
+        options: LocateOptions,
+    ) -> None:
         assert self.judge is not None
         t = time.perf_counter()
-        queries = np.stack([s.q for s in batch]).astype(np.float32)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         gallery, refs = self._answer_shape(
             queries, options, batch, self.neighbours is not None and self.judge.uses_refs
         )
