@@ -135,8 +135,8 @@ def _blur(radius: float) -> Callable[[Image.Image], Image.Image]:
 HAZE_KEEP, HAZE_AIR = 0.4, np.array([0.80, 0.82, 0.86], np.float32)
 
 
-def _haze(img: Image.Image) -> Image.Image:
-    return _image(HAZE_KEEP * _floats(img) + (1 - HAZE_KEEP) * HAZE_AIR)
+def _haze(keep: float, air: np.ndarray) -> Callable[[Image.Image], Image.Image]:
+    return lambda img: _image(keep * _floats(img) + (1 - keep) * air)
 
 
 #: name -> (label, shift of a clean tile). The label holds the parameters: it keys the cache.
@@ -153,7 +153,7 @@ SHIFTS: dict[str, tuple[str, Callable[[Image.Image], Image.Image]]] = {
     "blur": ("Gaussian blur radius 2.5 px", _blur(2.5)),
     "haze": (
         f"haze: contrast {HAZE_KEEP:g}, airlight ({', '.join(f'{v:.2f}' for v in HAZE_AIR)})",
-        _haze,
+        _haze(HAZE_KEEP, HAZE_AIR),
     ),
 }
 

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shift import SIZE, _blur, _gamma, _grayscale, _hue, _jpeg, scale_for
+from shift import SIZE, _blur, _colormap, _gamma, _grayscale, _haze, _hue, _jpeg, scale_for
 from tilesets import (
     OUT,
     REF_SEED,
@@ -53,6 +53,8 @@ VAL_SHIFTS = {
     "gamma0.6": _gamma(0.6),
     "jpeg12": _jpeg(12),
     "blur2": _blur(2.0),
+    "haze0.55": _haze(0.55, np.array([0.92, 0.90, 0.88], np.float32)),
+    "magma": _colormap("magma"),
 }
 GRID = {
     "neighbour_weight": (0.0, 1.0, 3.0, 10.0),

@@ -52,10 +52,10 @@ class TileStyle:
     picture of a known place: other scale, colour, brightness, blur, JPEG compression.
     No mirror flips or rotations: they would move the geography.
 
-    The rendering changes (hue, grayscale, channel swap, gamma, palette, noise) make a
-    model rely on the shape of coasts and relief rather than on Blue Marble's colours, so
-    that it holds for imagery from another sensor or colour balance. Each is drawn with
-    its own probability; at 0 it draws nothing from the random stream.
+    The rendering changes (haze, hue, grayscale, channel swap, gamma, palette, noise) make
+    a model rely on the shape of coasts and relief rather than on Blue Marble's colours, so
+    that it holds for imagery from another sensor, colour balance or atmosphere. Each is
+    drawn with its own probability; at 0 it draws nothing from the random stream.
     """
 
     size: int = 64
@@ -73,13 +73,28 @@ class TileStyle:
     channel_swap: float = 0.0  # probability of a random permutation of R, G, B
     gamma: float = 0.0  # max |log gamma|, drawn per channel
     palette: float = 0.0  # probability of a random false-colour palette over luminance
+    #: Share of those palettes whose luminance rises (or falls) along the ramp, as in most
+    #: scientific colour maps; the others take colours at random and may fold it.
+    ordered_palette: float = 0.0
+    #: Probability of haze: the picture blended towards a bright airlight, keeping a
+    #: contrast drawn from ``haze_keep``.
+    haze: float = 0.0
+    haze_keep: tuple[float, float] = (0.3, 0.9)
     noise: float = 0.0  # max std of Gaussian pixel noise (0-255 scale)
 
     @property
     def recolours(self) -> bool:
         """Whether any rendering change is on."""
         return any(
-            (self.hue, self.grayscale, self.channel_swap, self.gamma, self.palette, self.noise)
+            (
+                self.haze,
+                self.hue,
+                self.grayscale,
+                self.channel_swap,
+                self.gamma,
+                self.palette,
+                self.noise,
+            )
         )
 
     def draw_scale(self, rng: np.random.Generator) -> float:
@@ -116,6 +131,14 @@ def apply_palette(y: np.ndarray, knots: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(y, grid, knots[:, c]) for c in range(3)], axis=-1)
 
 
+def ordered_palette(rng: np.random.Generator, knots: int) -> np.ndarray:
+    """(knots, 3) RGB colours whose luma rises from dark to bright, chroma at random."""
+    y = np.sort(rng.uniform(0.0, 1.0, knots))
+    y[0], y[-1] = rng.uniform(0.0, 0.25), rng.uniform(0.7, 1.0)
+    iq = rng.uniform(-0.3, 0.3, (knots, 2))
+    return np.clip(np.column_stack([y, iq]) @ _RGB.T, 0.0, 1.0)
+
+
 def render_tile(
     lat: float, lon: float, scale: float, size: int, mosaic: np.ndarray | None = None
 ) -> Image.Image:
@@ -135,8 +158,17 @@ def render_tile(
 
 def _recolour(x: np.ndarray, rng: np.random.Generator, style: TileStyle) -> np.ndarray:
     """The rendering changes of ``style`` on (h, w, 3) floats in [0, 1]."""
+    if style.haze and rng.random() < style.haze:
+        keep = float(rng.uniform(*style.haze_keep))
+        air = rng.uniform(0.55, 1.0) + rng.uniform(-0.08, 0.08, 3)
+        x = keep * x + (1.0 - keep) * air.astype(np.float32)
     if style.palette and rng.random() < style.palette:
-        x = apply_palette(luma(x), rng.uniform(0, 1, (int(rng.integers(3, 7)), 3)))
+        knots = int(rng.integers(3, 7))
+        if rng.random() < style.ordered_palette:
+            colours = ordered_palette(rng, knots)
+            x = apply_palette(luma(x), colours if rng.random() < 0.8 else colours[::-1])
+        else:
+            x = apply_palette(luma(x), rng.uniform(0, 1, (knots, 3)))
     if style.hue and rng.random() < style.hue:
         x = rotate_hue(x, float(rng.uniform(0, 360)))
     if style.channel_swap and rng.random() < style.channel_swap:

@@ -60,6 +60,9 @@ LATLON_FILE = "latlon.npy"
 COUNTRY_FILE = "country.npy"
 MANIFEST_FILE = "manifest.json"
 DATA_FILES = (INDEX_FILE, IDS_FILE, LATLON_FILE, COUNTRY_FILE)
+#: Optional: row-aligned int8 structure descriptors of reference images
+#: (``encoders.structure``), which verification compares with the query's.
+STRUCTURE_FILE = "structure.npy"
 
 GALLERY_KINDS = ("h3", "csv", "images")
 METRIC = "ip"
@@ -138,6 +141,8 @@ class PointTable:
     ids: np.ndarray  # int64 (n,)
     latlon: np.ndarray  # float64 (n, 2), degrees (lat, lon)
     country: np.ndarray  # '<U2' (n,), ISO alpha-2 or ""
+    #: int8 (n, d) structure descriptors (reference images), or None; zero rows: unknown.
+    structure: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -205,6 +210,14 @@ def _check_points(points: PointTable, n: int) -> PointTable:
         )
     if country.ndim != 1:
         raise IndexStoreError(f"country must be a 1-D array of strings, got shape {country.shape}")
+    structure = points.structure
+    if structure is not None:
+        structure = np.asarray(structure)
+        if structure.ndim != 2 or len(structure) != n or structure.dtype != np.int8:
+            raise IndexStoreError(
+                f"structure descriptors must be an int8 (n, d) array with one row per vector, "
+                f"got {structure.dtype} {structure.shape} for {n} vectors"
+            )
     bad = [c for c in np.unique(country.astype(str)) if not _COUNTRY_RE.match(c)]
     if bad:
         raise IndexStoreError(
@@ -214,6 +227,7 @@ def _check_points(points: PointTable, n: int) -> PointTable:
         ids=np.ascontiguousarray(ids, dtype=np.int64),
         latlon=latlon,
         country=np.ascontiguousarray(country, dtype="<U2"),
+        structure=None if structure is None else np.ascontiguousarray(structure),
     )
 
 
@@ -430,6 +444,8 @@ def publish_index(
         _save_npy(tmp_dir / IDS_FILE, table.ids)
         _save_npy(tmp_dir / LATLON_FILE, table.latlon)
         _save_npy(tmp_dir / COUNTRY_FILE, table.country)
+        if table.structure is not None:
+            _save_npy(tmp_dir / STRUCTURE_FILE, table.structure)
         extra.setdefault("faiss_version", faiss.__version__)
         extra.setdefault("build_seconds", round(time.perf_counter() - t0, 3))
         manifest = _finish_publication(
@@ -441,7 +457,7 @@ def publish_index(
             gallery_kind=gallery_kind,
             h3_resolution=h3_resolution,
             count=n,
-            files=DATA_FILES,
+            files=(*DATA_FILES, *((STRUCTURE_FILE,) if table.structure is not None else ())),
             extra=extra,
         )
     except BaseException:
@@ -748,6 +764,7 @@ def publish_index_chunked(
     ids = np.empty(count, dtype=np.int64)
     latlon = np.empty((count, 2), dtype=np.float64)
     country = np.empty(count, dtype="<U2")
+    structure: np.ndarray | None = None  # on disk, opened at the first chunk that has some
 
     name_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = name_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
@@ -771,6 +788,12 @@ def publish_index_chunked(
             ids[start : start + n] = table.ids
             latlon[start : start + n] = table.latlon
             country[start : start + n] = table.country
+            if table.structure is not None and structure is None:
+                structure = np.lib.format.open_memmap(
+                    tmp_dir / STRUCTURE_FILE, "w+", np.int8, (count, table.structure.shape[1])
+                )  # zero rows (unknown) until filled
+            if structure is not None and table.structure is not None:
+                structure[start : start + n] = table.structure
             if recall_rows is not None:
                 sel = (recall_rows >= start) & (recall_rows < start + n)
                 recall_q[sel] = vecs[recall_rows[sel] - start]
@@ -811,12 +834,15 @@ def publish_index_chunked(
             recall = _measure_recall(whole, recall_q, recall_rows, exact, exact_vectors, rerank_k)
             del exact_vectors
         del whole
+        if structure is not None:
+            structure.flush()
+            del structure
         data_files = [
             *DATA_FILES,
-            *(f for f in (ONDISK_FILE, EXACT_FILE) if (tmp_dir / f).exists()),
+            *(f for f in (ONDISK_FILE, EXACT_FILE, STRUCTURE_FILE) if (tmp_dir / f).exists()),
         ]
         for f in data_files:
-            if f in (INDEX_FILE, ONDISK_FILE, EXACT_FILE):
+            if f in (INDEX_FILE, ONDISK_FILE, EXACT_FILE, STRUCTURE_FILE):
                 _fsync_file(tmp_dir / f)
         _save_npy(tmp_dir / IDS_FILE, ids)
         _save_npy(tmp_dir / LATLON_FILE, latlon)
@@ -1268,12 +1294,22 @@ def load_index(
             ids=np.load(path / IDS_FILE, mmap_mode="r", allow_pickle=False),
             latlon=np.load(path / LATLON_FILE, mmap_mode="r", allow_pickle=False),
             country=np.load(path / COUNTRY_FILE, mmap_mode="r", allow_pickle=False),
+            structure=np.load(path / STRUCTURE_FILE, mmap_mode="r", allow_pickle=False)
+            if STRUCTURE_FILE in manifest.files
+            else None,
         )
         exact = ExactVectors(path / EXACT_FILE) if EXACT_FILE in manifest.files else None
     except (RuntimeError, ValueError, OSError) as exc:
         raise IndexStoreError(
             f"cannot read index files in {path}: {exc}; rebuild with `geoloc index build`"
         ) from exc
+    if points.structure is not None and (
+        points.structure.ndim != 2 or len(points.structure) != manifest.count
+    ):
+        raise IndexStoreError(
+            f"{path / STRUCTURE_FILE} has shape {points.structure.shape}, the manifest counts "
+            f"{manifest.count} rows; rebuild the index"
+        )
     if index.d != manifest.dim or index.ntotal != manifest.count or len(points) != manifest.count:
         raise IndexStoreError(
             f"index {path} disagrees with its manifest (dim {index.d} vs {manifest.dim}, count "

@@ -150,7 +150,13 @@ class NeighbourOut(BaseModel):
     id: int
     lat: float
     lon: float
-    similarity: float
+    similarity: float = Field(description="Cosine similarity of the two images' embeddings.")
+    structure: float | None = Field(
+        None,
+        description="Rank correlation of the two images' luminance layouts, when the reference "
+        "index stores them; verification ranks the neighbours by similarity + "
+        "structure_weight × structure.",
+    )
 
 
 class LocateResponse(BaseModel):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from encoders.structure import structure_descriptors
 from service.localizability import image_statistics_many
 from service.pipeline import LocateOptions, LocateResult, Locator
 from service.problems import DeadlineExceededError, OverloadedError
@@ -153,6 +154,7 @@ def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:
         groups.setdefault(id(item.locator.model), []).append(i)
     embedded: dict[int, tuple[np.ndarray, float]] = {}
     stats: dict[int, tuple[np.ndarray | None, float]] = {}
+    structure: dict[int, tuple[np.ndarray | None, float]] = {}
     for members in groups.values():
         images = [batch[i].image for i in members]
         t0 = time.perf_counter()
@@ -166,16 +168,27 @@ def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:
             embedded[i] = (queries[row : row + 1], (t1 - t0) * 1000 / len(members))
             own = rows is not None and batch[i].locator.judge is not None
             stats[i] = (rows[row : row + 1] if own else None, stats_ms)
+        t2 = time.perf_counter()
+        compared = [i for i in members if batch[i].locator.compares_structure]
+        descriptors = structure_descriptors(images) if compared else None
+        structure_ms = (time.perf_counter() - t2) * 1000 / len(members)
+        for row, i in enumerate(members):
+            own = descriptors is not None and batch[i].locator.compares_structure
+            structure[i] = (descriptors[row : row + 1], structure_ms) if own else (None, 0.0)
     for i, item in enumerate(batch):
         query, encode_ms = embedded[i]
         image_stats, stats_ms = stats[i]
+        descriptor, structure_ms = structure[i]
         try:
-            result = item.locator.locate_embeddings(query, item.options, image_stats=image_stats)[0]
+            result = item.locator.locate_embeddings(
+                query, item.options, image_stats=image_stats, structure=descriptor
+            )[0]
         except Exception as exc:
             outcomes.append(exc)
             continue
         if result.localizability is not None:
             result.add_time("judge", stats_ms)
+        result.add_time("verify", structure_ms)
         queue_ms = (batch_start - item.queued_at) * 1000
         result.timings_ms = {
             "queue": round(queue_ms, 3),

@@ -16,6 +16,7 @@ import torch
 
 from encoders import GeoModel, load_model
 from encoders.model import resolve_device
+from encoders.structure import STRUCTURE_DIM
 from index.gallery import Gallery, csv_gallery, encode_gallery, h3_gallery
 from index.geocode import ReverseGeocoder
 from index.store import (
@@ -420,10 +421,23 @@ def _publish_references(
                     ids=np.asarray(old.points.ids[rows]),  # type: ignore[union-attr]
                     latlon=np.asarray(old.points.latlon[rows]),  # type: ignore[union-attr]
                     country=np.asarray(old.points.country[rows]),  # type: ignore[union-attr]
+                    structure=old_structure(rows),
                 ),
             )
         for shard, points in new_points:
-            yield VectorChunk(refjobs.shard_vectors(job, shard), points)
+            yield VectorChunk(
+                refjobs.shard_vectors(job, shard),
+                PointTable(
+                    points.ids, points.latlon, points.country, refjobs.shard_structure(job, shard)
+                ),
+            )
+
+    def old_structure(rows: np.ndarray) -> np.ndarray:
+        """Carried images' descriptors; zeros (unknown) from a version that has none."""
+        stored = old.points.structure  # type: ignore[union-attr]
+        if stored is None:
+            return np.zeros((len(rows), STRUCTURE_DIM), dtype=np.int8)
+        return np.asarray(stored[rows])
 
     extra = {
         # Images carried from a version that records no weights keep the new one unrecorded
@@ -448,6 +462,7 @@ def _publish_references(
                 ids=np.concatenate([p.points.ids for p in parts]),
                 latlon=np.concatenate([p.points.latlon for p in parts]),
                 country=np.concatenate([p.points.country for p in parts]),
+                structure=np.concatenate([p.points.structure for p in parts]),  # type: ignore[misc]
             ),
             profile=model.profile,
             gallery_kind="images",

@@ -26,6 +26,7 @@ from PIL import Image
 
 from encoders import GeoModel, get_profile
 from encoders.profiles import text_profiles
+from encoders.structure import structure_descriptors, structure_similarity
 from index.geo import (
     BBox,
     cell_center_children,
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
 STAGES = ("retrieve", "refine", "diversify", "verify", "judge", "describe")
 #: The finest H3 resolution refinement descends to (~0.1 km² cells).
 MAX_REFINE_RES = 10
+#: Reference neighbours the structure comparison ranks before ``neighbours`` are kept.
+STRUCTURE_POOL = 50
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,10 @@ class LocateOptions:
     neighbour_weight: float = 1.0
     neighbour_kernel_km: float = 50.0
     neighbour_temperature: float = 50.0
+    #: The neighbours are ranked and weighted by cosine + structure_weight·(rank correlation
+    #: of the picture's luminance layout with theirs, ``encoders.structure``), among the
+    #: STRUCTURE_POOL nearest by cosine; 0 (or references without descriptors): cosine only.
+    structure_weight: float = 0.5
     #: The optional LLM stages (service/llm_stage.py): proposals that join the candidates,
     #: and a reranking among the returned candidates. Used only when an LLM is configured.
     llm_diversify: bool = True
@@ -138,6 +145,7 @@ class LocateOptions:
         check(0 <= self.neighbour_weight <= 10, "neighbour_weight must be between 0 and 10")
         check(1 <= self.neighbour_kernel_km <= 5000, "neighbour_kernel_km must be 1..5000")
         check(0 <= self.neighbour_temperature <= 1000, "neighbour_temperature must be 0..1000")
+        check(0 <= self.structure_weight <= 10, "structure_weight must be between 0 and 10")
         check(
             self.temperature is None or 0.01 <= self.temperature <= 100,
             "temperature must be between 0.01 and 100",
@@ -358,16 +366,34 @@ class Locator:
         """The image statistics of the localizability verdict (None: no verdict is fitted)."""
         return image_statistics_many(images) if self.judge is not None else None
 
+    @property
+    def compares_structure(self) -> bool:
+        """Whether the reference index holds structure descriptors to compare with."""
+        return self.neighbours is not None and self.neighbours.points.structure is not None
+
+    def structure(self, images: Sequence[Image.Image]) -> np.ndarray | None:
+        """The pictures' structure descriptors (None: nothing to compare them with)."""
+        return structure_descriptors(images) if self.compares_structure else None
+
     def locate(self, images: Sequence[Image.Image], options: LocateOptions) -> list[LocateResult]:
         t0 = time.perf_counter()
         stats = self.image_features(images)
         stats_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
+        t0 = time.perf_counter()
+        structure = self.structure(images)
+        structure_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
         results = self._locate_encoded(
-            lambda: self.embed(images), len(images), options, image_stats=stats
+            lambda: self.embed(images),
+            len(images),
+            options,
+            image_stats=stats,
+            structure=structure,
         )
         for r in results:
             if r.localizability is not None:
                 r.add_time("judge", stats_ms)
+            if structure is not None:
+                r.add_time("verify", structure_ms)
         return results
 
     def locate_texts(self, texts: Sequence[str], options: LocateOptions) -> list[LocateResult]:
@@ -393,11 +419,14 @@ class Locator:
         n: int,
         options: LocateOptions,
         image_stats: np.ndarray | None = None,
+        structure: np.ndarray | None = None,
     ) -> list[LocateResult]:
         t0 = time.perf_counter()
         queries = encode()
         encode_ms = (time.perf_counter() - t0) * 1000 / max(n, 1)
-        results = self.locate_embeddings(queries, options, image_stats=image_stats)
+        results = self.locate_embeddings(
+            queries, options, image_stats=image_stats, structure=structure
+        )
         for r in results:
             r.timings_ms = {"encode": round(encode_ms, 3), **r.timings_ms}
         return results
@@ -407,14 +436,17 @@ class Locator:
         queries: np.ndarray,
         options: LocateOptions,
         image_stats: np.ndarray | None = None,
+        structure: np.ndarray | None = None,
     ) -> list[LocateResult]:
         """The pipeline after the image tower, for (n, D) unit query vectors.
 
         ``image_stats``: the pictures' ``image_features`` (one row per query); with them and
         a fitted verdict every answer carries its localizability, else it is None.
+        ``structure``: their ``structure`` descriptors, which verification compares with the
+        reference neighbours'; None: cosine only.
         """
         temperature = self.temperature(options)
-        batch = self._score(queries, options, temperature)
+        batch = self._score(queries, options, temperature, structure)
         if image_stats is not None and self.judge is not None and batch:
             self._judge(batch, queries, np.asarray(image_stats), options)
         return [self._describe(scored, options, temperature) for scored in batch]
@@ -521,7 +553,11 @@ class Locator:
         return self._filter_points(np.asarray(latlon, dtype=np.float64).reshape(-1, 2), options)
 
     def _score(
-        self, queries: np.ndarray, options: LocateOptions, temperature: float
+        self,
+        queries: np.ndarray,
+        options: LocateOptions,
+        temperature: float,
+        structure: np.ndarray | None = None,
     ) -> list[_Scored]:
         """Retrieve, refine and verify a batch: each query's pool and logits (before softmax).
 
@@ -538,8 +574,12 @@ class Locator:
             queries, k, allowed=allowed, nprobe=nprobe, rerank_k=options.rerank_k
         )
         nb: tuple[np.ndarray, np.ndarray] | None = None
+        if options.structure_weight <= 0 or not self.compares_structure:
+            structure = None
         if self.neighbours is not None and options.neighbours > 0:
             nb_k = min(options.neighbours, len(self.neighbours))
+            if structure is not None:  # a deeper shortlist, ranked again in _retrieve
+                nb_k = min(max(nb_k, STRUCTURE_POOL), len(self.neighbours))
             nb = self.neighbours.search(
                 queries,
                 nb_k,
@@ -560,6 +600,7 @@ class Locator:
                 options,
                 None if gallery_lse is None else float(gallery_lse[i]),
                 None if nb is None else (nb[0][i], nb[1][i]),
+                None if structure is None else structure[i],
             )
             for i in range(len(queries))
         ]
@@ -615,9 +656,11 @@ class Locator:
         opt: LocateOptions,
         gallery_lse: float | None,
         nb: tuple[np.ndarray, np.ndarray] | None,
+        structure: np.ndarray | None = None,
     ) -> _Scored:
         """One query's starting pool: gallery hits, plus its image neighbours' points (score
-        NaN until the batch's GPS-tower call)."""
+        NaN until the batch's GPS-tower call). With the picture's ``structure`` descriptor,
+        the neighbours are ranked by cosine + structure_weight·correlation first."""
         ok = rows >= 0
         rows, scores = rows[ok], scores[ok]
         pts = self.index.points
@@ -632,6 +675,13 @@ class Locator:
         support: tuple[np.ndarray, np.ndarray] | None = None  # neighbour (latlon, weights)
         if nb is not None:
             sims, nrows = nb[0][nb[1] >= 0], nb[1][nb[1] >= 0]
+            keys, corr = sims, None
+            if structure is not None and len(nrows):
+                stored = self.neighbours.points.structure
+                corr = structure_similarity(structure, np.asarray(stored[nrows]))
+                keys = sims + opt.structure_weight * corr
+                keep = np.argsort(-keys, kind="stable")[: opt.neighbours]
+                sims, nrows, corr, keys = sims[keep], nrows[keep], corr[keep], keys[keep]
             nlatlon = np.asarray(self.neighbours.points.latlon[nrows], dtype=np.float64)
             neighbours = [
                 {"id": int(i), "lat": float(a), "lon": float(b), "similarity": float(sim)}
@@ -639,8 +689,11 @@ class Locator:
                     self.neighbours.points.ids[nrows], nlatlon, sims, strict=True
                 )
             ]
+            if corr is not None:
+                for d, c in zip(neighbours, corr, strict=True):
+                    d["structure"] = round(float(c), 4)
             if len(nrows):
-                w = np.exp(opt.neighbour_temperature * (sims - sims.max()))
+                w = np.exp(opt.neighbour_temperature * (keys - keys.max()))
                 support = (nlatlon, w / w.sum())
                 # Their GPS joins the candidates, scored like any other point.
                 pool.extend(

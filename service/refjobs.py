@@ -44,6 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from encoders.model import sha256_file
+from encoders.structure import STRUCTURE_DIM, structure_descriptors
 from index.gallery import LAT_HEADERS, LON_HEADERS, find_column
 from service.datasets import _IMAGE_COLS as IMAGE_COLUMNS
 from service.datasets import DatasetError
@@ -373,6 +374,7 @@ class ShardEncoder:
         n = len(rows["row"])
         dim = self.model.embed_dim
         vectors = np.empty((n, dim), dtype=np.float32)
+        structure = np.zeros((n, STRUCTURE_DIM), dtype=np.int8)
         ok = np.zeros(n, dtype=bool)
         bad: list[dict[str, Any]] = []
         size = self.spec.batch_size
@@ -403,6 +405,7 @@ class ShardEncoder:
                     )
             if images:
                 vectors[where] = self.model.embed_images(images)
+                structure[where] = structure_descriptors(images)
                 ok[where] = True
         out = self.job.out_file(shard)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -410,6 +413,7 @@ class ShardEncoder:
             np.savez(
                 fh,
                 vectors=vectors[ok],
+                structure=structure[ok],
                 id=np.asarray(rows["id"], dtype=np.int64)[ok],
                 row=np.asarray(rows["row"], dtype=np.int64)[ok],
                 latlon=np.column_stack([rows["lat"], rows["lon"]]).astype(np.float64)[ok],
@@ -511,6 +515,15 @@ def iter_shard_points(job: Job) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
 def shard_vectors(job: Job, shard: int) -> np.ndarray:
     with np.load(job.out_file(shard), allow_pickle=False) as z:
         return z["vectors"]
+
+
+def shard_structure(job: Job, shard: int) -> np.ndarray:
+    """The shard's structure descriptors (zeros, "unknown", for a shard encoded before
+    descriptors were stored)."""
+    with np.load(job.out_file(shard), allow_pickle=False) as z:
+        if "structure" in z.files:
+            return z["structure"]
+        return np.zeros((len(z["row"]), STRUCTURE_DIM), dtype=np.int8)
 
 
 def write_report(job: Job, input_bad: list[BadRow]) -> tuple[Path, list[BadRow]]:

@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     neighbour_weight: float = _DEFAULTS.neighbour_weight
     neighbour_kernel_km: float = _DEFAULTS.neighbour_kernel_km
     neighbour_temperature: float = _DEFAULTS.neighbour_temperature
+    structure_weight: float = _DEFAULTS.structure_weight
     nprobe: int = Field(
         _DEFAULTS.nprobe,
         ge=0,

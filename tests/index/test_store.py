@@ -320,3 +320,45 @@ def test_latest_version_and_listing(tmp_path: Path) -> None:
         ("other", "aaa"),
         ("other", "zzz"),
     ]
+
+
+def test_structure_descriptors_travel_with_the_points(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from index.store import STRUCTURE_FILE
+
+    n = 12
+    desc = np.random.default_rng(2).integers(-127, 128, (n, 16), dtype=np.int8)
+    m = publish_index(
+        tmp_path,
+        "refs",
+        unit_vectors(n),
+        replace(points_for(n), structure=desc),
+        profile="p",
+        gallery_kind="images",
+        h3_resolution=None,
+    )
+    assert STRUCTURE_FILE in m.files
+    idx = load_index(tmp_path, "refs")
+    np.testing.assert_array_equal(np.asarray(idx.points.structure), desc)
+    plain = publish_index(
+        tmp_path,
+        "plain",
+        unit_vectors(n),
+        points_for(n),
+        profile="p",
+        gallery_kind="images",
+        h3_resolution=None,
+    )
+    assert STRUCTURE_FILE not in plain.files
+    assert load_index(tmp_path, "plain").points.structure is None
+    with pytest.raises(IndexStoreError, match="one row per vector"):
+        publish_index(
+            tmp_path,
+            "bad",
+            unit_vectors(n),
+            replace(points_for(n), structure=desc[:5]),
+            profile="p",
+            gallery_kind="images",
+            h3_resolution=None,
+        )

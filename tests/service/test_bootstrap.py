@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from index.store import list_indexes
+from index.store import STRUCTURE_FILE, list_indexes
 from service.bootstrap import served_version
 from service.calibration import list_calibrations
 from service.engine import load_locator
@@ -69,6 +69,8 @@ def test_setup_builds_gallery_references_and_calibration_once(tmp_path):
     with Image.open(data / "setup" / "calibration" / "tile_000000.jpg") as im:
         (r,) = loc.locate([im.convert("RGB")], s.locate_options(return_neighbours=True))
     assert r.extra["neighbours"]  # Geo-alignment ran: reference images were retrieved
+    # ... and verification compared their structure with the picture's.
+    assert STRUCTURE_FILE in refs[0].files and "structure" in r.extra["neighbours"][0]
 
     before = _state(data)
     again = _setup(data)

@@ -164,3 +164,60 @@ def test_a_batch_gives_each_query_the_answer_it_gets_alone(locator):
         got = [(c.lat, c.lon, c.probability) for c in together[i].candidates]
         want = [(c.lat, c.lon, c.probability) for c in alone.candidates]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_verification_ranks_the_neighbours_by_structure_too(locator, tmp_path):
+    """A reference whose picture has the query's layout outranks a closer embedding of
+    another picture, by structure_weight x their correlation; at weight 0 it does not."""
+    from PIL import Image
+
+    from encoders.structure import structure_descriptors
+
+    rng = np.random.default_rng(0)
+    query_pic, other_pic = (
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(2)
+    )
+    q = queries(locator)[:1]  # as if taken in Île-de-France
+    side = rng.standard_normal(q.shape[1]).astype(np.float32)
+    side -= (side @ q[0]) * q[0]
+    side /= np.linalg.norm(side)
+    match = 0.9 * q[0] + np.sqrt(1 - 0.81) * side  # cosine 0.9, the query's picture
+    vectors = np.stack([q[0], match]).astype(np.float32)  # the decoy: cosine 1, another picture
+    latlon = np.array([TRUTHS[1], TRUTHS[0]])  # decoy near Tokyo, match in Île-de-France
+    points = PointTable(
+        ids=np.array([1, 2]),
+        latlon=latlon,
+        country=locator.geocoder.country_codes(latlon),
+        structure=structure_descriptors([other_pic, query_pic]),
+    )
+    publish_index(
+        tmp_path,
+        "refs",
+        vectors,
+        points,
+        profile="geoclip",
+        gallery_kind="images",
+        h3_resolution=None,
+    )
+    loc = Locator(
+        locator.model, locator.index, locator.geocoder, neighbours=load_index(tmp_path, "refs")
+    )
+    assert loc.compares_structure
+    pic = loc.structure([query_pic])
+
+    def neighbours(**kw):
+        opts = LocateOptions(return_neighbours=True, **kw)
+        return loc.locate_embeddings(q, opts, structure=pic)[0].extra["neighbours"]
+
+    ranked = neighbours(structure_weight=0.5)
+    assert [n["id"] for n in ranked] == [2, 1]
+    assert ranked[0]["structure"] > 0.99 and abs(ranked[1]["structure"]) < 0.3
+    assert ranked[0]["similarity"] == pytest.approx(0.9, abs=1e-4)  # the cosine, as before
+    assert [n["id"] for n in neighbours(structure_weight=0.0)] == [1, 2]
+    plain = loc.locate_embeddings(q, LocateOptions(return_neighbours=True))[0]
+    assert [n["id"] for n in plain.extra["neighbours"]] == [1, 2]
+    assert "structure" not in plain.extra["neighbours"][0]
+    with pytest.raises(InvalidOptionError):
+        LocateOptions(structure_weight=-1).validate(
+            max_top_k=10, max_retrieve_k=100, max_nprobe=1, max_rerank_k=0
+        )

@@ -20,7 +20,8 @@ import pytest
 from encoders import load_model
 from encoders.bluemarble import TileStyle, write_tileset
 from encoders.model import resolve_device
-from index.store import EXACT_FILE, list_indexes, load_index
+from encoders.structure import structure_descriptors
+from index.store import EXACT_FILE, STRUCTURE_FILE, list_indexes, load_index
 from service.datasets import DatasetError
 from service.engine import add_reference_images
 from service.errors import GeolocError, InputImageError
@@ -194,6 +195,11 @@ def test_in_process_job_resumes_reports_bad_rows_and_publishes_once(tmp_path, mo
     want = model.embed_images([Image.open(table.parent / rows[i]["uri"]) for i in (0, 44)])
     got = idx.vectors(np.array([ids.tolist().index(100), ids.tolist().index(144)]))
     np.testing.assert_allclose(got, want, atol=1e-5)
+    # ... with the structure descriptors verification compares, row for row.
+    assert STRUCTURE_FILE in r.manifest.files
+    pics = [Image.open(table.parent / rows[i]["uri"]) for i in (0, 44)]
+    got = np.asarray(idx.points.structure)[[ids.tolist().index(100), ids.tolist().index(144)]]
+    np.testing.assert_array_equal(got, structure_descriptors(pics))
 
     # Running the same command again adds nothing: the job was published.
     again = add_reference_images(s, table, model=model, progress=False)
@@ -231,6 +237,10 @@ def test_a_second_table_adds_to_the_index_and_can_compress_it(tmp_path, model):
     assert m3.manifest.count == 80 and m3.manifest.extra["rerank_k"] > 0
     assert sorted(np.asarray(idx3.points.ids).tolist()) == list(range(100, 180))
     np.testing.assert_array_equal(idx3.vectors(np.arange(70)), idx.vectors(np.arange(70)))
+    np.testing.assert_array_equal(
+        np.asarray(idx3.points.structure)[:70], np.asarray(idx.points.structure)
+    )
+    assert np.asarray(idx3.points.structure).any(axis=1).mean() > 0.8  # flat sea: zeros
 
     # One that kept only codes refuses a further table with a clear error, and the served
     # version stays.

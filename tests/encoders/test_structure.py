@@ -1,0 +1,58 @@
+"""Structure descriptors: blind to colour, haze and gamma; not to where things are."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from encoders.bluemarble import load_map, render_tile, rotate_hue, sample_centres
+from encoders.structure import STRUCTURE_DIM, structure_descriptors, structure_similarity
+from index.geo import is_land
+
+
+def _tiles(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(11)
+    mosaic = load_map()
+    return [render_tile(a, o, 1.5, 64, mosaic) for a, o in sample_centres(n, rng, is_land, 0.0)]
+
+
+def _floats(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, np.float32) / 255.0
+
+
+def _image(x: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.round(np.clip(x, 0, 1) * 255).astype(np.uint8))
+
+
+def test_renderings_of_one_place_match_and_other_places_do_not():
+    tiles = _tiles(24)
+    d = structure_descriptors(tiles)
+    assert d.dtype == np.int8 and d.shape == (24, STRUCTURE_DIM)
+    changes = {
+        "hue 120": lambda im: _image(rotate_hue(_floats(im), 120.0)),
+        "grayscale": lambda im: ImageOps.grayscale(im).convert("RGB"),
+        "gamma 0.5": lambda im: _image(_floats(im) ** 0.5),
+        "haze": lambda im: _image(0.4 * _floats(im) + 0.6 * np.array([0.8, 0.82, 0.86])),
+    }
+    for name, change in changes.items():
+        shifted = structure_descriptors([change(t) for t in tiles])
+        same = np.array(
+            [structure_similarity(a, b[None])[0] for a, b in zip(d, shifted, strict=True)]
+        )
+        assert np.median(same) > 0.9, name
+    others = np.array([structure_similarity(d[i], np.delete(d, i, 0)) for i in range(len(d))])
+    assert np.median(np.abs(others)) < 0.4
+    assert np.median(same) - np.median(others) > 0.5
+
+
+def test_flat_pictures_have_no_layout_and_match_nothing():
+    d = structure_descriptors([Image.new("RGB", (40, 30), (90, 120, 30)), _tiles(1)[0]])
+    assert not d[0].any()
+    assert structure_similarity(d[0], d[1:])[0] == 0.0
+
+
+def test_a_picture_is_framed_as_its_centre_square():
+    tile = _tiles(1)[0]
+    wide = Image.new("RGB", (128, 64), (0, 0, 0))
+    wide.paste(tile, (32, 0))
+    np.testing.assert_array_equal(structure_descriptors([wide]), structure_descriptors([tile]))
