@@ -23,6 +23,7 @@ from tilesets import (
     TEST_SEED,
     PixelBaseline,
     bundled_weights,
+    descriptors,
     embed,
     latlon,
     machine_line,
@@ -67,6 +68,7 @@ def main() -> None:
 
     t = time.perf_counter()
     q = embed(model, test)
+    structure = descriptors(test)
     embed_s = (time.perf_counter() - t) / len(test)
     off = dict(refine=False, diversify=False, verify=False, neighbours=0, describe=False)
     variants = [
@@ -81,7 +83,7 @@ def main() -> None:
     for label, opts in variants:
         o = LocateOptions(top_k=1, **opts)
         t = time.perf_counter()
-        res = locator.locate_embeddings(q, o)
+        res = locator.locate_embeddings(q, o, structure=structure)
         per = embed_s + (time.perf_counter() - t) / len(test)
         pred = np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res])
         rows.append((label, pred, per))

@@ -28,6 +28,7 @@ from encoders.bluemarble import TileStyle
 from encoders.checkpoints import checkpoint_profile, load_checkpoint_model, same_as_registered
 from encoders.model import read_checkpoint
 from encoders.profiles import WEIGHTS_DIR
+from encoders.structure import structure_descriptors
 from index.store import latest_version, list_indexes
 from service.datasets import LabelledImage, read_labelled_csv
 from service.engine import GallerySpec, add_reference_images, build_index, load_locator
@@ -104,6 +105,14 @@ def embed(model: GeoModel, rows: Sequence[LabelledImage], batch: int = 256) -> n
     chunks = []
     for s in range(0, len(rows), batch):
         chunks.append(model.embed_images([Image.open(r.path) for r in rows[s : s + batch]]))
+    return np.concatenate(chunks)
+
+
+def descriptors(rows: Sequence[LabelledImage], batch: int = 256) -> np.ndarray:
+    """The pictures' structure descriptors, which verification compares with the references'."""
+    chunks = []
+    for s in range(0, len(rows), batch):
+        chunks.append(structure_descriptors([Image.open(r.path) for r in rows[s : s + batch]]))
     return np.concatenate(chunks)
 
 

@@ -1,5 +1,6 @@
 """How the verification's reference-neighbour settings were chosen: a grid over
-``neighbour_weight``, ``neighbour_kernel_km`` and ``neighbour_temperature`` on *validation*
+``neighbour_weight``, ``neighbour_kernel_km``, ``neighbour_temperature`` and
+``structure_weight`` on *validation*
 draws that bench/shift.py never reports (other seeds, other widths, other shift parameters),
 in the set-up `make run` serves.
 
@@ -28,6 +29,7 @@ from tilesets import (
     bundled_weights,
     cached_set,
     command_line,
+    descriptors,
     embed,
     latlon,
     load_weights,
@@ -57,9 +59,10 @@ VAL_SHIFTS = {
     "magma": _colormap("magma"),
 }
 GRID = {
-    "neighbour_weight": (0.0, 1.0, 3.0, 10.0),
+    "neighbour_weight": (0.0, 1.0, 3.0),
     "neighbour_kernel_km": (25.0, 50.0),
     "neighbour_temperature": (50.0, 200.0),
+    "structure_weight": (0.0, 0.25, 0.5, 1.0),
 }
 
 
@@ -104,7 +107,7 @@ def main() -> None:
     locator, _ = served_locator(model, weights=weights, res=args.res, refs=refs)
     sets = validation_sets(args.per_set)
     embedded = {
-        name: (embed(model, rows), latlon(rows)) for name, rows in sets.items()
+        name: (embed(model, rows), descriptors(rows), latlon(rows)) for name, rows in sets.items()
     }  # one pass through the image tower per set
 
     rows_out = []
@@ -112,8 +115,8 @@ def main() -> None:
     for values in itertools.product(*GRID.values()):
         opts = LocateOptions(top_k=1, **dict(zip(names, values, strict=True)))
         shares = []
-        for q, truth in embedded.values():
-            res = locator.locate_embeddings(q, opts)
+        for q, structure, truth in embedded.values():
+            res = locator.locate_embeddings(q, opts, structure=structure)
             pred = np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res])
             d = errors_km(pred, truth)
             shares.append([np.mean(d <= t) for t in (25, 200, 750)])

@@ -164,7 +164,7 @@ def _recolour(x: np.ndarray, rng: np.random.Generator, style: TileStyle) -> np.n
         x = keep * x + (1.0 - keep) * air.astype(np.float32)
     if style.palette and rng.random() < style.palette:
         knots = int(rng.integers(3, 7))
-        if rng.random() < style.ordered_palette:
+        if style.ordered_palette and rng.random() < style.ordered_palette:
             colours = ordered_palette(rng, knots)
             x = apply_palette(luma(x), colours if rng.random() < 0.8 else colours[::-1])
         else:

@@ -793,6 +793,11 @@ def publish_index_chunked(
                     tmp_dir / STRUCTURE_FILE, "w+", np.int8, (count, table.structure.shape[1])
                 )  # zero rows (unknown) until filled
             if structure is not None and table.structure is not None:
+                if table.structure.shape[1] != structure.shape[1]:
+                    raise IndexStoreError(
+                        f"chunk at row {start} has structure descriptors of width "
+                        f"{table.structure.shape[1]}, earlier chunks {structure.shape[1]}"
+                    )
                 structure[start : start + n] = table.structure
             if recall_rows is not None:
                 sel = (recall_rows >= start) & (recall_rows < start + n)
@@ -877,6 +882,7 @@ def publish_index_chunked(
     except BaseException:
         if exact_fh is not None:
             exact_fh.close()
+        structure = None  # unmap before the directory goes
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return manifest
@@ -1304,11 +1310,13 @@ def load_index(
             f"cannot read index files in {path}: {exc}; rebuild with `geoloc index build`"
         ) from exc
     if points.structure is not None and (
-        points.structure.ndim != 2 or len(points.structure) != manifest.count
+        points.structure.ndim != 2
+        or len(points.structure) != manifest.count
+        or points.structure.dtype != np.int8
     ):
         raise IndexStoreError(
-            f"{path / STRUCTURE_FILE} has shape {points.structure.shape}, the manifest counts "
-            f"{manifest.count} rows; rebuild the index"
+            f"{path / STRUCTURE_FILE} holds {points.structure.dtype} {points.structure.shape}, "
+            f"not int8 rows for the manifest's {manifest.count}; rebuild the index"
         )
     if index.d != manifest.dim or index.ntotal != manifest.count or len(points) != manifest.count:
         raise IndexStoreError(

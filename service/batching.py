@@ -169,11 +169,11 @@ def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:
             own = rows is not None and batch[i].locator.judge is not None
             stats[i] = (rows[row : row + 1] if own else None, stats_ms)
         t2 = time.perf_counter()
-        compared = [i for i in members if batch[i].locator.compares_structure]
-        descriptors = structure_descriptors(images) if compared else None
+        wanted = {i for i in members if batch[i].locator.wants_structure(batch[i].options)}
+        descriptors = structure_descriptors(images) if wanted else None
         structure_ms = (time.perf_counter() - t2) * 1000 / len(members)
         for row, i in enumerate(members):
-            own = descriptors is not None and batch[i].locator.compares_structure
+            own = descriptors is not None and i in wanted
             structure[i] = (descriptors[row : row + 1], structure_ms) if own else (None, 0.0)
     for i, item in enumerate(batch):
         query, encode_ms = embedded[i]
@@ -188,7 +188,7 @@ def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:
             continue
         if result.localizability is not None:
             result.add_time("judge", stats_ms)
-        result.add_time("verify", structure_ms)
+        result.add_time("retrieve", structure_ms)
         queue_ms = (batch_start - item.queued_at) * 1000
         result.timings_ms = {
             "queue": round(queue_ms, 3),

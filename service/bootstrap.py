@@ -34,7 +34,13 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from index.store import IndexWeightsError, Manifest, latest_version, list_indexes
+from index.store import (
+    STRUCTURE_FILE,
+    IndexWeightsError,
+    Manifest,
+    latest_version,
+    list_indexes,
+)
 from service.settings import Settings
 
 #: Profiles that can render their own reference and held-out images.
@@ -235,6 +241,8 @@ def _references(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
         # The service serves the newest version of a reference index.
         old = max(list_indexes(s.index_dir, name), key=lambda m: (m.created_at, m.version))
         stale = _stale(old, model.weights_id())
+        if not stale and STRUCTURE_FILE not in old.files:
+            stale = "stores no structure descriptors (built before verification compared them)"
         if not stale:
             return f"{name}/{old.version} exists"
         echo(f"{name}/{old.version} {stale}")
@@ -274,7 +282,8 @@ def _references(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
         runner="inprocess",
         batch_size=256,
         progress=progress,
-        replace=old is not None,  # the stale version's images are another model's vectors
+        # The stale version's images are another model's vectors, or lack descriptors.
+        replace=old is not None,
     )
     for p in r.problems[:20]:
         echo(f"warning: {p}")

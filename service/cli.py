@@ -405,8 +405,7 @@ def eval_cmd(
     with typer.progressbar(length=len(emb.rows), label="locating", file=sys.stderr) as bar:
         for start in range(0, len(emb.rows), batch_size):
             part = slice(start, start + batch_size)
-            stats = emb.stats[part] if emb.stats is not None else None
-            results += loc.locate_embeddings(emb.vectors[part], opts, image_stats=stats)
+            results += loc.locate_embeddings(emb.vectors[part], opts, **emb.part(part))
             bar.update(batch_size)
     truths = np.array([(r.lat, r.lon) for r in emb.rows]).reshape(-1, 2)
     within = s.calibration_km if within_km is None else within_km

@@ -34,6 +34,15 @@ class Embedded:
     problems: list[str]  # one line per unreadable image
     #: (n, F) image statistics of the localizability verdict; None: not asked for.
     stats: np.ndarray | None = None
+    #: (n, d) structure descriptors verification compares; None: the locator has none.
+    structure: np.ndarray | None = None
+
+    def part(self, rows: slice) -> dict[str, np.ndarray | None]:
+        """The pictures' keyword arguments of ``Locator.locate_embeddings`` for ``rows``."""
+        return {
+            "image_stats": None if self.stats is None else self.stats[rows],
+            "structure": None if self.structure is None else self.structure[rows],
+        }
 
 
 def embed_rows(
@@ -47,12 +56,14 @@ def embed_rows(
     image_stats: bool = False,
 ) -> Embedded:
     """Read and embed the images in batches; unreadable ones become problem lines. With
-    ``image_stats``, also the pictures' localizability statistics."""
+    ``image_stats``, also the pictures' localizability statistics; where the locator
+    compares structure, their structure descriptors."""
     from service.localizability import image_statistics_many
 
     kept: list[LabelledImage] = []
     vectors: list[np.ndarray] = []
     stats: list[np.ndarray] = []
+    structure: list[np.ndarray] = []
     problems: list[str] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -65,6 +76,8 @@ def embed_rows(
             vectors.append(locator.embed(images))
             if image_stats:
                 stats.append(image_statistics_many(images))
+            if locator.compares_structure:
+                structure.append(locator.structure(images))
         if progress is not None:
             progress(len(chunk))
     dim = locator.model.embed_dim
@@ -73,6 +86,7 @@ def embed_rows(
         np.concatenate(vectors) if vectors else np.zeros((0, dim)),
         problems,
         (np.concatenate(stats) if stats else np.zeros((0, 0))) if image_stats else None,
+        np.concatenate(structure) if structure else None,
     )
 
 
@@ -256,7 +270,7 @@ def fit_calibration(
         progress=progress,
         image_stats=localizability,
     )
-    pools = locator.candidate_logits(emb.vectors, opts)
+    pools = locator.candidate_logits(emb.vectors, opts, structure=emb.structure)
     truths = np.array([(r.lat, r.lon) for r in emb.rows]).reshape(-1, 2)
     within = settings.calibration_km if within_km is None else within_km
     cases = prepare_cases(pools, truths, nms_km=opts.nms_km, diversify=opts.diversify)

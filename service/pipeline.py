@@ -26,7 +26,7 @@ from PIL import Image
 
 from encoders import GeoModel, get_profile
 from encoders.profiles import text_profiles
-from encoders.structure import structure_descriptors, structure_similarity
+from encoders.structure import STRUCTURE_DIM, structure_descriptors, structure_similarity
 from index.geo import (
     BBox,
     cell_center_children,
@@ -368,8 +368,13 @@ class Locator:
 
     @property
     def compares_structure(self) -> bool:
-        """Whether the reference index holds structure descriptors to compare with."""
-        return self.neighbours is not None and self.neighbours.points.structure is not None
+        """Whether the reference index holds structure descriptors of this release's kind."""
+        stored = None if self.neighbours is None else self.neighbours.points.structure
+        return stored is not None and stored.shape[1] == STRUCTURE_DIM
+
+    def wants_structure(self, options: LocateOptions) -> bool:
+        """Whether a request with ``options`` compares the pictures' structure."""
+        return self.compares_structure and options.structure_weight > 0 and options.neighbours > 0
 
     def structure(self, images: Sequence[Image.Image]) -> np.ndarray | None:
         """The pictures' structure descriptors (None: nothing to compare them with)."""
@@ -380,7 +385,7 @@ class Locator:
         stats = self.image_features(images)
         stats_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
         t0 = time.perf_counter()
-        structure = self.structure(images)
+        structure = self.structure(images) if self.wants_structure(options) else None
         structure_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
         results = self._locate_encoded(
             lambda: self.embed(images),
@@ -393,7 +398,7 @@ class Locator:
             if r.localizability is not None:
                 r.add_time("judge", stats_ms)
             if structure is not None:
-                r.add_time("verify", structure_ms)
+                r.add_time("retrieve", structure_ms)
         return results
 
     def locate_texts(self, texts: Sequence[str], options: LocateOptions) -> list[LocateResult]:
@@ -517,12 +522,13 @@ class Locator:
             s.t = now
 
     def candidate_logits(
-        self, queries: np.ndarray, options: LocateOptions
+        self, queries: np.ndarray, options: LocateOptions, structure: np.ndarray | None = None
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """(latlon (n, 2), logits (n,)) of every candidate of each query, before the softmax
-        and its temperature: what calibration fits the temperature on. Candidate
-        normalisation only."""
-        return [(s.pool.latlon.copy(), s.logits.copy()) for s in self._score(queries, options, 1.0)]
+        and its temperature: what calibration fits the temperature on (with the pictures'
+        ``structure`` descriptors, as served). Candidate normalisation only."""
+        scored = self._score(queries, options, 1.0, structure)
+        return [(s.pool.latlon.copy(), s.logits.copy()) for s in scored]
 
     def revise(
         self, result: LocateResult, points: np.ndarray, options: LocateOptions, source: str
@@ -574,7 +580,7 @@ class Locator:
             queries, k, allowed=allowed, nprobe=nprobe, rerank_k=options.rerank_k
         )
         nb: tuple[np.ndarray, np.ndarray] | None = None
-        if options.structure_weight <= 0 or not self.compares_structure:
+        if not self.wants_structure(options):
             structure = None
         if self.neighbours is not None and options.neighbours > 0:
             nb_k = min(options.neighbours, len(self.neighbours))
@@ -690,8 +696,9 @@ class Locator:
                 )
             ]
             if corr is not None:
-                for d, c in zip(neighbours, corr, strict=True):
-                    d["structure"] = round(float(c), 4)
+                known = np.asarray(stored[nrows]).any(axis=1)  # zero rows: never described
+                for d, c, k in zip(neighbours, corr, known, strict=True):
+                    d["structure"] = round(float(c), 4) if k else None
             if len(nrows):
                 w = np.exp(opt.neighbour_temperature * (keys - keys.max()))
                 support = (nlatlon, w / w.sum())

@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
-from index.store import STRUCTURE_FILE, list_indexes
+from index.store import STRUCTURE_FILE, PointTable, list_indexes, publish_index
 from service.bootstrap import served_version
 from service.calibration import list_calibrations
 from service.engine import load_locator
@@ -77,3 +78,26 @@ def test_setup_builds_gallery_references_and_calibration_once(tmp_path):
     assert _state(data) == before  # nothing new
     assert "exists" in again and "has calibration" in again, again
     assert "rendering" not in again and "building" not in again, again
+
+    # A reference index from before structure descriptors were stored is rebuilt with them.
+    served = load_locator(s).neighbours
+    assert served is not None
+    publish_index(
+        s.index_dir,
+        "refs-bluemarble",
+        served.vectors(np.arange(len(served))),
+        PointTable(
+            np.asarray(served.points.ids),
+            np.asarray(served.points.latlon),
+            np.asarray(served.points.country),
+        ),
+        profile="bluemarble",
+        gallery_kind="images",
+        h3_resolution=None,
+        extra=dict(served.manifest.extra),
+    )
+    out = _setup(data)
+    assert "stores no structure descriptors" in out, out
+    newest = max(list_indexes(data, "refs-bluemarble"), key=lambda m: (m.created_at, m.version))
+    assert STRUCTURE_FILE in newest.files and newest.count == 300
+    assert load_locator(s).compares_structure
