@@ -277,10 +277,11 @@ def answer_features(
     out[:, 3] = ps[:, 0] - (ps[:, 1] if k > 1 else 0.0)
     if ref_sims is not None:
         r = np.asarray(ref_sims, dtype=np.float64)[:, :NEIGHBOURS_K]
-        r = np.where(np.isfinite(r) & (r > -2), r, np.nan)
         with np.errstate(invalid="ignore"):
-            mean = np.nanmean(r, axis=1) if r.shape[1] else np.full(n, np.nan)
-        out[:, 4] = np.nan_to_num(mean, nan=0.0)
+            found = np.isfinite(r) & (r > -2)  # missing results are NaN or -inf
+        count = found.sum(axis=1)
+        # The mean over the found ones; 0 where none was found.
+        out[:, 4] = np.where(found, r, 0.0).sum(axis=1) / np.maximum(count, 1)
         out[:, 5] = 1.0
     return out
 
