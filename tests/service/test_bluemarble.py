@@ -97,3 +97,32 @@ def test_hue_rotation_keeps_luma_and_full_turn_is_identity():
     assert np.allclose(luma(rotate_hue(x, 77.0)), luma(x), atol=1e-4)
     assert np.allclose(rotate_hue(x, 360.0), x, atol=1e-4)
     assert not np.allclose(rotate_hue(x, 90.0), x, atol=1e-2)
+
+
+def test_ordered_palettes_keep_luma_in_order_and_haze_lowers_contrast():
+    from encoders.bluemarble import apply_palette, ordered_palette
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        colours = ordered_palette(rng, int(rng.integers(3, 7)))
+        y = luma(apply_palette(np.linspace(0, 1, 64), colours))
+        assert np.all(np.diff(y) > -0.06)  # clipping to RGB may bend it a little
+        assert y[-1] - y[0] > 0.3
+    centres = np.array([[10.0, 20.0], [-30.0, 140.0], [45.0, 7.0]])
+    clean = TileStyle(augment=False)
+    hazy = TileStyle(
+        haze=1.0,
+        haze_keep=(0.3, 0.3),
+        brightness=0,
+        contrast=0,
+        saturation=0,
+        blur=0,
+        jpeg_quality=(95, 95),
+    )
+    for a, b in zip(
+        iter_tiles(centres, np.random.default_rng(1), clean),
+        iter_tiles(centres, np.random.default_rng(1), hazy),
+        strict=True,
+    ):
+        ya, yb = luma(np.asarray(a, np.float32) / 255), luma(np.asarray(b, np.float32) / 255)
+        assert yb.std() < 0.45 * ya.std() + 0.01 and yb.mean() > ya.mean()
