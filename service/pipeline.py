@@ -681,13 +681,14 @@ class Locator:
         support: tuple[np.ndarray, np.ndarray] | None = None  # neighbour (latlon, weights)
         if nb is not None:
             sims, nrows = nb[0][nb[1] >= 0], nb[1][nb[1] >= 0]
-            keys, corr = sims, None
+            keys, corr, known = sims, None, np.zeros(0, dtype=bool)
             if structure is not None and len(nrows):
-                stored = self.neighbours.points.structure
-                corr = structure_similarity(structure, np.asarray(stored[nrows]))
+                described = np.asarray(self.neighbours.points.structure[nrows])  # one read
+                corr = structure_similarity(structure, described)
                 keys = sims + opt.structure_weight * corr
                 keep = np.argsort(-keys, kind="stable")[: opt.neighbours]
                 sims, nrows, corr, keys = sims[keep], nrows[keep], corr[keep], keys[keep]
+                known = described[keep].any(axis=1)  # zero rows: never described
             nlatlon = np.asarray(self.neighbours.points.latlon[nrows], dtype=np.float64)
             neighbours = [
                 {"id": int(i), "lat": float(a), "lon": float(b), "similarity": float(sim)}
@@ -696,7 +697,6 @@ class Locator:
                 )
             ]
             if corr is not None:
-                known = np.asarray(stored[nrows]).any(axis=1)  # zero rows: never described
                 for d, c, k in zip(neighbours, corr, known, strict=True):
                     d["structure"] = round(float(c), 4) if k else None
             if len(nrows):
