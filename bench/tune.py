@@ -8,7 +8,8 @@ Every set is embedded once; each setting reruns the pipeline after the image tow
 per setting, the mean over the sets of the shares within 25/200/750 km and the worst set's
 200 km share.
 
-    .venv/bin/python bench/tune.py [--weights PATH] [--per-set 300] [--refs 100000]
+    .venv/bin/python bench/tune.py [--weights PATH] [--per-set 300] [--refs 100000] \
+        [--grid neighbours|structure]   # structure: STRUCTURE_SEARCH x structure_weight
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from tilesets import (
 
 from encoders.bluemarble import load_map, render_tile, sample_centres
 from index.geo import is_land
+from service import pipeline
 from service.evaluation import errors_km
 from service.pipeline import LocateOptions
 
@@ -58,11 +60,18 @@ VAL_SHIFTS = {
     "haze0.55": _haze(0.55, np.array([0.92, 0.90, 0.88], np.float32)),
     "magma": _colormap("magma"),
 }
-GRID = {
-    "neighbour_weight": (0.0, 1.0, 3.0),
-    "neighbour_kernel_km": (25.0, 50.0),
-    "neighbour_temperature": (50.0, 200.0),
-    "structure_weight": (0.0, 0.25, 0.5, 1.0),
+GRIDS = {
+    "neighbours": {
+        "neighbour_weight": (0.0, 1.0, 3.0),
+        "neighbour_kernel_km": (25.0, 50.0),
+        "neighbour_temperature": (50.0, 200.0),
+        "structure_weight": (0.0, 0.25, 0.5, 1.0),
+    },
+    # STRUCTURE_SEARCH is the pipeline's constant: references found by structure alone.
+    "structure": {
+        "STRUCTURE_SEARCH": (0, 50, 200),
+        "structure_weight": (0.25, 0.5, 1.0, 2.0),
+    },
 }
 
 
@@ -97,7 +106,9 @@ def main() -> None:
     ap.add_argument("--per-set", type=int, default=300)
     ap.add_argument("--refs", type=int, default=100_000)
     ap.add_argument("--res", type=int, default=4)
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="neighbours")
     args = ap.parse_args()
+    grid = GRIDS[args.grid]
     print(machine_line())
     print(command_line())
     weights = args.weights or bundled_weights()
@@ -111,9 +122,12 @@ def main() -> None:
     }  # one pass through the image tower per set
 
     rows_out = []
-    names = list(GRID)
-    for values in itertools.product(*GRID.values()):
-        opts = LocateOptions(top_k=1, **dict(zip(names, values, strict=True)))
+    names = list(grid)
+    for values in itertools.product(*grid.values()):
+        setting = dict(zip(names, values, strict=True))
+        for name in [n for n in setting if n.isupper()]:  # a module constant, not an option
+            setattr(pipeline, name, setting.pop(name))
+        opts = LocateOptions(top_k=1, **setting)
         shares = []
         for q, structure, truth in embedded.values():
             res = locator.locate_embeddings(q, opts, structure=structure)
@@ -128,6 +142,8 @@ def main() -> None:
                 f"{100 * s[:, 1].min():.1f} %",
             )
         )
+        per_set = (f"{n} {100 * v[1]:.0f}/{100 * v[2]:.0f}" for n, v in zip(sets, s, strict=True))
+        print("  ", ", ".join(per_set), flush=True)
         print(" ".join(rows_out[-1]), flush=True)
     print(
         f"\nvalidation sets (seed {VAL_SEED}, {args.per_set} each): "

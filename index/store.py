@@ -522,6 +522,13 @@ EXACT_FILE = "vectors.f16.npy"
 DEVICES = ("auto", "cpu", "gpu")
 
 
+def structure_codes(descriptors: np.ndarray) -> np.ndarray:
+    """Packed sign bits (n, d / 8) uint8 of int8 structure descriptors: 1 where a cell is
+    brighter than the picture's mean rank. An unknown (all-zero) row packs to all zeros,
+    about half the bits away from any real picture's."""
+    return np.packbits(np.asarray(descriptors) > 0, axis=1)
+
+
 def gpu_count() -> int:
     """GPUs faiss can use (0 with faiss-cpu, which has no GPU code at all)."""
     get = getattr(faiss, "get_num_gpus", None)
@@ -1031,6 +1038,24 @@ def _search_threads(n_queries: int) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
+def _allowed_selector(
+    allowed: np.ndarray | None, n: int
+) -> tuple[np.ndarray | None, np.ndarray | None, faiss.IDSelector | None]:
+    """(mask, bitmap, selector) for a search limited to the ``allowed`` rows (all None
+    without a mask). The selector holds a raw pointer into ``bitmap``: keep both alive until
+    the search returns."""
+    if allowed is None:
+        return None, None, None
+    mask = np.asarray(allowed)
+    if mask.dtype != np.bool_ or mask.shape != (n,):
+        raise IndexStoreError(
+            f"allowed must be a bool mask of shape ({n},), got {mask.dtype} {mask.shape}"
+        )
+    # IDSelectorBitmap reads bit (i & 7) of byte i >> 3: little bit order.
+    bitmap = np.packbits(mask, bitorder="little")
+    return mask, bitmap, faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap))
+
+
 @dataclass
 class LoadedIndex:
     manifest: Manifest
@@ -1041,6 +1066,7 @@ class LoadedIndex:
     exact: ExactVectors | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _direct_map: bool = field(default=False, init=False, repr=False)
+    _structure_codes: faiss.IndexBinaryFlat | None = field(default=None, init=False, repr=False)
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -1105,18 +1131,7 @@ class LoadedIndex:
         k = min(int(k), n)
         rerank_k = self.rerank_k if rerank_k is None else rerank_k
         depth = min(max(k, rerank_k), n) if self.exact is not None and rerank_k else 0
-        bitmap = None
-        mask = None
-        if allowed is not None:
-            mask = np.asarray(allowed)
-            if mask.dtype != np.bool_ or mask.shape != (n,):
-                raise IndexStoreError(
-                    f"allowed must be a bool mask of shape ({n},), got {mask.dtype} {mask.shape}"
-                )
-            # IDSelectorBitmap reads bit (i & 7) of byte i >> 3: little bit order.
-            bitmap = np.packbits(mask, bitorder="little")
-        # The selector holds a raw pointer into `bitmap`, a local that outlives the search.
-        sel = None if bitmap is None else faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap))
+        mask, _bitmap, sel = _allowed_selector(allowed, n)  # _bitmap outlives the search
         params = self._params(sel, nprobe)
         try:
             with _search_threads(len(q)):
@@ -1132,6 +1147,41 @@ class LoadedIndex:
             return rerank(q, rows, k, self.exact)
         scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
         return scores, rows
+
+    def _structure_index(self) -> faiss.IndexBinaryFlat:
+        structure = self.points.structure
+        if structure is None:
+            raise IndexStoreError(
+                f"index {self.manifest.name}/{self.manifest.version} holds no structure "
+                "descriptors; rebuild it with a release that stores them"
+            )
+        with self._lock:  # built once, on first use: one bit a descriptor cell
+            if self._structure_codes is None:
+                codes = faiss.IndexBinaryFlat(structure.shape[1])
+                for start in range(0, len(structure), _ADD_CHUNK):
+                    codes.add(structure_codes(structure[start : start + _ADD_CHUNK]))
+                self._structure_codes = codes
+            return self._structure_codes
+
+    def search_structure(
+        self, descriptors: np.ndarray, k: int, *, allowed: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Rows (q, k) int64 whose structure descriptors best agree with each query's, by the
+        Hamming distance of their signs (which cells lie above the picture's median
+        luminance): a fast shortlist found without the embedding, for the caller to rank
+        again by the exact correlation. Missing results have row -1."""
+        d = np.asarray(descriptors)
+        codes = self._structure_index()
+        if d.ndim != 2 or d.shape[1] != codes.d:
+            raise IndexStoreError(f"descriptors must have shape (q, {codes.d}), got {d.shape}")
+        if k < 1:
+            raise IndexStoreError(f"k must be >= 1, got {k}")
+        n = len(self)
+        _, _bitmap, sel = _allowed_selector(allowed, n)  # _bitmap outlives the search
+        params = None if sel is None else faiss.SearchParameters(sel=sel)
+        with _search_threads(len(d)):
+            _, rows = codes.search(structure_codes(d), min(int(k), n), params=params)
+        return rows.astype(np.int64, copy=False)
 
     def _filter_fallback(
         self, q: np.ndarray, k: int, mask: np.ndarray

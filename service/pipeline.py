@@ -56,6 +56,9 @@ STAGES = ("retrieve", "refine", "diversify", "verify", "judge", "describe")
 MAX_REFINE_RES = 10
 #: Reference neighbours the structure comparison ranks before ``neighbours`` are kept.
 STRUCTURE_POOL = 50
+#: Reference images found by their structure alone (``LoadedIndex.search_structure``) that
+#: join that shortlist; 0: the embedding's shortlist only.
+STRUCTURE_SEARCH = 50
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,10 @@ class LocateOptions:
     neighbour_temperature: float = 50.0
     #: The neighbours are ranked and weighted by cosine + structure_weight·(rank correlation
     #: of the picture's luminance layout with theirs, ``encoders.structure``), among the
-    #: STRUCTURE_POOL nearest by cosine; 0 (or references without descriptors): cosine only.
-    structure_weight: float = 0.5
+    #: STRUCTURE_POOL nearest by cosine and the STRUCTURE_SEARCH nearest by layout; 0 (or
+    #: references without descriptors): cosine only. Chosen on validation draws
+    #: (bench/tune.py --grid structure).
+    structure_weight: float = 1.0
     #: The optional LLM stages (service/llm_stage.py): proposals that join the candidates,
     #: and a reranking among the returned candidates. Used only when an LLM is configured.
     llm_diversify: bool = True
@@ -586,13 +591,12 @@ class Locator:
             nb_k = min(options.neighbours, len(self.neighbours))
             if structure is not None:  # a deeper shortlist, ranked again in _retrieve
                 nb_k = min(max(nb_k, STRUCTURE_POOL), len(self.neighbours))
+            nb_allowed = self._allowed_rows(options, self.neighbours)
             nb = self.neighbours.search(
-                queries,
-                nb_k,
-                allowed=self._allowed_rows(options, self.neighbours),
-                nprobe=nprobe,
-                rerank_k=options.rerank_k,
+                queries, nb_k, allowed=nb_allowed, nprobe=nprobe, rerank_k=options.rerank_k
             )
+            if structure is not None and STRUCTURE_SEARCH:
+                nb = self._add_structure_matches(queries, structure, nb, nb_allowed)
         gallery_lse = (
             self._gallery_logsumexp(queries, allowed, temperature)
             if options.normalization == "gallery"
@@ -636,6 +640,32 @@ class Locator:
             s.logits = self._logits(s.pool.latlon, s.pool.score, s.support, options)
             s.t = t
         return batch
+
+    def _add_structure_matches(
+        self,
+        queries: np.ndarray,
+        structure: np.ndarray,
+        nb: tuple[np.ndarray, np.ndarray],
+        allowed: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The embedding's reference shortlist ``nb`` (sims, rows), widened by the
+        STRUCTURE_SEARCH references whose luminance layouts best match each picture's, found
+        without the embedding: under a colour change the embedding has not learnt (haze, a
+        false-colour palette) the right reference keeps its layout but not its embedding.
+        Their cosines come from the stored vectors; _retrieve ranks them all together."""
+        assert self.neighbours is not None
+        found = self.neighbours.search_structure(structure, STRUCTURE_SEARCH, allowed=allowed)
+        sims, rows = [], []
+        for i, (s_i, r_i) in enumerate(zip(*nb, strict=True)):
+            new = np.setdiff1d(found[i][found[i] >= 0], r_i)
+            sims.append(np.concatenate([s_i, self.neighbours.vectors(new) @ queries[i]]))
+            rows.append(np.concatenate([r_i, new]))
+        width = max(len(r) for r in rows)
+        out_s = np.full((len(rows), width), -np.inf, dtype=np.float32)
+        out_r = np.full((len(rows), width), -1, dtype=np.int64)
+        for i, (s_i, r_i) in enumerate(zip(sims, rows, strict=True)):
+            out_s[i, : len(s_i)], out_r[i, : len(r_i)] = s_i, r_i
+        return out_s, out_r
 
     def _logits(
         self,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from index.store import (
     WEIGHTS_KEY,
@@ -362,3 +363,39 @@ def test_structure_descriptors_travel_with_the_points(tmp_path: Path) -> None:
             gallery_kind="images",
             h3_resolution=None,
         )
+
+
+def publish_images(root: Path, name: str, n: int, structure: np.ndarray | None = None):
+    """A reference-image index of n random vectors (with these structure descriptors)."""
+    from dataclasses import replace
+
+    points = replace(points_for(n), structure=structure)
+    return publish_index(
+        root, name, unit_vectors(n), points, profile="p", gallery_kind="images", h3_resolution=None
+    )
+
+
+def test_search_structure_finds_the_layout_without_the_embedding(tmp_path: Path) -> None:
+    from encoders.structure import structure_descriptors
+
+    rng = np.random.default_rng(3)
+    pics = [Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)) for _ in range(40)]
+    desc = structure_descriptors(pics)
+    desc[7] = 0  # a reference never described
+    n = len(pics)
+    idx = load_index(tmp_path, publish_images(tmp_path, "refs", n, desc).name)
+    # The same layouts, darker and hazier: ranks keep, the pixel values do not.
+    hazy = [Image.eval(pics[i], lambda v: 60 + v // 3) for i in (3, 20)]
+    rows = idx.search_structure(structure_descriptors(hazy), 2)
+    assert rows.shape == (2, 2) and rows[:, 0].tolist() == [3, 20]
+    allowed = np.ones(n, dtype=bool)
+    allowed[3] = False
+    assert 3 not in idx.search_structure(structure_descriptors(hazy[:1]), 5, allowed=allowed)
+    assert 7 not in idx.search_structure(desc[8:30], 1)  # all-zero row: nobody's match
+    with pytest.raises(IndexStoreError, match="shape"):
+        idx.search_structure(desc[:, :64], 1)
+    with pytest.raises(IndexStoreError, match="bool mask"):
+        idx.search_structure(desc[:1], 1, allowed=np.ones(3, dtype=bool))
+    publish_images(tmp_path, "plain", n)
+    with pytest.raises(IndexStoreError, match="no structure descriptors"):
+        load_index(tmp_path, "plain").search_structure(desc[:1], 1)

@@ -166,6 +166,16 @@ def test_a_batch_gives_each_query_the_answer_it_gets_alone(locator):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+def with_references(locator, root, vectors, points) -> Locator:
+    """``locator`` with a reference-image index of these vectors and points."""
+    publish_index(
+        root, "refs", vectors, points, profile="geoclip", gallery_kind="images", h3_resolution=None
+    )
+    return Locator(
+        locator.model, locator.index, locator.geocoder, neighbours=load_index(root, "refs")
+    )
+
+
 def test_verification_ranks_the_neighbours_by_structure_too(locator, tmp_path):
     """A reference whose picture has the query's layout outranks a closer embedding of
     another picture, by structure_weight x their correlation; at weight 0 it does not."""
@@ -190,18 +200,7 @@ def test_verification_ranks_the_neighbours_by_structure_too(locator, tmp_path):
         country=locator.geocoder.country_codes(latlon),
         structure=structure_descriptors([other_pic, query_pic]),
     )
-    publish_index(
-        tmp_path,
-        "refs",
-        vectors,
-        points,
-        profile="geoclip",
-        gallery_kind="images",
-        h3_resolution=None,
-    )
-    loc = Locator(
-        locator.model, locator.index, locator.geocoder, neighbours=load_index(tmp_path, "refs")
-    )
+    loc = with_references(locator, tmp_path, vectors, points)
     assert loc.compares_structure
     pic = loc.structure([query_pic])
 
@@ -221,3 +220,52 @@ def test_verification_ranks_the_neighbours_by_structure_too(locator, tmp_path):
         LocateOptions(structure_weight=-1).validate(
             max_top_k=10, max_retrieve_k=100, max_nprobe=1, max_rerank_k=0
         )
+
+
+def test_verification_finds_a_reference_by_structure_alone(locator, tmp_path, monkeypatch):
+    """A reference whose embedding is farther than the whole embedding shortlist (as under a
+    colour change the image tower has not learnt) but whose picture has the query's layout
+    is found by the structure search and outranks the decoys; without that search it is
+    never seen."""
+    from PIL import Image
+
+    from encoders.structure import structure_descriptors
+    from service import pipeline
+
+    rng = np.random.default_rng(1)
+    n_decoys = pipeline.STRUCTURE_POOL + 10
+    pics = [
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+        for _ in range(n_decoys + 1)
+    ]
+    q = queries(locator)[:1]  # as if taken in Île-de-France
+    d = q.shape[1]
+
+    def at_cosine(c: float) -> np.ndarray:
+        side = rng.standard_normal(d).astype(np.float32)
+        side -= (side @ q[0]) * q[0]
+        return c * q[0] + np.sqrt(1 - c * c) * side / np.linalg.norm(side)
+
+    vectors = np.stack([at_cosine(0.85) for _ in range(n_decoys)] + [at_cosine(0.6)])
+    latlon = np.array([TRUTHS[1]] * n_decoys + [TRUTHS[0]])  # decoys near Tokyo
+    points = PointTable(
+        ids=np.arange(1, n_decoys + 2),
+        latlon=latlon,
+        country=locator.geocoder.country_codes(latlon),
+        structure=structure_descriptors(pics),
+    )
+    loc = with_references(locator, tmp_path, vectors.astype(np.float32), points)
+    # The query's own picture, in a false-colour rendering: its luminance order is kept.
+    hazy = pics[-1].convert("L").point(lambda v: 40 + v // 2)
+    opts = LocateOptions(return_neighbours=True)
+
+    def located():
+        return loc.locate_embeddings(q, opts, structure=loc.structure([hazy]))[0]
+
+    found = located()
+    assert found.extra["neighbours"][0]["id"] == n_decoys + 1
+    assert found.extra["neighbours"][0]["similarity"] == pytest.approx(0.6, abs=1e-4)
+    assert found.extra["neighbours"][0]["structure"] > 0.95
+    monkeypatch.setattr(pipeline, "STRUCTURE_SEARCH", 0)
+    unseen = located()
+    assert n_decoys + 1 not in [n["id"] for n in unseen.extra["neighbours"]]
