@@ -51,7 +51,7 @@ RUN extras="$EXTRAS" \
     && geoloc profiles
 # The page's static folder: the npm packages and the offline base map (as `make web`).
 COPY --from=web /web/node_modules /app/service/web/node_modules
-RUN python -m service.webpage build && rm -rf /app/service/web/node_modules
+RUN python -m service.api.webpage build && rm -rf /app/service/web/node_modules
 
 # -- model weights: nothing, or a checkpoint baked in (checked against its sha256) ------------
 FROM builder AS weights-none

@@ -22,10 +22,10 @@ $(STAMP): pyproject.toml
 
 # The web page's libraries (npm ci, versions from package-lock.json) and its offline base
 # map, copied into the gitignored service/web/static that the app serves under /web/lib.
-$(WEB_STAMP): $(WEB)/package.json $(WEB)/package-lock.json service/webpage.py | $(STAMP)
+$(WEB_STAMP): $(WEB)/package.json $(WEB)/package-lock.json service/api/webpage.py | $(STAMP)
 	@command -v npm >/dev/null || $(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES=nodejs
 	cd $(WEB) && npm ci --no-audit --no-fund --loglevel=error
-	$(BIN)/python -m service.webpage build
+	$(BIN)/python -m service.api.webpage build
 	touch $(WEB_STAMP)
 
 web: $(WEB_STAMP)

@@ -36,7 +36,7 @@ from tilesets import (
     tileset,
 )
 
-from service.pipeline import LocateOptions, Locator
+from service.engine.locator import LocateOptions, Locator
 
 
 def one(locator: Locator, image: Image.Image, options: LocateOptions) -> tuple[float, dict]:

@@ -41,12 +41,12 @@ from encoders.train import jitter_latlon  # noqa: E402
 from index.geo import haversine_km  # noqa: E402
 from index.geocode import ReverseGeocoder  # noqa: E402
 from index.store import load_index  # noqa: E402
-from service.app import create_app  # noqa: E402
+from service.api.main import create_app  # noqa: E402
+from service.config import Settings  # noqa: E402
 from service.db import upgrade  # noqa: E402
-from service.engine import GallerySpec, build_index  # noqa: E402
-from service.evaluation import summarize_distances  # noqa: E402
-from service.pipeline import Locator  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from service.engine.loading import GallerySpec, build_index  # noqa: E402
+from service.engine.locator import Locator  # noqa: E402
+from service.jobs.scores import summarize_distances  # noqa: E402
 
 OFF = {"llm_diversify": "false", "llm_rerank": "false"}
 

@@ -71,10 +71,10 @@ from encoders.bluemarble import (
 )
 from encoders.model import sha256_file
 from index.geo import is_land
-from service.evaluation import THRESHOLDS_KM, errors_km, summarize_distances
-from service.images import read_image_file
-from service.pipeline import LocateOptions, LocateResult, Locator
-from service.training import TEST_STYLE
+from service.engine.images import read_image_file
+from service.engine.locator import LocateOptions, LocateResult, Locator
+from service.jobs.scores import THRESHOLDS_KM, errors_km, summarize_distances
+from service.jobs.training import TEST_STYLE
 
 #: Seeds of this bench's own draws, distinct from training (0), the test (12345), the
 #: references (777) and calibration (4242).

@@ -30,11 +30,11 @@ from encoders.model import read_checkpoint
 from encoders.profiles import WEIGHTS_DIR
 from encoders.structure import structure_descriptors
 from index.store import latest_version, list_indexes
-from service.datasets import LabelledImage, read_labelled_csv
-from service.engine import GallerySpec, add_reference_images, build_index, load_locator
-from service.pipeline import Locator
-from service.settings import Settings
-from service.training import REFERENCE_STYLE, TEST_STYLE, TRAIN_STYLE, write_bluemarble_set
+from service.config import Settings
+from service.engine.loading import GallerySpec, add_reference_images, build_index, load_locator
+from service.engine.locator import Locator
+from service.jobs.datasets import LabelledImage, read_labelled_csv
+from service.jobs.training import REFERENCE_STYLE, TEST_STYLE, TRAIN_STYLE, write_bluemarble_set
 
 OUT = Path(__file__).resolve().parent / "out"
 #: Training draws its tiles from seeds derived from 0 (docs/TRAINING.md); calibration and
@@ -201,8 +201,8 @@ def served_locator(
 def _calibrate(settings: Settings, model: GeoModel, rows: Sequence[LabelledImage]) -> None:
     """Fit and store the default index's calibration unless it has one (`geoloc setup`'s step,
     through the same domain function)."""
-    from service.calibration import list_calibrations
-    from service.evalrun import fit_calibration
+    from service.engine.calibration import list_calibrations
+    from service.jobs.evaluate import fit_calibration
 
     name = settings.default_index
     if list_calibrations(settings.data_dir, name, latest_version(settings.index_dir, name)):

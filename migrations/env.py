@@ -13,7 +13,7 @@ from alembic import context
 from sqlalchemy.engine import Connection, Engine
 
 from service.db import make_engine
-from service.models import Base
+from service.db.models import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -29,7 +29,7 @@ def _url() -> str:
     if url:
         return url
     # Imported here: Settings pulls in the model code (torch), slow and not needed otherwise.
-    from service.settings import Settings
+    from service.config import Settings
 
     return Settings().db_url
 

@@ -16,7 +16,7 @@ down_revision: str | Sequence[str] | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# service.models.UTCDateTime is this type plus UTC handling in Python; revisions must not
+# service.db.models.UTCDateTime is this type plus UTC handling in Python; revisions must not
 # import the models (they change after the revision is written).
 UTC_DATETIME = sa.DateTime(timezone=True)
 

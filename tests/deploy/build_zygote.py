@@ -1,6 +1,6 @@
 """Runs `geoloc ...` commands in forked children of one process that has already imported
 geoloc, so that each run costs the command's own work, not seconds of imports, and can be
-SIGKILLed at a chosen moment. The children run the real CLI code (service.cli.app).
+SIGKILLed at a chosen moment. The children run the real CLI code (service.cli.main.app).
 
 Protocol: one JSON object per stdin line, ``{"args": [...], "kill_after": seconds|null,
 "log": path}``; one JSON line back per command, ``{"pid", "status", "killed", "seconds",
@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from index.geocode import ReverseGeocoder
-from service.cli import app  # the imports are the point: paid once, before any fork
+from service.cli.main import app  # the imports are the point: paid once, before any fork
 
 
 def run(args: list[str], kill_after: float | None, log: str) -> dict[str, object]:

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from encoders.bluemarble import render_tile
-from service.settings import Settings
+from service.config import Settings
 from tests.conftest import fresh_postgres_database
 from tests.deploy.cluster import (
     ROOT,

@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from service.cli import app
-from service.settings import Settings
+from service.cli.main import app
+from service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()

@@ -23,6 +23,9 @@ import pytest
 from sqlalchemy import select
 
 from index.store import list_indexes, load_index
+from service.api.problems import PROBLEM_MEDIA_TYPE as PROBLEM
+from service.api.problems import DatabaseUnavailableError
+from service.config import Settings
 from service.db import (
     IndexBuildLockedError,
     activate_index,
@@ -32,10 +35,7 @@ from service.db import (
     make_sessionmaker,
     wait_for_database,
 )
-from service.models import Prediction
-from service.problems import PROBLEM_MEDIA_TYPE as PROBLEM
-from service.problems import DatabaseUnavailableError
-from service.settings import Settings
+from service.db.models import Prediction
 from tests.deploy.cluster import ROOT, Load, PrivatePostgres, Replica, running, wait_until
 from tests.deploy.conftest import INDEX, Cluster
 

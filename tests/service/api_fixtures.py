@@ -20,14 +20,14 @@ from api_helpers import IndexData, api_settings
 from fastapi.testclient import TestClient
 
 from encoders import GeoModel, load_model
-from service.app import create_app
-from service.datasets import read_labelled_csv
+from service.api.main import create_app
+from service.config import Settings
 from service.db import upgrade
-from service.engine import GallerySpec, build_index, load_locator
-from service.evalrun import fit_calibration
-from service.pipeline import Locator
-from service.settings import Settings
-from service.training import write_bluemarble_set
+from service.engine.loading import GallerySpec, build_index, load_locator
+from service.engine.locator import Locator
+from service.jobs.datasets import read_labelled_csv
+from service.jobs.evaluate import fit_calibration
+from service.jobs.training import write_bluemarble_set
 
 #: The fitted verdict of the tests: held-out tiles and generated negatives per kind.
 FIT_TILES = 300

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from encoders.bluemarble import render_tile
-from service.settings import Settings
+from service.config import Settings
 
 PROBLEM = "application/problem+json"
 TYPE_BASE = "https://geoloc.dev/problems/"

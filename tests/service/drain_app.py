@@ -9,7 +9,7 @@ import threading
 
 import uvicorn
 
-from service.server import DrainingServer
+from service.api.server import DrainingServer
 
 
 class State:

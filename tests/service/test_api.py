@@ -16,7 +16,8 @@ from api_helpers import IndexData, assert_problem, tile_bytes
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 
-from service.app import create_app
+from service.api.main import create_app
+from service.config import Settings
 from service.db import (
     activate_index,
     create_api_key,
@@ -25,7 +26,6 @@ from service.db import (
     sync_index_versions,
     upgrade,
 )
-from service.settings import Settings
 
 pytest_plugins = ["api_fixtures"]  # the bluemarble model, index and app fixtures
 
@@ -440,14 +440,14 @@ def test_serve_runs_uvicorn_with_the_app_factory(monkeypatch):
     import uvicorn
     from typer.testing import CliRunner
 
-    from service import cli
+    from service.cli import main as cli
 
     calls: dict = {}
     monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: calls.update(args=a, kwargs=kw))
     monkeypatch.setenv("GEOLOC_PORT", "9123")
     result = CliRunner().invoke(cli.app, ["serve", "--workers", "2"])
     assert result.exit_code == 0, result.output
-    assert calls["args"] == ("service.app:create_app",)
+    assert calls["args"] == ("service.api.main:create_app",)
     kw = calls["kwargs"]
     assert kw["factory"] is True and kw["workers"] == 2
     assert (kw["host"], kw["port"]) == ("127.0.0.1", 9123)

@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, settings
 from PIL import Image
 from schemathesis.config import SchemathesisConfig
 
-from service.app import create_app
+from service.api.main import create_app
+from service.config import Settings
 from service.db import upgrade
-from service.settings import Settings
 from tests.net import free_port
 
 pytest_plugins = ["api_fixtures"]  # the bluemarble model, index and app fixtures

@@ -12,8 +12,8 @@ from sqlalchemy import update
 
 from index.geo import haversine_km
 from service.db import make_engine
-from service.evaluation import area_to_truth, report
-from service.models import Prediction
+from service.db.models import Prediction
+from service.jobs.scores import area_to_truth, report
 
 pytest_plugins = ["api_fixtures"]
 

@@ -14,9 +14,9 @@ from api_helpers import assert_problem, tile_bytes
 from PIL import Image
 
 from encoders.bluemarble import render_tile
-from service.batching import MicroBatcher
-from service.pipeline import LocateOptions, Locator
-from service.problems import OverloadedError
+from service.api.problems import OverloadedError
+from service.engine.batching import MicroBatcher
+from service.engine.locator import LocateOptions, Locator
 
 pytest_plugins = ["api_fixtures"]  # the bluemarble model, index and app fixtures
 

@@ -9,9 +9,9 @@ from encoders.bluemarble import TileStyle, iter_tiles, luma, render_tile, rotate
 from index.geo import haversine_km
 from index.geocode import ReverseGeocoder
 from index.store import load_index
-from service.engine import GallerySpec, build_index
-from service.pipeline import LocateOptions, Locator
-from service.settings import Settings
+from service.config import Settings
+from service.engine.loading import GallerySpec, build_index
+from service.engine.locator import LocateOptions, Locator
 
 PLACES = {
     "Sahara": (23.0, 12.0),

@@ -13,10 +13,10 @@ import numpy as np
 from PIL import Image
 
 from index.store import STRUCTURE_FILE, PointTable, list_indexes, publish_index
-from service.bootstrap import served_version
-from service.calibration import list_calibrations
-from service.engine import load_locator
-from service.settings import Settings
+from service.config import Settings
+from service.engine.calibration import list_calibrations
+from service.engine.loading import load_locator
+from service.jobs.setup import served_version
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {
@@ -30,7 +30,7 @@ def _setup(data: Path) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GEOLOC_")}
     env |= {**SMALL, "GEOLOC_DATA_DIR": str(data)}
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "setup"],
+        [sys.executable, "-m", "service.cli.main", "setup"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -10,9 +10,8 @@ import pytest
 
 from encoders import GeoModel
 from index.store import list_indexes
+from service.config import Settings
 from service.db import (
-    _MIGRATION_LOCK_KEY,
-    _WRITE_OPTION,
     IndexBuildLockedError,
     current_revision,
     head_revision,
@@ -20,8 +19,9 @@ from service.db import (
     make_engine,
     upgrade,
 )
-from service.engine import GallerySpec, build_index
-from service.settings import Settings
+from service.db.schema import _MIGRATION_LOCK_KEY
+from service.db.session import _WRITE_OPTION
+from service.engine.loading import GallerySpec, build_index
 
 pytest_plugins = ["api_fixtures"]
 

@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 
 from encoders import load_model
 from encoders.bluemarble import render_tile
-from service.calibration import (
+from service.cli.main import app
+from service.config import Settings
+from service.engine.calibration import (
     CalibrationError,
     list_calibrations,
     load_calibration,
@@ -21,10 +23,8 @@ from service.calibration import (
     save_calibration,
     top1,
 )
-from service.cli import app
-from service.engine import GallerySpec, build_index, load_locator
-from service.settings import Settings
-from service.training import write_bluemarble_set
+from service.engine.loading import GallerySpec, build_index, load_locator
+from service.jobs.training import write_bluemarble_set
 
 runner = CliRunner()
 TILES = 200  # per set: enough for a stable ECE, small enough for a test

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from index.store import Manifest
 from service import db
-from service.cli import app
+from service.cli.main import app
+from service.db.models import ApiKey, Feedback, IndexVersion, Prediction
 from service.errors import InvalidOptionError, NotFoundError
-from service.models import ApiKey, Feedback, IndexVersion, Prediction
 
 PARIS = (48.8566, 2.3522)
 LONDON = (51.5074, -0.1278)
@@ -498,7 +498,7 @@ def test_cli_index_build_records_the_version(
     monkeypatch: pytest.MonkeyPatch,
     publish_tiny_index: Callable[..., Manifest],
 ) -> None:
-    import service.cli as cli_module
+    import service.cli.main as cli_module
 
     # The model and the encoding are not under test here: publish a tiny index instead.
     built: list[Manifest] = []

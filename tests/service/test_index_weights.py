@@ -20,8 +20,15 @@ from encoders import GeoModel, get_profile, load_model, save_checkpoint
 from encoders.model import RANDOM_WEIGHTS, sha256_file
 from encoders.profiles import WEIGHTS_DIR, build_model, weights_id
 from index.store import IndexWeightsError, list_indexes
-from service.bootstrap import run_setup, served_version
-from service.calibration import (
+from service.config import Settings
+from service.db import (
+    activate_index,
+    make_engine,
+    make_sessionmaker,
+    sync_index_versions,
+    upgrade,
+)
+from service.engine.calibration import (
     Calibration,
     CalibrationError,
     list_calibrations,
@@ -29,12 +36,11 @@ from service.calibration import (
     save_calibration,
     weights_label,
 )
-from service.db import activate_index, make_engine, make_sessionmaker, sync_index_versions, upgrade
-from service.engine import GallerySpec, add_reference_images, build_index, load_locator
+from service.engine.loading import GallerySpec, add_reference_images, build_index, load_locator
 from service.errors import GeolocError, IndexRefusedError
-from service.refjobs import EncoderSpec, ShardEncoder, prepare_job
-from service.settings import Settings
-from service.training import write_bluemarble_set
+from service.jobs.references import EncoderSpec, ShardEncoder, prepare_job
+from service.jobs.setup import run_setup, served_version
+from service.jobs.training import write_bluemarble_set
 
 GALLERY = "default-bluemarble"
 REFS = "refs-bluemarble"
@@ -298,8 +304,8 @@ def test_setup_rebuilds_a_gallery_that_records_no_weights(
 def test_a_replica_refuses_to_swap_to_or_activate_a_version_of_other_weights(
     tmp_path: Path, bundled: GeoModel, retrained: GeoModel, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from service import operations
-    from service.serving import build_state
+    from service.api import operations
+    from service.api.runtime import build_state
 
     s = Settings(data_dir=tmp_path)
     good = build_index(s, GALLERY, GallerySpec("h3", 0), model=bundled, progress=False)

@@ -17,7 +17,7 @@ import pytest
 from llm_server import ChatServer, Reply, answer
 from PIL import Image
 
-from service.llm import (
+from service.engine.llm_client import (
     ChatClient,
     CircuitBreaker,
     LLMCallError,
@@ -26,7 +26,7 @@ from service.llm import (
     LLMTimeoutError,
     LLMUnavailableError,
 )
-from service.llm_stage import image_data_url
+from service.engine.llm_stages import image_data_url
 
 pytest_plugins = ["llm_fixtures"]  # the `chat` fixture: the scripted server
 

@@ -20,8 +20,8 @@ from PIL import Image
 
 from encoders.bluemarble import render_tile
 from index.geo import haversine_km
-from service.llm_stage import RerankReport, apply_rerank, parse_point, parse_ranking
-from service.pipeline import Candidate
+from service.engine.llm_stages import RerankReport, apply_rerank, parse_point, parse_ranking
+from service.engine.locator import Candidate
 
 # The bluemarble model, index and app fixtures; `chat`, the scripted LLM server.
 pytest_plugins = ["api_fixtures", "llm_fixtures"]

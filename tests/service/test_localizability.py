@@ -23,9 +23,18 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from index.store import new_version
-from service import localizability as L
-from service import operations
-from service.calibration import (
+from service.api import operations
+from service.cli.main import app
+from service.config import Settings
+from service.db import (
+    activate_index,
+    make_engine,
+    make_sessionmaker,
+    sync_index_versions,
+    upgrade,
+)
+from service.engine import localizability as L
+from service.engine.calibration import (
     NEGATIVES_SEED,
     CalibrationError,
     list_calibrations,
@@ -33,13 +42,10 @@ from service.calibration import (
     save_calibration,
     weights_label,
 )
-from service.cli import app
-from service.datasets import read_labelled_csv
-from service.db import activate_index, make_engine, make_sessionmaker, sync_index_versions, upgrade
-from service.engine import load_locator
-from service.negatives import KINDS, kinds_for, negatives
-from service.settings import Settings
-from service.training import write_bluemarble_set
+from service.engine.loading import load_locator
+from service.engine.negatives import KINDS, kinds_for, negatives
+from service.jobs.datasets import read_labelled_csv
+from service.jobs.training import write_bluemarble_set
 
 pytest_plugins = ["api_fixtures"]  # the model, its two index versions, a fitted verdict
 

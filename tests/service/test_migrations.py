@@ -14,7 +14,6 @@ from sqlalchemy import insert, inspect, select
 from sqlalchemy.exc import IntegrityError
 
 from service.db import (
-    MIGRATIONS_DIR,
     SchemaNotAtHeadError,
     check_at_head,
     current_revision,
@@ -23,7 +22,8 @@ from service.db import (
     make_engine,
     upgrade,
 )
-from service.models import ApiKey, Base, IndexVersion
+from service.db.models import ApiKey, Base, IndexVersion
+from service.db.schema import MIGRATIONS_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = {"index_versions", "reference_images", "predictions", "feedback", "api_keys"}

@@ -12,8 +12,8 @@ from index.gallery import encode_gallery, h3_gallery
 from index.geo import BBox, haversine_km, latlon_to_cells
 from index.geocode import ReverseGeocoder
 from index.store import PointTable, load_index, publish_index
+from service.engine.locator import LocateOptions, Locator
 from service.errors import InvalidOptionError
-from service.pipeline import LocateOptions, Locator
 
 TRUTHS = np.array(
     [
@@ -230,7 +230,7 @@ def test_verification_finds_a_reference_by_structure_alone(locator, tmp_path, mo
     from PIL import Image
 
     from encoders.structure import structure_descriptors
-    from service import pipeline
+    from service.engine import locator as pipeline
 
     rng = np.random.default_rng(1)
     n_decoys = pipeline.STRUCTURE_POOL + 10

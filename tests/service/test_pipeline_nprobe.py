@@ -6,7 +6,7 @@ import pytest
 from index.gallery import encode_gallery, h3_gallery
 from index.geocode import ReverseGeocoder
 from index.store import PointTable, VectorChunk, load_index, publish_index, publish_index_chunked
-from service.pipeline import LocateOptions, Locator
+from service.engine.locator import LocateOptions, Locator
 
 
 @pytest.fixture(scope="module")

@@ -22,20 +22,20 @@ from encoders.bluemarble import TileStyle, write_tileset
 from encoders.model import resolve_device
 from encoders.structure import structure_descriptors
 from index.store import EXACT_FILE, STRUCTURE_FILE, list_indexes, load_index
-from service.datasets import DatasetError
-from service.engine import add_reference_images
+from service.config import Settings
+from service.engine.loading import add_reference_images
 from service.errors import GeolocError, InputImageError
-from service.refjobs import (
+from service.jobs.datasets import DatasetError
+from service.jobs.references import (
     ShardEncoder,
     choose_runner,
     prepare_job,
     read_reference_table,
     read_uri,
 )
-from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-GEOLOC = [sys.executable, "-m", "service.cli"]
+GEOLOC = [sys.executable, "-m", "service.cli.main"]
 STYLE = TileStyle(size=32, scale=(1.5, 1.5), augment=False)
 
 
@@ -256,7 +256,7 @@ def test_a_second_table_adds_to_the_index_and_can_compress_it(tmp_path, model):
 
 
 def _spec(s: Settings):
-    from service.refjobs import EncoderSpec
+    from service.jobs.references import EncoderSpec
 
     return EncoderSpec(
         profile="bluemarble",
@@ -338,9 +338,9 @@ def _kill_session(sid: int) -> None:
 
 
 def test_nprobe_per_request_is_bounded_by_the_setting():
-    from service.api_models import LocateRequestOptions
+    from service.api.operations import locate_options
+    from service.api.schemas import LocateRequestOptions
     from service.errors import InvalidOptionError
-    from service.operations import locate_options
 
     s = Settings(max_nprobe=256)
     assert s.locate_options().nprobe == 0  # the index's own
@@ -352,9 +352,9 @@ def test_nprobe_per_request_is_bounded_by_the_setting():
 
 
 def test_rerank_k_per_request_is_bounded_by_the_setting():
-    from service.api_models import LocateRequestOptions
+    from service.api.operations import locate_options
+    from service.api.schemas import LocateRequestOptions
     from service.errors import InvalidOptionError
-    from service.operations import locate_options
 
     s = Settings(max_rerank_k=500)
     assert s.locate_options().rerank_k is None  # the index's own

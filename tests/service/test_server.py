@@ -1,4 +1,4 @@
-"""The replica's shutdown (service/server.py) with real sockets: a connection made while the
+"""The replica's shutdown (service/api/server.py) with real sockets: a connection made while the
 listener closes is either served or refused (safe to retry elsewhere), never reset after its
 request was written."""
 
@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from service.server import accept_queue_length, refuse_new_connections
+from service.api.server import accept_queue_length, refuse_new_connections
 from tests.deploy.cluster import ROOT
 from tests.net import free_port
 

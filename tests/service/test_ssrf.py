@@ -12,9 +12,9 @@ from typing import ClassVar
 import pytest
 from api_helpers import assert_problem, tile_bytes
 
-from service import urlfetch
-from service.problems import UrlRefusedError
-from service.urlfetch import address_refused, resolve_public
+from service.api import urlfetch
+from service.api.problems import UrlRefusedError
+from service.api.urlfetch import address_refused, resolve_public
 
 pytest_plugins = ["api_fixtures"]  # the bluemarble model, index and app fixtures
 

@@ -16,10 +16,10 @@ from encoders.model import save_checkpoint
 from encoders.profiles import build_model
 from index.geocode import ReverseGeocoder
 from index.store import load_index
-from service.cli import app as cli_app
-from service.engine import GallerySpec, build_index
-from service.pipeline import LocateOptions, Locator
-from service.settings import Settings
+from service.cli.main import app as cli_app
+from service.config import Settings
+from service.engine.loading import GallerySpec, build_index
+from service.engine.locator import LocateOptions, Locator
 from tests.text_profile import TINY_TEXT, registered
 
 pytest_plugins = ["api_fixtures"]  # the bluemarble model, index and app fixtures

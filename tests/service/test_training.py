@@ -9,7 +9,7 @@ from encoders.bluemarble import iter_tiles, sample_centres
 from encoders.profiles import build_model
 from encoders.train import TrainConfig, contrastive_loss, train
 from index.geo import is_land
-from service.training import TEST_STYLE, bluemarble_source, export_weights
+from service.jobs.training import TEST_STYLE, bluemarble_source, export_weights
 
 CONFIG = TrainConfig(epochs=1, batch_size=32, steps_per_epoch=10, lr=2e-3, queue_size=64, seed=3)
 PROFILE = get_profile("bluemarble").to_dict()

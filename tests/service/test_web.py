@@ -1,7 +1,7 @@
 """The web page at / end to end: Debian's headless Chromium, driven by Playwright, against
 `geoloc serve` started as a real process on loopback with the bundled bluemarble model.
 
-Needs the built page assets (`make install`: npm ci + python -m service.webpage build) and
+Needs the built page assets (`make install`: npm ci + python -m service.api.webpage build) and
 /usr/bin/chromium (`make system-deps`); without either these tests are skipped, saying why.
 Screenshots are written under the test's tmp_path (the path is printed; `pytest -s` shows it).
 """
@@ -24,11 +24,11 @@ from PIL import Image
 
 from encoders.bluemarble import render_tile
 from index.geo import haversine_km
-from service.app import create_app
+from service.api.main import create_app
+from service.api.webpage import NODE_MODULES, missing_assets
+from service.config import Settings
 from service.db import create_api_key, make_engine, make_sessionmaker
-from service.negatives import negatives
-from service.settings import Settings
-from service.webpage import NODE_MODULES, missing_assets
+from service.engine.negatives import negatives
 from tests.deploy.cluster import Replica, replica_env
 from tests.net import free_port
 

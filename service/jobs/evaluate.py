@@ -1,5 +1,5 @@
 """Run a Locator over a labelled image set and measure it (``geoloc eval``, ``geoloc
-calibrate``): the metrics themselves are in service/evaluation.py."""
+calibrate``): the metrics themselves are in service/jobs/scores.py."""
 
 from __future__ import annotations
 
@@ -11,20 +11,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.datasets import LabelledImage
-from service.evaluation import (
+from service.engine.images import read_image_files
+from service.engine.locator import LocateOptions, LocateResult, Locator
+from service.jobs.datasets import LabelledImage
+from service.jobs.scores import (
     THRESHOLDS_KM,
     errors_km,
     region_areas,
     report,
     summarize_distances,
 )
-from service.images import read_image_files
-from service.pipeline import LocateOptions, LocateResult, Locator
 
 if TYPE_CHECKING:
-    from service.calibration import Calibration
-    from service.settings import Settings
+    from service.config import Settings
+    from service.engine.calibration import Calibration
 
 
 @dataclass
@@ -58,7 +58,7 @@ def embed_rows(
     """Read and embed the images in batches; unreadable ones become problem lines. With
     ``image_stats``, also the pictures' localizability statistics; where the locator
     compares structure, their structure descriptors."""
-    from service.localizability import image_statistics_many
+    from service.engine.localizability import image_statistics_many
 
     kept: list[LabelledImage] = []
     vectors: list[np.ndarray] = []
@@ -136,7 +136,7 @@ def localizability_summary(
     """Verdict counts, abstentions, and accuracy on the answered share (the answers that did
     not abstain) beside accuracy on all images: coverage against accuracy. None when no answer
     carries a verdict. ``d_km``: the top-1 errors of the results with candidates (``has``)."""
-    from service.localizability import VERDICTS
+    from service.engine.localizability import VERDICTS
 
     verdicts = [r.localizability for r in results]
     judged = [v for v in verdicts if v is not None]
@@ -249,7 +249,7 @@ def fit_calibration(
 
     from encoders.model import sha256_file
     from index.store import new_version
-    from service.calibration import (
+    from service.engine.calibration import (
         Calibration,
         fit_localizability_for,
         fit_temperature,

@@ -21,7 +21,7 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.problems import PROBLEM_BASE, PROBLEM_MEDIA_TYPE
+from service.api.problems import PROBLEM_BASE, PROBLEM_MEDIA_TYPE
 
 _STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 

@@ -2,7 +2,7 @@
 front-end libraries from npm and an offline base map, built into a static folder.
 
     make install                      # npm ci in service/web, then:
-    python -m service.webpage build   # copy the libraries, downscale Blue Marble once
+    python -m service.api.webpage build   # copy the libraries, downscale Blue Marble once
 
 The built folder (``service/web/static`` unless GEOLOC_WEB_ASSETS_DIR) is gitignored. When it
 is incomplete the app still starts and ``/`` says how to build it.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-WEB_DIR = Path(__file__).resolve().parent / "web"
+WEB_DIR = Path(__file__).resolve().parents[1] / "web"
 PAGE_DIR = WEB_DIR / "page"  # our own files, committed
 NODE_MODULES = WEB_DIR / "node_modules"
 DEFAULT_ASSETS_DIR = WEB_DIR / "static"
@@ -54,7 +54,7 @@ VENDORED: tuple[Vendored, ...] = (
 )
 
 BUILD_HINT = (
-    "make install    (runs `npm ci` in service/web, then `python -m service.webpage build`)"
+    "make install    (runs `npm ci` in service/web, then `python -m service.api.webpage build`)"
 )
 
 
@@ -119,12 +119,12 @@ base map in <code>{html.escape(str(assets_dir))}</code>. Build them with</p>
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m service.webpage", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m service.api.webpage", description=__doc__)
     ap.add_argument("command", choices=["build"])
     ap.add_argument("--out", type=Path, default=None, help="static folder (default: settings)")
     args = ap.parse_args(argv)
     if args.out is None:
-        from service.settings import Settings
+        from service.config import Settings
 
         args.out = Settings().web_assets_path
     try:

@@ -15,13 +15,13 @@ over cheap features:
 
 The classifier (standardised features -> one hidden tanh layer -> logistic) is trained with
 outlier exposure: positives are held-out pictures of the model's domain, negatives are
-synthetic pictures of other kinds (service/negatives.py), never natural photos. Two thresholds
-fitted on a validation split make the verdict: ``not_locatable`` below ``t_low`` (about 2 % of
-in-domain pictures fall there), ``located`` from ``t_high`` (at most about 1 % of negatives
-reach it, and the least typical tenth of in-domain pictures stays below it), ``uncertain``
-between: pictures that look like the domain, but less so than most it knows. The fitted
-model is plain arrays in JSON, stored in the calibration artifact (service/calibration.py)
-beside the index version.
+synthetic pictures of other kinds (service/engine/negatives.py), never natural photos. Two
+thresholds fitted on a validation split make the verdict: ``not_locatable`` below ``t_low``
+(about 2 % of in-domain pictures fall there), ``located`` from ``t_high`` (at most about 1 % of
+negatives reach it, and the least typical tenth of in-domain pictures stays below it),
+``uncertain`` between: pictures that look like the domain, but less so than most it knows. The
+fitted model is plain arrays in JSON, stored in the calibration artifact
+(service/engine/calibration.py) beside the index version.
 
 No HTTP and no database here; torch is used only to fit.
 """

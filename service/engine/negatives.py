@@ -1,5 +1,5 @@
 """Synthetic pictures that are no view of the model's domain: the negatives of the
-localizability verdict's outlier exposure (service/localizability.py).
+localizability verdict's outlier exposure (service/engine/localizability.py).
 
 Every kind is drawn in code from a seeded random stream (numpy + PIL, nothing downloaded), at a
 random size and aspect ratio, and most are JPEG-compressed at a random quality, so that the

@@ -41,11 +41,11 @@ from index.store import (
     latest_version,
     list_indexes,
 )
-from service.settings import Settings
+from service.config import Settings
 
 #: Profiles that can render their own reference and held-out images.
 SELF_DATA_PROFILES = frozenset({"bluemarble"})
-#: Style of the held-out calibration tiles (service/training.py): in-domain with training's
+#: Style of the held-out calibration tiles (service/jobs/training.py): in-domain with training's
 #: changes of sensor, colour and zoom, what the localizability model is fitted on.
 HELD_OUT_KIND = "train"
 
@@ -76,7 +76,7 @@ class _Model:
 
     def get(self) -> Any:
         if self._model is None:
-            from service.engine import load_geomodel
+            from service.engine.loading import load_geomodel
 
             self._model = load_geomodel(self.settings)
         return self._model
@@ -152,7 +152,12 @@ def _stale(m: Manifest, weights: str) -> str:
 def _activate_in_place(s: Settings, name: str, old: str, new: str, echo: Echo) -> bool:
     """Activate ``new`` when the database names ``old`` the active version of ``name`` (else
     the newest version is served, which ``new`` is); True when it did."""
-    from service.db import activate_index, active_index_version, make_engine, make_sessionmaker
+    from service.db import (
+        activate_index,
+        active_index_version,
+        make_engine,
+        make_sessionmaker,
+    )
 
     engine = make_engine(s.db_url, s.database_wait_s)
     try:
@@ -204,7 +209,7 @@ def _gallery(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
                 "weights"
             )
         echo(f"{name}/{version} {stale}: building a new version (the old one is kept)")
-    from service.engine import GallerySpec, build_index
+    from service.engine.loading import GallerySpec, build_index
 
     echo(f"building {name}: H3 land cells at res {s.default_res}")
     m = build_index(
@@ -226,7 +231,7 @@ def _tiles(out: Path, count: int, *, seed: int, kind: str, progress: bool, echo:
     if csv.is_file() and sum(1 for _ in csv.open()) == count + 1:
         echo(f"reusing {count} {kind} tiles in {out}")
         return csv
-    from service.training import write_bluemarble_set
+    from service.jobs.training import write_bluemarble_set
 
     shutil.rmtree(out, ignore_errors=True)
     echo(f"rendering {count} {kind} tiles into {out}")
@@ -261,7 +266,7 @@ def _references(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
         return "skipped (GEOLOC_SETUP_REFERENCE_TILES=0)" + (
             f"; {name}/{old.version} {stale}" if old is not None else ""
         )
-    from service.engine import add_reference_images
+    from service.engine.loading import add_reference_images
 
     out = s.data_dir / "setup" / "references"
     csv = _tiles(
@@ -319,7 +324,7 @@ def served_version(s: Settings, name: str) -> str:
 
 
 def _calibration(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
-    from service.calibration import list_calibrations, weights_label
+    from service.engine.calibration import list_calibrations, weights_label
 
     if s.calibration != "latest":
         return f"skipped (GEOLOC_CALIBRATION={s.calibration})"
@@ -345,9 +350,9 @@ def _calibration(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
         return "skipped (GEOLOC_SETUP_CALIBRATION_TILES=0)"
     from tqdm import tqdm
 
-    from service.datasets import read_labelled_csv
-    from service.engine import load_locator
-    from service.evalrun import fit_calibration
+    from service.engine.loading import load_locator
+    from service.jobs.datasets import read_labelled_csv
+    from service.jobs.evaluate import fit_calibration
 
     csv = _tiles(
         s.data_dir / "setup" / "calibration",

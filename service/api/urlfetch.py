@@ -22,8 +22,8 @@ from urllib.parse import urljoin, urlsplit
 import anyio
 import httpx
 
+from service.api.problems import UrlFetchError, UrlRefusedError
 from service.errors import ImageTooLargeError
-from service.problems import UrlFetchError, UrlRefusedError
 
 MAX_REDIRECTS = 3
 REDIRECTS = frozenset({301, 302, 303, 307, 308})

@@ -25,9 +25,9 @@ import numpy as np
 from PIL import Image
 
 from encoders.structure import structure_descriptors
-from service.localizability import image_statistics_many
-from service.pipeline import LocateOptions, LocateResult, Locator
-from service.problems import DeadlineExceededError, OverloadedError
+from service.api.problems import DeadlineExceededError, OverloadedError
+from service.engine.localizability import image_statistics_many
+from service.engine.locator import LocateOptions, LocateResult, Locator
 
 log = logging.getLogger(__name__)
 

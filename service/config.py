@@ -10,7 +10,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.pipeline import LocateOptions
+from service.engine.locator import LocateOptions
 
 _DEFAULTS = LocateOptions()
 
@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     )
 
     # -- pipeline defaults (a request may override within the limits) ---------------------
-    # Same names and defaults as LocateOptions; see service/pipeline.py for meanings.
+    # Same names and defaults as LocateOptions; see service/engine/locator.py for meanings.
     top_k: int = _DEFAULTS.top_k
     retrieve_k: int = _DEFAULTS.retrieve_k
     refine_beam: int = _DEFAULTS.refine_beam
@@ -324,7 +324,7 @@ class Settings(BaseSettings):
     web_assets_dir: Path | None = Field(
         None,
         description="Built libraries and base map of the web page at /; empty: "
-        "service/web/static (python -m service.webpage build).",
+        "service/web/static (python -m service.api.webpage build).",
     )
 
     # -- deployment (several replicas behind a load balancer) ---------------------------
@@ -373,7 +373,7 @@ class Settings(BaseSettings):
 
     @property
     def web_assets_path(self) -> Path:
-        from service.webpage import DEFAULT_ASSETS_DIR
+        from service.api.webpage import DEFAULT_ASSETS_DIR
 
         return self.web_assets_dir or DEFAULT_ASSETS_DIR
 

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Protocol
 
-from service.problems import RateLimitedError
+from service.api.problems import RateLimitedError
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The HTTP API (FastAPI). Routes are thin: parse, then call one function in service/operations.
 
-    uvicorn --factory service.app:create_app      (or: geoloc serve)
+    uvicorn --factory service.api.main:create_app      (or: geoloc serve)
 
-Every error is an ``application/problem+json`` body (service/problems.py; docs/API.md lists
+Every error is an ``application/problem+json`` body (service/api/problems.py; docs/API.md lists
 the types). State lives in one ServiceState on ``app.state.service``; dependencies hand
 routes what they need.
 """
@@ -32,8 +32,25 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import operations as ops
-from service.api_models import (
+from service.api import operations as ops
+from service.api.bodylimit import BodyLimitMiddleware
+from service.api.metrics import MetricsMiddleware
+from service.api.problems import (
+    PROBLEM_MEDIA_TYPE,
+    DatabaseUnavailableError,
+    ForbiddenError,
+    HttpProblem,
+    InvalidRequestError,
+    MissingImageError,
+    Problem,
+    TooManyImagesError,
+    UnauthorizedError,
+    UnsupportedContentTypeError,
+    openapi_problems,
+    problem_response,
+)
+from service.api.runtime import ServiceState, build_state
+from service.api.schemas import (
     ActivateIn,
     ActivateOut,
     BatchResponse,
@@ -50,28 +67,11 @@ from service.api_models import (
     TextLocateRequest,
     UrlLocateRequest,
 )
-from service.bodylimit import BodyLimitMiddleware
+from service.api.webpage import PAGE_DIR, missing_assets, not_built_page
+from service.config import Settings
 from service.db import authenticate
+from service.engine.locator import LocateOptions, Locator
 from service.errors import GeolocError, InvalidOptionError
-from service.metrics import MetricsMiddleware
-from service.pipeline import LocateOptions, Locator
-from service.problems import (
-    PROBLEM_MEDIA_TYPE,
-    DatabaseUnavailableError,
-    ForbiddenError,
-    HttpProblem,
-    InvalidRequestError,
-    MissingImageError,
-    Problem,
-    TooManyImagesError,
-    UnauthorizedError,
-    UnsupportedContentTypeError,
-    openapi_problems,
-    problem_response,
-)
-from service.serving import ServiceState, build_state
-from service.settings import Settings
-from service.webpage import PAGE_DIR, missing_assets, not_built_page
 
 log = logging.getLogger("geoloc.http")
 

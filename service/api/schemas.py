@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from service.llm_stage import LLMReport
-from service.problems import Problem
+from service.api.problems import Problem
+from service.engine.llm_stages import LLMReport
 
 _STRICT_FLOATS = ConfigDict(allow_inf_nan=False)
 ISO2 = r"^[A-Za-z]{2}$"

@@ -33,11 +33,11 @@ from index.store import (
     publish_index_chunked,
     remove_unfinished,
 )
-from service.calibration import Calibration, load_calibration, weights_label
+from service.config import Settings
 from service.db import index_build_lock
+from service.engine.calibration import Calibration, load_calibration, weights_label
+from service.engine.locator import Locator
 from service.errors import GeolocError, IndexRefusedError
-from service.pipeline import Locator
-from service.settings import Settings
 
 
 def set_torch_threads(settings: Settings) -> None:
@@ -262,7 +262,7 @@ def add_reference_images(
     unless ``replace`` or they were embedded with other weights than the model's (they would
     be another model's vectors); the new version's manifest then says so (``left_out``).
 
-    The work is a resumable job (service/refjobs.py): shards with done-markers, encoded in
+    The work is a resumable job (service/jobs/references.py): shards with done-markers, encoded in
     this process or on Ray (``runner``; 'auto' picks Ray at GEOLOC_REFS_RAY_MIN_ROWS rows),
     on ``device`` ('auto': CUDA when a GPU is visible; default GEOLOC_DEVICE).
     Bad rows are listed in the job's report, never stop it. Above
@@ -270,7 +270,7 @@ def add_reference_images(
     """
     from tqdm import tqdm
 
-    from service import refjobs
+    from service.jobs import references as refjobs
 
     name = name or f"refs-{model.profile}"
     with index_build_lock(settings.db_url, name, settings.database_connect_timeout_s):
@@ -351,7 +351,7 @@ def _publish_references(
     settings: Settings, name: str, job: Any, *, model: GeoModel, factory: str, replace: bool
 ) -> Manifest:
     """The previous version's images plus the job's shards, as one new index version."""
-    from service import refjobs
+    from service.jobs import references as refjobs
 
     try:
         old = load_index(

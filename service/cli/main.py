@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from encoders import get_profile, list_profiles
 from index.geo import BBox
 from index.store import list_indexes
-from service.datasets import read_labelled_csv
+from service.config import Settings
 from service.db import (
     SchemaNotAtHeadError,
     activate_index,
@@ -38,17 +38,17 @@ from service.db import (
     upgrade,
     wait_for_database,
 )
-from service.engine import (
+from service.engine.images import read_image_files
+from service.engine.loading import (
     GallerySpec,
     build_index,
     load_geomodel,
     load_locator,
     verify_published,
 )
+from service.engine.locator import text_query
 from service.errors import GeolocError
-from service.images import read_image_files
-from service.pipeline import text_query
-from service.settings import Settings
+from service.jobs.datasets import read_labelled_csv
 
 app = typer.Typer(
     help="geoloc: image geolocation (retrieval over a GPS gallery).",
@@ -324,7 +324,7 @@ def _read_eval_rows(data: Path, skip_bad: bool, limit: int) -> list[Any]:
 def _embed_rows(
     loc: Any, rows: list[Any], s: Settings, batch_size: int, image_stats: bool = False
 ) -> Any:
-    from service.evalrun import embed_rows
+    from service.jobs.evaluate import embed_rows
 
     with typer.progressbar(length=len(rows), label="encoding", file=sys.stderr) as bar:
         emb = embed_rows(
@@ -386,7 +386,7 @@ def eval_cmd(
     """Top-1 distance table (1/25/200/750/2500 km, median, GeoScore) overall, by continent
     and by country; Recall-vs-Area of the ranked region; calibration (ECE) of the top-1
     probability; optional PNG figures."""
-    from service.evalrun import eval_options, format_report, measure
+    from service.jobs.evaluate import eval_options, format_report, measure
 
     s = settings()
     other = _read_report(compare) if compare is not None else None
@@ -432,7 +432,7 @@ def eval_cmd(
         **rep,
     }
     if plots is not None:
-        from service.plots import write_plots
+        from service.jobs.plots import write_plots
 
         runs = [(rep["label"], rep)] + ([(other["label"], other)] if other else [])
         for path in write_plots(runs, plots):
@@ -491,8 +491,8 @@ def calibrate_cmd(
     store them, versioned, beside the index version; the service and `geoloc eval` use the
     newest one."""
     from encoders import get_profile
-    from service.evalrun import fit_calibration
-    from service.negatives import kinds_for
+    from service.engine.negatives import kinds_for
+    from service.jobs.evaluate import fit_calibration
 
     s = settings().model_copy(update={"calibration": "off"})
     rows = _read_eval_rows(data, skip_bad, limit)
@@ -528,7 +528,7 @@ def calibrate_cmd(
         f"mean probability {a['mean_confidence']:.3f}"
     )
     if cal.localizability is not None:
-        from service.localizability import fit_lines
+        from service.engine.localizability import fit_lines
 
         for line in fit_lines(cal.localizability):
             typer.echo(f"  {line}")
@@ -553,7 +553,7 @@ def data_bluemarble(
     ] = "test",
 ) -> None:
     """Write Blue Marble tiles (JPEG) and labels.csv (image,lat,lon)."""
-    from service.training import write_bluemarble_set
+    from service.jobs.training import write_bluemarble_set
 
     csv = write_bluemarble_set(out, count, seed=seed, kind=kind)
     typer.echo(f"wrote {count} {kind} tiles and {csv}")
@@ -585,8 +585,8 @@ def train_cmd(
     """Contrastive image<->GPS alignment; a checkpoint every epoch."""
     from encoders.profiles import build_model, get_profile
     from encoders.train import TrainConfig
-    from service.engine import set_torch_threads
-    from service.training import TrainJob, export_weights, run_training
+    from service.engine.loading import set_torch_threads
+    from service.jobs.training import TrainJob, export_weights, run_training
 
     s = settings()
     set_torch_threads(s)
@@ -682,7 +682,7 @@ def images_add(
     Resumable: run the same command again after an interruption and the finished shards
     are kept. Bad rows are listed in the job's bad_rows.csv and never stop the job.
     """
-    from service.engine import add_reference_images
+    from service.engine.loading import add_reference_images
 
     s = settings()
     model = load_geomodel(s, profile or None)
@@ -879,7 +879,7 @@ def setup_cmd() -> None:
     calibration (bluemarble renders its own tiles for both). Each step is skipped when its
     result exists and was made with the model's weights (else a new version is built beside
     it); an interrupted run resumes."""
-    from service.bootstrap import run_setup
+    from service.jobs.setup import run_setup
 
     run_setup(settings(), echo=typer.echo)
 
@@ -907,7 +907,7 @@ def serve_cmd(
 
     On SIGTERM: /readyz turns 503, in-flight requests finish (GEOLOC_SHUTDOWN_GRACE_S), exit.
     """
-    from service.server import prepare_database, serve
+    from service.api.server import prepare_database, serve
 
     s = settings()
     if s.migrate_on_start if migrate is None else migrate:

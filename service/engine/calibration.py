@@ -8,8 +8,8 @@ rows), the options and weights used, when, and the fit's before/after figures. P
 index files are never touched; a new fit is a new version, written atomically.
 
 Format 2 adds ``localizability``: the verdict fitted on the same held-out pictures (the
-in-domain positives) against generated negatives (service/localizability.py), or null. Format-1
-files still load, without a verdict.
+in-domain positives) against generated negatives (service/engine/localizability.py), or
+null. Format-1 files still load, without a verdict.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from index.geo import haversine_km
+from service.engine.localizability import LocalizabilityModel
+from service.engine.locator import LocateOptions, Locator, merge_places, nms_owners
 from service.errors import GeolocError
-from service.evaluation import reliability
-from service.localizability import LocalizabilityModel
-from service.pipeline import LocateOptions, Locator, merge_places, nms_owners
+from service.jobs.scores import reliability
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -307,8 +307,8 @@ def fit_localizability_for(
     and embeddings) against ``per_kind`` generated negatives of each kind of the profile's
     domain, which go through the same model and index."""
     from encoders import get_profile
-    from service.localizability import fit_localizability, image_statistics_many
-    from service.negatives import kinds_for, negatives
+    from service.engine.localizability import fit_localizability, image_statistics_many
+    from service.engine.negatives import kinds_for, negatives
 
     profile = get_profile(locator.model.profile)
     pos = locator.judge_features(vectors, image_stats, options)

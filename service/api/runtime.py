@@ -19,7 +19,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from encoders import GeoModel
 from index.store import load_index
-from service.batching import MicroBatcher
+from service.api.metrics import Metrics
+from service.api.problems import DatabaseUnavailableError, NotReadyError
+from service.api.ratelimit import RateLimiter, make_limiter
+from service.config import Settings
 from service.db import (
     active_index_version,
     check_at_head,
@@ -28,14 +31,11 @@ from service.db import (
     make_engine,
     make_sessionmaker,
 )
-from service.engine import calibration_for, load_geomodel, load_locator
+from service.engine.batching import MicroBatcher
+from service.engine.llm_stages import LLMStage
+from service.engine.loading import calibration_for, load_geomodel, load_locator
+from service.engine.locator import Locator
 from service.errors import GeolocError
-from service.llm_stage import LLMStage
-from service.metrics import Metrics
-from service.pipeline import Locator
-from service.problems import DatabaseUnavailableError, NotReadyError
-from service.ratelimit import RateLimiter, make_limiter
-from service.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -3,14 +3,15 @@
 Joins the encoders (image and GPS towers) and the index (gallery search, H3,
 geocoding). No HTTP here: the CLI and the web service both call ``Locator.locate``.
 
-``judge`` is the localizability verdict (service/localizability.py), fitted with the
+``judge`` is the localizability verdict (service/engine/localizability.py), fitted with the
 calibration: from the pictures' statistics and the shape of the answer it says whether this
 model can locate the picture at all; below its threshold the answer abstains (candidates
 flagged unreliable, no region, no country probabilities).
 
 A result keeps its query's verified pool (``LocateResult.draft``), so ``Locator.revise`` can
-finish the query again with extra candidate points (the LLM's proposals, service/llm_stage.py):
-they are scored by the GPS tower and verified like every other candidate.
+finish the query again with extra candidate points (the LLM's proposals,
+service/engine/llm_stages.py): they are scored by the GPS tower and verified like every other
+candidate.
 """
 
 from __future__ import annotations
@@ -39,17 +40,17 @@ from index.geo import (
 from index.geocode import ReverseGeocoder
 from index.region import country_distribution, uncertainty_region
 from index.store import LoadedIndex
-from service.errors import InvalidOptionError, TextQueryUnsupportedError
-from service.localizability import (
+from service.engine.localizability import (
     GALLERY_K,
     NEIGHBOURS_K,
     LocalizabilityModel,
     answer_features,
     image_statistics_many,
 )
+from service.errors import InvalidOptionError, TextQueryUnsupportedError
 
 if TYPE_CHECKING:
-    from service.calibration import Calibration
+    from service.engine.calibration import Calibration
 
 STAGES = ("retrieve", "refine", "diversify", "verify", "judge", "describe")
 #: The finest H3 resolution refinement descends to (~0.1 km² cells).
@@ -100,7 +101,7 @@ class LocateOptions:
     #: references without descriptors): cosine only. Chosen on validation draws
     #: (bench/tune.py --grid structure).
     structure_weight: float = 1.0
-    #: The optional LLM stages (service/llm_stage.py): proposals that join the candidates,
+    #: The optional LLM stages (service/engine/llm_stages.py): proposals that join the candidates,
     #: and a reranking among the returned candidates. Used only when an LLM is configured.
     llm_diversify: bool = True
     llm_rerank: bool = True
@@ -197,8 +198,8 @@ class LocateResult:
     extra: dict[str, Any] = field(default_factory=dict)
     #: The query's verified pool, for ``Locator.revise``; never serialised.
     draft: _Scored | None = field(default=None, repr=False)
-    #: The verdict ``{"score", "verdict", "reason", "abstained"}`` (service/localizability.py);
-    #: None without a fitted model or for text queries.
+    #: The verdict ``{"score", "verdict", "reason", "abstained"}``
+    #: (service/engine/localizability.py); None without a fitted model or for text queries.
     localizability: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -51,9 +51,9 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from encoders import get_profile
-from service.llm import ChatClient, LLMConfig, LLMError, log
-from service.pipeline import Candidate, LocateOptions, LocateResult, Locator
-from service.settings import Settings
+from service.config import Settings
+from service.engine.llm_client import ChatClient, LLMConfig, LLMError, log
+from service.engine.locator import Candidate, LocateOptions, LocateResult, Locator
 
 Status = Literal["ran", "skipped", "failed"]
 

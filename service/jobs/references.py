@@ -46,10 +46,10 @@ import pyarrow.parquet as pq
 from encoders.model import sha256_file
 from encoders.structure import STRUCTURE_DIM, structure_descriptors
 from index.gallery import LAT_HEADERS, LON_HEADERS, find_column
-from service.datasets import _IMAGE_COLS as IMAGE_COLUMNS
-from service.datasets import DatasetError
+from service.engine.images import decode_image
 from service.errors import GeolocError, InputImageError
-from service.images import decode_image
+from service.jobs.datasets import _IMAGE_COLS as IMAGE_COLUMNS
+from service.jobs.datasets import DatasetError
 
 URI_COLUMNS = ("uri", "url", *IMAGE_COLUMNS)
 ID_COLUMNS = ("id", "image_id", "photo_id")

@@ -34,10 +34,10 @@ from types import FrameType
 
 import uvicorn
 
-from service.app import create_app
+from service.api.main import create_app
+from service.api.runtime import ServiceState
+from service.config import Settings
 from service.db import display_url, upgrade, wait_for_database
-from service.serving import ServiceState
-from service.settings import Settings
 
 #: At most this long for the connections the kernel queued before new ones were refused to be
 #: accepted, and again for connections accepted just before the listener closed to begin their
@@ -146,7 +146,7 @@ def serve(s: Settings, *, host: str, port: int, workers: int, log_level: str) ->
         # uvicorn's own supervisor runs the workers: graceful (in-flight requests finish within
         # the grace period) but without the readiness flag or the drain.
         uvicorn.run(
-            "service.app:create_app",
+            "service.api.main:create_app",
             factory=True,
             host=host,
             port=port,

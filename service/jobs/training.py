@@ -16,9 +16,9 @@ from encoders.bluemarble import TileStyle, iter_tiles, sample_centres, write_til
 from encoders.model import read_checkpoint
 from encoders.train import EpochSource, TrainConfig, TrainReport, train
 from index.geo import is_land
-from service.datasets import read_labelled_csv
+from service.engine.images import read_image_file
 from service.errors import GeolocError
-from service.images import read_image_file
+from service.jobs.datasets import read_labelled_csv
 
 #: Tiles for training, drawn afresh: views about 210 to 2,400 km wide (log-uniform), and
 #: besides the held-out test's changes, renderings of other sensors and colour balances

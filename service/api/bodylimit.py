@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.problems import RequestTooLargeError, problem_response
+from service.api.problems import RequestTooLargeError, problem_response
 
 
 class _BodyTooLarge(Exception):

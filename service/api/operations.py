@@ -1,4 +1,4 @@
-"""What each HTTP endpoint does, without HTTP: the routes in service/app.py parse the request
+"""What each HTTP endpoint does, without HTTP: the routes in service/api/main.py parse the request
 and call exactly one function here.
 
 Locate records a prediction row when it can. When the database is unavailable (down, or its
@@ -27,7 +27,16 @@ from encoders import get_profile
 from index.geo import BBox, GeoError
 from index.store import LoadedIndex
 from service import db
-from service.api_models import (
+from service.api.metrics import Metrics
+from service.api.problems import (
+    InvalidBase64Error,
+    NotReadyError,
+    Problem,
+    UrlFetchDisabledError,
+    problem_dict,
+)
+from service.api.runtime import ServiceState
+from service.api.schemas import (
     ActivateOut,
     BatchItem,
     BatchResponse,
@@ -45,23 +54,14 @@ from service.api_models import (
     RequestCount,
     StatsOut,
 )
-from service.engine import verify_published
+from service.api.urlfetch import fetch_image
+from service.config import Settings
+from service.engine.images import decode_image, image_text
+from service.engine.llm_stages import LLMReport
+from service.engine.llm_stages import skipped as llm_skipped
+from service.engine.loading import verify_published
+from service.engine.locator import LocateOptions, LocateResult, Locator, text_query
 from service.errors import GeolocError, ImageTooLargeError, InvalidOptionError, NotFoundError
-from service.images import decode_image, image_text
-from service.llm_stage import LLMReport
-from service.llm_stage import skipped as llm_skipped
-from service.metrics import Metrics
-from service.pipeline import LocateOptions, LocateResult, Locator, text_query
-from service.problems import (
-    InvalidBase64Error,
-    NotReadyError,
-    Problem,
-    UrlFetchDisabledError,
-    problem_dict,
-)
-from service.serving import ServiceState
-from service.settings import Settings
-from service.urlfetch import fetch_image
 
 log = logging.getLogger(__name__)
 
