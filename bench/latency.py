@@ -36,7 +36,8 @@ from tilesets import (
     tileset,
 )
 
-from service.engine.locator import LocateOptions, Locator
+from service.engine.locator import Locator
+from service.engine.options import LocateOptions
 
 
 def one(locator: Locator, image: Image.Image, options: LocateOptions) -> tuple[float, dict]:

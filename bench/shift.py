@@ -72,8 +72,9 @@ from encoders.bluemarble import (
 from encoders.model import sha256_file
 from index.geo import is_land
 from service.engine.images import read_image_file
-from service.engine.locator import LocateOptions, LocateResult, Locator
-from service.jobs.scores import THRESHOLDS_KM, errors_km, summarize_distances
+from service.engine.locator import LocateResult, Locator
+from service.engine.options import LocateOptions
+from service.engine.scores import THRESHOLDS_KM, errors_km, summarize_distances
 from service.jobs.training import TEST_STYLE
 
 #: Seeds of this bench's own draws, distinct from training (0), the test (12345), the

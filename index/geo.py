@@ -137,7 +137,7 @@ def latlon_to_cells(latlon: Any, res: int) -> np.ndarray:
     )
 
 
-def cell_children(cells: Any, res: int) -> tuple[np.ndarray, np.ndarray]:
+def cell_to_children(cells: Any, res: int) -> tuple[np.ndarray, np.ndarray]:
     """All children at `res` of every cell: (parent_index, child), both (m,).
 
     parent_index[j] is the position in `cells` of child[j]'s parent. Pentagons have
@@ -158,12 +158,17 @@ def cell_children(cells: Any, res: int) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(np.arange(len(parts)), counts), np.concatenate(parts)
 
 
-def cell_center_children(cells: Any, res: int) -> np.ndarray:
+def cell_to_center_child(cells: Any, res: int) -> np.ndarray:
     """The centre child at `res` of each cell (int64): it shares its parent's centre."""
     res = _check_res(res)
     return np.fromiter(
         (h3i.cell_to_center_child(c, res) for c in _as_cell_ints(cells)), dtype=np.uint64
     ).view(np.int64)
+
+
+# Old names, still used outside index/ (service/engine/locator.py).
+cell_children = cell_to_children
+cell_center_children = cell_to_center_child
 
 
 def cell_area_km2(cells: Any) -> np.ndarray:

@@ -10,9 +10,11 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.engine.locator import LocateOptions
+from service.engine.options import LocateOptions
 
 _DEFAULTS = LocateOptions()
+#: Where ``python -m service.api.webpage build`` puts the page's built files (gitignored).
+DEFAULT_WEB_ASSETS_DIR = Path(__file__).resolve().parent / "web" / "static"
 
 
 class Settings(BaseSettings):
@@ -373,9 +375,7 @@ class Settings(BaseSettings):
 
     @property
     def web_assets_path(self) -> Path:
-        from service.api.webpage import DEFAULT_ASSETS_DIR
-
-        return self.web_assets_dir or DEFAULT_ASSETS_DIR
+        return self.web_assets_dir or DEFAULT_WEB_ASSETS_DIR
 
     def locate_options(self, **overrides: object) -> LocateOptions:
         """Defaults from settings, overridden per call, then checked against the limits."""

@@ -1,10 +1,13 @@
 """One error type for everything a user can get wrong.
 
 Each error has a stable ``type`` slug (the problem+json ``type`` in the HTTP API and
-the prefix of CLI messages), an HTTP status and a human ``detail``.
+the prefix of CLI messages), an HTTP status and a human ``detail``; optionally response
+headers (``Retry-After``) and problem+json extension members.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class GeolocError(ValueError):
@@ -12,13 +15,35 @@ class GeolocError(ValueError):
     status: int = 400
     title: str = "Invalid request"
 
-    def __init__(self, detail: str, *, type: str | None = None, status: int | None = None):
+    def __init__(
+        self,
+        detail: str,
+        *,
+        type: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+        extensions: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         if type is not None:
             self.type = type
         if status is not None:
             self.status = status
+        self.headers = headers or {}
+        self.extensions = extensions or {}
+
+
+class OverloadedError(GeolocError):
+    type, status, title = "overloaded", 503, "Service overloaded"
+
+
+class DeadlineExceededError(GeolocError):
+    type, status, title = "timeout", 504, "Request timed out"
+
+
+class DatabaseUnavailableError(GeolocError):
+    type, status, title = "database-unavailable", 503, "Database unavailable"
 
 
 class InputImageError(GeolocError):

@@ -1,5 +1,6 @@
-"""What each HTTP endpoint does, without HTTP: the routes in service/api/main.py parse the request
-and call exactly one function here.
+"""What each HTTP endpoint does, without HTTP: the routes in service/api/routes/ parse the request
+and call exactly one function here (locating), in records.py (predictions, feedback, stats) or
+in serving.py (info, readiness, index activation); their names are importable from here too.
 
 Locate records a prediction row when it can. When the database is unavailable (down, or its
 schema not at head) the answer still comes, with ``prediction_id`` null and a warning: the
@@ -16,52 +17,35 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
 import anyio
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from encoders import get_profile
 from index.geo import BBox, GeoError
-from index.store import LoadedIndex
 from service import db
-from service.api.metrics import Metrics
 from service.api.problems import (
     InvalidBase64Error,
-    NotReadyError,
     Problem,
     UrlFetchDisabledError,
     problem_dict,
 )
+from service.api.records import StatsQuery, prediction_view, stats, submit_feedback
 from service.api.runtime import ServiceState
 from service.api.schemas import (
-    ActivateOut,
     BatchItem,
     BatchResponse,
-    CalibrationInfo,
-    FeedbackOut,
-    IndexInfo,
-    InfoOut,
-    LimitsInfo,
-    LocalizabilityInfo,
     LocateRequestOptions,
     LocateResponse,
-    PredictionOut,
-    ProfileInfo,
-    ReadyOut,
-    RequestCount,
-    StatsOut,
 )
+from service.api.serving import activate_index, readiness, service_info
 from service.api.urlfetch import fetch_image
 from service.config import Settings
 from service.engine.images import decode_image, image_text
 from service.engine.llm_stages import LLMReport
 from service.engine.llm_stages import skipped as llm_skipped
-from service.engine.loading import verify_published
 from service.engine.locator import LocateOptions, LocateResult, Locator, text_query
-from service.errors import GeolocError, ImageTooLargeError, InvalidOptionError, NotFoundError
+from service.errors import GeolocError, ImageTooLargeError, InvalidOptionError
 
 log = logging.getLogger(__name__)
 
@@ -312,161 +296,19 @@ async def locate_url(
     return await locate_bytes(state, data, options, caller, name="the fetched image")
 
 
-# -- predictions, feedback, stats -----------------------------------------------------------------
-
-
-def prediction_view(session: Session, prediction_id: str) -> PredictionOut:
-    row = db.get_prediction(session, prediction_id)
-    if row is None:
-        raise NotFoundError(f"no prediction with id {prediction_id!r}")
-    return PredictionOut(
-        id=row.id,
-        created_at=row.created_at,
-        profile=row.profile,
-        index_version=row.index_version,
-        latency_ms=row.latency_ms,
-        result=row.response,
-    )
-
-
-def submit_feedback(session: Session, prediction_id: str, lat: float, lon: float) -> FeedbackOut:
-    fb = db.add_feedback(session, prediction_id, lat, lon)
-    return FeedbackOut(
-        prediction_id=fb.prediction_id,
-        lat=fb.lat,
-        lon=fb.lon,
-        error_km=fb.error_km,
-        created_at=fb.created_at,
-    )
-
-
-@dataclass(frozen=True)
-class StatsQuery:
-    """The window and the calibration event of /v1/stats (None: the settings' defaults)."""
-
-    since: datetime | None = None
-    until: datetime | None = None
-    within_km: float | None = None
-    bins: int = 10
-
-
-def stats(session: Session, metrics: Metrics, settings: Settings, query: StatsQuery) -> StatsOut:
-    # A window whose end is not after its start is empty: zero predictions, not an error.
-    summary = db.prediction_stats(
-        session,
-        query.since,
-        query.until,
-        within_km=settings.calibration_km if query.within_km is None else query.within_km,
-        bins=query.bins,
-        max_rows=settings.stats_max_predictions,
-    )
-    requests = [RequestCount(**r) for r in metrics.request_counts()]
-    return StatsOut(since=query.since, until=query.until, requests=requests, **summary)
-
-
-# -- service description --------------------------------------------------------------------------
-
-
-def _index_info(index: LoadedIndex) -> IndexInfo:
-    m = index.manifest
-    return IndexInfo(
-        name=m.name,
-        version=m.version,
-        count=m.count,
-        gallery_kind=m.gallery_kind,
-        h3_resolution=m.h3_resolution,
-        factory=m.factory,
-        created_at=m.created_at,
-        nprobe=index.nprobe,
-        rerank_k=index.rerank_k,
-        recall_at_10=m.extra.get("recall_at_10"),
-    )
-
-
-def service_info(s: Settings, loc: Locator) -> InfoOut:
-    p = get_profile(loc.model.profile)
-    return InfoOut(
-        profile=ProfileInfo(
-            name=p.name,
-            description=p.description,
-            purpose=p.purpose,
-            embedding_dim=loc.model.embed_dim,
-        ),
-        index=_index_info(loc.index),
-        reference_index=_index_info(loc.neighbours) if loc.neighbours is not None else None,
-        limits=LimitsInfo(
-            max_image_bytes=s.max_image_bytes,
-            max_image_pixels=s.max_image_pixels,
-            max_request_bytes=s.max_request_bytes,
-            max_batch=s.max_batch,
-            max_top_k=s.max_top_k,
-            rate_limit_per_minute=s.rate_limit_per_minute,
-            request_timeout_s=s.request_timeout_s,
-        ),
-        auth_enabled=s.auth_enabled,
-        url_fetch_enabled=s.url_fetch_enabled,
-        batching_enabled=s.batching_enabled,
-        calibration=None
-        if loc.calibration is None
-        else CalibrationInfo(
-            version=loc.calibration.version,
-            temperature=loc.calibration.temperature,
-            within_km=loc.calibration.within_km,
-            created_at=loc.calibration.created_at,
-            data=loc.calibration.data,
-        ),
-        localizability=_localizability_info(loc),
-    )
-
-
-def _localizability_info(loc: Locator) -> LocalizabilityInfo | None:
-    judge, cal, below = loc.judge, loc.calibration, loc.abstain_threshold
-    if judge is None or cal is None or below is None:
-        return None
-    summary = judge.summary()
-    return LocalizabilityInfo(
-        version=cal.version,
-        created_at=cal.created_at,
-        abstain_below=below,
-        leave_one_kind_out=judge.fit.get("leave_one_kind_out") or None,
-        **summary,
-    )
-
-
-def readiness(state: ServiceState) -> ReadyOut:
-    """200 when model, index and database (at head) are usable; else a 503 naming the parts."""
-    loc = state.locator
-    checks: dict[str, Any] = {
-        "model": "ok" if loc is not None or state.model_loaded else str(state.locator_error),
-        "index": "ok" if loc is not None else str(state.locator_error),
-        "database": "ok" if state.db_error is None else state.db_error,
-        "shutdown": "draining: finishing in-flight requests" if state.draining else "ok",
-    }
-    failed = [k for k, v in checks.items() if v != "ok"]
-    if failed or loc is None:
-        raise NotReadyError(
-            "not ready: " + "; ".join(f"{k}: {checks[k]}" for k in failed),
-            headers={"Retry-After": "5"},
-            extensions={"checks": checks},
-        )
-    return ReadyOut(status="ready", checks=checks, index_version=loc.index_label)
-
-
-def activate_index(state: ServiceState, session: Session, name: str, version: str) -> ActivateOut:
-    """Make name/version the active version (every replica swaps to it at its next poll).
-    A version of the served index built with other weights than the served model's is refused
-    here, not only by each replica's swap."""
-    loc = state.locator
-    weights = loc.model.weights_id if loc is not None and loc.index.manifest.name == name else None
-    verify_published(state.settings, name, version, weights=weights)
-    db.sync_index_versions(session, state.settings.index_dir)
-    row = db.activate_index(session, name, version)
-    state.poke()
-    return ActivateOut(
-        name=row.name,
-        version=row.version,
-        profile=row.profile,
-        gallery_kind=row.gallery_kind,
-        count=row.count,
-        active=True,
-    )
+__all__ = [
+    "Caller",
+    "StatsQuery",
+    "activate_index",
+    "decode_base64",
+    "locate_batch",
+    "locate_bytes",
+    "locate_options",
+    "locate_text",
+    "locate_url",
+    "prediction_view",
+    "readiness",
+    "service_info",
+    "stats",
+    "submit_feedback",
+]

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from starlette.responses import JSONResponse
 
+from service.errors import DatabaseUnavailableError as DatabaseUnavailableError  # re-exported
 from service.errors import GeolocError
 
 PROBLEM_BASE = "https://geoloc.dev/problems/"
@@ -32,20 +33,7 @@ class Problem(BaseModel):
 
 
 class HttpProblem(GeolocError):
-    """A GeolocError with optional response headers and extension members."""
-
-    def __init__(
-        self,
-        detail: str,
-        *,
-        type: str | None = None,
-        status: int | None = None,
-        headers: dict[str, str] | None = None,
-        extensions: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(detail, type=type, status=status)
-        self.headers = headers or {}
-        self.extensions = extensions or {}
+    """A GeolocError that only the HTTP layer raises (body, auth, rate and load limits)."""
 
 
 class InvalidRequestError(HttpProblem):
@@ -84,20 +72,8 @@ class RateLimitedError(HttpProblem):
     type, status, title = "rate-limited", 429, "Too many requests"
 
 
-class OverloadedError(HttpProblem):
-    type, status, title = "overloaded", 503, "Service overloaded"
-
-
 class NotReadyError(HttpProblem):
     type, status, title = "not-ready", 503, "Service not ready"
-
-
-class DatabaseUnavailableError(HttpProblem):
-    type, status, title = "database-unavailable", 503, "Database unavailable"
-
-
-class DeadlineExceededError(HttpProblem):
-    type, status, title = "timeout", 504, "Request timed out"
 
 
 class UrlFetchDisabledError(HttpProblem):

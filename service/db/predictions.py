@@ -19,8 +19,8 @@ from service.db.models import (
     utcnow,
 )
 from service.db.session import _begin_write, _commit
+from service.engine.scores import region_areas, report
 from service.errors import InvalidOptionError, NotFoundError
-from service.jobs.scores import region_areas, report
 
 
 def _float_or_none(value: Any) -> float | None:

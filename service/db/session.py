@@ -22,8 +22,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.problems import DatabaseUnavailableError
-from service.errors import InvalidOptionError
+from service.errors import DatabaseUnavailableError, InvalidOptionError
 
 
 def _parse_url(url: str | URL) -> URL:

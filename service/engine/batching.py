@@ -25,9 +25,10 @@ import numpy as np
 from PIL import Image
 
 from encoders.structure import structure_descriptors
-from service.api.problems import DeadlineExceededError, OverloadedError
 from service.engine.localizability import image_statistics_many
-from service.engine.locator import LocateOptions, LocateResult, Locator
+from service.engine.locator import LocateResult, Locator
+from service.engine.options import LocateOptions
+from service.errors import DeadlineExceededError, OverloadedError
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,8 @@ from pydantic import BaseModel, Field
 from encoders import get_profile
 from service.config import Settings
 from service.engine.llm_client import ChatClient, LLMConfig, LLMError, log
-from service.engine.locator import Candidate, LocateOptions, LocateResult, Locator
+from service.engine.locator import Candidate, LocateResult, Locator
+from service.engine.options import LocateOptions
 
 Status = Literal["ran", "skipped", "failed"]
 

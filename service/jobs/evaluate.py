@@ -1,5 +1,5 @@
 """Run a Locator over a labelled image set and measure it (``geoloc eval``, ``geoloc
-calibrate``): the metrics themselves are in service/jobs/scores.py."""
+calibrate``): the metrics themselves are in service/engine/scores.py."""
 
 from __future__ import annotations
 
@@ -12,15 +12,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service.engine.images import read_image_files
-from service.engine.locator import LocateOptions, LocateResult, Locator
-from service.jobs.datasets import LabelledImage
-from service.jobs.scores import (
+from service.engine.locator import LocateResult, Locator
+from service.engine.options import LocateOptions
+from service.engine.scores import (
     THRESHOLDS_KM,
     errors_km,
     region_areas,
     report,
     summarize_distances,
 )
+from service.jobs.datasets import LabelledImage
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -249,14 +250,8 @@ def fit_calibration(
 
     from encoders.model import sha256_file
     from index.store import new_version
-    from service.engine.calibration import (
-        Calibration,
-        fit_localizability_for,
-        fit_temperature,
-        prepare_cases,
-        save_calibration,
-        weights_label,
-    )
+    from service.engine.calibration import Calibration, save_calibration, weights_label
+    from service.jobs.calibrate import fit_localizability_for, fit_temperature, prepare_cases
 
     opts = settings.locate_options(top_k=1, describe=False)
     per_kind = settings.calibration_negatives if negatives_per_kind is None else negatives_per_kind

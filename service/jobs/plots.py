@@ -19,8 +19,8 @@ from matplotlib.colors import ListedColormap, LogNorm
 from PIL import Image
 
 from index.geo import is_land
+from service.engine.scores import RECALL_LEVELS, THRESHOLDS_KM
 from service.jobs.evaluate import km2
-from service.jobs.scores import RECALL_LEVELS, THRESHOLDS_KM
 
 FILES = {
     "rva": "recall_vs_area.png",

@@ -24,7 +24,6 @@ from sqlalchemy import select
 
 from index.store import list_indexes, load_index
 from service.api.problems import PROBLEM_MEDIA_TYPE as PROBLEM
-from service.api.problems import DatabaseUnavailableError
 from service.config import Settings
 from service.db import (
     IndexBuildLockedError,
@@ -36,6 +35,7 @@ from service.db import (
     wait_for_database,
 )
 from service.db.models import Prediction
+from service.errors import DatabaseUnavailableError
 from tests.deploy.cluster import ROOT, Load, PrivatePostgres, Replica, running, wait_until
 from tests.deploy.conftest import INDEX, Cluster
 

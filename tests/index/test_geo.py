@@ -10,7 +10,8 @@ from index.geo import (
     GeoError,
     all_cells,
     cell_area_km2,
-    cell_children,
+    cell_to_center_child,
+    cell_to_children,
     cell_to_int,
     cells_to_geojson,
     cells_to_latlon,
@@ -84,14 +85,24 @@ def test_latlon_to_cells_and_back():
 
 def test_children_of_res3_cell_at_res5():
     parents = latlon_to_cells([PARIS, LONDON], 3)
-    parent_index, children = cell_children(parents, 5)
+    parent_index, children = cell_to_children(parents, 5)
     assert len(children) == 2 * 49
     assert children.dtype == np.int64
     for i, child in zip(parent_index, children, strict=True):
         assert h3.cell_to_parent(int_to_cell(child), 3) == int_to_cell(parents[i])
     assert np.bincount(parent_index).tolist() == [49, 49]
     with pytest.raises(GeoError):
-        cell_children(parents, 2)
+        cell_to_children(parents, 2)
+
+
+def test_centre_child_is_a_child_with_its_parents_centre():
+    parents = latlon_to_cells([PARIS, LONDON], 3)
+    centre = cell_to_center_child(parents, 5)
+    assert centre.dtype == np.int64 and centre.shape == (2,)
+    parent_index, children = cell_to_children(parents, 5)
+    for i, c in enumerate(centre):
+        assert c in children[parent_index == i]
+    np.testing.assert_allclose(cells_to_latlon(centre), cells_to_latlon(parents), atol=1e-9)
 
 
 def test_cell_area():

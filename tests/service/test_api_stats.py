@@ -13,7 +13,7 @@ from sqlalchemy import update
 from index.geo import haversine_km
 from service.db import make_engine
 from service.db.models import Prediction
-from service.jobs.scores import area_to_truth, report
+from service.engine.scores import area_to_truth, report
 
 pytest_plugins = ["api_fixtures"]
 

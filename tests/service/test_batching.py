@@ -14,9 +14,10 @@ from api_helpers import assert_problem, tile_bytes
 from PIL import Image
 
 from encoders.bluemarble import render_tile
-from service.api.problems import OverloadedError
 from service.engine.batching import MicroBatcher
-from service.engine.locator import LocateOptions, Locator
+from service.engine.locator import Locator
+from service.engine.options import LocateOptions
+from service.errors import OverloadedError
 
 pytest_plugins = ["api_fixtures"]  # the bluemarble model, index and app fixtures
 

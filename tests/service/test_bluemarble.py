@@ -11,7 +11,8 @@ from index.geocode import ReverseGeocoder
 from index.store import load_index
 from service.config import Settings
 from service.engine.loading import GallerySpec, build_index
-from service.engine.locator import LocateOptions, Locator
+from service.engine.locator import Locator
+from service.engine.options import LocateOptions
 
 PLACES = {
     "Sahara": (23.0, 12.0),

@@ -19,11 +19,10 @@ from service.engine.calibration import (
     CalibrationError,
     list_calibrations,
     load_calibration,
-    prepare_cases,
     save_calibration,
-    top1,
 )
 from service.engine.loading import GallerySpec, build_index, load_locator
+from service.jobs.calibrate import prepare_cases, top1
 from service.jobs.training import write_bluemarble_set
 
 runner = CliRunner()

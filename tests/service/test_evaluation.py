@@ -8,7 +8,7 @@ import pytest
 
 from index.geo import cell_area_km2, cells_to_latlon, latlon_to_cells
 from index.geocode import continents
-from service.jobs.scores import (
+from service.engine.scores import (
     AREA_GRID_KM2,
     area_to_truth,
     breakdown,

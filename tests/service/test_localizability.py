@@ -35,7 +35,6 @@ from service.db import (
 )
 from service.engine import localizability as L
 from service.engine.calibration import (
-    NEGATIVES_SEED,
     CalibrationError,
     list_calibrations,
     load_calibration,
@@ -44,6 +43,7 @@ from service.engine.calibration import (
 )
 from service.engine.loading import load_locator
 from service.engine.negatives import KINDS, kinds_for, negatives
+from service.jobs.calibrate import NEGATIVES_SEED
 from service.jobs.datasets import read_labelled_csv
 from service.jobs.training import write_bluemarble_set
 

@@ -8,7 +8,8 @@ from encoders.profiles import geoclip_weight_files
 from index.gallery import csv_gallery, encode_gallery
 from index.geocode import ReverseGeocoder
 from index.store import PointTable, load_index, publish_index
-from service.engine.locator import LocateOptions, Locator
+from service.engine.locator import Locator
+from service.engine.options import LocateOptions
 
 geoclip = pytest.importorskip("geoclip")
 

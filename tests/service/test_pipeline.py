@@ -12,7 +12,8 @@ from index.gallery import encode_gallery, h3_gallery
 from index.geo import BBox, haversine_km, latlon_to_cells
 from index.geocode import ReverseGeocoder
 from index.store import PointTable, load_index, publish_index
-from service.engine.locator import LocateOptions, Locator
+from service.engine.locator import Locator
+from service.engine.options import LocateOptions
 from service.errors import InvalidOptionError
 
 TRUTHS = np.array(

@@ -6,7 +6,8 @@ import pytest
 from index.gallery import encode_gallery, h3_gallery
 from index.geocode import ReverseGeocoder
 from index.store import PointTable, VectorChunk, load_index, publish_index, publish_index_chunked
-from service.engine.locator import LocateOptions, Locator
+from service.engine.locator import Locator
+from service.engine.options import LocateOptions
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,221 @@
+"""The dependencies the routes share: the ServiceState on ``app.state.service`` and what it
+holds (settings, Locator, a database session), the API-key check and rate limit, and the
+readers of the locate bodies (one image, a batch)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import anyio
+from fastapi import Depends, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+from starlette.datastructures import FormData, UploadFile
+
+from service.api import operations as ops
+from service.api.problems import (
+    ForbiddenError,
+    InvalidRequestError,
+    MissingImageError,
+    TooManyImagesError,
+    UnauthorizedError,
+    UnsupportedContentTypeError,
+)
+from service.api.runtime import ServiceState
+from service.api.schemas import LocateJSONRequest, LocateRequestOptions
+from service.config import Settings
+from service.db import authenticate
+from service.engine.locator import LocateOptions, Locator
+
+# -- the state and what it holds ------------------------------------------------------------------
+
+
+def get_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def get_settings(state: StateDep) -> Settings:
+    return state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_locator(state: StateDep) -> Locator:
+    return state.require_locator()
+
+
+LocatorDep = Annotated[Locator, Depends(get_locator)]
+
+
+def get_session(state: StateDep) -> Iterator[Session]:
+    with state.require_sessions()() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+# -- who is calling -------------------------------------------------------------------------------
+
+
+def _presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key", "").strip() or None
+
+
+def _check_key(state: ServiceState, key: str, scope: str) -> int:
+    with state.require_sessions()() as session:
+        row = authenticate(session, key)
+        if row is None:
+            raise UnauthorizedError(
+                "the API key is unknown or revoked",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        if scope not in row.scope_set:
+            raise ForbiddenError(f"the API key lacks the '{scope}' scope")
+        return row.id
+
+
+def require_scope(
+    scope: str,
+) -> Callable[[Request, ServiceState], Coroutine[Any, Any, ops.Caller]]:
+    """Authenticate (when GEOLOC_AUTH_ENABLED) and rate-limit; returns who is calling."""
+
+    async def dependency(request: Request, state: StateDep) -> ops.Caller:
+        client = request.client.host if request.client else None
+        key_id: int | None = None
+        if state.settings.auth_enabled:
+            key = _presented_key(request)
+            if key is None:
+                raise UnauthorizedError(
+                    "send an API key: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+                )
+            key_id = await anyio.to_thread.run_sync(_check_key, state, key, scope)
+        elif scope == "admin":
+            raise ForbiddenError(
+                "admin endpoints need authentication: set GEOLOC_AUTH_ENABLED=true and use a "
+                "key with the admin scope (or `geoloc index activate` on the server)"
+            )
+        if state.limiter is not None:
+            await state.limiter.hit(f"key:{key_id}" if key_id is not None else f"ip:{client}")
+        return ops.Caller(key_id=key_id, client=client)
+
+    return dependency
+
+
+LocateCaller = Annotated[ops.Caller, Depends(require_scope("locate"))]
+AdminCaller = Annotated[ops.Caller, Depends(require_scope("admin"))]
+QueryOptions = Annotated[LocateRequestOptions, Query()]
+PredictionId = Annotated[str, Path(min_length=1, max_length=64)]
+
+# -- the locate bodies ----------------------------------------------------------------------------
+
+
+def _invalid_request(exc: ValidationError, where: str) -> RequestValidationError:
+    return RequestValidationError(
+        [{**e, "loc": (where, *e["loc"])} for e in exc.errors(include_url=False)]
+    )
+
+
+async def _read_upload(upload: UploadFile, limit: int) -> bytes:
+    # One byte over the limit is enough for decode_image to refuse it by size.
+    return await upload.read(limit + 1)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    data: bytes
+    filename: str | None
+    options: LocateOptions
+
+
+def _only_fields(form: FormData, name: str) -> None:
+    unknown = sorted({key for key in form if key != name})
+    if unknown:
+        raise InvalidRequestError(
+            f"unexpected multipart field(s) {unknown[:5]}; send only '{name}' "
+            "(options go in the query string)"
+        )
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_image_input(
+    request: Request, settings: SettingsDep, query: QueryOptions
+) -> ImageInput:
+    """The one image of /v1/locate: multipart ``file`` or JSON ``image_base64``.
+
+    Options come from the query string; in a JSON body they may also be body fields (which win).
+    """
+    ctype = _content_type(request)
+    if ctype == "application/json" or ctype.endswith("+json"):
+        raw = await request.body()
+        try:
+            body = LocateJSONRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise _invalid_request(exc, "body") from None
+        merged = {**query.model_dump(exclude_none=True), **body.model_dump(exclude_none=True)}
+        merged.pop("image_base64")
+        opts = ops.locate_options(settings, LocateRequestOptions(**merged))
+        data = ops.decode_base64(body.image_base64, settings.max_image_bytes)
+        return ImageInput(data=data, filename=None, options=opts)
+    if ctype == "multipart/form-data":
+        opts = ops.locate_options(settings, query)
+        async with request.form(max_files=16, max_fields=64) as form:
+            files = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
+            if not files:
+                raise MissingImageError("send the image as the multipart field 'file'")
+            _only_fields(form, "file")
+            if len(files) > 1:
+                raise MissingImageError(
+                    "one 'file' per request; send several to POST /v1/locate/batch as 'files'",
+                    type="too-many-images",
+                )
+            data = await _read_upload(files[0], settings.max_image_bytes)
+            return ImageInput(data=data, filename=files[0].filename, options=opts)
+    raise UnsupportedContentTypeError(
+        f"send multipart/form-data (field 'file') or application/json (image_base64), "
+        f"not {ctype or 'no content type'!r}"
+    )
+
+
+ImageDep = Annotated[ImageInput, Depends(read_image_input)]
+
+
+async def read_batch_input(
+    request: Request, settings: SettingsDep, query: QueryOptions
+) -> tuple[list[tuple[str | None, bytes]], LocateOptions]:
+    if _content_type(request) != "multipart/form-data":
+        raise UnsupportedContentTypeError(
+            "send the images as multipart/form-data, each in a field named 'files'"
+        )
+    opts = ops.locate_options(settings, query)
+    # The parser's own limits (400 beyond them) sit above ours, so that a few files too many
+    # get the clearer too-many-images problem.
+    async with request.form(max_files=settings.max_batch + 16, max_fields=64) as form:
+        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+        if not files:
+            raise MissingImageError("send the images as multipart fields named 'files'")
+        _only_fields(form, "files")
+        if len(files) > settings.max_batch:
+            raise TooManyImagesError(
+                f"at most {settings.max_batch} images per batch (GEOLOC_MAX_BATCH)"
+            )
+        return [(f.filename, await _read_upload(f, settings.max_image_bytes)) for f in files], opts
+
+
+BatchDep = Annotated[
+    tuple[list[tuple[str | None, bytes]], LocateOptions], Depends(read_batch_input)
+]

@@ -1,0 +1,117 @@
+"""The options of one locate request: the one place each is declared, with its default.
+
+Settings (service/config.py) take their defaults from here, the HTTP request model
+(service/api/schemas.py) and the CLI expose a subset, and tests/service/test_options.py checks
+that they agree. This module stays light (no torch, no faiss): the settings import it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from index.geo import BBox
+from service.errors import InvalidOptionError
+
+
+@dataclass(frozen=True)
+class LocateOptions:
+    """Per-request knobs. Defaults come from Settings; limits are checked in ``validate``."""
+
+    top_k: int = 5
+    retrieve_k: int = 128
+    refine: bool = True
+    diversify: bool = True
+    verify: bool = True
+    describe: bool = True
+    #: Start cells to descend from, beam width under each, and levels below the gallery res.
+    refine_beam: int = 5
+    refine_width: int = 2
+    refine_levels: int = 3
+    #: Resolution at which CSV-gallery points enter the H3 hierarchy for refinement.
+    refine_start_res: int = 4
+    #: Candidates closer than this to a better one are merged into it.
+    nms_km: float = 50.0
+    region_share: float = 0.9
+    region_res: int = 3
+    #: "candidates": softmax over the candidate set; "gallery": over the whole gallery
+    #: (GeoCLIP's normalisation, for comparison).
+    normalization: str = "candidates"
+    bbox: BBox | None = None
+    countries: tuple[str, ...] = ()
+    #: Reference images to retrieve (G3's Geo-alignment); 0 turns the stage part off.
+    neighbours: int = 10
+    return_neighbours: bool = False
+    #: Verification adds weight·log(kernel density of the neighbours) to each logit;
+    #: neighbours are weighted by softmax(temperature·image similarity).
+    neighbour_weight: float = 1.0
+    neighbour_kernel_km: float = 50.0
+    neighbour_temperature: float = 50.0
+    #: The neighbours are ranked and weighted by cosine + structure_weight·(rank correlation
+    #: of the picture's luminance layout with theirs, ``encoders.structure``), among the
+    #: STRUCTURE_POOL nearest by cosine and the STRUCTURE_SEARCH nearest by layout; 0 (or
+    #: references without descriptors): cosine only. Chosen on validation draws
+    #: (bench/tune.py --grid structure).
+    structure_weight: float = 1.0
+    #: The optional LLM stages (service/engine/llm_stages.py): proposals that join the candidates,
+    #: and a reranking among the returned candidates. Used only when an LLM is configured.
+    llm_diversify: bool = True
+    llm_rerank: bool = True
+    #: Softmax temperature of verification (logits / temperature); None: the locator's
+    #: calibration (``geoloc calibrate``), 1.0 without one.
+    temperature: float | None = None
+    #: IVF lists searched in a compressed index (gallery and reference images); 0: the
+    #: index's own default, recorded in its manifest with the recall measured there.
+    nprobe: int = 0
+    #: Best candidates of a compressed index re-scored with its exact vectors (read from
+    #: disk); None: the index's own depth (its manifest's ``rerank_k``), 0: off.
+    rerank_k: int | None = None
+
+    def validate(
+        self,
+        *,
+        max_top_k: int,
+        max_retrieve_k: int,
+        max_nprobe: int = 1024,
+        max_rerank_k: int = 2048,
+    ) -> LocateOptions:
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                raise InvalidOptionError(msg)
+
+        check(1 <= self.top_k <= max_top_k, f"top_k must be between 1 and {max_top_k}")
+        check(
+            self.top_k <= self.retrieve_k <= max_retrieve_k,
+            f"retrieve_k must be between top_k ({self.top_k}) and {max_retrieve_k}",
+        )
+        check(1 <= self.refine_beam <= 64, "refine_beam must be between 1 and 64")
+        check(1 <= self.refine_width <= 8, "refine_width must be between 1 and 8")
+        check(0 <= self.refine_levels <= 6, "refine_levels must be between 0 and 6")
+        check(0 <= self.refine_start_res <= 8, "refine_start_res must be between 0 and 8")
+        check(0 <= self.nms_km <= 5000 and math.isfinite(self.nms_km), "nms_km must be 0..5000")
+        check(0 < self.region_share <= 1, "region_share must be in (0, 1]")
+        check(0 <= self.region_res <= 8, "region_res must be between 0 and 8")
+        check(0 <= self.neighbours <= 256, "neighbours must be between 0 and 256")
+        check(
+            0 <= self.nprobe <= max_nprobe,
+            f"nprobe must be between 1 and {max_nprobe} (0: the index's own)",
+        )
+        check(
+            self.rerank_k is None or 0 <= self.rerank_k <= max_rerank_k,
+            f"rerank_k must be between 0 (off) and {max_rerank_k}",
+        )
+        check(0 <= self.neighbour_weight <= 10, "neighbour_weight must be between 0 and 10")
+        check(1 <= self.neighbour_kernel_km <= 5000, "neighbour_kernel_km must be 1..5000")
+        check(0 <= self.neighbour_temperature <= 1000, "neighbour_temperature must be 0..1000")
+        check(0 <= self.structure_weight <= 10, "structure_weight must be between 0 and 10")
+        check(
+            self.temperature is None or 0.01 <= self.temperature <= 100,
+            "temperature must be between 0.01 and 100",
+        )
+        check(
+            self.normalization in ("candidates", "gallery"),
+            "normalization must be 'candidates' or 'gallery'",
+        )
+        for c in self.countries:
+            check(len(c) == 2 and c.isalpha(), f"country '{c}' is not an ISO 3166 alpha-2 code")
+        return self
