@@ -9,7 +9,7 @@ per setting, the mean over the sets of the shares within 25/200/750 km and the w
 200 km share.
 
     .venv/bin/python bench/tune.py [--weights PATH] [--per-set 300] [--refs 100000] \
-        [--grid neighbours|structure]   # structure: STRUCTURE_SEARCH x structure_weight
+        [--grid neighbours|structure|support]
 """
 
 from __future__ import annotations
@@ -71,6 +71,11 @@ GRIDS = {
     "structure": {
         "STRUCTURE_SEARCH": (0, 50, 200),
         "structure_weight": (0.25, 0.5, 1.0, 2.0),
+    },
+    # How far the neighbours (now found by structure as well) may pull the answer.
+    "support": {
+        "neighbour_weight": (1.0, 2.0, 3.0),
+        "structure_weight": (1.0, 1.5, 2.0),
     },
 }
 

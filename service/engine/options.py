@@ -52,7 +52,7 @@ class LocateOptions:
     #: STRUCTURE_POOL nearest by cosine and the STRUCTURE_SEARCH nearest by layout; 0 (or
     #: references without descriptors): cosine only. Chosen on validation draws
     #: (bench/tune.py --grid structure).
-    structure_weight: float = 1.0
+    structure_weight: float = 1.5
     #: The optional LLM stages (service/engine/llm_stages.py): proposals that join the candidates,
     #: and a reranking among the returned candidates. Used only when an LLM is configured.
     llm_diversify: bool = True
