@@ -31,9 +31,10 @@ from encoders.profiles import WEIGHTS_DIR
 from encoders.structure import structure_descriptors
 from index.store import latest_version, list_indexes
 from service.config import Settings
-from service.engine.loading import GallerySpec, add_reference_images, build_index, load_locator
+from service.engine.loading import load_locator
 from service.engine.locator import Locator
 from service.jobs.datasets import LabelledImage, read_labelled_csv
+from service.jobs.indexes import GallerySpec, add_reference_images, build_index
 from service.jobs.training import REFERENCE_STYLE, TEST_STYLE, TRAIN_STYLE, write_bluemarble_set
 
 OUT = Path(__file__).resolve().parent / "out"

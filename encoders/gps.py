@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from encoders.registry import DEFAULT_SIGMAS
+
 # Equal Earth projection constants (Šavrič, Patterson & Jenny 2018) and GeoCLIP's
 # scale factor that maps the projected plane to roughly [-1, 1].
 _A1, _A2, _A3, _A4 = 1.340264, -0.081106, 0.000893, 0.003796
 _SCALE = 66.50336
-DEFAULT_SIGMAS: tuple[float, ...] = (2.0**0, 2.0**4, 2.0**8)
 
 
 def equal_earth_projection(latlon: torch.Tensor) -> torch.Tensor:

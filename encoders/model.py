@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from encoders.errors import CheckpointError
 from encoders.gps import GPSTower
 from encoders.image import ImageTower
 from encoders.text import TextTower
+from index.files import atomic_write, sha256_file
 
 CHECKPOINT_FORMAT = "geoloc.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -108,22 +106,6 @@ class GeoModel(nn.Module):
         return self.gps_tower.embed(latlon, batch_size=batch_size)
 
 
-def _fsync_write(path: Path, payload: Callable[[Any], None]) -> None:
-    """Write through a temporary file in the same directory, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; weights are meant to be read by others
-        with os.fdopen(fd, "wb") as fh:
-            payload(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(
     model: GeoModel,
     path: str | Path,
@@ -150,7 +132,8 @@ def save_checkpoint(
         "state_dict": state,
         "extra": extra or {},
     }
-    _fsync_write(Path(path), lambda fh: torch.save(blob, fh))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(path), lambda fh: torch.save(blob, fh))
     return sha256_file(Path(path))
 
 
@@ -218,11 +201,3 @@ def resolve_device(requested: str, cuda_available: bool | None = None) -> str:
             f"device {requested!r} asked for, but torch sees no CUDA GPU; use 'auto' or 'cpu'"
         )
     return requested
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -166,11 +166,6 @@ def cell_to_center_child(cells: Any, res: int) -> np.ndarray:
     ).view(np.int64)
 
 
-# Old names, still used outside index/ (service/engine/locator.py).
-cell_children = cell_to_children
-cell_center_children = cell_to_center_child
-
-
 def cell_area_km2(cells: Any) -> np.ndarray:
     """Exact spherical area of each cell in km² (H3 cells vary by ~2x in area)."""
     ints = _as_cell_ints(cells)

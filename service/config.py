@@ -5,19 +5,29 @@ from __future__ import annotations
 from dataclasses import fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_type_hints
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, create_model, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.engine.options import LocateOptions
+from service.options import SERVICE_OPTIONS, LocateOptions
 
 _DEFAULTS = LocateOptions()
+#: One setting (GEOLOC_<NAME>) per option with a service-wide default, typed and defaulted
+#: by LocateOptions itself.
+_LocateDefaults = create_model(
+    "_LocateDefaults",
+    __base__=BaseSettings,
+    **{
+        name: (get_type_hints(LocateOptions)[name], getattr(_DEFAULTS, name))
+        for name in SERVICE_OPTIONS
+    },
+)
 #: Where ``python -m service.api.webpage build`` puts the page's built files (gitignored).
 DEFAULT_WEB_ASSETS_DIR = Path(__file__).resolve().parent / "web" / "static"
 
 
-class Settings(BaseSettings):
+class Settings(_LocateDefaults):
     model_config = SettingsConfigDict(env_prefix="GEOLOC_", env_file=".env", extra="ignore")
 
     # -- where things live ---------------------------------------------------------------
@@ -51,21 +61,8 @@ class Settings(BaseSettings):
     )
 
     # -- pipeline defaults (a request may override within the limits) ---------------------
-    # Same names and defaults as LocateOptions; see service/engine/locator.py for meanings.
-    top_k: int = _DEFAULTS.top_k
-    retrieve_k: int = _DEFAULTS.retrieve_k
-    refine_beam: int = _DEFAULTS.refine_beam
-    refine_width: int = _DEFAULTS.refine_width
-    refine_levels: int = _DEFAULTS.refine_levels
-    refine_start_res: int = _DEFAULTS.refine_start_res
-    nms_km: float = _DEFAULTS.nms_km
-    region_share: float = _DEFAULTS.region_share
-    region_res: int = _DEFAULTS.region_res
-    neighbours: int = _DEFAULTS.neighbours
-    neighbour_weight: float = _DEFAULTS.neighbour_weight
-    neighbour_kernel_km: float = _DEFAULTS.neighbour_kernel_km
-    neighbour_temperature: float = _DEFAULTS.neighbour_temperature
-    structure_weight: float = _DEFAULTS.structure_weight
+    # The SERVICE_OPTIONS of service/options.py come from _LocateDefaults (same names, types
+    # and defaults as LocateOptions); these two add their bounds and meaning.
     nprobe: int = Field(
         _DEFAULTS.nprobe,
         ge=0,
@@ -120,8 +117,6 @@ class Settings(BaseSettings):
 
     # -- LLM stages (optional; off unless llm_base_url is set; docs/API.md "LLM") --------
     # Per-request defaults (a request may switch either off or on).
-    llm_diversify: bool = _DEFAULTS.llm_diversify
-    llm_rerank: bool = _DEFAULTS.llm_rerank
     llm_base_url: str = Field(
         "",
         description="OpenAI-compatible API base URL (…/v1) of a vision model: vLLM, Ollama, "

@@ -3,7 +3,7 @@
     uvicorn --factory service.api.main:create_app      (or: geoloc serve)
 
 Routes are thin (service/api/routes/, one router per resource): parse, then call one function
-in service/api/operations.py (or records.py, serving.py). Every error is an
+in service/api/operations.py (or records.py, instance.py). Every error is an
 ``application/problem+json`` body (service/api/problems.py, rendered by handlers.py; docs/API.md
 lists the types). State lives in one ServiceState on ``app.state.service``; the dependencies
 of service/api/deps.py hand routes what they need.

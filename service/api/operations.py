@@ -1,6 +1,6 @@
 """What each HTTP endpoint does, without HTTP: the routes in service/api/routes/ parse the request
 and call exactly one function here (locating), in records.py (predictions, feedback, stats) or
-in serving.py (info, readiness, index activation); their names are importable from here too.
+in instance.py (info, readiness, index activation); their names are importable from here too.
 
 Locate records a prediction row when it can. When the database is unavailable (down, or its
 schema not at head) the answer still comes, with ``prediction_id`` null and a warning: the
@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from encoders import get_profile
 from index.geo import BBox, GeoError
 from service import db
+from service.api.instance import activate_index, readiness, service_info
 from service.api.problems import (
     InvalidBase64Error,
     Problem,
@@ -38,14 +39,14 @@ from service.api.schemas import (
     LocateRequestOptions,
     LocateResponse,
 )
-from service.api.serving import activate_index, readiness, service_info
 from service.api.urlfetch import fetch_image
 from service.config import Settings
 from service.engine.images import decode_image, image_text
 from service.engine.llm_stages import LLMReport
 from service.engine.llm_stages import skipped as llm_skipped
-from service.engine.locator import LocateOptions, LocateResult, Locator, text_query
+from service.engine.locator import LocateResult, Locator
 from service.errors import GeolocError, ImageTooLargeError, InvalidOptionError
+from service.options import LocateOptions, text_query
 
 log = logging.getLogger(__name__)
 

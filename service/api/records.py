@@ -12,6 +12,7 @@ from service import db
 from service.api.metrics import Metrics
 from service.api.schemas import FeedbackOut, PredictionOut, RequestCount, StatsOut
 from service.config import Settings
+from service.engine.scores import feedback_report
 from service.errors import NotFoundError
 
 
@@ -52,13 +53,13 @@ class StatsQuery:
 
 def stats(session: Session, metrics: Metrics, settings: Settings, query: StatsQuery) -> StatsOut:
     # A window whose end is not after its start is empty: zero predictions, not an error.
-    summary = db.prediction_stats(
-        session,
-        query.since,
-        query.until,
+    sample = db.feedback_sample(
+        session, query.since, query.until, max_rows=settings.stats_max_predictions
+    )
+    summary = feedback_report(
+        **vars(sample),
         within_km=settings.calibration_km if query.within_km is None else query.within_km,
         bins=query.bins,
-        max_rows=settings.stats_max_predictions,
     )
     requests = [RequestCount(**r) for r in metrics.request_counts()]
     return StatsOut(since=query.since, until=query.until, requests=requests, **summary)

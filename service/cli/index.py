@@ -51,7 +51,8 @@ def index_build(
     s = settings()
     if not 0 <= res <= 7:
         fail("--res must be between 0 and 7")
-    from service.engine.loading import GallerySpec, build_index, load_geomodel
+    from service.engine.loading import load_geomodel
+    from service.jobs.indexes import GallerySpec, build_index
 
     model = load_geomodel(s, profile or None, random_backbone=random_backbone)
     spec = GallerySpec(kind=gallery, res=res, land_only=not all_cells, csv=csv)

@@ -16,7 +16,13 @@ from service.db.index_versions import (
     sync_index_versions,
 )
 from service.db.locks import IndexBuildLockedError, index_build_lock
-from service.db.predictions import add_feedback, get_prediction, prediction_stats, record_prediction
+from service.db.predictions import (
+    FeedbackSample,
+    add_feedback,
+    feedback_sample,
+    get_prediction,
+    record_prediction,
+)
 from service.db.schema import (
     SchemaNotAtHeadError,
     check_at_head,
@@ -35,6 +41,7 @@ from service.db.session import (
 
 __all__ = [
     "KEY_PREFIX",
+    "FeedbackSample",
     "IndexBuildLockedError",
     "SchemaNotAtHeadError",
     "activate_index",
@@ -47,6 +54,7 @@ __all__ = [
     "display_url",
     "downgrade",
     "error_line",
+    "feedback_sample",
     "get_prediction",
     "head_revision",
     "index_build_lock",
@@ -54,7 +62,6 @@ __all__ = [
     "list_index_versions",
     "make_engine",
     "make_sessionmaker",
-    "prediction_stats",
     "record_prediction",
     "register_index_version",
     "revoke_api_key",

@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from index.store import Manifest, list_indexes
+from index.manifest import Manifest, list_indexes
 from service.db.models import (
     IndexVersion,
     utcnow,
@@ -66,7 +66,7 @@ def register_index_version(session: Session, manifest: Manifest, path: str | Pat
 def sync_index_versions(session: Session, root: str | Path) -> list[IndexVersion]:
     """Register every published version under ``root`` (so versions built before the database
     existed appear). Versions deleted from disk keep their rows: they are history."""
-    base = Path(root).resolve() / "indexes"  # index.store's layout: <root>/indexes/<name>/<ver>
+    base = Path(root).resolve() / "indexes"  # index.manifest's layout: <root>/indexes/<name>/<ver>
     return [
         register_index_version(session, m, base / m.name / m.version) for m in list_indexes(root)
     ]

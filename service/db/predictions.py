@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,7 +20,6 @@ from service.db.models import (
     utcnow,
 )
 from service.db.session import _begin_write, _commit
-from service.engine.scores import region_areas, report
 from service.errors import InvalidOptionError, NotFoundError
 
 
@@ -123,23 +123,29 @@ def add_feedback(session: Session, prediction_id: str, lat: float, lon: float) -
     return fb
 
 
-def prediction_stats(
+@dataclass(frozen=True)
+class FeedbackSample:
+    """What the statistics of a window are computed from (``service.engine.scores.
+    feedback_report(**vars(sample))``): the counts, and the measured predictions' errors, top-1
+    probabilities, stored regions (cells and resolution) and true positions."""
+
+    predictions: int
+    with_feedback: int
+    error_km: np.ndarray
+    probability: np.ndarray
+    regions: list[dict[str, Any]]
+    truths: list[tuple[float, float]]
+
+
+def feedback_sample(
     session: Session,
     since: datetime | None = None,
     until: datetime | None = None,
     *,
-    within_km: float = 50.0,
-    bins: int = 10,
     max_rows: int = 50_000,
-) -> dict[str, Any]:
-    """Counts and accuracy of predictions made in [since, until) (open ends when None).
-
-    Accuracy is measured on the predictions with feedback that had a candidate (the newest
-    ``max_rows``) with the metrics of ``geoloc eval``: share within 1/25/200/750/2500 km,
-    median and mean km, mean GeoScore, Recall-vs-Area of each stored uncertainty region
-    (a truth outside the returned region is not found) and the calibration of the top-1
-    probability for "within ``within_km``"; None where there is nothing to measure.
-    """
+) -> FeedbackSample:
+    """Predictions made in [since, until) (open ends when None): how many, how many got
+    feedback, and the newest ``max_rows`` of those with feedback that had a candidate."""
     window = []
     if since is not None:
         window.append(Prediction.created_at >= _aware(since))
@@ -168,18 +174,11 @@ def prediction_stats(
         .limit(max_rows)
     )
     rows = session.execute(rows_q).all()
-    d = np.array([r[0] for r in rows], dtype=np.float64)
-    conf = np.array([_float_or_none(r[3]) or 0.0 for r in rows], dtype=np.float64)
-    areas = region_areas(
-        [{"cells": cells, "h3_resolution": res} for *_, cells, res in rows],
-        [(lat, lon) for _, lat, lon, *_ in rows],
+    return FeedbackSample(
+        predictions=int(session.scalar(count_q) or 0),
+        with_feedback=int(session.scalar(fb_q) or 0),
+        error_km=np.array([r[0] for r in rows], dtype=np.float64),
+        probability=np.array([_float_or_none(r[3]) or 0.0 for r in rows], dtype=np.float64),
+        regions=[{"cells": cells, "h3_resolution": res} for *_, cells, res in rows],
+        truths=[(lat, lon) for _, lat, lon, *_ in rows],
     )
-    rep = report(d, conf, areas, within_km=within_km, bins=bins)
-    return {
-        "predictions": int(session.scalar(count_q) or 0),
-        "with_feedback": int(session.scalar(fb_q) or 0),
-        "measured": len(rows),
-        **{k: rep[k] for k in ("within_km", "median_km", "mean_km", "mean_geoscore")},
-        "recall_vs_area": rep["recall_vs_area"],
-        "calibration": rep["calibration"],
-    }

@@ -29,6 +29,9 @@ control characters, no angle brackets), truncated, and placed between delimiters
 random nonce, under a note saying it is untrusted data. The diversification prompts carry only
 the image and text the service made (coordinates and its own place names). So request text
 cannot add a candidate, and a reranking cannot introduce coordinates.
+
+Longer than most modules: both LLM stages, their prompts and the checks of the LLM's
+answers, which share one wire schema.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from encoders import get_profile
 from service.config import Settings
 from service.engine.llm_client import ChatClient, LLMConfig, LLMError, log
 from service.engine.locator import Candidate, LocateResult, Locator
-from service.engine.options import LocateOptions
+from service.options import LocateOptions
 
 Status = Literal["ran", "skipped", "failed"]
 

@@ -24,6 +24,9 @@ fitted model is plain arrays in JSON, stored in the calibration artifact
 (service/engine/calibration.py) beside the index version.
 
 No HTTP and no database here; torch is used only to fit.
+
+Longer than most modules: the verdict's features, its classifier, its fit and its reasons
+change together (a feature added here is fitted, versioned and explained here).
 """
 
 from __future__ import annotations

@@ -12,13 +12,15 @@ A result keeps its query's verified pool (``LocateResult.draft``), so ``Locator.
 finish the query again with extra candidate points (the LLM's proposals,
 service/engine/llm_stages.py): they are scored by the GPS tower and verified like every other
 candidate.
+
+Longer than most modules: it is one class whose stages share a query's pool, the loaded
+indexes and the model; what it works on is in results.py, the geometry of places in places.py.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,12 +31,8 @@ from encoders import GeoModel, get_profile
 from encoders.profiles import text_profiles
 from encoders.structure import STRUCTURE_DIM, structure_descriptors, structure_similarity
 from index.geo import (
-    cell_center_children,
-    cell_children,
-    cells_to_latlon,
     int_to_cell,
     latlon_to_cells,
-    pairwise_km,
 )
 from index.geocode import ReverseGeocoder
 from index.region import country_distribution, uncertainty_region
@@ -46,8 +44,16 @@ from service.engine.localizability import (
     answer_features,
     image_statistics_many,
 )
-from service.engine.options import LocateOptions
+from service.engine.places import (
+    Beam,
+    logsumexp,
+    merge_places,
+    neighbour_support,
+    nms_owners,
+)
+from service.engine.results import Candidate, LocateResult, Pool, Scored, Timer, share_time
 from service.errors import InvalidOptionError, TextQueryUnsupportedError
+from service.options import LocateOptions
 
 if TYPE_CHECKING:
     from service.engine.calibration import Calibration
@@ -60,149 +66,6 @@ STRUCTURE_POOL = 50
 #: Reference images found by their structure alone (``LoadedIndex.search_structure``) that
 #: join that shortlist; 0: the embedding's shortlist only.
 STRUCTURE_SEARCH = 50
-
-
-@dataclass
-class Candidate:
-    lat: float
-    lon: float
-    probability: float
-    score: float
-    h3: str
-    source: str
-    country_code: str | None = None
-    country: str | None = None
-    admin1: str | None = None
-    city: str | None = None
-    #: Position in the LLM's reranking (1: its first choice) when it ranked this candidate.
-    llm_rank: int | None = None
-    #: False when the answer abstained (the picture is not one this model can locate).
-    reliable: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class LocateResult:
-    candidates: list[Candidate]
-    region: dict[str, Any] | None
-    countries: list[dict[str, Any]]
-    stages: list[str]
-    timings_ms: dict[str, float]
-    profile: str
-    index: str
-    extra: dict[str, Any] = field(default_factory=dict)
-    #: The query's verified pool, for ``Locator.revise``; never serialised.
-    draft: _Scored | None = field(default=None, repr=False)
-    #: The verdict ``{"score", "verdict", "reason", "abstained"}``
-    #: (service/engine/localizability.py); None without a fitted model or for text queries.
-    localizability: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "profile": self.profile,
-            "index": self.index,
-            "candidates": [c.to_dict() for c in self.candidates],
-            "region": self.region,
-            "countries": self.countries,
-            "stages": self.stages,
-            "timings_ms": self.timings_ms,
-            "localizability": self.localizability,
-            **self.extra,
-        }
-
-    def add_time(self, stage: str, ms: float) -> None:
-        if ms:
-            self.timings_ms[stage] = round(self.timings_ms.get(stage, 0.0) + ms, 3)
-
-
-@dataclass
-class _Pool:
-    """Candidate points of one query, with cosine scores against it."""
-
-    latlon: np.ndarray  # (n, 2)
-    score: np.ndarray  # (n,) cosine with the query
-    exact: np.ndarray  # (n,) bool: score computed with the GPS tower (not approximated)
-    source: list[str]
-    country: np.ndarray  # (n,) '<U2' or ""
-
-    def extend(
-        self,
-        latlon: np.ndarray,
-        score: np.ndarray,
-        source: str,
-        country: np.ndarray,
-        exact: bool = True,
-    ) -> None:
-        self.latlon = np.concatenate([self.latlon, latlon])
-        self.score = np.concatenate([self.score, score])
-        self.exact = np.concatenate([self.exact, np.full(len(score), exact)])
-        self.source += [source] * len(score)
-        self.country = np.concatenate([self.country, country])
-
-    def take(self, keep: np.ndarray) -> None:
-        """Keep rows by index array (in that order) or boolean mask."""
-        idx = np.flatnonzero(keep) if keep.dtype == bool else np.asarray(keep)
-        self.latlon, self.score, self.exact = self.latlon[idx], self.score[idx], self.exact[idx]
-        self.source = [self.source[i] for i in idx]
-        self.country = self.country[idx]
-
-    def copy(self) -> _Pool:
-        return _Pool(
-            self.latlon.copy(),
-            self.score.copy(),
-            self.exact.copy(),
-            list(self.source),
-            self.country.copy(),
-        )
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.ms: dict[str, float] = {}
-
-    def add(self, stage: str, start: float) -> float:
-        now = time.perf_counter()
-        self.ms[stage] = round(self.ms.get(stage, 0.0) + (now - start) * 1000, 3)
-        return now
-
-
-@dataclass
-class _Scored:
-    """One query after verification: its pool and logits, before the softmax."""
-
-    pool: _Pool
-    logits: np.ndarray
-    gallery_lse: float | None  # log-sum-exp over the gallery ("gallery" normalisation)
-    stages: list[str]
-    timer: _Timer
-    t: float  # when verification ended
-    neighbours: list[dict[str, Any]]
-    q: np.ndarray | None = None  # the query vector
-    support: tuple[np.ndarray, np.ndarray] | None = None  # neighbour (latlon, weights)
-    #: Unfiltered best gallery / reference cosines from retrieval, reused by the verdict.
-    gallery_top: np.ndarray | None = None
-    refs_top: np.ndarray | None = None
-    verdict: dict[str, Any] | None = None
-
-    def copy(self) -> _Scored:
-        timer = _Timer()
-        timer.ms = dict(self.timer.ms)
-        return _Scored(
-            self.pool.copy(),
-            self.logits.copy(),
-            self.gallery_lse,
-            list(self.stages),
-            timer,
-            self.t,
-            self.neighbours,
-            self.q,
-            self.support,
-            self.gallery_top,
-            self.refs_top,
-            self.verdict,
-        )
 
 
 class Locator:
@@ -374,7 +237,7 @@ class Locator:
         self,
         queries: np.ndarray,
         options: LocateOptions,
-        known: Sequence[_Scored | None],
+        known: Sequence[Scored | None],
         with_refs: bool,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Each query's best GALLERY_K gallery and NEIGHBOURS_K reference cosines, without the
@@ -405,7 +268,7 @@ class Locator:
 
     def _judge(
         self,
-        batch: list[_Scored],
+        batch: list[Scored],
         queries: np.ndarray,
         image_stats: np.ndarray,
         options: LocateOptions,
@@ -420,7 +283,7 @@ class Locator:
         for s, v in zip(batch, self.judge.judge(features, self.abstain_threshold), strict=True):
             s.verdict = v
             s.stages.append("judge")
-        now = _share(batch, "judge", t, len(batch))
+        now = share_time(batch, "judge", t, len(batch))
         for s in batch:
             s.t = now
 
@@ -467,7 +330,7 @@ class Locator:
         options: LocateOptions,
         temperature: float,
         structure: np.ndarray | None = None,
-    ) -> list[_Scored]:
+    ) -> list[Scored]:
         """Retrieve, refine and verify a batch: each query's pool and logits (before softmax).
 
         Every stage runs for the whole batch at once, with one GPS-tower call per stage and
@@ -519,20 +382,20 @@ class Locator:
         self._fill_scores(batch, [np.isnan(s.pool.score) for s in batch])  # neighbours
         for s in batch:
             s.pool.take(np.argsort(-s.pool.score, kind="stable"))
-        t = _share(batch, "retrieve", t, n)
+        t = share_time(batch, "retrieve", t, n)
 
         live = [s for s in batch if len(s.pool.score)]
         if options.refine and live:
             self._refine(live, options)
             for s in live:
                 s.stages.append("refine")
-            t = _share(live, "refine", t, n)
+            t = share_time(live, "refine", t, n)
 
         if options.verify and live:
             self._fill_scores(live, [~s.pool.exact for s in live])
             for s in live:
                 s.stages.append("verify")
-            t = _share(live, "verify", t, n)
+            t = share_time(live, "verify", t, n)
 
         for s in batch:
             s.logits = self._logits(s.pool.latlon, s.pool.score, s.support, options)
@@ -576,7 +439,7 @@ class Locator:
         density of the image neighbours at each point."""
         logits = self.scale * score
         if opt.verify and support is not None and opt.neighbour_weight > 0 and len(logits):
-            logits = logits + opt.neighbour_weight * _neighbour_support(
+            logits = logits + opt.neighbour_weight * neighbour_support(
                 latlon, *support, opt.neighbour_kernel_km
             )
         return logits
@@ -591,14 +454,14 @@ class Locator:
         gallery_lse: float | None,
         nb: tuple[np.ndarray, np.ndarray] | None,
         structure: np.ndarray | None = None,
-    ) -> _Scored:
+    ) -> Scored:
         """One query's starting pool: gallery hits, plus its image neighbours' points (score
         NaN until the batch's GPS-tower call). With the picture's ``structure`` descriptor,
         the neighbours are ranked by cosine + structure_weight·correlation first."""
         ok = rows >= 0
         rows, scores = rows[ok], scores[ok]
         pts = self.index.points
-        pool = _Pool(
+        pool = Pool(
             latlon=np.asarray(pts.latlon[rows], dtype=np.float64).reshape(-1, 2),
             score=scores.astype(np.float64),
             exact=np.full(len(rows), self.index.manifest.factory == "Flat"),
@@ -638,11 +501,11 @@ class Locator:
                     np.asarray(self.neighbours.points.country[nrows]),
                     exact=False,
                 )
-        return _Scored(
-            pool, np.empty(0), gallery_lse, ["retrieve"], _Timer(), 0.0, neighbours, q, support
+        return Scored(
+            pool, np.empty(0), gallery_lse, ["retrieve"], Timer(), 0.0, neighbours, q, support
         )
 
-    def _fill_scores(self, batch: list[_Scored], todo: list[np.ndarray]) -> None:
+    def _fill_scores(self, batch: list[Scored], todo: list[np.ndarray]) -> None:
         """Score the ``todo`` points of each pool with the GPS tower, for the whole batch."""
         new = self._gps_scores_many(
             [s.q for s in batch], [s.pool.latlon[m] for s, m in zip(batch, todo, strict=True)]
@@ -651,7 +514,7 @@ class Locator:
             s.pool.score[m] = v
             s.pool.exact[m] = True
 
-    def _describe(self, scored: _Scored, opt: LocateOptions, temperature: float) -> LocateResult:
+    def _describe(self, scored: Scored, opt: LocateOptions, temperature: float) -> LocateResult:
         """Softmax, uncertainty region, diversify and describe one scored pool."""
         draft = scored.copy()  # before the pool is sorted and cut, for ``revise``
         pool, stages, timer, t = scored.pool, scored.stages, scored.timer, scored.t
@@ -662,10 +525,10 @@ class Locator:
                 [s for s, src in zip(logits, pool.source, strict=True) if src != "gallery"]
             )
             lse = scored.gallery_lse
-            lse = np.logaddexp(lse, _logsumexp(extra)) if len(extra) else lse
+            lse = np.logaddexp(lse, logsumexp(extra)) if len(extra) else lse
             probs = np.exp(logits - lse)
         else:
-            probs = np.exp(logits - _logsumexp(logits)) if len(logits) else logits
+            probs = np.exp(logits - logsumexp(logits)) if len(logits) else logits
         order = np.argsort(-probs, kind="stable")
         pool.take(order)
         probs = probs[order]
@@ -739,7 +602,7 @@ class Locator:
             localizability=verdict,
         )
 
-    def _refine(self, batch: list[_Scored], opt: LocateOptions) -> None:
+    def _refine(self, batch: list[Scored], opt: LocateOptions) -> None:
         """Descend the H3 hierarchy under each query's best start cells, scoring children
         on the fly (one GPS-tower call per level for the whole batch).
 
@@ -753,7 +616,7 @@ class Locator:
         levels = min(opt.refine_levels, MAX_REFINE_RES - start_res)
         if levels <= 0:
             return
-        beams = [_Beam.start(s.pool, opt.refine_beam, start_res, m.gallery_kind) for s in batch]
+        beams = [Beam.start(s.pool, opt.refine_beam, start_res, m.gallery_kind) for s in batch]
         for level in range(1, levels + 1):
             res = start_res + level
             for beam in beams:
@@ -814,156 +677,4 @@ class Locator:
         all_scores = self.index.all_scores(queries) * (self.scale / temperature)
         if allowed is not None:
             all_scores = np.where(allowed[None, :], all_scores, -np.inf)
-        return np.array([_logsumexp(row) for row in all_scores])
-
-
-def text_query(text: str, max_chars: int) -> str:
-    """A text query, stripped; empty or longer than ``max_chars`` is an invalid option."""
-    text = text.strip()
-    if not text:
-        raise InvalidOptionError("the text query is empty")
-    if len(text) > max_chars:
-        raise InvalidOptionError(
-            f"the text query has {len(text)} characters; the limit is {max_chars} "
-            "(GEOLOC_MAX_TEXT_CHARS)"
-        )
-    return text
-
-
-def _neighbour_support(
-    latlon: np.ndarray, nb_latlon: np.ndarray, nb_weight: np.ndarray, kernel_km: float
-) -> np.ndarray:
-    """log of a Gaussian kernel density of the reference neighbours at each candidate.
-
-    Each neighbour is weighted by the softmax of its image similarity, so a close
-    look-alike pulls the verdict towards its location; the floor keeps candidates far
-    from every neighbour possible rather than impossible.
-    """
-    d = pairwise_km(latlon, nb_latlon)
-    density = (nb_weight[None, :] * np.exp(-0.5 * (d / kernel_km) ** 2)).sum(axis=1)
-    return np.log(1e-3 + density)
-
-
-def _logsumexp(x: np.ndarray) -> float:
-    if not len(x):
-        return -np.inf
-    m = float(np.max(x))
-    return m + float(np.log(np.sum(np.exp(x - m))))
-
-
-def _top_per_group(group: np.ndarray, score: np.ndarray, width: int) -> np.ndarray:
-    """Indices of the ``width`` best scores within each group."""
-    order = np.lexsort((-score, group))
-    g = group[order]
-    first = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1]
-    rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
-    return order[rank < width]
-
-
-def _share(batch: list[_Scored], stage: str, start: float, n: int) -> float:
-    """Give each query of a batch its share (1/n) of a stage's time since ``start``."""
-    now = time.perf_counter()
-    ms = (now - start) * 1000 / n
-    for s in batch:
-        s.timer.ms[stage] = round(s.timer.ms.get(stage, 0.0) + ms, 3)
-    return now
-
-
-@dataclass
-class _Beam:
-    """One query's H3 refinement: the frontier cells, the start cell each descends from,
-    and the best leaf found so far under each start cell."""
-
-    cells: np.ndarray
-    owner: np.ndarray
-    known: np.ndarray  # the frontier cells' centre scores where known, else NaN
-    best_score: np.ndarray
-    best_latlon: np.ndarray
-    # The level being scored: children of the frontier, their start cell, centre, score.
-    children: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
-    child_owner: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    latlon: np.ndarray = field(default_factory=lambda: np.empty((0, 2)))
-    score: np.ndarray = field(default_factory=lambda: np.empty(0))
-    todo: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
-
-    @classmethod
-    def start(cls, pool: _Pool, beam: int, res: int, gallery_kind: str) -> _Beam:
-        idx = np.arange(min(beam, len(pool.score)))
-        # An H3 gallery point is its cell's centre, and a centre child shares its parent's
-        # centre: its score is known, which saves one GPS-tower call in seven.
-        known = np.full(len(idx), np.nan)
-        if gallery_kind == "h3":
-            from_gallery = np.array([pool.source[i] == "gallery" for i in idx], dtype=bool)
-            known[from_gallery] = pool.score[idx][from_gallery]
-        return cls(
-            cells=latlon_to_cells(pool.latlon[idx], res),
-            owner=idx.copy(),
-            known=known,
-            best_score=np.full(len(idx), -np.inf),
-            best_latlon=np.zeros((len(idx), 2)),
-        )
-
-    def expand(self, res: int, allowed: Callable[[np.ndarray], np.ndarray]) -> None:
-        """The children at ``res`` that pass the filters; ``todo`` marks those to score."""
-        if not len(self.cells):
-            self.children, self.latlon, self.todo = self.cells, np.empty((0, 2)), self.todo[:0]
-            self.child_owner, self.score = self.owner, np.empty(0)
-            return
-        parent, children = cell_children(self.cells, res)
-        score = np.full(len(children), np.nan)
-        centre = children == cell_center_children(self.cells, res)[parent]
-        score[centre] = self.known[parent[centre]]
-        latlon = cells_to_latlon(children)
-        ok = allowed(latlon)
-        self.children, self.child_owner = children[ok], self.owner[parent][ok]
-        self.latlon, self.score = latlon[ok], score[ok]
-        self.todo = np.isnan(self.score)
-
-    def keep(self, new_scores: np.ndarray, width: int) -> None:
-        """Take the scores of ``todo``; keep the best ``width`` children per start cell."""
-        self.score[self.todo] = new_scores
-        keep = _top_per_group(self.child_owner, self.score, width)
-        for j in keep:
-            o = self.child_owner[j]
-            if self.score[j] > self.best_score[o]:
-                self.best_score[o], self.best_latlon[o] = self.score[j], self.latlon[j]
-        self.cells, self.owner, self.known = (
-            self.children[keep],
-            self.child_owner[keep],
-            self.score[keep],
-        )
-
-
-def nms_owners(latlon: np.ndarray, radius_km: float) -> np.ndarray:
-    """Spatial NMS over points sorted by probability (descending): for each point, the
-    index of the kept point it is merged into (itself when kept).
-
-    Depends only on the order of the probabilities, so it holds for any softmax temperature.
-    """
-    n = len(latlon)
-    if radius_km <= 0 or n == 0:
-        return np.arange(n)
-    dist = pairwise_km(latlon, latlon)
-    owner = np.full(n, -1)
-    for i in range(n):
-        if owner[i] >= 0:
-            continue
-        owner[i] = i
-        near = (dist[i] <= radius_km) & (owner < 0)
-        owner[near] = i
-    return owner
-
-
-def merge_places(
-    owner: np.ndarray, probs: np.ndarray, rank_by: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The kept points and their probabilities with the mass of every point merged into
-    them added (so "this place" means the area), ordered by the merged mass of ``rank_by``
-    (default ``probs``), most probable first."""
-    n = len(probs)
-    keep = np.flatnonzero(owner == np.arange(n))
-    mass = np.bincount(owner, weights=probs, minlength=n)[keep]
-    rank = mass if rank_by is None else np.bincount(owner, weights=rank_by, minlength=n)[keep]
-    # A place that absorbed many neighbours can now outrank a lone peak.
-    by_mass = np.argsort(-rank, kind="stable")
-    return keep[by_mass], mass[by_mass]
+        return np.array([logsumexp(row) for row in all_scores])

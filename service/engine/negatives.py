@@ -9,6 +9,8 @@ verdict: a separate check reports on them.
 Which kinds apply depends on the profile's domain: a satellite profile gets all of them; a
 ground-photo profile (``geoclip``) leaves out the kinds made to look like photos (``scene``,
 ``dead_leaves``), which would be its own domain.
+
+Longer than most modules: a catalogue of small generators, one function per kind of picture.
 """
 
 from __future__ import annotations

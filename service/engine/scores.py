@@ -253,3 +253,36 @@ def report(
             "rows": np.round(points[:MAP_POINTS], 4).tolist(),
         }
     return out
+
+
+def feedback_report(
+    predictions: int,
+    with_feedback: int,
+    error_km: np.ndarray,
+    probability: np.ndarray,
+    regions: Sequence[Any],
+    truths: Sequence[tuple[float, float]],
+    *,
+    within_km: float = 50.0,
+    bins: int = 10,
+) -> dict[str, Any]:
+    """Counts and accuracy of served predictions with the metrics of ``geoloc eval`` (the
+    fields of ``service.db.FeedbackSample``): share within 1/25/200/750/2500 km, median and
+    mean km, mean GeoScore, Recall-vs-Area of each stored uncertainty region (a truth outside
+    the returned region is not found) and the calibration of the top-1 probability for
+    "within ``within_km``"; None where there is nothing to measure."""
+    rep = report(
+        np.asarray(error_km, dtype=np.float64),
+        np.asarray(probability, dtype=np.float64),
+        region_areas(list(regions), list(truths)),
+        within_km=within_km,
+        bins=bins,
+    )
+    return {
+        "predictions": predictions,
+        "with_feedback": with_feedback,
+        "measured": len(error_km),
+        **{k: rep[k] for k in ("within_km", "median_km", "mean_km", "mean_geoscore")},
+        "recall_vs_area": rep["recall_vs_area"],
+        "calibration": rep["calibration"],
+    }

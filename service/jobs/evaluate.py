@@ -13,7 +13,6 @@ import numpy as np
 
 from service.engine.images import read_image_files
 from service.engine.locator import LocateResult, Locator
-from service.engine.options import LocateOptions
 from service.engine.scores import (
     THRESHOLDS_KM,
     errors_km,
@@ -22,6 +21,7 @@ from service.engine.scores import (
     summarize_distances,
 )
 from service.jobs.datasets import LabelledImage
+from service.options import LocateOptions
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -248,7 +248,7 @@ def fit_calibration(
     """
     from datetime import UTC, datetime
 
-    from encoders.model import sha256_file
+    from index.files import sha256_file
     from index.store import new_version
     from service.engine.calibration import Calibration, save_calibration, weights_label
     from service.jobs.calibrate import fit_localizability_for, fit_temperature, prepare_cases

@@ -18,6 +18,9 @@ The job id is derived from the input's content and the job's parameters (the mod
 identity among them: shards embedded by other weights are never reused), so rerunning the
 same command finds the same job. A job publishes one new index version and records it; a
 rerun after that publishes nothing more.
+
+Longer than most modules: one job format (shards, resumable) run in-process or on Ray, with
+the same shard writer for both.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from encoders.model import sha256_file
 from encoders.structure import STRUCTURE_DIM, structure_descriptors
+from index.files import atomic_write, sha256_file
 from index.gallery import LAT_HEADERS, LON_HEADERS, find_column
 from service.engine.images import decode_image
 from service.errors import GeolocError, InputImageError
@@ -254,16 +257,7 @@ class Job:
         return int(self.meta["shard_sizes"][shard])
 
     def save_meta(self) -> None:
-        _atomic_write(self.dir / "job.json", json.dumps(self.meta, indent=2).encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+        atomic_write(self.dir / "job.json", json.dumps(self.meta, indent=2).encode())
 
 
 def prepare_job(
@@ -307,7 +301,7 @@ def prepare_job(
         pq.write_table(part, tmp)
         os.replace(tmp, job_dir / "rows" / f"{_SHARD.format(shard)}.parquet")
         sizes.append(stop - start)
-    _atomic_write(job_dir / "input-bad.json", json.dumps([asdict(b) for b in bad]).encode())
+    atomic_write(job_dir / "input-bad.json", json.dumps([asdict(b) for b in bad]).encode())
     meta = {
         "input": str(data.resolve()),
         "input_sha256": digest,
@@ -421,9 +415,9 @@ class ShardEncoder:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, out)
-        _atomic_write(self.job.bad_file(shard), json.dumps(bad).encode())
+        atomic_write(self.job.bad_file(shard), json.dumps(bad).encode())
         # The marker goes last: a shard killed before it is simply encoded again.
-        _atomic_write(self.job.done_file(shard), b"")
+        atomic_write(self.job.done_file(shard), b"")
         return {
             "shard": shard,
             "ok": int(ok.sum()),
@@ -546,5 +540,5 @@ def write_report(job: Job, input_bad: list[BadRow]) -> tuple[Path, list[BadRow]]
         "bad_rows_file": str(job.dir / "bad_rows.csv"),
         "shards": job.n_shards,
     }
-    _atomic_write(job.dir / "report.json", json.dumps(report, indent=2).encode())
+    atomic_write(job.dir / "report.json", json.dumps(report, indent=2).encode())
     return job.dir / "report.json", bad

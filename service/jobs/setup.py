@@ -209,7 +209,7 @@ def _gallery(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
                 "weights"
             )
         echo(f"{name}/{version} {stale}: building a new version (the old one is kept)")
-    from service.engine.loading import GallerySpec, build_index
+    from service.jobs.indexes import GallerySpec, build_index
 
     echo(f"building {name}: H3 land cells at res {s.default_res}")
     m = build_index(
@@ -266,7 +266,7 @@ def _references(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
         return "skipped (GEOLOC_SETUP_REFERENCE_TILES=0)" + (
             f"; {name}/{old.version} {stale}" if old is not None else ""
         )
-    from service.engine.loading import add_reference_images
+    from service.jobs.indexes import add_reference_images
 
     out = s.data_dir / "setup" / "references"
     csv = _tiles(

@@ -18,8 +18,11 @@ import time
 
 import numpy as np
 
+import service.db
+import service.engine.loading
+import service.jobs.indexes  # noqa: F401  (the imports are the point: paid once, before any fork)
 from index.geocode import ReverseGeocoder
-from service.cli.main import app  # the imports are the point: paid once, before any fork
+from service.cli.main import app
 
 
 def run(args: list[str], kill_after: float | None, log: str) -> dict[str, object]:

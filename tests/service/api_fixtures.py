@@ -23,10 +23,11 @@ from encoders import GeoModel, load_model
 from service.api.main import create_app
 from service.config import Settings
 from service.db import upgrade
-from service.engine.loading import GallerySpec, build_index, load_locator
+from service.engine.loading import load_locator
 from service.engine.locator import Locator
 from service.jobs.datasets import read_labelled_csv
 from service.jobs.evaluate import fit_calibration
+from service.jobs.indexes import GallerySpec, build_index
 from service.jobs.training import write_bluemarble_set
 
 #: The fitted verdict of the tests: held-out tiles and generated negatives per kind.

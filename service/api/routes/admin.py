@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api import serving
+from service.api import instance
 from service.api.deps import AdminCaller, SessionDep, StateDep
 from service.api.openapi import RouteDocs
 from service.api.problems import openapi_problems
@@ -17,7 +17,7 @@ def activate_index(
 ) -> ActivateOut:
     """Make NAME/VERSION the served version; every replica swaps to it within
     GEOLOC_INDEX_POLL_S. Needs auth on and a key with the admin scope."""
-    return serving.activate_index(state, session, body.name, body.version)
+    return instance.activate_index(state, session, body.name, body.version)
 
 
 def router(settings: Settings) -> APIRouter:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from service.api import serving
+from service.api import instance
 from service.api.deps import LocatorDep, SettingsDep, StateDep
 from service.api.problems import openapi_problems
 from service.api.schemas import HealthOut, InfoOut, ReadyOut
@@ -14,7 +14,7 @@ from service.config import Settings
 
 def info(locator: LocatorDep, settings: SettingsDep) -> InfoOut:
     """The model profile (and what it locates), the served index, and the limits."""
-    return serving.service_info(settings, locator)
+    return instance.service_info(settings, locator)
 
 
 def healthz() -> HealthOut:
@@ -24,7 +24,7 @@ def healthz() -> HealthOut:
 
 def readyz(state: StateDep) -> ReadyOut:
     """200 when the model, the index and the database (schema at head) are ready."""
-    return serving.readiness(state)
+    return instance.readiness(state)
 
 
 def metrics(state: StateDep) -> Response:

@@ -20,6 +20,7 @@ from index.store import Manifest
 from service import db
 from service.cli.main import app
 from service.db.models import ApiKey, Feedback, IndexVersion, Prediction
+from service.engine.scores import feedback_report
 from service.errors import InvalidOptionError, NotFoundError
 
 PARIS = (48.8566, 2.3522)
@@ -143,8 +144,13 @@ def test_feedback_for_unknown_prediction(session: Session) -> None:
     assert session.scalar(select(func.count()).select_from(Feedback)) == 0
 
 
+def prediction_stats(session: Session, since: datetime | None = None) -> dict:
+    """The statistics /v1/stats serves: the database's sample, measured."""
+    return feedback_report(**vars(db.feedback_sample(session, since=since)))
+
+
 def test_prediction_stats(session: Session) -> None:
-    empty = db.prediction_stats(session)
+    empty = prediction_stats(session)
     assert empty["predictions"] == 0 and empty["with_feedback"] == 0
     assert empty["median_km"] is None and empty["within_km"]["25"] is None
 
@@ -156,7 +162,7 @@ def test_prediction_stats(session: Session) -> None:
     db.add_feedback(session, near, *LONDON)  # ~343 km
     db.add_feedback(session, far, -33.87, 151.21)  # Sydney: far beyond 2500 km
 
-    stats = db.prediction_stats(session)
+    stats = prediction_stats(session)
     assert stats["predictions"] == 4
     assert stats["with_feedback"] == 3
     within = stats["within_km"]
@@ -175,14 +181,14 @@ def test_prediction_stats(session: Session) -> None:
         .values(created_at=datetime.now(UTC) - timedelta(days=2))
     )
     session.commit()
-    recent = db.prediction_stats(session, since=datetime.now(UTC) - timedelta(days=1))
+    recent = prediction_stats(session, since=datetime.now(UTC) - timedelta(days=1))
     assert recent["predictions"] == 2 and recent["with_feedback"] == 1
     assert recent["within_km"]["750"] == 1.0 and recent["within_km"]["25"] == 0.0
-    naive = db.prediction_stats(
+    naive = prediction_stats(
         session, since=datetime.now(UTC).replace(tzinfo=None) - timedelta(days=1)
     )
     assert naive["predictions"] == 2
-    future = db.prediction_stats(session, since=datetime.now(UTC) + timedelta(hours=1))
+    future = prediction_stats(session, since=datetime.now(UTC) + timedelta(hours=1))
     assert future["predictions"] == 0 and future["mean_geoscore"] is None
 
 
@@ -498,7 +504,6 @@ def test_cli_index_build_records_the_version(
     monkeypatch: pytest.MonkeyPatch,
     publish_tiny_index: Callable[..., Manifest],
 ) -> None:
-    import service.cli.main as cli_module
 
     # The model and the encoding are not under test here: publish a tiny index instead.
     built: list[Manifest] = []
@@ -507,8 +512,8 @@ def test_cli_index_build_records_the_version(
         built.append(publish_tiny_index(settings.index_dir, name, f"v{len(built) + 1}"))
         return built[-1]
 
-    monkeypatch.setattr(cli_module, "load_geomodel", lambda *a, **k: type("M", (), {})())
-    monkeypatch.setattr(cli_module, "build_index", build)
+    monkeypatch.setattr("service.engine.loading.load_geomodel", lambda *a, **k: type("M", (), {})())
+    monkeypatch.setattr("service.jobs.indexes.build_index", build)
 
     r = cli("index", "build", "tiny")  # no schema yet: still succeeds, with a note
     assert r.exit_code == 0, r.output

@@ -475,7 +475,7 @@ def test_every_api_error_from_a_locked_server(locked_server, open_page, tmp_path
 def test_every_problem_type_of_the_api_has_its_own_message(server, open_page):
     """docs/API.md lists the problem types; the page explains each one in words."""
     page = open_page(server).page
-    api_md = (Path(__file__).resolve().parents[2] / "docs" / "API.md").read_text()
+    api_md = (Path(__file__).resolve().parents[3] / "docs" / "API.md").read_text()
     errors = api_md.split("## Errors", 1)[1].split("\n## ", 1)[0]
     rows = [
         line.split("|")[1:3]

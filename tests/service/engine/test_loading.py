@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from encoders import GeoModel, get_profile, load_model, save_checkpoint
-from encoders.model import RANDOM_WEIGHTS, sha256_file
+from encoders.model import RANDOM_WEIGHTS
 from encoders.profiles import WEIGHTS_DIR, build_model, weights_id
+from index.files import sha256_file
 from index.store import IndexWeightsError, list_indexes
 from service.config import Settings
 from service.db import (
@@ -36,8 +37,9 @@ from service.engine.calibration import (
     save_calibration,
     weights_label,
 )
-from service.engine.loading import GallerySpec, add_reference_images, build_index, load_locator
+from service.engine.loading import load_locator
 from service.errors import GeolocError, IndexRefusedError
+from service.jobs.indexes import GallerySpec, add_reference_images, build_index
 from service.jobs.references import EncoderSpec, ShardEncoder, prepare_job
 from service.jobs.setup import run_setup, served_version
 from service.jobs.training import write_bluemarble_set

@@ -21,7 +21,7 @@ from service.db import (
 )
 from service.db.schema import _MIGRATION_LOCK_KEY
 from service.db.session import _WRITE_OPTION
-from service.engine.loading import GallerySpec, build_index
+from service.jobs.indexes import GallerySpec, build_index
 
 pytest_plugins = ["api_fixtures"]
 

@@ -23,9 +23,9 @@ from encoders.model import resolve_device
 from encoders.structure import structure_descriptors
 from index.store import EXACT_FILE, STRUCTURE_FILE, list_indexes, load_index
 from service.config import Settings
-from service.engine.loading import add_reference_images
 from service.errors import GeolocError, InputImageError
 from service.jobs.datasets import DatasetError
+from service.jobs.indexes import add_reference_images
 from service.jobs.references import (
     ShardEncoder,
     choose_runner,
@@ -34,7 +34,7 @@ from service.jobs.references import (
     read_uri,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 GEOLOC = [sys.executable, "-m", "service.cli.main"]
 STYLE = TileStyle(size=32, scale=(1.5, 1.5), augment=False)
 

@@ -21,8 +21,9 @@ from service.engine.calibration import (
     load_calibration,
     save_calibration,
 )
-from service.engine.loading import GallerySpec, build_index, load_locator
+from service.engine.loading import load_locator
 from service.jobs.calibrate import prepare_cases, top1
+from service.jobs.indexes import GallerySpec, build_index
 from service.jobs.training import write_bluemarble_set
 
 runner = CliRunner()

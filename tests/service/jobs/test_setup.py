@@ -18,7 +18,7 @@ from service.engine.calibration import list_calibrations
 from service.engine.loading import load_locator
 from service.jobs.setup import served_version
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SMALL = {
     "GEOLOC_DEFAULT_RES": "2",
     "GEOLOC_SETUP_REFERENCE_TILES": "300",

@@ -25,7 +25,7 @@ from service.db import (
 from service.db.models import ApiKey, Base, IndexVersion
 from service.db.schema import MIGRATIONS_DIR
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TABLES = {"index_versions", "reference_images", "predictions", "feedback", "api_keys"}
 
 

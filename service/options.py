@@ -13,6 +13,29 @@ from dataclasses import dataclass
 from index.geo import BBox
 from service.errors import InvalidOptionError
 
+#: The options with a service-wide default, a setting each (GEOLOC_TOP_K, ...); the others
+#: (stage switches, filters, ``temperature``) are chosen per request only.
+SERVICE_OPTIONS = (
+    "top_k",
+    "retrieve_k",
+    "refine_beam",
+    "refine_width",
+    "refine_levels",
+    "refine_start_res",
+    "nms_km",
+    "region_share",
+    "region_res",
+    "neighbours",
+    "neighbour_weight",
+    "neighbour_kernel_km",
+    "neighbour_temperature",
+    "structure_weight",
+    "llm_diversify",
+    "llm_rerank",
+    "nprobe",
+    "rerank_k",
+)
+
 
 @dataclass(frozen=True)
 class LocateOptions:
@@ -115,3 +138,16 @@ class LocateOptions:
         for c in self.countries:
             check(len(c) == 2 and c.isalpha(), f"country '{c}' is not an ISO 3166 alpha-2 code")
         return self
+
+
+def text_query(text: str, max_chars: int) -> str:
+    """A text query, stripped; empty or longer than ``max_chars`` is an invalid option."""
+    text = text.strip()
+    if not text:
+        raise InvalidOptionError("the text query is empty")
+    if len(text) > max_chars:
+        raise InvalidOptionError(
+            f"the text query has {len(text)} characters; the limit is {max_chars} "
+            "(GEOLOC_MAX_TEXT_CHARS)"
+        )
+    return text

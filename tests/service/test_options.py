@@ -1,0 +1,88 @@
+"""Each locate option is declared once (service/options.py): the settings take their names,
+types and defaults from it, and the HTTP request model and the CLI expose only options it
+declares, within bounds it accepts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+import pytest
+
+from service.api.schemas import LocateRequestOptions
+from service.config import Settings
+from service.errors import InvalidOptionError
+from service.options import SERVICE_OPTIONS, LocateOptions
+
+DECLARED = {f.name: f for f in fields(LocateOptions)}
+LIMITS = {
+    "max_top_k": Settings().max_top_k,
+    "max_retrieve_k": Settings().max_retrieve_k,
+    "max_nprobe": Settings().max_nprobe,
+    "max_rerank_k": Settings().max_rerank_k,
+}
+
+
+def accepts(**option: object) -> bool:
+    try:
+        LocateOptions(**option).validate(**LIMITS)  # type: ignore[arg-type]
+    except InvalidOptionError:
+        return False
+    return True
+
+
+def test_settings_take_every_service_option_from_the_declaration(monkeypatch) -> None:
+    declared_in_settings = set(DECLARED) & set(Settings.model_fields)
+    assert declared_in_settings == set(SERVICE_OPTIONS)
+    defaults = LocateOptions()
+    for name in SERVICE_OPTIONS:
+        assert Settings.model_fields[name].default == getattr(defaults, name), name
+    assert Settings().locate_options() == defaults
+    monkeypatch.setenv("GEOLOC_STRUCTURE_WEIGHT", "0.25")
+    monkeypatch.setenv("GEOLOC_TOP_K", "3")
+    assert Settings().locate_options() == LocateOptions(structure_weight=0.25, top_k=3)
+
+
+def test_the_request_model_names_only_declared_options() -> None:
+    assert set(LocateRequestOptions.model_fields) <= set(DECLARED)
+
+
+def _bounds(name: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for m in LocateRequestOptions.model_fields[name].metadata:
+        for key in ("ge", "gt", "le", "lt"):
+            if getattr(m, key, None) is not None:
+                out[key] = getattr(m, key)
+    return out
+
+
+NUMERIC = [
+    name
+    for name, f in LocateRequestOptions.model_fields.items()
+    if _bounds(name) and name in DECLARED
+]
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_request_bounds_agree_with_the_options_checks(name: str) -> None:
+    """What the request model lets through, the options accept; just past a bound both the
+    request model and (where the option has no other meaning there) the options refuse."""
+    b = _bounds(name)
+    integer = LocateRequestOptions.model_fields[name].annotation in (int | None, int)
+    step = 1 if integer else 1e-6
+    base = {"top_k": 1} if name == "retrieve_k" else {}
+    if "ge" in b:
+        assert accepts(**base, **{name: b["ge"]}), f"{name}={b['ge']} passes the request model"
+    if "gt" in b:
+        assert accepts(**base, **{name: b["gt"] + step})
+    if "le" in b:
+        assert accepts(**base, **{name: b["le"]}), f"{name}={b['le']} passes the request model"
+        assert not accepts(**base, **{name: b["le"] + step})
+    if "lt" in b:
+        assert not accepts(**base, **{name: b["lt"]})
+    if "le" not in b and "lt" not in b:  # the upper limit is a setting: max_<name>
+        limit = LIMITS.get(f"max_{name}")
+        assert limit is not None, f"{name} has no upper bound in the request or the settings"
+        assert accepts(**base, **{name: limit}) and not accepts(**base, **{name: limit + 1})
+    low = b.get("ge", b.get("gt"))
+    assert low is not None and math.isfinite(low)
