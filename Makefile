@@ -51,6 +51,7 @@ run: $(STAMP) $(WEB_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 test: lint system-deps $(WEB_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -32,8 +32,8 @@ from tilesets import (
 )
 
 from encoders import load_model
+from service.engine.options import LocateOptions
 from service.engine.scores import errors_km, summarize_distances
-from service.options import LocateOptions
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from index.gallery import csv_gallery, encode_gallery, h3_gallery
 from index.geocode import ReverseGeocoder
 from index.store import PointTable, load_index, publish_index
 from service.engine.locator import Locator
-from service.options import LocateOptions
+from service.engine.options import LocateOptions
 
 
 def timed(fn, runs: int) -> tuple[float, object]:

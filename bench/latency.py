@@ -37,7 +37,7 @@ from tilesets import (
 )
 
 from service.engine.locator import Locator
-from service.options import LocateOptions
+from service.engine.options import LocateOptions
 
 
 def one(locator: Locator, image: Image.Image, options: LocateOptions) -> tuple[float, dict]:

@@ -73,9 +73,9 @@ from index.files import sha256_file
 from index.geo import is_land
 from service.engine.images import read_image_file
 from service.engine.locator import LocateResult, Locator
+from service.engine.options import LocateOptions
 from service.engine.scores import THRESHOLDS_KM, errors_km, summarize_distances
 from service.jobs.training import TEST_STYLE
-from service.options import LocateOptions
 
 #: Seeds of this bench's own draws, distinct from training (0), the test (12345), the
 #: references (777) and calibration (4242).

@@ -45,8 +45,8 @@ from tilesets import (
 from encoders.bluemarble import load_map, render_tile, sample_centres
 from index.geo import is_land
 from service.engine import locator as pipeline
+from service.engine.options import LocateOptions
 from service.engine.scores import errors_km
-from service.options import LocateOptions
 
 #: Validation draws only: seeds and parameters distinct from bench/shift.py's reported sets.
 VAL_SEED = 50501

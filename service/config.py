@@ -10,7 +10,7 @@ from typing import Annotated, get_type_hints
 from pydantic import Field, SecretStr, create_model, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.options import SERVICE_OPTIONS, LocateOptions
+from service.engine.options import SERVICE_OPTIONS, LocateOptions
 
 _DEFAULTS = LocateOptions()
 #: One setting (GEOLOC_<NAME>) per option with a service-wide default, typed and defaulted
@@ -61,7 +61,7 @@ class Settings(_LocateDefaults):
     )
 
     # -- pipeline defaults (a request may override within the limits) ---------------------
-    # The SERVICE_OPTIONS of service/options.py come from _LocateDefaults (same names, types
+    # The SERVICE_OPTIONS of service/engine/options.py come from _LocateDefaults (same names, types
     # and defaults as LocateOptions); these two add their bounds and meaning.
     nprobe: int = Field(
         _DEFAULTS.nprobe,

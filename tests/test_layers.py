@@ -38,7 +38,7 @@ SKELETON = (
     "service/config.py",
     "service/errors.py",
     "service/engine/__init__.py",
-    "service/options.py",
+    "service/engine/options.py",
     "service/engine/locator.py",
     "service/engine/batching.py",
     "service/db/__init__.py",
@@ -51,6 +51,7 @@ SKELETON = (
     "service/cli/main.py",
     "encoders/__init__.py",
     "encoders/model.py",
+    "encoders/registry.py",
     "index/__init__.py",
     "index/manifest.py",
     "index/search.py",
@@ -67,6 +68,8 @@ SKELETON = (
         ("service/db/session.py", "import faiss", "holds no model"),
         ("service/db/session.py", "import service.engine.locator", "above config"),
         ("service/config.py", "import torch", "start at once"),
+        ("service/config.py", "import service.engine.locator", "above config"),
+        ("service/engine/options.py", "import faiss", "start at once"),
         ("index/manifest.py", "import faiss", "start at once"),
         ("service/engine/batching.py", "import service.engine.locator", "circles"),
     ],
@@ -76,7 +79,9 @@ def test_each_contract_fails_when_broken(tmp_path: Path, module: str, line: str,
     for rel in SKELETON:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("")
-    (tmp_path / "service/config.py").write_text("import service.options\n")  # downwards: fine
+    (tmp_path / "service/config.py").write_text(
+        "import service.engine.options\n"
+    )  # downwards: fine
     (tmp_path / "service/engine/locator.py").write_text("import service.engine.batching\n")
     (tmp_path / "pyproject.toml").write_text(_toml(config))
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}

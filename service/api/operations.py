@@ -45,8 +45,8 @@ from service.engine.images import decode_image, image_text
 from service.engine.llm_stages import LLMReport
 from service.engine.llm_stages import skipped as llm_skipped
 from service.engine.locator import LocateResult, Locator
+from service.engine.options import LocateOptions, text_query
 from service.errors import GeolocError, ImageTooLargeError, InvalidOptionError
-from service.options import LocateOptions, text_query
 
 log = logging.getLogger(__name__)
 

@@ -87,7 +87,7 @@ def locate_cmd(
         fail('give image files, or --text "a description of a place", not both')
     problems: list[str] = []
     if text:
-        from service.options import text_query
+        from service.engine.options import text_query
 
         query = text_query(text, s.max_text_chars)  # checked before the model loads
         from service.engine.loading import load_locator

@@ -27,8 +27,8 @@ from PIL import Image
 from encoders.structure import structure_descriptors
 from service.engine.localizability import image_statistics_many
 from service.engine.locator import LocateResult, Locator
+from service.engine.options import LocateOptions
 from service.errors import DeadlineExceededError, OverloadedError
-from service.options import LocateOptions
 
 log = logging.getLogger(__name__)
 

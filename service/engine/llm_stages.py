@@ -46,7 +46,7 @@ import secrets
 import time
 import unicodedata
 from dataclasses import fields, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import numpy as np
@@ -54,10 +54,12 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from encoders import get_profile
-from service.config import Settings
 from service.engine.llm_client import ChatClient, LLMConfig, LLMError, log
 from service.engine.locator import Candidate, LocateResult, Locator
-from service.options import LocateOptions
+from service.engine.options import LocateOptions
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 Status = Literal["ran", "skipped", "failed"]
 

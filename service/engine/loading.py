@@ -5,6 +5,8 @@ app's lifespan and the CLI call these. (Building indexes is a job: service/jobs/
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from encoders import GeoModel, load_model
@@ -16,10 +18,12 @@ from index.store import (
     list_indexes,
     load_index,
 )
-from service.config import Settings
 from service.engine.calibration import Calibration, load_calibration, weights_label
 from service.engine.locator import Locator
 from service.errors import IndexRefusedError
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 
 def set_torch_threads(settings: Settings) -> None:

@@ -44,6 +44,7 @@ from service.engine.localizability import (
     answer_features,
     image_statistics_many,
 )
+from service.engine.options import LocateOptions
 from service.engine.places import (
     Beam,
     logsumexp,
@@ -53,7 +54,6 @@ from service.engine.places import (
 )
 from service.engine.results import Candidate, LocateResult, Pool, Scored, Timer, share_time
 from service.errors import InvalidOptionError, TextQueryUnsupportedError
-from service.options import LocateOptions
 
 if TYPE_CHECKING:
     from service.engine.calibration import Calibration

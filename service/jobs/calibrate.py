@@ -15,9 +15,9 @@ import numpy as np
 from index.geo import haversine_km
 from service.engine.localizability import LocalizabilityModel
 from service.engine.locator import Locator
+from service.engine.options import LocateOptions
 from service.engine.places import merge_places, nms_owners
 from service.engine.scores import reliability
-from service.options import LocateOptions
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -13,6 +13,7 @@ import numpy as np
 
 from service.engine.images import read_image_files
 from service.engine.locator import LocateResult, Locator
+from service.engine.options import LocateOptions
 from service.engine.scores import (
     THRESHOLDS_KM,
     errors_km,
@@ -21,7 +22,6 @@ from service.engine.scores import (
     summarize_distances,
 )
 from service.jobs.datasets import LabelledImage
-from service.options import LocateOptions
 
 if TYPE_CHECKING:
     from service.config import Settings

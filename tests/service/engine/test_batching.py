@@ -16,8 +16,8 @@ from PIL import Image
 from encoders.bluemarble import render_tile
 from service.engine.batching import MicroBatcher
 from service.engine.locator import Locator
+from service.engine.options import LocateOptions
 from service.errors import OverloadedError
-from service.options import LocateOptions
 
 pytest_plugins = ["api_fixtures"]  # the bluemarble model, index and app fixtures
 

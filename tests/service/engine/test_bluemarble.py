@@ -11,8 +11,8 @@ from index.geocode import ReverseGeocoder
 from index.store import load_index
 from service.config import Settings
 from service.engine.locator import Locator
+from service.engine.options import LocateOptions
 from service.jobs.indexes import GallerySpec, build_index
-from service.options import LocateOptions
 
 PLACES = {
     "Sahara": (23.0, 12.0),

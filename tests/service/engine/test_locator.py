@@ -13,8 +13,8 @@ from index.geo import BBox, haversine_km, latlon_to_cells
 from index.geocode import ReverseGeocoder
 from index.store import PointTable, load_index, publish_index
 from service.engine.locator import Locator
+from service.engine.options import LocateOptions
 from service.errors import InvalidOptionError
-from service.options import LocateOptions
 
 TRUTHS = np.array(
     [

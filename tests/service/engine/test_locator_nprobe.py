@@ -7,7 +7,7 @@ from index.gallery import encode_gallery, h3_gallery
 from index.geocode import ReverseGeocoder
 from index.store import PointTable, VectorChunk, load_index, publish_index, publish_index_chunked
 from service.engine.locator import Locator
-from service.options import LocateOptions
+from service.engine.options import LocateOptions
 
 
 @pytest.fixture(scope="module")

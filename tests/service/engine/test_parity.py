@@ -9,7 +9,7 @@ from index.gallery import csv_gallery, encode_gallery
 from index.geocode import ReverseGeocoder
 from index.store import PointTable, load_index, publish_index
 from service.engine.locator import Locator
-from service.options import LocateOptions
+from service.engine.options import LocateOptions
 
 geoclip = pytest.importorskip("geoclip")
 

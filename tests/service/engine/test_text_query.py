@@ -19,8 +19,8 @@ from index.store import load_index
 from service.cli.main import app as cli_app
 from service.config import Settings
 from service.engine.locator import Locator
+from service.engine.options import LocateOptions
 from service.jobs.indexes import GallerySpec, build_index
-from service.options import LocateOptions
 from tests.text_profile import TINY_TEXT, registered
 
 pytest_plugins = ["api_fixtures"]  # the bluemarble model, index and app fixtures

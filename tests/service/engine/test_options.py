@@ -1,4 +1,4 @@
-"""Each locate option is declared once (service/options.py): the settings take their names,
+"""Each locate option is declared once (service/engine/options.py): the settings take their names,
 types and defaults from it, and the HTTP request model and the CLI expose only options it
 declares, within bounds it accepts."""
 
@@ -11,8 +11,8 @@ import pytest
 
 from service.api.schemas import LocateRequestOptions
 from service.config import Settings
+from service.engine.options import SERVICE_OPTIONS, LocateOptions
 from service.errors import InvalidOptionError
-from service.options import SERVICE_OPTIONS, LocateOptions
 
 DECLARED = {f.name: f for f in fields(LocateOptions)}
 LIMITS = {

@@ -1,8 +1,8 @@
 """The options of one locate request: the one place each is declared, with its default.
 
 Settings (service/config.py) take their defaults from here, the HTTP request model
-(service/api/schemas.py) and the CLI expose a subset, and tests/service/test_options.py checks
-that they agree. This module stays light (no torch, no faiss): the settings import it.
+(service/api/schemas.py) and the CLI expose a subset, and tests/service/engine/test_options.py
+checks that they agree. This module stays light (no torch, no faiss): the settings import it.
 """
 
 from __future__ import annotations
