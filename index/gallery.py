@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from index.geo import cells_to_latlon, land_cells
+from index.geo import cells_to_latlon, land_cells, latlon_valid
 
 LAT_HEADERS = ("lat", "latitude")
 LON_HEADERS = ("lon", "lng", "long", "longitude")
@@ -142,12 +141,8 @@ def _parse_point(lat_text: str, lon_text: str) -> tuple[str | None, float, float
         lat, lon = float(lat_text), float(lon_text)
     except ValueError:
         return f"cannot parse ({lat_text!r}, {lon_text!r}) as numbers", 0.0, 0.0
-    if not (math.isfinite(lat) and math.isfinite(lon)):
-        return f"non-finite coordinate ({lat_text}, {lon_text})", 0.0, 0.0
-    if not -90 <= lat <= 90:
-        return f"latitude {lat} outside [-90, 90]", 0.0, 0.0
-    if not -180 <= lon <= 180:
-        return f"longitude {lon} outside [-180, 180]", 0.0, 0.0
+    if not latlon_valid(lat, lon):
+        return f"({lat_text}, {lon_text}) is not a valid (lat, lon)", 0.0, 0.0
     return None, lat, lon
 
 

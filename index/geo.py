@@ -56,6 +56,15 @@ def geoscore(d_km: Any) -> np.ndarray:
 # -- validation --------------------------------------------------------------------------
 
 
+def latlon_valid(lat: Any, lon: Any) -> np.ndarray:
+    """Which (lat, lon) pairs are positions on Earth: finite, lat in [-90, 90], lon in
+    [-180, 180] (elementwise; scalars give a 0-d array, usable as a bool)."""
+    lat = np.asarray(lat, dtype=np.float64)
+    lon = np.asarray(lon, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(lat) & np.isfinite(lon) & (np.abs(lat) <= 90) & (np.abs(lon) <= 180)
+
+
 def validate_latlon(latlon: Any) -> np.ndarray:
     """Return a float64 (n, 2) copy-or-view; a single (lat, lon) pair becomes (1, 2).
 
@@ -70,9 +79,7 @@ def validate_latlon(latlon: Any) -> np.ndarray:
         arr = arr.reshape(1, 2)
     if arr.ndim != 2 or arr.shape[1] != 2:
         raise GeoError(f"coordinates must have shape (n, 2) as (lat, lon); got {arr.shape}")
-    bad = ~np.isfinite(arr).all(axis=1)
-    bad |= np.abs(arr[:, 0]) > 90
-    bad |= np.abs(arr[:, 1]) > 180
+    bad = ~latlon_valid(arr[:, 0], arr[:, 1])
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise GeoError(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from index.geo import latlon_valid
 from index.manifest import IndexStoreError
 
 __all__ = ["PointTable", "VectorChunk", "check_points", "check_vectors"]
@@ -80,8 +81,7 @@ def check_points(points: PointTable, n: int) -> PointTable:
     if latlon.ndim != 2 or latlon.shape[1] != 2:
         raise IndexStoreError(f"latlon must have shape (n, 2) as (lat, lon), got {latlon.shape}")
     latlon = np.ascontiguousarray(latlon, dtype=np.float64)
-    lat, lon = latlon[:, 0], latlon[:, 1]
-    if not np.isfinite(latlon).all() or (np.abs(lat) > 90).any() or (np.abs(lon) > 180).any():
+    if not latlon_valid(latlon[:, 0], latlon[:, 1]).all():
         raise IndexStoreError(
             "latlon out of range: need finite (lat, lon) degrees with lat in [-90, 90] and "
             "lon in [-180, 180]; check the column order (lat first)"

@@ -80,6 +80,7 @@ def locate_cmd(
         verify=verify,
         bbox=BBox.parse(bbox) if bbox else None,
         countries=tuple(country or ()),
+        neighbours=neighbours,
     )
     if not text and not images:
         fail('nothing to locate: give image files (JPEG, PNG, WebP), or --text "a description"')

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from index.geo import haversine_km
+from index.geo import haversine_km, latlon_valid
 from service.db.models import (
     Feedback,
     Prediction,
@@ -77,14 +77,16 @@ def get_prediction(session: Session, prediction_id: str) -> Prediction | None:
 
 def _check_latlon(lat: Any, lon: Any) -> tuple[float, float]:
     out = []
-    for what, value, limit in (("lat", lat, 90.0), ("lon", lon, 180.0)):
+    for what, value in (("lat", lat), ("lon", lon)):
         # bool is an int to Python, but True is not a coordinate.
         if isinstance(value, bool) or not isinstance(value, int | float | np.number):
             raise InvalidOptionError(f"{what} must be a number, got {value!r}")
-        f = float(value)
-        if not math.isfinite(f) or not -limit <= f <= limit:
-            raise InvalidOptionError(f"{what} must be a finite number in [-{limit:g}, {limit:g}]")
-        out.append(f)
+        out.append(float(value))
+    if not latlon_valid(*out):
+        raise InvalidOptionError(
+            f"({out[0]}, {out[1]}) is not a valid (lat, lon): need finite lat in [-90, 90] and "
+            "lon in [-180, 180]"
+        )
     return out[0], out[1]
 
 

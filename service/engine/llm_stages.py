@@ -40,7 +40,6 @@ import asyncio
 import base64
 import io
 import json
-import math
 import re
 import secrets
 import time
@@ -54,6 +53,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from encoders import get_profile
+from index.geo import latlon_valid
 from service.engine.llm_client import ChatClient, LLMConfig, LLMError, log
 from service.engine.locator import Candidate, LocateResult, Locator
 from service.engine.options import LocateOptions
@@ -259,7 +259,7 @@ def parse_point(text: str) -> tuple[float, float, str] | str:
     lon = _number(next((obj[k] for k in ("lon", "lng", "longitude") if k in obj), None))
     if lat is None or lon is None:
         return "unparsable"
-    if not (math.isfinite(lat) and math.isfinite(lon)) or abs(lat) > 90 or abs(lon) > 180:
+    if not latlon_valid(lat, lon):
         return "out_of_range"
     return lat, lon, _clean(str(obj.get("reason", "")), 200)
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import csv
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from index.gallery import LAT_HEADERS, LON_HEADERS, find_column
+from index.geo import latlon_valid
 from service.errors import GeolocError
 
-_IMAGE_COLS = ("image", "path", "image_path", "file", "filename", "img_path", "img_id")
+IMAGE_COLUMNS = ("image", "path", "image_path", "file", "filename", "img_path", "img_id")
 
 
 class DatasetError(GeolocError):
@@ -41,10 +41,10 @@ def read_labelled_csv(
         header = next(reader, None)
         if not header:
             raise DatasetError(f"{path} is empty; expected a header such as image,lat,lon")
-        ci, cla, clo = (find_column(header, c) for c in (_IMAGE_COLS, LAT_HEADERS, LON_HEADERS))
+        ci, cla, clo = (find_column(header, c) for c in (IMAGE_COLUMNS, LAT_HEADERS, LON_HEADERS))
         if ci is None or cla is None or clo is None:
             raise DatasetError(
-                f"{path}: header {header} lacks an image column ({'/'.join(_IMAGE_COLS)}), "
+                f"{path}: header {header} lacks an image column ({'/'.join(IMAGE_COLUMNS)}), "
                 f"a latitude column ({'/'.join(LAT_HEADERS)}) or a longitude column "
                 f"({'/'.join(LON_HEADERS)})"
             )
@@ -63,7 +63,7 @@ def read_labelled_csv(
                     f"{path}:{line}: latitude/longitude '{rec[cla]}', '{rec[clo]}' are not numbers"
                 )
                 continue
-            if not (math.isfinite(lat) and math.isfinite(lon)) or abs(lat) > 90 or abs(lon) > 180:
+            if not latlon_valid(lat, lon):
                 problems.append(f"{path}:{line}: ({lat}, {lon}) is not a valid (lat, lon)")
                 continue
             img = (path.parent / rec[ci].strip()) if rec[ci].strip() else None

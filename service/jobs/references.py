@@ -49,10 +49,10 @@ import pyarrow.parquet as pq
 from encoders.structure import STRUCTURE_DIM, structure_descriptors
 from index.files import atomic_write, sha256_file
 from index.gallery import LAT_HEADERS, LON_HEADERS, find_column
+from index.geo import latlon_valid
 from service.engine.images import decode_image
 from service.errors import GeolocError, InputImageError
-from service.jobs.datasets import _IMAGE_COLS as IMAGE_COLUMNS
-from service.jobs.datasets import DatasetError
+from service.jobs.datasets import IMAGE_COLUMNS, DatasetError
 
 URI_COLUMNS = ("uri", "url", *IMAGE_COLUMNS)
 ID_COLUMNS = ("id", "image_id", "photo_id")
@@ -143,7 +143,7 @@ def read_reference_table(path: str | Path) -> tuple[ReferenceTable, list[BadRow]
         reason = None
         if not (math.isfinite(lat[i]) and math.isfinite(lon[i])):
             reason = f"latitude/longitude {lat_s[i]}, {lon_s[i]} are not numbers"
-        elif abs(lat[i]) > 90 or abs(lon[i]) > 180:
+        elif not latlon_valid(lat[i], lon[i]):
             reason = f"({lat[i]}, {lon[i]}) is not a valid (lat, lon)"
         elif not uris[i]:
             reason = "empty image uri"

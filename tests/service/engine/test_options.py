@@ -86,3 +86,29 @@ def test_request_bounds_agree_with_the_options_checks(name: str) -> None:
         assert accepts(**base, **{name: limit}) and not accepts(**base, **{name: limit + 1})
     low = b.get("ge", b.get("gt"))
     assert low is not None and math.isfinite(low)
+
+
+#: `geoloc locate` parameters that are about the command, not the pipeline.
+LOCATE_COMMAND_ONLY = {"images", "text", "as_json", "profile", "index", "batch_size"}
+#: CLI parameters named for one use (``--country FR --country ES``) and the option they fill.
+CLI_NAMES = {"country": "countries"}
+
+
+def test_the_cli_names_only_declared_options() -> None:
+    """Every `geoloc locate` parameter is a declared option (default: unset, i.e. the
+    settings', or the option's own default) or one of the command's own."""
+    import inspect
+
+    from service.cli.locate import locate_cmd
+
+    defaults = LocateOptions()
+    params = inspect.signature(locate_cmd).parameters
+    cli_options = {CLI_NAMES.get(n, n): n for n in params if n not in LOCATE_COMMAND_ONLY}
+    assert set(cli_options) <= set(DECLARED), set(cli_options) - set(DECLARED)
+    for name, param in cli_options.items():
+        default = params[param].default
+        if name in ("bbox", "countries"):  # parsed from text: "" / no --country means none
+            assert default in ("", None), name
+        else:
+            assert default is None or default == getattr(defaults, name), name
+
