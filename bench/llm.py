@@ -44,10 +44,9 @@ from index.store import load_index  # noqa: E402
 from service.api.main import create_app  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.db import upgrade  # noqa: E402
-from service.engine.loading import build_index  # noqa: E402
 from service.engine.locator import Locator  # noqa: E402
 from service.engine.scores import summarize_distances  # noqa: E402
-from service.jobs.indexes import GallerySpec  # noqa: E402
+from service.jobs.indexes import GallerySpec, build_index  # noqa: E402
 
 OFF = {"llm_diversify": "false", "llm_rerank": "false"}
 

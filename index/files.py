@@ -36,12 +36,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
+def atomic_write(
+    path: Path, data: bytes | Callable[[BinaryIO], None], *, replace: bool = True
+) -> None:
     """Replace ``path`` with ``data`` (bytes, or a function that writes into the open
     binary file) all at once: a temporary file in the same directory is written, fsynced
     and renamed over ``path``, then the directory is fsynced. Readers see the old file or
     the new one, never a part; a failed write leaves ``path`` as it was and no temporary
-    file. The file gets the default permissions (the umask's)."""
+    file. The file gets the default permissions (the umask's). ``replace=False`` publishes
+    an immutable file: FileExistsError if ``path`` exists (a hard link, never a rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -52,7 +55,11 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
                 fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if path exists: published files are immutable
+            tmp.unlink()
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -68,7 +68,8 @@ def images_add(
     Resumable: run the same command again after an interruption and the finished shards
     are kept. Bad rows are listed in the job's bad_rows.csv and never stop the job.
     """
-    from service.engine.loading import add_reference_images, load_geomodel
+    from service.engine.loading import load_geomodel
+    from service.jobs.indexes import add_reference_images
 
     s = settings()
     model = load_geomodel(s, profile or None)

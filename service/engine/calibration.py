@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from index.files import atomic_write
 from service.engine.localizability import LocalizabilityModel
 from service.errors import GeolocError
 
@@ -137,18 +136,10 @@ def save_calibration(root: Path, cal: Calibration) -> Path:
     d = calibration_dir(root, name, version)
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"{cal.version}.json"
-    tmp = d / f".tmp-{cal.version}-{uuid.uuid4().hex[:8]}"
     try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(cal.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, final)  # fails if the version exists: published files are immutable
-        except FileExistsError:
-            raise CalibrationError(f"calibration {final} exists already") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        atomic_write(final, cal.to_json().encode("utf-8"), replace=False)
+    except FileExistsError:
+        raise CalibrationError(f"calibration {final} exists already") from None
     return final
 
 

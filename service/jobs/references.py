@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -297,9 +296,10 @@ def prepare_job(
                 "lon": table.lon[start:stop],
             }
         )
-        tmp = job_dir / "rows" / f".{_SHARD.format(shard)}.tmp"
-        pq.write_table(part, tmp)
-        os.replace(tmp, job_dir / "rows" / f"{_SHARD.format(shard)}.parquet")
+        atomic_write(
+            job_dir / "rows" / f"{_SHARD.format(shard)}.parquet",
+            lambda fh, part=part: pq.write_table(part, fh),
+        )
         sizes.append(stop - start)
     atomic_write(job_dir / "input-bad.json", json.dumps([asdict(b) for b in bad]).encode())
     meta = {
@@ -402,19 +402,17 @@ class ShardEncoder:
                 structure[where] = structure_descriptors(images)
                 ok[where] = True
         out = self.job.out_file(shard)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as fh:
-            np.savez(
+        atomic_write(
+            out,
+            lambda fh: np.savez(
                 fh,
                 vectors=vectors[ok],
                 structure=structure[ok],
                 id=np.asarray(rows["id"], dtype=np.int64)[ok],
                 row=np.asarray(rows["row"], dtype=np.int64)[ok],
                 latlon=np.column_stack([rows["lat"], rows["lon"]]).astype(np.float64)[ok],
-            )
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
+            ),
+        )
         atomic_write(self.job.bad_file(shard), json.dumps(bad).encode())
         # The marker goes last: a shard killed before it is simply encoded again.
         atomic_write(self.job.done_file(shard), b"")

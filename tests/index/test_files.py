@@ -45,3 +45,12 @@ def test_a_failed_atomic_write_keeps_the_old_file(tmp_path: Path) -> None:
         atomic_write(path, fail)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_atomic_write_without_replace_never_overwrites(tmp_path: Path) -> None:
+    path = tmp_path / "v1.json"
+    atomic_write(path, b"first", replace=False)
+    with pytest.raises(FileExistsError):
+        atomic_write(path, b"second", replace=False)
+    assert path.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["v1.json"]  # no temporary file left
