@@ -111,4 +111,3 @@ def test_the_cli_names_only_declared_options() -> None:
             assert default in ("", None), name
         else:
             assert default is None or default == getattr(defaults, name), name
-
