@@ -66,9 +66,42 @@ def schema_ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
+#: Request options whose upper bound is a setting; the schema states the setting's value.
+SETTING_MAXIMA = {
+    "top_k": "max_top_k",
+    "retrieve_k": "max_retrieve_k",
+    "nprobe": "max_nprobe",
+    "rerank_k": "max_rerank_k",
+}
+
+
+def _state_setting_maxima(node: Any, settings: Settings) -> None:
+    """Put ``maximum`` on every integer schema of an option in SETTING_MAXIMA: body
+    properties and query parameters alike (the check itself is LocateOptions.validate)."""
+
+    def bound(schema: dict[str, Any], name: str) -> None:
+        for branch in schema.get("anyOf", [schema]):
+            if branch.get("type") == "integer":
+                branch["maximum"] = int(getattr(settings, SETTING_MAXIMA[name]))
+
+    if isinstance(node, dict):
+        props = node.get("properties")
+        if isinstance(props, dict):
+            for name in SETTING_MAXIMA.keys() & props.keys():
+                bound(props[name], name)
+        if node.get("in") == "query" and node.get("name") in SETTING_MAXIMA:
+            bound(node.get("schema") or {}, node["name"])
+        for value in node.values():
+            _state_setting_maxima(value, settings)
+    elif isinstance(node, list):
+        for value in node:
+            _state_setting_maxima(value, settings)
+
+
 def install_openapi(app: FastAPI, settings: Settings) -> None:
     """``app.openapi()``: the generated document, plus the schemas of the bodies the routes
-    read themselves (Problem, LocateJSONRequest) and, with auth on, the security schemes."""
+    read themselves (Problem, LocateJSONRequest), the limits that are settings (``maximum``)
+    and, with auth on, the security schemes."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -88,6 +121,7 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
                     "bearer": {"type": "http", "scheme": "bearer"},
                     "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
                 }
+            _state_setting_maxima(schema, settings)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -163,4 +163,7 @@ def serve(s: Settings, *, host: str, port: int, workers: int, log_level: str) ->
         log_level=log_level,
         timeout_graceful_shutdown=s.shutdown_grace_s,  # type: ignore[arg-type]
     )
-    DrainingServer(config, app.state.service, s.shutdown_drain_s).run()
+    # Bound before the lifespan loads the model: the port is ours from here on, and a port
+    # taken meanwhile is reported now, not after the model and index have loaded.
+    sock = config.bind_socket()
+    DrainingServer(config, app.state.service, s.shutdown_drain_s).run(sockets=[sock])

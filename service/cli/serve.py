@@ -1,8 +1,8 @@
 """`geoloc serve`: the HTTP API under uvicorn.
 
-The listening address is checked before anything heavy is imported: the model loads in the
-app's lifespan, which uvicorn runs before it binds, so a port already in use would otherwise
-be reported only after the model and index had loaded.
+The listening address is checked before anything heavy is imported, so that a port already
+in use is one line at once; a single-worker server then binds before its lifespan loads the
+model (service/api/server.py), so the port cannot be taken while it loads.
 """
 
 from __future__ import annotations

@@ -111,3 +111,24 @@ def test_the_cli_names_only_declared_options() -> None:
             assert default in ("", None), name
         else:
             assert default is None or default == getattr(defaults, name), name
+
+
+def test_the_openapi_schema_states_the_limits_that_are_settings() -> None:
+    """top_k <= GEOLOC_MAX_TOP_K and the rest are checked after parsing; the schema a client
+    reads says so, in the JSON bodies and in /v1/locate's query parameters."""
+    from service.api.main import create_app
+    from service.api.openapi import SETTING_MAXIMA
+
+    settings = Settings(max_top_k=7, max_nprobe=9, max_rerank_k=11, max_retrieve_k=300)
+    doc = create_app(settings).openapi()
+
+    def maximum(schema: dict) -> int | None:
+        return next((b.get("maximum") for b in schema.get("anyOf", [schema]) if "type" in b), None)
+
+    body = doc["components"]["schemas"]["LocateJSONRequest"]["properties"]
+    query = {p["name"]: p["schema"] for p in doc["paths"]["/v1/locate"]["post"]["parameters"]}
+    for name, setting in SETTING_MAXIMA.items():
+        for where in (body, query):
+            if name in where:
+                assert maximum(where[name]) == getattr(settings, setting), name
+    assert maximum(body["top_k"]) == 7 and maximum(query["top_k"]) == 7
