@@ -28,6 +28,26 @@ BACKBONE_PREFIXES = ("image_tower.backbone.", "text_tower.")
 RANDOM_WEIGHTS = "random"
 
 
+#: The towers' preprocessing scales a picture's short side to the input size and frames the
+#: centre square; a picture much longer than wide would first be scaled up whole (a 1,000,000
+#: x 1 PNG of 3 KB to gigabytes). Longer pictures are cut to their centre at this ratio first,
+#: which frames the same square and bounds the work by the decoded pixels.
+MAX_PREPROCESS_ASPECT = 2.0
+
+
+def centre_for_preprocessing(im: Image.Image) -> Image.Image:
+    """``im``, or its centre at MAX_PREPROCESS_ASPECT when it is longer than that."""
+    w, h = im.size
+    keep = max(1, math.ceil(min(w, h) * MAX_PREPROCESS_ASPECT))
+    if max(w, h) <= keep:
+        return im
+    if w > h:
+        left = (w - keep) // 2
+        return im.crop((left, 0, left + keep, h))
+    top = (h - keep) // 2
+    return im.crop((0, top, w, top + keep))
+
+
 class GeoModel(nn.Module):
     """Both towers of one profile. Embeddings are unit vectors; logits are
     ``exp(logit_scale) · cos`` as in GeoCLIP.
@@ -69,9 +89,14 @@ class GeoModel(nn.Module):
     def device(self) -> torch.device:
         return self.logit_scale.device
 
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """One PIL image as the image tower's input (its preprocessing, on at most
+        MAX_PREPROCESS_ASPECT of it)."""
+        return self.preprocess(centre_for_preprocessing(image).convert("RGB"))
+
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
         """Preprocess PIL images into one batch tensor on the model's device."""
-        return torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
+        return torch.stack([self.prepare(im) for im in images]).to(self.device)
 
     def image_embedding(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_tower(pixels), dim=-1)

@@ -173,7 +173,7 @@ def train(
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    transform = transform or model.preprocess
+    transform = transform or model.prepare
     model.image_tower.set_backbone_trainable(not config.freeze_backbone)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
