@@ -4,7 +4,8 @@ readers of the locate bodies (one image, a batch)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
 
 from service.api import operations as ops
 from service.api.problems import (
@@ -152,6 +154,19 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
+@contextlib.asynccontextmanager
+async def _form(request: Request, max_files: int, too_many: str) -> AsyncIterator[FormData]:
+    """The multipart form, parsed with a file limit; past it the parser's own 400 becomes our
+    ``too-many-images`` (``too_many`` says the bound), so the count never changes the type."""
+    try:
+        async with request.form(max_files=max_files, max_fields=64) as form:
+            yield form
+    except HTTPException as exc:
+        if exc.status_code == 400 and str(exc.detail).startswith("Too many files"):
+            raise TooManyImagesError(too_many) from None
+        raise
+
+
 async def read_image_input(
     request: Request, settings: SettingsDep, query: QueryOptions
 ) -> ImageInput:
@@ -173,16 +188,12 @@ async def read_image_input(
         return ImageInput(data=data, filename=None, options=opts)
     if ctype == "multipart/form-data":
         opts = ops.locate_options(settings, query)
-        async with request.form(max_files=16, max_fields=64) as form:
+        one = "one 'file' per request; send several to POST /v1/locate/batch as 'files'"
+        async with _form(request, 1, one) as form:
             files = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
             if not files:
                 raise MissingImageError("send the image as the multipart field 'file'")
             _only_fields(form, "file")
-            if len(files) > 1:
-                raise MissingImageError(
-                    "one 'file' per request; send several to POST /v1/locate/batch as 'files'",
-                    type="too-many-images",
-                )
             data = await _read_upload(files[0], settings.max_image_bytes)
             return ImageInput(data=data, filename=files[0].filename, options=opts)
     raise UnsupportedContentTypeError(
@@ -202,17 +213,12 @@ async def read_batch_input(
             "send the images as multipart/form-data, each in a field named 'files'"
         )
     opts = ops.locate_options(settings, query)
-    # The parser's own limits (400 beyond them) sit above ours, so that a few files too many
-    # get the clearer too-many-images problem.
-    async with request.form(max_files=settings.max_batch + 16, max_fields=64) as form:
+    too_many = f"at most {settings.max_batch} images per batch (GEOLOC_MAX_BATCH)"
+    async with _form(request, settings.max_batch, too_many) as form:
         files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
         if not files:
             raise MissingImageError("send the images as multipart fields named 'files'")
         _only_fields(form, "files")
-        if len(files) > settings.max_batch:
-            raise TooManyImagesError(
-                f"at most {settings.max_batch} images per batch (GEOLOC_MAX_BATCH)"
-            )
         return [(f.filename, await _read_upload(f, settings.max_image_bytes)) for f in files], opts
 
 

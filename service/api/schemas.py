@@ -74,7 +74,7 @@ class LocateJSONRequest(LocateRequestOptions):
 
     model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
-    image_base64: str = Field(..., min_length=1, description="The image bytes, base64-encoded.")
+    image_base64: str = Field(..., description="The image bytes, base64-encoded.")
 
 
 class TextLocateRequest(LocateRequestOptions):
@@ -90,11 +90,17 @@ class TextLocateRequest(LocateRequestOptions):
     )
 
 
+class LocateBodyOptions(LocateRequestOptions):
+    """The options as a JSON object inside a body: unknown keys are refused, as at the top."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
+
+
 class UrlLocateRequest(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     url: str = Field(..., min_length=1, max_length=2048, description="http(s) URL of the image.")
-    options: LocateRequestOptions | None = None
+    options: LocateBodyOptions | None = None
 
 
 class CandidateOut(BaseModel):

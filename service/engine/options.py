@@ -117,7 +117,7 @@ class LocateOptions:
         check(0 <= self.neighbours <= 256, "neighbours must be between 0 and 256")
         check(
             0 <= self.nprobe <= max_nprobe,
-            f"nprobe must be between 1 and {max_nprobe} (0: the index's own)",
+            f"nprobe must be between 1 and {max_nprobe} (unset: the index's own)",
         )
         check(
             self.rerank_k is None or 0 <= self.rerank_k <= max_rerank_k,

@@ -233,7 +233,7 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], int, str]] = {
     "base64 with bad padding": ({"json": {"image_base64": "abcde"}}, 422, "invalid-base64"),
     "non-ASCII base64": ({"json": {"image_base64": "ÿØÿà"}}, 422, "invalid-base64"),
     "base64 too long": ({"json": {"image_base64": "A" * (2 * MIB - 100)}}, 413, "image-too-large"),
-    "empty base64": ({"json": {"image_base64": ""}}, 422, "invalid-request"),
+    "empty base64": ({"json": {"image_base64": ""}}, 422, "empty-image"),
     "invalid JSON": (
         {"content": b"{nope", "headers": {"Content-Type": "application/json"}},
         422,
@@ -322,6 +322,21 @@ def test_bad_feedback(client, body):
     assert_problem(r, 422, "invalid-request")
 
 
+@pytest.mark.parametrize("n", [2, 17, 40])
+def test_too_many_files_is_one_problem_whatever_the_count(client, n):
+    """The multipart parser's own file limit must not speak instead of ours: 2, 17 or 40
+    `file` parts to /v1/locate, and max_batch + 1 or far more `files` to the batch, are all
+    `too-many-images`, with its own title."""
+    tiny = ("t.png", b"\x89PNG", "image/png")
+    r = client.post("/v1/locate", files=[("file", tiny)] * n)
+    assert_problem(r, 422, "too-many-images")
+    assert r.json()["title"] == "Too many images"
+    for m in (LIMITS["max_batch"] + 1, LIMITS["max_batch"] + 17 + n):
+        r = client.post("/v1/locate/batch", files=[("files", tiny)] * m)
+        assert_problem(r, 422, "too-many-images")
+        assert str(LIMITS["max_batch"]) in r.json()["detail"]
+
+
 def test_other_bad_requests(client):
     r = client.get("/v1/locate")
     assert_problem(r, 405, "method-not-allowed")
@@ -335,6 +350,11 @@ def test_other_bad_requests(client):
         422,
         "invalid-request",
     )
+    # Unknown keys are refused at every level of a body, nested options included.
+    nested = {"url": "http://example.com/a.jpg", "options": {"topk": 3}}
+    r = client.post("/v1/locate/url", json=nested)
+    assert_problem(r, 422, "invalid-request")
+    assert "topk" in r.json()["detail"]
     assert_problem(
         client.post("/v1/admin/index/activate", content=b"{", headers={"content-type": "x"}),
         403,

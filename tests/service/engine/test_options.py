@@ -132,3 +132,12 @@ def test_the_openapi_schema_states_the_limits_that_are_settings() -> None:
             if name in where:
                 assert maximum(where[name]) == getattr(settings, setting), name
     assert maximum(body["top_k"]) == 7 and maximum(query["top_k"]) == 7
+
+
+def test_messages_state_the_real_bounds() -> None:
+    """A refused value is answered with the bounds a request may use (a request cannot send
+    nprobe 0: unset means the index's own)."""
+    with pytest.raises(InvalidOptionError) as exc:
+        LocateOptions(nprobe=LIMITS["max_nprobe"] + 1).validate(**LIMITS)
+    assert f"between 1 and {LIMITS['max_nprobe']}" in str(exc.value)
+    assert "0:" not in str(exc.value)
