@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,12 +9,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from index.geo import cells_to_latlon, land_cells, latlon_valid
+from index.geo import cells_to_latlon, land_cells
+from index.tables import LAT_HEADERS, LON_HEADERS, POINT_ID_HEADERS, Reason, TableError, read_table
 
-LAT_HEADERS = ("lat", "latitude")
-LON_HEADERS = ("lon", "lng", "long", "longitude")
-ID_HEADER = "id"
 _MAX_LISTED = 10
+_NOT_LATLON = "({lat_text}, {lon_text}) is not a valid (lat, lon)"
+_WORDING = {  # this reader's messages, where they differ from index.tables.WORDING
+    Reason.NOT_NUMBERS: "cannot parse ({lat_text!r}, {lon_text!r}) as numbers",
+    Reason.NOT_FINITE: _NOT_LATLON,
+    Reason.NOT_LATLON: _NOT_LATLON,
+    Reason.ID_DUPLICATE: "duplicate id {id} (first on line {first_line})",
+}
 
 
 class GalleryError(ValueError):
@@ -47,15 +51,6 @@ def h3_gallery(res: int, land_only: bool = True) -> Gallery:
     )
 
 
-def find_column(header: list[str], names: tuple[str, ...]) -> int | None:
-    """Position of the first of ``names`` in a CSV header (case-insensitive), or None."""
-    lowered = [h.strip().lower() for h in header]
-    for name in names:
-        if name in lowered:
-            return lowered.index(name)
-    return None
-
-
 def csv_gallery(path: Path) -> Gallery:
     """Points from a CSV with latitude/longitude columns and an optional integer `id`.
 
@@ -66,84 +61,34 @@ def csv_gallery(path: Path) -> Gallery:
     path = Path(path)
     accepted = f"latitude as one of {LAT_HEADERS} and longitude as one of {LON_HEADERS}"
     try:
-        # utf-8-sig: spreadsheets often write a byte-order mark before the header.
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                raise GalleryError(f"{path}: empty file; need a header row with {accepted}")
-            i_lat = find_column(header, LAT_HEADERS)
-            i_lon = find_column(header, LON_HEADERS)
-            i_id = find_column(header, (ID_HEADER,))
-            if i_lat is None or i_lon is None:
-                raise GalleryError(
-                    f"{path}: no latitude/longitude columns in header {header}; "
-                    f"need {accepted} (case-insensitive), optionally an integer 'id'"
-                )
-            lats: list[float] = []
-            lons: list[float] = []
-            ids: list[int] = []
-            problems: list[str] = []
-            seen: dict[int, int] = {}
-            need = max(i_lat, i_lon, -1 if i_id is None else i_id) + 1
-            for row in reader:
-                line = reader.line_num  # physical line in the file; the header is line 1
-                if not any(cell.strip() for cell in row):
-                    continue  # blank lines are not points
-                problem = None
-                if len(row) < need:
-                    problem = f"expected at least {need} columns, got {len(row)}"
-                else:
-                    problem, lat, lon = _parse_point(row[i_lat], row[i_lon])
-                    if problem is None and i_id is not None:
-                        try:
-                            pid = int(row[i_id].strip())
-                        except ValueError:
-                            problem = f"id {row[i_id]!r} is not an integer"
-                        else:
-                            if pid < 0:
-                                problem = f"id {pid} is negative"
-                            elif pid in seen:
-                                problem = f"duplicate id {pid} (first on line {seen[pid]})"
-                            else:
-                                seen[pid] = line
-                                ids.append(pid)
-                if problem is not None:
-                    problems.append(f"line {line}: {problem}")
-                    continue
-                lats.append(lat)
-                lons.append(lon)
+        points, bad = read_table(path, ids=POINT_ID_HEADERS, parquet=False)
     except OSError as e:
         raise GalleryError(f"cannot read gallery CSV {path}: {e}") from e
-    except (csv.Error, UnicodeDecodeError) as e:
-        raise GalleryError(f"{path}: not a readable UTF-8 CSV: {e}") from e
-
-    if problems:
+    except TableError as e:
+        if e.kind == "unreadable":
+            raise GalleryError(f"{path}: not a readable UTF-8 CSV: {e}") from e
+        if e.kind == "empty":
+            raise GalleryError(f"{path}: empty file; need a header row with {accepted}") from e
+        raise GalleryError(
+            f"{path}: no latitude/longitude columns in header {e.header}; "
+            f"need {accepted} (case-insensitive), optionally an integer 'id'"
+        ) from e
+    if bad:
+        problems = [f"line {b.line}: {b.describe(_WORDING)}" for b in bad]
         shown = "; ".join(problems[:_MAX_LISTED])
         more = f" (first {_MAX_LISTED} shown)" if len(problems) > _MAX_LISTED else ""
         raise GalleryError(f"{path}: {len(problems)} bad row(s){more}: {shown}")
-    if not lats:
+    if not len(points):
         raise GalleryError(f"{path}: no points after the header")
-    latlon = np.column_stack([np.array(lats), np.array(lons)]).astype(np.float64)
-    id_arr = np.array(ids, dtype=np.int64) if i_id is not None else np.arange(len(lats))
+    latlon = np.column_stack([points.lat, points.lon]).astype(np.float64)
+    id_arr = points.id if points.id is not None else np.arange(len(points))
     return Gallery(
         kind="csv",
         ids=id_arr.astype(np.int64),
         latlon=latlon,
         h3_resolution=None,
-        source=f"CSV {path.name}: {len(lats)} points",
+        source=f"CSV {path.name}: {len(points)} points",
     )
-
-
-def _parse_point(lat_text: str, lon_text: str) -> tuple[str | None, float, float]:
-    """(problem or None, lat, lon) for one row."""
-    try:
-        lat, lon = float(lat_text), float(lon_text)
-    except ValueError:
-        return f"cannot parse ({lat_text!r}, {lon_text!r}) as numbers", 0.0, 0.0
-    if not latlon_valid(lat, lon):
-        return f"({lat_text}, {lon_text}) is not a valid (lat, lon)", 0.0, 0.0
-    return None, lat, lon
 
 
 def encode_gallery(

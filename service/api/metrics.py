@@ -63,6 +63,11 @@ class Metrics:
         self.problems = Counter(
             "geoloc_problems", "Problem responses by problem type.", ["type"], registry=r
         )
+        self.prediction_write_failures = Counter(
+            "geoloc_prediction_write_failures",
+            "Answers given without a prediction id: the database did not take the row.",
+            registry=r,
+        )
         self.index_swaps = Counter(
             "geoloc_index_swaps", "Index versions swapped in while serving.", registry=r
         )

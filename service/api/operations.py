@@ -158,7 +158,8 @@ def _record(
                 prediction_id=prediction_id,
             )
     except SQLAlchemyError as exc:
-        log.warning("prediction not recorded: %s", exc)
+        log.error("prediction not recorded: %s", exc)
+        state.metrics.prediction_write_failures.inc()
         state.database_failed(exc)
         return None
 

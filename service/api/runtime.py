@@ -26,6 +26,7 @@ from service.config import Settings
 from service.db import (
     active_index_version,
     check_at_head,
+    check_writable,
     display_url,
     error_line,
     make_engine,
@@ -155,6 +156,7 @@ class ServiceState:
             return
         try:
             check_at_head(self.engine)
+            check_writable(self.engine)  # readiness means "can store", not only "can read"
             if self.db_error is not None:
                 log.info("database %s is at head", display_url(self.engine.url))
             self.db_error = None

@@ -32,6 +32,7 @@ from service.db.schema import (
     upgrade,
 )
 from service.db.session import (
+    check_writable,
     display_url,
     error_line,
     make_engine,
@@ -49,6 +50,7 @@ __all__ = [
     "add_feedback",
     "authenticate",
     "check_at_head",
+    "check_writable",
     "create_api_key",
     "current_revision",
     "display_url",

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sqlite3
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -88,13 +90,59 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def _sqlite_begin(conn: Connection) -> None:
-    # A write transaction (see ``_begin_write``) takes the write lock at BEGIN, where the busy
-    # timeout waits for it; a deferred one that reads and then writes fails at once ("database
-    # is locked") when another writer committed in between. Readers stay deferred: WAL lets
-    # them run beside the writer.
-    write = conn.get_execution_options().get(_WRITE_OPTION, False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+_FILE_KEY = "geoloc_file"
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path`` now; None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _sqlite_listeners(path: str | None) -> tuple[Any, Any]:
+    """The "connect" and "begin" hooks of a SQLite engine on the file ``path`` (None: memory)."""
+
+    def on_connect(dbapi_conn: Any, record: Any) -> None:
+        _sqlite_on_connect(dbapi_conn, record)
+        if path is not None:
+            record.info[_FILE_KEY] = _file_identity(path)
+
+    def on_begin(conn: Connection) -> None:
+        # A write transaction (see ``_begin_write``) takes the write lock at BEGIN, where the
+        # busy timeout waits for it; a deferred one that reads and then writes fails at once
+        # ("database is locked") when another writer committed in between. Readers stay
+        # deferred: WAL lets them run beside the writer.
+        write = conn.get_execution_options().get(_WRITE_OPTION, False)
+        if write and path is not None:
+            # A connection keeps writing to the file it opened, even after that file was
+            # deleted or replaced: the rows would be acknowledged and lost. Refuse instead.
+            opened = conn.connection.info.get(_FILE_KEY)
+            if opened != _file_identity(path):
+                conn.invalidate()  # the next connection opens what is at the path now
+                raise OperationalError(
+                    "BEGIN IMMEDIATE",
+                    None,
+                    sqlite3.OperationalError(
+                        f"the database file {path} was deleted or replaced after it was opened"
+                    ),
+                )
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return on_connect, on_begin
+
+
+def check_writable(engine: Engine) -> None:
+    """Begin a write transaction and roll it back: raises (SQLAlchemyError) unless the database
+    would take a write now (SQLite: the file at its path, not read-only; PostgreSQL: not a
+    read-only server or transaction)."""
+    with Session(engine) as session:
+        _begin_write(session)
+        if engine.url.get_backend_name() == "postgresql":
+            session.execute(text("SELECT pg_current_xact_id()"))  # assigns a write xid
+        session.rollback()
 
 
 def _begin_write(session: Session) -> None:
@@ -121,8 +169,11 @@ def make_engine(url: str | URL, wait_s: float = 15.0, connect_timeout_s: float =
             connect_args={"check_same_thread": False, "timeout": wait_s},
             json_serializer=_json_dumps,
         )
-        event.listen(engine, "connect", _sqlite_on_connect)
-        event.listen(engine, "begin", _sqlite_begin)
+        on_connect, on_begin = _sqlite_listeners(
+            db if db and db != ":memory:" and not db.startswith("file:") else None
+        )
+        event.listen(engine, "connect", on_connect)
+        event.listen(engine, "begin", on_begin)
         return engine
     # pre_ping: replicas outlive database restarts and idle-connection reaping.
     return create_engine(

@@ -25,10 +25,8 @@ the same shard writer for both.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
-import io
 import json
 import math
 import time
@@ -40,23 +38,29 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from encoders.structure import STRUCTURE_DIM, structure_descriptors
 from index.files import atomic_write, sha256_file
-from index.gallery import LAT_HEADERS, LON_HEADERS, find_column
-from index.geo import latlon_valid
+from index.tables import (
+    ID_COLUMNS,
+    LAT_HEADERS,
+    LON_HEADERS,
+    URI_COLUMNS,
+    WORDING,
+    Reason,
+    TableError,
+    read_table,
+)
 from service.engine.images import decode_image
 from service.errors import GeolocError, InputImageError
-from service.jobs.datasets import IMAGE_COLUMNS, DatasetError
+from service.jobs.datasets import DatasetError
 
-URI_COLUMNS = ("uri", "url", *IMAGE_COLUMNS)
-ID_COLUMNS = ("id", "image_id", "photo_id")
 RUNNERS = ("auto", "inprocess", "ray")
 _SHARD = "shard-{:05d}"
+# bad_rows.csv says "not numbers" of nan and inf, too
+_WORDING = {Reason.NOT_FINITE: WORDING[Reason.NOT_NUMBERS], Reason.EMPTY_TEXT: "empty image uri"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,105 +90,42 @@ class BadRow:
     reason: str
 
 
-def _read_arrow(path: Path) -> pa.Table:
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file")
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            return pq.read_table(path)
-        # Every column as text: the checks below say which value is wrong and where.
-        with path.open("rb") as fh:
-            header = next(csv.reader(io.TextIOWrapper(fh, encoding="utf-8-sig")), None)
-        if not header:
-            raise DatasetError(f"{path} is empty; expected a header such as id,uri,lat,lon")
-        return pacsv.read_csv(
-            path,
-            convert_options=pacsv.ConvertOptions(
-                column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False
-            ),
-        )
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: not a readable CSV or Parquet table: {exc}") from exc
-
-
-def _column(table: pa.Table, names: tuple[str, ...]) -> pa.Array | None:
-    i = find_column(table.column_names, names)
-    if i is None:
-        return None
-    col = table.column(i).combine_chunks()
-    return col if col.type == pa.string() else pc.cast(col, pa.string(), safe=False)
-
-
 def read_reference_table(path: str | Path) -> tuple[ReferenceTable, list[BadRow]]:
     """Rows of a CSV or Parquet table with an image URI, latitude, longitude and optional
     integer id; rows with bad coordinates or ids are returned as bad rows, not raised."""
     path = Path(path)
-    table = _read_arrow(path)
-    uri = _column(table, URI_COLUMNS)
-    lat_s = _column(table, LAT_HEADERS)
-    lon_s = _column(table, LON_HEADERS)
-    if uri is None or lat_s is None or lon_s is None:
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
+    try:
+        table, problems = read_table(path, text=URI_COLUMNS, ids=ID_COLUMNS)
+    except (OSError, TableError) as exc:
+        if isinstance(exc, OSError) or exc.kind == "unreadable":
+            raise DatasetError(f"{path}: not a readable CSV or Parquet table: {exc}") from exc
+        if not exc.header:
+            raise DatasetError(
+                f"{path} is empty; expected a header such as id,uri,lat,lon"
+            ) from exc
         raise DatasetError(
-            f"{path}: columns {table.column_names} lack an image column "
+            f"{path}: columns {exc.header} lack an image column "
             f"({'/'.join(URI_COLUMNS)}), a latitude column ({'/'.join(LAT_HEADERS)}) or a "
             f"longitude column ({'/'.join(LON_HEADERS)})"
-        )
-    id_s = _column(table, ID_COLUMNS)
-    uris = [u.strip() if u is not None else "" for u in uri.to_pylist()]
-    ids_text = id_s.to_pylist() if id_s is not None else None
-    lat = _to_float(lat_s)
-    lon = _to_float(lon_s)
-    bad: list[BadRow] = []
-    keep = np.ones(len(uris), dtype=bool)
-    ids = np.full(len(uris), -1, dtype=np.int64)
-    seen: dict[int, int] = {}
-    for i in range(len(uris)):
-        reason = None
-        if not (math.isfinite(lat[i]) and math.isfinite(lon[i])):
-            reason = f"latitude/longitude {lat_s[i]}, {lon_s[i]} are not numbers"
-        elif not latlon_valid(lat[i], lon[i]):
-            reason = f"({lat[i]}, {lon[i]}) is not a valid (lat, lon)"
-        elif not uris[i]:
-            reason = "empty image uri"
-        elif ids_text is not None:
-            reason = _parse_id(ids_text[i], i, ids, seen)
-        if reason is not None:
-            keep[i] = False
-            bad.append(BadRow(i + 1, str(ids_text[i] if ids_text else ""), uris[i], reason))
-    rows = np.nonzero(keep)[0]
+        ) from exc
+    has_id = table.id is not None
+    bad = [
+        BadRow(p.row, str(p.id_text) if has_id else "", p.text, p.describe(_WORDING))
+        for p in problems
+    ]
     return (
         ReferenceTable(
-            row=rows + 1,
-            id=ids[rows],
-            uri=[uris[i] for i in rows],
-            lat=lat[rows],
-            lon=lon[rows],
+            row=table.row,
+            id=table.id if table.id is not None else np.full(len(table), -1, dtype=np.int64),
+            uri=table.text,
+            lat=table.lat,
+            lon=table.lon,
             base=path.resolve().parent,
         ),
         bad,
     )
-
-
-def _to_float(col: pa.Array) -> np.ndarray:
-    out = np.full(len(col), np.nan)
-    for i, v in enumerate(col.to_pylist()):
-        with contextlib.suppress(TypeError, ValueError):
-            out[i] = float(v)
-    return out
-
-
-def _parse_id(text: str | None, i: int, ids: np.ndarray, seen: dict[int, int]) -> str | None:
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        return f"id {text!r} is not an integer"
-    if value < 0:
-        return f"id {value} is negative"
-    if value in seen:
-        return f"duplicate id {value} (first on row {seen[value]})"
-    seen[value] = i + 1
-    ids[i] = value
-    return None
 
 
 def read_uri(uri: str, base: Path, max_bytes: int) -> bytes:

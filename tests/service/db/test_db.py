@@ -529,3 +529,37 @@ def test_cli_index_build_records_the_version(
     finally:
         engine.dispose()
     assert labels == ["tiny/v1", "tiny/v2"]  # v1, built before the schema, is synced too
+
+
+# -- a database that cannot store ---------------------------------------------------------------
+
+
+def test_a_deleted_sqlite_file_takes_no_more_writes(tmp_path: Path) -> None:
+    """A connection keeps writing to the file it opened after that file is deleted: every
+    row would be acknowledged and lost. Writes are refused instead, readiness's checks fail,
+    and all works again once a database is back at the path."""
+    from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+    url = f"sqlite:///{tmp_path / 'geoloc.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    sessions = db.make_sessionmaker(engine)
+    with sessions() as session:
+        kept = predict(session, 48.8, 2.3)
+    db.check_writable(engine)
+    for f in tmp_path.glob("geoloc.db*"):
+        f.unlink()
+    with sessions() as session, pytest.raises(OperationalError, match="deleted or replaced"):
+        predict(session, 51.5, -0.1)
+    # The next connection opens what is at the path now: nothing with our schema.
+    with sessions() as session, pytest.raises(SQLAlchemyError):
+        predict(session, 51.5, -0.1)
+    with pytest.raises(db.SchemaNotAtHeadError):  # what readiness reports until it is back
+        db.check_at_head(engine)
+    db.upgrade(url)  # a database at the path again (restored, or migrated afresh)
+    db.check_writable(engine)
+    with sessions() as session:
+        again = predict(session, 51.5, -0.1)
+        assert db.get_prediction(session, again) is not None
+        assert db.get_prediction(session, kept) is None  # it went with the deleted file
+    engine.dispose()

@@ -366,3 +366,18 @@ def test_rerank_k_per_request_is_bounded_by_the_setting():
         LocateRequestOptions(rerank_k=-1)
     with pytest.raises(InvalidOptionError, match="rerank_k"):
         Settings(rerank_k=600, max_rerank_k=500).locate_options()
+
+
+def test_two_adds_to_one_index_never_both_run(tmp_path, model):
+    """`geoloc images add` holds the build lock of its index as `index build` does: while one
+    add to refs-bluemarble runs, a second is refused at once, and nothing is lost."""
+    from service.db import IndexBuildLockedError, index_build_lock
+
+    table = _tiles(tmp_path / "tiles", 12)
+    s = Settings(data_dir=tmp_path / "data", refs_shard_rows=10)
+    busy = pytest.raises(IndexBuildLockedError, match="another build of index 'refs-bluemarble'")
+    with index_build_lock(s.db_url, "refs-bluemarble"), busy:  # the first add, still running
+        add_reference_images(s, table, model=model, progress=False)
+    assert list_indexes(s.index_dir, "refs-bluemarble") == []
+    r = add_reference_images(s, table, model=model, progress=False)
+    assert r.manifest.count == 12
