@@ -53,6 +53,12 @@ class Settings(_LocateDefaults):
     # -- limits --------------------------------------------------------------------------
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest image accepted.")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Most pixels (w×h) accepted.")
+    max_image_aspect: float = Field(
+        20.0,
+        ge=1.0,
+        description="Longest side over shortest side accepted (a 20:1 panorama passes; a "
+        "1,000,000 x 1 strip is refused from its header, before it is decoded).",
+    )
     max_batch: int = Field(32, gt=0, description="Most images in one locate call.")
     max_top_k: int = Field(100, gt=0, description="Largest top_k a request may ask for.")
     max_retrieve_k: int = Field(2048, gt=0, description="Largest retrieve_k a request may ask for.")

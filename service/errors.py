@@ -54,6 +54,12 @@ class InputImageError(GeolocError):
     title = "Unusable image"
 
 
+class ImageShapeError(InputImageError):
+    type = "unsupported-image-shape"
+    status = 422
+    title = "Image shape not supported"
+
+
 class ImageTooLargeError(InputImageError):
     type = "image-too-large"
     status = 413

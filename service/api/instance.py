@@ -57,6 +57,7 @@ def service_info(s: Settings, loc: Locator) -> InfoOut:
         limits=LimitsInfo(
             max_image_bytes=s.max_image_bytes,
             max_image_pixels=s.max_image_pixels,
+            max_image_aspect=s.max_image_aspect,
             max_request_bytes=s.max_request_bytes,
             max_batch=s.max_batch,
             max_top_k=s.max_top_k,

@@ -184,7 +184,11 @@ async def locate_bytes(
     s = state.settings
     image = await anyio.to_thread.run_sync(
         lambda: decode_image(
-            data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, name=name
+            data,
+            max_bytes=s.max_image_bytes,
+            max_pixels=s.max_image_pixels,
+            max_aspect=s.max_image_aspect,
+            name=name,
         )
     )
     llm = state.llm

@@ -313,6 +313,7 @@ class IndexInfo(BaseModel):
 class LimitsInfo(BaseModel):
     max_image_bytes: int
     max_image_pixels: int
+    max_image_aspect: float
     max_request_bytes: int
     max_batch: int
     max_top_k: int

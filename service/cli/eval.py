@@ -40,6 +40,7 @@ def _embed_rows(
             rows,
             max_bytes=s.max_image_bytes,
             max_pixels=s.max_image_pixels,
+            max_aspect=s.max_image_aspect,
             batch_size=batch_size,
             progress=bar.update,
             image_stats=image_stats,

@@ -65,6 +65,7 @@ def train_cmd(
         progress=True,
         max_bytes=s.max_image_bytes,
         max_pixels=s.max_image_pixels,
+        max_aspect=s.max_image_aspect,
     )
     for e in report.epochs:
         typer.echo(

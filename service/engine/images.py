@@ -8,7 +8,12 @@ from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps
 
-from service.errors import ImageTooLargeError, InputImageError, UnsupportedMediaError
+from service.errors import (
+    ImageShapeError,
+    ImageTooLargeError,
+    InputImageError,
+    UnsupportedMediaError,
+)
 
 # Formats we accept, sniffed from the first bytes (never from a file name).
 _MAGIC = (
@@ -27,11 +32,17 @@ def sniff_format(head: bytes) -> str | None:
 
 
 def decode_image(
-    data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image"
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    max_aspect: float | None = None,
+    name: str = "image",
 ) -> Image.Image:
     """Bytes -> RGB PIL image, EXIF orientation applied, first frame only.
 
-    Raises an InputImageError subclass (with a stable type) for anything unusable.
+    Raises an InputImageError subclass (with a stable type) for anything unusable; the size
+    and shape are checked from the header, before the pixels are decoded.
     """
     if len(data) == 0:
         raise InputImageError(f"{name} is empty (0 bytes)", type="empty-image")
@@ -55,6 +66,11 @@ def decode_image(
                     f"{max_pixels} (GEOLOC_MAX_IMAGE_PIXELS)",
                     type="too-many-pixels",
                 )
+            if max_aspect is not None and max(width, height) > max_aspect * min(width, height):
+                raise ImageShapeError(
+                    f"{name} is {width}x{height}: its long side is more than {max_aspect:g} "
+                    "times its short side (GEOLOC_MAX_IMAGE_ASPECT)"
+                )
             img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img)
@@ -71,18 +87,22 @@ def decode_image(
         ) from exc
 
 
-def read_image_file(path: str | Path, *, max_bytes: int, max_pixels: int) -> Image.Image:
+def read_image_file(
+    path: str | Path, *, max_bytes: int, max_pixels: int, max_aspect: float | None = None
+) -> Image.Image:
     """Read and decode an image file, reading at most max_bytes + 1 bytes."""
     p = Path(path)
     if not p.is_file():
         raise InputImageError(f"{p}: no such file", type="file-not-found", status=404)
     with open(p, "rb") as fh:
         data = fh.read(max_bytes + 1)
-    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, name=str(p))
+    return decode_image(
+        data, max_bytes=max_bytes, max_pixels=max_pixels, max_aspect=max_aspect, name=str(p)
+    )
 
 
 def read_image_files(
-    paths: list[Path], *, max_bytes: int, max_pixels: int
+    paths: list[Path], *, max_bytes: int, max_pixels: int, max_aspect: float | None = None
 ) -> tuple[list[Image.Image], list[int], list[str]]:
     """Decode many files: the images, the positions of those that decoded, and one
     "[type] detail" line per file that did not."""
@@ -91,7 +111,11 @@ def read_image_files(
     problems: list[str] = []
     for i, p in enumerate(paths):
         try:
-            images.append(read_image_file(p, max_bytes=max_bytes, max_pixels=max_pixels))
+            images.append(
+                read_image_file(
+                    p, max_bytes=max_bytes, max_pixels=max_pixels, max_aspect=max_aspect
+                )
+            )
             ok.append(i)
         except InputImageError as exc:
             problems.append(f"[{exc.type}] {exc.detail}")

@@ -52,6 +52,7 @@ def embed_rows(
     *,
     max_bytes: int,
     max_pixels: int,
+    max_aspect: float | None = None,
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     image_stats: bool = False,
@@ -69,7 +70,10 @@ def embed_rows(
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         images, ok, bad = read_image_files(
-            [r.path for r in chunk], max_bytes=max_bytes, max_pixels=max_pixels
+            [r.path for r in chunk],
+            max_bytes=max_bytes,
+            max_pixels=max_pixels,
+            max_aspect=max_aspect,
         )
         problems += bad
         kept += [chunk[i] for i in ok]
@@ -261,6 +265,7 @@ def fit_calibration(
         rows,
         max_bytes=settings.max_image_bytes,
         max_pixels=settings.max_image_pixels,
+        max_aspect=settings.max_image_aspect,
         batch_size=batch_size,
         progress=progress,
         image_stats=localizability,

@@ -216,6 +216,7 @@ def add_reference_images(
             batch_size=batch_size,
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
+            max_aspect=settings.max_image_aspect,
             torch_threads=settings.torch_threads,
             weights_id=model.weights_id,
         )

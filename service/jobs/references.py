@@ -162,6 +162,7 @@ class EncoderSpec:
     batch_size: int
     max_bytes: int
     max_pixels: int
+    max_aspect: float | None = None
     torch_threads: int = 1
     #: The caller's model's weights_id: a worker that loads other weights refuses to embed
     #: (e.g. a Ray node with another geoloc release). Empty: not checked.
@@ -323,6 +324,7 @@ class ShardEncoder:
                             data,
                             max_bytes=self.spec.max_bytes,
                             max_pixels=self.spec.max_pixels,
+                            max_aspect=self.spec.max_aspect,
                             name=rows["uri"][i],
                         )
                     )

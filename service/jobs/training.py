@@ -61,7 +61,14 @@ def bluemarble_source(config: TrainConfig) -> EpochSource:
     return source
 
 
-def csv_source(path: Path, config: TrainConfig, *, max_bytes: int, max_pixels: int) -> EpochSource:
+def csv_source(
+    path: Path,
+    config: TrainConfig,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    max_aspect: float | None = None,
+) -> EpochSource:
     """A user's geotagged photos from a CSV (image,lat,lon), shuffled per epoch."""
     rows, problems = read_labelled_csv(path)
     if problems:
@@ -76,7 +83,10 @@ def csv_source(path: Path, config: TrainConfig, *, max_bytes: int, max_pixels: i
         n = config.steps_per_epoch * config.batch_size
         for i in np.resize(order, n):
             r = rows[int(i)]
-            yield read_image_file(r.path, max_bytes=max_bytes, max_pixels=max_pixels), r.lat, r.lon
+            image = read_image_file(
+                r.path, max_bytes=max_bytes, max_pixels=max_pixels, max_aspect=max_aspect
+            )
+            yield image, r.lat, r.lon
 
     return source
 
@@ -110,12 +120,19 @@ def run_training(
     progress: bool,
     max_bytes: int,
     max_pixels: int,
+    max_aspect: float | None = None,
 ) -> TrainReport:
     torch.manual_seed(job.config.seed)
     if job.data == "bluemarble":
         source, transform = bluemarble_source(job.config), None
     else:
-        source = csv_source(Path(job.data), job.config, max_bytes=max_bytes, max_pixels=max_pixels)
+        source = csv_source(
+            Path(job.data),
+            job.config,
+            max_bytes=max_bytes,
+            max_pixels=max_pixels,
+            max_aspect=max_aspect,
+        )
         transform = photo_transform(model)
     return train(
         model,

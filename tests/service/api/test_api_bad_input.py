@@ -118,6 +118,11 @@ BAD_FILES = {
     "PDF renamed .jpg": (PDF, 415, "unsupported-media-type"),
     "BMP": (encoded(SMALL, "BMP"), 415, "unsupported-media-type"),
     "image over the byte limit": (b"\xff\xd8\xff" + b"\0" * (MIB + 10), 413, "image-too-large"),
+    "a 4000 x 1 strip": (
+        encoded(Image.new("RGB", (4000, 1)), "PNG"),
+        422,
+        "unsupported-image-shape",
+    ),
 }
 
 
@@ -159,6 +164,37 @@ def test_memory_stays_bounded_under_hostile_input(client):
             assert r.status_code == 200 and "problem" in r.json()["items"][0]
     growth = _peak_rss_bytes() - before
     assert growth < 100 * MIB, f"peak memory grew by {growth / MIB:.0f} MiB"
+
+
+def shape_corpus() -> list[tuple[str, bytes]]:
+    """1 x N and N x 1 strips in PNG, WebP and JPEG, N up to what each format and the pixel
+    limit allow, and a 2 x N band; a few KB each."""
+    n_png = LIMITS["max_image_pixels"]  # the largest strip under the pixel limit
+    sizes = {"PNG": n_png, "WEBP": 16_383, "JPEG": 65_500}  # the formats' own maxima
+    out = []
+    for fmt, n in sizes.items():
+        for w, h in ((n, 1), (1, n), (min(n, LIMITS["max_image_pixels"] // 2), 2)):
+            out.append((f"{fmt} {w}x{h}", encoded(Image.new("RGB", (w, h), (90, 120, 60)), fmt)))
+    return out
+
+
+def test_extreme_shapes_are_refused_at_once_with_bounded_memory(client):
+    """Every decode path: each strip answers 4xx (unsupported-image-shape) within 2 s, and
+    the whole corpus leaves the peak RSS within 200 MiB."""
+    corpus = shape_corpus()
+    Path("/proc/self/clear_refs").write_text("5")  # resets this process's peak RSS (VmHWM)
+    before = _peak_rss_bytes()
+    for name, data in corpus:
+        t0 = time.perf_counter()
+        r = client.post("/v1/locate", files={"file": ("x", data, "image/png")})
+        assert_problem(r, 422, "unsupported-image-shape")
+        r = client.post("/v1/locate", json={"image_base64": base64.b64encode(data).decode()})
+        assert_problem(r, 422, "unsupported-image-shape")
+        r = client.post("/v1/locate/batch", files=[("files", ("x", data, "image/png"))])
+        assert r.json()["items"][0]["problem"]["type"].endswith("/unsupported-image-shape")
+        assert time.perf_counter() - t0 < 3 * 2.0, f"{name}: over 2 s a request"
+    growth = _peak_rss_bytes() - before
+    assert growth < 200 * MIB, f"peak memory grew by {growth / MIB:.0f} MiB"
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])

@@ -155,6 +155,13 @@ def test_locate_checks_the_files_before_loading_anything(env: dict[str, str], tm
     assert 'nothing to locate: give image files (JPEG, PNG, WebP), or --text "' in r.output
     r = light(env, "locate", str(missing), "--bbox", "1,2", exit=2)
     assert "bbox must be" in r.output
+    from PIL import Image
+
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (500, 1)).save(strip)
+    r = light(env, "locate", str(strip), exit=2)
+    assert f"[unsupported-image-shape] {strip} is 500x1" in r.output
+    assert "GEOLOC_MAX_IMAGE_ASPECT" in r.output
 
 
 def test_serve_on_a_busy_port_fails_before_loading_anything(env: dict[str, str]) -> None:
