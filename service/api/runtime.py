@@ -155,8 +155,10 @@ class ServiceState:
         if self.engine is None:
             return
         try:
+            # First: readiness means "can store", not only "can read"; and a SQLite file that
+            # cannot be written is found without touching it (see db.session).
+            check_writable(self.engine)
             check_at_head(self.engine)
-            check_writable(self.engine)  # readiness means "can store", not only "can read"
             if self.db_error is not None:
                 log.info("database %s is at head", display_url(self.engine.url))
             self.db_error = None

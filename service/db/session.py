@@ -102,6 +102,11 @@ def _file_identity(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _unwritable(path: str) -> bool:
+    """Whether a file exists and this process may not write it."""
+    return os.path.exists(path) and not os.access(path, os.W_OK)
+
+
 def _sqlite_listeners(path: str | None) -> tuple[Any, Any]:
     """The "connect" and "begin" hooks of a SQLite engine on the file ``path`` (None: memory)."""
 
@@ -128,6 +133,16 @@ def _sqlite_listeners(path: str | None) -> tuple[Any, Any]:
                     sqlite3.OperationalError(
                         f"the database file {path} was deleted or replaced after it was opened"
                     ),
+                )
+            # A file that cannot be written (read-only, immutable, a read-only mount) is
+            # refused here, before SQLite writes into its memory-mapped -shm file: that write
+            # would kill the process (SIGBUS) rather than fail.
+            locked = [f for f in (path, f"{path}-wal", f"{path}-shm") if _unwritable(f)]
+            if locked:
+                raise OperationalError(
+                    "BEGIN IMMEDIATE",
+                    None,
+                    sqlite3.OperationalError(f"the database file {locked[0]} cannot be written"),
                 )
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
