@@ -538,9 +538,7 @@ def main() -> None:
         if getattr(options, f.name) != getattr(LocateOptions(), f.name)
     }
     baseline = PixelBaseline(refs)
-    load = partial(
-        read_image_file, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
-    )
+    load = partial(read_image_file, limits=settings.image_limits())
     print(f"weights: {weights} (sha256 {model.weights_id[:12]}), {how}")
     print(
         f"gallery: {locator.index_label}, H3 res {args.res}, {len(locator.index):,} land cells; "

@@ -176,14 +176,16 @@ class LoadedIndex:
         scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
         return scores, rows
 
-    def _structure_index(self) -> faiss.IndexBinaryFlat:
+    def structure_index(self) -> faiss.IndexBinaryFlat:
+        """The sign codes ``search_structure`` scans, built once (one bit a descriptor cell).
+        A loader calls it up front, so that no request pays for the build."""
         structure = self.points.structure
         if structure is None:
             raise IndexStoreError(
                 f"index {self.manifest.name}/{self.manifest.version} holds no structure "
                 "descriptors; rebuild it with a release that stores them"
             )
-        with self._lock:  # built once, on first use: one bit a descriptor cell
+        with self._lock:
             if self._structure_codes is None:
                 codes = faiss.IndexBinaryFlat(structure.shape[1])
                 for start in range(0, len(structure), ADD_CHUNK):
@@ -199,7 +201,7 @@ class LoadedIndex:
         luminance): a fast shortlist found without the embedding, for the caller to rank
         again by the exact correlation. Missing results have row -1."""
         d = np.asarray(descriptors)
-        codes = self._structure_index()
+        codes = self.structure_index()
         if d.ndim != 2 or d.shape[1] != codes.d:
             raise IndexStoreError(f"descriptors must have shape (q, {codes.d}), got {d.shape}")
         if k < 1:

@@ -21,7 +21,6 @@ from __future__ import annotations
 from index.build import publish_index
 from index.chunked import compressed_factory, publish_index_chunked
 from index.exact import ExactVectors, exact_top_k, recall_1_at_k, rerank  # noqa: F401
-from index.faiss_helpers import ADD_CHUNK as _ADD_CHUNK  # noqa: F401
 from index.faiss_helpers import (  # noqa: F401
     DEVICES,
     QUANTIZER_EF,
@@ -29,7 +28,6 @@ from index.faiss_helpers import (  # noqa: F401
     ivf_params,
     select_device,
 )
-from index.files import sha256_file as _sha256  # noqa: F401
 from index.manifest import (  # noqa: F401
     COUNTRY_FILE,
     DATA_FILES,

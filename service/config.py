@@ -10,18 +10,16 @@ from typing import Annotated, get_type_hints
 from pydantic import Field, SecretStr, create_model, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.engine.options import SERVICE_OPTIONS, LocateOptions
+from service.engine.options import SERVICE_OPTIONS, ImageLimits, LocateOptions
 
 _DEFAULTS = LocateOptions()
 #: One setting (GEOLOC_<NAME>) per option with a service-wide default, typed and defaulted
 #: by LocateOptions itself.
+_HINTS = get_type_hints(LocateOptions)
 _LocateDefaults = create_model(
     "_LocateDefaults",
     __base__=BaseSettings,
-    **{
-        name: (get_type_hints(LocateOptions)[name], getattr(_DEFAULTS, name))
-        for name in SERVICE_OPTIONS
-    },
+    **{name: (_HINTS[name], getattr(_DEFAULTS, name)) for name in SERVICE_OPTIONS},
 )
 #: Where ``python -m service.api.webpage build`` puts the page's built files (gitignored).
 DEFAULT_WEB_ASSETS_DIR = Path(__file__).resolve().parent / "web" / "static"
@@ -377,6 +375,9 @@ class Settings(_LocateDefaults):
     @property
     def web_assets_path(self) -> Path:
         return self.web_assets_dir or DEFAULT_WEB_ASSETS_DIR
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_image_aspect)
 
     def locate_options(self, **overrides: object) -> LocateOptions:
         """Defaults from settings, overridden per call, then checked against the limits."""

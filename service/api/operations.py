@@ -182,15 +182,7 @@ async def locate_bytes(
     # Read once: an index swap does not affect a request that has started.
     locator = locator or state.require_locator()
     s = state.settings
-    image = await anyio.to_thread.run_sync(
-        lambda: decode_image(
-            data,
-            max_bytes=s.max_image_bytes,
-            max_pixels=s.max_image_pixels,
-            max_aspect=s.max_image_aspect,
-            name=name,
-        )
-    )
+    image = await anyio.to_thread.run_sync(lambda: decode_image(data, s.image_limits(), name=name))
     llm = state.llm
     use_llm = llm is not None and llm.wanted(options)
     first_options = llm.first_pass_options(options) if llm is not None and use_llm else options

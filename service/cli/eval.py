@@ -38,9 +38,7 @@ def _embed_rows(
         emb = embed_rows(
             loc,
             rows,
-            max_bytes=s.max_image_bytes,
-            max_pixels=s.max_image_pixels,
-            max_aspect=s.max_image_aspect,
+            limits=s.image_limits(),
             batch_size=batch_size,
             progress=bar.update,
             image_stats=image_stats,

@@ -22,12 +22,7 @@ def _load_images(paths: list[Path], s: Settings) -> tuple[list[Any], list[Path],
 
     dirs = [p for p in paths if p.is_dir()]
     files = [p for p in paths if not p.is_dir()]
-    images, ok, problems = read_image_files(
-        files,
-        max_bytes=s.max_image_bytes,
-        max_pixels=s.max_image_pixels,
-        max_aspect=s.max_image_aspect,
-    )
+    images, ok, problems = read_image_files(files, s.image_limits())
     problems = [
         f"[file-not-found] {p} is a directory, not an image file: give the images in it "
         f"(e.g. {p / '*.jpg'})"

@@ -63,9 +63,7 @@ def train_cmd(
         TrainJob(data, out, config),
         resume=resume,
         progress=True,
-        max_bytes=s.max_image_bytes,
-        max_pixels=s.max_image_pixels,
-        max_aspect=s.max_image_aspect,
+        limits=s.image_limits(),
     )
     for e in report.epochs:
         typer.echo(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps
 
+from service.engine.options import ImageLimits
 from service.errors import (
     ImageShapeError,
     ImageTooLargeError,
@@ -31,14 +32,7 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def decode_image(
-    data: bytes,
-    *,
-    max_bytes: int,
-    max_pixels: int,
-    max_aspect: float | None = None,
-    name: str = "image",
-) -> Image.Image:
+def decode_image(data: bytes, limits: ImageLimits, *, name: str = "image") -> Image.Image:
     """Bytes -> RGB PIL image, EXIF orientation applied, first frame only.
 
     Raises an InputImageError subclass (with a stable type) for anything unusable; the size
@@ -46,9 +40,10 @@ def decode_image(
     """
     if len(data) == 0:
         raise InputImageError(f"{name} is empty (0 bytes)", type="empty-image")
-    if len(data) > max_bytes:
+    if len(data) > limits.max_bytes:
         raise ImageTooLargeError(
-            f"{name} has {len(data)} bytes; the limit is {max_bytes} (GEOLOC_MAX_IMAGE_BYTES)"
+            f"{name} has {len(data)} bytes; the limit is {limits.max_bytes} "
+            "(GEOLOC_MAX_IMAGE_BYTES)"
         )
     fmt = sniff_format(data[:16])
     if fmt is None:
@@ -60,15 +55,16 @@ def decode_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=[fmt])
             width, height = img.size
-            if width * height > max_pixels:
+            if width * height > limits.max_pixels:
                 raise ImageTooLargeError(
                     f"{name} is {width}x{height} = {width * height} pixels; the limit is "
-                    f"{max_pixels} (GEOLOC_MAX_IMAGE_PIXELS)",
+                    f"{limits.max_pixels} (GEOLOC_MAX_IMAGE_PIXELS)",
                     type="too-many-pixels",
                 )
-            if max_aspect is not None and max(width, height) > max_aspect * min(width, height):
+            aspect = limits.max_aspect
+            if aspect is not None and max(width, height) > aspect * min(width, height):
                 raise ImageShapeError(
-                    f"{name} is {width}x{height}: its long side is more than {max_aspect:g} "
+                    f"{name} is {width}x{height}: its long side is more than {aspect:g} "
                     "times its short side (GEOLOC_MAX_IMAGE_ASPECT)"
                 )
             img.seek(0)
@@ -87,22 +83,18 @@ def decode_image(
         ) from exc
 
 
-def read_image_file(
-    path: str | Path, *, max_bytes: int, max_pixels: int, max_aspect: float | None = None
-) -> Image.Image:
+def read_image_file(path: str | Path, limits: ImageLimits) -> Image.Image:
     """Read and decode an image file, reading at most max_bytes + 1 bytes."""
     p = Path(path)
     if not p.is_file():
         raise InputImageError(f"{p}: no such file", type="file-not-found", status=404)
     with open(p, "rb") as fh:
-        data = fh.read(max_bytes + 1)
-    return decode_image(
-        data, max_bytes=max_bytes, max_pixels=max_pixels, max_aspect=max_aspect, name=str(p)
-    )
+        data = fh.read(limits.max_bytes + 1)
+    return decode_image(data, limits, name=str(p))
 
 
 def read_image_files(
-    paths: list[Path], *, max_bytes: int, max_pixels: int, max_aspect: float | None = None
+    paths: list[Path], limits: ImageLimits
 ) -> tuple[list[Image.Image], list[int], list[str]]:
     """Decode many files: the images, the positions of those that decoded, and one
     "[type] detail" line per file that did not."""
@@ -111,11 +103,7 @@ def read_image_files(
     problems: list[str] = []
     for i, p in enumerate(paths):
         try:
-            images.append(
-                read_image_file(
-                    p, max_bytes=max_bytes, max_pixels=max_pixels, max_aspect=max_aspect
-                )
-            )
+            images.append(read_image_file(p, limits))
             ok.append(i)
         except InputImageError as exc:
             problems.append(f"[{exc.type}] {exc.detail}")

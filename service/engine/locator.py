@@ -106,6 +106,8 @@ class Locator:
         )
         #: Answers whose localizability score is below this abstain; None: the fitted t_low.
         self.abstain_below = abstain_below
+        if self.compares_structure and STRUCTURE_SEARCH:
+            self.neighbours.structure_index()  # at load (and swap), not on the first request
 
     @property
     def abstain_threshold(self) -> float | None:

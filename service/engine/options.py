@@ -38,6 +38,17 @@ SERVICE_OPTIONS = (
 
 
 @dataclass(frozen=True)
+class ImageLimits:
+    """What one picture may cost before it reaches the model, checked when it is decoded
+    (GEOLOC_MAX_IMAGE_BYTES, _PIXELS and _ASPECT; ``Settings.image_limits``)."""
+
+    max_bytes: int
+    max_pixels: int
+    #: Longest side over shortest side; None: any shape.
+    max_aspect: float | None = None
+
+
+@dataclass(frozen=True)
 class LocateOptions:
     """Per-request knobs. Defaults come from Settings; limits are checked in ``validate``."""
 

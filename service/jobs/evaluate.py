@@ -13,7 +13,7 @@ import numpy as np
 
 from service.engine.images import read_image_files
 from service.engine.locator import LocateResult, Locator
-from service.engine.options import LocateOptions
+from service.engine.options import ImageLimits, LocateOptions
 from service.engine.scores import (
     THRESHOLDS_KM,
     errors_km,
@@ -50,9 +50,7 @@ def embed_rows(
     locator: Locator,
     rows: list[LabelledImage],
     *,
-    max_bytes: int,
-    max_pixels: int,
-    max_aspect: float | None = None,
+    limits: ImageLimits,
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     image_stats: bool = False,
@@ -69,12 +67,7 @@ def embed_rows(
     problems: list[str] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        images, ok, bad = read_image_files(
-            [r.path for r in chunk],
-            max_bytes=max_bytes,
-            max_pixels=max_pixels,
-            max_aspect=max_aspect,
-        )
+        images, ok, bad = read_image_files([r.path for r in chunk], limits)
         problems += bad
         kept += [chunk[i] for i in ok]
         if images:
@@ -263,9 +256,7 @@ def fit_calibration(
     emb = embed_rows(
         locator,
         rows,
-        max_bytes=settings.max_image_bytes,
-        max_pixels=settings.max_image_pixels,
-        max_aspect=settings.max_image_aspect,
+        limits=settings.image_limits(),
         batch_size=batch_size,
         progress=progress,
         image_stats=localizability,

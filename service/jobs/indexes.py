@@ -214,9 +214,7 @@ def add_reference_images(
             else None,
             device=resolve_device(device or settings.device),
             batch_size=batch_size,
-            max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels,
-            max_aspect=settings.max_image_aspect,
+            limits=settings.image_limits(),
             torch_threads=settings.torch_threads,
             weights_id=model.weights_id,
         )

@@ -32,7 +32,7 @@ import math
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from index.tables import (
     read_table,
 )
 from service.engine.images import decode_image
+from service.engine.options import ImageLimits
 from service.errors import GeolocError, InputImageError
 from service.jobs.datasets import DatasetError
 
@@ -160,9 +161,7 @@ class EncoderSpec:
     backbone_checkpoint: str | None
     device: str
     batch_size: int
-    max_bytes: int
-    max_pixels: int
-    max_aspect: float | None = None
+    limits: ImageLimits
     torch_threads: int = 1
     #: The caller's model's weights_id: a worker that loads other weights refuses to embed
     #: (e.g. a Ray node with another geoloc release). Empty: not checked.
@@ -318,13 +317,11 @@ class ShardEncoder:
             images, where = [], []
             for i in range(start, min(start + size, n)):
                 try:
-                    data = read_uri(rows["uri"][i], self.base, self.spec.max_bytes)
+                    data = read_uri(rows["uri"][i], self.base, self.spec.limits.max_bytes)
                     images.append(
                         decode_image(
                             data,
-                            max_bytes=self.spec.max_bytes,
-                            max_pixels=self.spec.max_pixels,
-                            max_aspect=self.spec.max_aspect,
+                            self.spec.limits,
                             name=rows["uri"][i],
                         )
                     )
@@ -410,7 +407,7 @@ def run_on_ray(
         out = ds.map_batches(
             ShardEncoder,
             fn_constructor_kwargs={
-                "spec": EncoderSpec(**{**asdict(spec), "torch_threads": int(per_actor)}),
+                "spec": replace(spec, torch_threads=int(per_actor)),
                 "job_dir": str(job.dir),
             },
             batch_size=1,

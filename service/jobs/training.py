@@ -17,6 +17,7 @@ from encoders.model import read_checkpoint
 from encoders.train import EpochSource, TrainConfig, TrainReport, train
 from index.geo import is_land
 from service.engine.images import read_image_file
+from service.engine.options import ImageLimits
 from service.errors import GeolocError
 from service.jobs.datasets import read_labelled_csv
 
@@ -65,9 +66,7 @@ def csv_source(
     path: Path,
     config: TrainConfig,
     *,
-    max_bytes: int,
-    max_pixels: int,
-    max_aspect: float | None = None,
+    limits: ImageLimits,
 ) -> EpochSource:
     """A user's geotagged photos from a CSV (image,lat,lon), shuffled per epoch."""
     rows, problems = read_labelled_csv(path)
@@ -83,10 +82,7 @@ def csv_source(
         n = config.steps_per_epoch * config.batch_size
         for i in np.resize(order, n):
             r = rows[int(i)]
-            image = read_image_file(
-                r.path, max_bytes=max_bytes, max_pixels=max_pixels, max_aspect=max_aspect
-            )
-            yield image, r.lat, r.lon
+            yield read_image_file(r.path, limits), r.lat, r.lon
 
     return source
 
@@ -118,9 +114,7 @@ def run_training(
     *,
     resume: Path | None,
     progress: bool,
-    max_bytes: int,
-    max_pixels: int,
-    max_aspect: float | None = None,
+    limits: ImageLimits,
 ) -> TrainReport:
     torch.manual_seed(job.config.seed)
     if job.data == "bluemarble":
@@ -129,9 +123,7 @@ def run_training(
         source = csv_source(
             Path(job.data),
             job.config,
-            max_bytes=max_bytes,
-            max_pixels=max_pixels,
-            max_aspect=max_aspect,
+            limits=limits,
         )
         transform = photo_transform(model)
     return train(

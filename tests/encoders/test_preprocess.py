@@ -48,6 +48,7 @@ def test_a_one_pixel_high_picture_costs_no_memory() -> None:
         from PIL import Image
         from encoders import load_model
         from service.engine.images import decode_image
+        from service.engine.options import ImageLimits
 
         def peak_mib():
             for line in open("/proc/self/status"):
@@ -58,7 +59,7 @@ def test_a_one_pixel_high_picture_costs_no_memory() -> None:
         model.embed_images([Image.new("RGB", (64, 64))])  # warm: lazy allocations
         buf = io.BytesIO()
         Image.new("RGB", (1_000_000, 1), (120, 90, 60)).save(buf, "PNG")
-        image = decode_image(buf.getvalue(), max_bytes=1 << 25, max_pixels=40_000_000)
+        image = decode_image(buf.getvalue(), ImageLimits(1 << 25, 40_000_000))
         before = peak_mib()
         model.embed_images([image])
         print(peak_mib() - before)

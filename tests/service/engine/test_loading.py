@@ -38,6 +38,7 @@ from service.engine.calibration import (
     weights_label,
 )
 from service.engine.loading import load_locator
+from service.engine.options import ImageLimits
 from service.errors import GeolocError, IndexRefusedError
 from service.jobs.indexes import GallerySpec, add_reference_images, build_index
 from service.jobs.references import EncoderSpec, ShardEncoder, prepare_job
@@ -175,8 +176,7 @@ def test_an_encoder_with_other_weights_refuses_to_embed_for_the_job(
         backbone_checkpoint=None,
         device="cpu",
         batch_size=4,
-        max_bytes=1 << 20,
-        max_pixels=1 << 20,
+        limits=ImageLimits(1 << 20, 1 << 20),
         weights_id=bundled.weights_id,
     )
     # What a Ray worker of another release (or checkpoint) would do: refuse, not embed.

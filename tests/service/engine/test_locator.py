@@ -256,6 +256,7 @@ def test_verification_finds_a_reference_by_structure_alone(locator, tmp_path, mo
         structure=structure_descriptors(pics),
     )
     loc = with_references(locator, tmp_path, vectors.astype(np.float32), points)
+    assert loc.neighbours._structure_codes is not None  # built at load, not by a request
     # The query's own picture, in a false-colour rendering: its luminance order is kept.
     hazy = pics[-1].convert("L").point(lambda v: 40 + v // 2)
     opts = LocateOptions(return_neighbours=True)

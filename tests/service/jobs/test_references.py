@@ -264,8 +264,7 @@ def _spec(s: Settings):
         backbone_checkpoint=None,
         device="cpu",
         batch_size=16,
-        max_bytes=s.max_image_bytes,
-        max_pixels=s.max_image_pixels,
+        limits=s.image_limits(),
     )
 
 
