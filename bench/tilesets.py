@@ -76,7 +76,11 @@ def tileset(kind: str, n: int, seed: int) -> list[LabelledImage]:
     """A set drawn by `geoloc data bluemarble` (kind: test, reference or train), keyed by its
     style so that a changed style draws a new set."""
     d = OUT / f"bm-{kind}-{n}-{seed}-{short_hash(STYLES[kind])}"
-    return read_rows(cached_set(d, lambda tmp: write_bluemarble_set(tmp, n, seed=seed, kind=kind)))
+    return read_rows(
+        cached_set(
+            d, lambda tmp: write_bluemarble_set(tmp, n, seed=seed, kind=kind, style=STYLES[kind])
+        )
+    )
 
 
 def write_labelled(out_dir: Path, items: Iterable[tuple[Image.Image, float, float]]) -> None:

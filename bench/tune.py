@@ -9,7 +9,10 @@ per setting, the mean over the sets of the shares within 25/200/750 km and the w
 200 km share.
 
     .venv/bin/python bench/tune.py [--weights PATH] [--per-set 300] [--refs 100000] \
-        [--grid neighbours|structure|support]
+        [--grid neighbours|structure|support|served] [--ref-power P]
+
+``--ref-power`` draws the reference tiles with another ``scale_power`` (how many narrow views
+the reference set holds against wide ones); ``--grid served`` runs the served settings only.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,7 @@ from shift import SIZE, _blur, _colormap, _gamma, _grayscale, _haze, _hue, _jpeg
 from tilesets import (
     OUT,
     REF_SEED,
+    STYLES,
     bundled_weights,
     cached_set,
     command_line,
@@ -77,6 +82,8 @@ GRIDS = {
         "neighbour_weight": (1.0, 2.0, 3.0),
         "structure_weight": (1.0, 1.5, 2.0),
     },
+    # The served settings alone (to compare reference sets, --ref-power).
+    "served": {"structure_weight": (LocateOptions().structure_weight,)},
 }
 
 
@@ -112,7 +119,11 @@ def main() -> None:
     ap.add_argument("--refs", type=int, default=100_000)
     ap.add_argument("--res", type=int, default=4)
     ap.add_argument("--grid", choices=sorted(GRIDS), default="neighbours")
+    ap.add_argument("--ref-power", type=float, default=None)
     args = ap.parse_args()
+    if args.ref_power is not None:
+        STYLES["reference"] = replace(STYLES["reference"], scale_power=args.ref_power)
+        print(f"reference tiles: {STYLES['reference']}")
     grid = GRIDS[args.grid]
     print(machine_line())
     print(command_line())

@@ -62,6 +62,10 @@ class TileStyle:
     scale: tuple[float, float] = (1.0, 2.5)  # map pixels per output pixel
     #: Draw the scale log-uniformly (as many halvings of zoom as doublings).
     log_scale: bool = False
+    #: With ``log_scale``, weight the log-scale density by scale**-scale_power: 0 is
+    #: log-uniform; 2 gives every zoom the same ground coverage (a view k times narrower
+    #: covers k² times less, so it needs k² times as many tiles to tile the land).
+    scale_power: float = 0.0
     augment: bool = True
     brightness: float = 0.25
     contrast: float = 0.25
@@ -100,7 +104,11 @@ class TileStyle:
     def draw_scale(self, rng: np.random.Generator) -> float:
         lo, hi = self.scale
         if self.log_scale and lo != hi:
-            return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+            p = self.scale_power
+            if p == 0:
+                return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+            # inverse of the CDF of the density s**-p over log s
+            return float((lo**-p + rng.uniform() * (hi**-p - lo**-p)) ** (-1.0 / p))
         return float(rng.uniform(lo, hi))
 
 

@@ -57,6 +57,12 @@ class Settings(_LocateDefaults):
         description="Longest side over shortest side accepted (a 20:1 panorama passes; a "
         "1,000,000 x 1 strip is refused from its header, before it is decoded).",
     )
+    max_jpeg_scans: int = Field(
+        32,
+        ge=1,
+        description="Most scans a JPEG may have (a baseline JPEG has 1, a progressive one "
+        "about 10): a JPEG repeating a scan 1,000 times decodes for a minute.",
+    )
     max_batch: int = Field(32, gt=0, description="Most images in one locate call.")
     max_top_k: int = Field(100, gt=0, description="Largest top_k a request may ask for.")
     max_retrieve_k: int = Field(2048, gt=0, description="Largest retrieve_k a request may ask for.")
@@ -377,7 +383,9 @@ class Settings(_LocateDefaults):
         return self.web_assets_dir or DEFAULT_WEB_ASSETS_DIR
 
     def image_limits(self) -> ImageLimits:
-        return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_image_aspect)
+        return ImageLimits(
+            self.max_image_bytes, self.max_image_pixels, self.max_image_aspect, self.max_jpeg_scans
+        )
 
     def locate_options(self, **overrides: object) -> LocateOptions:
         """Defaults from settings, overridden per call, then checked against the limits."""

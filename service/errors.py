@@ -60,6 +60,12 @@ class ImageShapeError(InputImageError):
     title = "Image shape not supported"
 
 
+class ImageTooComplexError(InputImageError):
+    type = "too-many-scans"
+    status = 422
+    title = "Image takes too long to decode"
+
+
 class ImageTooLargeError(InputImageError):
     type = "image-too-large"
     status = 413

@@ -19,12 +19,23 @@ Shutdown, on SIGTERM (what `docker stop` and Kubernetes send):
    ``timeout_graceful_shutdown``; past it they are cancelled), then the lifespan shutdown runs.
 
 A second signal skips what is left of the drain.
+
+With GEOLOC_WORKERS > 1 a supervisor process binds the socket and runs that many worker
+processes on it, each the same server as above (its own model, readiness and drain). It passes
+SIGTERM and SIGINT on to all of them, so the replica drains as one; it replaces a worker that
+dies, and stops when one cannot start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import logging
+import multiprocessing
+import multiprocessing.process
+import os
+import signal
 import socket
 import struct
 import sys
@@ -44,6 +55,7 @@ from service.db import display_url, upgrade, wait_for_database
 #: request: uvicorn closes a connection that has not begun one when it shuts down, and nginx
 #: does not resend a POST it already wrote to a connection that then closed.
 ACCEPTED_SETTLE_S = 1.0
+_log = logging.getLogger("uvicorn.error")
 _POLL_S = 0.01
 
 # Classic BPF on a TCP listener (the packet starts at the TCP header): drop a segment whose
@@ -142,28 +154,122 @@ def prepare_database(s: Settings) -> str:
 
 def serve(s: Settings, *, host: str, port: int, workers: int, log_level: str) -> None:
     """Run the HTTP API until SIGTERM/SIGINT (see the module docstring)."""
-    if workers > 1:
-        # uvicorn's own supervisor runs the workers: graceful (in-flight requests finish within
-        # the grace period) but without the readiness flag or the drain.
-        uvicorn.run(
-            "service.api.main:create_app",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level=log_level,
-            timeout_graceful_shutdown=s.shutdown_grace_s,  # type: ignore[arg-type]
-        )
-        return
-    app = create_app(s)
     config = uvicorn.Config(
-        app,
+        "service.api.main:create_app",  # only for bind_socket; each process builds its own app
         host=host,
         port=port,
         log_level=log_level,
-        timeout_graceful_shutdown=s.shutdown_grace_s,  # type: ignore[arg-type]
     )
     # Bound before the lifespan loads the model: the port is ours from here on, and a port
     # taken meanwhile is reported now, not after the model and index have loaded.
     sock = config.bind_socket()
-    DrainingServer(config, app.state.service, s.shutdown_drain_s).run(sockets=[sock])
+    if workers == 1:
+        if not _serve_one(s, sock, host, port, log_level):
+            raise SystemExit(STARTUP_FAILED)
+        return
+    Supervisor(s, sock, workers, (host, port, log_level)).run()
+
+
+def _serve_one(s: Settings, sock: socket.socket, host: str, port: int, log_level: str) -> bool:
+    """One process's server on a bound socket; whether it started serving."""
+    app = create_app(s)
+    config = uvicorn.Config(
+        app,
+        host=host,  # for the start-up message only: the socket is bound already
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=s.shutdown_grace_s,  # type: ignore[arg-type]
+    )
+    server = DrainingServer(config, app.state.service, s.shutdown_drain_s)
+    server.run(sockets=[sock])
+    return server.started
+
+
+#: Exit code of a process that never started serving (its start-up failed: a data dir that is
+#: a file, a database URL it cannot use, ...); the supervisor stops instead of starting such a
+#: worker again and again.
+STARTUP_FAILED = 3
+_PR_SET_PDEATHSIG = 1
+
+
+def _worker(s: Settings, sock: socket.socket, where: tuple[str, int, str]) -> None:
+    """A worker process: the same server as a single-process replica, readiness and drain
+    included. It gets SIGTERM if the supervisor dies, so that no orphan keeps the port."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    try:
+        started = _serve_one(s, sock, *where)
+    except Exception:
+        _log.exception("worker [%d]: cannot build the app", os.getpid())
+        started = False
+    if not started:
+        sys.exit(STARTUP_FAILED)
+
+
+class Supervisor:
+    """Runs ``workers`` processes that share one listening socket, each a full replica process
+    (its own model, readiness flag and drain). SIGTERM/SIGINT are passed on to every worker, so
+    all of them turn /readyz 503 at once and drain as one process does; the supervisor exits
+    when they have. A worker that dies on its own is replaced; one that could not start stops
+    them all (it would fail the same way again)."""
+
+    def __init__(
+        self, s: Settings, sock: socket.socket, workers: int, where: tuple[str, int, str]
+    ) -> None:
+        self.settings, self.sock, self.n, self.where = s, sock, workers, where
+        self.ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.signals: list[int] = []
+        self.stopping = False  # a signal came, or a worker could not start
+        self.failed = False
+
+    def _spawn(self) -> multiprocessing.process.BaseProcess:
+        proc = self.ctx.Process(
+            target=_worker, args=(self.settings, self.sock, self.where), daemon=False
+        )
+        proc.start()
+        return proc
+
+    def run(self) -> None:
+        previous = {
+            sig: signal.signal(sig, lambda sig, frame: self.signals.append(sig))
+            for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            self.procs = [self._spawn() for _ in range(self.n)]
+            _log.info("supervisor [%d]: %d workers", os.getpid(), self.n)
+            while any(p.is_alive() for p in self.procs):
+                self._tick()
+                time.sleep(0.1)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for p in self.procs:
+                if p.is_alive():  # only after the loop was interrupted by an error
+                    p.kill()
+                p.join()
+        if self.failed:
+            raise SystemExit(STARTUP_FAILED)
+
+    def _tick(self) -> None:
+        while self.signals:  # pass every signal on: a second one skips the drain there too
+            self.stopping = True
+            self._signal_all(self.signals.pop(0))
+        for i, p in enumerate(self.procs):
+            if p.is_alive() or self.stopping:
+                continue
+            if p.exitcode == STARTUP_FAILED:
+                _log.error("supervisor: worker [%s] could not start; stopping", p.pid)
+                self.stopping = self.failed = True
+                self._signal_all(signal.SIGTERM)
+                return
+            _log.error("supervisor: worker [%s] exited (%s); starting another", p.pid, p.exitcode)
+            p.join()
+            self.procs[i] = self._spawn()
+
+    def _signal_all(self, sig: int) -> None:
+        for p in self.procs:
+            if p.is_alive() and p.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, sig)

@@ -155,8 +155,14 @@ def check_writable(engine: Engine) -> None:
     read-only server or transaction)."""
     with Session(engine) as session:
         _begin_write(session)
-        if engine.url.get_backend_name() == "postgresql":
-            session.execute(text("SELECT pg_current_xact_id()"))  # assigns a write xid
+        # PostgreSQL: a write that touches no row, refused by a read-only transaction (a
+        # standby, or default_transaction_read_only) as the prediction's INSERT would be; no
+        # row lock. Without the schema there is nothing to write to; check_at_head says so.
+        if (
+            engine.url.get_backend_name() == "postgresql"
+            and session.execute(text("SELECT to_regclass('predictions')")).scalar() is not None
+        ):
+            session.execute(text("DELETE FROM predictions WHERE false"))
         session.rollback()
 
 

@@ -11,6 +11,7 @@ from PIL import Image, ImageFile, ImageOps
 from service.engine.options import ImageLimits
 from service.errors import (
     ImageShapeError,
+    ImageTooComplexError,
     ImageTooLargeError,
     InputImageError,
     UnsupportedMediaError,
@@ -30,6 +31,19 @@ def sniff_format(head: bytes) -> str | None:
     if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
     return None
+
+
+def _check_scans(data: bytes, limits: ImageLimits, name: str) -> None:
+    """Refuse a JPEG with more scans than the limit, before decoding it. Inside entropy-coded
+    data every 0xFF byte is followed by 0x00 or a restart marker, so counting FF DA counts the
+    start-of-scan markers (an embedded thumbnail's count too, which only errs on the safe side).
+    """
+    scans = data.count(b"\xff\xda")
+    if scans > limits.max_jpeg_scans:
+        raise ImageTooComplexError(
+            f"{name} is a JPEG of {scans} scans; the limit is {limits.max_jpeg_scans} "
+            "(GEOLOC_MAX_JPEG_SCANS; a progressive JPEG has about 10)"
+        )
 
 
 def decode_image(data: bytes, limits: ImageLimits, *, name: str = "image") -> Image.Image:
@@ -67,6 +81,8 @@ def decode_image(data: bytes, limits: ImageLimits, *, name: str = "image") -> Im
                     f"{name} is {width}x{height}: its long side is more than {aspect:g} "
                     "times its short side (GEOLOC_MAX_IMAGE_ASPECT)"
                 )
+            if fmt == "JPEG":
+                _check_scans(data, limits, name)
             img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img)

@@ -40,12 +40,16 @@ SERVICE_OPTIONS = (
 @dataclass(frozen=True)
 class ImageLimits:
     """What one picture may cost before it reaches the model, checked when it is decoded
-    (GEOLOC_MAX_IMAGE_BYTES, _PIXELS and _ASPECT; ``Settings.image_limits``)."""
+    (GEOLOC_MAX_IMAGE_BYTES, _PIXELS, _ASPECT and GEOLOC_MAX_JPEG_SCANS;
+    ``Settings.image_limits``)."""
 
     max_bytes: int
     max_pixels: int
     #: Longest side over shortest side; None: any shape.
     max_aspect: float | None = None
+    #: Most scans a JPEG may have: each scan is a pass over every block of the image, so a
+    #: small file that repeats a scan a thousand times takes a minute to decode.
+    max_jpeg_scans: int = 32
 
 
 @dataclass(frozen=True)

@@ -154,9 +154,18 @@ def export_weights(checkpoint: Path, model: GeoModel, out: Path) -> str:
 
 
 def write_bluemarble_set(
-    out_dir: Path, count: int, *, seed: int, kind: str, progress: bool = True
+    out_dir: Path,
+    count: int,
+    *,
+    seed: int,
+    kind: str,
+    progress: bool = True,
+    style: TileStyle | None = None,
 ) -> Path:
-    style = {"test": TEST_STYLE, "reference": REFERENCE_STYLE, "train": TRAIN_STYLE}.get(kind)
+    """``count`` tiles of a kind (its style, unless ``style`` is given) and labels.csv."""
+    style = style or {"test": TEST_STYLE, "reference": REFERENCE_STYLE, "train": TRAIN_STYLE}.get(
+        kind
+    )
     if style is None:
         raise GeolocError(f"unknown tile set kind '{kind}'; use test, reference or train")
     from tqdm import tqdm

@@ -38,6 +38,7 @@ from service.db.models import Prediction
 from service.errors import DatabaseUnavailableError
 from tests.deploy.cluster import ROOT, Load, PrivatePostgres, Replica, running, wait_until
 from tests.deploy.conftest import INDEX, Cluster
+from tests.net import free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -194,6 +195,73 @@ def test_sigterm_under_load_fails_no_request(cluster: Cluster) -> None:
     assert all(o.replica != "r2" for o in load.outcomes[n_gone:])
 
 
+def _workers(proc: subprocess.Popen[bytes]) -> set[int]:
+    """The pids of a supervisor's worker processes (its children that run the server)."""
+    out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+    workers = set()
+    for pid in map(int, out.split()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"resource_tracker" not in cmdline:
+            workers.add(pid)
+    return workers
+
+
+def test_two_workers_replace_a_dead_one_and_drain_as_one_replica(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """GEOLOC_WORKERS=2: a worker killed with SIGKILL is replaced; on SIGTERM every worker turns
+    /readyz 503 at once and keeps serving through the drain, a slow batch in flight completes,
+    and the replica exits cleanly with no worker left behind."""
+    env = {**cluster.replicas[0].env, "GEOLOC_WORKERS": "2", "GEOLOC_SHUTDOWN_DRAIN_S": "1.5"}
+    env["GEOLOC_INDEX_VERSION"] = cluster.versions[0]
+    r = Replica("r-w2", free_port(), env, tmp_path / "r-w2.log")
+    r.start()
+    try:
+        r.wait_ready()
+        assert r.proc is not None
+        first = _workers(r.proc)
+        assert len(first) == 2, first
+        victim = min(first)
+        subprocess.run(["kill", "-KILL", str(victim)], check=True)
+        wait_until(lambda: len(_workers(r.proc) - {victim}) == 2, 120, "a new worker")  # type: ignore[arg-type]
+        r.wait_ready()
+        for _ in range(8):  # both workers share the socket; all answer
+            assert httpx.get(f"{r.url}/readyz", timeout=5).status_code == 200
+        workers = _workers(r.proc)
+
+        batch: dict[str, httpx.Response] = {}
+
+        def slow_batch() -> None:
+            files = [("files", (f"t{i}.jpg", cluster.tile, "image/jpeg")) for i in range(24)]
+            batch["r"] = httpx.post(f"{r.url}/v1/locate/batch", files=files, timeout=60)
+
+        sender = threading.Thread(target=slow_batch)
+        sender.start()
+        time.sleep(0.2)
+        r.signal(signal.SIGTERM)
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        readiness = [httpx.get(f"{r.url}/readyz", timeout=5) for _ in range(6)]
+        tile = {"file": ("t.jpg", cluster.tile, "image/jpeg")}
+        during = httpx.post(f"{r.url}/v1/locate", files=tile, timeout=30)
+        assert time.monotonic() - t0 < 1.3, "the drain ended before the checks"
+        assert all(x.status_code == 503 for x in readiness), [x.status_code for x in readiness]
+        assert all(x.json()["checks"]["shutdown"].startswith("draining") for x in readiness), (
+            readiness[0].text
+        )
+        assert during.status_code == 200, during.text
+        code = r.proc.wait(timeout=60)
+        sender.join(timeout=60)
+    finally:
+        r.stop()
+    assert code == 0, r.log.read_text()[-3000:]
+    assert batch["r"].status_code == 200 and batch["r"].json()["succeeded"] == 24
+    assert not any(Path(f"/proc/{p}").exists() for p in workers), "a worker outlived the replica"
+
+
 def test_kill9_routed_around_with_bounded_failures(cluster: Cluster) -> None:
     r1 = cluster.replicas[1]
     concurrency = 4
@@ -337,3 +405,66 @@ def test_postgres_outage(
     finally:
         engine.dispose()
     assert set(stored) | {r.json()["prediction_id"]} <= ids and len(ids) == len(stored) + 1
+
+
+def _set_read_only(pg: PrivatePostgres, on: bool) -> None:
+    """Make every new transaction on the private server read-only (or not), as a primary
+    turned standby or a full disk's emergency setting would; live sessions take it at once."""
+    import psycopg
+
+    with psycopg.connect(pg.url.replace("+psycopg", ""), autocommit=True) as conn:
+        value = "on" if on else "off"
+        conn.execute(f"ALTER SYSTEM SET default_transaction_read_only = {value}")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def _write_failures(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    lines = [x for x in text.splitlines() if x.startswith("geoloc_prediction_write_failures_total")]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_postgres_read_only_makes_the_replica_not_ready_and_acknowledges_nothing(
+    cluster: Cluster, outage_replica: Replica, private_pg: PrivatePostgres
+) -> None:
+    """A server that takes no writes (it answers reads): /readyz turns 503 within a poll,
+    answers carry no prediction id, feedback is refused, nothing is stored, and all recovers
+    by itself when writes are allowed again."""
+    url = outage_replica.url
+    tile = {"file": ("t.jpg", cluster.tile, "image/jpeg")}
+    r = httpx.post(f"{url}/v1/locate", files=tile, timeout=30)
+    assert r.status_code == 200 and r.json()["prediction_id"], r.text
+    stored = r.json()["prediction_id"]
+    engine = make_engine(private_pg.url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            before = set(session.scalars(select(Prediction.id)))
+        failures = _write_failures(url)
+        _set_read_only(private_pg, True)
+        try:
+            # one poll interval (GEOLOC_INDEX_POLL_S=0.5) and a margin
+            wait_until(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 503, 3, "503")
+            ready = httpx.get(f"{url}/readyz", timeout=5)
+            assert "read-only" in ready.json()["checks"]["database"], ready.text
+            for _ in range(3):
+                r = httpx.post(f"{url}/v1/locate", files=tile, timeout=30)
+                assert r.status_code == 200 and r.json()["prediction_id"] is None, r.text
+            feedback = httpx.post(
+                f"{url}/v1/predictions/{stored}/feedback", json={"lat": 1, "lon": 2}, timeout=10
+            )
+            assert feedback.status_code == 503, feedback.text
+            assert feedback.headers["content-type"] == PROBLEM
+            with make_sessionmaker(engine)() as session:
+                assert set(session.scalars(select(Prediction.id))) == before
+        finally:
+            _set_read_only(private_pg, False)
+        wait_until(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, 5, "200")
+        r = httpx.post(f"{url}/v1/locate", files=tile, timeout=30)
+        assert r.status_code == 200 and r.json()["prediction_id"], r.text
+        new = r.json()["prediction_id"]
+        with make_sessionmaker(engine)() as session:
+            assert set(session.scalars(select(Prediction.id))) == before | {new}
+    finally:
+        engine.dispose()
+    # no write reached the database while it was read-only: the poll saw it first
+    assert _write_failures(url) == failures

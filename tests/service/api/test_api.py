@@ -26,6 +26,7 @@ from service.db import (
     sync_index_versions,
     upgrade,
 )
+from tests.net import free_port
 
 pytest_plugins = ["api_fixtures"]  # the bluemarble model, index and app fixtures
 
@@ -436,18 +437,21 @@ def test_redis_down_falls_back_to_in_process_limits(make_client):
         assert_problem(client.get("/v1/stats"), 429, "rate-limited")
 
 
-def test_serve_runs_uvicorn_with_the_app_factory(monkeypatch):
-    import uvicorn
+def test_serve_with_workers_runs_the_supervisor_on_one_bound_socket(monkeypatch):
     from typer.testing import CliRunner
 
+    from service.api import server
     from service.cli import main as cli
 
     calls: dict = {}
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: calls.update(args=a, kwargs=kw))
-    monkeypatch.setenv("GEOLOC_PORT", "9123")
-    result = CliRunner().invoke(cli.app, ["serve", "--workers", "2"])
+
+    def run(self: server.Supervisor) -> None:
+        calls.update(n=self.n, where=self.where, bound=self.sock.getsockname())
+        self.sock.close()
+
+    monkeypatch.setattr(server.Supervisor, "run", run)
+    port = free_port()
+    monkeypatch.setenv("GEOLOC_PORT", str(port))
+    result = CliRunner().invoke(cli.app, ["serve", "--workers", "2", "--no-migrate"])
     assert result.exit_code == 0, result.output
-    assert calls["args"] == ("service.api.main:create_app",)
-    kw = calls["kwargs"]
-    assert kw["factory"] is True and kw["workers"] == 2
-    assert (kw["host"], kw["port"]) == ("127.0.0.1", 9123)
+    assert calls == {"n": 2, "where": ("127.0.0.1", port, "info"), "bound": ("127.0.0.1", port)}

@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from service.api.server import accept_queue_length, refuse_new_connections
+from service.api.server import STARTUP_FAILED, accept_queue_length, refuse_new_connections
 from tests.deploy.cluster import ROOT
 from tests.net import free_port
 
@@ -107,3 +107,27 @@ def test_listener_filter_refuses_new_connections_and_keeps_queued_ones() -> None
         queued.close()
     with socket.socket(socket.AF_UNIX) as unix:
         assert not refuse_new_connections(unix)  # not a TCP listener: left alone
+
+
+def test_workers_that_cannot_start_stop_the_replica(tmp_path) -> None:
+    """With GEOLOC_WORKERS=2 and a data dir that is a file, each worker fails its start-up
+    (its lifespan cannot open the database): the supervisor exits with the start-up failure
+    code and does not start them again and again."""
+    port = free_port()
+    not_a_dir = tmp_path / "data"
+    not_a_dir.write_text("a file")
+    env = {"PATH": "/usr/bin:/bin", "GEOLOC_DATA_DIR": str(not_a_dir), "GEOLOC_WORKERS": "2"}
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli.main", "serve", "--port", str(port), "--no-migrate"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == STARTUP_FAILED, output[-3000:]
+    assert "could not start; stopping" in output, output[-3000:]
+    assert output.count("Started server process") == 2, output[-3000:]  # never restarted
+    assert time.monotonic() - t0 < 100
