@@ -7,7 +7,6 @@ schemathesis run fuzzes every operation of the app's own OpenAPI schema.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import struct
 import threading
@@ -31,6 +30,7 @@ from schemathesis.config import SchemathesisConfig
 from service.api.main import create_app
 from service.config import Settings
 from service.db import upgrade
+from tests.hostile import animated, encoded, scan_bomb
 from tests.net import free_port
 
 pytest_plugins = ["api_fixtures"]  # the bluemarble model, index and app fixtures
@@ -89,12 +89,6 @@ def filled_png_bomb(side: int) -> bytes:
         + _png_chunk(b"IDAT", idat)
         + _png_chunk(b"IEND", b"")
     )
-
-
-def encoded(img: Image.Image, fmt: str, **kw: Any) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 SMALL = Image.new("RGB", (32, 32), (10, 120, 40))
@@ -164,21 +158,6 @@ def test_memory_stays_bounded_under_hostile_input(client):
             assert r.status_code == 200 and "problem" in r.json()["items"][0]
     growth = _peak_rss_bytes() - before
     assert growth < 100 * MIB, f"peak memory grew by {growth / MIB:.0f} MiB"
-
-
-def scan_bomb(side: int, repeats: int) -> bytes:
-    """A flat progressive JPEG whose last scan is repeated: a few bytes a scan, but every scan
-    is a pass over all of the image's blocks (libjpeg warns and goes on)."""
-    data = encoded(Image.new("L", (side, side), 128), "JPEG", progressive=True, quality=90)
-    end = data.rindex(b"\xff\xd9")
-    last = data[data.rindex(b"\xff\xda") : end]
-    return data[:end] + last * repeats + data[end:]
-
-
-def animated(fmt: str, frames: int, side: int) -> bytes:
-    """Frames of flat colours, each unlike the one before (a few bytes a frame)."""
-    imgs = [Image.new("RGB", (side, side), (i % 256, (7 * i) % 256, 90)) for i in range(frames)]
-    return encoded(imgs[0], fmt, save_all=True, append_images=imgs[1:], duration=20)
 
 
 def shape_corpus() -> list[tuple[str, bytes, str | None]]:

@@ -1,11 +1,15 @@
 """The CLI's handling of bad input: one clear line per problem, non-zero exit, no traceback."""
 
+import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
+from encoders.bluemarble import render_tile
 from service.cli.main import app
+from tests.hostile import scan_bomb
 
 runner = CliRunner()
 
@@ -66,6 +70,27 @@ def test_eval_lists_bad_rows_with_line_numbers(tmp_path):
     assert any(":5:" in line and "does not exist" in line for line in lines)
     assert any(":6:" in line and "columns" in line for line in lines)
     assert "4 bad rows" in lines[-1]
+
+
+def test_eval_and_images_add_refuse_costly_pictures_at_once(tmp_path):
+    """The decode limits hold on the batch paths too: a JPEG of 2,000 scans (seconds to
+    decode) and a 500 x 1 strip are bad rows with their types, the good tiles go through."""
+    (tmp_path / "bomb.jpg").write_bytes(scan_bomb(2000, 2000))
+    Image.new("RGB", (500, 1), (9, 9, 9)).save(tmp_path / "strip.png")
+    rows = ["image,lat,lon", "bomb.jpg,1,2", "strip.png,3,4"]
+    for i in range(3):
+        render_tile(10 + i, 20, 2.0, 64).save(tmp_path / f"t{i}.png")
+        rows.append(f"t{i}.png,{10 + i},20")
+    table = tmp_path / "t.csv"
+    table.write_text("\n".join(rows) + "\n")
+    assert run("index", "build", "default-bluemarble", "--res", "1").exit_code == 0
+    for args in (["eval", str(table)], ["images", "add", str(table), "--name", "refs-x"]):
+        t0 = time.perf_counter()
+        result = run(*args)
+        assert time.perf_counter() - t0 < 60, args
+        assert "[too-many-scans] " in result.output and "of 2006 scans" in result.output, args
+        assert "[unsupported-image-shape] " in result.output, args
+        assert "is 500x1" in result.output, args
 
 
 def test_eval_with_a_csv_without_the_needed_columns(tmp_path):
