@@ -7,7 +7,7 @@ index, calibration with its localizability verdict), built by bench/tilesets.py 
 with bench/shift.py's cache.
 
     .venv/bin/python bench/latency.py --old OLD.pt [--new NEW.pt] [--images 200]
-        [--refs 100000] [--calib 2000] [--res 4]
+        [--refs N] [--calib 2000] [--res 4]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from tilesets import (
     tileset,
 )
 
+from service.config import Settings
 from service.engine.locator import Locator
 from service.engine.options import LocateOptions
 
@@ -51,7 +52,7 @@ def main() -> None:
     ap.add_argument("--old", type=Path, required=True, help="weights file of the old model")
     ap.add_argument("--new", type=Path, default=None, help="default: the bundled weights")
     ap.add_argument("--images", type=int, default=200)
-    ap.add_argument("--refs", type=int, default=100_000)
+    ap.add_argument("--refs", type=int, default=Settings().setup_reference_tiles)
     ap.add_argument("--calib", type=int, default=2000)
     ap.add_argument("--res", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a worker's share)")

@@ -13,7 +13,7 @@ nearest-neighbour baseline over the same reference tiles, on the same images.
 Tile sets, downloads and indexes are cached under bench/out (keyed by seed, count, tile size
 and the weights file's sha256), so a rerun only locates.
 
-    .venv/bin/python bench/shift.py [--per-set 400] [--refs 100000] [--res 4]
+    .venv/bin/python bench/shift.py [--per-set 400] [--refs N] [--res 4]
         [--weights PATH] [--quick]
 """
 
@@ -71,6 +71,7 @@ from encoders.bluemarble import (
 )
 from index.files import sha256_file
 from index.geo import is_land
+from service.config import Settings
 from service.engine.images import read_image_file
 from service.engine.locator import LocateResult, Locator
 from service.engine.options import LocateOptions
@@ -497,7 +498,7 @@ def nonsat_table(results: Sequence[tuple[str, Located]], judged: bool) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--per-set", type=int, default=None, help="images per set (default 400)")
-    ap.add_argument("--refs", type=int, default=None, help="reference tiles (default 100000)")
+    ap.add_argument("--refs", type=int, default=None, help="reference tiles (as geoloc setup)")
     ap.add_argument("--res", type=int, default=4, help="H3 resolution of the land gallery")
     ap.add_argument(
         "--calib",
@@ -518,7 +519,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     per_set = args.per_set or (12 if args.quick else 400)
-    n_refs = args.refs or (2000 if args.quick else 100_000)
+    n_refs = args.refs or (2000 if args.quick else Settings().setup_reference_tiles)
     n_calib = args.calib if args.calib is not None else (300 if args.quick else 2000)
     weights = (args.weights or bundled_weights()).resolve()
     t_start = time.perf_counter()

@@ -8,8 +8,8 @@ Every set is embedded once; each setting reruns the pipeline after the image tow
 per setting, the mean over the sets of the shares within 25/200/750 km and the worst set's
 200 km share.
 
-    .venv/bin/python bench/tune.py [--weights PATH] [--per-set 300] [--refs 100000] \
-        [--grid neighbours|structure|support|served] [--ref-power P]
+    .venv/bin/python bench/tune.py [--weights PATH] [--per-set 300] [--refs N] \
+        [--grid neighbours|structure|support|precision|served] [--ref-power P]
 
 ``--ref-power`` draws the reference tiles with another ``scale_power`` (how many narrow views
 the reference set holds against wide ones); ``--grid served`` runs the served settings only.
@@ -49,6 +49,7 @@ from tilesets import (
 
 from encoders.bluemarble import load_map, render_tile, sample_centres
 from index.geo import is_land
+from service.config import Settings
 from service.engine import locator as pipeline
 from service.engine.options import LocateOptions
 from service.engine.scores import errors_km
@@ -81,6 +82,12 @@ GRIDS = {
     "support": {
         "neighbour_weight": (1.0, 2.0, 3.0),
         "structure_weight": (1.0, 1.5, 2.0),
+    },
+    # How sharply the neighbours place the answer (the 25 km share) once references are dense.
+    "precision": {
+        "neighbour_weight": (1.0, 2.0, 3.0),
+        "neighbour_kernel_km": (25.0, 50.0),
+        "neighbour_temperature": (50.0, 200.0),
     },
     # The served settings alone (to compare reference sets, --ref-power).
     "served": {"structure_weight": (LocateOptions().structure_weight,)},
@@ -116,7 +123,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--weights", type=Path, default=None)
     ap.add_argument("--per-set", type=int, default=300)
-    ap.add_argument("--refs", type=int, default=100_000)
+    ap.add_argument("--refs", type=int, default=Settings().setup_reference_tiles)
     ap.add_argument("--res", type=int, default=4)
     ap.add_argument("--grid", choices=sorted(GRIDS), default="neighbours")
     ap.add_argument("--ref-power", type=float, default=None)
@@ -158,7 +165,10 @@ def main() -> None:
                 f"{100 * s[:, 1].min():.1f} %",
             )
         )
-        per_set = (f"{n} {100 * v[1]:.0f}/{100 * v[2]:.0f}" for n, v in zip(sets, s, strict=True))
+        per_set = (
+            f"{n} {100 * v[0]:.0f}/{100 * v[1]:.0f}/{100 * v[2]:.0f}"
+            for n, v in zip(sets, s, strict=True)
+        )
         print("  ", ", ".join(per_set), flush=True)
         print(" ".join(rows_out[-1]), flush=True)
     print(

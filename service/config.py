@@ -259,7 +259,7 @@ class Settings(_LocateDefaults):
         4, ge=0, le=7, description="H3 resolution of the default gallery `geoloc setup` builds."
     )
     setup_reference_tiles: int = Field(
-        100_000,
+        160_000,
         ge=0,
         description="Clean reference tiles `geoloc setup` renders and embeds into the "
         "image-neighbour index of a profile that makes its own data (bluemarble); 0: none.",

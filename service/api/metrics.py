@@ -1,14 +1,17 @@
 """Prometheus metrics of one app (its own registry, so several apps in one process stay apart).
 
-With several uvicorn workers each process has its own counters: scrape each worker, or run one
-worker per container (the usual deployment).
+With several workers (GEOLOC_WORKERS > 1) the supervisor gives them one directory in
+``PROMETHEUS_MULTIPROC_DIR`` before they start, prometheus_client keeps every value in a file
+there, and a scrape of any worker reads all of them (``MultiProcessCollector``): one scrape
+counts the requests of the whole replica. Gauges say how they add up across workers.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -17,7 +20,9 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
+    multiprocess,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,6 +37,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        if self.multiprocess_dir() is None:  # process_* of the one process (memory, CPU, fds)
+            ProcessCollector(registry=r)
         self.requests = Counter(
             "geoloc_http_requests",
             "HTTP requests by route template, method and status.",
@@ -58,7 +65,10 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "geoloc_queue_depth", "Images waiting for or in the model.", registry=r
+            "geoloc_queue_depth",
+            "Images waiting for or in the model.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.problems = Counter(
             "geoloc_problems", "Problem responses by problem type.", ["type"], registry=r
@@ -72,24 +82,61 @@ class Metrics:
             "geoloc_index_swaps", "Index versions swapped in while serving.", registry=r
         )
         self.index_info = Gauge(
-            "geoloc_index_info", "The index version being served (value 1).", ["index"], registry=r
+            "geoloc_index_info",
+            "The index version being served (1 while a live worker serves it).",
+            ["index"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
+        self._index: str | None = None
+        self._depth: Callable[[], int] | None = None
+
+    @staticmethod
+    def multiprocess_dir() -> str | None:
+        """The shared directory of a replica's workers; None in a single process."""
+        return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+    def track_queue(self, depth: Callable[[], int]) -> None:
+        """Report ``depth()`` as the queue gauge: read at scrape time in one process; with
+        several workers each writes its own at every request's start and end."""
+        if self.multiprocess_dir() is None:
+            self.queue_depth.set_function(depth)
+        else:
+            self._depth = depth
+
+    def refresh(self) -> None:
+        if self._depth is not None:
+            self.queue_depth.set(self._depth())
 
     def observe_stages(self, timings_ms: Mapping[str, float]) -> None:
         for stage, ms in timings_ms.items():
             self.stages.labels(stage).observe(ms / 1000.0)
 
     def set_index(self, label: str) -> None:
-        self.index_info.clear()
+        if self._index is not None and self._index != label:
+            # 0, not removed: with several workers the old value stays in this worker's file
+            self.index_info.labels(self._index).set(0)
+        self._index = label
         self.index_info.labels(label).set(1)
 
+    def _collected(self) -> CollectorRegistry:
+        """What a scrape reads: this app's registry, or every worker's files."""
+        path = self.multiprocess_dir()
+        if path is None:
+            return self.registry
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=path)
+        return registry
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._collected())
 
     def request_counts(self) -> list[dict[str, Any]]:
         """Requests so far by route, method and status (for /v1/stats)."""
         out = []
-        for metric in self.requests.collect():
+        for metric in self._collected().collect():
+            if metric.name != "geoloc_http_requests":
+                continue
             for s in metric.samples:
                 if s.name.endswith("_total"):
                     out.append({**s.labels, "count": int(s.value)})
@@ -108,6 +155,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        self.metrics.refresh()
         status = 500
         is_problem = False
         body = bytearray()
@@ -133,6 +181,7 @@ class MetricsMiddleware:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.requests.labels(route, scope.get("method", ""), str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            self.metrics.refresh()
         if is_problem:
             self.metrics.problems.labels(_problem_type(bytes(body))).inc()
 

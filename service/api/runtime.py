@@ -277,5 +277,5 @@ def build_state(settings: Settings) -> ServiceState:
         queue_max=settings.queue_max,
         on_batch=metrics.batch_size.observe,
     )
-    metrics.queue_depth.set_function(lambda: batcher.depth)
+    metrics.track_queue(lambda: batcher.depth)
     return ServiceState(settings=settings, metrics=metrics, batcher=batcher)

@@ -35,12 +35,15 @@ import logging
 import multiprocessing
 import multiprocessing.process
 import os
+import shutil
 import signal
 import socket
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -192,6 +195,15 @@ STARTUP_FAILED = 3
 _PR_SET_PDEATHSIG = 1
 
 
+def _forget_worker(pid: int | None) -> None:
+    """Drop a dead worker's live gauges (its counters stay: they are the replica's history)."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path and pid is not None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, path)
+
+
 def _worker(s: Settings, sock: socket.socket, where: tuple[str, int, str]) -> None:
     """A worker process: the same server as a single-process replica, readiness and drain
     included. It gets SIGTERM if the supervisor dies, so that no orphan keeps the port."""
@@ -236,6 +248,7 @@ class Supervisor:
             sig: signal.signal(sig, lambda sig, frame: self.signals.append(sig))
             for sig in (signal.SIGTERM, signal.SIGINT)
         }
+        metrics_dir = self._metrics_dir()
         try:
             self.procs = [self._spawn() for _ in range(self.n)]
             _log.info("supervisor [%d]: %d workers", os.getpid(), self.n)
@@ -249,8 +262,26 @@ class Supervisor:
                 if p.is_alive():  # only after the loop was interrupted by an error
                     p.kill()
                 p.join()
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
         if self.failed:
             raise SystemExit(STARTUP_FAILED)
+
+    @staticmethod
+    def _metrics_dir() -> str | None:
+        """One directory for the workers' metric files, so that a scrape of any worker counts
+        the whole replica (service/api/metrics.py). Set in the environment the workers inherit,
+        before they import prometheus_client. An operator's PROMETHEUS_MULTIPROC_DIR is used
+        (emptied of an earlier run's files); else a temporary one, removed at exit."""
+        given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if given:
+            Path(given).mkdir(parents=True, exist_ok=True)
+            for old in Path(given).glob("*.db"):
+                old.unlink()
+            return None
+        made = tempfile.mkdtemp(prefix="geoloc-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+        return made
 
     def _tick(self) -> None:
         while self.signals:  # pass every signal on: a second one skips the drain there too
@@ -266,6 +297,7 @@ class Supervisor:
                 return
             _log.error("supervisor: worker [%s] exited (%s); starting another", p.pid, p.exitcode)
             p.join()
+            _forget_worker(p.pid)
             self.procs[i] = self._spawn()
 
     def _signal_all(self, sig: int) -> None:

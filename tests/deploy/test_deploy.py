@@ -7,6 +7,7 @@ requests and seconds. Figures (requests, failures) are printed (-s shows them).
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,12 +15,14 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, multiprocess
 from sqlalchemy import select
 
 from index.store import list_indexes, load_index
@@ -209,14 +212,49 @@ def _workers(proc: subprocess.Popen[bytes]) -> set[int]:
     return workers
 
 
+def _locates(url: str) -> float:
+    """Successful POST /v1/locate requests in one scrape of /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("geoloc_http_requests_total{")
+        and 'route="/v1/locate"' in line
+        and 'status="200"' in line
+    )
+
+
+def _worker_locates(metrics_dir: Path, pid: int, tmp: Path) -> float:
+    """Successful locates counted by one worker: its own files, read by prometheus_client's
+    collector in a directory of their own."""
+    own = tmp / f"only-{pid}"
+    shutil.rmtree(own, ignore_errors=True)
+    own.mkdir()
+    for f in metrics_dir.glob(f"*_{pid}.db"):
+        shutil.copy(f, own / f.name)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(own))
+    return sum(
+        s.value
+        for m in registry.collect()
+        for s in m.samples
+        if s.name == "geoloc_http_requests_total"
+        and s.labels.get("route") == "/v1/locate"
+        and s.labels.get("status") == "200"
+    )
+
+
 def test_two_workers_replace_a_dead_one_and_drain_as_one_replica(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    """GEOLOC_WORKERS=2: a worker killed with SIGKILL is replaced; on SIGTERM every worker turns
+    """GEOLOC_WORKERS=2: a worker killed with SIGKILL is replaced; one scrape of /metrics counts
+    the requests of both workers; on SIGTERM every worker turns
     /readyz 503 at once and keeps serving through the drain, a slow batch in flight completes,
     and the replica exits cleanly with no worker left behind."""
     env = {**cluster.replicas[0].env, "GEOLOC_WORKERS": "2", "GEOLOC_SHUTDOWN_DRAIN_S": "1.5"}
     env["GEOLOC_INDEX_VERSION"] = cluster.versions[0]
+    metrics_dir = tmp_path / "metrics"  # an operator's PROMETHEUS_MULTIPROC_DIR
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     r = Replica("r-w2", free_port(), env, tmp_path / "r-w2.log")
     r.start()
     try:
@@ -231,6 +269,24 @@ def test_two_workers_replace_a_dead_one_and_drain_as_one_replica(
         for _ in range(8):  # both workers share the socket; all answer
             assert httpx.get(f"{r.url}/readyz", timeout=5).status_code == 200
         workers = _workers(r.proc)
+        # Metrics add up across workers: once both workers have served some requests (the new
+        # one answers when its model is loaded), one scrape counts all of them.
+        tile = {"file": ("t.jpg", cluster.tile, "image/jpeg")}
+
+        def locate(_: int) -> int:
+            return httpx.post(f"{r.url}/v1/locate", files=tile, timeout=30).status_code
+
+        sent = 0
+        deadline = time.monotonic() + 120
+        with ThreadPoolExecutor(6) as pool:  # concurrent connections: both workers take some
+            while not all(_worker_locates(metrics_dir, w, tmp_path) for w in workers):
+                assert time.monotonic() < deadline, "one worker never served"
+                assert list(pool.map(locate, range(6))) == [200] * 6
+                sent += 6
+        per_worker = [_worker_locates(metrics_dir, w, tmp_path) for w in workers]
+        assert sum(per_worker) == sent and _locates(r.url) == sent, (per_worker, sent)
+        stats = httpx.get(f"{r.url}/v1/stats", timeout=10).json()
+        assert sum(x["count"] for x in stats["requests"] if x["route"] == "/v1/locate") == sent
 
         batch: dict[str, httpx.Response] = {}
 
@@ -245,7 +301,6 @@ def test_two_workers_replace_a_dead_one_and_drain_as_one_replica(
         time.sleep(0.2)
         t0 = time.monotonic()
         readiness = [httpx.get(f"{r.url}/readyz", timeout=5) for _ in range(6)]
-        tile = {"file": ("t.jpg", cluster.tile, "image/jpeg")}
         during = httpx.post(f"{r.url}/v1/locate", files=tile, timeout=30)
         assert time.monotonic() - t0 < 1.3, "the drain ended before the checks"
         assert all(x.status_code == 503 for x in readiness), [x.status_code for x in readiness]
