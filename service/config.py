@@ -46,7 +46,12 @@ class Settings(_LocateDefaults):
         "cpu",
         description="torch device: cpu, cuda, cuda:1 ..., or auto (CUDA when a GPU is visible)",
     )
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: torch's default.")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch threads per process; 0: every core with one worker, cores ÷ "
+        "workers with several (geoloc serve divides the OpenMP/BLAS pools the same way).",
+    )
 
     # -- limits --------------------------------------------------------------------------
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest image accepted.")

@@ -170,7 +170,45 @@ def serve(s: Settings, *, host: str, port: int, workers: int, log_level: str) ->
         if not _serve_one(s, sock, host, port, log_level):
             raise SystemExit(STARTUP_FAILED)
         return
-    Supervisor(s, sock, workers, (host, port, log_level)).run()
+    Supervisor(share_threads(s, workers), sock, workers, (host, port, log_level)).run()
+
+
+#: The thread pools a worker's libraries size from the environment when they load (OpenMP for
+#: torch's and faiss's kernels, the BLAS of numpy).
+_POOL_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a
+    container's CPU limit) where one is set."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def share_threads(s: Settings, workers: int) -> Settings:
+    """Divide the cores among the workers: each gets cores // workers threads (at least one)
+    for torch (GEOLOC_TORCH_THREADS, unless set) and for the OpenMP and BLAS pools (unless
+    their variables are set), so that the workers do not oversubscribe the machine."""
+    cores = available_cores()
+    per = max(1, cores // workers)
+    for var in _POOL_VARS:
+        os.environ.setdefault(var, str(per))  # inherited by the workers, read when they load
+    threads = s.torch_threads or per
+    _log.info(
+        "supervisor: %d workers on %d cores: %d torch threads and %s OpenMP threads each",
+        workers,
+        cores,
+        threads,
+        os.environ["OMP_NUM_THREADS"],
+    )
+    return s.model_copy(update={"torch_threads": threads, "workers": workers})
 
 
 def _serve_one(s: Settings, sock: socket.socket, host: str, port: int, log_level: str) -> bool:

@@ -5,6 +5,7 @@ app's lifespan and the CLI call these. (Building indexes is a job: service/jobs/
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,9 +28,12 @@ if TYPE_CHECKING:
 
 
 def set_torch_threads(settings: Settings) -> None:
-    """Apply ``GEOLOC_TORCH_THREADS`` (0: torch's default, one thread per core)."""
+    """Apply ``GEOLOC_TORCH_THREADS`` (0: torch's default, one thread per core) to torch's
+    intra-op and, while it can still be set, inter-op pools."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+        with contextlib.suppress(RuntimeError):  # only before the first parallel work
+            torch.set_num_interop_threads(settings.torch_threads)
 
 
 def load_geomodel(

@@ -4,6 +4,7 @@ request was written."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -131,3 +132,25 @@ def test_workers_that_cannot_start_stop_the_replica(tmp_path) -> None:
     assert "could not start; stopping" in output, output[-3000:]
     assert output.count("Started server process") == 2, output[-3000:]  # never restarted
     assert time.monotonic() - t0 < 100
+
+
+def test_workers_share_the_cores(monkeypatch, tmp_path) -> None:
+    """Each of N workers gets cores // N threads (at least one) for torch and the OpenMP/BLAS
+    pools, unless the operator set them; a CPU quota caps the cores."""
+    from service.api import server
+    from service.config import Settings
+
+    for var in server._POOL_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(server, "available_cores", lambda: 8)
+    s = server.share_threads(Settings(data_dir=tmp_path), 3)
+    assert (s.torch_threads, s.workers) == (2, 3)
+    assert all(os.environ[v] == "2" for v in server._POOL_VARS)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    s = server.share_threads(Settings(data_dir=tmp_path, torch_threads=4), 16)
+    assert s.torch_threads == 4 and os.environ["OMP_NUM_THREADS"] == "5"
+    assert os.environ["MKL_NUM_THREADS"] == "2"  # set by the first call, kept
+
+    monkeypatch.undo()
+    assert 1 <= server.available_cores() <= (os.cpu_count() or 1)

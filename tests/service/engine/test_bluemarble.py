@@ -127,3 +127,21 @@ def test_ordered_palettes_keep_luma_in_order_and_haze_lowers_contrast():
     ):
         ya, yb = luma(np.asarray(a, np.float32) / 255), luma(np.asarray(b, np.float32) / 255)
         assert yb.std() < 0.45 * ya.std() + 0.01 and yb.mean() > ya.mean()
+
+
+def test_scale_power_draws_more_narrow_views_with_the_same_range():
+    """scale_power p weights the log-scale density by scale^-p: the share of draws in the
+    narrowest fifth of log-scale matches the density's integral; p = 0 is the log-uniform draw
+    the training command makes, unchanged."""
+    lo, hi, n = 0.5, 4.5, 20_000
+    cut = lo * (hi / lo) ** 0.2  # the narrowest fifth of the log range
+    for p in (0.0, 0.75, 2.0):
+        style = TileStyle(scale=(lo, hi), log_scale=True, scale_power=p)
+        rng = np.random.default_rng(7)
+        draws = np.array([style.draw_scale(rng) for _ in range(n)])
+        assert draws.min() >= lo and draws.max() <= hi
+        expected = 0.2 if p == 0 else (lo**-p - cut**-p) / (lo**-p - hi**-p)
+        assert abs(np.mean(draws < cut) - expected) < 0.015, (p, np.mean(draws < cut), expected)
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    plain = TileStyle(scale=(lo, hi), log_scale=True)
+    assert plain.draw_scale(rng_a) == float(np.exp(rng_b.uniform(np.log(lo), np.log(hi))))
