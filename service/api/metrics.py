@@ -70,6 +70,19 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.verdicts = Counter(
+            "geoloc_verdicts",
+            "Located images by localizability verdict (located, uncertain, not_locatable; "
+            "none: no verdict model is fitted, or a text query).",
+            ["verdict"],
+            registry=r,
+        )
+        self.localizability = Histogram(
+            "geoloc_localizability_score",
+            "The verdict's score per located image (0: unlike anything the model knows).",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95),
+            registry=r,
+        )
         self.problems = Counter(
             "geoloc_problems", "Problem responses by problem type.", ["type"], registry=r
         )
@@ -108,9 +121,13 @@ class Metrics:
         if self._depth is not None:
             self.queue_depth.set(self._depth())
 
-    def observe_stages(self, timings_ms: Mapping[str, float]) -> None:
+    def observe(self, timings_ms: Mapping[str, float], verdict: Mapping[str, Any] | None) -> None:
+        """One located image: its time per stage and its localizability verdict."""
         for stage, ms in timings_ms.items():
             self.stages.labels(stage).observe(ms / 1000.0)
+        self.verdicts.labels(verdict["verdict"] if verdict else "none").inc()
+        if verdict:
+            self.localizability.observe(float(verdict["score"]))
 
     def set_index(self, label: str) -> None:
         if self._index is not None and self._index != label:

@@ -224,7 +224,7 @@ async def _answer(
     llm: LLMReport,
 ) -> LocateResponse:
     """The response, recorded as prediction ``prediction_id`` when the database can."""
-    state.metrics.observe_stages(result.timings_ms)
+    state.metrics.observe(result.timings_ms, result.localizability)
     response = _response(result, None, warnings, llm)
     latency_ms = (time.perf_counter() - start) * 1000
     recorded = await anyio.to_thread.run_sync(

@@ -207,6 +207,9 @@ def test_info_health_ready_and_metrics(make_client, bm_locator):
     assert "geoloc_batch_size_count 1.0" in text
     assert "geoloc_queue_depth 0.0" in text
     assert f'geoloc_index_info{{index="{bm_locator.index_label}"}} 1.0' in text
+    verdicts = [x for x in text.splitlines() if x.startswith("geoloc_verdicts_total{")]
+    assert sum(float(x.split()[-1]) for x in verdicts) == 1.0, verdicts  # one image located
+    assert "process_resident_memory_bytes " in text  # one process: its own memory
 
 
 def test_schema_not_at_head_degrades_but_still_locates(make_client):

@@ -247,6 +247,7 @@ def test_the_verdict_is_versioned_and_reloaded_on_index_swap(make_client, db_url
             time.sleep(0.05)
         after = client.get("/v1/info").json()["localizability"]
         r = client.post("/v1/locate", files={"file": ("t.png", tile_bytes(), "image/png")})
+        metrics = client.get("/metrics").text
     assert after["version"] == cal2.version
     assert (after["t_low"], after["t_high"]) == (0.25, 0.75) != (before["t_low"], before["t_high"])
     v = r.json()["localizability"]
@@ -255,6 +256,9 @@ def test_the_verdict_is_versioned_and_reloaded_on_index_swap(make_client, db_url
         "not_locatable" if v["score"] < 0.25 else "located" if v["score"] >= 0.75 else "uncertain"
     )
     assert v["verdict"] == expected and v["abstained"] == (v["score"] < 0.25)
+    # the verdicts are counted, and their scores in a histogram
+    assert f'geoloc_verdicts_total{{verdict="{expected}"}} 1.0' in metrics
+    assert "geoloc_localizability_score_count 1.0" in metrics
 
 
 def test_format_1_calibration_files_still_load(judged, bm_model, tmp_path):
