@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The Kubernetes policy checker, in a venv of its own: checkov pins older packaging and networkx
+# than the project's.
+POLICY       := .venv-policy
+POLICY_STAMP := $(POLICY)/.installed
+CHECKOV      ?= checkov>=3.2,<4
 
 .PHONY: install system-deps web run test lint bench-engine clean
 
@@ -43,7 +48,7 @@ system-deps:
 	fi
 
 # geoloc setup: database, default gallery, reference-image index and calibration, each only
-# when missing (the first time about 6 min of CPU with the bluemarble defaults; then seconds).
+# when missing (the first time about 9 min of CPU with the bluemarble defaults; then seconds).
 run: $(STAMP) $(WEB_STAMP)
 	$(BIN)/geoloc setup
 	$(BIN)/geoloc serve
@@ -53,11 +58,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
 
-test: lint system-deps $(WEB_STAMP)
+$(POLICY_STAMP):
+	test -x $(POLICY)/bin/python || $(PYTHON) -m venv $(POLICY)
+	$(POLICY)/bin/python -m pip install -q '$(CHECKOV)'
+	touch $(POLICY_STAMP)
+
+test: lint system-deps $(WEB_STAMP) $(POLICY_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench-engine: $(STAMP)
 	$(BIN)/python bench/engine.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache $(WEB)/node_modules $(WEB)/static
+	rm -rf $(VENV) $(POLICY) .pytest_cache .ruff_cache $(WEB)/node_modules $(WEB)/static

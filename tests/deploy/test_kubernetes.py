@@ -6,8 +6,10 @@ covers the preStop sleep and the in-flight grace. The index Job's script runs fo
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,8 @@ def test_every_manifest_matches_the_kubernetes_schemas() -> None:
         "Deployment/geoloc", "Service/geoloc", "HorizontalPodAutoscaler/geoloc",
         "PodDisruptionBudget/geoloc", "Job/geoloc-migrate", "Job/geoloc-index",
         "ConfigMap/geoloc-settings", "Secret/geoloc-secrets",
-        "PersistentVolumeClaim/geoloc-data",
+        "PersistentVolumeClaim/geoloc-data", "Namespace/geoloc",
+        "NetworkPolicy/geoloc-api", "NetworkPolicy/geoloc-jobs",
     }  # fmt: skip
     for doc in M.values():
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -172,3 +175,50 @@ def test_the_index_job_script_builds_and_activates(tmp_path: Path) -> None:
     finally:
         engine.dispose()
     assert active is not None and active.version == published[0]
+
+
+def _checkov(directory: Path) -> dict[str, Any]:
+    checkov = ROOT / ".venv-policy" / "bin" / "checkov"
+    if not checkov.exists():
+        pytest.skip("`make test` installs checkov into .venv-policy (a venv of its own)")
+    done = subprocess.run(
+        [str(checkov), "-d", str(directory), "--framework", "kubernetes", "-o", "json"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    report = json.loads(done.stdout)
+    return report[0] if isinstance(report, list) else report
+
+
+@pytest.mark.timeout(600)
+def test_the_policy_checker_passes_and_catches_a_writable_root(tmp_path: Path) -> None:
+    """checkov's Kubernetes policies: no failure; the only exceptions are the two annotated in
+    the manifests with their reasons (image digest, secrets as environment)."""
+    report = _checkov(KUBE)
+    summary = report["summary"]
+    assert summary["failed"] == 0, [
+        (c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]
+    ]
+    assert summary["passed"] > 200
+    skipped = {c["check_id"] for c in report["results"]["skipped_checks"]}
+    assert skipped == {"CKV_K8S_43", "CKV_K8S_35"}, skipped
+    # The same manifests with a writable root file system fail it.
+    bad = tmp_path / "kubernetes"
+    shutil.copytree(KUBE, bad)
+    deployment = bad / "deployment.yaml"
+    deployment.write_text(
+        deployment.read_text().replace(
+            "readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false"
+        )
+    )
+    failed = {c["check_id"] for c in _checkov(bad)["results"]["failed_checks"]}
+    assert "CKV_K8S_22" in failed, failed  # "Use read-only filesystem for containers"
+
+
+def test_the_image_is_the_release_it_belongs_to() -> None:
+    version = re.search(
+        r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE
+    )
+    assert version is not None
+    for name in ("Deployment/geoloc", "Job/geoloc-migrate", "Job/geoloc-index"):
+        container = M[name]["spec"]["template"]["spec"]["containers"][0]
+        assert container["image"] == f"geoloc:{version.group(1)}", name
