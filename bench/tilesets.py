@@ -35,17 +35,14 @@ from service.engine.loading import load_locator
 from service.engine.locator import Locator
 from service.jobs.datasets import LabelledImage, read_labelled_csv
 from service.jobs.indexes import GallerySpec, add_reference_images, build_index
-from service.jobs.training import REFERENCE_STYLE, TEST_STYLE, TRAIN_STYLE, write_bluemarble_set
+from service.jobs.training import TILE_STYLES, write_bluemarble_set
 
 OUT = Path(__file__).resolve().parent / "out"
 #: Training draws its tiles from seeds derived from 0 (docs/TRAINING.md); calibration and
 #: the verification sweep use 4242.
 TEST_SEED, REF_SEED, CALIB_SEED = 12345, 777, 4242
-STYLES: dict[str, TileStyle] = {
-    "test": TEST_STYLE,
-    "reference": REFERENCE_STYLE,
-    "train": TRAIN_STYLE,
-}
+#: A copy: a bench may draw a kind in another style (bench/tune.py --ref-power).
+STYLES: dict[str, TileStyle] = dict(TILE_STYLES)
 
 
 def short_hash(value: object, n: int = 8) -> str:

@@ -58,6 +58,7 @@ def service_info(s: Settings, loc: Locator) -> InfoOut:
             max_image_bytes=s.max_image_bytes,
             max_image_pixels=s.max_image_pixels,
             max_image_aspect=s.max_image_aspect,
+            max_jpeg_scans=s.max_jpeg_scans,
             max_request_bytes=s.max_request_bytes,
             max_batch=s.max_batch,
             max_top_k=s.max_top_k,

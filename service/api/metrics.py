@@ -136,22 +136,22 @@ class Metrics:
         self._index = label
         self.index_info.labels(label).set(1)
 
-    def _collected(self) -> CollectorRegistry:
-        """What a scrape reads: this app's registry, or every worker's files."""
+    def _workers(self) -> CollectorRegistry | None:
+        """Every worker's values, read from their files; None in a single process."""
         path = self.multiprocess_dir()
         if path is None:
-            return self.registry
+            return None
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=path)
         return registry
 
     def render(self) -> bytes:
-        return generate_latest(self._collected())
+        return generate_latest(self._workers() or self.registry)
 
     def request_counts(self) -> list[dict[str, Any]]:
         """Requests so far by route, method and status (for /v1/stats)."""
         out = []
-        for metric in self._collected().collect():
+        for metric in (self._workers() or self.requests).collect():
             if metric.name != "geoloc_http_requests":
                 continue
             for s in metric.samples:

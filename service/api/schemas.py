@@ -314,6 +314,7 @@ class LimitsInfo(BaseModel):
     max_image_bytes: int
     max_image_pixels: int
     max_image_aspect: float
+    max_jpeg_scans: int
     max_request_bytes: int
     max_batch: int
     max_top_k: int

@@ -47,6 +47,7 @@ from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
 from service.api.main import create_app
 from service.api.runtime import ServiceState
@@ -170,7 +171,7 @@ def serve(s: Settings, *, host: str, port: int, workers: int, log_level: str) ->
         if not _serve_one(s, sock, host, port, log_level):
             raise SystemExit(STARTUP_FAILED)
         return
-    Supervisor(share_threads(s, workers), sock, workers, (host, port, log_level)).run()
+    Supervisor(share_threads(s, workers), sock, (host, port, log_level)).run()
 
 
 #: The thread pools a worker's libraries size from the environment when they load (OpenMP for
@@ -227,9 +228,9 @@ def _serve_one(s: Settings, sock: socket.socket, host: str, port: int, log_level
 
 
 #: Exit code of a process that never started serving (its start-up failed: a data dir that is
-#: a file, a database URL it cannot use, ...); the supervisor stops instead of starting such a
-#: worker again and again.
-STARTUP_FAILED = 3
+#: a file, a database URL it cannot use, ...), uvicorn's own; the supervisor stops instead of
+#: starting such a worker again and again.
+STARTUP_FAILED = STARTUP_FAILURE
 _PR_SET_PDEATHSIG = 1
 
 
@@ -258,16 +259,14 @@ def _worker(s: Settings, sock: socket.socket, where: tuple[str, int, str]) -> No
 
 
 class Supervisor:
-    """Runs ``workers`` processes that share one listening socket, each a full replica process
+    """Runs ``s.workers`` processes that share one listening socket, each a full replica process
     (its own model, readiness flag and drain). SIGTERM/SIGINT are passed on to every worker, so
     all of them turn /readyz 503 at once and drain as one process does; the supervisor exits
     when they have. A worker that dies on its own is replaced; one that could not start stops
     them all (it would fail the same way again)."""
 
-    def __init__(
-        self, s: Settings, sock: socket.socket, workers: int, where: tuple[str, int, str]
-    ) -> None:
-        self.settings, self.sock, self.n, self.where = s, sock, workers, where
+    def __init__(self, s: Settings, sock: socket.socket, where: tuple[str, int, str]) -> None:
+        self.settings, self.sock, self.n, self.where = s, sock, s.workers, where
         self.ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.signals: list[int] = []

@@ -33,15 +33,15 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def _check_scans(data: bytes, limits: ImageLimits, name: str) -> None:
+def _check_scans(data: bytes, max_scans: int, name: str) -> None:
     """Refuse a JPEG with more scans than the limit, before decoding it. Inside entropy-coded
     data every 0xFF byte is followed by 0x00 or a restart marker, so counting FF DA counts the
     start-of-scan markers (an embedded thumbnail's count too, which only errs on the safe side).
     """
     scans = data.count(b"\xff\xda")
-    if scans > limits.max_jpeg_scans:
+    if scans > max_scans:
         raise ImageTooComplexError(
-            f"{name} is a JPEG of {scans} scans; the limit is {limits.max_jpeg_scans} "
+            f"{name} is a JPEG of {scans} scans; the limit is {max_scans} "
             "(GEOLOC_MAX_JPEG_SCANS; a progressive JPEG has about 10)"
         )
 
@@ -81,8 +81,8 @@ def decode_image(data: bytes, limits: ImageLimits, *, name: str = "image") -> Im
                     f"{name} is {width}x{height}: its long side is more than {aspect:g} "
                     "times its short side (GEOLOC_MAX_IMAGE_ASPECT)"
                 )
-            if fmt == "JPEG":
-                _check_scans(data, limits, name)
+            if fmt == "JPEG" and limits.max_jpeg_scans is not None:
+                _check_scans(data, limits.max_jpeg_scans, name)
             img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img)

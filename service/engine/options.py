@@ -47,9 +47,9 @@ class ImageLimits:
     max_pixels: int
     #: Longest side over shortest side; None: any shape.
     max_aspect: float | None = None
-    #: Most scans a JPEG may have: each scan is a pass over every block of the image, so a
-    #: small file that repeats a scan a thousand times takes a minute to decode.
-    max_jpeg_scans: int = 32
+    #: Most scans a JPEG may have (each scan is a pass over every block of the image, so a
+    #: small file that repeats a scan a thousand times takes a minute to decode); None: any.
+    max_jpeg_scans: int | None = None
 
 
 @dataclass(frozen=True)

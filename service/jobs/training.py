@@ -50,6 +50,8 @@ TEST_STYLE = TileStyle(
 #: so it takes more of them to hold one near any place (bench/tune.py --ref-power chose 0.75
 #: on validation draws: 300 km views 68 -> 84 % within 200 km, the other sets level).
 REFERENCE_STYLE = TileStyle(scale=(0.5, 4.5), log_scale=True, scale_power=0.75, augment=False)
+#: The style of each kind of tile set `geoloc data bluemarble` writes.
+TILE_STYLES = {"test": TEST_STYLE, "reference": REFERENCE_STYLE, "train": TRAIN_STYLE}
 
 
 def bluemarble_source(config: TrainConfig) -> EpochSource:
@@ -65,12 +67,7 @@ def bluemarble_source(config: TrainConfig) -> EpochSource:
     return source
 
 
-def csv_source(
-    path: Path,
-    config: TrainConfig,
-    *,
-    limits: ImageLimits,
-) -> EpochSource:
+def csv_source(path: Path, config: TrainConfig, *, limits: ImageLimits) -> EpochSource:
     """A user's geotagged photos from a CSV (image,lat,lon), shuffled per epoch."""
     rows, problems = read_labelled_csv(path)
     if problems:
@@ -123,11 +120,7 @@ def run_training(
     if job.data == "bluemarble":
         source, transform = bluemarble_source(job.config), None
     else:
-        source = csv_source(
-            Path(job.data),
-            job.config,
-            limits=limits,
-        )
+        source = csv_source(Path(job.data), job.config, limits=limits)
         transform = photo_transform(model)
     return train(
         model,
@@ -166,9 +159,7 @@ def write_bluemarble_set(
     style: TileStyle | None = None,
 ) -> Path:
     """``count`` tiles of a kind (its style, unless ``style`` is given) and labels.csv."""
-    style = style or {"test": TEST_STYLE, "reference": REFERENCE_STYLE, "train": TRAIN_STYLE}.get(
-        kind
-    )
+    style = style or TILE_STYLES.get(kind)
     if style is None:
         raise GeolocError(f"unknown tile set kind '{kind}'; use test, reference or train")
     from tqdm import tqdm
