@@ -289,8 +289,7 @@ class Supervisor:
         try:
             self.procs = [self._spawn() for _ in range(self.n)]
             _log.info("supervisor [%d]: %d workers", os.getpid(), self.n)
-            while any(p.is_alive() for p in self.procs):
-                self._tick()
+            while self._tick():
                 time.sleep(0.1)
         finally:
             for sig, handler in previous.items():
@@ -320,22 +319,29 @@ class Supervisor:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
         return made
 
-    def _tick(self) -> None:
+    def _tick(self) -> bool:
+        """Pass signals on and handle the workers that have exited; whether any still runs.
+        Which ones run is read once, first: a worker that exits meanwhile counts as running
+        until the next tick judges its exit (one that could not start is never missed, even
+        when all of them exit between two ticks)."""
         while self.signals:  # pass every signal on: a second one skips the drain there too
             self.stopping = True
             self._signal_all(self.signals.pop(0))
+        alive = [p.is_alive() for p in self.procs]
         for i, p in enumerate(self.procs):
-            if p.is_alive() or self.stopping:
+            if alive[i] or self.stopping:
                 continue
             if p.exitcode == STARTUP_FAILED:
                 _log.error("supervisor: worker [%s] could not start; stopping", p.pid)
                 self.stopping = self.failed = True
                 self._signal_all(signal.SIGTERM)
-                return
+                break
             _log.error("supervisor: worker [%s] exited (%s); starting another", p.pid, p.exitcode)
             p.join()
             _forget_worker(p.pid)
             self.procs[i] = self._spawn()
+            alive[i] = True
+        return any(alive)
 
     def _signal_all(self, sig: int) -> None:
         for p in self.procs:
