@@ -26,6 +26,8 @@ RUN npm ci --no-audit --no-fund --loglevel=error
 FROM python:${PYTHON_VERSION}-slim AS builder
 # cpu: torch from PyTorch's CPU wheel index (about 1 GB smaller); gpu: torch from PyPI (CUDA).
 ARG VARIANT=cpu
+# Where the cpu variant takes torch from: a mirror of that index where it is not reachable.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # Extra pyproject extras, comma-separated (e.g. geoclip).
 ARG EXTRAS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -38,7 +40,7 @@ RUN python -m venv /opt/venv
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir --upgrade pip \
     && case "$VARIANT" in \
-         cpu) pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu \
+         cpu) pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" \
                 torch torchvision ;; \
          gpu) pip install --no-cache-dir torch torchvision ;; \
          *) echo "VARIANT must be cpu or gpu, not '$VARIANT'" >&2; exit 2 ;; \
@@ -54,19 +56,19 @@ COPY --from=web /web/node_modules /app/service/web/node_modules
 RUN python -m service.api.webpage build && rm -rf /app/service/web/node_modules
 
 # -- model weights: nothing, or a checkpoint baked in (checked against its sha256) ------------
-FROM builder AS weights-none
-RUN mkdir -p /weights
-
-FROM builder AS weights-baked
-ARG BACKBONE_URL
-ARG BACKBONE_SHA256
-# A remote file with a pinned checksum: what ADD is for (COPY cannot fetch URLs).
-# hadolint ignore=DL3020
-ADD --checksum=sha256:${BACKBONE_SHA256} ${BACKBONE_URL} /weights/backbone.pt
-
-# A stage of this file chosen by the build arg, not an image to pin.
-# hadolint ignore=DL3006
-FROM weights-${WEIGHTS} AS weights
+# One stage with a condition rather than a stage named by a build arg: buildah and podman
+# (1.28 at least) do not resolve `FROM stage-${ARG}`.
+FROM builder AS weights
+ARG WEIGHTS
+ARG BACKBONE_URL=""
+ARG BACKBONE_SHA256=""
+RUN mkdir -p /weights \
+    && case "$WEIGHTS" in \
+         none) ;; \
+         baked) python /app/deploy/fetch_weights.py "$BACKBONE_URL" "$BACKBONE_SHA256" \
+                  /weights/backbone.pt ;; \
+         *) echo "WEIGHTS must be none or baked, not '$WEIGHTS'" >&2; exit 2 ;; \
+       esac
 
 # -- runtime: slim, unprivileged --------------------------------------------------------------
 FROM python:${PYTHON_VERSION}-slim AS runtime

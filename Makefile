@@ -11,7 +11,7 @@ POLICY       := .venv-policy
 POLICY_STAMP := $(POLICY)/.installed
 CHECKOV      ?= checkov>=3.2,<4
 
-.PHONY: install system-deps web run test lint bench-engine clean
+.PHONY: install system-deps web run test lint image-check bench-engine clean
 
 # Debian packages the tests drive as real processes (the load balancer, the browser), and
 # Node.js for the web page's npm packages.
@@ -65,6 +65,14 @@ $(POLICY_STAMP):
 
 test: lint system-deps $(WEB_STAMP) $(POLICY_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The Dockerfile built with buildah from base images made with debootstrap (no registry, no
+# daemon; root; several GB of downloads and many minutes): tests/deploy/test_image.py.
+image-check: $(STAMP)
+	@for p in buildah debootstrap; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends $$missing; fi
+	GEOLOC_TEST_IMAGE=1 $(BIN)/python -m pytest -q -s tests/deploy/test_image.py
 
 bench-engine: $(STAMP)
 	$(BIN)/python bench/engine.py

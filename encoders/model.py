@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,17 @@ def centre_for_preprocessing(im: Image.Image) -> Image.Image:
     return im.crop((0, top, w, top + keep))
 
 
+def state_digest(module: nn.Module) -> str:
+    """sha256 over a module's tensors (names, dtypes, shapes, bytes): the identity of weights
+    that may come from no file (random ones), for artifacts made from them."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+    return h.hexdigest()
+
+
 class GeoModel(nn.Module):
     """Both towers of one profile. Embeddings are unit vectors; logits are
     ``exp(logit_scale) · cos`` as in GeoCLIP.
@@ -75,6 +87,9 @@ class GeoModel(nn.Module):
         self.preprocess = preprocess
         self.profile = profile
         self.text_tower = text_tower
+        #: Set by ``encoders.runtime.load_image_runtime``: the tower as another runtime runs
+        #: it (pixels -> unnormalised vectors), used for inference instead of image_tower.
+        self.image_runtime: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def embed_dim(self) -> int:
@@ -99,6 +114,9 @@ class GeoModel(nn.Module):
         return torch.stack([self.prepare(im) for im in images]).to(self.device)
 
     def image_embedding(self, pixels: torch.Tensor) -> torch.Tensor:
+        # Training needs the torch tower's gradients; the runtime serves inference only.
+        if self.image_runtime is not None and not torch.is_grad_enabled():
+            return F.normalize(self.image_runtime(pixels), dim=-1)
         return F.normalize(self.image_tower(pixels), dim=-1)
 
     def gps_embedding(self, latlon: torch.Tensor) -> torch.Tensor:
@@ -109,11 +127,15 @@ class GeoModel(nn.Module):
         """PIL images -> (N, D) float32 unit vectors in the GPS space."""
         return self.image_embedding(self.pixels(images)).float().cpu().numpy()
 
+    def embed_backbone_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Backbone output -> unit vectors in the GPS space (the head only; differentiable)."""
+        return F.normalize(self.image_tower.head(features), dim=-1)
+
     @torch.inference_mode()
     def embed_features(self, features: np.ndarray) -> np.ndarray:
         """Backbone features (e.g. 768-d CLIP) -> GPS-space unit vectors (head only)."""
         x = torch.as_tensor(np.asarray(features, dtype=np.float32), device=self.device)
-        return F.normalize(self.image_tower.head(x), dim=-1).cpu().numpy()
+        return self.embed_backbone_features(x).cpu().numpy()
 
     @property
     def has_text(self) -> bool:

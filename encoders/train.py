@@ -41,6 +41,9 @@ class TrainConfig:
     queue_jitter_km: float = 50.0
     loss: str = "symmetric"  # or "image" (image->GPS only)
     freeze_backbone: bool = False
+    #: Fixed augmented views per photo (0: augment afresh at every step). With a frozen
+    #: backbone their features can be computed once (service/jobs/features.py).
+    views: int = 0
     steps_per_epoch: int = 100
     seed: int = 0
     max_logit_scale: float = math.log(100.0)
@@ -53,6 +56,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.queue_size < 0:
             raise ValueError("queue_size must be >= 0")
+        if self.views < 0:
+            raise ValueError("views must be >= 0")
 
 
 @dataclass
@@ -118,8 +123,9 @@ def contrastive_loss(
     latlon: torch.Tensor,
     negatives: torch.Tensor,
     symmetric: bool,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    img = model.image_embedding(pixels)
+    img = (embed or model.image_embedding)(pixels)
     gps = model.gps_embedding(torch.cat([latlon, negatives]) if len(negatives) else latlon)
     scale = model.logit_scale.exp()
     logits = scale * img @ gps.T  # (B, B + Q)
@@ -163,12 +169,15 @@ def train(
     resume: Path | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainReport:
     """Train in place; write ``epoch-NNN.pt`` and ``last.pt`` into out_dir every epoch.
 
     ``transform`` turns a PIL image into a tensor (default: the model's preprocessing;
     pass a geography-keeping augmentation for photos). ``resume`` continues from a
     checkpoint written by this function, with its optimizer, schedule, queue and RNG.
+    ``embed``: the source's items to unit image embeddings (default: the image tower;
+    cached backbone features go through the head only).
     """
     from tqdm import tqdm
 
@@ -200,7 +209,8 @@ def train(
                 f"{resume} has no training state to resume from; "
                 "use a checkpoint written by `geoloc train`"
             )
-        if state["config"] != asdict(config) | {"epochs": state["config"]["epochs"]}:
+        saved = asdict(TrainConfig(**state["config"]))  # options added since take defaults
+        if saved != asdict(config) | {"epochs": saved["epochs"]}:
             raise CheckpointError(
                 f"{resume} was trained with other settings "
                 f"({state['config']}); resume with the same ones"
@@ -232,7 +242,9 @@ def train(
             except StopIteration:
                 break
             negatives = jitter_latlon(queue.get(), config.queue_jitter_km, gen)
-            loss = contrastive_loss(model, pixels, latlon, negatives, config.loss == "symmetric")
+            loss = contrastive_loss(
+                model, pixels, latlon, negatives, config.loss == "symmetric", embed
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, get_type_hints
+from typing import Annotated, Literal, get_type_hints
 
-from pydantic import Field, SecretStr, create_model, field_validator
+from pydantic import Field, SecretStr, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.engine.options import SERVICE_OPTIONS, ImageLimits, LocateOptions
@@ -51,6 +51,17 @@ class Settings(_LocateDefaults):
         ge=0,
         description="torch threads per process; 0: every core with one worker, cores ÷ "
         "workers with several (geoloc serve divides the OpenMP/BLAS pools the same way).",
+    )
+    image_runtime: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="What runs the image tower: torch, or onnx (ONNX Runtime on the CPU; "
+        "the tower is exported once into <data_dir>/runtimes and re-exported when the "
+        "weights change).",
+    )
+    image_precision: Literal["fp32", "int8"] = Field(
+        "fp32",
+        description="Image-tower precision; int8 (int8 weights in the matrix products) "
+        "needs GEOLOC_IMAGE_RUNTIME=onnx.",
     )
 
     # -- limits --------------------------------------------------------------------------
@@ -219,6 +230,15 @@ class Settings(_LocateDefaults):
             raise ValueError("llm_diversify_k: one or more numbers of candidates, each 0..50")
         return tuple(dict.fromkeys(value))
 
+    @model_validator(mode="after")
+    def _check_runtime(self) -> Settings:
+        if self.image_precision == "int8" and self.image_runtime == "torch":
+            raise ValueError(
+                "image_precision int8 needs image_runtime onnx (GEOLOC_IMAGE_RUNTIME=onnx); "
+                "the torch runtime runs fp32"
+            )
+        return self
+
     # -- large reference galleries (geoloc images add) -------------------------------------
     refs_shard_rows: int = Field(
         10_000, ge=1, description="Rows per shard of an images-add job (the unit of resuming)."
@@ -373,6 +393,11 @@ class Settings(_LocateDefaults):
     @property
     def index_dir(self) -> Path:
         return self.data_dir
+
+    @property
+    def runtimes_dir(self) -> Path:
+        """Exported image towers (encoders.runtime artifacts)."""
+        return self.data_dir / "runtimes"
 
     @property
     def db_url(self) -> str:

@@ -15,6 +15,7 @@ from service.api.runtime import ServiceState
 from service.api.schemas import (
     ActivateOut,
     CalibrationInfo,
+    ImageRuntimeInfo,
     IndexInfo,
     InfoOut,
     LimitsInfo,
@@ -51,6 +52,7 @@ def service_info(s: Settings, loc: Locator) -> InfoOut:
             description=p.description,
             purpose=p.purpose,
             embedding_dim=loc.model.embed_dim,
+            image_runtime=_runtime_info(loc),
         ),
         index=_index_info(loc.index),
         reference_index=_index_info(loc.neighbours) if loc.neighbours is not None else None,
@@ -79,6 +81,14 @@ def service_info(s: Settings, loc: Locator) -> InfoOut:
         ),
         localizability=_localizability_info(loc),
     )
+
+
+def _runtime_info(loc: Locator) -> ImageRuntimeInfo:
+    runtime = loc.model.image_runtime
+    described = getattr(runtime, "describe", None)
+    if described is None:
+        return ImageRuntimeInfo(runtime="torch", precision="fp32")
+    return ImageRuntimeInfo(**described())
 
 
 def _localizability_info(loc: Locator) -> LocalizabilityInfo | None:

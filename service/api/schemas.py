@@ -284,11 +284,20 @@ class StatsOut(BaseModel):
     )
 
 
+class ImageRuntimeInfo(BaseModel):
+    runtime: str = Field(description="What runs the image tower: torch or onnx.")
+    precision: str = Field(description="fp32, or int8 (int8 weights in the matrix products).")
+    tower_sha256: str | None = Field(
+        None, description="sha256 of the image tower's weights the onnx export was made from."
+    )
+
+
 class ProfileInfo(BaseModel):
     name: str
     description: str
     purpose: str
     embedding_dim: int
+    image_runtime: ImageRuntimeInfo
 
 
 class IndexInfo(BaseModel):

@@ -98,7 +98,13 @@ def eval_cmd(
     import numpy as np
 
     from service.engine.loading import load_locator
-    from service.jobs.evaluate import eval_options, format_report, measure
+    from service.jobs.evaluate import (
+        eval_options,
+        format_agreement,
+        format_report,
+        measure,
+        top1_agreement,
+    )
 
     name, _, version = index.partition("/")
     if not calibrated:
@@ -138,8 +144,20 @@ def eval_cmd(
         "abstain_below": loc.abstain_threshold,
         "region_res": opts.region_res,
         "images_unreadable": len(emb.problems),
+        "image_runtime": {"runtime": s.image_runtime, "precision": s.image_precision},
         **rep,
+        # Each image's top-1 (null: no candidate), so that another run can be compared with
+        # this one image by image (--compare: e.g. the int8 runtime against torch).
+        "answers": [
+            {
+                "image": str(row.path),
+                "top1": [r.candidates[0].lat, r.candidates[0].lon] if r.candidates else None,
+            }
+            for row, r in zip(emb.rows, results, strict=True)
+        ],
     }
+    if other is not None:
+        rep["agreement"] = top1_agreement(rep, other)
     if plots is not None:
         from service.jobs.plots import write_plots
 
@@ -151,6 +169,8 @@ def eval_cmd(
     else:
         head = f"{data} ({loc.model.profile}, {loc.index_label}, temperature {t:.3g}): "
         typer.echo(format_report(rep, label=head, groups=groups))
+        if other is not None:
+            typer.echo(format_agreement(rep, other))
     if emb.problems and not skip_bad:
         raise typer.Exit(1)
 

@@ -54,7 +54,7 @@ def index_build(
     from service.engine.loading import load_geomodel
     from service.jobs.indexes import GallerySpec, build_index
 
-    model = load_geomodel(s, profile or None, random_backbone=random_backbone)
+    model = load_geomodel(s, profile or None, random_backbone=random_backbone, image_runtime=False)
     spec = GallerySpec(kind=gallery, res=res, land_only=not all_cells, csv=csv)
     m = build_index(
         s,

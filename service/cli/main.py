@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from service.cli import apikey, data, db, images, index
+from service.cli import apikey, data, db, images, index, runtime
 from service.cli.common import friendly_errors
 from service.cli.eval import calibrate_cmd, eval_cmd
 from service.cli.locate import locate_cmd
@@ -45,6 +45,7 @@ app.command("calibrate")(calibrate_cmd)
 app.add_typer(data.app, name="data")
 app.command("train")(train_cmd)
 app.add_typer(images.app, name="images")
+app.add_typer(runtime.app, name="runtime")
 app.command("setup")(setup_cmd)
 app.command("serve")(serve_cmd)
 

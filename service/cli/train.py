@@ -28,6 +28,19 @@ def train_cmd(
     queue_jitter_km: Annotated[float, typer.Option(min=0, help="Jitter of queued GPS.")] = 50.0,
     loss: Annotated[str, typer.Option(help="symmetric or image")] = "symmetric",
     freeze_backbone: Annotated[bool, typer.Option(help="Train only head and GPS tower.")] = False,
+    views: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="With --freeze-backbone on photos: fixed augmented views per photo, drawn "
+            "once from --seed, whose backbone features are computed once into OUT/features "
+            "(0: fresh augmentation every step, no cache).",
+        ),
+    ] = 4,
+    feature_cache: Annotated[
+        bool,
+        typer.Option(help="With --freeze-backbone and --views: train from cached features."),
+    ] = True,
     seed: Annotated[int, typer.Option()] = 0,
     resume: Annotated[Path | None, typer.Option(help="Checkpoint to continue from.")] = None,
     export: Annotated[Path | None, typer.Option(help="Also write final weights here.")] = None,
@@ -44,9 +57,11 @@ def train_cmd(
     if init == "random" or resume is not None:
         model = build_model(get_profile(name), random_backbone=True)
     elif init == "profile":
-        model = load_geomodel(s, name)
+        model = load_geomodel(s, name, image_runtime=False)
     else:
-        model = load_geomodel(s.model_copy(update={"checkpoint": Path(init)}), name)
+        model = load_geomodel(
+            s.model_copy(update={"checkpoint": Path(init)}), name, image_runtime=False
+        )
     config = TrainConfig(
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
@@ -56,6 +71,8 @@ def train_cmd(
         queue_jitter_km=queue_jitter_km,
         loss=loss,
         freeze_backbone=freeze_backbone,
+        # Fixed views pay off only with a frozen backbone; Blue Marble tiles are new each epoch.
+        views=views if freeze_backbone and data != "bluemarble" else 0,
         seed=seed,
     )
     report = run_training(
@@ -64,6 +81,7 @@ def train_cmd(
         resume=resume,
         progress=True,
         limits=s.image_limits(),
+        feature_cache=feature_cache,
     )
     for e in report.epochs:
         typer.echo(

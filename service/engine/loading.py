@@ -12,6 +12,7 @@ import torch
 
 from encoders import GeoModel, load_model
 from encoders.model import resolve_device
+from encoders.runtime import load_image_runtime
 from index.geocode import ReverseGeocoder
 from index.store import (
     IndexStoreError,
@@ -37,16 +38,27 @@ def set_torch_threads(settings: Settings) -> None:
 
 
 def load_geomodel(
-    settings: Settings, profile: str | None = None, random_backbone: bool = False
+    settings: Settings,
+    profile: str | None = None,
+    random_backbone: bool = False,
+    *,
+    image_runtime: bool = True,
 ) -> GeoModel:
+    """The profile's model with its weights; its image tower runs in GEOLOC_IMAGE_RUNTIME
+    (exported on first use) unless ``image_runtime`` is False (training needs torch's)."""
     set_torch_threads(settings)
-    return load_model(
+    model = load_model(
         profile or settings.profile,
         checkpoint=settings.checkpoint,
         backbone_checkpoint=settings.backbone_checkpoint,
         random_backbone=random_backbone,
         device=resolve_device(settings.device),
     )
+    if image_runtime:
+        load_image_runtime(
+            model, settings.runtimes_dir, settings.image_runtime, settings.image_precision
+        )
+    return model
 
 
 def load_locator(

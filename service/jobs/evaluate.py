@@ -159,6 +159,44 @@ def km2(v: float | None) -> str:
     return "not reached" if v is None else f"{v:,.0f} km²"
 
 
+#: Two runs' top-1 answers "agree" when they are this close (the same gallery point or H3
+#: cell centre is 0 km apart; refinement may move an answer to a neighbouring fine cell).
+AGREE_KM = (1.0, 25.0)
+
+
+def top1_agreement(rep: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """Image by image, how often two `geoloc eval` runs over the same images give the same
+    top-1 (within each of AGREE_KM), e.g. an int8 runtime against torch."""
+    mine = {a["image"]: a["top1"] for a in rep.get("answers", [])}
+    theirs = {a["image"]: a["top1"] for a in other.get("answers", [])}
+    both = [k for k in mine if k in theirs and mine[k] is not None and theirs[k] is not None]
+    if not both:
+        return {"images": 0, "within_km": {}}
+    a = np.array([mine[k] for k in both], dtype=np.float64)
+    b = np.array([theirs[k] for k in both], dtype=np.float64)
+    d = errors_km(a, b)
+    return {
+        "images": len(both),
+        "against": other.get("label"),
+        "within_km": {f"{t:g}": float(np.mean(d <= t)) for t in AGREE_KM},
+    }
+
+
+def format_agreement(rep: dict[str, Any], other: dict[str, Any]) -> str:
+    """The agreement and the accuracy of both runs, as lines for the terminal."""
+    agree = rep.get("agreement") or top1_agreement(rep, other)
+    if not agree["images"]:
+        return f"against {other.get('label')}: no image in common (was it run with --json?)"
+    shares = ", ".join(f"{100 * v:.1f} % within {k} km" for k, v in agree["within_km"].items())
+    lines = [f"against {other.get('label')}: the same top-1 on {shares} ({agree['images']} images)"]
+    for name, r in (("this run", rep), ("the other", other)):
+        within = "  ".join(
+            f"{k} km {100 * v:5.1f} %" for k, v in r["within_km"].items() if v is not None
+        )
+        lines.append(f"  {name:9s} {within}")
+    return "\n".join(lines)
+
+
 def format_report(rep: dict[str, Any], *, label: str = "", groups: int = 15) -> str:
     """The report as terminal tables."""
     th = [f"{t:g}" for t in THRESHOLDS_KM]

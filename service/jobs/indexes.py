@@ -217,6 +217,9 @@ def add_reference_images(
             limits=settings.image_limits(),
             torch_threads=settings.torch_threads,
             weights_id=model.weights_id,
+            image_runtime=settings.image_runtime,
+            image_precision=settings.image_precision,
+            runtimes_dir=str(settings.runtimes_dir),
         )
         pending = job.pending()
         initial = job.n_rows - sum(job.shard_rows(s) for s in pending)

@@ -166,6 +166,10 @@ class EncoderSpec:
     #: The caller's model's weights_id: a worker that loads other weights refuses to embed
     #: (e.g. a Ray node with another geoloc release). Empty: not checked.
     weights_id: str = ""
+    #: The caller's image runtime (encoders.runtime), its precision and artifacts folder.
+    image_runtime: str = "torch"
+    image_precision: str = "fp32"
+    runtimes_dir: str = ""
 
 
 @dataclass
@@ -296,6 +300,12 @@ class ShardEncoder:
                 "worker with the same geoloc release and checkpoint",
                 type="weights-mismatch",
                 status=409,
+            )
+        if model is None:
+            from encoders.runtime import load_image_runtime
+
+            load_image_runtime(
+                self.model, Path(spec.runtimes_dir), spec.image_runtime, spec.image_precision
             )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -19,7 +19,8 @@ from index.geo import is_land
 from service.engine.images import read_image_file
 from service.engine.options import ImageLimits
 from service.errors import GeolocError
-from service.jobs.datasets import read_labelled_csv
+from service.jobs.datasets import LabelledImage, read_labelled_csv
+from service.jobs.features import FeatureCache, cached_source, views_source
 
 #: Tiles for training, drawn afresh: views about 210 to 2,400 km wide (log-uniform), and
 #: besides the held-out test's changes, renderings of other sensors and colour balances
@@ -67,8 +68,8 @@ def bluemarble_source(config: TrainConfig) -> EpochSource:
     return source
 
 
-def csv_source(path: Path, config: TrainConfig, *, limits: ImageLimits) -> EpochSource:
-    """A user's geotagged photos from a CSV (image,lat,lon), shuffled per epoch."""
+def read_photos(path: Path) -> list[LabelledImage]:
+    """A training CSV's rows, refused whole when a row is bad."""
     rows, problems = read_labelled_csv(path)
     if problems:
         raise GeolocError(
@@ -76,6 +77,12 @@ def csv_source(path: Path, config: TrainConfig, *, limits: ImageLimits) -> Epoch
         )
     if not rows:
         raise GeolocError(f"{path} has no rows", type="invalid-dataset")
+    return rows
+
+
+def csv_source(path: Path, config: TrainConfig, *, limits: ImageLimits) -> EpochSource:
+    """A user's geotagged photos from a CSV (image,lat,lon), shuffled per epoch."""
+    rows = read_photos(path)
 
     def source(epoch: int) -> Iterator[tuple[Image.Image, float, float]]:
         order = np.random.default_rng([config.seed, epoch]).permutation(len(rows))
@@ -115,12 +122,32 @@ def run_training(
     resume: Path | None,
     progress: bool,
     limits: ImageLimits,
+    feature_cache: bool = True,
 ) -> TrainReport:
+    """Train ``model`` on the job's data. Photos with fixed views (``config.views``) and a
+    frozen backbone train from cached backbone features unless ``feature_cache`` is False
+    (then the same views go through the backbone at every step)."""
     torch.manual_seed(job.config.seed)
+    embed = None
+    config = job.config
     if job.data == "bluemarble":
-        source, transform = bluemarble_source(job.config), None
+        source, transform = bluemarble_source(config), None
+    elif config.views:
+        rows = read_photos(Path(job.data))
+        views = photo_transform(model)
+        transform = _as_is
+        if feature_cache and config.freeze_backbone:
+            cache = FeatureCache(job.out_dir / "features")
+            features = cache.build(
+                model, rows, views, views=config.views, seed=config.seed, limits=limits,
+                progress=progress,
+            )  # fmt: skip
+            source = cached_source(features, rows, config)
+            embed = model.embed_backbone_features
+        else:
+            source = views_source(rows, config, views, views=config.views, limits=limits)
     else:
-        source = csv_source(Path(job.data), job.config, limits=limits)
+        source = csv_source(Path(job.data), config, limits=limits)
         transform = photo_transform(model)
     return train(
         model,
@@ -131,7 +158,12 @@ def run_training(
         transform=transform,
         resume=resume,
         progress=progress,
+        embed=embed,
     )
+
+
+def _as_is(item: torch.Tensor) -> torch.Tensor:
+    return item
 
 
 def export_weights(checkpoint: Path, model: GeoModel, out: Path) -> str:

@@ -66,3 +66,28 @@ def test_one_body_limit_for_nginx_and_replicas() -> None:
     assert "client_max_body_size ${GEOLOC_MAX_REQUEST_BYTES};" in conf
     mounts = COMPOSE["services"]["nginx"]["volumes"]
     assert "./nginx.conf:/etc/nginx/templates/default.conf.template:ro" in mounts
+
+
+def test_baked_weights_are_checked_against_their_sha256(tmp_path: Path) -> None:
+    """WEIGHTS=baked: deploy/fetch_weights.py keeps the download only when its sha256 is the
+    one given (the build fails otherwise, leaving no file)."""
+    import hashlib
+
+    source = tmp_path / "backbone.pt"
+    source.write_bytes(b"weights" * 1000)
+    good = hashlib.sha256(source.read_bytes()).hexdigest()
+    script = str(ROOT / "deploy" / "fetch_weights.py")
+    dest = tmp_path / "weights" / "backbone.pt"
+    bad = subprocess.run(
+        [sys.executable, script, source.as_uri(), "0" * 64, str(dest)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "expected" in bad.stderr and not dest.exists()
+    assert not list(dest.parent.iterdir())
+    ok = subprocess.run(
+        [sys.executable, script, source.as_uri(), good, str(dest)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert dest.read_bytes() == source.read_bytes()
+    assert re.search(r"fetch_weights\.py \"\$BACKBONE_URL\" \"\$BACKBONE_SHA256\"", DOCKERFILE)

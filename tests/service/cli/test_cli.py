@@ -1,5 +1,6 @@
 """The CLI's handling of bad input: one clear line per problem, non-zero exit, no traceback."""
 
+import json
 import time
 from pathlib import Path
 
@@ -161,3 +162,28 @@ def test_bad_bbox_and_top_k(tmp_path):
     assert result.exit_code == 2 and len(error_lines(result)) == 1
     result = run("locate", str(img), "--top-k", "0")
     assert result.exit_code == 2 and "top_k" in result.output
+
+
+def test_eval_compares_the_int8_runtime_with_torch_image_by_image(tmp_path, monkeypatch):
+    """`geoloc eval --compare` on two runs of the same images: the share of images whose
+    top-1 agrees, beside both runs' accuracy (how a user checks int8 on their own photos)."""
+    places = [(48.0, 2.0), (-15.0, -50.0), (35.0, 105.0), (-25.0, 135.0), (40.0, -100.0)]
+    lines = ["image,lat,lon"]
+    for i, (lat, lon) in enumerate(places):
+        render_tile(lat, lon, 12.0, 64).save(tmp_path / f"t{i}.png")
+        lines.append(f"t{i}.png,{lat},{lon}")
+    csv = tmp_path / "tiles.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    assert run("index", "build", "--res", "1").exit_code == 0
+    torch_run = run("eval", str(csv), "--json", "--label", "torch")
+    assert torch_run.exit_code == 0, torch_run.output
+    report = tmp_path / "torch.json"
+    report.write_text(torch_run.output[torch_run.output.index("{") :])
+    assert json.loads(report.read_text())["image_runtime"]["runtime"] == "torch"
+
+    monkeypatch.setenv("GEOLOC_IMAGE_RUNTIME", "onnx")
+    monkeypatch.setenv("GEOLOC_IMAGE_PRECISION", "int8")
+    int8 = run("eval", str(csv), "--compare", str(report))
+    assert int8.exit_code == 0, int8.output
+    assert "against torch: the same top-1 on" in int8.output and "(5 images)" in int8.output
+    assert (tmp_path / "data" / "runtimes" / "bluemarble" / "onnx-int8" / "manifest.json").is_file()

@@ -1,0 +1,381 @@
+"""Image-tower runtimes: the tower as torch runs it, or exported to ONNX and run by ONNX
+Runtime in fp32 or with int8 weights.
+
+The image tower is nearly all of a request's CPU time. ONNX Runtime fuses the transformer's
+kernels and, with ``int8``, runs its matrix products on 8-bit weights (dynamic quantisation:
+activations are quantised per batch, so no calibration images are needed). It is one wheel
+that runs on x86 and ARM, with the same numbers as torch in fp32; OpenVINO would add a larger,
+Intel-first dependency for the same kernels.
+
+An exported tower is an artifact like an index: a folder with the model file and a manifest
+that records the profile, the weights (``weights_id`` and a sha256 of the tower's own
+tensors), the runtime, the precision, the input size and each file's sha256. It is made once
+from the loaded weights; one that belongs to other weights, another input size or whose files
+do not match their checksums is refused with the reason and made again, never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import io
+import json
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from encoders.errors import EncoderError
+from encoders.model import state_digest
+from index.files import atomic_write, fsync_dir, sha256_file
+
+if TYPE_CHECKING:
+    from encoders.model import GeoModel
+
+RUNTIMES = ("torch", "onnx")
+PRECISIONS = ("fp32", "int8")
+ARTIFACT_FORMAT = "geoloc.image-runtime"
+ARTIFACT_VERSION = 1
+MODEL_FILE = "image_tower.onnx"
+MANIFEST_FILE = "manifest.json"
+#: Largest batch the exported graph accepts (its dynamic batch axis is bounded).
+MAX_BATCH = 4096
+
+log = logging.getLogger(__name__)
+
+
+class RuntimeArtifactError(EncoderError):
+    """An exported image tower that cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class RuntimeManifest:
+    format: str
+    version: int
+    profile: str
+    weights: str
+    tower_sha256: str
+    runtime: str
+    precision: str
+    input_size: list[int]
+    files: dict[str, str]
+    created_at: str
+    exporter: dict[str, str]
+
+
+def check_choice(runtime: str, precision: str) -> None:
+    if runtime not in RUNTIMES:
+        raise RuntimeArtifactError(f"unknown image runtime {runtime!r}; choose one of {RUNTIMES}")
+    if precision not in PRECISIONS:
+        raise RuntimeArtifactError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if runtime == "torch" and precision != "fp32":
+        raise RuntimeArtifactError(
+            f"precision {precision} needs the onnx runtime (GEOLOC_IMAGE_RUNTIME=onnx); "
+            "the torch runtime runs fp32"
+        )
+
+
+def artifact_dir(root: Path, profile: str, runtime: str, precision: str) -> Path:
+    """Where the exported tower of ``profile`` for ``runtime``/``precision`` lives."""
+    return Path(root) / profile / f"{runtime}-{precision}"
+
+
+def tower_digest(model: GeoModel) -> str:
+    """sha256 over the image tower's tensors (names, dtypes, shapes, bytes): what the export
+    was made from, exact even for weights that come from no file (random ones)."""
+    backbone = model.image_tower.backbone
+    if isinstance(backbone, ReleasedBackbone):
+        return backbone.tower_sha256
+    return state_digest(model.image_tower)
+
+
+def input_size(model: GeoModel) -> list[int]:
+    """(channels, height, width) of the tower's input: what the profile's preprocessing makes."""
+    return list(model.prepare(Image.new("RGB", (8, 8))).shape)
+
+
+def read_manifest(directory: Path) -> RuntimeManifest:
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        data = json.loads(path.read_text())
+        manifest = RuntimeManifest(**data)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, TypeError) as exc:
+        raise RuntimeArtifactError(f"unreadable manifest {path}: {exc}") from exc
+    if manifest.format != ARTIFACT_FORMAT or manifest.version != ARTIFACT_VERSION:
+        raise RuntimeArtifactError(
+            f"{path} is not a {ARTIFACT_FORMAT} v{ARTIFACT_VERSION} manifest"
+        )
+    return manifest
+
+
+def stale_reason(
+    directory: Path, model: GeoModel, runtime: str, precision: str, digest: str
+) -> str | None:
+    """Why the artifact in ``directory`` may not serve ``model`` (None: it may)."""
+    try:
+        m = read_manifest(directory)
+    except FileNotFoundError:
+        return "none exported yet"
+    except RuntimeArtifactError as exc:
+        return str(exc)
+    wanted = {
+        "profile": model.profile,
+        "runtime": runtime,
+        "precision": precision,
+        "input_size": input_size(model),
+    }
+    for key, value in wanted.items():
+        if getattr(m, key) != value:
+            return f"it was exported for {key} {getattr(m, key)}, not {value}"
+    if m.tower_sha256 != digest:
+        return (
+            f"it was exported from other weights ({m.weights}, tower sha256 "
+            f"{m.tower_sha256[:12]}) than the loaded ones ({model.weights_id}, {digest[:12]})"
+        )
+    for name, expected in m.files.items():
+        path = Path(directory) / name
+        if not path.is_file() or sha256_file(path) != expected:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def _onnx_bytes(model: GeoModel, size: list[int]) -> bytes:
+    """The image tower (backbone and head, unnormalised output) as an fp32 ONNX graph with a
+    dynamic batch axis."""
+    tower = model.image_tower.eval().float().cpu()
+    example = torch.zeros(2, *size)
+    buffer = io.BytesIO()
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    # The exporter prints its progress; the caller logs what matters.
+    with contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False):
+        program = torch.onnx.export(
+            tower,
+            (example,),
+            input_names=["pixels"],
+            output_names=["embedding"],
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+        program.save(buffer)
+    return buffer.getvalue()
+
+
+def _quantize(fp32: Path, int8: Path) -> None:
+    """int8 weights for the matrix products (MatMul/Gemm): the transformer's cost; the patch
+    convolution and normalisations stay fp32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it suggests an optional pre-processing step on every call
+    try:
+        quantize_dynamic(
+            fp32, int8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+        )
+    finally:
+        root.setLevel(level)
+
+
+def export_image_runtime(
+    model: GeoModel, directory: Path, runtime: str, precision: str, digest: str | None = None
+) -> RuntimeManifest:
+    """Export the model's image tower into ``directory`` (replacing what is there)."""
+    import onnxruntime
+
+    check_choice(runtime, precision)
+    if runtime == "torch":
+        raise RuntimeArtifactError("the torch runtime runs the loaded tower: nothing to export")
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    digest = digest or tower_digest(model)
+    size = input_size(model)
+    work = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp")
+    work.mkdir()
+    try:
+        started = time.perf_counter()
+        atomic_write(work / "fp32.onnx", _onnx_bytes(model, size))
+        if precision == "int8":
+            _quantize(work / "fp32.onnx", work / MODEL_FILE)
+            (work / "fp32.onnx").unlink()
+        else:
+            (work / "fp32.onnx").rename(work / MODEL_FILE)
+        manifest = RuntimeManifest(
+            format=ARTIFACT_FORMAT,
+            version=ARTIFACT_VERSION,
+            profile=model.profile,
+            weights=model.weights_id,
+            tower_sha256=digest,
+            runtime=runtime,
+            precision=precision,
+            input_size=size,
+            files={MODEL_FILE: sha256_file(work / MODEL_FILE)},
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            exporter={"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        )
+        # The manifest is written last: a folder without one is an unfinished export.
+        atomic_write(work / MANIFEST_FILE, (json.dumps(asdict(manifest), indent=2) + "\n").encode())
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.old")
+            directory.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        work.rename(directory)
+        fsync_dir(directory.parent)
+        log.info(
+            "exported the %s image tower for %s/%s to %s in %.1f s",
+            model.profile,
+            runtime,
+            precision,
+            directory,
+            time.perf_counter() - started,
+        )
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """One exporter at a time per artifact (several workers may start together)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with (directory.parent / f".{directory.name}.lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class ReleasedBackbone(torch.nn.Module):
+    """Stands in for a backbone whose weights were freed once another runtime took over its
+    work (an fp32 ViT-L/14 would otherwise be held twice)."""
+
+    def __init__(self, tower_sha256: str, image_size: Any) -> None:
+        super().__init__()
+        self.tower_sha256 = tower_sha256
+        self.image_size = image_size
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise RuntimeArtifactError(
+            "this model's image backbone runs in ONNX Runtime (its torch weights were "
+            "released): load the model with the torch runtime to train or run it in torch"
+        )
+
+
+class OnnxImageTower:
+    """The exported tower in an ONNX Runtime session: pixels (N, C, H, W) -> (N, D)."""
+
+    def __init__(self, path: Path, threads: int, manifest: RuntimeManifest) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, threads)
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.manifest = manifest
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = []
+        for start in range(0, len(x), MAX_BATCH):
+            out.append(self.session.run(None, {"pixels": x[start : start + MAX_BATCH]})[0])
+        return torch.from_numpy(np.concatenate(out)).to(pixels.device)
+
+    def describe(self) -> dict[str, Any]:
+        m = self.manifest
+        return {"runtime": m.runtime, "precision": m.precision, "tower_sha256": m.tower_sha256}
+
+
+def load_image_runtime(
+    model: GeoModel,
+    root: Path,
+    runtime: str,
+    precision: str,
+    *,
+    threads: int | None = None,
+    export: bool = True,
+    release: bool = True,
+) -> OnnxImageTower | None:
+    """Attach the chosen runtime to ``model`` (None for torch: the loaded tower runs).
+
+    The artifact under ``root`` is used when its manifest matches the loaded weights; else it
+    is exported again when ``export`` (logging why), or refused with RuntimeArtifactError.
+    ``release``: free the torch backbone's weights afterwards (the head stays: text and
+    feature embeddings use it).
+    """
+    check_choice(runtime, precision)
+    if runtime == "torch":
+        model.image_runtime = None
+        return None
+    if model.device.type != "cpu":
+        raise RuntimeArtifactError(
+            f"the onnx image runtime runs on the CPU; the model is on {model.device} "
+            "(use GEOLOC_IMAGE_RUNTIME=torch there)"
+        )
+    directory = artifact_dir(root, model.profile, runtime, precision)
+    digest = tower_digest(model)
+    with _locked(directory):
+        reason = stale_reason(directory, model, runtime, precision, digest)
+        if reason is not None:
+            if not export:
+                raise RuntimeArtifactError(
+                    f"the {runtime}/{precision} image tower in {directory} cannot be used: "
+                    f"{reason}. Export it with `geoloc runtime export`."
+                )
+            if directory.exists():
+                log.warning(
+                    "refusing the image tower in %s: %s; exporting it again",
+                    directory,
+                    reason,
+                )
+            else:
+                log.info("exporting the %s image tower (%s/%s)", model.profile, runtime, precision)
+            export_image_runtime(model, directory, runtime, precision, digest)
+        manifest = read_manifest(directory)
+    tower = OnnxImageTower(directory / MODEL_FILE, threads or torch.get_num_threads(), manifest)
+    model.image_runtime = tower
+    backbone = model.image_tower.backbone
+    if release and not isinstance(backbone, ReleasedBackbone):
+        model.image_tower.backbone = ReleasedBackbone(digest, getattr(backbone, "image_size", None))
+        del backbone
+        gc.collect()
+    return tower
+
+
+def artifact_info(root: Path, profile: str, runtime: str, precision: str) -> dict[str, Any]:
+    """What ``/v1/info`` and ``geoloc runtime show`` say about an artifact."""
+    directory = artifact_dir(root, profile, runtime, precision)
+    try:
+        return {"path": str(directory), **asdict(read_manifest(directory))}
+    except FileNotFoundError:
+        return {"path": str(directory), "exported": False}
+
+
+__all__ = [
+    "PRECISIONS",
+    "RUNTIMES",
+    "OnnxImageTower",
+    "ReleasedBackbone",
+    "RuntimeArtifactError",
+    "RuntimeManifest",
+    "artifact_dir",
+    "artifact_info",
+    "check_choice",
+    "export_image_runtime",
+    "load_image_runtime",
+    "stale_reason",
+    "tower_digest",
+]

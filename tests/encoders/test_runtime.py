@@ -1,0 +1,131 @@
+"""Image-tower runtimes: the ONNX export matches torch, is described by its manifest, and an
+artifact from other weights (or with damaged files) is refused and exported again."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from encoders import load_model
+from encoders.profiles import build_model
+from encoders.registry import get_profile
+from encoders.runtime import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    ReleasedBackbone,
+    RuntimeArtifactError,
+    artifact_dir,
+    load_image_runtime,
+    read_manifest,
+)
+
+#: GeoCLIP's architecture family (open_clip ViT, patch 14, 768-d output into GeoCLIP's
+#: 768-768-512 head), small enough to export in seconds.
+SMALL_VIT14 = {
+    "embed_dim": 768,
+    "vision_cfg": {"image_size": 56, "layers": 2, "width": 128, "patch_size": 14, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+
+
+def _pictures(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((96, 96))
+        for _ in range(n)
+    ]
+
+
+def _small_geoclip_architecture():
+    profile = dataclasses.replace(
+        get_profile("geoclip"),
+        architecture="test-small-vit14",
+        architecture_config=SMALL_VIT14,
+        pretrained=None,
+        has_text=False,
+    )
+    torch.manual_seed(3)
+    return build_model(profile)
+
+
+@pytest.mark.parametrize("which", ["bluemarble", "small-geoclip-architecture"])
+def test_fp32_export_matches_torch(tmp_path: Path, which: str) -> None:
+    model = load_model("bluemarble") if which == "bluemarble" else _small_geoclip_architecture()
+    pictures = _pictures(12)
+    reference = model.embed_images(pictures)
+    load_image_runtime(model, tmp_path, "onnx", "fp32")
+    got = model.embed_images(pictures)
+    assert np.abs(got - reference).max() <= 1e-4
+    # The torch backbone's weights were released; the head (text and features) stays.
+    assert isinstance(model.image_tower.backbone, ReleasedBackbone)
+    with pytest.raises(RuntimeArtifactError, match="released"):
+        model.image_tower.backbone(torch.zeros(1, 3, 8, 8))
+    manifest = read_manifest(artifact_dir(tmp_path, model.profile, "onnx", "fp32"))
+    assert manifest.profile == model.profile and manifest.weights == model.weights_id
+    assert manifest.input_size == list(model.prepare(pictures[0]).shape)
+    assert set(manifest.files) == {MODEL_FILE}
+
+
+def test_int8_keeps_the_direction(tmp_path: Path) -> None:
+    model = load_model("bluemarble")
+    pictures = _pictures(12, seed=1)
+    reference = model.embed_images(pictures)
+    load_image_runtime(model, tmp_path, "onnx", "int8")
+    got = model.embed_images(pictures)
+    assert np.sum(got * reference, axis=1).min() > 0.99
+    assert np.abs(got - reference).max() > 1e-6  # really quantised, not the fp32 graph
+
+
+def test_artifact_of_other_weights_is_refused_and_exported_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = load_model("bluemarble")
+    load_image_runtime(first, tmp_path, "onnx", "fp32")
+    directory = artifact_dir(tmp_path, "bluemarble", "onnx", "fp32")
+    old = read_manifest(directory)
+
+    other = load_model("bluemarble")
+    with torch.no_grad():
+        next(other.image_tower.backbone.parameters()).add_(0.01)
+    pictures = _pictures(6, seed=2)
+    reference = other.embed_images(pictures)
+    with pytest.raises(RuntimeArtifactError, match="other weights"):
+        load_image_runtime(other, tmp_path, "onnx", "fp32", export=False)
+    with caplog.at_level(logging.WARNING, logger="encoders.runtime"):
+        load_image_runtime(other, tmp_path, "onnx", "fp32")
+    assert "other weights" in caplog.text
+    assert read_manifest(directory).tower_sha256 != old.tower_sha256
+    assert np.abs(other.embed_images(pictures) - reference).max() <= 1e-4
+
+
+def test_damaged_or_unfinished_artifact_is_exported_again(tmp_path: Path) -> None:
+    model = load_model("bluemarble")
+    load_image_runtime(model, tmp_path, "onnx", "fp32", release=False)
+    directory = artifact_dir(tmp_path, "bluemarble", "onnx", "fp32")
+    with (directory / MODEL_FILE).open("r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\0\1\2\3")
+    with pytest.raises(RuntimeArtifactError, match="sha256"):
+        load_image_runtime(model, tmp_path, "onnx", "fp32", export=False)
+    (directory / MANIFEST_FILE).write_text(json.dumps({"format": "other"}))
+    with pytest.raises(RuntimeArtifactError, match="manifest"):
+        load_image_runtime(model, tmp_path, "onnx", "fp32", export=False)
+    load_image_runtime(model, tmp_path, "onnx", "fp32")
+    assert read_manifest(directory).files[MODEL_FILE]
+
+
+def test_choices_are_checked() -> None:
+    model = load_model("bluemarble")
+    with pytest.raises(RuntimeArtifactError, match="needs the onnx runtime"):
+        load_image_runtime(model, Path("unused"), "torch", "int8")
+    with pytest.raises(RuntimeArtifactError, match="unknown image runtime"):
+        load_image_runtime(model, Path("unused"), "openvino", "fp32")
+    assert load_image_runtime(model, Path("unused"), "torch", "fp32") is None
+    assert model.image_runtime is None
