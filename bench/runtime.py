@@ -35,8 +35,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoders import load_model
-from encoders.runtime import artifact_dir, export_image_runtime, load_image_runtime
-from service.cli.runtime import _pictures
+from encoders.runtime import (
+    artifact_dir,
+    export_image_runtime,
+    load_image_runtime,
+    parity_pictures,
+)
 
 VARIANTS = (("onnx", "fp32"), ("onnx", "int8"))
 
@@ -61,7 +65,7 @@ def child(profile: str, runtime: str, precision: str, root: Path, rounds: int) -
         load_image_runtime(model, root, runtime, precision, export=False)
     load_s = time.perf_counter() - started
     rss_loaded = _status("VmRSS")
-    pixels = model.pixels(_pictures(8))
+    pixels = model.pixels(parity_pictures(8))
     with torch.inference_mode():
         for _ in range(rounds):
             model.image_embedding(pixels)
@@ -89,7 +93,7 @@ def main() -> None:
         root = Path(tmp)
         for profile in args.profiles.split(","):
             model = _model(profile)
-            pictures = _pictures(64)
+            pictures = parity_pictures(64)
             with torch.inference_mode():
                 reference = model.embed_images(pictures)
             towers = {("torch", "fp32"): model.image_tower}

@@ -355,6 +355,19 @@ def load_image_runtime(
     return tower
 
 
+def parity_pictures(n: int, seed: int = 0) -> list[Image.Image]:
+    """Seeded pictures with structure at several scales: the inputs on which an export is
+    compared with torch (`geoloc runtime export`, bench/runtime.py)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        im = Image.fromarray(coarse).resize((256, 256), Image.Resampling.BICUBIC)
+        noise = rng.normal(0, 12, (256, 256, 3))
+        out.append(Image.fromarray(np.clip(np.asarray(im) + noise, 0, 255).astype(np.uint8)))
+    return out
+
+
 def artifact_info(root: Path, profile: str, runtime: str, precision: str) -> dict[str, Any]:
     """What ``/v1/info`` and ``geoloc runtime show`` say about an artifact."""
     directory = artifact_dir(root, profile, runtime, precision)
@@ -376,6 +389,7 @@ __all__ = [
     "check_choice",
     "export_image_runtime",
     "load_image_runtime",
+    "parity_pictures",
     "stale_reason",
     "tower_digest",
 ]

@@ -38,6 +38,7 @@ def runtime_export(
         check_choice,
         export_image_runtime,
         load_image_runtime,
+        parity_pictures,
     )
     from service.engine.loading import load_geomodel
 
@@ -45,7 +46,7 @@ def runtime_export(
     model = load_geomodel(s, profile or None, image_runtime=False)
     directory = artifact_dir(s.runtimes_dir, model.profile, runtime, precision)
     export_image_runtime(model, directory, runtime, precision)
-    pictures = _pictures(24)
+    pictures = parity_pictures(24)
     reference = model.embed_images(pictures)
     load_image_runtime(model, s.runtimes_dir, runtime, precision, export=False)
     exported = model.embed_images(pictures)
@@ -64,21 +65,6 @@ def runtime_export(
             indent=2,
         )
     )
-
-
-def _pictures(n: int) -> list:
-    """Seeded pictures with structure at several scales (the comparison's inputs)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        im = Image.fromarray(coarse).resize((256, 256), Image.Resampling.BICUBIC)
-        noise = rng.normal(0, 12, (256, 256, 3))
-        out.append(Image.fromarray(np.clip(np.asarray(im) + noise, 0, 255).astype(np.uint8)))
-    return out
 
 
 @app.command("show")
