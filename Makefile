@@ -4,7 +4,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# What running needs (`make run`), then the test extras on top (`make test`).
+STAMP     := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 # The Kubernetes policy checker, in a venv of its own: checkov pins older packaging and networkx
 # than the project's.
 POLICY       := .venv-policy
@@ -22,8 +24,12 @@ WEB_STAMP := $(WEB)/static/.built
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e .
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(DEV_STAMP)
 
 # The web page's libraries (npm ci, versions from package-lock.json) and its offline base
 # map, copied into the gitignored service/web/static that the app serves under /web/lib.
@@ -35,7 +41,7 @@ $(WEB_STAMP): $(WEB)/package.json $(WEB)/package-lock.json service/api/webpage.p
 
 web: $(WEB_STAMP)
 
-install: $(STAMP) $(WEB_STAMP)
+install: $(DEV_STAMP) $(WEB_STAMP)
 
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
@@ -53,7 +59,7 @@ run: $(STAMP) $(WEB_STAMP)
 	$(BIN)/geoloc setup
 	$(BIN)/geoloc serve
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
@@ -68,13 +74,13 @@ test: lint system-deps $(WEB_STAMP) $(POLICY_STAMP)
 
 # The Dockerfile built with buildah from base images made with debootstrap (no registry, no
 # daemon; root; several GB of downloads and many minutes): tests/deploy/test_image.py.
-image-check: $(STAMP)
+image-check: $(DEV_STAMP)
 	@for p in buildah debootstrap; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends $$missing; fi
 	GEOLOC_TEST_IMAGE=1 $(BIN)/python -m pytest -q -s tests/deploy/test_image.py
 
-bench-engine: $(STAMP)
+bench-engine: $(DEV_STAMP)
 	$(BIN)/python bench/engine.py
 
 clean:

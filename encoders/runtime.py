@@ -17,6 +17,7 @@ do not match their checksums is refused with the reason and made again, never us
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import gc
 import io
@@ -153,12 +154,13 @@ def stale_reason(
 def _onnx_bytes(model: GeoModel, size: list[int]) -> bytes:
     """The image tower (backbone and head, unnormalised output) as an fp32 ONNX graph with a
     dynamic batch axis."""
-    tower = model.image_tower.eval().float().cpu()
+    tower = model.image_tower.eval()
+    if model.device.type != "cpu" or any(p.dtype != torch.float32 for p in tower.parameters()):
+        tower = copy.deepcopy(tower).float().cpu()  # the served model stays where it is
     example = torch.zeros(2, *size)
     buffer = io.BytesIO()
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    # The exporter prints its progress; the caller logs what matters.
-    with contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False):
+    with torch.inference_mode(False):
         program = torch.onnx.export(
             tower,
             (example,),
@@ -178,29 +180,43 @@ def _quantize(fp32: Path, int8: Path) -> None:
     convolution and normalisations stay fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # it suggests an optional pre-processing step on every call
+    root, quiet = logging.getLogger(), _NoPreprocessAdvice()
+    root.addFilter(quiet)  # it suggests an optional pre-processing step on every call
     try:
         quantize_dynamic(
             fp32, int8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
         )
     finally:
-        root.setLevel(level)
+        root.removeFilter(quiet)
+
+
+class _NoPreprocessAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider to run pre-processing")
 
 
 def export_image_runtime(
-    model: GeoModel, directory: Path, runtime: str, precision: str, digest: str | None = None
+    model: GeoModel, directory: Path, runtime: str, precision: str
 ) -> RuntimeManifest:
-    """Export the model's image tower into ``directory`` (replacing what is there)."""
+    """Export the model's image tower into ``directory`` (replacing what is there), while no
+    other process exports or loads it."""
+    with _locked(Path(directory)):
+        return _export(model, Path(directory), runtime, precision, tower_digest(model))
+
+
+def _export(
+    model: GeoModel, directory: Path, runtime: str, precision: str, digest: str
+) -> RuntimeManifest:
+    """The export itself; the caller holds the artifact's lock."""
     import onnxruntime
 
     check_choice(runtime, precision)
     if runtime == "torch":
         raise RuntimeArtifactError("the torch runtime runs the loaded tower: nothing to export")
-    directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    digest = digest or tower_digest(model)
+    for suffix in ("tmp", "old"):  # the folders of an export that was killed
+        for leftover in directory.parent.glob(f".{directory.name}.*.{suffix}"):
+            shutil.rmtree(leftover, ignore_errors=True)
     size = input_size(model)
     work = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp")
     work.mkdir()
@@ -343,9 +359,11 @@ def load_image_runtime(
                 )
             else:
                 log.info("exporting the %s image tower (%s/%s)", model.profile, runtime, precision)
-            export_image_runtime(model, directory, runtime, precision, digest)
+            _export(model, directory, runtime, precision, digest)
         manifest = read_manifest(directory)
-    tower = OnnxImageTower(directory / MODEL_FILE, threads or torch.get_num_threads(), manifest)
+        # Loaded under the lock: a process exporting other weights cannot replace the file
+        # between the check and the load (the session holds the model in memory).
+        tower = OnnxImageTower(directory / MODEL_FILE, threads or torch.get_num_threads(), manifest)
     model.image_runtime = tower
     backbone = model.image_tower.backbone
     if release and not isinstance(backbone, ReleasedBackbone):

@@ -209,11 +209,18 @@ def train(
                 f"{resume} has no training state to resume from; "
                 "use a checkpoint written by `geoloc train`"
             )
-        saved = asdict(TrainConfig(**state["config"]))  # options added since take defaults
-        if saved != asdict(config) | {"epochs": saved["epochs"]}:
+        try:  # options added since take their defaults
+            saved = asdict(TrainConfig(**state["config"]))
+        except TypeError as exc:
             raise CheckpointError(
-                f"{resume} was trained with other settings "
-                f"({state['config']}); resume with the same ones"
+                f"{resume} was written by another version of geoloc train ({exc})"
+            ) from None
+        wanted = asdict(config) | {"epochs": saved["epochs"]}
+        differ = {k: saved[k] for k in saved if saved[k] != wanted[k]}
+        if differ:
+            options = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in differ.items())
+            raise CheckpointError(
+                f"{resume} was trained with other settings ({options}); resume with the same ones"
             )
         load_state(model, blob, source=str(resume), require_backbone=True)
         opt.load_state_dict(state["optimizer"])

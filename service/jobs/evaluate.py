@@ -166,19 +166,35 @@ AGREE_KM = (1.0, 25.0)
 
 def top1_agreement(rep: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     """Image by image, how often two `geoloc eval` runs over the same images give the same
-    top-1 (within each of AGREE_KM), e.g. an int8 runtime against torch."""
-    mine = {a["image"]: a["top1"] for a in rep.get("answers", [])}
-    theirs = {a["image"]: a["top1"] for a in other.get("answers", [])}
-    both = [k for k in mine if k in theirs and mine[k] is not None and theirs[k] is not None]
-    if not both:
-        return {"images": 0, "within_km": {}}
-    a = np.array([mine[k] for k in both], dtype=np.float64)
-    b = np.array([theirs[k] for k in both], dtype=np.float64)
-    d = errors_km(a, b)
+    top-1 (within each of AGREE_KM), e.g. an int8 runtime against torch. An image that one
+    run answered and the other did not counts as a disagreement; a path listed twice pairs
+    its occurrences in order."""
+    theirs: dict[str, list[Any]] = {}
+    for a in other.get("answers", []):
+        theirs.setdefault(a["image"], []).append(a["top1"])
+    pairs, one_sided = [], 0
+    for a in rep.get("answers", []):
+        if not theirs.get(a["image"]):
+            continue
+        b = theirs[a["image"]].pop(0)
+        if a["top1"] is None and b is None:
+            continue
+        if a["top1"] is None or b is None:
+            one_sided += 1
+        else:
+            pairs.append((a["top1"], b))
+    n = len(pairs) + one_sided
+    if not n:
+        return {"images": 0, "answered_by_one_only": 0, "within_km": {}}
+    d = errors_km(
+        np.array([p[0] for p in pairs]).reshape(-1, 2),
+        np.array([p[1] for p in pairs]).reshape(-1, 2),
+    )
     return {
-        "images": len(both),
+        "images": n,
+        "answered_by_one_only": one_sided,
         "against": other.get("label"),
-        "within_km": {f"{t:g}": float(np.mean(d <= t)) for t in AGREE_KM},
+        "within_km": {f"{t:g}": float(np.sum(d <= t)) / n for t in AGREE_KM},
     }
 
 

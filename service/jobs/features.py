@@ -150,8 +150,16 @@ class FeatureCache:
                 )
             else:
                 done = int(old.get("done", 0))
-        self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / FEATURES_FILE
+        expected = int(np.prod(shape)) * 4
+        if done and (not path.is_file() or path.stat().st_size != expected):
+            log.warning(
+                "feature cache %s is damaged (its file is not %d bytes): computing it again",
+                self.dir,
+                expected,
+            )
+            done = 0
+        self.dir.mkdir(parents=True, exist_ok=True)
         if done == 0:
             (self.dir / MANIFEST_FILE).unlink(missing_ok=True)
             path.unlink(missing_ok=True)

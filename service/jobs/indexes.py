@@ -191,6 +191,7 @@ def add_reference_images(
             checkpoint=str(settings.checkpoint) if settings.checkpoint else None,
             weights=model.weights_id,
             shard_rows=shard_rows or settings.refs_shard_rows,
+            image_runtime=f"{settings.image_runtime}-{settings.image_precision}",
         )
         done = job.done()
         chosen = refjobs.choose_runner(
@@ -356,6 +357,7 @@ def _publish_references(
         "left_out": left_out,
         "source": job.meta["input"],
         "added": n_new,
+        "image_runtime": job.meta.get("image_runtime", "torch-fp32"),  # what embedded them
         "job": str(job.dir),
         "report": str(job.dir / "report.json"),
     }

@@ -213,13 +213,19 @@ def prepare_job(
     checkpoint: str | None,
     weights: str,
     shard_rows: int,
+    image_runtime: str = "torch-fp32",
 ) -> tuple[Job, list[BadRow]]:
-    """Find the job of this input and these parameters, or create it (rows split in shards)."""
+    """Find the job of this input and these parameters, or create it (rows split in shards).
+    The image runtime is one of them: a job is never continued with vectors of another
+    precision."""
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
     data = Path(data)
     digest = sha256_file(data) if data.is_file() else ""
-    key = json.dumps([digest, index_name, profile, checkpoint, weights, shard_rows]).encode()
+    params = [digest, index_name, profile, checkpoint, weights, shard_rows]
+    if image_runtime != "torch-fp32":  # keeps the keys of jobs started before runtimes
+        params.append(image_runtime)
+    key = json.dumps(params).encode()
     job_dir = Path(jobs_dir) / f"refs-{hashlib.sha256(key).hexdigest()[:16]}"
     meta_file = job_dir / "job.json"
     if meta_file.is_file():
@@ -255,6 +261,7 @@ def prepare_job(
         "profile": profile,
         "checkpoint": checkpoint,
         "weights": weights,
+        "image_runtime": image_runtime,
         "shard_rows": shard_rows,
         "n_rows": len(table),
         "n_shards": len(sizes),
@@ -301,7 +308,8 @@ class ShardEncoder:
                 type="weights-mismatch",
                 status=409,
             )
-        if model is None:
+        if model is None and self.model.device.type == "cpu":
+            # ONNX Runtime runs on the CPU; an encoder on a GPU keeps torch's tower.
             from encoders.runtime import load_image_runtime
 
             load_image_runtime(

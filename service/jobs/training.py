@@ -13,7 +13,7 @@ from torchvision import transforms
 
 from encoders import GeoModel, get_profile, save_checkpoint
 from encoders.bluemarble import TileStyle, iter_tiles, sample_centres, write_tileset
-from encoders.model import read_checkpoint
+from encoders.model import load_state, read_checkpoint
 from encoders.train import EpochSource, TrainConfig, TrainReport, train
 from index.geo import is_land
 from service.engine.images import read_image_file
@@ -137,6 +137,11 @@ def run_training(
         views = photo_transform(model)
         transform = _as_is
         if feature_cache and config.freeze_backbone:
+            if resume is not None:
+                # The cache is of the checkpoint's backbone, not of the one built to load it.
+                load_state(
+                    model, read_checkpoint(resume), source=str(resume), require_backbone=True
+                )
             cache = FeatureCache(job.out_dir / "features")
             features = cache.build(
                 model, rows, views, views=config.views, seed=config.seed, limits=limits,

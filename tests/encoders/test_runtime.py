@@ -129,3 +129,13 @@ def test_choices_are_checked() -> None:
         load_image_runtime(model, Path("unused"), "openvino", "fp32")
     assert load_image_runtime(model, Path("unused"), "torch", "fp32") is None
     assert model.image_runtime is None
+
+
+def test_a_killed_exports_leftovers_are_removed(tmp_path: Path) -> None:
+    model = load_model("bluemarble")
+    directory = artifact_dir(tmp_path, "bluemarble", "onnx", "fp32")
+    leftover = directory.with_name(f".{directory.name}.deadbeef.tmp")
+    leftover.mkdir(parents=True)
+    (leftover / MODEL_FILE).write_bytes(b"x" * 1000)
+    load_image_runtime(model, tmp_path, "onnx", "fp32")
+    assert not leftover.exists() and (directory / MANIFEST_FILE).is_file()

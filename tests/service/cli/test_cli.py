@@ -187,3 +187,15 @@ def test_eval_compares_the_int8_runtime_with_torch_image_by_image(tmp_path, monk
     assert int8.exit_code == 0, int8.output
     assert "against torch: the same top-1 on" in int8.output and "(5 images)" in int8.output
     assert (tmp_path / "data" / "runtimes" / "bluemarble" / "onnx-int8" / "manifest.json").is_file()
+
+
+def test_agreement_counts_an_image_answered_by_one_run_only():
+    from service.jobs.evaluate import top1_agreement
+
+    mine = {"answers": [{"image": "a", "top1": [1.0, 2.0]}, {"image": "b", "top1": None},
+                        {"image": "a", "top1": [5.0, 5.0]}]}  # fmt: skip
+    theirs = {"label": "t", "answers": [{"image": "a", "top1": [1.0, 2.0]},
+              {"image": "b", "top1": [3.0, 3.0]}, {"image": "a", "top1": [9.0, 9.0]}]}  # fmt: skip
+    agree = top1_agreement(mine, theirs)
+    assert agree["images"] == 3 and agree["answered_by_one_only"] == 1
+    assert agree["within_km"]["1"] == pytest.approx(1 / 3)

@@ -4,6 +4,7 @@ when the backbone or the photos change (or continued when the pass was interrupt
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -39,8 +40,8 @@ def photos(tmp_path: Path) -> Path:
     return csv
 
 
-def model():
-    torch.manual_seed(0)
+def model(seed: int = 0):
+    torch.manual_seed(seed)
     return build_model(get_profile("bluemarble"), random_backbone=True)
 
 
@@ -83,11 +84,29 @@ def test_features_are_computed_once_and_give_the_uncached_losses(tmp_path):
     for a, b in zip(cached_model.parameters(), plain_model.parameters(), strict=True):
         assert torch.allclose(a, b, atol=CONFIG.lr)
 
-    # A second run into the same folder, and --resume, read the cache.
-    again = model()
+    # --resume reads the cache, though the model it loads into starts with other weights
+    # (as `geoloc train --resume` builds it) ...
+    sha = json.loads(manifest)["backbone_sha256"]
+    again = model(seed=5)
     again_seen = Counter(again)
     train(again, csv, tmp_path / "run", epochs=3, resume=tmp_path / "run" / "last.pt")
     assert again_seen.images == 0
+    assert (
+        json.loads((tmp_path / "run" / "features" / "manifest.json").read_text())["backbone_sha256"]
+        == sha
+    )
+
+
+def test_a_damaged_feature_file_is_computed_again(tmp_path, caplog):
+    csv = photos(tmp_path)
+    train(model(), csv, tmp_path / "run", epochs=1)
+    features = tmp_path / "run" / "features" / "features.f32"
+    features.write_bytes(features.read_bytes()[:1000])
+    again = model()
+    seen = Counter(again)
+    with caplog.at_level(logging.WARNING, logger=features_mod.__name__):
+        train(again, csv, tmp_path / "run", epochs=1)
+    assert "damaged" in caplog.text and seen.images == PHOTOS * CONFIG.views
 
 
 def test_a_changed_backbone_or_photo_list_makes_a_new_cache(tmp_path, caplog):
