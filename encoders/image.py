@@ -54,6 +54,91 @@ def _quiet_random_init(quiet: bool) -> Iterator[None]:
         root.removeFilter(flt)
 
 
+#: Seconds the model hub has to answer once before weights missing from the cache are an error
+#: (huggingface_hub would retry for about a minute).
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def _clause(exc: BaseException) -> str:
+    """An exception's message as a clause of a longer sentence: no trailing full stop."""
+    return str(exc).strip().rstrip(".")
+
+
+def _weights_advice(architecture: str, pretrained: str | None) -> str:
+    return (
+        "Either download an open_clip checkpoint file and set GEOLOC_BACKBONE_CHECKPOINT to its "
+        "path, or fill the open_clip cache on a machine with internet access (`python -c "
+        f"\"import open_clip; open_clip.create_model('{architecture}', "
+        f"pretrained='{pretrained}')\"`) "
+        "and copy it here (the Hugging Face cache: HF_HOME, by default ~/.cache/huggingface)."
+    )
+
+
+def _hub_files(architecture: str, pretrained: str) -> tuple[str, list[str]] | None:
+    """The Hugging Face repository and the file names (safetensors first) that open_clip
+    fetches for this tag; None when the tag is no hub download (unknown, a URL or a file)."""
+    from open_clip import pretrained as oc_pretrained
+
+    cfg = open_clip.get_pretrained_cfg(architecture, pretrained)
+    if not cfg.get("hf_hub") or "file" in cfg or not oc_pretrained.has_hf_hub():
+        return None
+    repo, filename = cfg["hf_hub"].rsplit("/", 1)
+    filename = filename or oc_pretrained.HF_WEIGHTS_NAME
+    return repo, [*oc_pretrained._get_safe_alternatives(filename), filename]
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why the hub cannot be reached (one request, HUB_PROBE_TIMEOUT_S); None when it answers."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as exc:  # connection refused, DNS, timeout, proxy: all mean offline here
+        return f"{type(exc).__name__}: {_clause(exc)}"
+    return None
+
+
+@contextmanager
+def _hub_weights(architecture: str, pretrained: str | None) -> Iterator[None]:
+    """Hub weights without huggingface_hub's minute of retries on an offline machine.
+
+    Weights already in the Hugging Face cache are read from it with the hub in offline mode
+    (no request at all). Weights that are not there are fetched only when the hub answers one
+    request within HUB_PROBE_TIMEOUT_S; else this is a WeightsNotFoundError at once, saying
+    how to provide them. Start-up code: the offline switch is process-wide while it lasts.
+    """
+    files = _hub_files(architecture, pretrained) if pretrained else None
+    if files is None:
+        yield
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    repo, names = files
+    if any(isinstance(try_to_load_from_cache(repo, name), str) for name in names):
+        offline = constants.HF_HUB_OFFLINE
+        constants.HF_HUB_OFFLINE = True
+        try:
+            yield
+        finally:
+            constants.HF_HUB_OFFLINE = offline
+        return
+    missing = (
+        f"open_clip weights '{architecture}' / '{pretrained}' are not in the cache "
+        f"({constants.HF_HUB_CACHE}, {repo})"
+    )
+    if constants.is_offline_mode():
+        raise WeightsNotFoundError(
+            f"{missing} and HF_HUB_OFFLINE is set. {_weights_advice(architecture, pretrained)}"
+        )
+    why = _hub_unreachable(constants.ENDPOINT)
+    if why is not None:
+        raise WeightsNotFoundError(
+            f"{missing} and the model hub {constants.ENDPOINT} cannot be reached ({why}); "
+            f"this machine may be offline. {_weights_advice(architecture, pretrained)}"
+        )
+    yield
+
+
 def create_backbone(
     architecture: str,
     pretrained: str | None,
@@ -82,28 +167,29 @@ def create_backbone(
         source = None
     else:
         source = pretrained
+    hub = checkpoint is None and source is not None  # an open_clip tag: hub or its cache
     try:
-        with _quiet_random_init(source is None):
+        hub_tag = source if hub else None
+        with _quiet_random_init(source is None), _hub_weights(architecture, hub_tag):
             model, _, preprocess = open_clip.create_model_and_transforms(
                 architecture, pretrained=source, device=device
             )
+    except WeightsNotFoundError:
+        raise
     except RuntimeError as exc:
-        if source is None or checkpoint is not None:
+        if not hub:
             raise
         raise WeightsNotFoundError(
-            f"could not load open_clip weights '{architecture}' / '{pretrained}': {exc}. "
-            "On a machine with internet access run "
-            f"`python -c \"import open_clip; open_clip.create_model('{architecture}', "
-            f"pretrained='{pretrained}')\"` to fill the open_clip cache, or download the "
-            "checkpoint file and set GEOLOC_BACKBONE_CHECKPOINT to its path."
+            f"could not load open_clip weights '{architecture}' / '{pretrained}': "
+            f"{_clause(exc)}. {_weights_advice(architecture, pretrained)}"
         ) from exc
     except Exception as exc:  # hub errors come in many types (HTTP, offline mode, OS)
-        if source is None or checkpoint is not None:
+        if not hub:
             raise
         raise WeightsNotFoundError(
             f"could not fetch open_clip weights '{architecture}' / '{pretrained}' "
-            f"({type(exc).__name__}: {exc}). This machine may be offline: download the "
-            "checkpoint elsewhere and set GEOLOC_BACKBONE_CHECKPOINT to its path."
+            f"({type(exc).__name__}: {_clause(exc)}); this machine may be offline. "
+            f"{_weights_advice(architecture, pretrained)}"
         ) from exc
     visual = model.visual
     model.eval()

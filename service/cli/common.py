@@ -30,6 +30,19 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def usage_error(message: str) -> NoReturn:
+    """A command called the wrong way: its usage line, where to find help, then the error."""
+    try:
+        from typer._click.globals import get_current_context  # typer vendors click (0.2x)
+    except ImportError:  # older typer runs on click itself
+        from click import get_current_context
+    ctx = get_current_context(silent=True)
+    if ctx is not None:
+        typer.echo(ctx.get_usage(), err=True)
+        typer.echo(f"Try '{ctx.command_path} --help' for help.\n", err=True)
+    fail(message)
+
+
 def friendly_errors(fn: F) -> F:
     """Every expected failure becomes one 'error: ...' line and exit code 2, no traceback."""
 

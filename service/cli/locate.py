@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from service.cli.common import fail, friendly_errors, settings
+from service.cli.common import friendly_errors, settings, usage_error
 
 if TYPE_CHECKING:
     from service.config import Settings
+    from service.engine.results import LocateResult
 
 
 def _load_images(paths: list[Path], s: Settings) -> tuple[list[Any], list[Path], list[str]]:
@@ -24,8 +25,8 @@ def _load_images(paths: list[Path], s: Settings) -> tuple[list[Any], list[Path],
     files = [p for p in paths if not p.is_dir()]
     images, ok, problems = read_image_files(files, s.image_limits())
     problems = [
-        f"[file-not-found] {p} is a directory, not an image file: give the images in it "
-        f"(e.g. {p / '*.jpg'})"
+        f"[is-a-directory] {p} is a directory, not an image file: pass the image files in it, "
+        f"e.g. {p / '*.jpg'}"
         for p in dirs
     ] + problems
     return images, [files[i] for i in ok], problems
@@ -37,34 +38,107 @@ def verdict_line(verdict: dict[str, Any]) -> str:
     return line + ("; abstained" if verdict["abstained"] else "")
 
 
+def json_results(labels: list[str], results: list[LocateResult], llm_reason: str) -> str:
+    """``{"results": [{"input": ..., "result": ...}]}``, whatever the number of inputs; each
+    result is the body that POST /v1/locate answers, built by the same function."""
+    from service.api.operations import _response as locate_response
+    from service.engine.llm_stages import skipped
+
+    out = [
+        {
+            "input": label,
+            "result": locate_response(r, None, [], skipped(llm_reason)).model_dump(mode="json"),
+        }
+        for label, r in zip(labels, results, strict=True)
+    ]
+    return json.dumps({"results": out}, indent=2, ensure_ascii=False)
+
+
+def table_lines(label: str, r: LocateResult, within_km: float) -> list[str]:
+    """One input's candidates under a header that names the columns."""
+    lines = [f"{label}  ({r.profile}, index {r.index})"]
+    verdict = r.localizability
+    if verdict is not None and verdict["verdict"] != "located":
+        lines.append(f"  {verdict_line(verdict)}")
+    p_col = f"p(≤{within_km:g} km)"
+    lines.append(f"  rank       lat        lon  {p_col}  h3 cell          place")
+    for i, c in enumerate(r.candidates, 1):
+        place = ", ".join(x for x in (c.city, c.admin1, c.country) if x) or "at sea"
+        lines.append(
+            f"  {i:4d} {c.lat:9.4f} {c.lon:10.4f}  {c.probability:{len(p_col)}.3f}  {c.h3:15s}  "
+            + place
+            + ("" if c.reliable else "  (unreliable)")
+        )
+    if r.region:
+        lines.append(
+            f"  region: {len(r.region['cells'])} cells, "
+            f"{r.region['area_km2']:.0f} km² hold {r.region['covered']:.0%}"
+        )
+    return lines
+
+
+def probability_legend(within_km: float, calibrated: bool) -> str:
+    how = "as calibrated by" if calibrated else "not calibrated yet: run"
+    return (
+        f"p(≤{within_km:g} km): the probability that the true location is within "
+        f"{within_km:g} km of the point ({how} `geoloc calibrate`). region: the fewest H3 "
+        "cells that hold the stated share of the probability."
+    )
+
+
+JSON_HELP = (
+    'Print one JSON object, {"results": [{"input": FILE or TEXT, "result": {...}}]}, for one '
+    "input or many. Each result has the fields of the HTTP answer of POST /v1/locate; its "
+    "prediction_id is null (the command line records no prediction). Files that cannot be "
+    "read are reported on stderr, not in the JSON."
+)
+
+
 @friendly_errors
 def locate_cmd(
     images: Annotated[
-        list[Path] | None, typer.Argument(help="Image files (JPEG, PNG, WebP).")
+        list[Path] | None, typer.Argument(metavar="IMAGE", help="Image files (JPEG, PNG, WebP).")
     ] = None,
     text: Annotated[
         str,
         typer.Option(
             "--text",
+            metavar="TEXT",
             help="Locate this description of a place instead of images (profiles with a "
             "text tower, e.g. geoclip).",
         ),
     ] = "",
-    top_k: Annotated[int | None, typer.Option(help="Candidates per image.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    profile: Annotated[str, typer.Option(help="Model profile.")] = "",
-    index: Annotated[str, typer.Option(help="Index NAME or NAME/VERSION.")] = "",
+    top_k: Annotated[int | None, typer.Option(metavar="N", help="Candidates per image.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    profile: Annotated[str, typer.Option(metavar="NAME", help="Model profile.")] = "",
+    index: Annotated[
+        str, typer.Option(metavar="NAME[/VERSION]", help="Index NAME or NAME/VERSION.")
+    ] = "",
     refine: Annotated[bool, typer.Option(help="H3 refinement stage.")] = True,
     diversify: Annotated[bool, typer.Option(help="Spatial NMS stage.")] = True,
     verify: Annotated[bool, typer.Option(help="Verification stage.")] = True,
-    bbox: Annotated[str, typer.Option(help="Search only in south,west,north,east.")] = "",
+    bbox: Annotated[
+        str, typer.Option(metavar="S,W,N,E", help="Search only in south,west,north,east.")
+    ] = "",
     country: Annotated[
-        list[str] | None, typer.Option(help="Search only in these ISO codes.")
+        list[str] | None,
+        typer.Option(metavar="CODE", help="Search only in these ISO codes (repeat the option)."),
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch.")] = 16,
-    neighbours: Annotated[int | None, typer.Option(help="Reference images to retrieve.")] = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Images per model batch.")
+    ] = 16,
+    neighbours: Annotated[
+        int | None, typer.Option(metavar="N", help="Reference images to retrieve.")
+    ] = None,
 ) -> None:
     """Locate images (several are encoded as one batch), or a description with --text."""
+    if not text and not images:
+        usage_error(
+            "nothing to locate: give image files (JPEG, PNG, WebP), e.g. photos/*.jpg, "
+            'or --text "a description of a place"',
+        )
+    if text and images:
+        usage_error('give image files, or --text "a description of a place", not both')
     from index.geo import BBox
 
     s = settings()
@@ -80,10 +154,6 @@ def locate_cmd(
         countries=tuple(country or ()),
         neighbours=neighbours,
     )
-    if not text and not images:
-        fail('nothing to locate: give image files (JPEG, PNG, WebP), or --text "a description"')
-    if text and images:
-        fail('give image files, or --text "a description of a place", not both')
     problems: list[str] = []
     if text:
         from service.engine.options import text_query
@@ -93,7 +163,8 @@ def locate_cmd(
 
         loc = load_locator(s, index_name=name or None, index_version=version or None)
         results = loc.locate_texts([query], opts)
-        labels = [("text", query)]
+        labels = [query]
+        llm_reason = "text queries do not use the LLM stages"
     else:
         pil, ok, problems = _load_images(images or [], s)
         for p in problems:
@@ -106,26 +177,15 @@ def locate_cmd(
         results = []
         for start in range(0, len(pil), batch_size):
             results += loc.locate(pil[start : start + batch_size], opts)
-        labels = [("image", str(p)) for p in ok]
+        labels = [str(p) for p in ok]
+        llm_reason = "geoloc locate does not run the LLM stages"
     if as_json:
-        out = [{key: label, **r.to_dict()} for (key, label), r in zip(labels, results, strict=True)]
-        typer.echo(json.dumps(out if len(out) > 1 else out[0], indent=2))
+        typer.echo(json_results(labels, results, llm_reason))
     else:
-        for (_, label), r in zip(labels, results, strict=True):
-            typer.echo(f"{label}  ({r.profile}, index {r.index})")
-            verdict = r.localizability
-            if verdict is not None and verdict["verdict"] != "located":
-                typer.echo(f"  {verdict_line(verdict)}")
-            for i, c in enumerate(r.candidates, 1):
-                place = ", ".join(x for x in (c.city, c.admin1, c.country) if x) or "at sea"
-                typer.echo(
-                    f"  {i}. {c.lat:9.4f} {c.lon:10.4f}  p={c.probability:.3f}  {c.h3}  {place}"
-                    + ("" if c.reliable else "  (unreliable)")
-                )
-            if r.region:
-                typer.echo(
-                    f"  region: {len(r.region['cells'])} cells, "
-                    f"{r.region['area_km2']:.0f} km² hold {r.region['covered']:.0%}"
-                )
+        calibration = loc.calibration
+        within_km = calibration.within_km if calibration is not None else s.calibration_km
+        for label, r in zip(labels, results, strict=True):
+            typer.echo("\n".join(table_lines(label, r, within_km)))
+        typer.echo(probability_legend(within_km, calibration is not None))
     if problems:
         raise typer.Exit(1)

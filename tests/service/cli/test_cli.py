@@ -1,17 +1,25 @@
-"""The CLI's handling of bad input: one clear line per problem, non-zero exit, no traceback."""
+"""The CLI's handling of bad input: one clear line per problem, non-zero exit, no traceback;
+and what a new user meets first: help pages, `geoloc locate` called the wrong way, its table
+and its JSON (the same fields as the HTTP answer, one shape for one image or many)."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import typer.main
 from PIL import Image
 from typer.testing import CliRunner
 
 from encoders.bluemarble import render_tile
+from service.api.schemas import LocateResponse
 from service.cli.main import app
 from tests.hostile import scan_bomb
 
+ROOT = Path(__file__).resolve().parents[3]
 runner = CliRunner()
 
 
@@ -22,7 +30,7 @@ def data_dir(tmp_path, monkeypatch):
 
 
 def run(*args: str):
-    result = runner.invoke(app, list(args))
+    result = runner.invoke(app, list(args), prog_name="geoloc", env={"COLUMNS": "80"})
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     return result
@@ -199,3 +207,128 @@ def test_agreement_counts_an_image_answered_by_one_run_only():
     agree = top1_agreement(mine, theirs)
     assert agree["images"] == 3 and agree["answered_by_one_only"] == 1
     assert agree["within_km"]["1"] == pytest.approx(1 / 3)
+
+
+# -- help pages -------------------------------------------------------------------------------
+
+
+def command_paths(command, prefix: tuple[str, ...] = ()):
+    yield prefix
+    for name, sub in sorted(getattr(command, "commands", {}).items()):
+        yield from command_paths(sub, (*prefix, name))
+
+
+def commands_section(text: str) -> dict[str, str]:
+    """{command: its description} from a help page's command list (wrapped lines joined)."""
+    lines = text.split("Commands:\n", 1)[1].splitlines()
+    out: dict[str, str] = {}
+    last = ""
+    for line in lines:
+        if not line.strip():
+            break
+        if line.startswith("  ") and not line.startswith("   "):
+            last, _, desc = line.strip().partition(" ")
+            out[last] = desc.strip()
+        else:
+            out[last] += " " + line.strip()
+    return out
+
+
+def test_every_help_page_is_clean():
+    """No type label after flags (`--help <bool>`), nothing cut short with an ellipsis
+    (`GEOLOC_CALIBRATION_…`), and every command list shows whole sentences."""
+    paths = list(command_paths(typer.main.get_command(app)))
+    assert ("locate",) in paths and ("index", "build") in paths and ("runtime", "export") in paths
+    for path in paths:
+        result = run(*path, "--help")
+        assert result.exit_code == 0, (path, result.output)
+        text = result.output
+        assert "<bool>" not in text, (path, text)
+        assert "…" not in text, (path, text)
+        if "Commands:\n" in text:
+            for name, desc in commands_section(text).items():
+                assert desc.endswith("."), (path, name, desc)
+                assert not desc.endswith("..."), (path, name, desc)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["locate", "--help"], ["eval", "--help"]])
+def test_the_installed_command_prints_clean_help(args):
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "<bool>" not in done.stdout and "…" not in done.stdout
+    if args == ["--help"]:
+        commands = commands_section(done.stdout)
+        assert {"locate", "eval", "index", "serve"} <= set(commands)
+        assert all(desc.endswith(".") and not desc.endswith("...") for desc in commands.values())
+    if args == ["eval", "--help"]:
+        assert "GEOLOC_CALIBRATION_KM" in done.stdout
+
+
+# -- locate called the wrong way --------------------------------------------------------------
+
+
+def test_locate_a_directory_says_it_is_one_and_what_to_pass(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    result = run("locate", str(folder))
+    assert result.exit_code == 2
+    (line,) = error_lines(result)
+    assert "is a directory" in line and f"{folder / '*.jpg'}" in line, line
+    assert "file-not-found" not in line and "no such file" not in line, line
+
+
+def test_locate_without_input_says_what_is_needed_with_the_usage():
+    result = run("locate")
+    assert result.exit_code == 2
+    assert "Usage: geoloc locate [OPTIONS]" in result.output
+    (line,) = error_lines(result)
+    assert "nothing to locate" in line and "image files" in line and "--text" in line, line
+    assert "not both" not in result.output
+
+
+# -- what locate prints -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiles(tmp_path) -> list[str]:
+    assert run("index", "build", "--res", "1").exit_code == 0
+    paths = []
+    for i, (lat, lon) in enumerate([(48.0, 2.0), (-15.0, -50.0)]):
+        render_tile(lat, lon, 12.0, 64).save(tmp_path / f"t{i}.png")
+        paths.append(str(tmp_path / f"t{i}.png"))
+    return paths
+
+
+def test_locate_json_has_one_shape_and_the_http_fields(tiles):
+    one, two = run("locate", "--json", tiles[0]), run("locate", "--json", *tiles)
+    assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
+    answers = [json.loads(one.stdout), json.loads(two.stdout)]
+    for answer, inputs in zip(answers, ([tiles[0]], tiles), strict=True):
+        assert list(answer) == ["results"]
+        assert [item["input"] for item in answer["results"]] == inputs
+        for item in answer["results"]:
+            assert set(item) == {"input", "result"}
+            result = item["result"]
+            assert set(result) == set(LocateResponse.model_fields)
+            LocateResponse.model_validate(result)
+            assert result["prediction_id"] is None  # the command line records nothing
+            assert result["index_version"].startswith("default-bluemarble/")
+            assert result["purpose"] and result["llm"]["status"] == "skipped"
+
+
+def test_locate_table_names_its_columns(tiles):
+    result = run("locate", "--top-k", "3", tiles[0])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["rank", "lat", "lon"])
+    assert "p(≤50 km)" in lines[header] and lines[header].rstrip().endswith("place")
+    assert lines[header + 1].split()[0] == "1"
+    assert "p(≤50 km): the probability that the true location is within 50 km" in result.output

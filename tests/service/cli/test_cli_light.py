@@ -152,7 +152,11 @@ def test_locate_checks_the_files_before_loading_anything(env: dict[str, str], tm
     r = light(env, "locate", str(tmp_path), exit=2)
     assert f"{tmp_path} is a directory, not an image file" in r.output
     r = light(env, "locate", exit=2)
-    assert 'nothing to locate: give image files (JPEG, PNG, WebP), or --text "' in r.output
+    assert "Usage: geoloc locate [OPTIONS]" in r.output
+    assert (
+        "nothing to locate: give image files (JPEG, PNG, WebP), e.g. photos/*.jpg, or --text"
+        in (r.output)
+    )
     r = light(env, "locate", str(missing), "--bbox", "1,2", exit=2)
     assert "bbox must be" in r.output
     from PIL import Image
