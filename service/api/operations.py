@@ -110,7 +110,7 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
 # -- locate ---------------------------------------------------------------------------------------
 
 
-def _response(
+def locate_response(
     result: LocateResult,
     prediction_id: str | None,
     warnings: list[str],
@@ -225,7 +225,7 @@ async def _answer(
 ) -> LocateResponse:
     """The response, recorded as prediction ``prediction_id`` when the database can."""
     state.metrics.observe(result.timings_ms, result.localizability)
-    response = _response(result, None, warnings, llm)
+    response = locate_response(result, None, warnings, llm)
     latency_ms = (time.perf_counter() - start) * 1000
     recorded = await anyio.to_thread.run_sync(
         _record, state, response, latency_ms, caller, prediction_id

@@ -41,7 +41,7 @@ def verdict_line(verdict: dict[str, Any]) -> str:
 def json_results(labels: list[str], results: list[LocateResult], llm_reason: str) -> str:
     """``{"results": [{"input": ..., "result": ...}]}``, whatever the number of inputs; each
     result is the body that POST /v1/locate answers, built by the same function."""
-    from service.api.operations import _response as locate_response
+    from service.api.operations import locate_response
     from service.engine.llm_stages import skipped
 
     out = [

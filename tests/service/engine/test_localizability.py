@@ -317,9 +317,10 @@ def test_cli_locate_prints_the_verdict_and_eval_counts_abstentions(
     assert line.startswith("  not_locatable (0.")
     assert "): unlike the satellite views of the Earth's surface this model was trained on" in line
     assert line.endswith("; abstained")
-    assert lines[lines.index(line) + 1].endswith("(unreliable)")
+    assert lines[lines.index(line) + 2].endswith("(unreliable)")  # after the column header
 
     out = json.loads(runner.invoke(app, ["locate", str(page), "--json"]).stdout)
+    out = out["results"][0]["result"]
     assert out["localizability"]["verdict"] == "not_locatable"
     assert out["candidates"][0]["reliable"] is False
 

@@ -105,8 +105,8 @@ def test_cli_locate_text(text_setup, monkeypatch):
     with registered():
         result = runner.invoke(cli_app, ["locate", "--text", DESERT, "--top-k", "2", "--json"])
         assert result.exit_code == 0, result.output
-        out = json.loads(result.output)
-        assert out["text"] == DESERT and len(out["candidates"]) == 2
+        (out,) = json.loads(result.output)["results"]
+        assert out["input"] == DESERT and len(out["result"]["candidates"]) == 2
         plain = runner.invoke(cli_app, ["locate", "--text", DESERT])
         assert plain.exit_code == 0 and plain.output.startswith(f"{DESERT}  ({TINY_TEXT.name}")
         both = runner.invoke(cli_app, ["locate", "a.jpg", "--text", DESERT])
