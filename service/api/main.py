@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from service.api.bodylimit import BodyLimitMiddleware
 from service.api.handlers import add_exception_handlers
 from service.api.metrics import MetricsMiddleware
-from service.api.openapi import install_openapi
+from service.api.openapi import install_docs, install_openapi
 from service.api.problems import PROBLEM_MEDIA_TYPE
 from service.api.replica import ReplicaHeaderMiddleware
 from service.api.routes import include_routes
@@ -49,6 +49,9 @@ def create_app(settings: Settings | None = None, *, locator: Locator | None = No
         summary="Image geolocation: ranked GPS candidates with probabilities, H3 cells, "
         "place names and an uncertainty region.",
         lifespan=lifespan,
+        # Our own /docs and /redoc (openapi.install_docs): FastAPI's load from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = state
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
@@ -57,6 +60,7 @@ def create_app(settings: Settings | None = None, *, locator: Locator | None = No
     add_exception_handlers(app)
     include_routes(app, settings)
     install_openapi(app, settings)
+    install_docs(app, settings)
     return app
 
 

@@ -1,5 +1,7 @@
 """The web page served at ``/``: our own HTML/JS/CSS (committed, ``service/web/page``) plus
-front-end libraries from npm and an offline base map, built into a static folder.
+front-end libraries from npm and an offline base map, built into a static folder. The API docs
+(``/docs``: Swagger UI, ``/redoc``: ReDoc) load their scripts from the same folder, never from a
+CDN, so they work on a machine without internet.
 
     make install                      # npm ci in service/web, then:
     python -m service.api.webpage build   # copy the libraries, downscale Blue Marble once
@@ -23,6 +25,14 @@ WEB_DIR = Path(__file__).resolve().parents[1] / "web"
 PAGE_DIR = WEB_DIR / "page"  # our own files, committed
 NODE_MODULES = WEB_DIR / "node_modules"
 DEFAULT_ASSETS_DIR = WEB_DIR / "static"
+#: Where the app serves the static folder (service/api/routes/web.py mounts it).
+ASSETS_URL = "/web/lib"
+
+# What the API docs pages load (service/api/openapi.py), by their names in the static folder.
+SWAGGER_JS = "swagger-ui-bundle.js"
+SWAGGER_CSS = "swagger-ui.css"
+REDOC_JS = "redoc.standalone.js"
+DOCS_FAVICON = "swagger-ui-favicon-32x32.png"
 
 BASEMAP = "bluemarble.jpg"
 # Three quarters of the mosaic's 5400x2700: sharp when zoomed in, about 1 MB to load.
@@ -51,6 +61,16 @@ VENDORED: tuple[Vendored, ...] = (
     Vendored("world-atlas", "LICENSE", "LICENSE-world-atlas.txt"),
     Vendored("exifr", "dist/lite.umd.js", "exifr.lite.umd.js"),
     Vendored("exifr", "LICENSE", "LICENSE-exifr.txt"),
+    # The API docs; the bundles' own notices name the libraries bundled into them.
+    Vendored("swagger-ui-dist", SWAGGER_JS, SWAGGER_JS),
+    Vendored("swagger-ui-dist", f"{SWAGGER_JS}.LICENSE.txt", f"{SWAGGER_JS}.LICENSE.txt"),
+    Vendored("swagger-ui-dist", SWAGGER_CSS, SWAGGER_CSS),
+    Vendored("swagger-ui-dist", "favicon-32x32.png", DOCS_FAVICON),
+    Vendored("swagger-ui-dist", "LICENSE", "LICENSE-swagger-ui.txt"),
+    Vendored("swagger-ui-dist", "NOTICE", "NOTICE-swagger-ui.txt"),
+    Vendored("redoc", f"bundles/{REDOC_JS}", REDOC_JS),
+    Vendored("redoc", f"bundles/{REDOC_JS}.LICENSE.txt", f"{REDOC_JS}.LICENSE.txt"),
+    Vendored("redoc", "LICENSE", "LICENSE-redoc.txt"),
 )
 
 BUILD_HINT = (
@@ -111,7 +131,8 @@ def not_built_page(assets_dir: Path, missing: list[str]) -> str:
 <body style="font-family: system-ui, sans-serif; max-width: 48rem; margin: 2rem auto">
 <main>
 <h1>The web page is not built</h1>
-<p>The API works (see <a href="/docs">/docs</a>); the page needs its front-end libraries and
+<p>The API works (its OpenAPI document: <a href="/openapi.json">/openapi.json</a>); the page
+and the API docs (<code>/docs</code>, <code>/redoc</code>) need their front-end libraries and
 base map in <code>{html.escape(str(assets_dir))}</code>. Build them with</p>
 <pre>{html.escape(BUILD_HINT)}</pre>
 <p>then restart the service.{" Missing:" if missing else ""}</p><ul>{items}</ul>
