@@ -190,22 +190,90 @@
 
   // -- the map ---------------------------------------------------------------------------------
 
+  // Web Mercator, bounded to one world: no copies beyond ±180°, no empty bands above or below
+  // (the least zoom is the one at which the world covers the whole map).
+  const WORLD = L.latLngBounds([[-85.0511, -180], [85.0511, 180]]);
   const map = L.map("map", {
-    crs: L.CRS.EPSG4326, // Blue Marble is equirectangular: one image, no tiles
     minZoom: 0,
     maxZoom: 8,
     zoomSnap: 0.25,
+    zoomDelta: 0.5,
+    maxBounds: WORLD,
+    maxBoundsViscosity: 1.0,
     worldCopyJump: false,
     keyboard: true,
   });
   map.attributionControl.setPrefix(false);
-  L.imageOverlay("/web/lib/bluemarble.jpg", [[-90, -180], [90, 180]], {
-    alt: "NASA Blue Marble satellite mosaic of the Earth",
+
+  function worldZoom() {
+    const size = map.getSize();
+    const z = Math.log2(Math.max(size.x, size.y, 1) / 256);
+    return Math.max(0, Math.ceil(z * 4 - 1e-6) / 4);
+  }
+
+  function fitWorld() {
+    const z = worldZoom();
+    map.setMinZoom(z);
+    if (map.getZoom() < z) map.setZoom(z, { animate: false });
+  }
+
+  // The Blue Marble mosaic is one equirectangular image (no tile server): each 256 px tile is
+  // drawn from it in bands, re-projected to Mercator (x is linear in longitude; y is not).
+  const basemapImage = new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = reject;
+    img.src = "/web/lib/bluemarble.jpg";
+  });
+  const BlueMarble = L.GridLayer.extend({
+    createTile(coords, done) {
+      const tile = document.createElement("canvas");
+      const size = this.getTileSize();
+      tile.width = size.x;
+      tile.height = size.y;
+      basemapImage.then((img) => {
+        drawTile(tile, coords, size, img);
+        done(null, tile);
+      }, (err) => done(err, tile));
+      return tile;
+    },
+  });
+
+  function drawTile(tile, coords, size, img) {
+    const ctx = tile.getContext("2d");
+    const world = 256 * Math.pow(2, coords.z);
+    const x0 = coords.x * size.x;
+    const y0 = coords.y * size.y;
+    const sx = (x0 / world) * img.naturalWidth;
+    const sw = (size.x / world) * img.naturalWidth;
+    const rowOf = (y) => {
+      const lat = map.unproject([x0, y], coords.z).lat;
+      return ((90 - lat) / 180) * img.naturalHeight;
+    };
+    const BAND = 4; // px; Mercator's stretch barely changes over a band
+    for (let y = 0; y < size.y; y += BAND) {
+      const top = rowOf(y0 + y);
+      const bottom = rowOf(y0 + y + BAND);
+      ctx.drawImage(img, sx, top, sw, Math.max(bottom - top, 0.01), 0, y, size.x, BAND);
+    }
+  }
+
+  const basemap = new BlueMarble({
+    noWrap: true,
+    bounds: WORLD,
+    updateWhenZooming: false,
+    className: "geoloc-basemap",
     attribution: "NASA Blue Marble · Natural Earth borders",
   }).addTo(map);
-  map.setMaxBounds([[-100, -200], [100, 200]]);
-  // The whole width of the world filling the map (512 px wide at zoom 0 in this CRS).
-  map.setView([20, 10], Math.ceil(4 * Math.log2(Math.max(map.getSize().x, 256) / 512)) / 4);
+  map.setView([20, 10], worldZoom());
+  fitWorld();
+  if (typeof ResizeObserver === "function") {
+    new ResizeObserver(() => {
+      map.invalidateSize({ animate: false });
+      fitWorld();
+    }).observe($("map"));
+  }
+  map.on("resize", fitWorld);
 
   // Borders as lines, cut where a ring jumps across the antimeridian (no streaks across the map).
   function borderLines(geometry) {
@@ -235,6 +303,10 @@
     })
     .catch(() => {});
 
+  // Above the base map and the borders: the region, then the candidates, then the known place.
+  for (const [name, z] of [["geolocRegion", 410], ["geolocCandidates", 420], ["geolocTruth", 430]]) {
+    map.createPane(name).style.zIndex = String(z);
+  }
   const regionLayer = L.layerGroup().addTo(map);
   const markerLayer = L.layerGroup().addTo(map);
   const truthLayer = L.layerGroup().addTo(map);
@@ -248,11 +320,14 @@
     let first = null;
     for (const file of images) {
       const item = { id: state.nextId++, file, name: file.name || "image", status: "waiting", result: null, failure: null, truth: null, exif: null, exifAnswered: false, feedback: null };
+      // A local preview (object URL): the image is not sent anywhere else for it.
+      item.thumb = typeof URL.createObjectURL === "function" ? URL.createObjectURL(file) : "";
       state.items.push(item);
       first = first || item;
       readExifGps(item);
       enqueue(item);
     }
+    $("drop").classList.add("compact"); // one line once there are images: results come first
     select(first);
     renderQueue();
   }
@@ -337,10 +412,19 @@
       }
       const b = el("button", { type: "button", class: "queue-item " + item.status, "aria-pressed": String(state.selected === item) });
       if (item.status === "waiting" || item.status === "locating") b.append(el("span", { class: "spinner small", "aria-hidden": "true" }));
+      else b.append(thumbnail(item, "queue-thumb", ""));
       b.append(el("span", { class: "queue-name", text: item.name }), el("span", { class: "queue-label", text: label }));
       b.addEventListener("click", () => select(item));
       ul.append(el("li", {}, b));
     }
+  }
+
+  function thumbnail(item, cls, alt) {
+    const img = el("img", { class: cls, alt });
+    img.addEventListener("error", () => (img.hidden = true)); // not an image the browser can show
+    if (item.thumb) img.src = item.thumb;
+    else img.hidden = true;
+    return img;
   }
 
   function render() {
@@ -366,8 +450,18 @@
       return;
     }
     const r = item.result;
-    status.append(el("span", { text: `${item.name}: ${r.candidates.length} candidates in ${Math.round(item.elapsedMs)} ms.` }));
-    if (r.warnings && r.warnings.length) status.append(el("span", { class: "warn", text: " " + r.warnings.join(" ") }));
+    const top = r.candidates[0];
+    const abstained = r.localizability && r.localizability.abstained;
+    const best = !top ? "no candidate" : abstained ? "not locatable by this model" : `best guess ${placeName(top)}, ${pct(top.probability)}`;
+    status.append(el("span", { class: "visually-hidden", text: `${item.name}: ${best}.` }));
+    if (r.warnings && r.warnings.length) status.append(el("span", { class: "warn", text: r.warnings.join(" ") }));
+    const thumb = $("thumb");
+    thumb.hidden = !item.thumb;
+    if (item.thumb) thumb.src = item.thumb;
+    else thumb.removeAttribute("src");
+    thumb.alt = `The image sent: ${item.name}`;
+    $("result-name").textContent = item.name;
+    $("result-meta").textContent = `${r.candidates.length} candidates in ${Math.round(item.elapsedMs)} ms · model ${r.profile}`;
     $("results").hidden = false;
     renderVerdict(r);
     renderCandidates(r);
@@ -409,30 +503,46 @@
       const prev = i > 1 ? ` · ${km(haversineKm(r.candidates[i - 1], c))} from #${i}` : "";
       const swatch = el("span", { class: "swatch", "aria-hidden": "true" });
       swatch.style.background = colour(c.probability / pmax);
+      // The probability as a bar too (of the whole, not of the best): confidence at a glance.
+      const meter = el("span", { class: "cand-meter", "aria-hidden": "true" });
+      const fill = el("span", { class: "cand-meter-fill" });
+      fill.style.width = `${c.reliable === false ? 0 : Math.max(0.5, 100 * c.probability)}%`;
+      fill.style.background = colour(c.probability / pmax);
+      meter.append(fill);
       const li = el("li", { class: "candidate" + (c.reliable === false ? " unreliable" : ""), "data-lat": String(c.lat), "data-lon": String(c.lon) },
         swatch,
         el("span", { class: "cand-main" },
           el("span", { class: "cand-place", text: placeName(c) }),
+          meter,
           el("span", { class: "cand-meta", text: `${coord(c.lat, c.lon)} · ${far}${prev}` })),
         el("span", { class: "cand-prob", text: c.reliable === false ? "unreliable" : pct(c.probability) }));
       li.tabIndex = 0;
-      li.addEventListener("click", () => map.flyTo([c.lat, c.lon], Math.max(map.getZoom(), 4)));
+      li.addEventListener("click", () => map.flyTo([c.lat, c.lon], Math.max(map.getZoom(), 6)));
       li.addEventListener("keydown", (e) => {
         if (e.key === "Enter" || e.key === " ") {
           e.preventDefault();
-          map.flyTo([c.lat, c.lon], Math.max(map.getZoom(), 4));
+          map.flyTo([c.lat, c.lon], Math.max(map.getZoom(), 6));
         }
       });
       list.append(li);
     });
-    // Region: H3 hexagons shaded by the mass each holds.
+    // Region: H3 hexagons shaded by the mass each holds, in a pane above the base map. Under
+    // them a thick outline of every cell: the fills cover the inner edges, so what shows is the
+    // region's border, a few pixels wide even when its cells are a pixel across (world zoom).
     if (r.region && r.region.geojson) {
-      const values = r.region.geojson.features.map((f) => f.properties.value || 0);
+      const geojson = unwrapped(r.region.geojson);
+      const values = geojson.features.map((f) => f.properties.value || 0);
       const vmax = Math.max(...values, 1e-12);
-      L.geoJSON(r.region.geojson, {
+      L.geoJSON(geojson, {
+        pane: "geolocRegion",
+        interactive: false,
+        style: () => ({ className: "geoloc-region-outline", color: "#ffffff", weight: 5, opacity: 0.95, fill: false, smoothFactor: 0 }),
+      }).addTo(regionLayer);
+      L.geoJSON(geojson, {
+        pane: "geolocRegion",
         style: (f) => {
           const t = (f.properties.value || 0) / vmax;
-          return { className: "geoloc-region", color: "#ffffff", weight: 1, opacity: 0.85, fillColor: colour(t), fillOpacity: 0.35 + 0.4 * t };
+          return { className: "geoloc-region", color: "#3a0010", weight: 1, opacity: 0.7, fillColor: colour(t), fillOpacity: 0.35 + 0.4 * t, smoothFactor: 0 };
         },
         onEachFeature: (f, layer) => layer.bindTooltip(`H3 ${f.properties.h3}: ${pct(f.properties.value || 0)} of the mass`),
       }).addTo(regionLayer);
@@ -440,20 +550,61 @@
     } else {
       $("region-summary").textContent = "";
     }
-    // Markers: radius and colour by probability; the best drawn last (on top).
+    // Markers: colour by probability, radius by probability and by zoom (small at world zoom, so
+    // the region shows and nearby candidates stay apart); the best drawn last (on top).
     r.candidates.forEach((c, i) => {
+      const t = c.probability / pmax;
       const m = L.circleMarker([c.lat, c.lon], {
+        pane: "geolocCandidates",
         className: "geoloc-candidate" + (i === 0 ? " geoloc-top" : ""),
-        radius: 5 + 17 * Math.sqrt(c.probability / pmax),
+        radius: markerRadius(t, map.getZoom()),
         color: i === 0 ? "#ffffff" : "#1b1b1b",
-        weight: i === 0 ? 3 : 1.5,
-        fillColor: colour(c.probability / pmax),
-        fillOpacity: 0.9,
+        weight: i === 0 ? 2.5 : 1.5,
+        fillColor: colour(t),
+        fillOpacity: 0.85,
       });
+      m.share = t;
       m.bindTooltip(`#${i + 1} ${placeName(c)}: ${pct(c.probability)}`);
       markers.push(m);
     });
     for (let i = markers.length - 1; i >= 0; i--) markers[i].addTo(markerLayer);
+  }
+
+  // Pixels: 2.5-7 at zoom 4, growing a third as fast as distances do (so candidates separate as
+  // one zooms in), never under 1.5-3.5 (world zoom) nor over 5-14.
+  function markerRadius(t, zoom) {
+    const s = Math.sqrt(Math.max(0, Math.min(1, t)));
+    const r = (2.5 + 4.5 * s) * Math.pow(2, (zoom - 4) / 3);
+    return Math.max(1.5 + 2 * s, Math.min(5 + 9 * s, r));
+  }
+
+  map.on("zoomend", () => {
+    for (const m of markers) m.setRadius(markerRadius(m.share, map.getZoom()));
+  });
+
+  // An H3 cell across the antimeridian has longitudes on both sides of ±180°: keep each ring on
+  // one side, so it is drawn as a small hexagon and not as a band across the map.
+  function unwrapped(geojson) {
+    const ring = (coords) => {
+      const out = [];
+      for (const [lon, lat] of coords) {
+        let x = lon;
+        if (out.length) {
+          const prev = out[out.length - 1][0];
+          while (x - prev > 180) x -= 360;
+          while (prev - x > 180) x += 360;
+        }
+        out.push([x, lat]);
+      }
+      return out;
+    };
+    const geometry = (g) => {
+      if (!g) return g;
+      if (g.type === "Polygon") return { ...g, coordinates: g.coordinates.map(ring) };
+      if (g.type === "MultiPolygon") return { ...g, coordinates: g.coordinates.map((p) => p.map(ring)) };
+      return g;
+    };
+    return { ...geojson, features: geojson.features.map((f) => ({ ...f, geometry: geometry(f.geometry) })) };
   }
 
   function renderCountries(r) {
@@ -500,13 +651,25 @@
   }
 
   function fitResult(r) {
-    const pts = r.candidates.map((c) => [c.lat, c.lon]);
-    if (!pts.length) return;
-    let bounds = L.latLngBounds(pts);
+    if (!r.candidates.length) return;
+    let bounds = L.latLngBounds(r.candidates.map((c) => [c.lat, c.lon]));
     regionLayer.eachLayer((g) => {
       if (g.getBounds) bounds = bounds.extend(g.getBounds());
     });
-    map.fitBounds(bounds.pad(0.3), { maxZoom: 4, animate: false });
+    map.fitBounds(bounds.pad(0.3), { maxZoom: 5.5, animate: false });
+  }
+
+  // Bring a known location into view: with all the candidates if they fit, else with the best
+  // one, else alone (a narrow map cannot show both sides of the world at once).
+  function fitTruth(r, truth) {
+    const here = [truth.lat, truth.lon];
+    const tries = [r.candidates.map((c) => [c.lat, c.lon]), r.candidates.slice(0, 1).map((c) => [c.lat, c.lon]), []];
+    for (const pts of tries) {
+      const bounds = L.latLngBounds([...pts, here]);
+      map.fitBounds(bounds.pad(0.2), { maxZoom: 6, animate: false });
+      if (map.getBounds().contains(bounds)) return;
+    }
+    map.setView(here, map.getZoom(), { animate: false });
   }
 
   // -- known location, error and feedback ------------------------------------------------------
@@ -517,6 +680,7 @@
     item.truth = { lat, lon, source };
     item.feedback = null;
     renderTruth();
+    if (!map.getBounds().pad(-0.05).contains([lat, lon])) fitTruth(item.result, item.truth);
   }
 
   function renderTruth() {
@@ -539,11 +703,11 @@
     const top = item.result.candidates[0];
     $("truth-lat").value = item.truth.lat.toFixed(4);
     $("truth-lon").value = item.truth.lon.toFixed(4);
-    L.circleMarker([item.truth.lat, item.truth.lon], { className: "geoloc-truth", radius: 7, color: "#00e5ff", weight: 3, fillColor: "#003a44", fillOpacity: 1 })
+    L.circleMarker([item.truth.lat, item.truth.lon], { pane: "geolocTruth", className: "geoloc-truth", radius: 7, color: "#00e5ff", weight: 3, fillColor: "#003a44", fillOpacity: 1 })
       .bindTooltip("known location")
       .addTo(truthLayer);
     if (top) {
-      L.polyline([[top.lat, top.lon], [item.truth.lat, item.truth.lon]], { color: "#00e5ff", weight: 2, dashArray: "6 6", interactive: false }).addTo(truthLayer);
+      L.polyline([[top.lat, top.lon], [item.truth.lat, item.truth.lon]], { pane: "geolocTruth", color: "#00e5ff", weight: 2, dashArray: "6 6", interactive: false }).addTo(truthLayer);
       const d = haversineKm(top, item.truth);
       out.textContent = `Known location ${coord(item.truth.lat, item.truth.lon)} (${item.truth.source}): the best candidate is ${km(d)} away.`;
       out.dataset.km = String(d);
@@ -642,5 +806,5 @@
   showKeyState();
   loadInfo();
   // For people debugging in the console, and for the end-to-end test.
-  window.geoloc = { map, markers, regionLayer, state, explain };
+  window.geoloc = { map, basemap, markers, regionLayer, state, explain };
 })();

@@ -4,10 +4,16 @@
 Needs the built page assets (`make install`: npm ci + python -m service.api.webpage build) and
 /usr/bin/chromium (`make system-deps`); without either these tests are skipped, saying why.
 Screenshots are written under the test's tmp_path (the path is printed; `pytest -s` shows it).
+With GEOLOC_DOC_SCREENSHOTS=docs/img the README's screenshots are written there too (PNG,
+256 colours, under 300 KB):
+
+    GEOLOC_DOC_SCREENSHOTS=docs/img pytest tests/service/api/test_web.py
 """
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -211,10 +217,33 @@ def _axe(page: object) -> list[dict]:
     ]
 
 
-def _screenshot(page: object, path: Path) -> None:
+DOC_BYTES = 300_000  # the most a README screenshot may weigh
+
+
+def _screenshot(page: object, path: Path, doc: str | None = None) -> None:
+    """A screenshot under tmp_path; with `doc`, also the README's docs/img/<doc> when
+    GEOLOC_DOC_SCREENSHOTS names that folder."""
     page.screenshot(path=str(path))  # type: ignore[attr-defined]
     print(f"\nscreenshot: {path}")
     assert path.stat().st_size > 10_000
+    folder = os.environ.get("GEOLOC_DOC_SCREENSHOTS")
+    if doc and folder:
+        _small_png(path, Path(folder) / doc)
+
+
+def _small_png(src: Path, dst: Path) -> None:
+    """256 colours (the satellite map dithered), scaled down until it weighs under DOC_BYTES."""
+    with Image.open(src) as im:
+        rgb = im.convert("RGB")
+    scale = 1.0
+    while True:
+        size = (round(rgb.width * scale), round(rgb.height * scale))
+        small = rgb if scale == 1.0 else rgb.resize(size, Image.Resampling.LANCZOS)
+        small.quantize(256, method=Image.Quantize.FASTOCTREE).save(dst, "PNG", optimize=True)
+        if dst.stat().st_size < DOC_BYTES:
+            break
+        scale *= 0.9
+    print(f"README screenshot: {dst} ({dst.stat().st_size // 1024} KB)")
 
 
 TOP_MARKER = "[geoloc.markers[0].getLatLng().lat, geoloc.markers[0].getLatLng().lng]"
@@ -273,8 +302,13 @@ def test_locate_a_tile_shows_candidates_region_chart_and_timings(server, open_pa
     timings = page.inner_text("#timings")
     for stage in ("encode", "retrieve", "refine", "verify", "diversify", "describe", "total"):
         assert stage in timings
+    # The picture itself, from the browser's own copy (an object URL), in its result and queue.
+    thumb = page.locator("#results img[src^='blob:']")
+    assert thumb.is_visible() and "sahara.png" in thumb.get_attribute("alt")
+    assert page.evaluate("document.getElementById('thumb').naturalWidth") == 64  # it loaded
+    assert page.locator("#queue img[src^='blob:']").is_visible()
 
-    _screenshot(page, tmp_path / "web-page.png")
+    _screenshot(page, tmp_path / "web-page.png", doc="web-result.png")
     assert p.off_loopback() == [], p.off_loopback()
     assert any(u.endswith("/web/lib/bluemarble.jpg") for u in p.requests)
     assert any(u.endswith("/web/lib/countries-50m.json") for u in p.requests)
@@ -322,8 +356,11 @@ def test_a_picture_the_model_cannot_locate_gets_a_banner_and_no_country_bars_on_
     assert p.off_loopback() == [], p.off_loopback()
 
 
+LAPTOP = (1366, 768)
+
+
 def test_drop_several_images_and_switch_between_them(server, open_page, tmp_path):
-    p = open_page(server)
+    p = open_page(server, viewport=LAPTOP)
     page = p.page
     files = [
         ("sahara.png", (tmp_path / "s.png", SAHARA)),
@@ -351,6 +388,13 @@ def test_drop_several_images_and_switch_between_them(server, open_page, tmp_path
     page.wait_for_selector("#results:not([hidden]) .candidate")
     lat, lon = page.evaluate(TOP_MARKER)
     assert haversine_km(*AUSTRALIA, lat, lon) < 750
+    # The top guesses and their probabilities at a glance: on screen without any scrolling.
+    assert page.evaluate("document.querySelector('.panel').scrollTop") == 0
+    rows = page.locator("#candidates .candidate")
+    for i in range(3):
+        box = rows.nth(i).bounding_box()
+        assert box is not None and box["y"] >= 0 and box["y"] + box["height"] <= LAPTOP[1], (i, box)
+        assert "%" in rows.nth(i).locator(".cand-prob").inner_text()
     assert p.off_loopback() == []
 
 
@@ -387,10 +431,12 @@ def test_known_location_by_click_shows_error_and_sends_feedback(server, open_pag
 def test_exif_gps_is_used_only_after_consent(server, open_page, tmp_path):
     p = open_page(server)
     page = p.page
-    photo = _tile(tmp_path / "geotagged.jpg", *SAHARA, gps=(24.5, 13.25))
+    sydney = (-33.9, 151.2)  # far from what the model sees: off the map fitted to the answer
+    photo = _tile(tmp_path / "geotagged.jpg", *SAHARA, gps=sydney)
     page.set_input_files("#file", str(photo))
     page.wait_for_selector("#exif-consent:not([hidden])")
-    assert "24.50°N, 13.25°E" in page.inner_text("#exif-text")
+    assert "33.90°S, 151.20°E" in page.inner_text("#exif-text")
+    assert not page.evaluate("ll => geoloc.map.getBounds().contains(ll)", list(sydney))
     assert page.inner_text("#truth-error") == ""  # nothing used before the person agrees
     page.click("#exif-use")
     page.wait_for_selector("#feedback:not([hidden])")
@@ -398,7 +444,15 @@ def test_exif_gps_is_used_only_after_consent(server, open_page, tmp_path):
     assert page.locator("#exif-consent").is_hidden()
     top = page.evaluate(TOP_MARKER)
     shown_km = float(page.get_attribute("#truth-error", "data-km"))
-    assert shown_km == pytest.approx(haversine_km(*top, 24.5, 13.25), rel=1e-3, abs=0.5)
+    assert shown_km == pytest.approx(haversine_km(*top, *sydney), rel=1e-3, abs=0.5)
+    # The map refits: the known location and the best candidate are both in view.
+    assert page.evaluate("ll => geoloc.map.getBounds().contains(ll)", list(sydney))
+    assert page.evaluate("ll => geoloc.map.getBounds().contains(ll)", top)
+    truth = page.locator("path.geoloc-truth").bounding_box()
+    view = page.locator("#map").bounding_box()
+    assert truth is not None and view is not None
+    assert view["x"] <= truth["x"] and truth["x"] + truth["width"] <= view["x"] + view["width"]
+    assert view["y"] <= truth["y"] and truth["y"] + truth["height"] <= view["y"] + view["height"]
 
 
 def test_not_an_image_and_a_damaged_image_get_clear_messages(server, open_page, tmp_path):
@@ -417,7 +471,7 @@ def test_not_an_image_and_a_damaged_image_get_clear_messages(server, open_page, 
     page.set_input_files("#file", str(tmp_path / "cut.png"))
     _wait_item(page, 2, "failed")
     assert "damaged or truncated" in _error_text(page)
-    _screenshot(page, tmp_path / "web-error.png")
+    _screenshot(page, tmp_path / "web-error.png", doc="web-error.png")
     assert "failed:" in page.locator("#queue .queue-item").nth(0).inner_text()
     assert p.off_loopback() == []
 
@@ -518,6 +572,131 @@ def test_keyboard_reaches_the_upload_control_and_opens_the_file_chooser(server, 
         assert p.file_choosers[-1].is_multiple()  # type: ignore[attr-defined]
     assert page.get_attribute("#choose", "type") == "button"  # a real control, named by text
     assert page.inner_text("#choose").strip() == "Choose images…"
+
+
+# Elements between `sel` and the document that scroll on their own (a box inside the page).
+SCROLL_BOXES = """sel => { const out = [];
+    for (let e = document.querySelector(sel).parentElement; e && e !== document.documentElement;
+         e = e.parentElement) {
+        const s = getComputedStyle(e);
+        if (['auto', 'scroll'].includes(s.overflowY) && e.scrollHeight > e.clientHeight)
+            out.push(`${e.tagName}#${e.id}.${e.className} ${e.clientHeight}/${e.scrollHeight}`);
+    }
+    return out; }"""
+
+# Whether the element's centre is on screen and drawn by the element itself (not covered).
+ON_SCREEN = """sel => { const e = document.querySelector(sel); const b = e.getBoundingClientRect();
+    const hit = document.elementFromPoint(b.left + b.width / 2, b.top + b.height / 2);
+    return b.height > 0 && b.top >= 0 && b.bottom <= innerHeight && e.contains(hit); }"""
+
+
+def test_on_a_phone_the_results_are_in_the_page_flow(judged_server, open_page, tmp_path):
+    p = open_page(judged_server, viewport=PHONE)
+    page = p.page
+    assert page.evaluate(ON_SCREEN, "#purpose")  # what this model locates, on screen at once
+    assert "satellite" in page.inner_text("#purpose").lower()
+    page.set_input_files("#file", str(_tile(tmp_path / "sahara.png", *SAHARA)))
+    page.wait_for_selector("#results:not([hidden]) .candidate")
+
+    # No box scrolling inside the page: the page itself scrolls to the candidates.
+    assert page.evaluate(SCROLL_BOXES, "#candidates .candidate") == []
+    first = page.locator("#candidates .candidate").first
+    first.scroll_into_view_if_needed()
+    assert page.evaluate(ON_SCREEN, "#candidates .candidate")
+    assert page.evaluate(ON_SCREEN, "#verdict") and page.is_visible("#verdict")
+    assert page.locator("#verdict").get_attribute("data-verdict") in ("located", "uncertain")
+    assert page.is_visible("#purpose") and page.is_visible("#results img[src^='blob:']")
+    # The first candidate row is above the fold after the upload, before any scrolling.
+    page.evaluate("window.scrollTo(0, 0)")
+    assert page.evaluate(ON_SCREEN, "#candidates .candidate")
+    # The map follows the candidates, a real size, inside the page flow.
+    map_box = page.locator("#map").bounding_box()
+    cand_box = page.locator("#candidates").bounding_box()
+    assert map_box is not None and cand_box is not None
+    assert map_box["y"] >= cand_box["y"] + cand_box["height"] and map_box["height"] >= 300
+    _screenshot(page, tmp_path / "phone.png", doc="web-phone.png")
+    assert _axe(page) == []
+    assert p.off_loopback() == []
+
+
+# The map's view lies inside the one world: no band beyond ±180° nor above or below the poles
+# (to a pixel: Leaflet rounds the view's pixel bounds).
+WORLD_FILLS_MAP = """() => { const w = geoloc.map.getPixelWorldBounds();
+    const v = geoloc.map.getPixelBounds();
+    return v.min.x >= w.min.x - 1.5 && v.min.y >= w.min.y - 1.5
+        && v.max.x <= w.max.x + 1.5 && v.max.y <= w.max.y + 1.5; }"""
+
+
+@pytest.mark.parametrize("viewport", [(1400, 900), PHONE], ids=["desktop", "phone"])
+def test_the_map_is_one_bounded_world_without_empty_bands(server, open_page, tmp_path, viewport):
+    page = open_page(server, viewport=viewport).page
+    page.wait_for_function("geoloc.basemap.isLoading && !geoloc.basemap.isLoading()")
+    assert page.evaluate(WORLD_FILLS_MAP)
+    if viewport != PHONE:
+        _screenshot(page, tmp_path / "empty.png", doc="web-empty.png")
+    assert page.evaluate("geoloc.basemap.options.noWrap")  # one world, no copies
+    least = page.evaluate("geoloc.map.getMinZoom()")
+    assert least > 0  # the least zoom is the one at which the world covers the map
+    page.evaluate("geoloc.map.setZoom(0, {animate: false})")
+    assert page.evaluate("geoloc.map.getZoom()") == least
+    for dx, dy in ((5000, 0), (-10000, 0), (0, 5000), (0, -10000)):
+        page.evaluate("d => geoloc.map.panBy(d, {animate: false})", [dx, dy])
+        assert page.evaluate(WORLD_FILLS_MAP), (dx, dy)
+    east = page.evaluate("geoloc.map.getBounds().getEast()")
+    assert east <= 180 + 1e-6
+
+
+def _map_pixels(page: object) -> np.ndarray:
+    png = page.locator("#map").screenshot()  # type: ignore[attr-defined]
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+
+
+def test_the_region_shows_at_world_zoom_and_markers_scale_with_zoom(
+    judged_server, open_page, tmp_path
+):
+    """Candidates spread over continents (this index's uncertainty region covers several):
+    the region stays visible at world zoom, and markers grow slower than distances do."""
+    page = open_page(judged_server).page
+    page.set_input_files("#file", str(_tile(tmp_path / "sahara.png", *SAHARA)))
+    page.wait_for_selector("#results:not([hidden]) .candidate")
+    cells = page.evaluate("geoloc.state.selected.result.region.cells.length")
+    assert cells > 1
+    # Stacked: base map and borders, then the region, the candidates, the known location.
+    panes = ["tilePane", "overlayPane", "geolocRegion", "geolocCandidates", "geolocTruth"]
+    z = page.evaluate("ps => ps.map(p => +getComputedStyle(geoloc.map.getPane(p)).zIndex)", panes)
+    assert z == sorted(z) and len(set(z)) == len(z), z
+    assert page.locator(".leaflet-geolocRegion-pane path.geoloc-region").count() == cells
+
+    page.evaluate("geoloc.map.setZoom(geoloc.map.getMinZoom(), {animate: false})")
+    page.wait_for_function("!geoloc.basemap.isLoading()")
+    world = page.evaluate("geoloc.map.getZoom()")
+    small = page.evaluate("geoloc.markers.map(m => m.getRadius())")
+    assert max(small) <= 5  # markers leave the region visible at world zoom
+    # The region as drawn changes what one sees at world zoom: every cell shows a few pixels.
+    with_region = _map_pixels(page)
+    page.evaluate("geoloc.map.removeLayer(geoloc.regionLayer)")
+    without = _map_pixels(page)
+    page.evaluate("geoloc.map.addLayer(geoloc.regionLayer)")
+    changed = int((np.abs(with_region - without).sum(axis=2) > 60).sum())
+    assert changed >= 10 * cells, (changed, cells)
+    _screenshot(page, tmp_path / "world.png")
+
+    # Zoomed in, markers grow, but slower than distances: the two nearest candidates separate.
+    page.evaluate("geoloc.map.setView(geoloc.markers[0].getLatLng(), 7, {animate: false})")
+    large = page.evaluate("geoloc.markers.map(m => m.getRadius())")
+    assert all(a < b for a, b in zip(small, large, strict=True))
+    assert large[0] / small[0] < 2 ** (7 - world) / 2
+    pts = page.evaluate(
+        "geoloc.markers.map(m => { const p = geoloc.map.latLngToContainerPoint(m.getLatLng());"
+        " return [p.x, p.y]; })"
+    )
+    i, j = min(
+        ((a, b) for a in range(len(pts)) for b in range(a + 1, len(pts))),
+        key=lambda ab: np.hypot(*np.subtract(pts[ab[0]], pts[ab[1]])),
+    )
+    assert np.hypot(*np.subtract(pts[i], pts[j])) > large[i] + large[j], (pts, large)
+    radii = page.evaluate("geoloc.markers.map(m => m.getRadius())")
+    assert radii == sorted(radii, reverse=True)  # still sized by probability
 
 
 def test_axe_finds_no_accessibility_violations(server, open_page, tmp_path):
