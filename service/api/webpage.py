@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"
@@ -94,12 +95,32 @@ def _copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+#: bmng.jpg paints the Southern Ocean south of about 60.3°S between about 125°W and 90°E one
+#: flat near-black blue (no depth shading), a dark rectangle beside the shaded ocean around it.
+FLAT_SOUTHERN_OCEAN = ((2, 5, 20), -60.3, 3)  # colour, northern edge (lat), tolerance
+
+
+def clean_southern_ocean(rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` (equirectangular, H x W x 3) with that flat rectangle painted in the median
+    colour of the shaded ocean of the same latitudes."""
+    colour, north, tolerance = FLAT_SOUTHERN_OCEAN
+    out = rgb.copy()
+    band = out[int((90 - north) / 180 * len(out)) :]
+    flat = np.abs(band.astype(int) - colour).sum(axis=-1) <= tolerance
+    pixel = band.astype(int)
+    ocean = ~flat & (pixel[..., 2] > pixel[..., 0] + 15) & (pixel.sum(axis=-1) < 250)
+    if flat.any() and ocean.any():
+        band[flat] = np.median(band[ocean], axis=0).astype(np.uint8)
+    return out
+
+
 def build_basemap(dst: Path, size: tuple[int, int] = BASEMAP_SIZE) -> None:
-    """Blue Marble (equirectangular, 2:1) downscaled once for the page's image overlay."""
+    """Blue Marble (equirectangular, 2:1) cleaned and downscaled once for the page's map."""
     from encoders.bluemarble import bmng_path  # the one place that knows where bmng.jpg is
 
     with Image.open(bmng_path()) as im:
-        small = im.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+        rgb = clean_southern_ocean(np.asarray(im.convert("RGB")))
+    small = Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS)
     tmp = dst.with_suffix(".tmp")
     small.save(tmp, "JPEG", quality=BASEMAP_QUALITY, optimize=True, progressive=True)
     tmp.replace(dst)
@@ -117,7 +138,8 @@ def build_assets(assets_dir: Path, node_modules: Path = NODE_MODULES) -> list[Pa
         _copy(src, assets_dir / v.target)
         written.append(assets_dir / v.target)
     basemap = assets_dir / BASEMAP
-    if not basemap.exists():  # the slow part (a few seconds): only once
+    # The slow part (a few seconds): once, and again when this module (how it is made) changes.
+    if not basemap.exists() or basemap.stat().st_mtime < Path(__file__).stat().st_mtime:
         build_basemap(basemap)
     written.append(basemap)
     return written

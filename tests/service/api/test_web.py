@@ -727,3 +727,23 @@ def test_page_says_how_to_build_when_assets_are_missing(tmp_path, bm_index, bm_l
         assert client.get("/web/app.js").status_code == 200  # our own files are committed
         assert client.get("/web/lib/leaflet.js").status_code == 404
         assert "/" not in client.get("/openapi.json").json()["paths"]  # a page, not the API
+
+
+def test_the_base_map_has_no_flat_rectangle_in_the_southern_ocean():
+    """bmng.jpg paints part of the Southern Ocean one flat near-black blue; the page's base
+    map paints it like the shaded ocean beside it."""
+    from encoders.bluemarble import bmng_path
+    from service.api.webpage import FLAT_SOUTHERN_OCEAN, clean_southern_ocean
+
+    colour, north, tolerance = FLAT_SOUTHERN_OCEAN
+    with Image.open(bmng_path()) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    band = slice(int((90 - north) / 180 * len(rgb)), None)
+
+    def flat_share(a: np.ndarray) -> float:
+        return float((np.abs(a[band].astype(int) - colour).sum(axis=-1) <= tolerance).mean())
+
+    assert flat_share(rgb) > 0.1
+    cleaned = clean_southern_ocean(rgb)
+    assert flat_share(cleaned) == 0.0
+    assert (cleaned[: band.start] == rgb[: band.start]).all()  # nothing else changes
