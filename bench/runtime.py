@@ -143,6 +143,10 @@ def main() -> None:
             base = info[("torch", "fp32")]
             for key, values in info.items():
                 rows.append((profile, key, values, base))
+            print_rows(rows)
+
+
+def print_rows(rows: list) -> None:
     print(
         "\n| profile | runtime | ms/image batch 1 (× torch) | ms/image batch 8 (× torch) "
         "| max abs Δ / min cos vs torch | RSS loaded / peak MiB | load s | export s, size MB |"
@@ -156,7 +160,8 @@ def main() -> None:
             f"| {v['ms_b1']:.2f} ({v['ms_b1'] / base['ms_b1']:.2f}×) "
             f"| {v['ms_b8']:.2f} ({v['ms_b8'] / base['ms_b8']:.2f}×) "
             f"| {parity} | {v['rss_mib']:.0f} / {v['peak_mib']:.0f} | {v['load_s']:.1f} "
-            f"| {export} |"
+            f"| {export} |",
+            flush=True,
         )
 
 
