@@ -90,7 +90,7 @@ def main() -> None:
             first = total - sum(epochs[1:])
             runs[name] = (first, epochs, report.losses)
             print(
-                f"{name}: epoch 1 (with caching) {first:.1f} s; epochs "
+                f"{name}: epoch 1{' (with caching)' if cache else ''} {first:.1f} s; epochs "
                 + ", ".join(f"{s:.2f} s" for s in epochs)
                 + "; losses "
                 + ", ".join(f"{x:.4f}" for x in report.losses)
