@@ -367,15 +367,19 @@ def load_image_runtime(
                 log.info("exporting the %s image tower (%s/%s)", model.profile, runtime, precision)
             _export(model, directory, runtime, precision, digest)
         manifest = read_manifest(directory)
+        backbone = model.image_tower.backbone
+        if release and not isinstance(backbone, ReleasedBackbone):
+            # Before the session loads, so that the two copies of the weights are never held
+            # together (ViT-L/14: peak RSS 2.8 GB instead of 4.0 GB).
+            model.image_tower.backbone = ReleasedBackbone(
+                digest, getattr(backbone, "image_size", None)
+            )
+            del backbone
+            gc.collect()
         # Loaded under the lock: a process exporting other weights cannot replace the file
         # between the check and the load (the session holds the model in memory).
         tower = OnnxImageTower(directory / MODEL_FILE, threads or torch.get_num_threads(), manifest)
     model.image_runtime = tower
-    backbone = model.image_tower.backbone
-    if release and not isinstance(backbone, ReleasedBackbone):
-        model.image_tower.backbone = ReleasedBackbone(digest, getattr(backbone, "image_size", None))
-        del backbone
-        gc.collect()
     return tower
 
 
