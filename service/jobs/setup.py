@@ -88,6 +88,9 @@ def run_setup(settings: Settings, *, echo: Echo = print, progress: bool = True) 
     model = _Model(s)
     steps = [
         ("database", lambda: _database(s, echo)),
+        # Another image runtime is exported here, where the data dir is writable (replicas
+        # may mount it read-only); loading the model exports a missing or stale one.
+        *([("image runtime", lambda: _image_runtime(model))] if s.image_runtime != "torch" else []),
         ("gallery", lambda: _gallery(s, model, echo, progress)),
         ("references", lambda: _references(s, model, echo, progress)),
         ("calibration", lambda: _calibration(s, model, echo, progress)),
@@ -134,6 +137,11 @@ def _database(s: Settings, echo: Echo) -> str:
     if before == after:
         return f"{display_url(s.db_url)} already at {after}"
     return f"{display_url(s.db_url)} upgraded {before or 'empty'} -> {after}"
+
+
+def _image_runtime(model: _Model) -> str:
+    m = model.get().image_runtime.manifest
+    return f"{m.runtime} {m.precision} export of weights {m.weights} ({m.created_at})"
 
 
 def _exists(s: Settings, name: str) -> bool:

@@ -26,9 +26,9 @@ SMALL = {
 }
 
 
-def _setup(data: Path) -> str:
+def _setup(data: Path, **extra: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GEOLOC_")}
-    env |= {**SMALL, "GEOLOC_DATA_DIR": str(data)}
+    env |= {**SMALL, "GEOLOC_DATA_DIR": str(data), **extra}
     done = subprocess.run(
         [sys.executable, "-m", "service.cli.main", "setup"],
         cwd=ROOT,
@@ -101,3 +101,17 @@ def test_setup_builds_gallery_references_and_calibration_once(tmp_path):
     newest = max(list_indexes(data, "refs-bluemarble"), key=lambda m: (m.created_at, m.version))
     assert STRUCTURE_FILE in newest.files and newest.count == 300
     assert load_locator(s).compares_structure
+
+
+def test_setup_exports_the_image_runtime_it_is_asked_for(tmp_path):
+    """With GEOLOC_IMAGE_RUNTIME=onnx, setup exports the tower into the data dir (where a
+    cluster's index job can write it), as a step of its own, once."""
+    data = tmp_path / "data"
+    env_runtime = {"GEOLOC_IMAGE_RUNTIME": "onnx", "GEOLOC_IMAGE_PRECISION": "int8"}
+    out = _setup(data, **env_runtime)
+    assert "[2/5] image runtime: onnx int8 export of weights" in out, out
+    manifest = data / "runtimes" / "bluemarble" / "onnx-int8" / "manifest.json"
+    exported = manifest.read_text()
+    again = _setup(data, **env_runtime)
+    assert "[2/5] image runtime: onnx int8" in again
+    assert manifest.read_text() == exported  # the same export (its created_at), not a new one
