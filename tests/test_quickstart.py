@@ -13,14 +13,13 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 from encoders.bluemarble import render_tile
+from tests.net import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -37,17 +36,11 @@ def _blocks_after_marker() -> list[list[str]]:
     return [[ln.split("#", 1)[0].strip() for ln in b.splitlines() if ln.strip()] for b in blocks]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_readme_quick_start_runs_as_written(tmp_path: Path) -> None:
     (install, setup, serve), (curl,) = _blocks_after_marker()
     assert install == "python3 -m venv .venv && .venv/bin/pip install -e ."
     assert setup == ".venv/bin/geoloc setup" and serve == ".venv/bin/geoloc serve"
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GEOLOC_")}
     env |= {**SMALL, "GEOLOC_DATA_DIR": str(tmp_path / "data"), "GEOLOC_PORT": str(port)}
     geoloc = str(Path(sys.executable).parent / "geoloc")
@@ -65,17 +58,7 @@ def test_readme_quick_start_runs_as_written(tmp_path: Path) -> None:
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the service never became ready"
-            time.sleep(0.5)
+        wait_ready(f"http://127.0.0.1:{port}/readyz", server, 120)
         render_tile(-25.0, 134.0, 14.0, 64).convert("RGB").save(tmp_path / "tile.jpg")
         words = argv(curl.replace(":8000", f":{port}"))
         answer = subprocess.run(words, cwd=tmp_path, capture_output=True, text=True, timeout=60)

@@ -18,10 +18,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import httpx
 import pytest
 
 from tests.deploy.conftest import tile_jpeg
+from tests.net import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 MIRROR = os.environ.get("GEOLOC_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -146,16 +145,10 @@ def test_image_configuration(image: tuple[Buildah, str]) -> None:
     assert "/data" in docker["Volumes"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_image_serves_as_its_own_user(image: tuple[Buildah, str]) -> None:
     buildah, name = image
     container = buildah("from", "--pull-never", name)
-    port = _free_port()
+    port = free_port()
     env = ["--env", f"GEOLOC_PORT={port}", "--env", "GEOLOC_HOST=127.0.0.1"]
 
     def run(*argv: str, timeout: float = 600) -> str:
@@ -175,17 +168,7 @@ def test_image_serves_as_its_own_user(image: tuple[Buildah, str]) -> None:
     )  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, server.stdout.read() if server.stdout else ""
-            try:
-                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the container's service never became ready"
-            time.sleep(1)
+        wait_ready(f"{base}/readyz", server, 300)
         answer = httpx.post(
             f"{base}/v1/locate", files={"file": ("t.jpg", tile_jpeg(), "image/jpeg")}, timeout=60
         )

@@ -24,8 +24,8 @@ from service.api.main import create_app
 from service.config import Settings
 from tests.deploy.cluster import Replica, replica_env
 from tests.net import free_port
+from tests.service.api.browser import browser_missing, chromium
 
-CHROMIUM = "/usr/bin/chromium"
 TIMEOUT_MS = 60_000
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DOC_PAGES = ("/docs", "/redoc")
@@ -34,13 +34,7 @@ REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (dev extra)")
 
 
-def _skip_reason() -> str | None:
-    if not Path(CHROMIUM).exists():
-        return f"{CHROMIUM} is missing: make system-deps (Debian package chromium)"
-    missing = webpage.missing_assets(Settings().web_assets_path)
-    if missing:
-        return f"web assets not built ({missing[0]} ...): make install"
-    return None
+_skip_reason = browser_missing
 
 
 # -- without a browser -------------------------------------------------------------------------
@@ -121,12 +115,8 @@ def browser() -> Iterator[object]:
     reason = _skip_reason()
     if reason is not None:
         pytest.skip(reason)
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 class Offline:

@@ -31,16 +31,16 @@ from PIL import Image
 from encoders.bluemarble import render_tile
 from index.geo import haversine_km
 from service.api.main import create_app
-from service.api.webpage import NODE_MODULES, missing_assets
+from service.api.webpage import NODE_MODULES
 from service.config import Settings
 from service.db import create_api_key, make_engine, make_sessionmaker
 from service.engine.negatives import negatives
 from tests.deploy.cluster import Replica, replica_env
 from tests.net import free_port
+from tests.service.api.browser import browser_missing, chromium
 
 pytest_plugins = ["api_fixtures"]  # the bluemarble model and a small H3 index
 
-CHROMIUM = "/usr/bin/chromium"
 AXE = NODE_MODULES / "axe-core" / "axe.min.js"
 SAHARA = (23.0, 12.0)  # a distinctive desert view the bundled model places well
 AUSTRALIA = (-25.0, 134.0)
@@ -50,11 +50,9 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwr
 
 
 def _skip_reason() -> str | None:
-    if not Path(CHROMIUM).exists():
-        return f"{CHROMIUM} is missing: make system-deps (Debian package chromium)"
-    missing = missing_assets(Settings().web_assets_path)
-    if missing:
-        return f"web page assets not built ({missing[0]} ...): make install"
+    reason = browser_missing()
+    if reason is not None:
+        return reason
     if not AXE.exists():
         return f"{AXE} is missing: make install (npm ci in service/web)"
     return None
@@ -140,12 +138,8 @@ def browser() -> Iterator[object]:
     reason = _skip_reason()
     if reason is not None:
         pytest.skip(reason)
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 @dataclass
