@@ -10,7 +10,7 @@ from typing import Annotated, Literal, get_type_hints
 from pydantic import Field, SecretStr, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.engine.options import SERVICE_OPTIONS, ImageLimits, LocateOptions
+from service.engine.options import SERVICE_OPTIONS, AlbumConfig, ImageLimits, LocateOptions
 
 _DEFAULTS = LocateOptions()
 #: One setting (GEOLOC_<NAME>) per option with a service-wide default, typed and defaulted
@@ -80,6 +80,13 @@ class Settings(_LocateDefaults):
         "about 10): a JPEG repeating a scan 1,000 times decodes for a minute.",
     )
     max_batch: int = Field(32, gt=0, description="Most images in one locate call.")
+    max_album: int = Field(
+        10,
+        ge=2,
+        le=64,
+        description="Most pictures in one album (POST /v1/locate/album, locate --album); the "
+        "album's pictures pass the image tower as one batch.",
+    )
     max_top_k: int = Field(100, gt=0, description="Largest top_k a request may ask for.")
     max_retrieve_k: int = Field(2048, gt=0, description="Largest retrieve_k a request may ask for.")
     max_text_chars: int = Field(
@@ -105,6 +112,29 @@ class Settings(_LocateDefaults):
     )
     max_rerank_k: int = Field(
         2048, ge=0, description="Largest rerank_k a request may ask for (rows read from disk)."
+    )
+
+    # -- albums (service/engine/album.py) -------------------------------------------------
+    album_temperature: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="Temperature of an album's joint answer: the weighted sum of its pictures' "
+        "log-likelihoods is divided by it (pictures of one place are not independent evidence).",
+    )
+    album_uniform: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Share of a uniform component in each picture's likelihood: bounds how "
+        "far one picture (from elsewhere, or with no location cues) can pull the joint answer.",
+    )
+    album_outlier_below: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="A picture whose agreement with the joint answer is below this is treated "
+        "as an outlier (its weight is its agreement times its localizability).",
     )
 
     # -- calibration and evaluation ------------------------------------------------------
@@ -415,6 +445,13 @@ class Settings(_LocateDefaults):
     def image_limits(self) -> ImageLimits:
         return ImageLimits(
             self.max_image_bytes, self.max_image_pixels, self.max_image_aspect, self.max_jpeg_scans
+        )
+
+    def album_config(self) -> AlbumConfig:
+        return AlbumConfig(
+            uniform=self.album_uniform,
+            temperature=self.album_temperature,
+            outlier_below=self.album_outlier_below,
         )
 
     def locate_options(self, **overrides: object) -> LocateOptions:

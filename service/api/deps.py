@@ -1,6 +1,6 @@
 """The dependencies the routes share: the ServiceState on ``app.state.service`` and what it
 holds (settings, Locator, a database session), the API-key check and rate limit, and the
-readers of the locate bodies (one image, a batch)."""
+readers of the locate bodies (one image, a batch, an album)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from service.api.problems import (
     UnsupportedContentTypeError,
 )
 from service.api.runtime import ServiceState
-from service.api.schemas import LocateJSONRequest, LocateRequestOptions
+from service.api.schemas import AlbumJSONRequest, LocateJSONRequest, LocateRequestOptions
 from service.config import Settings
 from service.db import authenticate
 from service.engine.locator import LocateOptions, Locator
@@ -222,6 +222,47 @@ async def read_batch_input(
         return [(f.filename, await _read_upload(f, settings.max_image_bytes)) for f in files], opts
 
 
+async def read_album_input(
+    request: Request, settings: SettingsDep, query: QueryOptions
+) -> tuple[list[tuple[str | None, bytes | str]], LocateOptions]:
+    """The pictures of /v1/locate/album: multipart ``files`` (bytes) or JSON ``images_base64``
+    (base64 text, decoded per picture), at most GEOLOC_MAX_ALBUM. How many can be used is the
+    operation's check: a bad picture is a problem of its own."""
+    limit = settings.max_album
+    too_many = f"at most {limit} pictures per album (GEOLOC_MAX_ALBUM)"
+    ctype = _content_type(request)
+    if ctype == "application/json" or ctype.endswith("+json"):
+        try:
+            body = AlbumJSONRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise _invalid_request(exc, "body") from None
+        if len(body.images_base64) > limit:
+            raise TooManyImagesError(too_many)
+        merged = {**query.model_dump(exclude_none=True), **body.model_dump(exclude_none=True)}
+        merged.pop("images_base64")
+        opts = ops.locate_options(settings, LocateRequestOptions(**merged))
+        texts: list[tuple[str | None, bytes | str]] = [(None, b) for b in body.images_base64]
+        return texts, opts
+    if ctype == "multipart/form-data":
+        opts = ops.locate_options(settings, query)
+        async with _form(request, limit, too_many) as form:
+            files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+            if not files:
+                raise MissingImageError("send the pictures as multipart fields named 'files'")
+            _only_fields(form, "files")
+            uploads: list[tuple[str | None, bytes | str]] = [
+                (f.filename, await _read_upload(f, settings.max_image_bytes)) for f in files
+            ]
+            return uploads, opts
+    raise UnsupportedContentTypeError(
+        f"send multipart/form-data (fields 'files') or application/json (images_base64), "
+        f"not {ctype or 'no content type'!r}"
+    )
+
+
+AlbumDep = Annotated[
+    tuple[list[tuple[str | None, bytes | str]], LocateOptions], Depends(read_album_input)
+]
 BatchDep = Annotated[
     tuple[list[tuple[str | None, bytes]], LocateOptions], Depends(read_batch_input)
 ]

@@ -63,6 +63,7 @@ def service_info(s: Settings, loc: Locator) -> InfoOut:
             max_jpeg_scans=s.max_jpeg_scans,
             max_request_bytes=s.max_request_bytes,
             max_batch=s.max_batch,
+            max_album=s.max_album,
             max_top_k=s.max_top_k,
             rate_limit_per_minute=s.rate_limit_per_minute,
             request_timeout_s=s.request_timeout_s,

@@ -47,10 +47,15 @@ class RouteDocs:
 
     auth_enabled: bool
     max_batch: int
+    max_album: int
 
     @classmethod
     def of(cls, settings: Settings) -> RouteDocs:
-        return cls(auth_enabled=settings.auth_enabled, max_batch=settings.max_batch)
+        return cls(
+            auth_enabled=settings.auth_enabled,
+            max_batch=settings.max_batch,
+            max_album=settings.max_album,
+        )
 
     @property
     def secured(self) -> dict[str, Any]:
@@ -71,12 +76,12 @@ MULTIPART_ONE = {
 }
 
 
-def multipart_many(max_batch: int) -> dict[str, Any]:
+def multipart_many(max_files: int, min_files: int = 1) -> dict[str, Any]:
     files = {"type": "array", "items": {"type": "string", "format": "binary"}}
     return {
         "type": "object",
         "required": ["files"],
-        "properties": {"files": {**files, "minItems": 1, "maxItems": max_batch}},
+        "properties": {"files": {**files, "minItems": min_files, "maxItems": max_files}},
         "additionalProperties": False,
     }
 

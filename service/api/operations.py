@@ -17,8 +17,10 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
+from PIL import Image
 from sqlalchemy.exc import SQLAlchemyError
 
 from encoders import get_profile
@@ -26,6 +28,7 @@ from index.geo import BBox, GeoError
 from service import db
 from service.api.instance import activate_index, readiness, service_info
 from service.api.problems import (
+    AlbumTooSmallError,
     InvalidBase64Error,
     Problem,
     UrlFetchDisabledError,
@@ -34,6 +37,8 @@ from service.api.problems import (
 from service.api.records import StatsQuery, prediction_view, stats, submit_feedback
 from service.api.runtime import ServiceState
 from service.api.schemas import (
+    AlbumImageOut,
+    AlbumResponse,
     BatchItem,
     BatchResponse,
     LocateRequestOptions,
@@ -41,6 +46,7 @@ from service.api.schemas import (
 )
 from service.api.urlfetch import fetch_image
 from service.config import Settings
+from service.engine.album import AlbumResult
 from service.engine.images import decode_image, image_text
 from service.engine.llm_stages import LLMReport
 from service.engine.llm_stages import skipped as llm_skipped
@@ -140,11 +146,14 @@ def _record(
     latency_ms: float,
     caller: Caller,
     prediction_id: str | None = None,
+    body: dict[str, Any] | None = None,
 ) -> str | None:
-    """Store the answer; None (and a log line) when the database cannot take it."""
+    """Store the answer (as ``body`` when given); None (and a log line) when the database
+    cannot take it."""
     if state.sessions is None or state.db_error is not None:
         return None
-    body = response.model_dump(mode="json", exclude={"prediction_id", "warnings"})
+    if body is None:
+        body = response.model_dump(mode="json", exclude={"prediction_id", "warnings"})
     try:
         with state.sessions() as session:
             return db.record_prediction(
@@ -214,6 +223,12 @@ async def locate_bytes(
     return await _answer(state, result, caller, start, prediction_id, warnings, report)
 
 
+_NOT_RECORDED = (
+    "the prediction was not recorded (database unavailable): no prediction_id, "
+    "so no feedback can be sent for it"
+)
+
+
 async def _answer(
     state: ServiceState,
     result: LocateResult,
@@ -231,10 +246,7 @@ async def _answer(
         _record, state, response, latency_ms, caller, prediction_id
     )
     if recorded is None:
-        response.warnings.append(
-            "the prediction was not recorded (database unavailable): no prediction_id, "
-            "so no feedback can be sent for it"
-        )
+        response.warnings.append(_NOT_RECORDED)
     response.prediction_id = recorded
     return response
 
@@ -281,6 +293,116 @@ async def locate_batch(
     return BatchResponse(items=list(items), succeeded=ok, failed=len(items) - ok)
 
 
+def album_response(
+    result: AlbumResult,
+    filenames: list[str | None],
+    used: list[int],
+    problems: dict[int, Problem],
+    warnings: list[str],
+    llm: LLMReport,
+) -> AlbumResponse:
+    """The body of POST /v1/locate/album (prediction ids unset): the joint answer, then one
+    item per picture sent (``filenames``), in order; the pictures at ``used`` are those
+    ``result`` located, the others have their ``problems``."""
+    joint = locate_response(result.joint, None, warnings, llm)
+    parts = dict(zip(used, result.parts(), strict=True))
+    own = dict(zip(used, result.images, strict=True))
+    items = [
+        AlbumImageOut(
+            index=i,
+            filename=name,
+            result=locate_response(own[i], None, [], llm),
+            **parts[i],
+        )
+        if i in own
+        else AlbumImageOut(
+            index=i, filename=name, weight=0.0, agreement=None, outlier=False, problem=problems[i]
+        )
+        for i, name in enumerate(filenames)
+    ]
+    return AlbumResponse(**joint.model_dump(), images=items, used=len(used))
+
+
+async def locate_album(
+    state: ServiceState,
+    files: list[tuple[str | None, bytes | str]],
+    options: LocateOptions,
+    caller: Caller,
+    *,
+    instance: str,
+) -> AlbumResponse:
+    """Locate pictures of one place jointly (``Locator.locate_album``, in the model thread).
+
+    A picture that cannot be read gets its problem and the album answers from the others when
+    at least two remain (saying so in ``warnings``); else 422 ``album-too-small``. Each
+    picture's own answer is recorded as a prediction, then the joint answer, whose stored body
+    names them and their weights. Base64 text (the JSON form) is decoded per picture."""
+    start = time.perf_counter()
+    locator = state.require_locator()
+    s = state.settings
+
+    def decode(data: bytes | str, name: str) -> Image.Image:
+        raw = decode_base64(data, s.max_image_bytes) if isinstance(data, str) else data
+        return decode_image(raw, s.image_limits(), name=name)
+
+    images: list[Image.Image] = []
+    used: list[int] = []
+    problems: dict[int, Problem] = {}
+    for i, (filename, data) in enumerate(files):
+        try:
+            images.append(await anyio.to_thread.run_sync(decode, data, filename or f"picture {i}"))
+            used.append(i)
+        except GeolocError as exc:
+            state.metrics.problems.labels(exc.type).inc()
+            problems[i] = Problem.model_validate(problem_dict(exc, f"{instance}#{i}"))
+    lost = "; ".join(f"#{i}: {p.detail}" for i, p in problems.items())
+    if len(images) < 2:
+        raise AlbumTooSmallError(
+            f"an album needs at least 2 pictures that can be read; {len(images)} of "
+            f"{len(files)} could" + (f" ({lost})" if lost else "")
+        )
+    result = await state.batcher.submit_album(
+        locator, images, options, s.album_config(), timeout_s=s.request_timeout_s
+    )
+    report = llm_skipped("albums do not use the LLM stages")
+    warnings = []
+    if problems:
+        warnings.append(
+            f"{len(problems)} of {len(files)} pictures could not be used ({lost}); the album "
+            f"answers from the other {len(images)}"
+        )
+    names = [filename for filename, _ in files]
+    album = album_response(result, names, used, problems, warnings, report)
+    for item in album.images:  # each picture's own answer, recorded
+        if item.result is not None:
+            latency_ms = (time.perf_counter() - start) * 1000
+            item.result.prediction_id = await anyio.to_thread.run_sync(
+                _record, state, item.result, latency_ms, caller, uuid.uuid4().hex
+            )
+            if item.result.prediction_id is None:
+                item.result.warnings.append(_NOT_RECORDED)
+    state.metrics.observe(result.joint.timings_ms, result.joint.localizability)
+    body = album.model_dump(mode="json", exclude={"prediction_id", "warnings", "images", "used"})
+    body["album"] = {
+        "used": album.used,
+        "images": [
+            {
+                **item.model_dump(mode="json", exclude={"result", "problem"}),
+                "prediction_id": item.result.prediction_id if item.result else None,
+                "problem": item.problem.type if item.problem else None,
+            }
+            for item in album.images
+        ],
+    }
+    latency_ms = (time.perf_counter() - start) * 1000
+    album.prediction_id = await anyio.to_thread.run_sync(
+        _record, state, album, latency_ms, caller, uuid.uuid4().hex, body
+    )
+    if album.prediction_id is None:
+        album.warnings.append(_NOT_RECORDED)
+    return album
+
+
 async def locate_url(
     state: ServiceState, url: str, options: LocateOptions, caller: Caller
 ) -> LocateResponse:
@@ -298,7 +420,9 @@ __all__ = [
     "Caller",
     "StatsQuery",
     "activate_index",
+    "album_response",
     "decode_base64",
+    "locate_album",
     "locate_batch",
     "locate_bytes",
     "locate_options",

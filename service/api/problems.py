@@ -60,6 +60,10 @@ class TooManyImagesError(HttpProblem):
     type, status, title = "too-many-images", 422, "Too many images"
 
 
+class AlbumTooSmallError(HttpProblem):
+    type, status, title = "album-too-small", 422, "Too few usable pictures in the album"
+
+
 class UnauthorizedError(HttpProblem):
     type, status, title = "unauthorized", 401, "Authentication required"
 

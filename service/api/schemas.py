@@ -439,6 +439,74 @@ class LocateResponse(BaseModel):
     )
 
 
+class AlbumJSONRequest(LocateRequestOptions):
+    """JSON form of /v1/locate/album: the pictures as base64 (data: URL prefixes accepted)."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
+
+    images_base64: list[str] = Field(
+        ...,
+        min_length=1,
+        description="The pictures' bytes, base64-encoded: 2 to GEOLOC_MAX_ALBUM of them.",
+    )
+
+
+class AlbumImageOut(BaseModel):
+    """One picture of an album: its own answer (or problem) and its part in the joint one."""
+
+    index: int = Field(description="Position of the picture in the request.")
+    filename: str | None = Field(None, description="The file's name in the request, if any.")
+    weight: float = Field(
+        description="Its share of the joint answer's evidence (the weights of an album sum to "
+        "1): its localizability score times its agreement, normalised; 0 when it abstains, "
+        "is an outlier of very low agreement, or could not be read."
+    )
+    agreement: float | None = Field(
+        description="How probable this picture finds the joint answer, relative to how "
+        "probable it finds its own (0 to 1; about 1 for a picture of the same place); null "
+        "when it could not be read."
+    )
+    outlier: bool = Field(
+        description="Whether it disagrees with the joint answer (agreement below "
+        "GEOLOC_ALBUM_OUTLIER_BELOW): a picture of another place, say."
+    )
+    result: LocateResponse | None = Field(
+        None, description="This picture's own answer (stored as a prediction); null on a problem."
+    )
+    problem: Problem | None = Field(
+        None, description="Why this picture could not be used (problem+json body)."
+    )
+
+
+class AlbumResponse(LocateResponse):
+    """POST /v1/locate/album: one joint answer for pictures of one place (the fields of a
+    locate answer: candidates, region, countries, verdict), and each picture's own answer
+    with its weight. ``prediction_id`` is the joint answer's: feedback on it applies to the
+    joint answer."""
+
+    model_config = _examples(
+        {
+            **LOCATE_EXAMPLE,
+            "images": [
+                {
+                    "index": i,
+                    "filename": f"view-{i}.jpg",
+                    "weight": w,
+                    "agreement": a,
+                    "outlier": a < 0.5,
+                    "result": {**LOCATE_EXAMPLE, "prediction_id": f"{i + 1:032x}"},
+                    "problem": None,
+                }
+                for i, (w, a) in enumerate(((0.52, 1.0), (0.48, 0.93), (0.0, 0.01)))
+            ],
+            "used": 3,
+        }
+    )
+
+    images: list[AlbumImageOut] = Field(description="One per picture, in the order sent.")
+    used: int = Field(description="Pictures that took part in the joint answer.")
+
+
 class BatchItem(BaseModel):
     """One file of a batch: its answer or its problem."""
 
@@ -706,6 +774,7 @@ class LimitsInfo(BaseModel):
     max_jpeg_scans: int = Field(description="Most scans a (progressive) JPEG may have.")
     max_request_bytes: int = Field(description="Largest request body, bytes.")
     max_batch: int = Field(description="Most files in one batch.")
+    max_album: int = Field(description="Most pictures in one album.")
     max_top_k: int = Field(description="Largest top_k.")
     rate_limit_per_minute: int = Field(description="Requests per minute per key (0: none).")
     request_timeout_s: float = Field(description="Deadline of one locate request, seconds.")
@@ -789,6 +858,7 @@ class InfoOut(BaseModel):
                 "max_jpeg_scans": 32,
                 "max_request_bytes": 67108864,
                 "max_batch": 32,
+                "max_album": 10,
                 "max_top_k": 100,
                 "rate_limit_per_minute": 0,
                 "request_timeout_s": 30.0,

@@ -15,6 +15,7 @@ from service.cli.common import friendly_errors, settings, usage_error
 
 if TYPE_CHECKING:
     from service.config import Settings
+    from service.engine.album import AlbumResult
     from service.engine.results import LocateResult
 
 
@@ -86,6 +87,33 @@ def probability_legend(within_km: float, calibrated: bool) -> str:
     )
 
 
+def album_json(result: AlbumResult, paths: list[Path]) -> str:
+    """``{"results": [{"input": [FILE, ...], "result": ...}]}``: one result, the body that
+    POST /v1/locate/album answers, built by the same function."""
+    from service.api.operations import album_response
+    from service.engine.llm_stages import skipped
+
+    labels = [str(p) for p in paths]
+    llm = skipped("albums do not use the LLM stages")
+    body = album_response(result, list(labels), list(range(len(labels))), {}, [], llm)
+    out = {"results": [{"input": labels, "result": body.model_dump(mode="json")}]}
+    return json.dumps(out, indent=2, ensure_ascii=False)
+
+
+def album_lines(result: AlbumResult, paths: list[Path], within_km: float) -> list[str]:
+    """The joint answer's table, then one line per image: its weight in the joint answer, its
+    agreement with it, its own top-1, and whether it is an outlier."""
+    lines = table_lines(f"album of {len(paths)} images (joint answer)", result.joint, within_km)
+    for path, own, part in zip(paths, result.images, result.parts(), strict=True):
+        top = own.candidates[0] if own.candidates else None
+        where = f"own top-1 {top.lat:.4f}, {top.lon:.4f}" if top else "no candidate"
+        lines.append(
+            f"  {path}: weight {part['weight']:.2f}, agreement {part['agreement']:.2f}, {where}"
+            + ("  (outlier)" if part["outlier"] else "")
+        )
+    return lines
+
+
 JSON_HELP = (
     'Print one JSON object, {"results": [{"input": FILE or TEXT, "result": {...}}]}, for one '
     "input or many. Each result has the fields of the HTTP answer of POST /v1/locate; its "
@@ -130,6 +158,14 @@ def locate_cmd(
     neighbours: Annotated[
         int | None, typer.Option(metavar="N", help="Reference images to retrieve.")
     ] = None,
+    album: Annotated[
+        bool,
+        typer.Option(
+            "--album",
+            help="The images show one place: answer jointly (2 to GEOLOC_MAX_ALBUM images), "
+            "with each image's weight and whether it is an outlier.",
+        ),
+    ] = False,
 ) -> None:
     """Locate images (several are encoded as one batch), or a description with --text."""
     if not text and not images:
@@ -139,9 +175,15 @@ def locate_cmd(
         )
     if text and images:
         usage_error('give image files, or --text "a description of a place", not both')
+    if album and text:
+        usage_error("--album locates images of one place; it does not take --text")
     from index.geo import BBox
 
     s = settings()
+    if album and not 2 <= len(images or []) <= s.max_album:
+        usage_error(
+            f"--album takes 2 to {s.max_album} images (GEOLOC_MAX_ALBUM); {len(images or [])} given"
+        )
     if profile:
         s = s.model_copy(update={"profile": profile})
     name, _, version = index.partition("/")
@@ -173,7 +215,26 @@ def locate_cmd(
             raise typer.Exit(2)
         from service.engine.loading import load_locator
 
+        if album and len(pil) < 2:
+            typer.echo("error: an album needs at least 2 images that can be read", err=True)
+            raise typer.Exit(2)
         loc = load_locator(s, index_name=name or None, index_version=version or None)
+        if album:
+            joint = loc.locate_album(pil, opts, s.album_config())
+            within_km = loc.calibration.within_km if loc.calibration else s.calibration_km
+            typer.echo(
+                album_json(joint, ok)
+                if as_json
+                else "\n".join(
+                    [
+                        *album_lines(joint, ok, within_km),
+                        probability_legend(within_km, loc.calibration is not None),
+                    ]
+                )
+            )
+            if problems:
+                raise typer.Exit(1)
+            return
         results = []
         for start in range(0, len(pil), batch_size):
             results += loc.locate(pil[start : start + batch_size], opts)

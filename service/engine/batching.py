@@ -20,14 +20,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from encoders.structure import structure_descriptors
+from service.engine.album import AlbumResult
 from service.engine.localizability import image_statistics_many
 from service.engine.locator import LocateResult, Locator
-from service.engine.options import LocateOptions
+from service.engine.options import AlbumConfig, LocateOptions
 from service.errors import DeadlineExceededError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,18 @@ class _Item:
     image: Image.Image
     options: LocateOptions
     future: asyncio.Future[LocateResult]
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Album:
+    """An album: its pictures pass the image tower together, as one batch of their own."""
+
+    locator: Locator
+    images: list[Image.Image]
+    options: LocateOptions
+    config: AlbumConfig
+    future: asyncio.Future[AlbumResult]
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -55,7 +69,7 @@ class MicroBatcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.queue_max = queue_max
         self.on_batch = on_batch
-        self._queue: asyncio.Queue[_Item] | None = None
+        self._queue: asyncio.Queue[_Item | _Album] | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._running = 0
@@ -91,6 +105,26 @@ class MicroBatcher:
         if self._queue is None:
             raise OverloadedError("the service is not started or is shutting down")
         item = _Item(locator, image, options, asyncio.get_running_loop().create_future())
+        return await self._wait(item, timeout_s)
+
+    async def submit_album(
+        self,
+        locator: Locator,
+        images: list[Image.Image],
+        options: LocateOptions,
+        config: AlbumConfig,
+        *,
+        timeout_s: float,
+    ) -> AlbumResult:
+        """An album's pictures, located jointly (``Locator.locate_album``) in the model thread,
+        in turn with the micro-batches. It takes one place in the queue."""
+        if self._queue is None:
+            raise OverloadedError("the service is not started or is shutting down")
+        future = asyncio.get_running_loop().create_future()
+        return await self._wait(_Album(locator, images, options, config, future), timeout_s)
+
+    async def _wait(self, item: _Item | _Album, timeout_s: float) -> Any:
+        assert self._queue is not None
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -103,7 +137,8 @@ class MicroBatcher:
         except TimeoutError:
             item.future.cancel()  # the worker skips it if it has not started yet
             raise DeadlineExceededError(
-                f"the image was not located within {timeout_s:g} s (GEOLOC_REQUEST_TIMEOUT_S)"
+                f"the {'album' if isinstance(item, _Album) else 'image'} was not located within "
+                f"{timeout_s:g} s (GEOLOC_REQUEST_TIMEOUT_S)"
             ) from None
 
     async def _worker(self) -> None:
@@ -122,25 +157,51 @@ class MicroBatcher:
                 except (TimeoutError, asyncio.QueueEmpty):
                     break
             batch = [item for item in batch if not item.future.done()]
-            if not batch:
+            albums = [item for item in batch if isinstance(item, _Album)]
+            singles = [item for item in batch if isinstance(item, _Item)]
+            if singles:
+                await self._run(loop, singles)
+            for album in albums:  # each album is a batch of its own pictures
+                await self._run(loop, [album])
+
+    async def _run(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Item] | list[_Album]
+    ) -> None:
+        """One micro-batch of single images, or one album, in the model thread."""
+        assert self._executor is not None
+        size = len(batch[0].images) if isinstance(batch[0], _Album) else len(batch)
+        self._running = size
+        try:
+            if self.on_batch is not None:
+                self.on_batch(size)
+            outcomes: list[Any] = await loop.run_in_executor(
+                self._executor, _run_album if isinstance(batch[0], _Album) else _run_batch, batch
+            )
+        except Exception as exc:  # the whole batch failed (e.g. the image tower)
+            log.exception("micro-batch of %d images failed", size)
+            outcomes = [exc] * len(batch)
+        finally:
+            self._running = 0
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if item.future.done():
                 continue
-            self._running = len(batch)
-            try:
-                if self.on_batch is not None:
-                    self.on_batch(len(batch))
-                outcomes = await loop.run_in_executor(self._executor, _run_batch, batch)
-            except Exception as exc:  # the whole batch failed (e.g. the image tower)
-                log.exception("micro-batch of %d images failed", len(batch))
-                outcomes = [exc] * len(batch)
-            finally:
-                self._running = 0
-            for item, outcome in zip(batch, outcomes, strict=True):
-                if item.future.done():
-                    continue
-                if isinstance(outcome, BaseException):
-                    item.future.set_exception(outcome)
-                else:
-                    item.future.set_result(outcome)
+            if isinstance(outcome, BaseException):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+
+
+def _run_album(batch: list[_Album]) -> list[AlbumResult | BaseException]:
+    (album,) = batch
+    start = time.perf_counter()
+    try:
+        result = album.locator.locate_album(album.images, album.options, album.config)
+    except Exception as exc:
+        return [exc]
+    queue_ms = round((start - album.queued_at) * 1000, 3)
+    for r in (result.joint, *result.images):
+        r.timings_ms = {"queue": queue_ms, **r.timings_ms}
+    return [result]
 
 
 def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:

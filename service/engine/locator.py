@@ -37,6 +37,7 @@ from index.geo import (
 from index.geocode import ReverseGeocoder
 from index.region import country_distribution, uncertainty_region
 from index.store import LoadedIndex
+from service.engine.album import AlbumConfig, AlbumResult, album_verdict, combine
 from service.engine.localizability import (
     GALLERY_K,
     NEIGHBOURS_K,
@@ -52,7 +53,14 @@ from service.engine.places import (
     neighbour_support,
     nms_owners,
 )
-from service.engine.results import Candidate, LocateResult, Pool, Scored, Timer, share_time
+from service.engine.results import (
+    Candidate,
+    LocateResult,
+    Pool,
+    Scored,
+    Timer,
+    share_time,
+)
 from service.errors import InvalidOptionError, TextQueryUnsupportedError
 
 if TYPE_CHECKING:
@@ -168,6 +176,93 @@ class Locator:
             if structure is not None:
                 r.add_time("retrieve", structure_ms)
         return results
+
+    def locate_album(
+        self,
+        images: Sequence[Image.Image],
+        options: LocateOptions,
+        config: AlbumConfig | None = None,
+    ) -> AlbumResult:
+        """Several pictures of one place: each picture's own answer, and one joint answer.
+
+        One pass of the image tower for all pictures, then the pipeline for each (retrieve,
+        refine, verify, judge). Every picture's candidates are pooled, every pooled point is
+        scored against every picture with verification's logits (one GPS-tower call for the
+        pool), and service/engine/album.py ``combine`` weighs the pictures. The joint answer
+        is described like a single one (diversify, region, countries), with the album's
+        verdict."""
+        config = config or AlbumConfig()
+        n = len(images)
+        t0 = time.perf_counter()
+        stats = self.image_features(images)
+        t1 = time.perf_counter()
+        structure = self.structure(images) if self.wants_structure(options) else None
+        t2 = time.perf_counter()
+        queries = self.embed(images)
+        t3 = time.perf_counter()
+        temperature = self.temperature(options)
+        batch = self._score(queries, options, temperature, structure)
+        if stats is not None and self.judge is not None and batch:
+            self._judge(batch, queries, np.asarray(stats), options)
+
+        t = time.perf_counter()
+        pooled = _pool_union([s.pool for s in batch])
+        m = len(pooled.score)
+        logits = np.zeros((n, m))
+        if m:
+            with torch.inference_mode():
+                gps = self.model.embed_gps(pooled.latlon.astype(np.float32))
+            cosines = queries.astype(np.float64) @ gps.T.astype(np.float64)  # (n, m)
+            for i, s in enumerate(batch):  # per picture, vectorised over the pool
+                logits[i] = self._logits(pooled.latlon, cosines[i], s.support, options)
+            prior = np.array([_prior_weight(s.verdict) for s in batch])
+            combined = combine(logits / temperature, prior, config)
+            pooled.score = combined.weights @ cosines  # the pictures' weighted mean cosine
+        else:
+            combined = combine(np.zeros((n, 1)), np.ones(n), config)
+        timer = Timer()
+        for stage in ("retrieve", "refine", "verify", "judge"):
+            total = sum(s.timer.ms.get(stage, 0.0) for s in batch)
+            if total:
+                timer.ms[stage] = round(total, 3)
+        stages = [*dict.fromkeys(st for s in batch for st in s.stages), "combine"]
+        verdict = None
+        if self.judge is not None:
+            verdict = album_verdict(
+                [s.verdict for s in batch], combined, self.judge.verdict, self.abstain_threshold
+            )
+        joint = Scored(
+            pooled,
+            combined.logits if m else np.empty(0),
+            None,
+            stages,
+            timer,
+            timer.add("combine", t),
+            [],
+            None,
+            None,
+            verdict=verdict,
+        )
+        result = self._describe(joint, options, 1.0)
+        singles = [self._describe(s, options, temperature) for s in batch]
+        # The steps before the pipeline ran once for all pictures: each gets its share.
+        steps = {"encode": t3 - t2, "judge": t1 - t0, "retrieve": t2 - t1}
+        for target, share in [(result, 1.0), *((r, 1.0 / n) for r in singles)]:
+            target.timings_ms = {
+                "encode": round(steps["encode"] * 1000 * share, 3),
+                **target.timings_ms,
+            }
+            if target.localizability is not None:
+                target.add_time("judge", steps["judge"] * 1000 * share)
+            target.add_time("retrieve", steps["retrieve"] * 1000 * share)
+        result.draft = None  # a joint answer is not revised by the LLM stages
+        return AlbumResult(
+            joint=result,
+            images=singles,
+            weights=combined.weights,
+            agreement=combined.agreement,
+            outlier=combined.outlier,
+        )
 
     def locate_texts(self, texts: Sequence[str], options: LocateOptions) -> list[LocateResult]:
         """Text queries ("a beach in Brittany"): text tower -> image head -> the pipeline."""
@@ -680,3 +775,28 @@ class Locator:
         if allowed is not None:
             all_scores = np.where(allowed[None, :], all_scores, -np.inf)
         return np.array([logsumexp(row) for row in all_scores])
+
+
+def _prior_weight(verdict: dict[str, Any] | None) -> float:
+    """A picture's weight in an album before agreement: its localizability score, 0 when its
+    own answer abstains, 1 without a verdict."""
+    if verdict is None:
+        return 1.0
+    return 0.0 if verdict["abstained"] else float(verdict["score"])
+
+
+def _pool_union(pools: Sequence[Pool]) -> Pool:
+    """The candidate points of several pools, each place once (the first pool's row)."""
+    if not pools:
+        return Pool(np.empty((0, 2)), np.empty(0), np.empty(0, bool), [], np.empty(0, "<U2"))
+    latlon = np.concatenate([p.latlon for p in pools])
+    _, first = np.unique(np.round(latlon, 6), axis=0, return_index=True)
+    first = np.sort(first)
+    source = [src for p in pools for src in p.source]
+    return Pool(
+        latlon=latlon[first],
+        score=np.concatenate([p.score for p in pools])[first],
+        exact=np.ones(len(first), dtype=bool),
+        source=[source[i] for i in first],
+        country=np.concatenate([p.country for p in pools])[first],
+    )

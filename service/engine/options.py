@@ -38,6 +38,19 @@ SERVICE_OPTIONS = (
 
 
 @dataclass(frozen=True)
+class AlbumConfig:
+    """How the pictures of an album are combined (service/engine/album.py;
+    GEOLOC_ALBUM_*, ``Settings.album_config``)."""
+
+    #: ε, the weight of the uniform component in each picture's likelihood.
+    uniform: float = 0.05
+    #: τ, the temperature of the joint: divides the weighted sum of the log-likelihoods.
+    temperature: float = 1.0
+    #: Pictures whose agreement with the joint answer is below this are outliers.
+    outlier_below: float = 0.5
+
+
+@dataclass(frozen=True)
 class ImageLimits:
     """What one picture may cost before it reaches the model, checked when it is decoded
     (GEOLOC_MAX_IMAGE_BYTES, _PIXELS, _ASPECT and GEOLOC_MAX_JPEG_SCANS;

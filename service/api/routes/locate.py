@@ -1,11 +1,12 @@
-"""POST /v1/locate (and /locate), /v1/locate/batch, /v1/locate/url, /v1/locate/text."""
+"""POST /v1/locate (and /locate), /v1/locate/batch, /v1/locate/album, /v1/locate/url,
+/v1/locate/text."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
 from service.api import operations as ops
-from service.api.deps import BatchDep, ImageDep, LocateCaller, SettingsDep, StateDep
+from service.api.deps import AlbumDep, BatchDep, ImageDep, LocateCaller, SettingsDep, StateDep
 from service.api.openapi import (
     MULTIPART_ONE,
     RouteDocs,
@@ -15,6 +16,8 @@ from service.api.openapi import (
 )
 from service.api.problems import openapi_problems
 from service.api.schemas import (
+    AlbumJSONRequest,
+    AlbumResponse,
     BatchResponse,
     LocateJSONRequest,
     LocateRequestOptions,
@@ -50,6 +53,21 @@ async def locate_batch(
     """
     files, options = batch
     return await ops.locate_batch(state, files, options, caller, instance=request.url.path)
+
+
+async def locate_album(
+    request: Request, caller: LocateCaller, album: AlbumDep, state: StateDep
+) -> AlbumResponse:
+    """Locate several pictures of one place jointly: multipart fields `files`, or JSON with
+    `images_base64`; 2 to GEOLOC_MAX_ALBUM pictures.
+
+    One joint answer (candidates, region, countries, verdict; `prediction_id` for feedback on
+    it), and each picture's own answer with its weight and whether it was an outlier. A
+    picture that cannot be read gets its problem; the album answers from the rest when at least
+    two remain. Options are query parameters (for JSON also body fields).
+    """
+    files, options = album
+    return await ops.locate_album(state, files, options, caller, instance=request.url.path)
 
 
 async def locate_url(
@@ -105,6 +123,24 @@ def router(settings: Settings) -> APIRouter:
         responses=openapi_problems(400, *docs.auth_errors, 413, 415, 422, 500, 503),
         openapi_extra={
             **request_body({"multipart/form-data": {"schema": multipart_many(docs.max_batch)}}),
+            **docs.secured,
+        },
+    )
+    api.add_api_route(
+        "/v1/locate/album",
+        locate_album,
+        methods=["POST"],
+        response_model=AlbumResponse,
+        operation_id="locate_album",
+        summary="Locate several pictures of one place jointly",
+        responses=openapi_problems(400, *docs.auth_errors, 413, 415, 422, 500, 503, 504),
+        openapi_extra={
+            **request_body(
+                {
+                    "multipart/form-data": {"schema": multipart_many(docs.max_album, 2)},
+                    "application/json": {"schema": schema_ref(AlbumJSONRequest)},
+                }
+            ),
             **docs.secured,
         },
     )

@@ -1,4 +1,5 @@
-// The geoloc web page: send images to POST /v1/locate, draw the answer on an offline map.
+// The geoloc web page: send images to POST /v1/locate (several of one place together to
+// POST /v1/locate/album), draw the answer on an offline map.
 // Everything it loads comes from this service (no CDN, no tile server).
 "use strict";
 
@@ -22,7 +23,9 @@
     return node;
   };
 
-  const state = { info: null, items: [], selected: null, nextId: 1, active: 0, waiting: [] };
+  // batch: the images of the latest drop or pick; samePlace: the "same place" choice, kept for
+  // the next drop of several images.
+  const state = { info: null, items: [], selected: null, nextId: 1, active: 0, waiting: [], batch: null, samePlace: false };
 
   // -- API key: kept in this browser only ------------------------------------------------------
 
@@ -94,6 +97,11 @@
     if (status === 504) return { text: "The service took too long to locate this image." + wait, retry: true };
     if (status === 404) return { text: "Not found: the service has no such prediction or page." };
     if (status === 405) return { text: "The service does not accept this kind of request here." };
+    if (type === "too-many-images") {
+      const max = limits && limits.max_album ? ` (at most ${limits.max_album} in an album)` : "";
+      return { text: `Too many images in one request${max}. Send fewer.` };
+    }
+    if (type === "album-too-small") return { text: "An album needs at least 2 images the service can read." };
     if (status === 422 || status === 400) return { text: "The service refused the request." };
     if (status >= 500) return { text: "The service failed on this request; the error is logged.", retry: true };
     return { text: `Unexpected answer (HTTP ${status}).` };
@@ -304,32 +312,94 @@
     .catch(() => {});
 
   // Above the base map and the borders: the region, then the candidates, then the known place.
-  for (const [name, z] of [["geolocRegion", 410], ["geolocCandidates", 420], ["geolocTruth", 430]]) {
+  // An album's images (each one's own best guess) between the candidates and the known place.
+  for (const [name, z] of [["geolocRegion", 410], ["geolocCandidates", 420], ["geolocAlbum", 425], ["geolocTruth", 430]]) {
     map.createPane(name).style.zIndex = String(z);
   }
   const regionLayer = L.layerGroup().addTo(map);
   const markerLayer = L.layerGroup().addTo(map);
+  const albumLayer = L.layerGroup().addTo(map);
   const truthLayer = L.layerGroup().addTo(map);
   const markers = []; // rank order, for the tests and for focusing from the list
+  const albumMarkers = []; // one per album image that has an answer, in the album's order
 
   // -- uploads ---------------------------------------------------------------------------------
 
+  function maxAlbum() {
+    const limits = state.info ? state.info.limits : null;
+    return limits && Number.isFinite(limits.max_album) ? limits.max_album : 0; // 0: no albums
+  }
+
+  // Images dropped or picked together form a batch. Several of them are offered "same place":
+  // off, each is located on its own; on, they go together to /v1/locate/album (one joint
+  // answer). The choice can change afterwards; what was already located is kept.
   function addFiles(files) {
     const images = Array.from(files);
     if (!images.length) return;
-    let first = null;
-    for (const file of images) {
-      const item = { id: state.nextId++, file, name: file.name || "image", status: "waiting", result: null, failure: null, truth: null, exif: null, exifAnswered: false, feedback: null };
+    const batch = {
       // A local preview (object URL): the image is not sent anywhere else for it.
-      item.thumb = typeof URL.createObjectURL === "function" ? URL.createObjectURL(file) : "";
-      state.items.push(item);
-      first = first || item;
-      readExifGps(item);
-      enqueue(item);
-    }
+      files: images.map((file) => ({ file, name: file.name || "image", thumb: typeof URL.createObjectURL === "function" ? URL.createObjectURL(file) : "" })),
+      items: null, // each image located on its own
+      album: null, // the album item
+      same: false,
+    };
+    state.batch = batch;
+    batch.same = images.length >= 2 && maxAlbum() >= 2 && state.samePlace;
     $("drop").classList.add("compact"); // one line once there are images: results come first
-    select(first);
-    renderQueue();
+    if (batch.same) showAlbum(batch);
+    else showEach(batch);
+    renderAlbumBar();
+  }
+
+  function showEach(batch) {
+    if (!batch.items) {
+      batch.items = batch.files.map((f) => ({ id: state.nextId++, file: f.file, name: f.name, thumb: f.thumb, status: "waiting", result: null, failure: null, truth: null, exif: null, exifAnswered: false, feedback: null }));
+      for (const item of batch.items) {
+        state.items.push(item);
+        readExifGps(item);
+        enqueue(item);
+      }
+    }
+    select(batch.items[0]);
+  }
+
+  function showAlbum(batch) {
+    if (batch.files.length > maxAlbum()) return; // the bar says why nothing is sent
+    if (!batch.album) {
+      const n = batch.files.length;
+      batch.album = { id: state.nextId++, album: batch, name: `Album of ${n} images`, thumb: batch.files[0].thumb, status: "waiting", result: null, failure: null, truth: null, exif: null, exifAnswered: true, feedback: null };
+      state.items.push(batch.album);
+      enqueue(batch.album);
+    }
+    select(batch.album);
+  }
+
+  function renderAlbumBar() {
+    const batch = state.batch;
+    const n = batch ? batch.files.length : 0;
+    const max = maxAlbum();
+    const offered = n >= 2 && max >= 2;
+    const box = $("same-place");
+    $("album-bar").hidden = !offered;
+    box.disabled = !offered;
+    box.checked = offered && batch.same;
+    $("album-count").textContent = String(n);
+    const msg = $("album-msg");
+    const tooMany = offered && batch.same && n > max;
+    msg.hidden = !tooMany;
+    msg.textContent = tooMany
+      ? `Too many images for one album: ${n} chosen, an album holds 2 to ${max}. Nothing was sent. Choose at most ${max} images, or turn off “Same place” to locate each image on its own.`
+      : "";
+  }
+
+  function samePlaceChanged() {
+    const batch = state.batch;
+    state.samePlace = $("same-place").checked;
+    if (!batch || batch.files.length < 2) return;
+    batch.same = state.samePlace;
+    if (batch.same) showAlbum(batch);
+    else showEach(batch);
+    renderAlbumBar();
   }
 
   async function readExifGps(item) {
@@ -369,11 +439,13 @@
     renderQueue();
     if (state.selected === item) render();
     const form = new FormData();
-    form.append("file", item.file, item.name);
+    if (item.album) for (const f of item.album.files) form.append("files", f.file, f.name);
+    else form.append("file", item.file, item.name);
     const k = parseInt($("top-k").value, 10);
     const query = Number.isFinite(k) && k > 0 ? `?top_k=${k}` : "";
+    const path = item.album ? "/v1/locate/album" : "/v1/locate";
     const started = performance.now();
-    const answer = await call("/v1/locate" + query, { method: "POST", body: form, headers: headers() });
+    const answer = await call(path + query, { method: "POST", body: form, headers: headers() });
     item.elapsedMs = performance.now() - started;
     if (answer.ok) {
       item.result = answer.body;
@@ -410,7 +482,7 @@
       } else {
         label = item.status === "waiting" ? "waiting…" : "locating…";
       }
-      const b = el("button", { type: "button", class: "queue-item " + item.status, "aria-pressed": String(state.selected === item) });
+      const b = el("button", { type: "button", class: "queue-item " + item.status + (item.album ? " album" : ""), "aria-pressed": String(state.selected === item) });
       if (item.status === "waiting" || item.status === "locating") b.append(el("span", { class: "spinner small", "aria-hidden": "true" }));
       else b.append(thumbnail(item, "queue-thumb", ""));
       b.append(el("span", { class: "queue-name", text: item.name }), el("span", { class: "queue-label", text: label }));
@@ -437,8 +509,12 @@
     $("results").hidden = true;
     regionLayer.clearLayers();
     markerLayer.clearLayers();
+    albumLayer.clearLayers();
     truthLayer.clearLayers();
     markers.length = 0;
+    albumMarkers.length = 0;
+    $("album-section").hidden = true;
+    $("legend-album").hidden = true;
     if (!item) return;
     if (item.status === "waiting" || item.status === "locating") {
       status.append(el("span", { class: "spinner", "aria-hidden": "true" }), el("span", { text: `Locating ${item.name}…` }));
@@ -461,14 +537,75 @@
     else thumb.removeAttribute("src");
     thumb.alt = `The image sent: ${item.name}`;
     $("result-name").textContent = item.name;
-    $("result-meta").textContent = `${r.candidates.length} candidates in ${Math.round(item.elapsedMs)} ms · model ${r.profile}`;
+    const used = item.album ? `Same place: joint answer from ${r.used} of ${item.album.files.length} images · ` : "";
+    $("result-meta").textContent = `${used}${r.candidates.length} candidates in ${Math.round(item.elapsedMs)} ms · model ${r.profile}`;
     $("results").hidden = false;
     renderVerdict(r);
     renderCandidates(r);
+    renderAlbum(item);
     renderCountries(r);
     renderTimings(r);
     renderTruth();
     fitResult(r);
+  }
+
+  // An album: each image's weight in the joint answer, its own best guess (a small numbered
+  // marker on the map, the same number in the list), "outlier" or why it could not be read.
+  function renderAlbum(item) {
+    const r = item.result;
+    const section = $("album-section");
+    const list = $("album-images");
+    list.replaceChildren();
+    section.hidden = !(item.album && Array.isArray(r.images));
+    $("legend-album").hidden = section.hidden;
+    if (section.hidden) return;
+    for (const image of r.images) {
+      const n = image.index + 1;
+      const f = item.album.files[image.index] || { name: "", thumb: "" };
+      const name = image.filename || f.name || `image ${n}`;
+      const own = image.result && image.result.candidates.length ? image.result.candidates[0] : null;
+      const abstained = image.result && image.result.localizability && image.result.localizability.abstained;
+      let text;
+      if (image.problem) {
+        const p = image.problem;
+        text = `Could not be read: ${p.detail || p.title || explain(p.status || 422, p).text}`;
+      } else if (!own) text = "no answer of its own";
+      else text = `Its own best guess: ${placeName(own)}, ${abstained ? "not locatable" : pct(own.probability)}`;
+      const pin = el("span", { class: "album-pin" + (image.outlier ? " outlier" : ""), text: String(n), "aria-hidden": "true" });
+      const meter = el("span", { class: "cand-meter album-meter", "aria-hidden": "true" });
+      const fill = el("span", { class: "cand-meter-fill" });
+      fill.style.width = `${Math.max(0, Math.min(100, 100 * image.weight))}%`;
+      meter.append(fill);
+      const side = el("span", { class: "album-side" }, el("span", { class: "album-weight", text: pct(image.weight) }));
+      side.append(el("span", { class: "visually-hidden", text: " of the joint answer" }));
+      if (image.outlier) side.append(el("span", { class: "outlier-tag", text: "outlier" }));
+      const li = el("li", { class: "album-image" + (image.outlier ? " outlier" : "") + (image.problem ? " failed" : ""), "data-index": String(image.index), "data-weight": String(image.weight) },
+        pin,
+        thumbnail(f, "album-thumb", ""),
+        el("span", { class: "album-main" },
+          el("span", { class: "album-name", text: `Image ${n}: ${name}` }),
+          meter,
+          el("span", { class: "album-own", text })),
+        side);
+      if (own) {
+        const go = () => map.flyTo([own.lat, own.lon], Math.max(map.getZoom(), 6));
+        li.tabIndex = 0;
+        li.addEventListener("click", go);
+        li.addEventListener("keydown", (e) => {
+          if (e.key === "Enter" || e.key === " ") {
+            e.preventDefault();
+            go();
+          }
+        });
+        const icon = L.divIcon({ className: "geoloc-album-image" + (image.outlier ? " outlier" : ""), html: `<span>${n}</span>`, iconSize: [20, 20], iconAnchor: [10, 10] });
+        const m = L.marker([own.lat, own.lon], { icon, pane: "geolocAlbum", keyboard: false, riseOnHover: true });
+        m.bindTooltip(`Image ${n} (${name}), its own best guess: ${placeName(own)}, weight ${pct(image.weight)}${image.outlier ? ", outlier" : ""}`);
+        m.albumIndex = image.index;
+        m.addTo(albumLayer);
+        albumMarkers.push(m);
+      }
+      list.append(li);
+    }
   }
 
   // The localizability verdict: a banner whenever the answer should not be taken at face
@@ -785,6 +922,7 @@
       renderTruth();
     });
     $("feedback").addEventListener("click", sendFeedback);
+    $("same-place").addEventListener("change", samePlaceChanged);
   }
 
   async function loadInfo() {
@@ -797,14 +935,16 @@
     state.info = info;
     $("purpose").textContent = `Model "${info.profile.name}": ${info.profile.purpose}`;
     $("limits").textContent = `JPEG, PNG or WebP, up to ${mb(info.limits.max_image_bytes)} each.`;
+    if (info.limits.max_album >= 2) $("limits").textContent += ` Several images of one place (2 to ${info.limits.max_album}) can be located together as an album.`;
     $("top-k").max = String(info.limits.max_top_k);
     if (info.auth_enabled && !storedKey()) $("key-box").open = true;
     showKeyState();
+    renderAlbumBar(); // images dropped before the limits were known
   }
 
   wire();
   showKeyState();
   loadInfo();
   // For people debugging in the console, and for the end-to-end test.
-  window.geoloc = { map, basemap, markers, regionLayer, state, explain };
+  window.geoloc = { map, basemap, markers, albumMarkers, regionLayer, state, explain };
 })();

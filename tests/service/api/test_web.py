@@ -711,6 +711,190 @@ def test_axe_finds_no_accessibility_violations(server, open_page, tmp_path):
     assert [v["id"] for v in _axe(page)] == ["label"]
 
 
+# -- albums: several images of one place, located together ------------------------------------
+
+#: Three views of Lake Chad's surroundings (a few tens of km apart) and one of Greenland.
+SAHEL = [(13.0, 14.0), (13.2, 14.3), (12.8, 13.8)]
+GREENLAND = (72.0, -40.0)
+
+ALBUM_DONE = (
+    "geoloc.state.selected && geoloc.state.selected.album "
+    "&& geoloc.state.selected.status === 'done'"
+)
+
+
+def _views(tmp_path: Path, points: list[tuple[float, float]]) -> list[str]:
+    return [str(_tile(tmp_path / f"view-{i}.png", *pt)) for i, pt in enumerate(points)]
+
+
+def _album_calls(p: Page) -> list[str]:
+    return [u for u in p.requests if urlsplit(u).path == "/v1/locate/album"]
+
+
+def _album_rows(page: object) -> list[dict]:
+    return page.eval_on_selector_all(  # type: ignore[attr-defined]
+        "#album-images .album-image",
+        """rows => rows.map(r => ({weight: +r.dataset.weight, text: r.innerText,
+            outlier: r.classList.contains('outlier'),
+            thumb: Boolean(r.querySelector('img[src^="blob:"]'))}))""",
+    )
+
+
+def test_album_same_place_sends_one_album_and_draws_the_joint_answer_and_each_image(
+    server, open_page, tmp_path
+):
+    p = open_page(server, viewport=LAPTOP)
+    page = p.page
+    page.wait_for_function("geoloc.state.info !== null")
+    page.fill("#top-k", "3")  # the page's options travel with the album as with one image
+    page.set_input_files("#file", _views(tmp_path, SAHEL))
+    page.wait_for_selector("#album-bar:not([hidden])")
+    assert "Same place" in page.inner_text("#album-bar") and "3 images" in page.inner_text(
+        "#album-bar"
+    )
+    # Off at first: each image is located on its own, as before.
+    assert not page.is_checked("#same-place") and page.is_enabled("#same-place")
+    page.wait_for_function(
+        "geoloc.state.items.length === 3 && geoloc.state.items.every(i => i.status === 'done')"
+    )
+    assert _album_calls(p) == []
+
+    with page.expect_request(lambda r: urlsplit(r.url).path == "/v1/locate/album") as sent:
+        page.check("#same-place")
+    request = sent.value
+    assert request.method == "POST" and "top_k=3" in request.url
+    page.wait_for_function(ALBUM_DONE)
+    page.wait_for_selector("#album-section:not([hidden]) .album-image")
+    result = page.evaluate("geoloc.state.selected.result")
+    assert result["used"] == 3 and "combine" in result["stages"]
+    # Every image, in order, in the multipart field `files` (the endpoint reads no other).
+    names = [i["filename"] for i in result["images"]]
+    assert names == ["view-0.png", "view-1.png", "view-2.png"]
+
+    # The joint answer, drawn as a single answer is: candidates, markers, region, countries.
+    assert page.locator("#candidates .candidate").count() == len(result["candidates"]) == 3
+    assert page.locator("path.geoloc-candidate").count() == 3
+    assert page.locator("path.geoloc-top").count() == 1
+    assert haversine_km(*SAHEL[0], *page.evaluate(TOP_MARKER)) < 750
+    assert page.locator("path.geoloc-region").count() >= 1
+    assert page.locator("#country-bars .bar-row").count() >= 1
+    assert "Album of 3 images" in page.inner_text("#result-name")
+    assert "Same place: joint answer from 3 of 3 images" in page.inner_text("#result-meta")
+    assert page.locator("#queue .queue-item.album").count() == 1
+
+    # Each image's own best guess: a small numbered marker, in its own pane, near the place.
+    pins = page.locator(".leaflet-geolocAlbum-pane .geoloc-album-image")
+    assert pins.count() == 3
+    assert [pins.nth(i).inner_text() for i in range(3)] == ["1", "2", "3"]
+    own = page.evaluate("geoloc.albumMarkers.map(m => [m.getLatLng().lat, m.getLatLng().lng])")
+    for i, (lat, lon) in enumerate(own):
+        own_top = result["images"][i]["result"]["candidates"][0]
+        assert (lat, lon) == pytest.approx((own_top["lat"], own_top["lon"]))
+        assert haversine_km(*SAHEL[i], lat, lon) < 1000
+    box = pins.first.bounding_box()
+    assert box is not None and box["width"] <= 24  # small, unlike the candidates' circles
+
+    # The list: thumbnail, weight as a percentage, no outlier among views of one place.
+    rows = _album_rows(page)
+    assert len(rows) == 3 and all(r["thumb"] for r in rows)
+    assert sum(r["weight"] for r in rows) == pytest.approx(1.0, abs=1e-6)
+    for row, image in zip(rows, result["images"], strict=True):
+        assert f"{round(image['weight'] * 100)}%" in row["text"]
+        assert "view-" in row["text"] and not row["outlier"] and "OUTLIER" not in row["text"]
+    assert page.locator("#legend-album").is_visible()
+    _screenshot(page, tmp_path / "album.png")
+
+    # Off again: the images' own answers; on again: the album, not sent a second time.
+    page.uncheck("#same-place")
+    page.wait_for_selector("#album-section", state="hidden")
+    assert page.evaluate("geoloc.state.selected.album") is None
+    assert page.locator(".geoloc-album-image").count() == 0
+    page.check("#same-place")
+    page.wait_for_selector("#album-section:not([hidden]) .album-image")
+    assert len(_album_calls(p)) == 1
+    assert p.off_loopback() == []
+
+
+def test_album_marks_the_picture_of_another_place_as_an_outlier_on_a_phone(
+    judged_server, open_page, tmp_path
+):
+    p = open_page(judged_server, viewport=PHONE)
+    page = p.page
+    page.wait_for_function("geoloc.state.info !== null")
+    notes = tmp_path / "notes.png"
+    notes.write_text("these are not pixels\n" * 20)
+    page.set_input_files("#file", [*_views(tmp_path, [*SAHEL, GREENLAND]), str(notes)])
+    page.wait_for_selector("#album-bar:not([hidden])")
+    assert page.evaluate(ON_SCREEN, "#same-place")  # the choice, on screen on a phone too
+    page.check("#same-place")
+    page.wait_for_function(ALBUM_DONE)
+    page.wait_for_selector("#album-section:not([hidden]) .album-image")
+    result = page.evaluate("geoloc.state.selected.result")
+    assert result["used"] == 4
+
+    rows = _album_rows(page)
+    assert len(rows) == 5
+    assert [r["outlier"] for r in rows] == [False, False, False, True, False]
+    assert "outlier" in rows[3]["text"].lower() and rows[3]["weight"] < 0.1
+    # The file that is no image: its problem, in its row; a warning above the answer.
+    assert rows[4]["weight"] == 0 and "Could not be read" in rows[4]["text"]
+    assert result["images"][4]["problem"]["detail"] in rows[4]["text"]
+    assert "could not be used" in page.inner_text("#status .warn")
+
+    pins = page.locator(".geoloc-album-image")
+    assert pins.count() == 4  # the unreadable file has no guess of its own
+    assert page.locator(".geoloc-album-image.outlier").count() == 1
+    assert page.locator(".geoloc-album-image.outlier").inner_text() == "4"
+    far = page.evaluate("geoloc.albumMarkers[3].getLatLng()")
+    assert haversine_km(*GREENLAND, far["lat"], far["lng"]) < 1500
+    assert haversine_km(*SAHEL[0], *page.evaluate(TOP_MARKER)) < 750  # not pulled north
+
+    assert page.evaluate(SCROLL_BOXES, "#album-images .album-image") == []
+    page.locator("#album-images .album-image").nth(3).scroll_into_view_if_needed()
+    assert page.evaluate(ON_SCREEN, "#album-images .album-image.outlier")
+    # The joint answer's localizability banner, as for one image.
+    assert page.locator("#verdict").get_attribute("data-verdict") in ("located", "uncertain")
+    page.locator("#verdict").scroll_into_view_if_needed()
+    assert page.evaluate(ON_SCREEN, "#verdict")
+    _screenshot(page, tmp_path / "phone-album.png")
+    assert _axe(page) == []
+    assert p.off_loopback() == []
+
+
+def test_album_needs_two_images_and_at_most_max_album(server, open_page, tmp_path):
+    p = open_page(server)
+    page = p.page
+    page.wait_for_function("geoloc.state.info !== null")
+    assert page.evaluate("geoloc.state.info.limits.max_album") >= 2
+    assert page.locator("#same-place").is_hidden()  # nothing to choose before any image
+    page.set_input_files("#file", _views(tmp_path, SAHEL[:1]))
+    _wait_item(page, 1, "done")
+    assert page.locator("#album-bar").is_hidden()
+    assert page.locator("#same-place").is_hidden() and page.is_disabled("#same-place")
+
+    # More than the service allows (made 2 here): a message, nothing sent.
+    page.evaluate("geoloc.state.info.limits.max_album = 2")
+    page.set_input_files("#file", _views(tmp_path, SAHEL))
+    page.wait_for_selector("#album-bar:not([hidden])")
+    page.check("#same-place")
+    page.wait_for_selector("#album-msg:not([hidden])")
+    message = page.inner_text("#album-msg")
+    assert "Too many images" in message and "2 to 2" in message and "Nothing was sent" in message
+    _wait_item(page, 4, "done")  # the three were located one by one before the choice
+    assert _album_calls(p) == []
+    assert page.evaluate("geoloc.state.items.some(i => i.album)") is False
+
+    # The choice stays for the next drop: two images go straight to the album endpoint.
+    before = len([u for u in p.requests if urlsplit(u).path == "/v1/locate"])
+    (tmp_path / "next").mkdir()
+    page.set_input_files("#file", _views(tmp_path / "next", SAHEL[1:]))
+    page.wait_for_function(ALBUM_DONE)
+    assert page.is_checked("#same-place") and page.locator("#album-msg").is_hidden()
+    assert len(_album_calls(p)) == 1
+    assert len([u for u in p.requests if urlsplit(u).path == "/v1/locate"]) == before
+    assert page.locator(".geoloc-album-image").count() == 2
+
+
 def test_page_says_how_to_build_when_assets_are_missing(tmp_path, bm_index, bm_locator):
     settings = Settings(data_dir=bm_index.data_dir, web_assets_dir=tmp_path / "nothing")
     with TestClient(create_app(settings, locator=bm_locator)) as client:

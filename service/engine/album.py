@@ -1,0 +1,147 @@
+"""Albums: several pictures of one place, located jointly.
+
+The locator pools the candidates of every picture of an album and scores each pooled point
+against every picture with the same image↔GPS logits verification uses (``Locator._logits``:
+GPS-tower similarity plus the picture's reference-neighbour support). This module combines
+those per-picture scores into one answer; it is plain numpy (no torch, no HTTP).
+
+The combination, per pooled point ``c`` and picture ``i``:
+
+- ``log p_i(c)``: the picture's own softmax over the pooled points, at the calibrated
+  temperature;
+- a mixture with a uniform component, ``p~_i = (1 - ε) p_i + ε / m``: one picture can lower a
+  point by at most ``log ε/m``, so a picture from elsewhere (or with no location cues) cannot
+  veto the place the others agree on;
+- the joint logit ``J(c) = Σ_i w_i log p~_i(c) / τ`` (``τ``: the album temperature; the
+  pictures of one place are not independent evidence, so their product is tempered);
+- the weights ``w_i = l_i · r_i``: ``l_i`` the picture's localizability score (0 when its
+  answer abstains), ``r_i`` its agreement with the joint answer: how probable the picture
+  finds the joint distribution ``q = softmax(J)``, relative to how probable it finds its own,
+  ``min(1, Σ_c q(c) p_i(c) / Σ_c p_i(c)²)``, divided by the best picture's (so the picture
+  that agrees best has 1). A picture of the same place scores about 1; a confident picture of
+  another place about 0; a picture with no location cues (a flat ``p_i``) about 1 (it moves
+  nothing). A few rounds of this reweighting settle; a picture with agreement below
+  ``outlier_below`` is an outlier.
+
+Everything is an (n, m) array operation: no loop over picture-candidate pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.engine.options import AlbumConfig
+from service.engine.results import LocateResult
+
+__all__ = ["AlbumConfig", "AlbumResult", "Combined", "album_verdict", "combine"]
+
+#: Rounds of reweighting (each: joint, then every picture's agreement with it).
+ROUNDS = 4
+
+
+@dataclass
+class Combined:
+    """The joint answer over the pooled points, and each picture's part in it."""
+
+    logits: np.ndarray  # (m,) joint logits J (already divided by τ)
+    weights: np.ndarray  # (n,) w_i / Σ w (0 for pictures left out)
+    agreement: np.ndarray  # (n,) r_i in [0, 1]
+    outlier: np.ndarray  # (n,) bool
+
+
+@dataclass
+class AlbumResult:
+    """An album's joint answer, each picture's own answer, and each picture's part."""
+
+    joint: LocateResult
+    images: list[LocateResult]
+    weights: np.ndarray  # (n,) share of the joint answer's evidence; sums to 1
+    agreement: np.ndarray  # (n,) agreement with the joint answer, in [0, 1]
+    outlier: np.ndarray  # (n,) bool
+
+    def parts(self) -> list[dict[str, Any]]:
+        """Each picture's ``{"weight", "agreement", "outlier"}``."""
+        return [
+            {"weight": float(w), "agreement": float(a), "outlier": bool(o)}
+            for w, a, o in zip(self.weights, self.agreement, self.outlier, strict=True)
+        ]
+
+
+def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    m = np.max(x, axis=axis, keepdims=True)
+    return x - (m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)))
+
+
+def combine(
+    logits: np.ndarray,
+    localizability: np.ndarray,
+    config: AlbumConfig,
+) -> Combined:
+    """Joint logits over m pooled points from each picture's ``logits`` (n, m), already at the
+    calibrated temperature, and its ``localizability`` (n,) prior weight in [0, 1]."""
+    logits = np.asarray(logits, dtype=np.float64)
+    n, m = logits.shape
+    eps = float(np.clip(config.uniform, 1e-9, 1.0 - 1e-9))
+    logp = log_softmax(logits, axis=1)  # log p_i
+    p = np.exp(logp)
+    mix = np.logaddexp(np.log1p(-eps) + logp, np.log(eps / m))  # log p~_i
+    self_match = np.einsum("ij,ij->i", p, p)  # Σ_c p_i(c)²: the picture's own typical match
+    prior = np.clip(np.nan_to_num(np.asarray(localizability, dtype=np.float64)), 0.0, 1.0)
+    if not prior.any():  # every picture abstains: combine them evenly (the verdict says so)
+        prior = np.ones(n)
+    weights = prior.copy()
+    agreement = np.ones(n)
+    joint = np.zeros(m)
+    for _ in range(ROUNDS):
+        joint = weights @ mix / config.temperature
+        q = np.exp(log_softmax(joint))
+        match = np.minimum(1.0, (p @ q) / self_match)
+        agreement = match / max(float(match[prior > 0].max()), 1e-12)
+        weights = prior * agreement
+        if not weights.any():
+            weights = prior
+    joint = weights @ mix / config.temperature
+    total = weights.sum()
+    return Combined(
+        logits=joint,
+        weights=weights / total if total > 0 else weights,
+        agreement=agreement,
+        outlier=(agreement < config.outlier_below) & (prior > 0),
+    )
+
+
+def album_verdict(
+    verdicts: list[dict[str, Any] | None],
+    combined: Combined,
+    verdict_of: Any,
+    abstain_below: float | None,
+) -> dict[str, Any] | None:
+    """The album's localizability: that of its most locatable picture that agrees with the
+    joint answer (an album is as locatable as its best consistent picture), ``uncertain`` at
+    most when most of its locatable pictures disagree with it. ``verdict_of(score)`` is the
+    fitted model's verdict for a score. None when the pictures carry no verdict."""
+    if not verdicts or any(v is None for v in verdicts):
+        return None
+    n = len(verdicts)
+    agree = ~combined.outlier & (combined.weights > 0)  # took part, and agree
+    scores = np.array([float(v["score"]) for v in verdicts])  # type: ignore[index]
+    pool = np.flatnonzero(agree) if agree.any() else np.arange(n)
+    best = int(pool[np.argmax(scores[pool])])
+    score = float(scores[best])
+    verdict = str(verdict_of(score))
+    reason = str(verdicts[best]["reason"])  # type: ignore[index]
+    located = [i for i, v in enumerate(verdicts) if v["verdict"] == "located"]  # type: ignore[index]
+    disagree = [i for i in located if combined.outlier[i]]
+    if verdict == "located" and len(located) >= 2 and 2 * len(disagree) > len(located):
+        verdict, reason = "uncertain", "the pictures disagree about the place"
+    agreeing = int(agree.sum())
+    reason = f"{agreeing} of {n} pictures agree; {reason}"
+    return {
+        "score": score,
+        "verdict": verdict,
+        "reason": reason,
+        "abstained": bool(abstain_below is not None and score < abstain_below),
+    }

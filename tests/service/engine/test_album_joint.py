@@ -1,0 +1,150 @@
+"""Albums in the engine: how pictures are combined (service/engine/album.py) and
+``Locator.locate_album`` on real tiles with a fitted verdict; the CLI's --album."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from api_helpers import tile_bytes
+from PIL import Image
+from typer.testing import CliRunner
+
+from index.geo import haversine_km
+from service.cli.main import app
+from service.config import Settings
+from service.engine.album import combine
+from service.engine.negatives import negatives
+from service.engine.options import AlbumConfig
+
+pytest_plugins = ["api_fixtures"]  # the model, its index versions, a fitted verdict
+
+runner = CliRunner()
+SAHEL = [(13.0, 14.0), (13.3, 14.3), (12.8, 13.7), (13.1, 13.9)]
+GREENLAND = (72.0, -40.0)
+
+
+def tile(lat: float, lon: float) -> Image.Image:
+    return Image.open(io.BytesIO(tile_bytes(lat, lon))).convert("RGB")
+
+
+def test_consistent_pictures_beat_each_single_answer():
+    # Point 0 is the place. Each picture is unsure and puts its own top-1 on another point,
+    # but all three give point 0 a fair share: only together do they find it.
+    logits = np.array(
+        [
+            [2.0, 3.0, 0.0, 0.0],
+            [2.0, 0.0, 3.0, 0.0],
+            [2.0, 0.0, 0.0, 3.0],
+        ]
+    )
+    assert all(np.argmax(row) != 0 for row in logits)
+    c = combine(logits, np.ones(3), AlbumConfig())
+    assert np.argmax(c.logits) == 0
+    assert c.weights.sum() == pytest.approx(1.0)
+    assert not c.outlier.any()
+
+
+def test_an_outlier_gets_a_low_weight_and_cannot_move_the_answer():
+    m = 50
+    same = np.zeros((4, m))
+    same[:, 7] = 6.0  # four confident pictures of point 7
+    other = np.zeros((1, m))
+    other[0, 30] = 9.0  # one even more confident picture of point 30
+    c = combine(np.vstack([same, other]), np.ones(5), AlbumConfig())
+    assert np.argmax(c.logits) == 7
+    assert c.outlier.tolist() == [False] * 4 + [True]
+    assert c.weights[4] < 0.02 and c.agreement[4] < 0.05
+    # Without the uniform component and the reweighting, the one picture would cost more:
+    # its joint log-odds of point 30 against 7 are bounded by the mixture.
+    gap = c.logits[7] - c.logits[30]
+    assert gap > 5
+
+
+def test_a_picture_with_no_cues_moves_nothing_and_abstained_ones_weigh_nothing():
+    m = 20
+    peaked = np.zeros((2, m))
+    peaked[:, 3] = 5.0
+    flat = np.zeros((1, m))
+    with_flat = combine(np.vstack([peaked, flat]), np.ones(3), AlbumConfig())
+    alone = combine(peaked, np.ones(2), AlbumConfig())
+    assert np.argmax(with_flat.logits) == np.argmax(alone.logits) == 3
+    assert with_flat.agreement[2] > 0.9  # consistent with anything, and it changes nothing
+    # A picture whose answer abstains (localizability prior 0) has no weight at all.
+    liar = np.zeros((1, m))
+    liar[0, 15] = 20.0
+    c = combine(np.vstack([peaked, liar]), np.array([0.9, 0.8, 0.0]), AlbumConfig())
+    assert c.weights[2] == 0.0 and np.argmax(c.logits) == 3
+    # Every picture abstaining: they are combined evenly (the verdict says not_locatable).
+    even = combine(peaked, np.zeros(2), AlbumConfig())
+    assert even.weights == pytest.approx([0.5, 0.5])
+
+
+def test_locate_album_on_tiles_with_a_far_tile_and_a_text_page(judged):
+    loc = judged.locator
+    opts = Settings().locate_options(top_k=3)
+    page = next(im for kind, im in negatives(("text",), 1, 99))
+    images = [tile(*p) for p in SAHEL] + [tile(*GREENLAND), page]
+    album = loc.locate_album(images, opts)
+    assert len(album.images) == 6 and album.weights.sum() == pytest.approx(1.0)
+    verdicts = [r.localizability["verdict"] for r in album.images]
+    assert verdicts[5] == "not_locatable" and album.weights[5] == 0.0
+    assert album.outlier[4] and album.weights[4] < 0.05, album.parts()
+    assert not album.outlier[:4].any()
+    joint = album.joint
+    assert "combine" in joint.stages and joint.candidates and joint.region is not None
+    assert joint.localizability["verdict"] == "located"
+    assert joint.localizability["reason"].startswith("4 of 6 pictures agree")
+    top = joint.candidates[0]
+    err = float(haversine_km(top.lat, top.lon, *SAHEL[0]))
+    assert err < 300, (top, err)
+    # Each picture keeps its own answer (the far tile's is its own place).
+    far = album.images[4].candidates[0]
+    assert haversine_km(far.lat, far.lon, *GREENLAND) < 2000
+    assert set(joint.timings_ms) >= {"encode", "retrieve", "verify", "combine", "describe"}
+
+
+def test_an_album_of_pictures_that_are_no_satellite_views_abstains(judged):
+    loc = judged.locator
+    opts = Settings().locate_options()
+    pictures = [im for _, im in negatives(("text", "flat", "white_noise"), 3, 7)]
+    alone = loc.locate(pictures, opts)
+    # The album is as locatable as its most locatable picture: take those judged
+    # not_locatable on their own (most of them, with this small test fit).
+    pages = [p for p, r in zip(pictures, alone, strict=True) if r.localizability["abstained"]]
+    assert len(pages) >= 5
+    album = loc.locate_album(pages, opts)
+    verdict = album.joint.localizability
+    assert verdict["verdict"] == "not_locatable" and verdict["abstained"]
+    assert album.joint.region is None and album.joint.countries == []
+    assert all(not c.reliable for c in album.joint.candidates)
+
+
+def test_cli_locate_album(judged, tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOLOC_DATA_DIR", str(judged.data_dir))
+    monkeypatch.setenv("GEOLOC_INDEX_VERSION", judged.versions[0])
+    paths = []
+    for i, p in enumerate([*SAHEL[:3], GREENLAND]):
+        paths.append(tmp_path / f"v{i}.png")
+        paths[-1].write_bytes(tile_bytes(*p))
+    result = runner.invoke(app, ["locate", "--album", *map(str, paths), "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("album of 4 images (joint answer)")
+    per_image = [line for line in lines if "weight" in line and "agreement" in line]
+    assert len(per_image) == 4 and per_image[3].endswith("(outlier)")
+    assert not any(line.endswith("(outlier)") for line in per_image[:3])
+
+    out = json.loads(
+        runner.invoke(app, ["locate", "--album", *map(str, paths[:2]), "--json"]).stdout
+    )
+    (item,) = out["results"]
+    assert item["input"] == [str(p) for p in paths[:2]]
+    body = item["result"]
+    assert body["used"] == 2 and len(body["images"]) == 2 and body["candidates"]
+    assert sum(i["weight"] for i in body["images"]) == pytest.approx(1.0)
+
+    one = runner.invoke(app, ["locate", "--album", str(paths[0])])
+    assert one.exit_code == 2 and "--album takes 2 to" in one.output
