@@ -29,7 +29,7 @@ from service.api.problems import (
     UrlRefusedError,
     problem_dict,
 )
-from service.api.schemas import LocateJSONRequest
+from service.api.schemas import AlbumJSONRequest, LocateJSONRequest
 from service.config import Settings
 from service.errors import (
     DeadlineExceededError,
@@ -266,8 +266,9 @@ def _document_foreign_models(components: dict[str, Any]) -> None:
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:
     """``app.openapi()``: the generated document, plus the schemas of the bodies the routes
-    read themselves (Problem, LocateJSONRequest), the descriptions and examples of models
-    defined outside the API (FIELD_DOCS, MODEL_EXAMPLES), the limits that are settings
+    read themselves (Problem, LocateJSONRequest, AlbumJSONRequest), the descriptions and
+    examples of models defined outside the API (FIELD_DOCS, MODEL_EXAMPLES), the limits that
+    are settings
     (``maximum``) and, with auth on, the security schemes."""
 
     def openapi() -> dict[str, Any]:
@@ -279,7 +280,7 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
                 routes=app.routes,
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (Problem, LocateJSONRequest):
+            for model in (Problem, LocateJSONRequest, AlbumJSONRequest):
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[model.__name__] = model_schema

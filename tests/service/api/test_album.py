@@ -4,6 +4,8 @@ limits, and what is stored (SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import base64
+import json
+import re
 
 import pytest
 from api_helpers import assert_problem, tile_bytes
@@ -133,6 +135,13 @@ def test_album_limits(make_client):
             "invalid-option",
         )
         assert client.get("/v1/info").json()["limits"]["max_album"] == 3
-        spec = client.get("/openapi.json").json()["paths"]["/v1/locate/album"]["post"]
+        document = client.get("/openapi.json").json()
+        spec = document["paths"]["/v1/locate/album"]["post"]
         schema = spec["requestBody"]["content"]["multipart/form-data"]["schema"]
         assert schema["properties"]["files"]["maxItems"] == 3
+        # Every $ref of the document names a schema it defines (the JSON body included).
+        refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(document)))
+        assert "AlbumJSONRequest" in refs
+        assert refs <= set(document["components"]["schemas"]), refs - set(
+            document["components"]["schemas"]
+        )
