@@ -89,7 +89,7 @@ def test_request_bounds_agree_with_the_options_checks(name: str) -> None:
 
 
 #: `geoloc locate` parameters that are about the command, not the pipeline.
-LOCATE_COMMAND_ONLY = {"images", "text", "as_json", "profile", "index", "batch_size"}
+LOCATE_COMMAND_ONLY = {"images", "text", "as_json", "profile", "index", "batch_size", "album"}
 #: CLI parameters named for one use (``--country FR --country ES``) and the option they fill.
 CLI_NAMES = {"country": "countries"}
 
