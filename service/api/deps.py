@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import Depends, Path, Query, Request
@@ -120,6 +120,8 @@ AdminCaller = Annotated[ops.Caller, Depends(require_scope("admin"))]
 QueryOptions = Annotated[LocateRequestOptions, Query()]
 PredictionId = Annotated[str, Path(min_length=1, max_length=64)]
 
+_Body = TypeVar("_Body", LocateJSONRequest, AlbumJSONRequest)
+
 # -- the locate bodies ----------------------------------------------------------------------------
 
 
@@ -167,6 +169,36 @@ async def _form(request: Request, max_files: int, too_many: str) -> AsyncIterato
         raise
 
 
+def _is_json(ctype: str) -> bool:
+    return ctype == "application/json" or ctype.endswith("+json")
+
+
+async def _json_body(
+    request: Request, model: type[_Body], images: str, settings: Settings, query: QueryOptions
+) -> tuple[_Body, LocateOptions]:
+    """A JSON locate body and its options: the query string's, overridden by the body's fields
+    (all but the ``images`` field)."""
+    try:
+        body = model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise _invalid_request(exc, "body") from None
+    merged = {**query.model_dump(exclude_none=True), **body.model_dump(exclude_none=True)}
+    merged.pop(images)
+    return body, ops.locate_options(settings, LocateRequestOptions(**merged))
+
+
+async def _multipart_files(
+    request: Request, settings: Settings, limit: int, too_many: str
+) -> list[tuple[str | None, bytes]]:
+    """The (filename, bytes) of the multipart fields ``files``, at most ``limit`` of them."""
+    async with _form(request, limit, too_many) as form:
+        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+        if not files:
+            raise MissingImageError("send the images as multipart fields named 'files'")
+        _only_fields(form, "files")
+        return [(f.filename, await _read_upload(f, settings.max_image_bytes)) for f in files]
+
+
 async def read_image_input(
     request: Request, settings: SettingsDep, query: QueryOptions
 ) -> ImageInput:
@@ -175,15 +207,8 @@ async def read_image_input(
     Options come from the query string; in a JSON body they may also be body fields (which win).
     """
     ctype = _content_type(request)
-    if ctype == "application/json" or ctype.endswith("+json"):
-        raw = await request.body()
-        try:
-            body = LocateJSONRequest.model_validate_json(raw)
-        except ValidationError as exc:
-            raise _invalid_request(exc, "body") from None
-        merged = {**query.model_dump(exclude_none=True), **body.model_dump(exclude_none=True)}
-        merged.pop("image_base64")
-        opts = ops.locate_options(settings, LocateRequestOptions(**merged))
+    if _is_json(ctype):
+        body, opts = await _json_body(request, LocateJSONRequest, "image_base64", settings, query)
         data = ops.decode_base64(body.image_base64, settings.max_image_bytes)
         return ImageInput(data=data, filename=None, options=opts)
     if ctype == "multipart/form-data":
@@ -214,12 +239,7 @@ async def read_batch_input(
         )
     opts = ops.locate_options(settings, query)
     too_many = f"at most {settings.max_batch} images per batch (GEOLOC_MAX_BATCH)"
-    async with _form(request, settings.max_batch, too_many) as form:
-        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-        if not files:
-            raise MissingImageError("send the images as multipart fields named 'files'")
-        _only_fields(form, "files")
-        return [(f.filename, await _read_upload(f, settings.max_image_bytes)) for f in files], opts
+    return await _multipart_files(request, settings, settings.max_batch, too_many), opts
 
 
 async def read_album_input(
@@ -231,29 +251,14 @@ async def read_album_input(
     limit = settings.max_album
     too_many = f"at most {limit} pictures per album (GEOLOC_MAX_ALBUM)"
     ctype = _content_type(request)
-    if ctype == "application/json" or ctype.endswith("+json"):
-        try:
-            body = AlbumJSONRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise _invalid_request(exc, "body") from None
+    if _is_json(ctype):
+        body, opts = await _json_body(request, AlbumJSONRequest, "images_base64", settings, query)
         if len(body.images_base64) > limit:
             raise TooManyImagesError(too_many)
-        merged = {**query.model_dump(exclude_none=True), **body.model_dump(exclude_none=True)}
-        merged.pop("images_base64")
-        opts = ops.locate_options(settings, LocateRequestOptions(**merged))
-        texts: list[tuple[str | None, bytes | str]] = [(None, b) for b in body.images_base64]
-        return texts, opts
+        return [(None, text) for text in body.images_base64], opts
     if ctype == "multipart/form-data":
         opts = ops.locate_options(settings, query)
-        async with _form(request, limit, too_many) as form:
-            files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-            if not files:
-                raise MissingImageError("send the pictures as multipart fields named 'files'")
-            _only_fields(form, "files")
-            uploads: list[tuple[str | None, bytes | str]] = [
-                (f.filename, await _read_upload(f, settings.max_image_bytes)) for f in files
-            ]
-            return uploads, opts
+        return list(await _multipart_files(request, settings, limit, too_many)), opts
     raise UnsupportedContentTypeError(
         f"send multipart/form-data (fields 'files') or application/json (images_base64), "
         f"not {ctype or 'no content type'!r}"

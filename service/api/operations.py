@@ -341,20 +341,19 @@ async def locate_album(
     locator = state.require_locator()
     s = state.settings
 
-    def decode(data: bytes | str, name: str) -> Image.Image:
-        raw = decode_base64(data, s.max_image_bytes) if isinstance(data, str) else data
-        return decode_image(raw, s.image_limits(), name=name)
+    def decode_all() -> tuple[list[Image.Image], list[int], dict[int, Problem]]:
+        images, used, problems = [], [], {}
+        for i, (filename, data) in enumerate(files):
+            try:
+                raw = decode_base64(data, s.max_image_bytes) if isinstance(data, str) else data
+                images.append(decode_image(raw, s.image_limits(), name=filename or f"picture {i}"))
+                used.append(i)
+            except GeolocError as exc:
+                state.metrics.problems.labels(exc.type).inc()
+                problems[i] = Problem.model_validate(problem_dict(exc, f"{instance}#{i}"))
+        return images, used, problems
 
-    images: list[Image.Image] = []
-    used: list[int] = []
-    problems: dict[int, Problem] = {}
-    for i, (filename, data) in enumerate(files):
-        try:
-            images.append(await anyio.to_thread.run_sync(decode, data, filename or f"picture {i}"))
-            used.append(i)
-        except GeolocError as exc:
-            state.metrics.problems.labels(exc.type).inc()
-            problems[i] = Problem.model_validate(problem_dict(exc, f"{instance}#{i}"))
+    images, used, problems = await anyio.to_thread.run_sync(decode_all)
     lost = "; ".join(f"#{i}: {p.detail}" for i, p in problems.items())
     if len(images) < 2:
         raise AlbumTooSmallError(
@@ -373,31 +372,35 @@ async def locate_album(
         )
     names = [filename for filename, _ in files]
     album = album_response(result, names, used, problems, warnings, report)
-    for item in album.images:  # each picture's own answer, recorded
-        if item.result is not None:
-            latency_ms = (time.perf_counter() - start) * 1000
-            item.result.prediction_id = await anyio.to_thread.run_sync(
-                _record, state, item.result, latency_ms, caller, uuid.uuid4().hex
-            )
-            if item.result.prediction_id is None:
-                item.result.warnings.append(_NOT_RECORDED)
     state.metrics.observe(result.joint.timings_ms, result.joint.localizability)
-    body = album.model_dump(mode="json", exclude={"prediction_id", "warnings", "images", "used"})
-    body["album"] = {
-        "used": album.used,
-        "images": [
-            {
-                **item.model_dump(mode="json", exclude={"result", "problem"}),
-                "prediction_id": item.result.prediction_id if item.result else None,
-                "problem": item.problem.type if item.problem else None,
-            }
-            for item in album.images
-        ],
-    }
-    latency_ms = (time.perf_counter() - start) * 1000
-    album.prediction_id = await anyio.to_thread.run_sync(
-        _record, state, album, latency_ms, caller, uuid.uuid4().hex, body
-    )
+
+    def record_all() -> None:
+        """Each picture's own answer, then the joint one, whose body names them."""
+        latency_ms = (time.perf_counter() - start) * 1000
+        for item in album.images:
+            if item.result is not None:
+                item.result.prediction_id = _record(
+                    state, item.result, latency_ms, caller, uuid.uuid4().hex
+                )
+                if item.result.prediction_id is None:
+                    item.result.warnings.append(_NOT_RECORDED)
+        body = album.model_dump(
+            mode="json", exclude={"prediction_id", "warnings", "images", "used"}
+        )
+        body["album"] = {
+            "used": album.used,
+            "images": [
+                {
+                    **item.model_dump(mode="json", exclude={"result", "problem"}),
+                    "prediction_id": item.result.prediction_id if item.result else None,
+                    "problem": item.problem.type if item.problem else None,
+                }
+                for item in album.images
+            ],
+        }
+        album.prediction_id = _record(state, album, latency_ms, caller, uuid.uuid4().hex, body)
+
+    await anyio.to_thread.run_sync(record_all)
     if album.prediction_id is None:
         album.warnings.append(_NOT_RECORDED)
     return album

@@ -84,14 +84,16 @@ def combine(
     calibrated temperature, and its ``localizability`` (n,) prior weight in [0, 1]."""
     logits = np.asarray(logits, dtype=np.float64)
     n, m = logits.shape
+    prior = np.clip(np.nan_to_num(np.asarray(localizability, dtype=np.float64)), 0.0, 1.0)
+    if not prior.any():  # every picture abstains: combine them evenly (the verdict says so)
+        prior = np.ones(n)
+    if not m:  # no candidate at all (the request's filters): nothing to agree on
+        return Combined(np.empty(0), prior / prior.sum(), np.ones(n), np.zeros(n, dtype=bool))
     eps = float(np.clip(config.uniform, 1e-9, 1.0 - 1e-9))
     logp = log_softmax(logits, axis=1)  # log p_i
     p = np.exp(logp)
     mix = np.logaddexp(np.log1p(-eps) + logp, np.log(eps / m))  # log p~_i
     self_match = np.einsum("ij,ij->i", p, p)  # Σ_c p_i(c)²: the picture's own typical match
-    prior = np.clip(np.nan_to_num(np.asarray(localizability, dtype=np.float64)), 0.0, 1.0)
-    if not prior.any():  # every picture abstains: combine them evenly (the verdict says so)
-        prior = np.ones(n)
     weights = prior.copy()
     agreement = np.ones(n)
     joint = np.zeros(m)

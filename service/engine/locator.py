@@ -53,14 +53,7 @@ from service.engine.places import (
     neighbour_support,
     nms_owners,
 )
-from service.engine.results import (
-    Candidate,
-    LocateResult,
-    Pool,
-    Scored,
-    Timer,
-    share_time,
-)
+from service.engine.results import Candidate, LocateResult, Pool, Scored, Timer, share_time
 from service.errors import InvalidOptionError, TextQueryUnsupportedError
 
 if TYPE_CHECKING:
@@ -201,25 +194,21 @@ class Locator:
         queries = self.embed(images)
         t3 = time.perf_counter()
         temperature = self.temperature(options)
-        batch = self._score(queries, options, temperature, structure)
-        if stats is not None and self.judge is not None and batch:
-            self._judge(batch, queries, np.asarray(stats), options)
+        batch = self._verified(queries, options, temperature, stats, structure)
 
         t = time.perf_counter()
         pooled = _pool_union([s.pool for s in batch])
         m = len(pooled.score)
-        logits = np.zeros((n, m))
+        cosines, logits = np.zeros((n, m)), np.zeros((n, m))
         if m:
             with torch.inference_mode():
                 gps = self.model.embed_gps(pooled.latlon.astype(np.float32))
             cosines = queries.astype(np.float64) @ gps.T.astype(np.float64)  # (n, m)
             for i, s in enumerate(batch):  # per picture, vectorised over the pool
                 logits[i] = self._logits(pooled.latlon, cosines[i], s.support, options)
-            prior = np.array([_prior_weight(s.verdict) for s in batch])
-            combined = combine(logits / temperature, prior, config)
-            pooled.score = combined.weights @ cosines  # the pictures' weighted mean cosine
-        else:
-            combined = combine(np.zeros((n, 1)), np.ones(n), config)
+        prior = np.array([_prior_weight(s.verdict) for s in batch])
+        combined = combine(logits / temperature, prior, config)
+        pooled.score = combined.weights @ cosines  # the pictures' weighted mean cosine
         timer = Timer()
         for stage in ("retrieve", "refine", "verify", "judge"):
             total = sum(s.timer.ms.get(stage, 0.0) for s in batch)
@@ -233,7 +222,7 @@ class Locator:
             )
         joint = Scored(
             pooled,
-            combined.logits if m else np.empty(0),
+            combined.logits,
             None,
             stages,
             timer,
@@ -314,10 +303,23 @@ class Locator:
         reference neighbours'; None: cosine only.
         """
         temperature = self.temperature(options)
+        batch = self._verified(queries, options, temperature, image_stats, structure)
+        return [self._describe(scored, options, temperature) for scored in batch]
+
+    def _verified(
+        self,
+        queries: np.ndarray,
+        options: LocateOptions,
+        temperature: float,
+        image_stats: np.ndarray | None,
+        structure: np.ndarray | None,
+    ) -> list[Scored]:
+        """Each query scored (retrieve, refine, verify) and, with ``image_stats`` and a fitted
+        verdict, judged; before the softmax and the description."""
         batch = self._score(queries, options, temperature, structure)
         if image_stats is not None and self.judge is not None and batch:
             self._judge(batch, queries, np.asarray(image_stats), options)
-        return [self._describe(scored, options, temperature) for scored in batch]
+        return batch
 
     def judge_features(
         self, queries: np.ndarray, image_stats: np.ndarray, options: LocateOptions
