@@ -7,8 +7,8 @@ activations are quantised per batch, so no calibration images are needed). It is
 that runs on x86 and ARM, with the same numbers as torch in fp32; OpenVINO would add a larger,
 Intel-first dependency for the same kernels.
 
-An exported tower is an artifact like an index: a folder with the model file and a manifest
-that records the profile, the weights (``weights_id`` and a sha256 of the tower's own
+An exported tower is an artifact like an index: a folder with the graph, its weights file and
+a manifest that records the profile, the weights (``weights_id`` and a sha256 of the tower's own
 tensors), the runtime, the precision, the input size and each file's sha256. It is made once
 from the loaded weights; one that belongs to other weights, another input size or whose files
 do not match their checksums is refused with the reason and made again, never used.
@@ -20,7 +20,6 @@ import contextlib
 import copy
 import fcntl
 import gc
-import io
 import json
 import logging
 import shutil
@@ -37,7 +36,7 @@ from PIL import Image
 
 from encoders.errors import EncoderError
 from encoders.model import state_digest
-from index.files import atomic_write, fsync_dir, sha256_file
+from index.files import atomic_write, fsync_dir, fsync_file, sha256_file
 
 if TYPE_CHECKING:
     from encoders.model import GeoModel
@@ -45,11 +44,21 @@ if TYPE_CHECKING:
 RUNTIMES = ("torch", "onnx")
 PRECISIONS = ("fp32", "int8")
 ARTIFACT_FORMAT = "geoloc.image-runtime"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
 MODEL_FILE = "image_tower.onnx"
+#: The graph's weights, beside the graph (ONNX external data). ONNX Runtime maps this file
+#: instead of parsing the weights into memory and copying them again: the fp32 ViT-L/14
+#: session then loads at ~0.75 GB less peak memory, below torch's own (docs/BENCHMARKS.md).
+DATA_FILE = MODEL_FILE + ".data"
 MANIFEST_FILE = "manifest.json"
 #: Largest batch the exported graph accepts (its dynamic batch axis is bounded).
 MAX_BATCH = 4096
+#: Input pixels per session run. ONNX Runtime holds a run's intermediate tensors until the run
+#: ends, where torch's eager run frees each as it goes: ViT-L/14 at batch 8 held ~330 MB more
+#: than torch's. Runs of at most 5 images of 224² keep it under torch's peak and cost nothing:
+#: a transformer of 257 tokens fills the matrix products at batch 1 already (per image, batch 1
+#: and batch 8 take the same time). Small towers (``bluemarble``'s 32² input) run 245 at a time.
+CHUNK_PIXELS = 5 * 224 * 224
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +160,13 @@ def stale_reason(
     return None
 
 
-def _onnx_bytes(model: GeoModel, size: list[int]) -> bytes:
+def _write_onnx(model: GeoModel, size: list[int], path: Path) -> None:
     """The image tower (backbone and head, unnormalised output) as an fp32 ONNX graph with a
-    dynamic batch axis."""
+    dynamic batch axis, its weights in ``path``.data."""
     tower = model.image_tower.eval()
     if model.device.type != "cpu" or any(p.dtype != torch.float32 for p in tower.parameters()):
         tower = copy.deepcopy(tower).float().cpu()  # the served model stays where it is
     example = torch.zeros(2, *size)
-    buffer = io.BytesIO()
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with torch.inference_mode(False):
         program = torch.onnx.export(
@@ -168,11 +176,10 @@ def _onnx_bytes(model: GeoModel, size: list[int]) -> bytes:
             output_names=["embedding"],
             dynamic_shapes=({0: batch},),
             dynamo=True,
-            external_data=False,
+            external_data=True,
             verbose=False,
         )
-        program.save(buffer)
-    return buffer.getvalue()
+        program.save(str(path), external_data=True)
 
 
 def _quantize(fp32: Path, int8: Path) -> None:
@@ -188,6 +195,7 @@ def _quantize(fp32: Path, int8: Path) -> None:
             int8,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Gemm"],
+            use_external_data_format=True,
             # One scale per output column: on 800 Blue Marble test tiles the nearest gallery
             # cell stayed torch's for 95.0 % of them, against 93.9 % with one per tensor.
             per_channel=True,
@@ -228,12 +236,17 @@ def _export(
     work.mkdir()
     try:
         started = time.perf_counter()
-        atomic_write(work / "fp32.onnx", _onnx_bytes(model, size))
         if precision == "int8":
-            _quantize(work / "fp32.onnx", work / MODEL_FILE)
-            (work / "fp32.onnx").unlink()
+            (work / "fp32").mkdir()
+            _write_onnx(model, size, work / "fp32" / MODEL_FILE)
+            _quantize(work / "fp32" / MODEL_FILE, work / MODEL_FILE)
+            shutil.rmtree(work / "fp32")
         else:
-            (work / "fp32.onnx").rename(work / MODEL_FILE)
+            _write_onnx(model, size, work / MODEL_FILE)
+        files = {MODEL_FILE: work / MODEL_FILE, DATA_FILE: work / DATA_FILE}
+        for path in files.values():
+            path.chmod(0o644)  # the quantiser writes its weights file private
+            fsync_file(path)
         manifest = RuntimeManifest(
             format=ARTIFACT_FORMAT,
             version=ARTIFACT_VERSION,
@@ -243,7 +256,7 @@ def _export(
             runtime=runtime,
             precision=precision,
             input_size=size,
-            files={MODEL_FILE: sha256_file(work / MODEL_FILE)},
+            files={name: sha256_file(path) for name, path in files.items()},
             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             exporter={"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         )
@@ -306,14 +319,19 @@ class OnnxImageTower:
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # A memory pattern keeps the first run's buffers and then allocates the planned block
+        # beside them: ViT-L/14's second batch of 8 held 313 MB more than its first.
+        options.enable_mem_pattern = False
         self.manifest = manifest
+        _, height, width = manifest.input_size
+        self.chunk = max(1, min(MAX_BATCH, CHUNK_PIXELS // (height * width)))
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
         out = []
-        for start in range(0, len(x), MAX_BATCH):
-            out.append(self.session.run(None, {"pixels": x[start : start + MAX_BATCH]})[0])
+        for start in range(0, len(x), self.chunk):
+            out.append(self.session.run(None, {"pixels": x[start : start + self.chunk]})[0])
         return torch.from_numpy(np.concatenate(out)).to(pixels.device)
 
     def describe(self) -> dict[str, Any]:
@@ -376,8 +394,10 @@ def load_image_runtime(
             )
             del backbone
             gc.collect()
-        # Loaded under the lock: a process exporting other weights cannot replace the file
-        # between the check and the load (the session holds the model in memory).
+        # Loaded under the lock: a process exporting other weights cannot replace the files
+        # between the check and the load. The session maps the weights file; a later export
+        # that replaces the folder unlinks it, and the mapping stays valid until the session
+        # closes.
         tower = OnnxImageTower(directory / MODEL_FILE, threads or torch.get_num_threads(), manifest)
     model.image_runtime = tower
     return tower

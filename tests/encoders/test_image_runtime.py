@@ -17,11 +17,14 @@ from encoders import load_model
 from encoders.profiles import build_model
 from encoders.registry import get_profile
 from encoders.runtime import (
+    CHUNK_PIXELS,
+    DATA_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
     ReleasedBackbone,
     RuntimeArtifactError,
     artifact_dir,
+    input_size,
     load_image_runtime,
     read_manifest,
 )
@@ -70,7 +73,36 @@ def test_fp32_export_matches_torch(tmp_path: Path, which: str) -> None:
     manifest = read_manifest(artifact_dir(tmp_path, model.profile, "onnx", "fp32"))
     assert manifest.profile == model.profile and manifest.weights == model.weights_id
     assert manifest.input_size == list(model.prepare(pictures[0]).shape)
-    assert set(manifest.files) == {MODEL_FILE}
+    assert set(manifest.files) == {MODEL_FILE, DATA_FILE}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_the_session_maps_the_weights_file_instead_of_copying_it(
+    tmp_path: Path, precision: str
+) -> None:
+    """The weights live in a file of their own that ONNX Runtime maps: a graph with its
+    weights inside would be parsed and copied, holding them twice while the session loads."""
+    model = load_model("bluemarble")
+    load_image_runtime(model, tmp_path, "onnx", precision)
+    directory = artifact_dir(tmp_path, "bluemarble", "onnx", precision)
+    weights, graph = (directory / DATA_FILE).stat().st_size, (directory / MODEL_FILE).stat().st_size
+    assert weights > 3 * graph  # the graph file holds the structure, not the weights
+    mapped = Path("/proc/self/maps").read_text()
+    assert str((directory / DATA_FILE).resolve()) in mapped
+
+
+def test_large_batches_run_in_chunks_of_bounded_size(tmp_path: Path) -> None:
+    """A batch is run a few images at a time (ONNX Runtime holds a run's intermediate tensors
+    to its end); the pieces give the embeddings of the whole."""
+    model = load_model("bluemarble")
+    _, height, width = input_size(model)
+    chunk = CHUNK_PIXELS // (height * width)
+    pictures = _pictures(2 * chunk + 3, seed=4)
+    reference = model.embed_images(pictures)
+    tower = load_image_runtime(model, tmp_path, "onnx", "fp32")
+    assert tower is not None and tower.chunk == chunk
+    assert np.abs(model.embed_images(pictures) - reference).max() <= 1e-4
 
 
 def test_int8_keeps_the_direction(tmp_path: Path) -> None:
@@ -109,10 +141,17 @@ def test_damaged_or_unfinished_artifact_is_exported_again(tmp_path: Path) -> Non
     model = load_model("bluemarble")
     load_image_runtime(model, tmp_path, "onnx", "fp32", release=False)
     directory = artifact_dir(tmp_path, "bluemarble", "onnx", "fp32")
-    with (directory / MODEL_FILE).open("r+b") as fh:
-        fh.seek(100)
-        fh.write(b"\0\1\2\3")
-    with pytest.raises(RuntimeArtifactError, match="sha256"):
+    for name in (MODEL_FILE, DATA_FILE):
+        with (directory / name).open("r+b") as fh:
+            fh.seek(100)
+            fh.write(b"\0\1\2\3")
+        with pytest.raises(RuntimeArtifactError, match=f"{name} does not match its sha256"):
+            load_image_runtime(model, tmp_path, "onnx", "fp32", export=False)
+        load_image_runtime(model, tmp_path, "onnx", "fp32", release=False)
+    # An artifact of the earlier format (the weights inside the graph) is exported again.
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    (directory / MANIFEST_FILE).write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(RuntimeArtifactError, match="v2 manifest"):
         load_image_runtime(model, tmp_path, "onnx", "fp32", export=False)
     (directory / MANIFEST_FILE).write_text(json.dumps({"format": "other"}))
     with pytest.raises(RuntimeArtifactError, match="manifest"):
