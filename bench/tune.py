@@ -13,6 +13,9 @@ per setting, the mean over the sets of the shares within 25/200/750 km and the w
 
 ``--ref-power`` draws the reference tiles with another ``scale_power`` (how many narrow views
 the reference set holds against wide ones); ``--grid served`` runs the served settings only.
+``--snap`` prints, instead of a grid, what answering with the picture's top reference neighbour
+(ranked as verification ranks them) would give against the served top-1, per set, alone and
+where that neighbour's structure correlation reaches a threshold, beside the pixel baseline.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from tilesets import (
     OUT,
     REF_SEED,
     STYLES,
+    PixelBaseline,
     bundled_weights,
     cached_set,
     command_line,
@@ -127,6 +131,7 @@ def main() -> None:
     ap.add_argument("--res", type=int, default=4)
     ap.add_argument("--grid", choices=sorted(GRIDS), default="neighbours")
     ap.add_argument("--ref-power", type=float, default=None)
+    ap.add_argument("--snap", action="store_true", help="the top-neighbour diagnostic")
     args = ap.parse_args()
     if args.ref_power is not None:
         STYLES["reference"] = replace(STYLES["reference"], scale_power=args.ref_power)
@@ -143,6 +148,9 @@ def main() -> None:
     embedded = {
         name: (embed(model, rows), descriptors(rows), latlon(rows)) for name, rows in sets.items()
     }  # one pass through the image tower per set
+    if args.snap:
+        snap_table(locator, sets, embedded, PixelBaseline(refs))
+        return
 
     rows_out = []
     names = list(grid)
@@ -180,6 +188,34 @@ def main() -> None:
             [*names, "mean 25 km", "mean 200 km", "mean 750 km", "worst 200 km"], rows_out
         )
     )
+
+
+SNAP_AT = (0.7, 0.8, 0.9)
+SHOWN = (25, 200, 750)
+
+
+def snap_table(locator, sets: dict, embedded: dict, baseline: PixelBaseline) -> None:
+    """Served top-1 against the top reference neighbour's location (as verification ranks the
+    neighbours: cosine + structure_weight·correlation), per set; within 25/200/750 km."""
+    opts = LocateOptions(top_k=1)
+    temperature = locator.temperature(opts)
+    rows = []
+    for name, (q, structure, truth) in embedded.items():
+        res = locator.locate_embeddings(q, opts, structure=structure)
+        served = np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res])
+        scored = locator._score(q, opts, temperature, structure)
+        top = np.array([[s.neighbours[0]["lat"], s.neighbours[0]["lon"]] for s in scored])
+        corr = np.array([s.neighbours[0].get("structure") or 0.0 for s in scored])
+        d_served, d_top = errors_km(served, truth), errors_km(top, truth)
+        d_pixel = errors_km(baseline.predict([r.path for r in sets[name]]), truth)
+        cells = [d_pixel, d_served, d_top, *(np.where(corr >= t, d_top, d_served) for t in SNAP_AT)]
+        rows.append(
+            [name, *("/".join(f"{100 * np.mean(d <= t):.1f}" for t in SHOWN) for d in cells)]
+        )
+        print(" | ".join(rows[-1]), flush=True)
+    header = ["set", "pixel NN", "served", "top neighbour"]
+    header += [f"top neighbour where structure ≥ {t:g}" for t in SNAP_AT]
+    print(markdown_table(header, rows))
 
 
 if __name__ == "__main__":
