@@ -34,16 +34,12 @@ import numpy as np
 from PIL import Image
 from shift import GENERATED, generated_set, natural_photos
 from tilesets import (
-    CALIB_SEED,
-    REF_SEED,
     bundled_weights,
     command_line,
-    load_weights,
     machine_line,
     markdown_table,
     pct,
-    served_locator,
-    tileset,
+    served_setup,
 )
 
 from encoders.bluemarble import iter_tiles, sample_centres
@@ -237,12 +233,7 @@ def main() -> None:
 
     print(f"command: {command_line()}")
     print(machine_line())
-    model, _ = load_weights(weights)
-    refs = tileset("reference", n_refs, REF_SEED)
-    calib = tileset("train", n_calib, CALIB_SEED) if n_calib else []
-    locator, settings = served_locator(
-        model, weights=weights, res=args.res, refs=refs, calibration=calib
-    )
+    _, _, refs, _, locator, settings = served_setup(weights, args.res, n_refs, n_calib)
     options = settings.locate_options()
     config = settings.album_config()
     print(

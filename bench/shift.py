@@ -49,12 +49,11 @@ from tilesets import (
     command_line,
     km,
     latlon,
-    load_weights,
     machine_line,
     markdown_table,
     pct,
     read_rows,
-    served_locator,
+    served_setup,
     short_hash,
     tileset,
     write_labelled,
@@ -526,12 +525,7 @@ def main() -> None:
 
     print(f"command: {command_line()}")
     print(machine_line())
-    model, how = load_weights(weights)
-    refs = tileset("reference", n_refs, REF_SEED)
-    calib = tileset("train", n_calib, CALIB_SEED) if n_calib else []
-    locator, settings = served_locator(
-        model, weights=weights, res=args.res, refs=refs, calibration=calib
-    )
+    model, how, refs, calib, locator, settings = served_setup(weights, args.res, n_refs, n_calib)
     options = settings.locate_options()
     changed = {
         f.name: getattr(options, f.name)

@@ -17,6 +17,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -198,6 +199,27 @@ def served_locator(
     if calibration:
         _calibrate(settings, model, calibration)
     return load_locator(settings, model=model), settings
+
+
+class ServedSetup(NamedTuple):
+    model: GeoModel
+    how: str  # how the weights were loaded (load_weights)
+    refs: list[LabelledImage]
+    calibration: list[LabelledImage]
+    locator: Locator
+    settings: Settings
+
+
+def served_setup(weights: Path, res: int, n_refs: int, n_calib: int) -> ServedSetup:
+    """The weights, their reference tiles (seed REF_SEED), calibration tiles (CALIB_SEED; none
+    when ``n_calib`` is 0) and the locator `make run` serves with them (``served_locator``)."""
+    model, how = load_weights(weights)
+    refs = tileset("reference", n_refs, REF_SEED)
+    calib = tileset("train", n_calib, CALIB_SEED) if n_calib else []
+    locator, settings = served_locator(
+        model, weights=weights, res=res, refs=refs, calibration=calib
+    )
+    return ServedSetup(model, how, refs, calib, locator, settings)
 
 
 def _calibrate(settings: Settings, model: GeoModel, rows: Sequence[LabelledImage]) -> None:
