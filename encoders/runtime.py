@@ -176,7 +176,6 @@ def _write_onnx(model: GeoModel, size: list[int], path: Path) -> None:
             output_names=["embedding"],
             dynamic_shapes=({0: batch},),
             dynamo=True,
-            external_data=True,
             verbose=False,
         )
         program.save(str(path), external_data=True)
