@@ -72,6 +72,28 @@ def child(profile: str, runtime: str, precision: str, root: Path, rounds: int) -
     print(json.dumps({"load_s": load_s, "rss_mib": rss_loaded, "peak_mib": _status("VmHWM")}))
 
 
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+#: The CPU features int8 speed and accuracy depend on (VNNI: 8-bit dot products into int32).
+VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def _vector_extensions() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+        [],
+    )
+    return " ".join(f for f in VECTOR_FLAGS if f in flags) or "none of " + " ".join(VECTOR_FLAGS)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=20)
@@ -86,7 +108,8 @@ def main() -> None:
         return
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{args.threads} thread(s), torch {torch.__version__}"
+        f"{args.threads} thread(s), torch {torch.__version__}, onnxruntime {_ort_version()}, "
+        f"vector extensions: {_vector_extensions()}"
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

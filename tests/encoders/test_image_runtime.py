@@ -19,6 +19,7 @@ from encoders.registry import get_profile
 from encoders.runtime import (
     CHUNK_PIXELS,
     DATA_FILE,
+    INT8_QUANTIZATION,
     MANIFEST_FILE,
     MODEL_FILE,
     ReleasedBackbone,
@@ -113,6 +114,41 @@ def test_int8_keeps_the_direction(tmp_path: Path) -> None:
     got = model.embed_images(pictures)
     assert np.sum(got * reference, axis=1).min() > 0.99
     assert np.abs(got - reference).max() > 1e-6  # really quantised, not the fp32 graph
+
+
+def test_int8_holds_on_cpus_without_vnni(tmp_path: Path) -> None:
+    """Weights within 7 bits: on an AVX2 CPU without VNNI, ONNX Runtime sums pairs of uint8 x
+    int8 products into int16, which saturates with full 8-bit weights (this 2-layer ViT then
+    fell to a cosine of 0.983 with torch's embeddings). Elsewhere it holds either way."""
+    model = _small_geoclip_architecture()
+    pictures = _pictures(12, seed=1)
+    reference = model.embed_images(pictures)
+    load_image_runtime(model, tmp_path, "onnx", "int8")
+    got = model.embed_images(pictures)
+    assert np.sum(got * reference, axis=1).min() >= 0.999
+    assert read_manifest(artifact_dir(tmp_path, model.profile, "onnx", "int8")).quantization == (
+        INT8_QUANTIZATION
+    )
+
+
+def test_int8_artifact_quantised_another_way_is_exported_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = load_model("bluemarble")
+    load_image_runtime(model, tmp_path, "onnx", "int8", release=False)
+    directory = artifact_dir(tmp_path, "bluemarble", "onnx", "int8")
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    del manifest["quantization"]  # as written before the recipe was recorded: 8-bit weights
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeArtifactError, match="quantised as 'full 8-bit int8'"):
+        load_image_runtime(model, tmp_path, "onnx", "int8", export=False)
+    with caplog.at_level(logging.WARNING, logger="encoders.runtime"):
+        load_image_runtime(model, tmp_path, "onnx", "int8", release=False)
+    assert "quantised as" in caplog.text
+    assert read_manifest(directory).quantization == INT8_QUANTIZATION
+    # fp32 records none, and needs none.
+    load_image_runtime(model, tmp_path, "onnx", "fp32", release=False)
+    assert read_manifest(artifact_dir(tmp_path, "bluemarble", "onnx", "fp32")).quantization is None
 
 
 def test_artifact_of_other_weights_is_refused_and_exported_again(
