@@ -198,9 +198,13 @@ def _write_onnx(model: GeoModel, size: list[int], path: Path) -> None:
         program.save(str(path), external_data=True)
 
 
-def _quantize(fp32: Path, int8: Path) -> None:
+def quantize_tower(
+    fp32: Path, int8: Path, *, unsigned: bool = False, reduce_range: bool = True
+) -> None:
     """int8 weights for the matrix products (MatMul/Gemm): the transformer's cost; the patch
-    convolution and normalisations stay fp32. ``INT8_QUANTIZATION`` says how."""
+    convolution and normalisations stay fp32. The defaults are the export's
+    (``INT8_QUANTIZATION``); bench/int8.py compares the others: ``unsigned`` weights (uint8,
+    the slower uint8 x uint8 kernels) and full 8-bit ones (``reduce_range=False``)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root, quiet = logging.getLogger(), _NoPreprocessAdvice()
@@ -209,14 +213,14 @@ def _quantize(fp32: Path, int8: Path) -> None:
         quantize_dynamic(
             fp32,
             int8,
-            weight_type=QuantType.QInt8,
+            weight_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Gemm"],
             use_external_data_format=True,
             # One scale per output column: on 800 Blue Marble test tiles the nearest gallery
             # cell stayed torch's for 95.0 % of them, against 93.9 % with one per tensor.
             per_channel=True,
             # 7-bit weights: no int16 saturation on CPUs without VNNI (INT8_QUANTIZATION).
-            reduce_range=True,
+            reduce_range=reduce_range,
         )
     finally:
         root.removeFilter(quiet)
@@ -257,7 +261,7 @@ def _export(
         if precision == "int8":
             (work / "fp32").mkdir()
             _write_onnx(model, size, work / "fp32" / MODEL_FILE)
-            _quantize(work / "fp32" / MODEL_FILE, work / MODEL_FILE)
+            quantize_tower(work / "fp32" / MODEL_FILE, work / MODEL_FILE)
             shutil.rmtree(work / "fp32")
         else:
             _write_onnx(model, size, work / MODEL_FILE)
@@ -457,6 +461,7 @@ __all__ = [
     "export_image_runtime",
     "load_image_runtime",
     "parity_pictures",
+    "quantize_tower",
     "stale_reason",
     "tower_digest",
 ]

@@ -1,0 +1,174 @@
+"""How the int8 image tower is quantised: the export's recipe beside two others, in one run.
+
+Recipes (all dynamic quantisation of the matrix products' weights, one scale per output column,
+each run's activations uint8 with one scale per run):
+
+- ``int8, 8-bit`` (exported before): int8 weights over their full range;
+- ``int8, 7-bit`` (exported now, ``INT8_QUANTIZATION``): int8 weights within 7 bits;
+- ``uint8``: uint8 weights over their full range, which ONNX Runtime multiplies with other
+  (uint8 x uint8) kernels.
+
+On x86 CPUs with AVX2 and without VNNI, ONNX Runtime multiplies uint8 activations by int8
+weights in pairs summed into int16, which saturates with full 8-bit weights; the header line
+says which vector extensions this CPU has.
+
+Printed per profile (`bluemarble` with its trained weights; `geoclip` with seeded random
+backbone weights): per-image time against ONNX Runtime fp32 at batch 1 and 8 (alternating, the
+median of --rounds calls), and the mean 1 − cosine and smallest cosine of the unit embeddings
+to fp32's over generated pictures. With ``--agreement N``, for `bluemarble`: on N validation
+tiles (``--seed``, never reported elsewhere) and --refs reference tiles, in the served
+pipeline, the share whose top-1 is torch fp32's within 1 and 25 km, and the accuracy.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/int8.py [--profiles bluemarble,geoclip] \
+        [--rounds 3] [--agreement 600] [--seed 99001] [--refs 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime import _model, _vector_extensions
+from tilesets import (
+    REF_SEED,
+    bundled_weights,
+    descriptors,
+    embed,
+    latlon,
+    markdown_table,
+    served_locator,
+    tileset,
+)
+
+from encoders.runtime import (
+    MODEL_FILE,
+    OnnxImageTower,
+    artifact_dir,
+    export_image_runtime,
+    parity_pictures,
+    quantize_tower,
+    read_manifest,
+)
+from service.engine.options import LocateOptions
+from service.engine.scores import errors_km
+
+RECIPES = {
+    "int8, 8-bit (before)": {"reduce_range": False},
+    "int8, 7-bit (exported)": {},
+    "uint8": {"unsigned": True, "reduce_range": False},
+}
+
+
+def towers(model, root: Path, threads: int) -> dict[str, OnnxImageTower]:
+    """fp32 and each recipe's tower of ``model``, as sessions the model can run."""
+    fp32_dir = artifact_dir(root, model.profile, "onnx", "fp32")
+    export_image_runtime(model, fp32_dir, "onnx", "fp32")
+    manifest = read_manifest(fp32_dir)
+    out = {"fp32": OnnxImageTower(fp32_dir / MODEL_FILE, threads, manifest)}
+    for i, (name, options) in enumerate(RECIPES.items()):
+        path = root / f"recipe{i}" / MODEL_FILE
+        path.parent.mkdir()
+        quantize_tower(fp32_dir / MODEL_FILE, path, **options)
+        int8 = dataclasses.replace(manifest, precision="int8")
+        out[name] = OnnxImageTower(path, threads, int8)
+    return out
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def speed_and_parity(profile: str, rounds: int, threads: int) -> None:
+    model = _model(profile)
+    pictures = parity_pictures(64 if profile == "bluemarble" else 16)
+    with tempfile.TemporaryDirectory() as tmp:
+        ts = towers(model, Path(tmp), threads)
+        with torch.inference_mode():
+            pixels = model.pixels(pictures)
+            emb = {k: unit(t(pixels).numpy()) for k, t in ts.items()}
+            ms: dict[tuple[str, int], float] = {}
+            for batch in (1, 8):
+                x = pixels[:batch]
+                times: dict[str, list[float]] = {k: [] for k in ts}
+                for _ in range(rounds):
+                    for k, t in ts.items():
+                        start = time.perf_counter()
+                        t(x)
+                        times[k].append(time.perf_counter() - start)
+                for k, v in times.items():
+                    ms[(k, batch)] = 1000 * statistics.median(v) / batch
+    print(f"\n{profile}: {len(pictures)} generated pictures, {rounds} rounds")
+    header = ["recipe", "ms/image batch 1 (× onnx fp32)", "batch 8 (× onnx fp32)"]
+    rows = []
+    for k in ts:
+        cos = np.sum(emb[k] * emb["fp32"], axis=1)
+        cells = [f"{ms[(k, b)]:.2f} ({ms[(k, b)] / ms[('fp32', b)]:.2f}×)" for b in (1, 8)]
+        rows.append([k, *cells, f"{np.mean(1 - cos):.1e}", f"{cos.min():.5f}"])
+    print(markdown_table([*header, "mean 1 − cos", "min cos"], rows), flush=True)
+
+
+def agreement(n: int, seed: int, n_refs: int, threads: int) -> None:
+    tiles = tileset("test", n, seed)
+    refs = tileset("reference", n_refs, REF_SEED)
+    truth = latlon(tiles)
+    model = _model("bluemarble")
+    locator, _ = served_locator(model, weights=bundled_weights(), res=4, refs=refs)
+    structure = descriptors(tiles)
+    options = LocateOptions(top_k=1)
+
+    def answer() -> tuple[np.ndarray, np.ndarray]:
+        q = embed(model, tiles)
+        found = locator.locate_embeddings(q, options, structure=structure)
+        return q, np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in found])
+
+    q0, p0 = answer()
+    rows = {"torch fp32": (q0, p0)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, tower in towers(model, Path(tmp), threads).items():
+            model.image_runtime = tower
+            rows[name] = answer()
+            model.image_runtime = None
+    table = []
+    for name, (q, p) in rows.items():
+        same, err = errors_km(p, p0), errors_km(p, truth)
+        table.append([
+            name,
+            f"{np.mean(1 - np.sum(q * q0, axis=1)):.1e}",
+            f"{100 * np.mean(same <= 1):.1f} / {100 * np.mean(same <= 25):.1f} %",
+            " / ".join(f"{100 * np.mean(err <= t):.1f}" for t in (25, 200, 750)) + " %",
+        ])  # fmt: skip
+    print(f"\nbluemarble: {n} validation tiles (seed {seed}), {len(refs):,} reference tiles")
+    header = ["recipe", "mean 1 − cos", "top-1 the same as torch's within 1 / 25 km"]
+    print(markdown_table([*header, "top-1 within 25 / 200 / 750 km"], table), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--profiles", default="bluemarble,geoclip")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--agreement", type=int, default=0, help="validation tiles (0: skip)")
+    ap.add_argument("--seed", type=int, default=99001)
+    ap.add_argument("--refs", type=int, default=50000)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"# torch {torch.__version__}, {args.threads} thread(s)")
+    print(f"# vector extensions: {_vector_extensions()}")
+    for profile in filter(None, args.profiles.split(",")):
+        speed_and_parity(profile, args.rounds, args.threads)
+    if args.agreement:
+        agreement(args.agreement, args.seed, args.refs, args.threads)
+
+
+if __name__ == "__main__":
+    main()
