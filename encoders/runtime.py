@@ -64,7 +64,7 @@ CHUNK_PIXELS = 5 * 224 * 224
 #: column, kept within 7 bits. On x86 CPUs with AVX2 and without VNNI, ONNX Runtime multiplies
 #: uint8 activations by int8 weights in pairs summed into int16 (VPMADDUBSW), which saturates
 #: with full 8-bit weights: on such a CPU a ViT-L/14 tower's embeddings fell to a cosine of
-#: 0.957 with fp32's (1.5e-2 mean 1 - cos on a 2-layer ViT), against 0.9992 within 7 bits.
+#: 0.954 with fp32's (1.5e-2 mean 1 - cos on a 2-layer ViT), against 0.9992 within 7 bits.
 INT8_QUANTIZATION = "dynamic, MatMul/Gemm weights int8 per output column, 7-bit range"
 
 log = logging.getLogger(__name__)
