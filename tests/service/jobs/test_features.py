@@ -80,9 +80,15 @@ def test_features_are_computed_once_and_give_the_uncached_losses(tmp_path):
     plain = train(plain_model, csv, tmp_path / "plain", cache=False)
     assert plain_seen.images == CONFIG.epochs * CONFIG.steps_per_epoch * CONFIG.batch_size
     assert cached.losses == pytest.approx(plain.losses, abs=1e-4)
-    # Within noise: Adam's steps (about lr each) amplify float rounding of small gradients.
-    for a, b in zip(cached_model.parameters(), plain_model.parameters(), strict=True):
-        assert torch.allclose(a, b, atol=CONFIG.lr)
+    # Within noise: Adam's steps (about lr each, whatever the gradient's size) amplify float
+    # rounding of near-zero gradients, which differs between CPUs' kernels. A few weights may
+    # then differ by about a step (1.1e-3 seen on an AVX2 CPU); nearly all are the same.
+    diff = torch.cat(
+        [(a - b).abs().flatten() for a, b in zip(cached_model.parameters(),
+                                                  plain_model.parameters(), strict=True)]
+    )  # fmt: skip
+    assert diff.max() <= 2 * CONFIG.lr
+    assert (diff > 1e-5).float().mean() <= 1e-3
 
     # --resume reads the cache, though the model it loads into starts with other weights
     # (as `geoloc train --resume` builds it) ...
