@@ -40,13 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime import _model, _vector_extensions
 from tilesets import (
-    REF_SEED,
     bundled_weights,
     descriptors,
     embed,
     latlon,
     markdown_table,
-    served_locator,
+    served_setup,
     tileset,
 )
 
@@ -119,10 +118,8 @@ def speed_and_parity(profile: str, rounds: int, threads: int) -> None:
 
 def agreement(n: int, seed: int, n_refs: int, threads: int) -> None:
     tiles = tileset("test", n, seed)
-    refs = tileset("reference", n_refs, REF_SEED)
     truth = latlon(tiles)
-    model = _model("bluemarble")
-    locator, _ = served_locator(model, weights=bundled_weights(), res=4, refs=refs)
+    model, _, refs, _, locator, _ = served_setup(bundled_weights(), 4, n_refs, 0)
     structure = descriptors(tiles)
     options = LocateOptions(top_k=1)
 

@@ -67,6 +67,12 @@ CHUNK_PIXELS = 5 * 224 * 224
 #: 0.954 with fp32's (1.5e-2 mean 1 - cos on a 2-layer ViT), against 0.9992 within 7 bits.
 INT8_QUANTIZATION = "dynamic, MatMul/Gemm weights int8 per output column, 7-bit range"
 
+
+def quantization(precision: str) -> str | None:
+    """What an export of ``precision`` records as its ``quantization`` (None: not quantised)."""
+    return INT8_QUANTIZATION if precision == "int8" else None
+
+
 log = logging.getLogger(__name__)
 
 
@@ -154,7 +160,7 @@ def stale_reason(
         "runtime": runtime,
         "precision": precision,
         "input_size": input_size(model),
-        "quantization": INT8_QUANTIZATION if precision == "int8" else None,
+        "quantization": quantization(precision),
     }
     for key, value in wanted.items():
         if getattr(m, key) == value:
@@ -281,7 +287,7 @@ def _export(
             files={name: sha256_file(path) for name, path in files.items()},
             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             exporter={"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-            quantization=INT8_QUANTIZATION if precision == "int8" else None,
+            quantization=quantization(precision),
         )
         # The manifest is written last: a folder without one is an unfinished export.
         atomic_write(work / MANIFEST_FILE, (json.dumps(asdict(manifest), indent=2) + "\n").encode())
