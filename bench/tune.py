@@ -9,7 +9,7 @@ per setting, the mean over the sets of the shares within 25/200/750 km and the w
 200 km share.
 
     .venv/bin/python bench/tune.py [--weights PATH] [--per-set 300] [--refs N] \
-        [--grid neighbours|structure|support|precision|served] [--ref-power P] [--snap]
+        [--grid neighbours|structure|support|precision|widths|served] [--ref-power P] [--snap]
 
 ``--ref-power`` draws the reference tiles with another ``scale_power`` (how many narrow views
 the reference set holds against wide ones); ``--grid served`` runs the served settings only.
@@ -92,6 +92,12 @@ GRIDS = {
         "neighbour_weight": (1.0, 2.0, 3.0),
         "neighbour_kernel_km": (25.0, 50.0),
         "neighbour_temperature": (50.0, 200.0),
+    },
+    # How sharply each neighbour places the answer, from the width of its view (references
+    # with a width_km column); 0 is one kernel for all.
+    "widths": {
+        "neighbour_kernel_share": (0.0, 0.03, 0.06, 0.1),
+        "neighbour_weight": (1.0, 2.0),
     },
     # The served settings alone (to compare reference sets, --ref-power).
     "served": {"structure_weight": (LocateOptions().structure_weight,)},

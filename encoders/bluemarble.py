@@ -233,15 +233,31 @@ def sample_centres(
     return np.concatenate(out)[:n]
 
 
-def iter_tiles(
+def iter_views(
     centres: np.ndarray, rng: np.random.Generator, style: TileStyle
-) -> Iterator[Image.Image]:
-    """One tile per centre, drawn in the given style with the given random stream."""
+) -> Iterator[tuple[Image.Image, float]]:
+    """One (tile, width in km of the ground it shows) per centre, drawn in the given style
+    with the given random stream."""
     mosaic = load_map()
     for lat, lon in centres:
         scale = style.draw_scale(rng)
         img = render_tile(float(lat), float(lon), scale, style.size, mosaic)
-        yield augment_tile(img, rng, style) if style.augment else img
+        yield (
+            (augment_tile(img, rng, style) if style.augment else img),
+            view_width_km(scale, style.size),
+        )
+
+
+def iter_tiles(
+    centres: np.ndarray, rng: np.random.Generator, style: TileStyle
+) -> Iterator[Image.Image]:
+    """One tile per centre, drawn in the given style with the given random stream."""
+    return (tile for tile, _ in iter_views(centres, rng, style))
+
+
+def view_width_km(scale: float, size: int) -> float:
+    """The north-south ground extent of a tile of ``size`` pixels, ``scale`` map pixels each."""
+    return scale * size * KM_PER_PIXEL
 
 
 def write_tileset(
@@ -253,17 +269,18 @@ def write_tileset(
     land_fn: Callable[[np.ndarray], np.ndarray] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
-    """Write n tiles as JPEG files plus ``labels.csv`` (image,lat,lon); returns the CSV."""
+    """Write n tiles as JPEG files plus ``labels.csv`` (image,lat,lon,width_km: the ground
+    each view shows, which a reference index keeps); returns the CSV."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     centres = sample_centres(n, rng, land_fn)
-    lines = ["image,lat,lon"]
-    for i, ((lat, lon), tile) in enumerate(
-        zip(centres, iter_tiles(centres, rng, style), strict=True)
+    lines = ["image,lat,lon,width_km"]
+    for i, ((lat, lon), (tile, width)) in enumerate(
+        zip(centres, iter_views(centres, rng, style), strict=True)
     ):
         name = f"tile_{i:06d}.jpg"
         tile.save(out_dir / name, quality=95)
-        lines.append(f"{name},{lat:.6f},{lon:.6f}")
+        lines.append(f"{name},{lat:.6f},{lon:.6f},{width:.1f}")
         if progress is not None:
             progress(1)
     csv = out_dir / "labels.csv"

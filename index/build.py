@@ -28,6 +28,7 @@ from index.manifest import (
     MANIFEST_FILE,
     METRIC,
     STRUCTURE_FILE,
+    WIDTH_FILE,
     IndexStoreError,
     Manifest,
     check_name,
@@ -137,6 +138,8 @@ def publish_index(
         save_npy(tmp_dir / COUNTRY_FILE, table.country)
         if table.structure is not None:
             save_npy(tmp_dir / STRUCTURE_FILE, table.structure)
+        if table.width is not None:
+            save_npy(tmp_dir / WIDTH_FILE, table.width)
         extra.setdefault("faiss_version", faiss.__version__)
         extra.setdefault("build_seconds", round(time.perf_counter() - t0, 3))
         manifest = finish_publication(
@@ -148,7 +151,11 @@ def publish_index(
             gallery_kind=gallery_kind,
             h3_resolution=h3_resolution,
             count=n,
-            files=(*DATA_FILES, *((STRUCTURE_FILE,) if table.structure is not None else ())),
+            files=(
+                *DATA_FILES,
+                *((STRUCTURE_FILE,) if table.structure is not None else ()),
+                *((WIDTH_FILE,) if table.width is not None else ()),
+            ),
             extra=extra,
         )
     except BaseException:

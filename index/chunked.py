@@ -33,6 +33,7 @@ from index.manifest import (
     LATLON_FILE,
     ONDISK_FILE,
     STRUCTURE_FILE,
+    WIDTH_FILE,
     IndexStoreError,
     Manifest,
 )
@@ -130,6 +131,8 @@ def publish_index_chunked(
     latlon = np.empty((count, 2), dtype=np.float64)
     country = np.empty(count, dtype="<U2")
     structure: np.ndarray | None = None  # on disk, opened at the first chunk that has some
+    width = np.full(count, np.nan, dtype=np.float32)
+    has_width = False
 
     name_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = name_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
@@ -164,6 +167,9 @@ def publish_index_chunked(
                         f"{table.structure.shape[1]}, earlier chunks {structure.shape[1]}"
                     )
                 structure[start : start + n] = table.structure
+            if table.width is not None:  # stored only where some width is known
+                width[start : start + n] = table.width
+                has_width |= bool(np.isfinite(table.width).any())
             if recall_rows is not None:
                 sel = (recall_rows >= start) & (recall_rows < start + n)
                 recall_q[sel] = vecs[recall_rows[sel] - start]
@@ -217,6 +223,9 @@ def publish_index_chunked(
         save_npy(tmp_dir / IDS_FILE, ids)
         save_npy(tmp_dir / LATLON_FILE, latlon)
         save_npy(tmp_dir / COUNTRY_FILE, country)
+        if has_width:
+            save_npy(tmp_dir / WIDTH_FILE, width)
+            data_files.append(WIDTH_FILE)
         extra.setdefault("faiss_version", faiss.__version__)
         extra.update(
             {

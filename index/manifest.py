@@ -55,6 +55,9 @@ DATA_FILES = (INDEX_FILE, IDS_FILE, LATLON_FILE, COUNTRY_FILE)
 #: Optional: row-aligned int8 structure descriptors of reference images
 #: (``encoders.structure``), which verification compares with the query's.
 STRUCTURE_FILE = "structure.npy"
+#: Optional: row-aligned float32 km of ground each reference image shows (nan: unknown),
+#: which sets how sharply verification trusts that image's location.
+WIDTH_FILE = "width.npy"
 #: Inverted lists of a compressed index live in this file beside ``index.faiss``.
 ONDISK_FILE = "index.ivfdata"
 #: Row-aligned float16 copies of a compressed index's vectors, read from disk a few rows at a

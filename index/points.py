@@ -24,6 +24,8 @@ class PointTable:
     country: np.ndarray  # '<U2' (n,), ISO alpha-2 or ""
     #: int8 (n, d) structure descriptors (reference images), or None; zero rows: unknown.
     structure: np.ndarray | None = None
+    #: float32 (n,) km of ground each reference image shows, or None; nan: unknown.
+    width: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -96,6 +98,14 @@ def check_points(points: PointTable, n: int) -> PointTable:
                 f"structure descriptors must be an int8 (n, d) array with one row per vector, "
                 f"got {structure.dtype} {structure.shape} for {n} vectors"
             )
+    width = points.width
+    if width is not None:
+        width = np.asarray(width, dtype=np.float32)
+        if width.shape != (n,) or (width[np.isfinite(width)] <= 0).any() or np.isinf(width).any():
+            raise IndexStoreError(
+                f"view widths must be one positive number (or nan: unknown) per vector, got "
+                f"shape {width.shape} for {n} vectors"
+            )
     bad = [c for c in np.unique(country.astype(str)) if not _COUNTRY_RE.match(c)]
     if bad:
         raise IndexStoreError(
@@ -106,4 +116,5 @@ def check_points(points: PointTable, n: int) -> PointTable:
         latlon=latlon,
         country=np.ascontiguousarray(country, dtype="<U2"),
         structure=None if structure is None else np.ascontiguousarray(structure),
+        width=width,
     )

@@ -23,6 +23,7 @@ from index.manifest import (
     LATLON_FILE,
     MANIFEST_FILE,
     STRUCTURE_FILE,
+    WIDTH_FILE,
     IndexStoreError,
     Manifest,
     check_name,
@@ -336,6 +337,9 @@ def load_index(
             structure=np.load(path / STRUCTURE_FILE, mmap_mode="r", allow_pickle=False)
             if STRUCTURE_FILE in manifest.files
             else None,
+            width=np.load(path / WIDTH_FILE, allow_pickle=False)
+            if WIDTH_FILE in manifest.files
+            else None,
         )
         exact = ExactVectors(path / EXACT_FILE) if EXACT_FILE in manifest.files else None
     except (RuntimeError, ValueError, OSError) as exc:
@@ -350,6 +354,11 @@ def load_index(
         raise IndexStoreError(
             f"{path / STRUCTURE_FILE} holds {points.structure.dtype} {points.structure.shape}, "
             f"not int8 rows for the manifest's {manifest.count}; rebuild the index"
+        )
+    if points.width is not None and points.width.shape != (manifest.count,):
+        raise IndexStoreError(
+            f"{path / WIDTH_FILE} holds {points.width.shape}, not one width for each of the "
+            f"manifest's {manifest.count} rows; rebuild the index"
         )
     if index.d != manifest.dim or index.ntotal != manifest.count or len(points) != manifest.count:
         raise IndexStoreError(

@@ -41,6 +41,7 @@ from index.manifest import (  # noqa: F401
     ONDISK_FILE,
     STRUCTURE_FILE,
     WEIGHTS_KEY,
+    WIDTH_FILE,
     IndexStoreError,
     IndexWeightsError,
     Manifest,

@@ -27,6 +27,8 @@ POINT_ID_HEADERS = ("id",)  # a gallery point's id
 IMAGE_COLUMNS = ("image", "path", "image_path", "file", "filename", "img_path", "img_id")
 URI_COLUMNS = ("uri", "url", *IMAGE_COLUMNS)  # a reference image: a path or a URI
 ID_COLUMNS = ("id", "image_id", "photo_id")  # a reference image's id
+#: A reference image's view width: the ground it shows, in km (optional; blank: unknown).
+WIDTH_COLUMNS = ("width_km",)
 PARQUET_SUFFIXES = (".parquet", ".pq")  # read_table reads any other file as a CSV
 
 
@@ -54,6 +56,7 @@ class Reason(enum.Enum):
     ID_NOT_INTEGER = "id is not an integer"
     ID_NEGATIVE = "id is negative"
     ID_DUPLICATE = "duplicate id"
+    BAD_WIDTH = "width is not a positive number"
 
 
 # The reasons in words, as str.format templates of RowProblem's fields.
@@ -66,6 +69,7 @@ WORDING = {
     Reason.ID_NOT_INTEGER: "id {id_text!r} is not an integer",
     Reason.ID_NEGATIVE: "id {id} is negative",
     Reason.ID_DUPLICATE: "duplicate id {id} (first on row {first_row})",
+    Reason.BAD_WIDTH: "width_km {width_text!r} is not a positive number of km",
 }
 
 
@@ -87,6 +91,7 @@ class RowProblem:
     id: int  # the id, -1 where not an integer
     first_line: int  # ID_DUPLICATE: the line and row where the id was first (0 otherwise)
     first_row: int
+    width_text: str | None = None  # the width cell as read (None: no such column or null)
 
     def describe(self, wording: Mapping[Reason, str] | None = None, **extra: object) -> str:
         """Why the row is bad: the caller's ``wording`` of the reason, else WORDING's,
@@ -106,6 +111,7 @@ class Rows:
     lon: np.ndarray  # float64
     text: list[str]  # the text column, stripped ("" each without one)
     id: np.ndarray | None  # int64; None without an id column
+    width: np.ndarray | None = None  # float64 km, nan where blank; None without the column
 
     def __len__(self) -> int:
         return len(self.row)
@@ -138,29 +144,32 @@ def read_table(
     *,
     text: tuple[str, ...] = (),
     ids: tuple[str, ...] = (),
+    widths: tuple[str, ...] = (),
     parquet: bool = True,
 ) -> tuple[Rows, list[RowProblem]]:
     """Rows of a CSV (UTF-8, an optional byte-order mark, every cell as text) or Parquet
     table with a latitude and a longitude column (LAT_HEADERS, LON_HEADERS), a non-empty
     text column named as one of ``text`` (if given) and an optional column of non-negative,
-    unique integer ids named as one of ``ids``. Lines of blank cells in a CSV are skipped.
+    unique integer ids named as one of ``ids`` and an optional column of positive numbers
+    named as one of ``widths`` (blank: unknown). Lines of blank cells in a CSV are skipped.
     A file named *.parquet or *.pq is read as Parquet unless ``parquet`` is False.
 
     Returns the good rows and one RowProblem per bad row, both in file order. Raises
     OSError where the file cannot be opened and TableError where it is no table of points.
     """
     path = Path(path)
-    wanted = (LAT_HEADERS, LON_HEADERS, text, ids)
+    wanted = (LAT_HEADERS, LON_HEADERS, text, ids, widths)
     parquet = parquet and path.suffix.lower() in PARQUET_SUFFIXES
     header, read = _open_parquet(path) if parquet else _open_csv(path)
     cols = [find_column(header, w) if w else None for w in wanted]
     if cols[0] is None or cols[1] is None or (text and cols[2] is None):
         raise TableError("columns", f"{path}: no latitude, longitude or text column", header)
-    has_id = cols[3] is not None
-    need = max(c for c in cols if c is not None) + 1
+    has_id, has_width = cols[3] is not None, cols[4] is not None
+    need = max(c for c in cols[:4] if c is not None) + 1  # a width cell may be left out
     found = read(cols)
     lat_f, lon_f = ([_float(t) for t in v] for v in found.values[:2])
     lat, lon = np.array(lat_f, dtype=np.float64), np.array(lon_f, dtype=np.float64)  # None: nan
+    width = np.array([_float(t) for t in found.values[4]], dtype=np.float64)  # blank: nan
     # All rows at once (one call per row is slow):
     finite = (np.isfinite(lat) & np.isfinite(lon)).tolist()
     on_earth = latlon_valid(lat, lon).tolist()
@@ -169,12 +178,12 @@ def read_table(
     values: list[int] = []
     bad: list[RowProblem] = []
     seen: dict[int, tuple[int, int]] = {}  # id -> (line, row) of the good row with it
-    for i, (line, row, width, lat_text, lon_text, text_cell, id_text) in enumerate(
+    for i, (line, row, cells, lat_text, lon_text, text_cell, id_text, width_text) in enumerate(
         zip(found.line, found.row, found.width, *found.values, strict=True)
     ):
         name = (text_cell or "").strip()
         value = -1
-        if width < need:
+        if cells < need:
             reason: Reason | None = Reason.COLUMNS
         elif lat_f[i] is None or lon_f[i] is None:
             reason = Reason.NOT_NUMBERS
@@ -184,6 +193,8 @@ def read_table(
             reason = Reason.NOT_LATLON
         elif text and not name:
             reason = Reason.EMPTY_TEXT
+        elif (width_text or "").strip() and not 0 < width[i] < np.inf:
+            reason = Reason.BAD_WIDTH
         elif has_id:
             reason, value = _check_id(id_text, seen)
         else:
@@ -200,7 +211,7 @@ def read_table(
                 line,
                 row,
                 reason,
-                width,
+                cells,
                 need,
                 lat_text,
                 lon_text,
@@ -210,6 +221,7 @@ def read_table(
                 float(lon[i]),
                 value,
                 *first,
+                width_text,
             )
         )
     rows = Rows(
@@ -220,6 +232,7 @@ def read_table(
         lon=lon[keep],
         text=names,
         id=np.array(values, dtype=np.int64) if has_id else None,
+        width=width[keep] if has_width else None,
     )
     return rows, bad
 

@@ -384,6 +384,12 @@ class NeighbourOut(BaseModel):
         "index stores them; verification ranks the neighbours by similarity + "
         "structure_weight × structure.",
     )
+    width_km: float | None = Field(
+        None,
+        description="Ground width the reference image shows, km, when its reference table "
+        "gave one (width_km column); verification trusts a narrow view's location more "
+        "sharply (neighbour_kernel_share × width_km).",
+    )
 
 
 class LocateResponse(BaseModel):

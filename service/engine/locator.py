@@ -50,10 +50,19 @@ from service.engine.places import (
     Beam,
     logsumexp,
     merge_places,
+    neighbour_kernels,
     neighbour_support,
     nms_owners,
 )
-from service.engine.results import Candidate, LocateResult, Pool, Scored, Timer, share_time
+from service.engine.results import (
+    Candidate,
+    LocateResult,
+    Pool,
+    Scored,
+    Support,
+    Timer,
+    share_time,
+)
 from service.errors import InvalidOptionError, TextQueryUnsupportedError
 
 if TYPE_CHECKING:
@@ -125,6 +134,13 @@ class Locator:
     @property
     def index_label(self) -> str:
         return f"{self.index.manifest.name}/{self.index.manifest.version}"
+
+    @property
+    def references_label(self) -> str | None:
+        """The reference index as "name/version" (None: no image neighbours)."""
+        if self.neighbours is None:
+            return None
+        return f"{self.neighbours.manifest.name}/{self.neighbours.manifest.version}"
 
     # -- entry points -------------------------------------------------------------------
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -531,16 +547,14 @@ class Locator:
         self,
         latlon: np.ndarray,
         score: np.ndarray,
-        support: tuple[np.ndarray, np.ndarray] | None,
+        support: Support | None,
         opt: LocateOptions,
     ) -> np.ndarray:
         """Verification's logits: the image-GPS similarity, plus (when verifying) the log
         density of the image neighbours at each point."""
         logits = self.scale * score
         if opt.verify and support is not None and opt.neighbour_weight > 0 and len(logits):
-            logits = logits + opt.neighbour_weight * neighbour_support(
-                latlon, *support, opt.neighbour_kernel_km
-            )
+            logits = logits + opt.neighbour_weight * neighbour_support(latlon, *support)
         return logits
 
     # -- stages -------------------------------------------------------------------------
@@ -568,7 +582,7 @@ class Locator:
             country=np.asarray(pts.country[rows]),
         )
         neighbours: list[dict[str, Any]] = []
-        support: tuple[np.ndarray, np.ndarray] | None = None  # neighbour (latlon, weights)
+        support: Support | None = None
         if nb is not None:
             sims, nrows = nb[0][nb[1] >= 0], nb[1][nb[1] >= 0]
             keys, corr, known = sims, None, np.zeros(0, dtype=bool)
@@ -589,9 +603,17 @@ class Locator:
             if corr is not None:
                 for d, c, k in zip(neighbours, corr, known, strict=True):
                     d["structure"] = round(float(c), 4) if k else None
+            stored = self.neighbours.points.width
+            width = None if stored is None else np.asarray(stored[nrows], dtype=np.float64)
+            if width is not None:
+                for d, w_km in zip(neighbours, width, strict=True):
+                    d["width_km"] = round(float(w_km), 1) if np.isfinite(w_km) else None
             if len(nrows):
                 w = np.exp(opt.neighbour_temperature * (keys - keys.max()))
-                support = (nlatlon, w / w.sum())
+                kernels = neighbour_kernels(
+                    width, len(nrows), opt.neighbour_kernel_km, opt.neighbour_kernel_share
+                )
+                support = (nlatlon, w / w.sum(), kernels)
                 # Their GPS joins the candidates, scored like any other point.
                 pool.extend(
                     nlatlon,

@@ -28,6 +28,7 @@ SERVICE_OPTIONS = (
     "neighbours",
     "neighbour_weight",
     "neighbour_kernel_km",
+    "neighbour_kernel_share",
     "neighbour_temperature",
     "structure_weight",
     "llm_diversify",
@@ -97,6 +98,11 @@ class LocateOptions:
     #: neighbours are weighted by softmax(temperature·image similarity).
     neighbour_weight: float = 1.0
     neighbour_kernel_km: float = 50.0
+    #: A neighbour whose view width the reference index stores (its ``width_km`` column)
+    #: gets a kernel of this share of that width instead of ``neighbour_kernel_km``: a
+    #: narrow view places its match precisely, a wide one only roughly. 0: off. Chosen on
+    #: validation draws (bench/tune.py --grid widths).
+    neighbour_kernel_share: float = 0.03
     neighbour_temperature: float = 50.0
     #: The neighbours are ranked and weighted by cosine + structure_weight·(rank correlation
     #: of the picture's luminance layout with theirs, ``encoders.structure``), among the
@@ -153,6 +159,7 @@ class LocateOptions:
         )
         check(0 <= self.neighbour_weight <= 10, "neighbour_weight must be between 0 and 10")
         check(1 <= self.neighbour_kernel_km <= 5000, "neighbour_kernel_km must be 1..5000")
+        check(0 <= self.neighbour_kernel_share <= 1, "neighbour_kernel_share must be 0..1")
         check(0 <= self.neighbour_temperature <= 1000, "neighbour_temperature must be 0..1000")
         check(0 <= self.structure_weight <= 10, "structure_weight must be between 0 and 10")
         check(

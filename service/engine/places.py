@@ -22,17 +22,30 @@ if TYPE_CHECKING:
 
 
 def neighbour_support(
-    latlon: np.ndarray, nb_latlon: np.ndarray, nb_weight: np.ndarray, kernel_km: float
+    latlon: np.ndarray, nb_latlon: np.ndarray, nb_weight: np.ndarray, kernel_km: np.ndarray
 ) -> np.ndarray:
     """log of a Gaussian kernel density of the reference neighbours at each candidate.
 
     Each neighbour is weighted by the softmax of its image similarity, so a close
-    look-alike pulls the verdict towards its location; the floor keeps candidates far
-    from every neighbour possible rather than impossible.
+    look-alike pulls the verdict towards its location; ``kernel_km`` (per neighbour) says
+    how precisely each one places it. The floor keeps candidates far from every neighbour
+    possible rather than impossible.
     """
     d = pairwise_km(latlon, nb_latlon)
-    density = (nb_weight[None, :] * np.exp(-0.5 * (d / kernel_km) ** 2)).sum(axis=1)
+    density = (nb_weight[None, :] * np.exp(-0.5 * (d / kernel_km[None, :]) ** 2)).sum(axis=1)
     return np.log(1e-3 + density)
+
+
+def neighbour_kernels(
+    width_km: np.ndarray | None, n: int, kernel_km: float, share: float
+) -> np.ndarray:
+    """Each neighbour's kernel: ``share`` of the ground its image shows where that is known
+    (a narrow view places its match precisely, a wide one only roughly), else ``kernel_km``."""
+    out = np.full(n, float(kernel_km))
+    if width_km is not None and share > 0:
+        known = np.isfinite(width_km)
+        out[known] = np.maximum(share * width_km[known], 1.0)
+    return out
 
 
 def logsumexp(x: np.ndarray) -> float:

@@ -9,6 +9,10 @@ from typing import Any
 
 import numpy as np
 
+#: Verification's reference neighbours of one picture: their (lat, lon), their weights
+#: (summing to 1) and each one's kernel width in km (places.neighbour_support).
+Support = tuple[np.ndarray, np.ndarray, np.ndarray]
+
 
 @dataclass
 class Candidate:
@@ -128,7 +132,7 @@ class Scored:
     t: float  # when verification ended
     neighbours: list[dict[str, Any]]
     q: np.ndarray | None = None  # the query vector
-    support: tuple[np.ndarray, np.ndarray] | None = None  # neighbour (latlon, weights)
+    support: Support | None = None
     #: Unfiltered best gallery / reference cosines from retrieval, reused by the verdict.
     gallery_top: np.ndarray | None = None
     refs_top: np.ndarray | None = None

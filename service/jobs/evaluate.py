@@ -342,8 +342,13 @@ def fit_calibration(
         weights=weights_label(settings.checkpoint, locator.model.weights_id),
         data={"path": str(data.resolve()), "sha256": sha256_file(data), "rows": len(emb.rows)},
         options={
-            k: getattr(opts, k)
-            for k in ("retrieve_k", "refine", "diversify", "nms_km", "neighbours", "verify")
+            **{
+                k: getattr(opts, k)
+                for k in ("retrieve_k", "refine", "diversify", "nms_km", "neighbours", "verify")
+            },
+            # The neighbours' support is part of the logits fitted here (setup refits when
+            # the served reference index changes).
+            "references": locator.references_label,
         },
         fit=fit,
         localizability=judge.to_dict() if judge is not None else None,

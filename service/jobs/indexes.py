@@ -333,13 +333,18 @@ def _publish_references(
                     latlon=np.asarray(old.points.latlon[rows]),  # type: ignore[union-attr]
                     country=np.asarray(old.points.country[rows]),  # type: ignore[union-attr]
                     structure=old_structure(rows),
+                    width=old_width(rows),
                 ),
             )
         for shard, points in new_points:
             yield VectorChunk(
                 refjobs.shard_vectors(job, shard),
                 PointTable(
-                    points.ids, points.latlon, points.country, refjobs.shard_structure(job, shard)
+                    points.ids,
+                    points.latlon,
+                    points.country,
+                    refjobs.shard_structure(job, shard),
+                    refjobs.shard_width(job, shard),
                 ),
             )
 
@@ -349,6 +354,11 @@ def _publish_references(
         if stored is None:
             return np.zeros((len(rows), STRUCTURE_DIM), dtype=np.int8)
         return np.asarray(stored[rows])
+
+    def old_width(rows: np.ndarray) -> np.ndarray:
+        """Carried images' view widths; nan (unknown) from a version that has none."""
+        stored = old.points.width  # type: ignore[union-attr]
+        return np.full(len(rows), np.nan) if stored is None else np.asarray(stored[rows])
 
     extra = {
         # Images carried from a version that records no weights keep the new one unrecorded
@@ -366,6 +376,7 @@ def _publish_references(
     )
     if not compressed:
         parts = list(chunks())
+        width = np.concatenate([p.points.width for p in parts])  # type: ignore[misc]
         return publish_index(
             settings.index_dir,
             name,
@@ -375,6 +386,7 @@ def _publish_references(
                 latlon=np.concatenate([p.points.latlon for p in parts]),
                 country=np.concatenate([p.points.country for p in parts]),
                 structure=np.concatenate([p.points.structure for p in parts]),  # type: ignore[misc]
+                width=width if np.isfinite(width).any() else None,  # stored where some known
             ),
             profile=model.profile,
             gallery_kind="images",

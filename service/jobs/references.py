@@ -48,6 +48,7 @@ from index.tables import (
     LAT_HEADERS,
     LON_HEADERS,
     URI_COLUMNS,
+    WIDTH_COLUMNS,
     WORDING,
     Reason,
     TableError,
@@ -78,6 +79,8 @@ class ReferenceTable:
     lat: np.ndarray  # float64
     lon: np.ndarray  # float64
     base: Path  # relative paths are resolved against the input's directory
+    #: float64 km of ground each image shows (nan: unknown), from an optional width_km column
+    width: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.row)
@@ -92,13 +95,14 @@ class BadRow:
 
 
 def read_reference_table(path: str | Path) -> tuple[ReferenceTable, list[BadRow]]:
-    """Rows of a CSV or Parquet table with an image URI, latitude, longitude and optional
-    integer id; rows with bad coordinates or ids are returned as bad rows, not raised."""
+    """Rows of a CSV or Parquet table with an image URI, latitude, longitude, an optional
+    integer id and an optional view width (km); rows with bad coordinates, ids or widths are
+    returned as bad rows, not raised."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     try:
-        table, problems = read_table(path, text=URI_COLUMNS, ids=ID_COLUMNS)
+        table, problems = read_table(path, text=URI_COLUMNS, ids=ID_COLUMNS, widths=WIDTH_COLUMNS)
     except (OSError, TableError) as exc:
         if isinstance(exc, OSError) or exc.kind == "unreadable":
             raise DatasetError(f"{path}: not a readable CSV or Parquet table: {exc}") from exc
@@ -124,6 +128,7 @@ def read_reference_table(path: str | Path) -> tuple[ReferenceTable, list[BadRow]
             lat=table.lat,
             lon=table.lon,
             base=path.resolve().parent,
+            width=table.width,
         ),
         bad,
     )
@@ -236,6 +241,7 @@ def prepare_job(
     (job_dir / "rows").mkdir(parents=True, exist_ok=True)
     (job_dir / "out").mkdir(exist_ok=True)
     sizes = []
+    width = np.full(len(table), np.nan) if table.width is None else table.width
     for shard, start in enumerate(range(0, len(table), shard_rows)):
         stop = min(start + shard_rows, len(table))
         part = pa.table(
@@ -245,6 +251,7 @@ def prepare_job(
                 "uri": table.uri[start:stop],
                 "lat": table.lat[start:stop],
                 "lon": table.lon[start:stop],
+                "width_km": width[start:stop],
             }
         )
         atomic_write(
@@ -325,6 +332,7 @@ class ShardEncoder:
         t0 = time.perf_counter()
         rows = pq.read_table(self.job.rows_file(shard)).to_pydict()
         n = len(rows["row"])
+        width = np.asarray(rows.get("width_km", [np.nan] * n), dtype=np.float64)  # older jobs: none
         dim = self.model.embed_dim
         vectors = np.empty((n, dim), dtype=np.float32)
         structure = np.zeros((n, STRUCTURE_DIM), dtype=np.int8)
@@ -369,6 +377,7 @@ class ShardEncoder:
                 id=np.asarray(rows["id"], dtype=np.int64)[ok],
                 row=np.asarray(rows["row"], dtype=np.int64)[ok],
                 latlon=np.column_stack([rows["lat"], rows["lon"]]).astype(np.float64)[ok],
+                width=width[ok],
             ),
         )
         atomic_write(self.job.bad_file(shard), json.dumps(bad).encode())
@@ -474,6 +483,15 @@ def shard_structure(job: Job, shard: int) -> np.ndarray:
         if "structure" in z.files:
             return z["structure"]
         return np.zeros((len(z["row"]), STRUCTURE_DIM), dtype=np.int8)
+
+
+def shard_width(job: Job, shard: int) -> np.ndarray:
+    """The shard's view widths in km (nan: unknown, as for a shard encoded before widths were
+    stored)."""
+    with np.load(job.out_file(shard), allow_pickle=False) as z:
+        if "width" in z.files:
+            return z["width"]
+        return np.full(len(z["row"]), np.nan)
 
 
 def write_report(job: Job, input_bad: list[BadRow]) -> tuple[Path, list[BadRow]]:

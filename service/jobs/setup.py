@@ -16,9 +16,11 @@ it and nothing is deleted.
    under ``<data>/setup/references`` and embeds them through `geoloc images add`'s job
    (in-process); the tiles are deleted once published (the index keeps their embeddings and
    GPS, which is all a neighbour needs; they are ~4 KB each). A new version replacing a stale
-   one holds only the tiles (`images add --replace`). Other profiles take reference photos
+   one (other weights, or built before structure descriptors or view widths were stored)
+   holds only the tiles (`images add --replace`). Other profiles take reference photos
    from the user (`geoloc images add`);
-4. calibration: for the served index version, unless one exists, fitted on
+4. calibration: for the served index version, unless one exists that was fitted with these
+   weights and the reference index served now (its neighbours are part of the logits), fitted on
    GEOLOC_SETUP_CALIBRATION_TILES held-out tiles (augmented, another seed), kept under
    ``<data>/setup/calibration`` (the calibration record names them).
 """
@@ -36,6 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from index.store import (
     STRUCTURE_FILE,
+    WIDTH_FILE,
     IndexWeightsError,
     Manifest,
     latest_version,
@@ -148,6 +151,13 @@ def _exists(s: Settings, name: str) -> bool:
     return bool(list_indexes(s.index_dir, name))
 
 
+def _newest(s: Settings, name: str) -> Manifest | None:
+    """The newest version of an index (what the service serves of a reference index)."""
+    return max(
+        list_indexes(s.index_dir, name), key=lambda m: (m.created_at, m.version), default=None
+    )
+
+
 def _stale(m: Manifest, weights: str) -> str:
     """Why index version ``m`` is not what a model with ``weights`` needs ("": it is)."""
     if m.weights == weights:
@@ -234,11 +244,14 @@ def _gallery(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
 
 def _tiles(out: Path, count: int, *, seed: int, kind: str, progress: bool, echo: Echo) -> Path:
     """A rendered tile set, reused when a previous run finished writing it (labels.csv is
-    written last)."""
+    written last) with this release's columns (the view widths)."""
     csv = out / "labels.csv"
-    if csv.is_file() and sum(1 for _ in csv.open()) == count + 1:
-        echo(f"reusing {count} {kind} tiles in {out}")
-        return csv
+    if csv.is_file():
+        with csv.open() as fh:
+            header, rows = fh.readline().strip(), sum(1 for _ in fh)
+        if header.endswith(",width_km") and rows == count:
+            echo(f"reusing {count} {kind} tiles in {out}")
+            return csv
     from service.jobs.training import write_bluemarble_set
 
     shutil.rmtree(out, ignore_errors=True)
@@ -248,14 +261,14 @@ def _tiles(out: Path, count: int, *, seed: int, kind: str, progress: bool, echo:
 
 def _references(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
     name = s.reference_index or f"refs-{s.profile}"
-    old: Manifest | None = None
     stale = ""
-    if _exists(s, name):
-        # The service serves the newest version of a reference index.
-        old = max(list_indexes(s.index_dir, name), key=lambda m: (m.created_at, m.version))
+    old = _newest(s, name)  # the service serves the newest version of a reference index
+    if old is not None:
         stale = _stale(old, model.weights_id())
         if not stale and STRUCTURE_FILE not in old.files:
             stale = "stores no structure descriptors (built before verification compared them)"
+        if not stale and s.profile in SELF_DATA_PROFILES and WIDTH_FILE not in old.files:
+            stale = "stores no view widths (built before verification used them)"
         if not stale:
             return f"{name}/{old.version} exists"
         echo(f"{name}/{old.version} {stale}")
@@ -341,9 +354,19 @@ def _calibration(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
     have = list_calibrations(s.data_dir, name, version)
     # The service applies the newest one; it must have been fitted for these weights.
     label = weights_label(s.checkpoint, model.weights_id())
+    # ... and with the reference index served now: the neighbours are part of its logits.
+    refs = _newest(s, s.reference_index or f"refs-{s.profile}")
+    refs_label = None if refs is None else f"{refs.name}/{refs.version}"
     if have and have[-1].profile == s.profile and have[-1].weights == label:
-        return f"{name}/{version} has calibration {have[-1].label}"
-    if have:
+        fitted_with = have[-1].options.get("references", "an unrecorded reference index")
+        if fitted_with == refs_label:
+            return f"{name}/{version} has calibration {have[-1].label}"
+        echo(
+            f"calibration {have[-1].version} of {name}/{version} was fitted with "
+            f"{fitted_with or 'no reference index'}, the service uses "
+            f"{refs_label or 'none'}: fitting a new one (it is kept)"
+        )
+    elif have:
         echo(
             f"calibration {have[-1].version} of {name}/{version} was fitted for weights "
             f"{have[-1].weights!r}, the model has {label!r}: fitting a new one (it is kept)"

@@ -9,6 +9,7 @@ from index.tables import (
     ID_COLUMNS,
     IMAGE_COLUMNS,
     URI_COLUMNS,
+    WIDTH_COLUMNS,
     WORDING,
     Reason,
     TableError,
@@ -45,8 +46,17 @@ def test_csv_with_bom_and_any_case_of_the_headers(tmp_path):
 
 
 def test_optional_columns(tmp_path):
-    rows, bad = read_table(_csv(tmp_path, "lat,lon\n1,2\n"), ids=("id",))
-    assert bad == [] and rows.id is None and rows.text == [""]
+    rows, bad = read_table(_csv(tmp_path, "lat,lon\n1,2\n"), ids=("id",), widths=WIDTH_COLUMNS)
+    assert bad == [] and rows.id is None and rows.text == [""] and rows.width is None
+
+
+def test_view_widths_blank_is_unknown_and_a_bad_width_is_a_bad_row(tmp_path):
+    text = "lat,lon,width_km\n1,2,350.5\n3,4,\n5,6\n7,8,-1\n9,10,wide\n11,12,inf\n13,14,0\n"
+    rows, bad = read_table(_csv(tmp_path, text), widths=WIDTH_COLUMNS)
+    assert rows.lat.tolist() == [1, 3, 5]  # a row may leave the width out
+    assert rows.width[0] == 350.5 and np.isnan(rows.width[1:]).all()
+    assert [(b.line, b.reason) for b in bad] == [(n, Reason.BAD_WIDTH) for n in (5, 6, 7, 8)]
+    assert bad[1].describe() == "width_km 'wide' is not a positive number of km"
 
 
 def test_bad_rows_with_their_lines_and_reasons(tmp_path):

@@ -4,6 +4,8 @@ Queries are GPS-tower embeddings of known points: what a perfect image tower wou
 produce for a photo taken there. That isolates what each stage does.
 """
 
+from dataclasses import replace
+
 import h3
 import numpy as np
 import pytest
@@ -271,3 +273,25 @@ def test_verification_finds_a_reference_by_structure_alone(locator, tmp_path, mo
     monkeypatch.setattr(pipeline, "STRUCTURE_SEARCH", 0)
     unseen = located()
     assert n_decoys + 1 not in [n["id"] for n in unseen.extra["neighbours"]]
+
+
+def test_a_narrow_reference_view_places_the_answer_at_its_match(locator, tmp_path):
+    """A reference view of known width gets a kernel of neighbour_kernel_share of that
+    width: a narrow look-alike 40 km from where the GPS tower would answer pins the answer
+    to its own location; of unknown width, the common kernel leaves the GPS tower's answer."""
+    q = queries(locator)[:1]
+    here = np.array([[TRUTHS[0][0] + 0.36, TRUTHS[0][1]]])  # 40 km north
+    widths = {"narrow": np.array([200.0], np.float32), "unknown": np.array([np.nan], np.float32)}
+    opts = LocateOptions(return_neighbours=True, neighbour_weight=5.0, neighbour_kernel_share=0.05)
+    got, locs = {}, {}
+    for name, width in widths.items():
+        points = PointTable(np.array([1]), here, locator.geocoder.country_codes(here), width=width)
+        locs[name] = with_references(locator, tmp_path / name, q.copy(), points)
+        got[name] = locs[name].locate_embeddings(q, opts)[0]
+    narrow, unknown = (dist(top1([got[k]]), here)[0] for k in ("narrow", "unknown"))
+    assert narrow < 1.0 < 10.0 < unknown
+    assert got["narrow"].extra["neighbours"][0]["width_km"] == 200.0
+    assert got["unknown"].extra["neighbours"][0]["width_km"] is None
+    # At share 0 a stored width changes nothing.
+    off = locs["narrow"].locate_embeddings(q, replace(opts, neighbour_kernel_share=0.0))[0]
+    assert top1([off]) == pytest.approx(top1([got["unknown"]]))

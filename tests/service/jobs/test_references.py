@@ -21,7 +21,7 @@ from encoders import load_model
 from encoders.bluemarble import TileStyle, write_tileset
 from encoders.model import resolve_device
 from encoders.structure import structure_descriptors
-from index.store import EXACT_FILE, STRUCTURE_FILE, list_indexes, load_index
+from index.store import EXACT_FILE, STRUCTURE_FILE, WIDTH_FILE, list_indexes, load_index
 from service.config import Settings
 from service.errors import GeolocError, InputImageError
 from service.jobs.datasets import DatasetError
@@ -40,20 +40,20 @@ STYLE = TileStyle(size=32, scale=(1.5, 1.5), augment=False)
 
 
 def _tiles(out: Path, n: int, seed: int = 3) -> Path:
-    """n rendered Blue Marble tiles and a table id,uri,lat,lon with three bad rows added:
-    a latitude out of range, a missing file and a file that is not an image."""
+    """n rendered Blue Marble tiles and a table id,uri,lat,lon,width_km with three bad rows
+    added: a latitude out of range, a missing file and a file that is not an image."""
     labels = write_tileset(out, n, seed=seed, style=STYLE)
     rows = list(csv.DictReader(labels.open()))
     (out / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     table = out / "refs.csv"
     with table.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["id", "uri", "lat", "lon"])
+        w.writerow(["id", "uri", "lat", "lon", "width_km"])
         for i, r in enumerate(rows):
-            w.writerow([100 + i, r["image"], r["lat"], r["lon"]])
-        w.writerow([900, rows[0]["image"], "95.5", "10"])
-        w.writerow([901, "gone.jpg", "10", "10"])
-        w.writerow([902, "broken.jpg", "1", "2"])
+            w.writerow([100 + i, r["image"], r["lat"], r["lon"], r["width_km"]])
+        w.writerow([900, rows[0]["image"], "95.5", "10", ""])
+        w.writerow([901, "gone.jpg", "10", "10", ""])
+        w.writerow([902, "broken.jpg", "1", "2", ""])
     return table
 
 
@@ -200,6 +200,12 @@ def test_in_process_job_resumes_reports_bad_rows_and_publishes_once(tmp_path, mo
     pics = [Image.open(table.parent / rows[i]["uri"]) for i in (0, 44)]
     got = np.asarray(idx.points.structure)[[ids.tolist().index(100), ids.tolist().index(144)]]
     np.testing.assert_array_equal(got, structure_descriptors(pics))
+    # ... and the width of ground each view shows (32 px of 1.5 map pixels at 15 per degree).
+    assert WIDTH_FILE in r.manifest.files
+    stored = np.asarray(idx.points.width)
+    want = np.array([float(row["width_km"]) for row in rows[:45]])
+    np.testing.assert_allclose(stored[np.argsort(ids)], want, rtol=1e-6)
+    assert abs(want[0] - 32 * 1.5 * 40075 / 360 / 15) < 0.1
 
     # Running the same command again adds nothing: the job was published.
     again = add_reference_images(s, table, model=model, progress=False)
@@ -240,6 +246,8 @@ def test_a_second_table_adds_to_the_index_and_can_compress_it(tmp_path, model):
     np.testing.assert_array_equal(
         np.asarray(idx3.points.structure)[:70], np.asarray(idx.points.structure)
     )
+    np.testing.assert_array_equal(np.asarray(idx3.points.width)[:70], idx.points.width)
+    assert np.isfinite(idx3.points.width).all()
     assert np.asarray(idx3.points.structure).any(axis=1).mean() > 0.8  # flat sea: zeros
 
     # One that kept only codes refuses a further table with a clear error, and the served

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from index.store import STRUCTURE_FILE, PointTable, list_indexes, publish_index
+from index.store import STRUCTURE_FILE, WIDTH_FILE, PointTable, list_indexes, publish_index
 from service.config import Settings
 from service.engine.calibration import list_calibrations
 from service.engine.loading import load_locator
@@ -72,6 +72,11 @@ def test_setup_builds_gallery_references_and_calibration_once(tmp_path):
     assert r.extra["neighbours"]  # Geo-alignment ran: reference images were retrieved
     # ... and verification compared their structure with the picture's.
     assert STRUCTURE_FILE in refs[0].files and "structure" in r.extra["neighbours"][0]
+    # ... and knows the ground each reference view shows (255-637 km: REFERENCE_STYLE at 64 px).
+    assert WIDTH_FILE in refs[0].files
+    assert 200 < r.extra["neighbours"][0]["width_km"] < 2200
+    # The calibration records the reference index it was fitted with.
+    assert loc.calibration.options["references"] == f"refs-bluemarble/{refs[0].version}"
 
     before = _state(data)
     again = _setup(data)
@@ -79,28 +84,36 @@ def test_setup_builds_gallery_references_and_calibration_once(tmp_path):
     assert "exists" in again and "has calibration" in again, again
     assert "rendering" not in again and "building" not in again, again
 
-    # A reference index from before structure descriptors were stored is rebuilt with them.
-    served = load_locator(s).neighbours
-    assert served is not None
-    publish_index(
-        s.index_dir,
-        "refs-bluemarble",
-        served.vectors(np.arange(len(served))),
-        PointTable(
-            np.asarray(served.points.ids),
-            np.asarray(served.points.latlon),
-            np.asarray(served.points.country),
-        ),
-        profile="bluemarble",
-        gallery_kind="images",
-        h3_resolution=None,
-        extra=dict(served.manifest.extra),
-    )
-    out = _setup(data)
-    assert "stores no structure descriptors" in out, out
-    newest = max(list_indexes(data, "refs-bluemarble"), key=lambda m: (m.created_at, m.version))
-    assert STRUCTURE_FILE in newest.files and newest.count == 300
-    assert load_locator(s).compares_structure
+    # A reference index from before structure descriptors (or view widths) were stored is
+    # rebuilt with them, and the calibration fitted with the old one is fitted again.
+    for kept, why in (((), "no structure descriptors"), (("structure",), "no view widths")):
+        loc = load_locator(s)
+        served, fitted = loc.neighbours, loc.calibration.options["references"]
+        assert served is not None
+        old = served.points
+        publish_index(
+            s.index_dir,
+            "refs-bluemarble",
+            served.vectors(np.arange(len(served))),
+            PointTable(
+                np.asarray(old.ids),
+                np.asarray(old.latlon),
+                np.asarray(old.country),
+                structure=np.asarray(old.structure) if "structure" in kept else None,
+            ),
+            profile="bluemarble",
+            gallery_kind="images",
+            h3_resolution=None,
+            extra=dict(served.manifest.extra),
+        )
+        out = _setup(data)
+        assert f"stores {why}" in out, out
+        assert f"was fitted with {fitted}" in out, out
+        newest = max(list_indexes(data, "refs-bluemarble"), key=lambda m: (m.created_at, m.version))
+        assert {STRUCTURE_FILE, WIDTH_FILE} <= set(newest.files) and newest.count == 300
+        loc = load_locator(s)
+        assert loc.compares_structure and loc.neighbours.points.width is not None
+        assert loc.calibration.options["references"] == f"refs-bluemarble/{newest.version}"
 
 
 def test_setup_exports_the_image_runtime_it_is_asked_for(tmp_path):
