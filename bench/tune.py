@@ -96,8 +96,8 @@ GRIDS = {
     # How sharply each neighbour places the answer, from the width of its view (references
     # with a width_km column); 0 is one kernel for all.
     "widths": {
-        "neighbour_kernel_share": (0.0, 0.03, 0.06, 0.1),
-        "neighbour_weight": (1.0, 2.0),
+        "neighbour_kernel_share": (0.0, 0.06, 0.1, 0.15),
+        "neighbour_weight": (1.0,),
     },
     # The served settings alone (to compare reference sets, --ref-power).
     "served": {"structure_weight": (LocateOptions().structure_weight,)},

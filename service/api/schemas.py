@@ -388,7 +388,8 @@ class NeighbourOut(BaseModel):
         None,
         description="Ground width the reference image shows, km, when its reference table "
         "gave one (width_km column); verification trusts a narrow view's location more "
-        "sharply (neighbour_kernel_share × width_km).",
+        "sharply (a kernel of neighbour_kernel_share × width_km where that is narrower than "
+        "neighbour_kernel_km).",
     )
 
 

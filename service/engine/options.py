@@ -99,10 +99,10 @@ class LocateOptions:
     neighbour_weight: float = 1.0
     neighbour_kernel_km: float = 50.0
     #: A neighbour whose view width the reference index stores (its ``width_km`` column)
-    #: gets a kernel of this share of that width instead of ``neighbour_kernel_km``: a
-    #: narrow view places its match precisely, a wide one only roughly. 0: off. Chosen on
-    #: validation draws (bench/tune.py --grid widths).
-    neighbour_kernel_share: float = 0.03
+    #: gets a kernel of this share of that width where that is narrower than
+    #: ``neighbour_kernel_km``: a narrow view places its match more precisely. 0: off.
+    #: Chosen on validation draws (bench/tune.py --grid widths).
+    neighbour_kernel_share: float = 0.06
     neighbour_temperature: float = 50.0
     #: The neighbours are ranked and weighted by cosine + structure_weight·(rank correlation
     #: of the picture's luminance layout with theirs, ``encoders.structure``), among the

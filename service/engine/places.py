@@ -39,12 +39,12 @@ def neighbour_support(
 def neighbour_kernels(
     width_km: np.ndarray | None, n: int, kernel_km: float, share: float
 ) -> np.ndarray:
-    """Each neighbour's kernel: ``share`` of the ground its image shows where that is known
-    (a narrow view places its match precisely, a wide one only roughly), else ``kernel_km``."""
+    """Each neighbour's kernel: ``kernel_km``, or ``share`` of the ground its image shows
+    where that is known and narrower (a narrow view places its match more precisely)."""
     out = np.full(n, float(kernel_km))
     if width_km is not None and share > 0:
         known = np.isfinite(width_km)
-        out[known] = np.maximum(share * width_km[known], 1.0)
+        out[known] = np.clip(share * width_km[known], 1.0, kernel_km)
     return out
 
 
