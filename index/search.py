@@ -337,7 +337,7 @@ def load_index(
             structure=np.load(path / STRUCTURE_FILE, mmap_mode="r", allow_pickle=False)
             if STRUCTURE_FILE in manifest.files
             else None,
-            width=np.load(path / WIDTH_FILE, allow_pickle=False)
+            width=np.load(path / WIDTH_FILE, mmap_mode="r", allow_pickle=False)
             if WIDTH_FILE in manifest.files
             else None,
         )

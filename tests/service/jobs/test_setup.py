@@ -23,6 +23,7 @@ SMALL = {
     "GEOLOC_DEFAULT_RES": "2",
     "GEOLOC_SETUP_REFERENCE_TILES": "300",
     "GEOLOC_SETUP_CALIBRATION_TILES": "200",
+    "GEOLOC_CALIBRATION_NEGATIVES": "30",  # the verdict is fitted, on fewer pictures
 }
 
 
