@@ -16,6 +16,9 @@ the reference set holds against wide ones); ``--grid served`` runs the served se
 ``--snap`` prints, instead of a grid, what answering with the picture's top reference neighbour
 (ranked as verification ranks them) would give against the served top-1, per set, alone and
 where that neighbour's structure correlation reaches a threshold, beside the pixel baseline.
+``--deblock`` prints the served top-1 with the pictures decoded as the service decodes them,
+at several GEOLOC_DEBLOCK_ABOVE thresholds (0: never smoothed), on the validation sets plus
+JPEG quality 6 and 400 of the calibration's TRAIN_STYLE tiles (in-domain JPEG 35-95).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shift import SIZE, _blur, _colormap, _gamma, _grayscale, _haze, _hue, _jpeg, scale_for
 from tilesets import (
+    CALIB_SEED,
     OUT,
     REF_SEED,
     STYLES,
@@ -55,6 +59,7 @@ from encoders.bluemarble import load_map, render_tile, sample_centres
 from index.geo import is_land
 from service.config import Settings
 from service.engine import locator as pipeline
+from service.engine.images import blockiness, read_image_file
 from service.engine.options import LocateOptions
 from service.engine.scores import errors_km
 
@@ -138,6 +143,7 @@ def main() -> None:
     ap.add_argument("--grid", choices=sorted(GRIDS), default="neighbours")
     ap.add_argument("--ref-power", type=float, default=None)
     ap.add_argument("--snap", action="store_true", help="the top-neighbour diagnostic")
+    ap.add_argument("--deblock", action="store_true", help="the JPEG smoothing thresholds")
     args = ap.parse_args()
     if args.ref_power is not None:
         STYLES["reference"] = replace(STYLES["reference"], scale_power=args.ref_power)
@@ -151,6 +157,9 @@ def main() -> None:
     refs = tileset("reference", args.refs, REF_SEED)
     locator, _ = served_locator(model, weights=weights, res=args.res, refs=refs)
     sets = validation_sets(args.per_set)
+    if args.deblock:
+        deblock_table(locator, sets, args.per_set)
+        return
     embedded = {
         name: (embed(model, rows), descriptors(rows), latlon(rows)) for name, rows in sets.items()
     }  # one pass through the image tower per set
@@ -194,6 +203,58 @@ def main() -> None:
             [*names, "mean 25 km", "mean 200 km", "mean 750 km", "worst 200 km"], rows_out
         )
     )
+
+
+DEBLOCK_AT = (0.0, 5.0, 3.0)
+
+
+def deblock_table(locator, sets: dict, n: int) -> None:
+    """Served top-1 within 25/200/750/2,500 km per set, the pictures read through
+    ``read_image_file`` with each threshold, and the share of pictures smoothed."""
+    sets = dict(sets)
+    sets["jpeg6"] = _jpeg_set(6, n)
+    sets["train style"] = tileset("train", 2000, CALIB_SEED)[:400]
+    opts = LocateOptions(top_k=1)
+    rows = []
+    for name, items in sets.items():
+        truth = latlon(items)
+        row = [name]
+        for t in DEBLOCK_AT:
+            limits = replace(Settings().image_limits(), deblock_above=t)
+            pictures = [read_image_file(r.path, limits) for r in items]
+            raw = [read_image_file(r.path, replace(limits, deblock_above=0.0)) for r in items]
+            smoothed = np.mean([blockiness(im) >= t for im in raw]) if t else 0.0
+            res = locator.locate(pictures, opts)
+            d = errors_km(
+                np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res]), truth
+            )
+            row.append(
+                "/".join(f"{100 * np.mean(d <= k):.1f}" for k in (25, 200, 750, 2500))
+                + f" ({100 * smoothed:.0f} % smoothed)"
+            )
+        rows.append(row)
+        print(" | ".join(row), flush=True)
+    print(markdown_table(["set", *(f"threshold {t:g}" for t in DEBLOCK_AT)], rows))
+
+
+def _jpeg_set(quality: int, n: int) -> list:
+    """Shift-style tiles (clean, 470-1,180 km wide) at JPEG ``quality``: a validation draw."""
+    name = f"jpeg{quality}x"
+
+    def write(tmp: Path) -> None:
+        rng = np.random.default_rng([VAL_SEED, len(name), 7])
+        centres = sample_centres(n, rng, is_land, sea_weight=0.0)
+        widths = np.exp(rng.uniform(np.log(470.0), np.log(1180.0), n))
+        mosaic = load_map()
+        write_labelled(
+            tmp,
+            (
+                (_jpeg(quality)(render_tile(a, o, scale_for(w), SIZE, mosaic)), a, o)
+                for (a, o), w in zip(centres.tolist(), widths.tolist(), strict=True)
+            ),
+        )
+
+    return read_rows(cached_set(OUT / f"val-{name}-{n}-{VAL_SEED}-{SIZE}px", write))
 
 
 SNAP_AT = (0.7, 0.8, 0.9)

@@ -79,6 +79,13 @@ class Settings(_LocateDefaults):
         description="Most scans a JPEG may have (a baseline JPEG has 1, a progressive one "
         "about 10): a JPEG repeating a scan 1,000 times decodes for a minute.",
     )
+    deblock_above: float = Field(
+        5.0,
+        ge=0.0,
+        description="A decoded picture whose 8-pixel block edges are this many times "
+        "sharper than its other pixel steps (a heavily compressed JPEG: about quality 10 "
+        "or less) is smoothed (Gaussian, 1.2 px) before the model sees it; 0: never.",
+    )
     max_batch: int = Field(32, gt=0, description="Most images in one locate call.")
     max_album: int = Field(
         10,
@@ -444,7 +451,11 @@ class Settings(_LocateDefaults):
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(
-            self.max_image_bytes, self.max_image_pixels, self.max_image_aspect, self.max_jpeg_scans
+            self.max_image_bytes,
+            self.max_image_pixels,
+            self.max_image_aspect,
+            self.max_jpeg_scans,
+            self.deblock_above,
         )
 
     def album_config(self) -> AlbumConfig:

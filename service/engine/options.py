@@ -54,8 +54,8 @@ class AlbumConfig:
 @dataclass(frozen=True)
 class ImageLimits:
     """What one picture may cost before it reaches the model, checked when it is decoded
-    (GEOLOC_MAX_IMAGE_BYTES, _PIXELS, _ASPECT and GEOLOC_MAX_JPEG_SCANS;
-    ``Settings.image_limits``)."""
+    (GEOLOC_MAX_IMAGE_BYTES, _PIXELS, _ASPECT and GEOLOC_MAX_JPEG_SCANS), and when it is
+    restored there (GEOLOC_DEBLOCK_ABOVE; ``Settings.image_limits``)."""
 
     max_bytes: int
     max_pixels: int
@@ -64,6 +64,8 @@ class ImageLimits:
     #: Most scans a JPEG may have (each scan is a pass over every block of the image, so a
     #: small file that repeats a scan a thousand times takes a minute to decode); None: any.
     max_jpeg_scans: int | None = None
+    #: Blockiness (images.blockiness) from which a picture is smoothed; 0: never.
+    deblock_above: float = 0.0
 
 
 @dataclass(frozen=True)
