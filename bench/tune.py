@@ -219,11 +219,13 @@ def deblock_table(locator, sets: dict, n: int) -> None:
     for name, items in sets.items():
         truth = latlon(items)
         row = [name]
+        limits = Settings().image_limits()
+        raw = [
+            blockiness(read_image_file(r.path, replace(limits, deblock_above=0.0))) for r in items
+        ]
         for t in DEBLOCK_AT:
-            limits = replace(Settings().image_limits(), deblock_above=t)
-            pictures = [read_image_file(r.path, limits) for r in items]
-            raw = [read_image_file(r.path, replace(limits, deblock_above=0.0)) for r in items]
-            smoothed = np.mean([blockiness(im) >= t for im in raw]) if t else 0.0
+            pictures = [read_image_file(r.path, replace(limits, deblock_above=t)) for r in items]
+            smoothed = np.mean([b >= t for b in raw]) if t else 0.0
             res = locator.locate(pictures, opts)
             d = errors_km(
                 np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res]), truth

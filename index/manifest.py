@@ -99,6 +99,11 @@ class Manifest:
     extra: dict[str, Any]
 
     @property
+    def label(self) -> str:
+        """ "name/version", as answers, calibrations and messages name an index version."""
+        return f"{self.name}/{self.version}"
+
+    @property
     def weights(self) -> str | None:
         """The weights that made the vectors (``WEIGHTS_KEY``); None: not recorded."""
         value = self.extra.get(WEIGHTS_KEY)

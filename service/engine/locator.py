@@ -133,14 +133,12 @@ class Locator:
 
     @property
     def index_label(self) -> str:
-        return f"{self.index.manifest.name}/{self.index.manifest.version}"
+        return self.index.manifest.label
 
     @property
     def references_label(self) -> str | None:
         """The reference index as "name/version" (None: no image neighbours)."""
-        if self.neighbours is None:
-            return None
-        return f"{self.neighbours.manifest.name}/{self.neighbours.manifest.version}"
+        return None if self.neighbours is None else self.neighbours.manifest.label
 
     # -- entry points -------------------------------------------------------------------
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:

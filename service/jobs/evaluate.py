@@ -337,19 +337,17 @@ def fit_calibration(
         within_km=within,
         version=new_version(),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        index=f"{m.name}/{m.version}",
+        index=m.label,
         profile=locator.model.profile,
         weights=weights_label(settings.checkpoint, locator.model.weights_id),
         data={"path": str(data.resolve()), "sha256": sha256_file(data), "rows": len(emb.rows)},
+        # The neighbours' support is part of the logits fitted here: the reference index is
+        # recorded, and setup refits when the served one changes.
         options={
-            **{
-                k: getattr(opts, k)
-                for k in ("retrieve_k", "refine", "diversify", "nms_km", "neighbours", "verify")
-            },
-            # The neighbours' support is part of the logits fitted here (setup refits when
-            # the served reference index changes).
-            "references": locator.references_label,
-        },
+            k: getattr(opts, k)
+            for k in ("retrieve_k", "refine", "diversify", "nms_km", "neighbours", "verify")
+        }
+        | {"references": locator.references_label},
         fit=fit,
         localizability=judge.to_dict() if judge is not None else None,
     )

@@ -356,7 +356,7 @@ def _calibration(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
     label = weights_label(s.checkpoint, model.weights_id())
     # ... and with the reference index served now: the neighbours are part of its logits.
     refs = _newest(s, s.reference_index or f"refs-{s.profile}")
-    refs_label = None if refs is None else f"{refs.name}/{refs.version}"
+    refs_label = None if refs is None else refs.label
     if have and have[-1].profile == s.profile and have[-1].weights == label:
         fitted_with = have[-1].options.get("references", "an unrecorded reference index")
         if fitted_with == refs_label:
