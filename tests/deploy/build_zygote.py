@@ -3,13 +3,18 @@ geoloc, so that each run costs the command's own work, not seconds of imports, a
 SIGKILLed at a chosen moment. The children run the real CLI code (service.cli.main.app).
 
 Protocol: one JSON object per stdin line, ``{"args": [...], "kill_after": seconds|null,
-"log": path}``; one JSON line back per command, ``{"pid", "status", "killed", "seconds",
-"started_at"}``: status is the exit code, or minus the signal that ended the child;
-started_at the wall-clock time of the fork.
+"counted_from": glob|null, "log": path}``; one JSON line back per command, ``{"pid",
+"status", "killed", "seconds", "started_at", "anchored_after"}``: status is the exit code, or
+minus the signal that ended the child; started_at the wall-clock time of the fork. With
+counted_from, the parent watches for a path matching that glob that did not exist at the fork:
+anchored_after is the seconds from the fork to its appearance (null: it never appeared), and
+kill_after counts from that moment, so that a kill lands at a chosen point of the command's
+own progress however fast the machine runs it.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -25,9 +30,12 @@ from index.geocode import ReverseGeocoder
 from service.cli.main import app
 
 
-def run(args: list[str], kill_after: float | None, log: str) -> dict[str, object]:
+def run(
+    args: list[str], kill_after: float | None, log: str, counted_from: str | None = None
+) -> dict[str, object]:
     t0 = time.monotonic()
     started_at = time.time()
+    existing = set(glob.glob(counted_from)) if counted_from else set()
     pid = os.fork()
     if pid == 0:  # the child: the CLI, output to the log
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -44,10 +52,16 @@ def run(args: list[str], kill_after: float | None, log: str) -> dict[str, object
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-    killed = False
+    killed, anchored_after = False, None
     reaped, wstatus = 0, 0
-    if kill_after is not None:
-        deadline = t0 + kill_after
+    while counted_from and not reaped:
+        if set(glob.glob(counted_from)) - existing:
+            anchored_after = time.monotonic() - t0
+            break
+        reaped, wstatus = os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.002)
+    if kill_after is not None and not reaped:
+        deadline = t0 + (anchored_after or 0.0) + kill_after
         while time.monotonic() < deadline:
             reaped, wstatus = os.waitpid(pid, os.WNOHANG)
             if reaped:
@@ -65,6 +79,7 @@ def run(args: list[str], kill_after: float | None, log: str) -> dict[str, object
         "killed": killed,
         "seconds": time.monotonic() - t0,
         "started_at": started_at,
+        "anchored_after": anchored_after,
     }
 
 
@@ -74,7 +89,9 @@ def main() -> None:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
-        reply = run(request["args"], request.get("kill_after"), request["log"])
+        reply = run(
+            request["args"], request.get("kill_after"), request["log"], request.get("counted_from")
+        )
         print(json.dumps(reply), flush=True)
 
 

@@ -54,11 +54,20 @@ class Zygote:
         line = self.proc.stdout.readline()
         assert json.loads(line) == {"ready": True}, line
 
-    def run(self, *args: str, kill_after: float | None = None) -> dict[str, Any]:
-        """Run `geoloc ARGS`; the reply also carries the command's output ('output')."""
+    def run(
+        self, *args: str, kill_after: float | None = None, counted_from: str | None = None
+    ) -> dict[str, Any]:
+        """Run `geoloc ARGS`, SIGKILLed kill_after seconds from the fork or, with counted_from
+        (a glob), from when a new path matching it appears; the reply also carries the
+        command's output ('output')."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         start = self.log.stat().st_size if self.log.exists() else 0
-        request = {"args": list(args), "kill_after": kill_after, "log": str(self.log)}
+        request = {
+            "args": list(args),
+            "kill_after": kill_after,
+            "counted_from": counted_from,
+            "log": str(self.log),
+        }
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         reply: dict[str, Any] = json.loads(self.proc.stdout.readline())

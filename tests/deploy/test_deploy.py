@@ -16,7 +16,6 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -363,22 +362,26 @@ def test_index_build_lock_and_builds_killed_at_random(cluster: Cluster, tmp_path
     assert busy["status"] == 2 and "index-build-in-progress" in str(busy["output"]), busy
     assert list_indexes(root, name) == []
 
-    full = cluster.zygote.run(*build)
-    assert full["status"] == 0, full["output"]
-    seconds = float(full["seconds"])
-    # When the calibration run wrote its manifest, counted from its fork: the files are
-    # written just before; half the kills aim there, half land anywhere in the build.
-    (manifest,) = list_indexes(root, name)
-    written = datetime.fromisoformat(manifest.created_at).timestamp() - float(full["started_at"])
+    # Two full builds, each watched for its temporary directory: the faster one sets the
+    # range of the kills, which are aimed by the build's own progress, not by the clock alone.
+    temporary = str(root / "indexes" / name / ".tmp-*")
+    full = [cluster.zygote.run(*build, counted_from=temporary) for _ in range(2)]
+    for reply in full:
+        assert reply["status"] == 0 and reply["anchored_after"] is not None, reply["output"]
+    seconds = min(float(r["seconds"]) for r in full)
+    writing = min(float(r["seconds"]) - float(r["anchored_after"]) for r in full)
     outcomes: Counter[str] = Counter()
     trials: list[str] = []
     engine = make_engine(cluster.database_url)
     try:
         for trial in range(12):
             before = {m.version for m in list_indexes(root, name)}
-            low, high = (0.05, seconds) if trial % 2 else (written - 0.4, written + 0.1)
-            delay = float(gen.uniform(max(low, 0.05), high))
-            reply = cluster.zygote.run(*build, kill_after=delay)
+            if trial % 2:  # anywhere in the build, counted from the fork
+                delay = float(gen.uniform(0.05, 0.8 * seconds))
+                reply = cluster.zygote.run(*build, kill_after=delay)
+            else:  # while the files are written, counted from the temporary directory
+                delay = float(gen.uniform(0.0, 0.8 * writing))
+                reply = cluster.zygote.run(*build, kill_after=delay, counted_from=temporary)
             killed = reply["status"] == -signal.SIGKILL  # it may have finished just before
             after = list_indexes(root, name)
             leftovers = list((root / "indexes" / name).glob(".tmp-*"))
@@ -403,8 +406,9 @@ def test_index_build_lock_and_builds_killed_at_random(cluster: Cluster, tmp_path
     finally:
         engine.dispose()
     print(
-        f"\n12 builds killed at random (full build {seconds:.1f} s, files written at "
-        f"{written:.1f} s): {dict(outcomes)}\n  delay:status:new,leftovers {trials}"
+        f"\n12 builds killed at random (full build {seconds:.2f} s, the last {writing:.2f} s "
+        f"from the temporary directory on): {dict(outcomes)}\n"
+        f"  delay:status:new,leftovers {trials}"
     )
     assert sum(n for k, n in outcomes.items() if k != "finished") >= 6, outcomes
     rerun = cluster.zygote.run(*build)
