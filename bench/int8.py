@@ -1,12 +1,14 @@
 """How the int8 image tower is quantised: the export's recipe beside two others, in one run.
 
-Recipes (all dynamic quantisation of the matrix products' weights, one scale per output column,
-each run's activations uint8 with one scale per run):
+Recipes (the first three: dynamic quantisation of the matrix products' weights, one scale per
+output column, each run's activations uint8 with one scale per run):
 
 - ``int8, 8-bit`` (exported before): int8 weights over their full range;
 - ``int8, 7-bit`` (exported now, ``INT8_QUANTIZATION``): int8 weights within 7 bits;
 - ``uint8``: uint8 weights over their full range, which ONNX Runtime multiplies with other
-  (uint8 x uint8) kernels.
+  (uint8 x uint8) kernels;
+- ``int8 blocks of 32 / 128 (MatMulNBits)``: 8-bit weights with one scale per block of input
+  rows, activations quantised per row and block (int8 compute), Gemms rewritten as MatMuls.
 
 On x86 CPUs with AVX2 and without VNNI, ONNX Runtime multiplies uint8 activations by int8
 weights in pairs summed into int16, which saturates with full 8-bit weights; the header line
@@ -65,6 +67,8 @@ RECIPES = {
     "int8, 8-bit (before)": {"reduce_range": False},
     "int8, 7-bit (exported)": {},
     "uint8": {"unsigned": True, "reduce_range": False},
+    "int8 blocks of 32 (MatMulNBits)": {"block_size": 32},
+    "int8 blocks of 128 (MatMulNBits)": {"block_size": 128},
 }
 
 

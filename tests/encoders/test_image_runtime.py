@@ -22,11 +22,13 @@ from encoders.runtime import (
     INT8_QUANTIZATION,
     MANIFEST_FILE,
     MODEL_FILE,
+    OnnxImageTower,
     ReleasedBackbone,
     RuntimeArtifactError,
     artifact_dir,
     input_size,
     load_image_runtime,
+    quantize_tower,
     read_manifest,
 )
 
@@ -129,6 +131,41 @@ def test_int8_holds_on_cpus_without_vnni(tmp_path: Path) -> None:
     assert read_manifest(artifact_dir(tmp_path, model.profile, "onnx", "int8")).quantization == (
         INT8_QUANTIZATION
     )
+
+
+def test_blockwise_int8_quantises_every_weight_product(tmp_path: Path) -> None:
+    """The blockwise recipe bench/int8.py compares: every matrix product with constant weights
+    (Gemm ones rewritten as MatMul + Add first) becomes MatMulNBits, and the embeddings keep
+    their direction; the rewrite alone changes nothing."""
+    import onnx
+
+    from encoders.runtime import _gemm_as_matmul
+
+    model = _small_geoclip_architecture()
+    pictures = _pictures(12, seed=2)
+    load_image_runtime(model, tmp_path, "onnx", "fp32")
+    directory = artifact_dir(tmp_path, model.profile, "onnx", "fp32")
+    fp32 = onnx.load(str(directory / MODEL_FILE))
+    assert any(n.op_type == "Gemm" for n in fp32.graph.node)
+    _gemm_as_matmul(fp32)
+    assert not any(n.op_type == "Gemm" for n in fp32.graph.node)
+    (tmp_path / "rewritten").mkdir()
+    onnx.save(fp32, str(tmp_path / "rewritten" / MODEL_FILE), save_as_external_data=True)
+    manifest = read_manifest(directory)
+    pixels = model.pixels(pictures)
+    rewritten = OnnxImageTower(tmp_path / "rewritten" / MODEL_FILE, 1, manifest)(pixels)
+    exported = OnnxImageTower(directory / MODEL_FILE, 1, manifest)(pixels)
+    assert torch.abs(rewritten - exported).max() <= 1e-5
+
+    (tmp_path / "blocks").mkdir()
+    quantize_tower(directory / MODEL_FILE, tmp_path / "blocks" / MODEL_FILE, block_size=32)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "blocks" / MODEL_FILE)).graph.node]
+    assert "Gemm" not in ops and ops.count("MatMulNBits") >= 2 * 4  # 2 blocks, 4 products each
+    got = OnnxImageTower(tmp_path / "blocks" / MODEL_FILE, 1, manifest)(pixels)
+    got = torch.nn.functional.normalize(got, dim=1)
+    want = torch.nn.functional.normalize(exported, dim=1)
+    cos = (got * want).sum(1)
+    assert cos.min() >= 0.999 and torch.abs(got - want).max() > 1e-6
 
 
 def test_int8_artifact_quantised_another_way_is_exported_again(
