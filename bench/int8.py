@@ -1,4 +1,4 @@
-"""How the int8 image tower is quantised: the export's recipe beside two others, in one run.
+"""How the int8 image tower is quantised: the export's recipe beside four others, in one run.
 
 Recipes (the first three: dynamic quantisation of the matrix products' weights, one scale per
 output column, each run's activations uint8 with one scale per run):
