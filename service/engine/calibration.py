@@ -86,7 +86,9 @@ class Calibration:
         return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
-    def from_file(cls, path: Path) -> Calibration:
+    def from_file(cls, path: Path, *, check_verdict: bool = True) -> Calibration:
+        """The calibration in ``path``; CalibrationError if unreadable, or (``check_verdict``)
+        if its verdict cannot be used, e.g. one fitted on an earlier version's features."""
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
             if d.get("format") not in READABLE_FORMATS:
@@ -98,7 +100,8 @@ class Calibration:
             raise CalibrationError(f"{path}: not a calibration file: {exc}") from None
         if not (isinstance(cal.temperature, int | float) and 0 < cal.temperature < math.inf):
             raise CalibrationError(f"{path}: temperature {cal.temperature!r} is not > 0")
-        _ = cal.judge  # a broken verdict is refused now, not on the first request
+        if check_verdict:
+            _ = cal.judge  # a broken verdict is refused now, not on the first request
         return cal
 
 
@@ -123,11 +126,12 @@ def calibration_dir(root: Path, index_name: str, index_version: str) -> Path:
 
 
 def list_calibrations(root: Path, index_name: str, index_version: str) -> list[Calibration]:
-    """Every calibration of an index version, oldest first."""
+    """Every calibration of an index version, oldest first. Their verdicts are built when
+    used: an older one whose verdict this version cannot use does not hide the newer ones."""
     d = calibration_dir(root, index_name, index_version)
     if not d.is_dir():
         return []
-    return [Calibration.from_file(p) for p in sorted(d.glob("*.json"))]
+    return [Calibration.from_file(p, check_verdict=False) for p in sorted(d.glob("*.json"))]
 
 
 def save_calibration(root: Path, cal: Calibration) -> Path:
@@ -161,6 +165,7 @@ def load_calibration(
     if not cals:
         return None
     cal = cals[-1]
+    _ = cal.judge  # the served verdict is refused now, not on the first request
     if cal.profile == profile and cal.weights != weights and cal.weights == _unversioned(weights):
         # Fitted before weights were recorded: which weights is unknown. Kept, as the indexes
         # of that time are, so that existing deployments keep working; `geoloc setup` refits.

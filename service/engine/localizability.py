@@ -11,7 +11,10 @@ over cheap features:
   its area;
 - **answer shape** from the pipeline: the best gallery cosine, the entropy and top-1/top-2
   gap of the softmax over the best ``GALLERY_K`` gallery points, the mean cosine to the
-  ``NEIGHBOURS_K`` nearest reference images (when there is a reference index).
+  ``NEIGHBOURS_K`` nearest reference images and the best layout match among the reference
+  images found by their structure (encoders/structure.py), when there is a reference index:
+  a view of the Earth has a place whose layout of light and dark is its own, a texture, a
+  page or a photo of a room rarely has one.
 
 The classifier (standardised features -> one hidden tanh layer -> logistic) is trained with
 outlier exposure: positives are held-out pictures of the model's domain, negatives are
@@ -42,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 #: Version of the features and of the stored model's layout.
-FORMAT = 1
+FORMAT = 2
 #: Side of the square the image statistics are measured on.
 SIDE = 64
 #: Gallery points whose softmax gives the answer-shape features; reference neighbours averaged.
@@ -94,10 +97,11 @@ ANSWER_FEATURES: tuple[str, ...] = (
     "softmax_gap",
     "ref_mean_cos",
     "has_refs",
+    "ref_best_structure",
 )
 FEATURES: tuple[str, ...] = IMAGE_FEATURES + ANSWER_FEATURES
 #: Features that exist only with a reference index.
-_REF_FEATURES = frozenset({"ref_mean_cos", "has_refs"})
+_REF_FEATURES = frozenset({"ref_mean_cos", "has_refs", "ref_best_structure"})
 
 #: How an unusual value of a feature reads in a reason: (when high, when low); "" says nothing.
 #: In order of preference: of the features far outside the domain, the first one here is named.
@@ -126,6 +130,7 @@ _PHRASES: dict[str, tuple[str, str]] = {
     "softmax_gap": ("", "no place stands out"),
     "softmax_entropy": ("its answer is spread over many places", ""),
     "ref_mean_cos": ("", "no reference picture resembles it"),
+    "ref_best_structure": ("", "no place on the map has its layout of light and dark"),
 }
 #: |robust z| from which a feature is far outside the domain (then named by preference), and
 #: below which it is not unusual at all.
@@ -254,13 +259,18 @@ def image_statistics_many(images: Sequence[Image.Image]) -> np.ndarray:
 
 
 def answer_features(
-    gallery_scores: np.ndarray, scale: float, ref_sims: np.ndarray | None
+    gallery_scores: np.ndarray,
+    scale: float,
+    ref_sims: np.ndarray | None,
+    ref_structure: np.ndarray | None = None,
 ) -> np.ndarray:
     """The ANSWER_FEATURES of a batch.
 
     ``gallery_scores`` (n, k): each query's best gallery cosines, best first (missing
     results as NaN or -inf); ``scale`` the model's logit scale; ``ref_sims`` (n, m) its
-    nearest reference images' cosines, or None without reference index.
+    nearest reference images' cosines, or None without reference index; ``ref_structure``
+    (n,) the best structure correlation among the reference images its structure search
+    found (NaN or None: nothing compared, 0).
     """
     g = np.asarray(gallery_scores, dtype=np.float64)[:, :GALLERY_K]
     g = np.where(np.isfinite(g) & (g > -2), g, np.nan)
@@ -286,6 +296,8 @@ def answer_features(
         # The mean over the found ones; 0 where none was found.
         out[:, 4] = np.where(found, r, 0.0).sum(axis=1) / np.maximum(count, 1)
         out[:, 5] = 1.0
+        if ref_structure is not None:
+            out[:, 6] = np.nan_to_num(np.asarray(ref_structure, dtype=np.float64), nan=0.0)
     return out
 
 
@@ -620,8 +632,8 @@ def _weights(y: np.ndarray, kinds: np.ndarray) -> np.ndarray:
 
 def _drop_refs(x: np.ndarray) -> np.ndarray:
     out = x.copy()
-    out[:, FEATURES.index("ref_mean_cos")] = 0.0
-    out[:, FEATURES.index("has_refs")] = 0.0
+    for name in _REF_FEATURES:
+        out[:, FEATURES.index(name)] = 0.0
     return out
 
 

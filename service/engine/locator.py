@@ -159,6 +159,12 @@ class Locator:
         """Whether a request with ``options`` compares the pictures' structure."""
         return self.compares_structure and options.structure_weight > 0 and options.neighbours > 0
 
+    def _needs_structure(self, options: LocateOptions) -> bool:
+        """Whether a request's pictures need their descriptors: for verification, or for a
+        verdict that weighs the best layout match among the reference images."""
+        judged = self.judge is not None and self.judge.uses_refs
+        return self.wants_structure(options) or (judged and self.compares_structure)
+
     def structure(self, images: Sequence[Image.Image]) -> np.ndarray | None:
         """The pictures' structure descriptors (None: nothing to compare them with)."""
         return structure_descriptors(images) if self.compares_structure else None
@@ -168,7 +174,7 @@ class Locator:
         stats = self.image_features(images)
         stats_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
         t0 = time.perf_counter()
-        structure = self.structure(images) if self.wants_structure(options) else None
+        structure = self.structure(images) if self._needs_structure(options) else None
         structure_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
         results = self._locate_encoded(
             lambda: self.embed(images),
@@ -203,7 +209,7 @@ class Locator:
         t0 = time.perf_counter()
         stats = self.image_features(images)
         t1 = time.perf_counter()
-        structure = self.structure(images) if self.wants_structure(options) else None
+        structure = self.structure(images) if self._needs_structure(options) else None
         t2 = time.perf_counter()
         queries = self.embed(images)
         t3 = time.perf_counter()
@@ -332,19 +338,23 @@ class Locator:
         verdict, judged; before the softmax and the description."""
         batch = self._score(queries, options, temperature, structure)
         if image_stats is not None and self.judge is not None and batch:
-            self._judge(batch, queries, np.asarray(image_stats), options)
+            self._judge(batch, queries, np.asarray(image_stats), options, structure)
         return batch
 
     def judge_features(
-        self, queries: np.ndarray, image_stats: np.ndarray, options: LocateOptions
+        self,
+        queries: np.ndarray,
+        image_stats: np.ndarray,
+        options: LocateOptions,
+        structure: np.ndarray | None = None,
     ) -> np.ndarray:
         """The localizability features of pictures (image statistics, answer shape), as the
         verdict sees them when serving: what ``geoloc calibrate`` fits it on (with the
-        reference index when there is one)."""
+        reference index when there is one; ``structure``: the pictures' descriptors)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         known = [None] * len(queries)
-        gallery, refs = self._answer_shape(queries, options, known, self.neighbours is not None)
-        return np.hstack([image_stats, answer_features(gallery, self.scale, refs)])
+        shape = self._answer_shape(queries, options, known, self.neighbours is not None, structure)
+        return np.hstack([image_stats, answer_features(shape[0], self.scale, *shape[1:])])
 
     def _answer_shape(
         self,
@@ -352,9 +362,11 @@ class Locator:
         options: LocateOptions,
         known: Sequence[Scored | None],
         with_refs: bool,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Each query's best GALLERY_K gallery and NEIGHBOURS_K reference cosines, without the
-        request's filters (the verdict judges the picture, not the filter): taken from
+        structure: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Each query's best GALLERY_K gallery and NEIGHBOURS_K reference cosines, and its
+        best structure correlation among the references its structure search finds, without
+        the request's filters (the verdict judges the picture, not the filter): taken from
         retrieval where it searched deep enough unfiltered, else searched here."""
         nprobe = options.nprobe or None
 
@@ -374,10 +386,32 @@ class Locator:
             return out
 
         gallery = fill([s.gallery_top if s else None for s in known], self.index, GALLERY_K)
-        refs = None
+        refs, best = None, None
         if with_refs and self.neighbours is not None:
             refs = fill([s.refs_top if s else None for s in known], self.neighbours, NEIGHBOURS_K)
-        return gallery, refs
+            best = np.array(
+                [
+                    np.nan if s is None or s.refs_structure is None else s.refs_structure
+                    for s in known
+                ]
+            )
+            todo = np.flatnonzero(np.isnan(best))
+            if len(todo) and structure is not None and self.compares_structure:
+                found = self.neighbours.search_structure(structure[todo], STRUCTURE_SEARCH)
+                best[todo] = self._best_structure(structure[todo], found)
+        return gallery, refs, best
+
+    def _best_structure(self, structure: np.ndarray, found: np.ndarray) -> np.ndarray:
+        """Each picture's best structure correlation among the reference rows ``found`` for
+        it (rows of -1 are no result); 0 where none of them has a descriptor."""
+        assert self.neighbours is not None
+        best = np.zeros(len(structure))
+        for i, rows in enumerate(found):
+            described = np.asarray(self.neighbours.points.structure[rows[rows >= 0]])
+            described = described[described.any(axis=1)]
+            if len(described):
+                best[i] = float(structure_similarity(structure[i], described).max())
+        return best
 
     def _judge(
         self,
@@ -385,14 +419,14 @@ class Locator:
         queries: np.ndarray,
         image_stats: np.ndarray,
         options: LocateOptions,
+        structure: np.ndarray | None = None,
     ) -> None:
         assert self.judge is not None
         t = time.perf_counter()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        gallery, refs = self._answer_shape(
-            queries, options, batch, self.neighbours is not None and self.judge.uses_refs
-        )
-        features = np.hstack([image_stats, answer_features(gallery, self.scale, refs)])
+        with_refs = self.neighbours is not None and self.judge.uses_refs
+        shape = self._answer_shape(queries, options, batch, with_refs, structure)
+        features = np.hstack([image_stats, answer_features(shape[0], self.scale, *shape[1:])])
         for s, v in zip(batch, self.judge.judge(features, self.abstain_threshold), strict=True):
             s.verdict = v
             s.stages.append("judge")
@@ -459,6 +493,7 @@ class Locator:
             queries, k, allowed=allowed, nprobe=nprobe, rerank_k=options.rerank_k
         )
         nb: tuple[np.ndarray, np.ndarray] | None = None
+        found: np.ndarray | None = None
         if not self.wants_structure(options):
             structure = None
         if self.neighbours is not None and options.neighbours > 0:
@@ -470,7 +505,10 @@ class Locator:
                 queries, nb_k, allowed=nb_allowed, nprobe=nprobe, rerank_k=options.rerank_k
             )
             if structure is not None and STRUCTURE_SEARCH:
-                nb = self._add_structure_matches(queries, structure, nb, nb_allowed)
+                found = self.neighbours.search_structure(
+                    structure, STRUCTURE_SEARCH, allowed=nb_allowed
+                )
+                nb = self._add_structure_matches(queries, found, nb)
         gallery_lse = (
             self._gallery_logsumexp(queries, allowed, temperature)
             if options.normalization == "gallery"
@@ -488,8 +526,13 @@ class Locator:
             )
             for i in range(len(queries))
         ]
-        if self.judge is not None and not (options.bbox or options.countries):
-            for i, s in enumerate(batch):  # unfiltered: the verdict can reuse them
+        unfiltered = not (options.bbox or options.countries)
+        if found is not None and unfiltered:  # the verdict's layout match, from this search
+            assert structure is not None
+            for s, best in zip(batch, self._best_structure(structure, found), strict=True):
+                s.refs_structure = float(best)
+        if self.judge is not None and unfiltered:
+            for i, s in enumerate(batch):  # the verdict can reuse them
                 s.gallery_top = scores[i][:GALLERY_K]
                 s.refs_top = None if nb is None else nb[0][i][:NEIGHBOURS_K]
         self._fill_scores(batch, [np.isnan(s.pool.score) for s in batch])  # neighbours
@@ -516,19 +559,14 @@ class Locator:
         return batch
 
     def _add_structure_matches(
-        self,
-        queries: np.ndarray,
-        structure: np.ndarray,
-        nb: tuple[np.ndarray, np.ndarray],
-        allowed: np.ndarray | None,
+        self, queries: np.ndarray, found: np.ndarray, nb: tuple[np.ndarray, np.ndarray]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The embedding's reference shortlist ``nb`` (sims, rows), widened by the
+        """The embedding's reference shortlist ``nb`` (sims, rows), widened by ``found``: the
         STRUCTURE_SEARCH references whose luminance layouts best match each picture's, found
         without the embedding: under a colour change the embedding has not learnt (haze, a
         false-colour palette) the right reference keeps its layout but not its embedding.
         Their cosines come from the stored vectors; _retrieve ranks them all together."""
         assert self.neighbours is not None
-        found = self.neighbours.search_structure(structure, STRUCTURE_SEARCH, allowed=allowed)
         sims, rows = [], []
         for i, (s_i, r_i) in enumerate(zip(*nb, strict=True)):
             new = np.setdiff1d(found[i][found[i] >= 0], r_i)

@@ -137,6 +137,8 @@ class Scored:
     gallery_top: np.ndarray | None = None
     refs_top: np.ndarray | None = None
     verdict: dict[str, Any] | None = None
+    #: Unfiltered best structure correlation of retrieval's structure search, for the verdict.
+    refs_structure: float | None = None
 
     def copy(self) -> Scored:
         timer = Timer()
@@ -154,6 +156,7 @@ class Scored:
             self.gallery_top,
             self.refs_top,
             self.verdict,
+            self.refs_structure,
         )
 
 

@@ -129,26 +129,33 @@ def fit_localizability_for(
     options: LocateOptions,
     *,
     per_kind: int,
+    structure: np.ndarray | None = None,
     seed: int = NEGATIVES_SEED,
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
 ) -> LocalizabilityModel:
-    """Fit the verdict of ``locator``: its held-out in-domain pictures (their image statistics
-    and embeddings) against ``per_kind`` generated negatives of each kind of the profile's
-    domain, which go through the same model and index."""
+    """Fit the verdict of ``locator``: its held-out in-domain pictures (their image statistics,
+    embeddings and, where the locator compares them, ``structure`` descriptors) against
+    ``per_kind`` generated negatives of each kind of the profile's domain, which go through
+    the same model and index."""
     from encoders import get_profile
     from service.engine.localizability import fit_localizability, image_statistics_many
     from service.engine.negatives import kinds_for, negatives
 
     profile = get_profile(locator.model.profile)
-    pos = locator.judge_features(vectors, image_stats, options)
+    pos = locator.judge_features(vectors, image_stats, options, structure)
     rows: list[np.ndarray] = []
     kinds: list[str] = []
 
     def run(batch: Iterable[tuple[str, Image.Image]]) -> None:
         names, images = zip(*batch, strict=True)
         rows.append(
-            locator.judge_features(locator.embed(images), image_statistics_many(images), options)
+            locator.judge_features(
+                locator.embed(images),
+                image_statistics_many(images),
+                options,
+                locator.structure(images),
+            )
         )
         kinds.extend(names)
         if progress is not None:

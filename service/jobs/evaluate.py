@@ -328,6 +328,7 @@ def fit_calibration(
             emb.vectors,
             opts,
             per_kind=per_kind,
+            structure=emb.structure,
             batch_size=batch_size,
             progress=negatives_progress,
         )

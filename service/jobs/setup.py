@@ -32,7 +32,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -45,6 +45,9 @@ from index.store import (
     list_indexes,
 )
 from service.config import Settings
+
+if TYPE_CHECKING:
+    from service.engine.calibration import Calibration
 
 #: Profiles that can render their own reference and held-out images.
 SELF_DATA_PROFILES = frozenset({"bluemarble"})
@@ -344,6 +347,18 @@ def served_version(s: Settings, name: str) -> str:
     return latest_version(s.index_dir, name)
 
 
+def _unusable_verdict(calibration: Calibration) -> str:
+    """Why the calibration's localizability verdict cannot be used ("": it can), e.g. one
+    fitted on the features of an earlier version."""
+    from service.engine.calibration import CalibrationError
+
+    try:
+        calibration.judge  # noqa: B018  (building it is the check)
+    except CalibrationError as exc:
+        return str(exc)
+    return ""
+
+
 def _calibration(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
     from service.engine.calibration import list_calibrations, weights_label
 
@@ -359,12 +374,18 @@ def _calibration(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
     refs_label = None if refs is None else refs.label
     if have and have[-1].profile == s.profile and have[-1].weights == label:
         fitted_with = have[-1].options.get("references", "an unrecorded reference index")
-        if fitted_with == refs_label:
+        unusable = _unusable_verdict(have[-1])
+        if fitted_with == refs_label and not unusable:
             return f"{name}/{version} has calibration {have[-1].label}"
         echo(
-            f"calibration {have[-1].version} of {name}/{version} was fitted with "
-            f"{fitted_with or 'no reference index'}, the service uses "
-            f"{refs_label or 'none'}: fitting a new one (it is kept)"
+            f"calibration {have[-1].version} of {name}/{version} "
+            + (
+                f"has a verdict this version cannot use ({unusable})"
+                if unusable
+                else f"was fitted with {fitted_with or 'no reference index'}, the service "
+                f"uses {refs_label or 'none'}"
+            )
+            + ": fitting a new one (it is kept)"
         )
     elif have:
         echo(

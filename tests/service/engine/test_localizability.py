@@ -295,7 +295,18 @@ def test_format_1_calibration_files_still_load(judged, bm_model, tmp_path):
     broken["localizability"]["features"] = broken["localizability"]["features"][:-1]
     (folder / "20200101-000000-000000.json").write_text(json.dumps(broken))
     with pytest.raises(CalibrationError, match="localizability model cannot be used"):
-        list_calibrations(d, "default-bluemarble", v1)
+        load_calibration(
+            d,
+            "default-bluemarble",
+            v1,
+            "latest",
+            profile="bluemarble",
+            weights=weights_label(None, bm_model.weights_id),
+        )
+    # Listed, it does not hide the calibrations beside it (setup fits a new one after it).
+    (cal_broken,) = list_calibrations(d, "default-bluemarble", v1)
+    with pytest.raises(CalibrationError, match="localizability model cannot be used"):
+        _ = cal_broken.judge
 
 
 def test_cli_locate_prints_the_verdict_and_eval_counts_abstentions(

@@ -275,6 +275,49 @@ def test_verification_finds_a_reference_by_structure_alone(locator, tmp_path, mo
     assert n_decoys + 1 not in [n["id"] for n in unseen.extra["neighbours"]]
 
 
+def test_the_verdict_sees_the_best_layout_match_among_the_references(locator, tmp_path):
+    """The verdict's ``ref_best_structure``: the best structure correlation among the
+    references the structure search finds. High for a picture whose layout a reference
+    has, low for one whose layout none has, 0 without descriptors; retrieval's own search
+    gives the same figure as the verdict's search without it."""
+    from PIL import Image
+
+    from encoders.structure import structure_descriptors
+    from service.engine.localizability import FEATURES, image_statistics_many
+
+    rng = np.random.default_rng(5)
+    # Smooth layouts (8 x 8 cells), as views of the ground have; the last is no reference's.
+    pics = [
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((64, 64))
+        for _ in range(41)
+    ]
+    refs, stranger = pics[:40], pics[40]
+    q = queries(locator)[:2]
+    latlon = np.array([TRUTHS[i % len(TRUTHS)] for i in range(len(refs))])
+    points = PointTable(
+        ids=np.arange(1, len(refs) + 1),
+        latlon=latlon,
+        country=locator.geocoder.country_codes(latlon),
+        structure=structure_descriptors(refs),
+    )
+    vectors = np.repeat(q[:1], len(refs), axis=0) + 0.01 * rng.standard_normal(
+        (len(refs), q.shape[1])
+    ).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    loc = with_references(locator, tmp_path, vectors.astype(np.float32), points)
+    # The first picture is a reference's own, darker (its luminance order is kept).
+    seen = refs[7].point(lambda v: v // 2)
+    shown = [seen, stranger]
+    opts = LocateOptions()
+    column = FEATURES.index("ref_best_structure")
+    stats = image_statistics_many(shown)
+    searched = loc.judge_features(q, stats, opts, loc.structure(shown))[:, column]
+    assert searched[0] > 0.95 and searched[1] < 0.8, searched
+    assert np.all(loc.judge_features(q, stats, opts)[:, column] == 0)  # no descriptors
+    scored = loc._score(q, opts, 1.0, loc.structure(shown))
+    assert [s.refs_structure for s in scored] == pytest.approx(list(searched))
+
+
 def test_a_narrow_reference_view_places_the_answer_at_its_match(locator, tmp_path):
     """A reference view of known width gets a kernel of neighbour_kernel_share of that
     width: a narrow look-alike 40 km from where the GPS tower would answer pins the answer

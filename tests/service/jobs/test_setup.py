@@ -4,6 +4,7 @@ calibration, the locator then serves neighbours, and a second run builds nothing
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from index.store import STRUCTURE_FILE, WIDTH_FILE, PointTable, list_indexes, pu
 from service.config import Settings
 from service.engine.calibration import list_calibrations
 from service.engine.loading import load_locator
+from service.engine.localizability import FEATURES, image_statistics_many
 from service.jobs.setup import served_version
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -115,6 +117,27 @@ def test_setup_builds_gallery_references_and_calibration_once(tmp_path):
         loc = load_locator(s)
         assert loc.compares_structure and loc.neighbours.points.width is not None
         assert loc.calibration.options["references"] == f"refs-bluemarble/{newest.version}"
+
+    # The verdict weighs the best layout match among the references ...
+    loc = load_locator(s)
+    assert loc.judge is not None and loc.judge.uses_refs
+    with Image.open(data / "setup" / "calibration" / "tile_000001.jpg") as im:
+        tile = im.convert("RGB")
+    noise = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), np.uint8))
+    q = loc.embed([tile, noise])
+    feats = loc.judge_features(
+        q, image_statistics_many([tile, noise]), s.locate_options(), loc.structure([tile, noise])
+    )
+    best = feats[:, FEATURES.index("ref_best_structure")]
+    assert best[0] > best[1] + 0.2, best
+    # ... and one fitted on an earlier version's features is fitted again.
+    cal = loc.calibration
+    raw = json.loads(Path(cal.path).read_text())
+    raw["localizability"]["format"] = 1
+    Path(cal.path).write_text(json.dumps(raw))
+    out = _setup(data)
+    assert "has a verdict this version cannot use" in out, out
+    assert load_locator(s).judge is not None
 
 
 def test_setup_exports_the_image_runtime_it_is_asked_for(tmp_path):
