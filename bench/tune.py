@@ -109,28 +109,33 @@ GRIDS = {
 }
 
 
+def validation_draw(name: str, n: int, width_km: float | None, shift, salt: tuple = ()) -> list:
+    """``n`` clean land tiles ``width_km`` wide (None: log-uniform over 470-1,180 km, as the
+    shifted sets), each passed through ``shift``: a validation draw of its own (seeded by
+    VAL_SEED, ``name`` and ``salt``), cached under bench/out."""
+
+    def write(tmp: Path) -> None:
+        rng = np.random.default_rng([VAL_SEED, len(name), *salt])
+        centres = sample_centres(n, rng, is_land, sea_weight=0.0)
+        if width_km is None:
+            widths = np.exp(rng.uniform(np.log(470.0), np.log(1180.0), n))
+        else:
+            widths = np.full(n, float(width_km))
+        mosaic = load_map()
+        write_labelled(
+            tmp,
+            (
+                (shift(render_tile(a, o, scale_for(w), SIZE, mosaic)), a, o)
+                for (a, o), w in zip(centres.tolist(), widths.tolist(), strict=True)
+            ),
+        )
+
+    return read_rows(cached_set(OUT / f"val-{name}-{n}-{VAL_SEED}-{SIZE}px", write))
+
+
 def validation_sets(n: int) -> dict[str, list]:
-    def draw(name: str, width_km: float | None, shift) -> list:
-        def write(tmp: Path) -> None:
-            rng = np.random.default_rng([VAL_SEED, len(name)])
-            centres = sample_centres(n, rng, is_land, sea_weight=0.0)
-            if width_km is None:  # shifts: widths log-uniform over 470-1,180 km
-                widths = np.exp(rng.uniform(np.log(470.0), np.log(1180.0), n))
-            else:
-                widths = np.full(n, float(width_km))
-            mosaic = load_map()
-            write_labelled(
-                tmp,
-                (
-                    (shift(render_tile(a, o, scale_for(w), SIZE, mosaic)), a, o)
-                    for (a, o), w in zip(centres.tolist(), widths.tolist(), strict=True)
-                ),
-            )
-
-        return read_rows(cached_set(OUT / f"val-{name}-{n}-{VAL_SEED}-{SIZE}px", write))
-
-    sets = {f"{w} km": draw(f"zoom{w}", w, lambda im: im) for w in VAL_WIDTHS_KM}
-    sets.update({name: draw(name, None, f) for name, f in VAL_SHIFTS.items()})
+    sets = {f"{w} km": validation_draw(f"zoom{w}", n, w, lambda im: im) for w in VAL_WIDTHS_KM}
+    sets.update({name: validation_draw(name, n, None, f) for name, f in VAL_SHIFTS.items()})
     return sets
 
 
@@ -212,14 +217,14 @@ def deblock_table(locator, sets: dict, n: int) -> None:
     """Served top-1 within 25/200/750/2,500 km per set, the pictures read through
     ``read_image_file`` with each threshold, and the share of pictures smoothed."""
     sets = dict(sets)
-    sets["jpeg6"] = _jpeg_set(6, n)
+    sets["jpeg6"] = validation_draw("jpeg6x", n, None, _jpeg(6), salt=(7,))
     sets["train style"] = tileset("train", 2000, CALIB_SEED)[:400]
     opts = LocateOptions(top_k=1)
     rows = []
+    limits = Settings().image_limits()
     for name, items in sets.items():
         truth = latlon(items)
         row = [name]
-        limits = Settings().image_limits()
         raw = [
             blockiness(read_image_file(r.path, replace(limits, deblock_above=0.0))) for r in items
         ]
@@ -237,26 +242,6 @@ def deblock_table(locator, sets: dict, n: int) -> None:
         rows.append(row)
         print(" | ".join(row), flush=True)
     print(markdown_table(["set", *(f"threshold {t:g}" for t in DEBLOCK_AT)], rows))
-
-
-def _jpeg_set(quality: int, n: int) -> list:
-    """Shift-style tiles (clean, 470-1,180 km wide) at JPEG ``quality``: a validation draw."""
-    name = f"jpeg{quality}x"
-
-    def write(tmp: Path) -> None:
-        rng = np.random.default_rng([VAL_SEED, len(name), 7])
-        centres = sample_centres(n, rng, is_land, sea_weight=0.0)
-        widths = np.exp(rng.uniform(np.log(470.0), np.log(1180.0), n))
-        mosaic = load_map()
-        write_labelled(
-            tmp,
-            (
-                (_jpeg(quality)(render_tile(a, o, scale_for(w), SIZE, mosaic)), a, o)
-                for (a, o), w in zip(centres.tolist(), widths.tolist(), strict=True)
-            ),
-        )
-
-    return read_rows(cached_set(OUT / f"val-{name}-{n}-{VAL_SEED}-{SIZE}px", write))
 
 
 SNAP_AT = (0.7, 0.8, 0.9)

@@ -244,62 +244,21 @@ def quantize_tower(
 
 def _quantize_blockwise(fp32: Path, int8: Path, block_size: int) -> None:
     """MatMulNBits with 8-bit symmetric weights in blocks of ``block_size`` and int8 compute
-    (accuracy level 4). Its quantiser handles MatMul only, so each Gemm with constant weights
-    (the attention's output projections, the head) becomes a MatMul and an Add first."""
+    (accuracy level 4). Its quantiser handles MatMul only, so each Gemm (the attention's
+    output projections, the head) is first rewritten as MatMul + Add by ONNX Runtime's own
+    ``ONNXModel.replace_gemm_with_matmul``."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.onnx_model import ONNXModel
 
-    graph = onnx.load(str(fp32))
-    _gemm_as_matmul(graph)
+    graph = ONNXModel(onnx.load(str(fp32)))
+    graph.replace_gemm_with_matmul()
+    graph.remove_unused_constant()  # the untransposed weights the Gemms no longer read
     quantizer = MatMulNBitsQuantizer(
-        graph, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=4
+        graph.model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=4
     )
     quantizer.process()
     quantizer.model.save_model_to_file(str(int8), use_external_data_format=True)
-
-
-def _gemm_as_matmul(model: Any) -> None:
-    """Rewrite in place each Gemm whose weights are an initializer (alpha = beta = 1, A not
-    transposed) as MatMul(A, B) + C, with B stored transposed where the Gemm transposed it."""
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    weights = {t.name: t for t in graph.initializer}
-    nodes = []
-    for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
-        if (
-            node.op_type != "Gemm"
-            or node.input[1] not in weights
-            or not plain
-            or attrs.get("transA", 0)
-        ):
-            nodes.append(node)
-            continue
-        b = node.input[1]
-        if attrs.get("transB", 0):
-            b = f"{b}.T"
-            if b not in weights:  # one transposed copy, however many Gemms share the weights
-                weights[b] = numpy_helper.from_array(
-                    numpy_helper.to_array(weights[node.input[1]]).T.copy(), b
-                )
-                graph.initializer.append(weights[b])
-        has_bias = len(node.input) > 2 and node.input[2]
-        product = f"{node.output[0]}.matmul" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], b], [product], name=node.name))
-        if has_bias:
-            nodes.append(
-                helper.make_node(
-                    "Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}.bias"
-                )
-            )
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
 
 
 class _NoPreprocessAdvice(logging.Filter):

@@ -80,6 +80,16 @@ class Calibration:
                 "(geoloc calibrate) or set GEOLOC_CALIBRATION=off"
             ) from None
 
+    @property
+    def verdict_problem(self) -> str:
+        """Why its verdict cannot be used ("": it can, or it has none), e.g. one fitted on
+        an earlier version's features."""
+        try:
+            _ = self.judge
+        except CalibrationError as exc:
+            return str(exc)
+        return ""
+
     def to_json(self) -> str:
         d = asdict(self)
         d.pop("path")

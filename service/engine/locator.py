@@ -389,16 +389,14 @@ class Locator:
         refs, best = None, None
         if with_refs and self.neighbours is not None:
             refs = fill([s.refs_top if s else None for s in known], self.neighbours, NEIGHBOURS_K)
-            best = np.array(
-                [
-                    np.nan if s is None or s.refs_structure is None else s.refs_structure
-                    for s in known
-                ]
-            )
-            todo = np.flatnonzero(np.isnan(best))
-            if len(todo) and structure is not None and self.compares_structure:
-                found = self.neighbours.search_structure(structure[todo], STRUCTURE_SEARCH)
-                best[todo] = self._best_structure(structure[todo], found)
+            if structure is not None and self.compares_structure:
+                found = [None if s is None else s.refs_found for s in known]
+                todo = [i for i, f in enumerate(found) if f is None]
+                if todo:
+                    searched = self.neighbours.search_structure(structure[todo], STRUCTURE_SEARCH)
+                    for row, i in enumerate(todo):
+                        found[i] = searched[row]
+                best = self._best_structure(structure, np.stack(found))
         return gallery, refs, best
 
     def _best_structure(self, structure: np.ndarray, found: np.ndarray) -> np.ndarray:
@@ -527,12 +525,9 @@ class Locator:
             for i in range(len(queries))
         ]
         unfiltered = not (options.bbox or options.countries)
-        if found is not None and unfiltered:  # the verdict's layout match, from this search
-            assert structure is not None
-            for s, best in zip(batch, self._best_structure(structure, found), strict=True):
-                s.refs_structure = float(best)
-        if self.judge is not None and unfiltered:
-            for i, s in enumerate(batch):  # the verdict can reuse them
+        for i, s in enumerate(batch):  # unfiltered: the verdict can reuse them
+            s.refs_found = found[i] if found is not None and unfiltered else None
+            if self.judge is not None and unfiltered:
                 s.gallery_top = scores[i][:GALLERY_K]
                 s.refs_top = None if nb is None else nb[0][i][:NEIGHBOURS_K]
         self._fill_scores(batch, [np.isnan(s.pool.score) for s in batch])  # neighbours

@@ -137,8 +137,8 @@ class Scored:
     gallery_top: np.ndarray | None = None
     refs_top: np.ndarray | None = None
     verdict: dict[str, Any] | None = None
-    #: Unfiltered best structure correlation of retrieval's structure search, for the verdict.
-    refs_structure: float | None = None
+    #: Reference rows retrieval's unfiltered structure search found, reused by the verdict.
+    refs_found: np.ndarray | None = None
 
     def copy(self) -> Scored:
         timer = Timer()
@@ -156,7 +156,7 @@ class Scored:
             self.gallery_top,
             self.refs_top,
             self.verdict,
-            self.refs_structure,
+            self.refs_found,
         )
 
 

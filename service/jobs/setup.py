@@ -32,7 +32,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -45,9 +45,6 @@ from index.store import (
     list_indexes,
 )
 from service.config import Settings
-
-if TYPE_CHECKING:
-    from service.engine.calibration import Calibration
 
 #: Profiles that can render their own reference and held-out images.
 SELF_DATA_PROFILES = frozenset({"bluemarble"})
@@ -347,18 +344,6 @@ def served_version(s: Settings, name: str) -> str:
     return latest_version(s.index_dir, name)
 
 
-def _unusable_verdict(calibration: Calibration) -> str:
-    """Why the calibration's localizability verdict cannot be used ("": it can), e.g. one
-    fitted on the features of an earlier version."""
-    from service.engine.calibration import CalibrationError
-
-    try:
-        calibration.judge  # noqa: B018  (building it is the check)
-    except CalibrationError as exc:
-        return str(exc)
-    return ""
-
-
 def _calibration(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
     from service.engine.calibration import list_calibrations, weights_label
 
@@ -374,18 +359,18 @@ def _calibration(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
     refs_label = None if refs is None else refs.label
     if have and have[-1].profile == s.profile and have[-1].weights == label:
         fitted_with = have[-1].options.get("references", "an unrecorded reference index")
-        unusable = _unusable_verdict(have[-1])
+        unusable = have[-1].verdict_problem
         if fitted_with == refs_label and not unusable:
             return f"{name}/{version} has calibration {have[-1].label}"
+        why = (
+            f"has a verdict this version cannot use ({unusable})"
+            if unusable
+            else f"was fitted with {fitted_with or 'no reference index'}, the service uses "
+            f"{refs_label or 'none'}"
+        )
         echo(
-            f"calibration {have[-1].version} of {name}/{version} "
-            + (
-                f"has a verdict this version cannot use ({unusable})"
-                if unusable
-                else f"was fitted with {fitted_with or 'no reference index'}, the service "
-                f"uses {refs_label or 'none'}"
-            )
-            + ": fitting a new one (it is kept)"
+            f"calibration {have[-1].version} of {name}/{version} {why}: fitting a new one "
+            "(it is kept)"
         )
     elif have:
         echo(

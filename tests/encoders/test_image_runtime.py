@@ -138,8 +138,7 @@ def test_blockwise_int8_quantises_every_weight_product(tmp_path: Path) -> None:
     (Gemm ones rewritten as MatMul + Add first) becomes MatMulNBits, and the embeddings keep
     their direction; the rewrite alone changes nothing."""
     import onnx
-
-    from encoders.runtime import _gemm_as_matmul
+    from onnxruntime.quantization.onnx_model import ONNXModel
 
     model = _small_geoclip_architecture()
     pictures = _pictures(12, seed=2)
@@ -147,7 +146,7 @@ def test_blockwise_int8_quantises_every_weight_product(tmp_path: Path) -> None:
     directory = artifact_dir(tmp_path, model.profile, "onnx", "fp32")
     fp32 = onnx.load(str(directory / MODEL_FILE))
     assert any(n.op_type == "Gemm" for n in fp32.graph.node)
-    _gemm_as_matmul(fp32)
+    ONNXModel(fp32).replace_gemm_with_matmul()  # as the blockwise recipe does first
     assert not any(n.op_type == "Gemm" for n in fp32.graph.node)
     (tmp_path / "rewritten").mkdir()
     onnx.save(fp32, str(tmp_path / "rewritten" / MODEL_FILE), save_as_external_data=True)

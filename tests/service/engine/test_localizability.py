@@ -307,6 +307,8 @@ def test_format_1_calibration_files_still_load(judged, bm_model, tmp_path):
     (cal_broken,) = list_calibrations(d, "default-bluemarble", v1)
     with pytest.raises(CalibrationError, match="localizability model cannot be used"):
         _ = cal_broken.judge
+    assert "localizability model cannot be used" in cal_broken.verdict_problem
+    assert judged.calibration.verdict_problem == ""
 
 
 def test_cli_locate_prints_the_verdict_and_eval_counts_abstentions(
