@@ -336,10 +336,20 @@ def test_kill9_routed_around_with_bounded_failures(cluster: Cluster) -> None:
         f"\nkill -9 under load: {len(load.outcomes)} requests, {len(failures)} failed "
         f"(statuses {Counter(o.status for o in failures)}); in flight at most {concurrency}"
     )
+    for o in failures:
+        print(f"  {o.status} after {o.seconds:.3f} s: {o.error}")
     # Only requests already sent to r1 can fail (nginx never resends a POST it wrote); a
     # connection refused afterwards is retried on another replica.
     assert len(failures) <= concurrency
-    assert all(o.status == 502 and o.content_type == PROBLEM for o in failures), failures
+    assert all(o.started < killed for o in failures), failures
+    # A request r1 had not answered gets nginx's 502. One r1 was answering when it died may
+    # arrive cut short instead: nginx passes a response's head on as soon as it has it, and
+    # cannot take it back when the body never comes.
+    assert all(
+        (o.status == 502 and o.content_type == PROBLEM)
+        or (o.status == 0 and "complete message body" in (o.error or ""))
+        for o in failures
+    ), failures
     late = [o for o in load.outcomes if o.started > killed + 0.5]
     assert late and all(o.status == 200 and o.replica != "r1" for o in late)
 
