@@ -4,7 +4,8 @@ Each image is located alone (one request's path: decode is left out, the image t
 stage, the verdict), the two models alternating image by image so that both see the same
 machine load. Each model gets the set-up `make run` serves (H3 land gallery, reference-image
 index, calibration with its localizability verdict), built by bench/tilesets.py and shared
-with bench/shift.py's cache.
+with bench/shift.py's cache. Last, the cost of reading colour ramps in the structure
+descriptor (encoders.structure), with and without, alternating.
 
     .venv/bin/python bench/latency.py --old OLD.pt [--new NEW.pt] [--images 200]
         [--refs N] [--calib 2000] [--res 4]
@@ -36,6 +37,7 @@ from tilesets import (
     tileset,
 )
 
+from encoders.structure import structure_descriptors
 from service.config import Settings
 from service.engine.locator import Locator
 from service.engine.options import LocateOptions
@@ -107,6 +109,24 @@ def main() -> None:
     print(markdown_table(["model", "median", "p95", *names, "verdict share"], rows))
     ratio = statistics.median(total["new"]) / statistics.median(total["old"])
     print(f"\nnew / old median per-image latency: {ratio:.2f}x")
+    ramps_cost(images, statistics.median(total["new"]))
+
+
+def ramps_cost(images: list[Image.Image], request_ms: float) -> None:
+    """What reading colour ramps adds to a picture's structure descriptor: the descriptor with
+    and without it, alternating picture by picture; ms per picture (median)."""
+    spent: dict[bool, list[float]] = {False: [], True: []}
+    for img in images:
+        for follow in (False, True):
+            t = time.perf_counter()
+            structure_descriptors([img], follow_ramps=follow)
+            spent[follow].append((time.perf_counter() - t) * 1000)
+    plain, ramps = (statistics.median(spent[f]) for f in (False, True))
+    print(
+        f"structure descriptor per picture: {plain:.3f} ms of luminance alone, {ramps:.3f} ms "
+        f"reading colour ramps (+{ramps - plain:.3f} ms, {100 * (ramps - plain) / request_ms:.1f} "
+        "% of the new model's median request)"
+    )
 
 
 if __name__ == "__main__":

@@ -111,11 +111,15 @@ def embed(model: GeoModel, rows: Sequence[LabelledImage], batch: int = 256) -> n
     return np.concatenate(chunks)
 
 
-def descriptors(rows: Sequence[LabelledImage], batch: int = 256) -> np.ndarray:
-    """The pictures' structure descriptors, which verification compares with the references'."""
+def descriptors(
+    rows: Sequence[LabelledImage], batch: int = 256, *, follow_ramps: bool = True
+) -> np.ndarray:
+    """The pictures' structure descriptors, which verification compares with the references'
+    (as the service describes pictures to locate; ``follow_ramps=False``: as references)."""
     chunks = []
     for s in range(0, len(rows), batch):
-        chunks.append(structure_descriptors([Image.open(r.path) for r in rows[s : s + batch]]))
+        pictures = [Image.open(r.path) for r in rows[s : s + batch]]
+        chunks.append(structure_descriptors(pictures, follow_ramps=follow_ramps))
     return np.concatenate(chunks)
 
 

@@ -16,6 +16,10 @@ the reference set holds against wide ones); ``--grid served`` runs the served se
 ``--snap`` prints, instead of a grid, what answering with the picture's top reference neighbour
 (ranked as verification ranks them) would give against the served top-1, per set, alone and
 where that neighbour's structure correlation reaches a threshold, beside the pixel baseline.
+``--ramps`` prints the served top-1 with structure descriptors of luminance alone against
+pictures described along their colour ramps (encoders.structure; served), and with the
+references described so too, on the validation sets plus three more ramps, and how often each
+set's pictures are read as a ramp.
 ``--deblock`` prints the served top-1 with the pictures decoded as the service decodes them,
 at several GEOLOC_DEBLOCK_ABOVE thresholds (0: never smoothed), on the validation sets plus
 JPEG quality 6 and 400 of the calibration's TRAIN_STYLE tiles (in-domain JPEG 35-95).
@@ -75,6 +79,8 @@ VAL_SHIFTS = {
     "haze0.55": _haze(0.55, np.array([0.92, 0.90, 0.88], np.float32)),
     "magma": _colormap("magma"),
 }
+#: More colour ramps for --ramps (bench/shift.py reports viridis and terrain).
+VAL_RAMPS = ("jet", "gist_earth", "cubehelix")
 GRIDS = {
     "neighbours": {
         "neighbour_weight": (0.0, 1.0, 3.0),
@@ -149,6 +155,7 @@ def main() -> None:
     ap.add_argument("--ref-power", type=float, default=None)
     ap.add_argument("--snap", action="store_true", help="the top-neighbour diagnostic")
     ap.add_argument("--deblock", action="store_true", help="the JPEG smoothing thresholds")
+    ap.add_argument("--ramps", action="store_true", help="descriptors along colour ramps")
     args = ap.parse_args()
     if args.ref_power is not None:
         STYLES["reference"] = replace(STYLES["reference"], scale_power=args.ref_power)
@@ -162,6 +169,9 @@ def main() -> None:
     refs = tileset("reference", args.refs, REF_SEED)
     locator, _ = served_locator(model, weights=weights, res=args.res, refs=refs)
     sets = validation_sets(args.per_set)
+    if args.ramps:
+        for name in VAL_RAMPS:
+            sets[name] = validation_draw(name, args.per_set, None, _colormap(name))
     if args.deblock:
         deblock_table(locator, sets, args.per_set)
         return
@@ -170,6 +180,9 @@ def main() -> None:
     }  # one pass through the image tower per set
     if args.snap:
         snap_table(locator, sets, embedded, PixelBaseline(refs))
+        return
+    if args.ramps:
+        ramps_table(locator, refs, sets, embedded)
         return
 
     rows_out = []
@@ -270,6 +283,35 @@ def snap_table(locator, sets: dict, embedded: dict, baseline: PixelBaseline) -> 
     header = ["set", "pixel NN", "served", "top neighbour"]
     header += [f"top neighbour where structure ≥ {t:g}" for t in SNAP_AT]
     print(markdown_table(header, rows))
+
+
+def ramps_table(locator, refs, sets: dict, embedded: dict) -> None:
+    """Served top-1 within 25/200/750 km per set with luminance descriptors, with pictures
+    read along their colour ramps (served), and with references read so too; and the share of
+    pictures read as a ramp."""
+    opts = LocateOptions(top_k=1)
+    index = locator.neighbours
+    stored = {ramps: descriptors(refs, follow_ramps=ramps) for ramps in (False, True)}
+    changed = np.mean(np.any(stored[False] != stored[True], axis=1))
+    print(f"references read as a ramp: {100 * changed:.2f} %")
+    table = []
+    for name, (q, along, truth) in embedded.items():
+        luminance = descriptors(sets[name], follow_ramps=False)
+        row = [name, f"{100 * np.mean(np.any(luminance != along, axis=1)):.1f} %"]
+        for ref_ramps, desc in ((False, luminance), (False, along), (True, along)):
+            index.points = replace(index.points, structure=stored[ref_ramps])
+            index._structure_codes = None  # built again from the swapped descriptors
+            res = locator.locate_embeddings(q, opts, structure=desc)
+            d = errors_km(
+                np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res]), truth
+            )
+            row.append("/".join(f"{100 * np.mean(d <= t):.1f}" for t in SHOWN))
+        index.points = replace(index.points, structure=stored[False])
+        index._structure_codes = None
+        table.append(row)
+        print(" | ".join(row), flush=True)
+    header = ["set", "read as a ramp", "luminance", "along the ramp (served)", "references too"]
+    print(markdown_table(header, table))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,18 @@ length: the dot product of two descriptors is the rank (Spearman) correlation of
 layouts. Ranks make it blind to any brightening, contrast, haze or gamma that keeps the
 order of luminance, and luminance makes it blind to hue; the embedding carries the rest.
 
+A false-colour picture to be located (a quantity drawn through a colour ramp: a height or
+vegetation map) is laid out by its position along the ramp instead (``follow_ramps``). Its
+colours then lie along one curve in colour space, and a ramp's luminance need not follow the
+quantity it draws (a height ramp may go blue, green, bright yellow, dark brown, white), while
+the order along the curve does. The curve is the longest path of the minimum spanning tree
+over the picture's distinct colours, its direction the one that runs from dark to bright
+overall. Any picture whose colours do not lie on one curve (photographs, satellite views in
+true colour, drawings of a few flat colours) keeps luminance. Reference images keep luminance
+always: they are views in true colour, whose luminance is what a ramp's order estimates, and
+their stored descriptors stay valid (reading references as ramps too cost true-colour pictures
+up to a point within 200 km on validation draws: docs/BENCHMARKS.md).
+
 Stored as int8 (x 127), one row per reference image; all zeros means "unknown" (a reference
 added before descriptors existed) and matches nothing.
 """
@@ -18,14 +30,34 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
+from scipy.sparse.csgraph import minimum_spanning_tree, shortest_path
+from scipy.spatial.distance import pdist, squareform
 
 STRUCTURE_SIDE = 16
 STRUCTURE_DIM = STRUCTURE_SIDE * STRUCTURE_SIDE
 _SCALE = 127.0
+#: Colour ramps: the picture's colours are examined on a RAMP_SIDE² sample of its centre square,
+#: each channel in RAMP_LEVELS steps. A ramp shows at least RAMP_MIN_COLOURS distinct colours
+#: (fewer: flat areas, a drawing) and at most RAMP_DENSITY of them per step of the box they
+#: span (the sum of its three sides): a curve visits each step about once, a photograph's
+#: colour cloud fills an area (and is not examined further). At most RAMP_FAR_SHARE of its
+#: pixels lie more than RAMP_FAR_STEPS steps off the curve (a ramp quantised to steps is a
+#: staircase, a step or two wide). Chosen on validation draws (bench/tune.py --ramps): four
+#: matplotlib ramps are read as ramps in 99.7-100 % of tiles; true-colour tiles in 0.3-2.7 %
+#: (32 steps a channel: up to 6.3 %), where their colours happen to lie along one curve.
+RAMP_SIDE = 64
+RAMP_LEVELS = 64
+RAMP_MIN_COLOURS = 12
+RAMP_DENSITY = 2.0
+RAMP_FAR_STEPS = 1.75
+RAMP_FAR_SHARE = 0.005
 
 
-def structure_descriptors(images: Sequence[Image.Image]) -> np.ndarray:
-    """(n, STRUCTURE_DIM) int8 descriptors of the pictures."""
+def structure_descriptors(
+    images: Sequence[Image.Image], *, follow_ramps: bool = False
+) -> np.ndarray:
+    """(n, STRUCTURE_DIM) int8 descriptors of the pictures; with ``follow_ramps`` (pictures to
+    locate, not references), a false-colour picture's along its colour ramp."""
     out = np.zeros((len(images), STRUCTURE_DIM), dtype=np.int8)
     for i, img in enumerate(images):
         w, h = img.size
@@ -33,10 +65,12 @@ def structure_descriptors(images: Sequence[Image.Image]) -> np.ndarray:
         if side < 1:
             continue
         box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-        # reducing_gap: a large picture is first shrunk by an integer factor, which is cheap.
-        grid = img.convert("L").resize(
-            (STRUCTURE_SIDE, STRUCTURE_SIDE), Image.Resampling.BOX, box=box, reducing_gap=2.0
-        )
+        grid = _ramp_grid(img, box) if follow_ramps else None
+        if grid is None:
+            # reducing_gap: a large picture is first shrunk by an integer factor, which is cheap.
+            grid = img.convert("L").resize(
+                (STRUCTURE_SIDE, STRUCTURE_SIDE), Image.Resampling.BOX, box=box, reducing_gap=2.0
+            )
         y = np.asarray(grid, dtype=np.uint8).ravel()
         counts = np.bincount(y, minlength=256)
         # Tied pixels share their mean rank: a flat patch has no order to compare.
@@ -46,6 +80,57 @@ def structure_descriptors(images: Sequence[Image.Image]) -> np.ndarray:
             continue
         out[i] = np.round(r * (_SCALE / np.linalg.norm(r)))
     return out
+
+
+def _ramp_grid(img: Image.Image, box: tuple[int, int, int, int]) -> np.ndarray | None:
+    """The STRUCTURE_SIDE² grid (uint8) of the picture's position along its colour ramp, or
+    None when its colours do not lie along one curve."""
+    if box[2] - box[0] < RAMP_SIDE or img.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+        return None
+    # Nearest, not averaged: averaging blends two colours of the ramp into one off it.
+    rgb = np.asarray(
+        img.convert("RGB").resize((RAMP_SIDE, RAMP_SIDE), Image.Resampling.NEAREST, box=box)
+    )
+    position = ramp_position(rgb)
+    if position is None:
+        return None
+    cell = RAMP_SIDE // STRUCTURE_SIDE
+    grid = position.reshape(STRUCTURE_SIDE, cell, STRUCTURE_SIDE, cell).mean(axis=(1, 3))
+    return np.round(grid * (255.0 / max(float(grid.max()), 1e-9)))
+
+
+def ramp_position(rgb: np.ndarray) -> np.ndarray | None:
+    """Each pixel's position (h, w) float in [0, 1] along the curve its colours lie on, from
+    dark to bright, or None when the colours (h, w, 3) uint8 do not lie along one curve."""
+    q = rgb.astype(np.int32) * RAMP_LEVELS // 256
+    code = (q[..., 0] * RAMP_LEVELS + q[..., 1]) * RAMP_LEVELS + q[..., 2]
+    colours, where, counts = np.unique(code.ravel(), return_inverse=True, return_counts=True)
+    if len(colours) < RAMP_MIN_COLOURS:
+        return None
+    levels = np.stack(
+        [colours // RAMP_LEVELS**2, colours // RAMP_LEVELS % RAMP_LEVELS, colours % RAMP_LEVELS],
+        axis=1,
+    ).astype(np.float64)
+    if len(colours) > RAMP_DENSITY * (np.ptp(levels, axis=0).sum() + 1):
+        return None
+    if np.ptp(levels, axis=1).max() <= 1:  # grey: luminance is that order already
+        return None
+    tree = minimum_spanning_tree(squareform(pdist(levels)))
+    # The tree's longest path: the farthest colour from any colour is one end, the farthest
+    # from that end the other. Each colour's position is its projection on that path, and its
+    # distance from the path says how far off the curve it lies.
+    end = int(np.argmax(shortest_path(tree, directed=False, indices=0)))
+    from_a = shortest_path(tree, directed=False, indices=end)
+    from_b = shortest_path(tree, directed=False, indices=int(np.argmax(from_a)))
+    length = float(from_a.max())
+    off = (from_a + from_b - length) / 2.0
+    if counts @ (off > RAMP_FAR_STEPS) > RAMP_FAR_SHARE * counts.sum():
+        return None
+    position = ((from_a - from_b + length) / (2.0 * length))[where].reshape(rgb.shape[:2])
+    luma = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if np.mean((position - position.mean()) * luma) < 0:
+        position = 1.0 - position
+    return position
 
 
 def structure_similarity(query: np.ndarray, refs: np.ndarray) -> np.ndarray:

@@ -232,7 +232,7 @@ def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:
             stats[i] = (rows[row : row + 1] if own else None, stats_ms)
         t2 = time.perf_counter()
         wanted = {i for i in members if batch[i].locator.wants_structure(batch[i].options)}
-        descriptors = structure_descriptors(images) if wanted else None
+        descriptors = structure_descriptors(images, follow_ramps=True) if wanted else None
         structure_ms = (time.perf_counter() - t2) * 1000 / len(members)
         for row, i in enumerate(members):
             own = descriptors is not None and i in wanted

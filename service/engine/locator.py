@@ -167,7 +167,9 @@ class Locator:
 
     def structure(self, images: Sequence[Image.Image]) -> np.ndarray | None:
         """The pictures' structure descriptors (None: nothing to compare them with)."""
-        return structure_descriptors(images) if self.compares_structure else None
+        if not self.compares_structure:
+            return None
+        return structure_descriptors(images, follow_ramps=True)
 
     def locate(self, images: Sequence[Image.Image], options: LocateOptions) -> list[LocateResult]:
         t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Structure descriptors: blind to colour, haze and gamma; not to where things are."""
+"""Structure descriptors: blind to colour, haze, gamma and colour ramps; not to where things
+are."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from encoders.bluemarble import load_map, render_tile, rotate_hue, sample_centres
-from encoders.structure import STRUCTURE_DIM, structure_descriptors, structure_similarity
+from encoders.structure import (
+    STRUCTURE_DIM,
+    ramp_position,
+    structure_descriptors,
+    structure_similarity,
+)
 from index.geo import is_land
 
 
@@ -56,3 +62,40 @@ def test_a_picture_is_framed_as_its_centre_square():
     wide = Image.new("RGB", (128, 64), (0, 0, 0))
     wide.paste(tile, (32, 0))
     np.testing.assert_array_equal(structure_descriptors([wide]), structure_descriptors([tile]))
+
+
+def _through_ramp(tile: Image.Image) -> Image.Image:
+    """The tile's luminance drawn through a smooth colour ramp whose own luminance rises,
+    falls and rises again (red grows while green and blue swing against each other)."""
+    y = _floats(ImageOps.grayscale(tile))
+    t = (y - y.min()) / max(float(np.ptp(y)), 1e-6)
+    swing = np.sin(3.0 * np.pi * t)
+    return _image(np.stack([t, 0.5 + 0.4 * swing, 0.5 - 0.2 * swing], axis=-1))
+
+
+def test_a_false_colour_picture_is_laid_out_along_its_ramp():
+    tiles = _tiles(24)
+    grey = structure_descriptors([ImageOps.grayscale(t).convert("RGB") for t in tiles])
+    ramped = [_through_ramp(t) for t in tiles]
+    assert sum(ramp_position(np.asarray(r)) is not None for r in ramped) >= 20
+    along = structure_descriptors(ramped, follow_ramps=True)
+    # What luminance alone makes of the same pictures; references are always described so.
+    luminance = structure_descriptors([ImageOps.grayscale(r).convert("RGB") for r in ramped])
+    np.testing.assert_array_equal(structure_descriptors(ramped), luminance)
+
+    def same(a: np.ndarray) -> float:
+        return float(
+            np.median([structure_similarity(x, y[None])[0] for x, y in zip(a, grey, strict=True)])
+        )
+
+    assert same(along) > 0.9
+    assert same(along) - same(luminance) > 0.2
+
+
+def test_true_colour_views_and_drawings_are_not_ramps():
+    tiles = _tiles(40)
+    read = [ramp_position(np.asarray(t)) is not None for t in tiles]
+    assert np.mean(read) <= 0.1
+    drawing = Image.new("RGB", (64, 64), (20, 40, 160))
+    drawing.paste((200, 180, 40), (10, 10, 40, 50))
+    assert ramp_position(np.asarray(drawing)) is None

@@ -275,6 +275,46 @@ def test_verification_finds_a_reference_by_structure_alone(locator, tmp_path, mo
     assert n_decoys + 1 not in [n["id"] for n in unseen.extra["neighbours"]]
 
 
+def test_a_false_colour_picture_finds_its_reference_along_its_ramp(locator, tmp_path):
+    """A picture drawn through a colour ramp whose luminance rises and falls is described by
+    its position along the ramp: the structure search finds the true-colour reference of its
+    place, which its luminance layout would not."""
+    from PIL import Image
+
+    from encoders.structure import structure_descriptors, structure_similarity
+
+    rng = np.random.default_rng(8)
+    # Smooth grey layouts (8 x 8 cells), as views of the ground have.
+    refs = [
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8))
+        .resize((64, 64))
+        .convert("RGB")
+        for _ in range(60)
+    ]
+    t = np.asarray(refs[3].convert("L"), np.float32) / 255.0
+    swing = np.sin(3.0 * np.pi * t)  # the ramp's own luminance rises, falls and rises
+    ramp = np.stack([t, 0.5 + 0.4 * swing, 0.5 - 0.2 * swing], axis=-1)
+    pic = Image.fromarray(np.round(ramp * 255).astype(np.uint8))
+    q = queries(locator)[:1]
+    vectors = rng.standard_normal((len(refs), q.shape[1])).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)  # embeddings that say nothing
+    latlon = np.array([TRUTHS[0] if i == 3 else TRUTHS[1] for i in range(len(refs))])
+    stored = structure_descriptors(refs)
+    points = PointTable(
+        ids=np.arange(len(refs)),
+        latlon=latlon,
+        country=locator.geocoder.country_codes(latlon),
+        structure=stored,
+    )
+    loc = with_references(locator, tmp_path, vectors, points)
+    along = loc.structure([pic])
+    assert structure_similarity(along[0], stored[3:4])[0] > 0.9
+    assert structure_similarity(structure_descriptors([pic])[0], stored[3:4])[0] < 0.5
+    opts = LocateOptions(return_neighbours=True)
+    found = loc.locate_embeddings(q, opts, structure=along)[0]
+    assert found.extra["neighbours"][0]["id"] == 3
+
+
 def test_the_verdict_sees_the_best_layout_match_among_the_references(locator, tmp_path):
     """The verdict's ``ref_best_structure``: the best structure correlation among the
     references the structure search finds. High for a picture whose layout a reference
