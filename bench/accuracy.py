@@ -75,7 +75,7 @@ def main() -> None:
         )
     )
 
-    structure = descriptors(test)
+    structure = descriptors(test, locator)
     tables = []
     with tempfile.TemporaryDirectory() as exported:
         for runtime, precision in runtimes:

@@ -124,7 +124,7 @@ def agreement(n: int, seed: int, n_refs: int, threads: int) -> None:
     tiles = tileset("test", n, seed)
     truth = latlon(tiles)
     model, _, refs, _, locator, _ = served_setup(bundled_weights(), 4, n_refs, 0)
-    structure = descriptors(tiles)
+    structure = descriptors(tiles, locator)
     options = LocateOptions(top_k=1)
 
     def answer() -> tuple[np.ndarray, np.ndarray]:

@@ -112,14 +112,25 @@ def embed(model: GeoModel, rows: Sequence[LabelledImage], batch: int = 256) -> n
 
 
 def descriptors(
-    rows: Sequence[LabelledImage], batch: int = 256, *, follow_ramps: bool = True
-) -> np.ndarray:
-    """The pictures' structure descriptors, which verification compares with the references'
-    (as the service describes pictures to locate; ``follow_ramps=False``: as references)."""
+    rows: Sequence[LabelledImage], locator: Locator, batch: int = 256
+) -> np.ndarray | None:
+    """The pictures' structure descriptors as the service makes them for ``locator`` (along
+    their colour ramps, turned the way their best reference match runs), which verification
+    compares with the references'; None where the locator compares no structure."""
     chunks = []
     for s in range(0, len(rows), batch):
-        pictures = [Image.open(r.path) for r in rows[s : s + batch]]
-        chunks.append(structure_descriptors(pictures, follow_ramps=follow_ramps))
+        described = locator.structure([Image.open(r.path) for r in rows[s : s + batch]])
+        if described is None:
+            return None
+        chunks.append(described)
+    return np.concatenate(chunks)
+
+
+def luminance_descriptors(rows: Sequence[LabelledImage], batch: int = 256) -> np.ndarray:
+    """The pictures' luminance layouts, as references are described."""
+    chunks = []
+    for s in range(0, len(rows), batch):
+        chunks.append(structure_descriptors([Image.open(r.path) for r in rows[s : s + batch]]))
     return np.concatenate(chunks)
 
 

@@ -17,9 +17,9 @@ the reference set holds against wide ones); ``--grid served`` runs the served se
 (ranked as verification ranks them) would give against the served top-1, per set, alone and
 where that neighbour's structure correlation reaches a threshold, beside the pixel baseline.
 ``--ramps`` prints the served top-1 with structure descriptors of luminance alone against
-pictures described along their colour ramps (encoders.structure; served), and with the
-references described so too, on the validation sets plus three more ramps, and how often each
-set's pictures are read as a ramp.
+the served ones (along colour ramps, those of unsure direction turned the way their best
+reference match runs: encoders.structure, Locator.orient), on the validation sets plus six
+more ramps, and how often each set's pictures are laid out along a ramp, unsure, turned round.
 ``--deblock`` prints the served top-1 with the pictures decoded as the service decodes them,
 at several GEOLOC_DEBLOCK_ABOVE thresholds (0: never smoothed), on the validation sets plus
 JPEG quality 6 and 400 of the calibration's TRAIN_STYLE tiles (in-domain JPEG 35-95).
@@ -34,6 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -51,6 +52,7 @@ from tilesets import (
     embed,
     latlon,
     load_weights,
+    luminance_descriptors,
     machine_line,
     markdown_table,
     read_rows,
@@ -60,6 +62,7 @@ from tilesets import (
 )
 
 from encoders.bluemarble import load_map, render_tile, sample_centres
+from encoders.structure import picture_descriptors
 from index.geo import is_land
 from service.config import Settings
 from service.engine import locator as pipeline
@@ -79,8 +82,9 @@ VAL_SHIFTS = {
     "haze0.55": _haze(0.55, np.array([0.92, 0.90, 0.88], np.float32)),
     "magma": _colormap("magma"),
 }
-#: More colour ramps for --ramps (bench/shift.py reports viridis and terrain).
-VAL_RAMPS = ("jet", "gist_earth", "cubehelix")
+#: More colour ramps for --ramps (bench/shift.py reports viridis and terrain): rising and
+#: falling luminance (jet, turbo, the diverging RdYlGn and coolwarm) or rising (the others).
+VAL_RAMPS = ("jet", "turbo", "RdYlGn", "coolwarm", "gist_earth", "cubehelix")
 GRIDS = {
     "neighbours": {
         "neighbour_weight": (0.0, 1.0, 3.0),
@@ -176,13 +180,14 @@ def main() -> None:
         deblock_table(locator, sets, args.per_set)
         return
     embedded = {
-        name: (embed(model, rows), descriptors(rows), latlon(rows)) for name, rows in sets.items()
+        name: (embed(model, rows), descriptors(rows, locator), latlon(rows))
+        for name, rows in sets.items()
     }  # one pass through the image tower per set
     if args.snap:
         snap_table(locator, sets, embedded, PixelBaseline(refs))
         return
     if args.ramps:
-        ramps_table(locator, refs, sets, embedded)
+        ramps_table(locator, sets, embedded)
         return
 
     rows_out = []
@@ -285,32 +290,28 @@ def snap_table(locator, sets: dict, embedded: dict, baseline: PixelBaseline) -> 
     print(markdown_table(header, rows))
 
 
-def ramps_table(locator, refs, sets: dict, embedded: dict) -> None:
-    """Served top-1 within 25/200/750 km per set with luminance descriptors, with pictures
-    read along their colour ramps (served), and with references read so too; and the share of
-    pictures read as a ramp."""
+def ramps_table(locator, sets: dict, embedded: dict) -> None:
+    """Served top-1 within 25/200/750 km per set with luminance descriptors and as served
+    (along colour ramps, those of unsure direction turned the way their best reference match
+    runs); and the shares of pictures laid out otherwise than by luminance, of unsure
+    direction, and turned round."""
     opts = LocateOptions(top_k=1)
-    index = locator.neighbours
-    stored = {ramps: descriptors(refs, follow_ramps=ramps) for ramps in (False, True)}
-    changed = np.mean(np.any(stored[False] != stored[True], axis=1))
-    print(f"references read as a ramp: {100 * changed:.2f} %")
     table = []
-    for name, (q, along, truth) in embedded.items():
-        luminance = descriptors(sets[name], follow_ramps=False)
-        row = [name, f"{100 * np.mean(np.any(luminance != along, axis=1)):.1f} %"]
-        for ref_ramps, desc in ((False, luminance), (False, along), (True, along)):
-            index.points = replace(index.points, structure=stored[ref_ramps])
-            index._structure_codes = None  # built again from the swapped descriptors
+    for name, (q, served, truth) in embedded.items():
+        along, unsure = picture_descriptors([Image.open(r.path) for r in sets[name]])
+        luminance = luminance_descriptors(sets[name])
+        row = [name]
+        for changed in (np.any(along != luminance, axis=1), unsure, np.any(served != along, 1)):
+            row.append(f"{100 * np.mean(changed):.1f} %")
+        for desc in (luminance, served):
             res = locator.locate_embeddings(q, opts, structure=desc)
             d = errors_km(
                 np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res]), truth
             )
             row.append("/".join(f"{100 * np.mean(d <= t):.1f}" for t in SHOWN))
-        index.points = replace(index.points, structure=stored[False])
-        index._structure_codes = None
         table.append(row)
         print(" | ".join(row), flush=True)
-    header = ["set", "read as a ramp", "luminance", "along the ramp (served)", "references too"]
+    header = ["set", "along a ramp", "unsure", "turned round", "luminance", "served"]
     print(markdown_table(header, table))
 
 

@@ -13,12 +13,15 @@ vegetation map) is laid out by its position along the ramp instead (``follow_ram
 colours then lie along one curve in colour space, and a ramp's luminance need not follow the
 quantity it draws (a height ramp may go blue, green, bright yellow, dark brown, white), while
 the order along the curve does. The curve is the longest path of the minimum spanning tree
-over the picture's distinct colours, its direction the one that runs from dark to bright
-overall. Any picture whose colours do not lie on one curve (photographs, satellite views in
-true colour, drawings of a few flat colours) keeps luminance. Reference images keep luminance
-always: they are views in true colour, whose luminance is what a ramp's order estimates, and
-their stored descriptors stay valid (reading references as ramps too cost true-colour pictures
-up to a point within 200 km on validation draws: docs/BENCHMARKS.md).
+over the picture's distinct colours, laid out from dark to bright overall. A ramp whose
+luminance rises and falls has no dark end, so where the position follows luminance less than
+RAMP_SURE its direction is unsure, and the locator turns it round if the reversed layout
+matches a reference better (``picture_descriptors`` says which pictures are unsure). Any
+picture whose colours do not lie on one curve (photographs, satellite views in true colour,
+drawings of a few flat colours) keeps luminance. Reference images keep luminance always: they
+are views in true colour, whose luminance is what a ramp's order estimates, and their stored
+descriptors stay valid (reading references as ramps too cost true-colour pictures up to a
+point within 200 km on validation draws: docs/BENCHMARKS.md).
 
 Stored as int8 (x 127), one row per reference image; all zeros means "unknown" (a reference
 added before descriptors existed) and matches nothing.
@@ -51,6 +54,10 @@ RAMP_MIN_COLOURS = 12
 RAMP_DENSITY = 2.0
 RAMP_FAR_STEPS = 1.75
 RAMP_FAR_SHARE = 0.005
+#: A ramp whose position correlates with luminance at least this much over the pixels runs
+#: surely dark to bright (rising ramps: 0.95 and more for 95 % of validation pictures); below
+#: it, luminance rises and falls along the ramp and the direction is unsure.
+RAMP_SURE = 0.9
 
 
 def structure_descriptors(
@@ -58,14 +65,28 @@ def structure_descriptors(
 ) -> np.ndarray:
     """(n, STRUCTURE_DIM) int8 descriptors of the pictures; with ``follow_ramps`` (pictures to
     locate, not references), a false-colour picture's along its colour ramp."""
+    return _describe(images, follow_ramps)[0]
+
+
+def picture_descriptors(images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptors of pictures to locate (along their colour ramps where they are read as
+    ramps) and which of them (n,) bool are ramps whose direction is unsure: the caller's to
+    choose."""
+    return _describe(images, True)
+
+
+def _describe(images: Sequence[Image.Image], follow_ramps: bool) -> tuple[np.ndarray, np.ndarray]:
     out = np.zeros((len(images), STRUCTURE_DIM), dtype=np.int8)
+    unsure = np.zeros(len(images), dtype=bool)
     for i, img in enumerate(images):
         w, h = img.size
         side = min(w, h)
         if side < 1:
             continue
         box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-        grid = _ramp_grid(img, box) if follow_ramps else None
+        read = _ramp_grid(img, box) if follow_ramps else None
+        grid = None if read is None else read[0]
+        unsure[i] = read is not None and not read[1]
         if grid is None:
             # reducing_gap: a large picture is first shrunk by an integer factor, which is cheap.
             grid = img.convert("L").resize(
@@ -79,29 +100,38 @@ def structure_descriptors(
         if not r.any():  # flat: no layout at all
             continue
         out[i] = np.round(r * (_SCALE / np.linalg.norm(r)))
-    return out
+    return out, unsure
 
 
-def _ramp_grid(img: Image.Image, box: tuple[int, int, int, int]) -> np.ndarray | None:
-    """The STRUCTURE_SIDE² grid (uint8) of the picture's position along its colour ramp, or
-    None when its colours do not lie along one curve."""
+def _ramp_grid(img: Image.Image, box: tuple[int, int, int, int]) -> tuple[np.ndarray, bool] | None:
+    """The STRUCTURE_SIDE² grid (uint8) of the picture's position along its colour ramp and
+    whether its dark-to-bright direction is sure, or None when its colours do not lie along
+    one curve."""
     if box[2] - box[0] < RAMP_SIDE or img.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
         return None
     # Nearest, not averaged: averaging blends two colours of the ramp into one off it.
     rgb = np.asarray(
         img.convert("RGB").resize((RAMP_SIDE, RAMP_SIDE), Image.Resampling.NEAREST, box=box)
     )
-    position = ramp_position(rgb)
-    if position is None:
+    found = _ramp(rgb)
+    if found is None:
         return None
+    position, agreement = found
     cell = RAMP_SIDE // STRUCTURE_SIDE
     grid = position.reshape(STRUCTURE_SIDE, cell, STRUCTURE_SIDE, cell).mean(axis=(1, 3))
-    return np.round(grid * (255.0 / max(float(grid.max()), 1e-9)))
+    return np.round(grid * (255.0 / max(float(grid.max()), 1e-9))), agreement >= RAMP_SURE
 
 
 def ramp_position(rgb: np.ndarray) -> np.ndarray | None:
     """Each pixel's position (h, w) float in [0, 1] along the curve its colours lie on, from
     dark to bright, or None when the colours (h, w, 3) uint8 do not lie along one curve."""
+    found = _ramp(rgb)
+    return None if found is None else found[0]
+
+
+def _ramp(rgb: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """``ramp_position`` and how closely the position follows luminance (their correlation
+    over the pixels, in [0, 1])."""
     q = rgb.astype(np.int32) * RAMP_LEVELS // 256
     code = (q[..., 0] * RAMP_LEVELS + q[..., 1]) * RAMP_LEVELS + q[..., 2]
     colours, where, counts = np.unique(code.ravel(), return_inverse=True, return_counts=True)
@@ -128,9 +158,10 @@ def ramp_position(rgb: np.ndarray) -> np.ndarray | None:
         return None
     position = ((from_a - from_b + length) / (2.0 * length))[where].reshape(rgb.shape[:2])
     luma = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    if np.mean((position - position.mean()) * luma) < 0:
-        position = 1.0 - position
-    return position
+    agreement = float(np.corrcoef(position.ravel(), luma.ravel())[0, 1]) if luma.std() else 0.0
+    if agreement < 0:
+        position, agreement = 1.0 - position, -agreement
+    return position, agreement
 
 
 def structure_similarity(query: np.ndarray, refs: np.ndarray) -> np.ndarray:

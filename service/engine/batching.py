@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from encoders.structure import structure_descriptors
+from encoders.structure import picture_descriptors
 from service.engine.album import AlbumResult
 from service.engine.localizability import image_statistics_many
 from service.engine.locator import LocateResult, Locator
@@ -232,11 +232,15 @@ def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:
             stats[i] = (rows[row : row + 1] if own else None, stats_ms)
         t2 = time.perf_counter()
         wanted = {i for i in members if batch[i].locator.wants_structure(batch[i].options)}
-        descriptors = structure_descriptors(images, follow_ramps=True) if wanted else None
-        structure_ms = (time.perf_counter() - t2) * 1000 / len(members)
+        described = picture_descriptors(images) if wanted else None
+        oriented: dict[int, np.ndarray] = {}
         for row, i in enumerate(members):
-            own = descriptors is not None and i in wanted
-            structure[i] = (descriptors[row : row + 1], structure_ms) if own else (None, 0.0)
+            if described is not None and i in wanted:
+                desc, unsure = described
+                oriented[i] = batch[i].locator.orient(desc[row : row + 1], unsure[row : row + 1])
+        structure_ms = (time.perf_counter() - t2) * 1000 / len(members)
+        for i in members:
+            structure[i] = (oriented[i], structure_ms) if i in oriented else (None, 0.0)
     for i, item in enumerate(batch):
         query, encode_ms = embedded[i]
         image_stats, stats_ms = stats[i]

@@ -29,7 +29,7 @@ from PIL import Image
 
 from encoders import GeoModel, get_profile
 from encoders.profiles import text_profiles
-from encoders.structure import STRUCTURE_DIM, structure_descriptors, structure_similarity
+from encoders.structure import STRUCTURE_DIM, picture_descriptors, structure_similarity
 from index.geo import (
     int_to_cell,
     latlon_to_cells,
@@ -169,7 +169,22 @@ class Locator:
         """The pictures' structure descriptors (None: nothing to compare them with)."""
         if not self.compares_structure:
             return None
-        return structure_descriptors(images, follow_ramps=True)
+        return self.orient(*picture_descriptors(images))
+
+    def orient(self, structure: np.ndarray, unsure: np.ndarray) -> np.ndarray:
+        """The descriptors, those of colour ramps of unsure direction (``unsure``) turned
+        round where the reversed layout's best match among the references is the better one:
+        a ramp whose luminance rises and falls has no dark end to start from."""
+        if not unsure.any() or not self.compares_structure or not STRUCTURE_SEARCH:
+            return structure
+        assert self.neighbours is not None
+        out = structure.copy()
+        both = np.concatenate([structure[unsure], -structure[unsure]])
+        best = self._best_structure(both, self.neighbours.search_structure(both, STRUCTURE_SEARCH))
+        as_read, reversed_ = np.split(best, 2)
+        rows = np.flatnonzero(unsure)[reversed_ > as_read]
+        out[rows] = -structure[rows]
+        return out
 
     def locate(self, images: Sequence[Image.Image], options: LocateOptions) -> list[LocateResult]:
         t0 = time.perf_counter()

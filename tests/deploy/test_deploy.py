@@ -325,6 +325,8 @@ def test_kill9_routed_around_with_bounded_failures(cluster: Cluster) -> None:
     with running(load):
         load.wait_for(20)
         r1.signal(signal.SIGKILL)
+        assert r1.proc is not None
+        r1.proc.wait(timeout=10)  # gone, its sockets closed: later connections are refused
         killed = time.monotonic()
         n_kill = load.count()
         load.wait_for(n_kill + 40)
@@ -338,8 +340,8 @@ def test_kill9_routed_around_with_bounded_failures(cluster: Cluster) -> None:
     )
     for o in failures:
         print(f"  {o.status} after {o.seconds:.3f} s: {o.error}")
-    # Only requests already sent to r1 can fail (nginx never resends a POST it wrote); a
-    # connection refused afterwards is retried on another replica.
+    # Only requests already sent to r1 before it was gone can fail (nginx never resends a
+    # POST it wrote); a connection refused afterwards is retried on another replica.
     assert len(failures) <= concurrency
     assert all(o.started < killed for o in failures), failures
     # A request r1 had not answered gets nginx's 502. One r1 was answering when it died may

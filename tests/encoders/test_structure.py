@@ -9,6 +9,7 @@ from PIL import Image, ImageOps
 from encoders.bluemarble import load_map, render_tile, rotate_hue, sample_centres
 from encoders.structure import (
     STRUCTURE_DIM,
+    picture_descriptors,
     ramp_position,
     structure_descriptors,
     structure_similarity,
@@ -77,8 +78,19 @@ def test_a_false_colour_picture_is_laid_out_along_its_ramp():
     tiles = _tiles(24)
     grey = structure_descriptors([ImageOps.grayscale(t).convert("RGB") for t in tiles])
     ramped = [_through_ramp(t) for t in tiles]
-    assert sum(ramp_position(np.asarray(r)) is not None for r in ramped) >= 20
-    along = structure_descriptors(ramped, follow_ramps=True)
+    read = [ramp_position(np.asarray(r)) is not None for r in ramped]
+    assert sum(read) >= 20
+    along, unsure = picture_descriptors(ramped)
+    np.testing.assert_array_equal(structure_descriptors(ramped, follow_ramps=True), along)
+    # Its luminance rises and falls: the direction of most is unsure, and only of ramps.
+    assert unsure.sum() >= 12 and not np.any(unsure & ~np.array(read))
+    # A ramp whose luminance rises with it runs surely dark to bright.
+    rising = [
+        _image(np.repeat(_floats(ImageOps.grayscale(t))[..., None], 3, axis=-1) ** [1, 0.7, 0.4])
+        for t in tiles
+    ]
+    assert all(ramp_position(np.asarray(r)) is not None for r in rising)
+    assert not picture_descriptors(rising)[1].any()
     # What luminance alone makes of the same pictures; references are always described so.
     luminance = structure_descriptors([ImageOps.grayscale(r).convert("RGB") for r in ramped])
     np.testing.assert_array_equal(structure_descriptors(ramped), luminance)

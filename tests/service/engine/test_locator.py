@@ -277,8 +277,9 @@ def test_verification_finds_a_reference_by_structure_alone(locator, tmp_path, mo
 
 def test_a_false_colour_picture_finds_its_reference_along_its_ramp(locator, tmp_path):
     """A picture drawn through a colour ramp whose luminance rises and falls is described by
-    its position along the ramp: the structure search finds the true-colour reference of its
-    place, which its luminance layout would not."""
+    its position along the ramp, turned the way its best reference match runs: the structure
+    search finds the true-colour reference of its place, which its luminance layout would
+    not."""
     from PIL import Image
 
     from encoders.structure import structure_descriptors, structure_similarity
@@ -313,6 +314,10 @@ def test_a_false_colour_picture_finds_its_reference_along_its_ramp(locator, tmp_
     opts = LocateOptions(return_neighbours=True)
     found = loc.locate_embeddings(q, opts, structure=along)[0]
     assert found.extra["neighbours"][0]["id"] == 3
+    # A ramp read the wrong way round is turned round; a picture in true colour never is.
+    backwards = -along
+    np.testing.assert_array_equal(loc.orient(backwards, np.array([True])), along)
+    np.testing.assert_array_equal(loc.orient(backwards, np.array([False])), backwards)
 
 
 def test_the_verdict_sees_the_best_layout_match_among_the_references(locator, tmp_path):
