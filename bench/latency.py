@@ -5,7 +5,8 @@ stage, the verdict), the two models alternating image by image so that both see 
 machine load. Each model gets the set-up `make run` serves (H3 land gallery, reference-image
 index, calibration with its localizability verdict), built by bench/tilesets.py and shared
 with bench/shift.py's cache. Last, the cost of reading colour ramps in the structure
-descriptor (encoders.structure), with and without, alternating.
+descriptor (encoders.structure), with and without, alternating, on the test tiles and on the
+same tiles drawn through the `jet` colour ramp.
 
     .venv/bin/python bench/latency.py --old OLD.pt [--new NEW.pt] [--images 200]
         [--refs N] [--calib 2000] [--res 4]
@@ -24,6 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shift import _colormap
 from tilesets import (
     CALIB_SEED,
     REF_SEED,
@@ -114,20 +116,23 @@ def main() -> None:
 
 def ramps_cost(locator: Locator, images: list[Image.Image], request_ms: float) -> None:
     """What reading colour ramps adds to a picture's structure descriptor: luminance alone
-    against the served descriptor (``Locator.structure``: ramps read and turned the way their
-    best reference match runs), alternating picture by picture; ms per picture (median)."""
-    spent: dict[bool, list[float]] = {False: [], True: []}
-    for img in images:
-        for served in (False, True):
-            t = time.perf_counter()
-            locator.structure([img]) if served else structure_descriptors([img])
-            spent[served].append((time.perf_counter() - t) * 1000)
-    plain, ramps = (statistics.median(spent[f]) for f in (False, True))
-    print(
-        f"structure descriptor per picture: {plain:.3f} ms of luminance alone, {ramps:.3f} ms "
-        f"served, reading colour ramps (+{ramps - plain:.3f} ms, "
-        f"{100 * (ramps - plain) / request_ms:.1f} % of the new model's median request)"
-    )
+    against the served descriptor (``Locator.structure``: ramps read, those of unsure direction
+    turned the way their best reference match runs), alternating picture by picture, for the
+    test tiles and for the same tiles drawn through `jet`; ms per picture (median)."""
+    jet = _colormap("jet")
+    for name, pictures in (("test tiles", images), ("the same in jet", [jet(i) for i in images])):
+        spent: dict[bool, list[float]] = {False: [], True: []}
+        for img in pictures:
+            for served in (False, True):
+                t = time.perf_counter()
+                locator.structure([img]) if served else structure_descriptors([img])
+                spent[served].append((time.perf_counter() - t) * 1000)
+        plain, ramps = (statistics.median(spent[f]) for f in (False, True))
+        print(
+            f"structure descriptor per picture, {name}: {plain:.3f} ms of luminance alone, "
+            f"{ramps:.3f} ms served, reading colour ramps (+{ramps - plain:.3f} ms, "
+            f"{100 * (ramps - plain) / request_ms:.1f} % of the new model's median request)"
+        )
 
 
 if __name__ == "__main__":

@@ -238,13 +238,14 @@ def served_setup(weights: Path, res: int, n_refs: int, n_calib: int) -> ServedSe
 
 
 def _calibrate(settings: Settings, model: GeoModel, rows: Sequence[LabelledImage]) -> None:
-    """Fit and store the default index's calibration unless it has one (`geoloc setup`'s step,
-    through the same domain function)."""
+    """Fit and store the default index's calibration unless it has one whose verdict this
+    version can use (`geoloc setup`'s step, through the same domain function)."""
     from service.engine.calibration import list_calibrations
     from service.jobs.evaluate import fit_calibration
 
     name = settings.default_index
-    if list_calibrations(settings.data_dir, name, latest_version(settings.index_dir, name)):
+    found = list_calibrations(settings.data_dir, name, latest_version(settings.index_dir, name))
+    if found and not found[-1].verdict_problem:
         return
     uncalibrated = settings.model_copy(update={"calibration": "off"})
     locator = load_locator(uncalibrated, model=model)

@@ -45,9 +45,10 @@ _SCALE = 127.0
 #: span (the sum of its three sides): a curve visits each step about once, a photograph's
 #: colour cloud fills an area (and is not examined further). At most RAMP_FAR_SHARE of its
 #: pixels lie more than RAMP_FAR_STEPS steps off the curve (a ramp quantised to steps is a
-#: staircase, a step or two wide). Chosen on validation draws (bench/tune.py --ramps): four
-#: matplotlib ramps are read as ramps in 99.7-100 % of tiles; true-colour tiles in 0.3-2.7 %
-#: (32 steps a channel: up to 6.3 %), where their colours happen to lie along one curve.
+#: staircase, a step or two wide). Chosen on validation draws (bench/tune.py --ramps): seven
+#: matplotlib ramps are read as ramps in 99.7-100 % of tiles; true-colour tiles in 0.0-2.7 %,
+#: where their colours happen to lie along one curve (with 32 steps a channel, up to 6.3 % at
+#: 0.5 % of the pixels off the curve, up to 11 % at 2 %).
 RAMP_SIDE = 64
 RAMP_LEVELS = 64
 RAMP_MIN_COLOURS = 12
@@ -110,8 +111,9 @@ def _ramp_grid(img: Image.Image, box: tuple[int, int, int, int]) -> tuple[np.nda
     if box[2] - box[0] < RAMP_SIDE or img.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
         return None
     # Nearest, not averaged: averaging blends two colours of the ramp into one off it.
+    # Resized first, converted after: a large picture is not copied whole.
     rgb = np.asarray(
-        img.convert("RGB").resize((RAMP_SIDE, RAMP_SIDE), Image.Resampling.NEAREST, box=box)
+        img.resize((RAMP_SIDE, RAMP_SIDE), Image.Resampling.NEAREST, box=box).convert("RGB")
     )
     found = _ramp(rgb)
     if found is None:

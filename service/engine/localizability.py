@@ -44,8 +44,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-#: Version of the features and of the stored model's layout.
-FORMAT = 2
+#: Version of the features and of the stored model's layout (3: the best layout match is
+#: measured with pictures in false colour laid out along their colour ramps).
+FORMAT = 3
 #: Side of the square the image statistics are measured on.
 SIDE = 64
 #: Gallery points whose softmax gives the answer-shape features; reference neighbours averaged.

@@ -174,7 +174,8 @@ class Locator:
     def orient(self, structure: np.ndarray, unsure: np.ndarray) -> np.ndarray:
         """The descriptors, those of colour ramps of unsure direction (``unsure``) turned
         round where the reversed layout's best match among the references is the better one:
-        a ramp whose luminance rises and falls has no dark end to start from."""
+        a ramp whose luminance rises and falls has no dark end to start from. All references
+        are searched, whatever a request's filters, as for the verdict's layout match."""
         if not unsure.any() or not self.compares_structure or not STRUCTURE_SEARCH:
             return structure
         assert self.neighbours is not None

@@ -4,7 +4,7 @@ are."""
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from encoders.bluemarble import load_map, render_tile, rotate_hue, sample_centres
 from encoders.structure import (
@@ -108,6 +108,10 @@ def test_true_colour_views_and_drawings_are_not_ramps():
     tiles = _tiles(40)
     read = [ramp_position(np.asarray(t)) is not None for t in tiles]
     assert np.mean(read) <= 0.1
-    drawing = Image.new("RGB", (64, 64), (20, 40, 160))
-    drawing.paste((200, 180, 40), (10, 10, 40, 50))
-    assert ramp_position(np.asarray(drawing)) is None
+    drawing = Image.new("RGB", (96, 96), (20, 40, 160))
+    pen = ImageDraw.Draw(drawing)
+    pen.rectangle((10, 10, 50, 70), fill=(200, 180, 40))
+    assert ramp_position(np.asarray(drawing)) is None  # two flat colours
+    pen.ellipse((40, 30, 90, 90), fill=(30, 150, 60))
+    # Soft edges blend each pair of its three colours: three curves, not one.
+    assert ramp_position(np.asarray(drawing.filter(ImageFilter.GaussianBlur(2)))) is None
