@@ -150,3 +150,65 @@ def test_batching_on_and_off_through_the_app(make_client, bm_locator, enabled):
         assert max(spy.embed_sizes) > 1 and _metric(metrics, "geoloc_batch_size_count") < 6
     else:
         assert spy.embed_sizes == [1] * 6
+
+
+def test_pictures_in_false_colour_are_laid_out_as_alone(bm_locator, tmp_path):
+    """A batch lays pictures drawn through a colour ramp out along it, turned the way their
+    best reference match runs, as a picture located alone is: the same answers."""
+    import matplotlib
+
+    from encoders.structure import picture_descriptors, structure_descriptors
+    from index.store import PointTable, load_index, publish_index
+
+    rng = np.random.default_rng(3)
+    places = PLACES + [(rng.uniform(-50, 60), rng.uniform(-170, 170)) for _ in range(40)]
+    refs = [render_tile(lat, lon, 2.0, 64) for lat, lon in places]
+    latlon = np.array(places)
+    points = PointTable(
+        ids=np.arange(len(refs)),
+        latlon=latlon,
+        country=bm_locator.geocoder.country_codes(latlon),
+        structure=structure_descriptors(refs),
+    )
+    vectors = bm_locator.embed(refs).astype(np.float32)
+    publish_index(
+        tmp_path, "refs", vectors, points, profile="bluemarble", gallery_kind="images",
+        h3_resolution=None,
+    )  # fmt: skip
+    loc = Locator(
+        bm_locator.model,
+        bm_locator.index,
+        bm_locator.geocoder,
+        neighbours=load_index(tmp_path, "refs"),
+    )
+    assert loc.compares_structure
+    jet = matplotlib.colormaps["jet"]
+    tiles = [
+        Image.fromarray(
+            np.round(jet(np.asarray(t.convert("L"), np.float32) / 255.0)[..., :3] * 255).astype(
+                np.uint8
+            )
+        )
+        for t in refs[: len(PLACES)]
+    ]
+    along, unsure = picture_descriptors(tiles)
+    assert unsure.any() and np.any(loc.structure(tiles) != along)  # some are turned round
+    options = LocateOptions(top_k=3, return_neighbours=True)
+
+    async def main() -> list:
+        batcher = MicroBatcher(max_size=16, max_wait_ms=200, queue_max=16)
+        await batcher.start()
+        try:
+            return await asyncio.gather(
+                *(batcher.submit(loc, t, options, timeout_s=30) for t in tiles)
+            )
+        finally:
+            await batcher.stop()
+
+    for tile, res in zip(tiles, asyncio.run(main()), strict=True):
+        alone = loc.locate([tile], options)[0]
+        assert [n["id"] for n in res.extra["neighbours"]] == [
+            n["id"] for n in alone.extra["neighbours"]
+        ]
+        for a, b in zip(res.candidates, alone.candidates, strict=True):
+            assert (a.lat, a.lon) == pytest.approx((b.lat, b.lon), abs=1e-3)
