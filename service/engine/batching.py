@@ -231,7 +231,7 @@ def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:
             own = rows is not None and batch[i].locator.judge is not None
             stats[i] = (rows[row : row + 1] if own else None, stats_ms)
         t2 = time.perf_counter()
-        wanted = {i for i in members if batch[i].locator.wants_structure(batch[i].options)}
+        wanted = {i for i in members if batch[i].locator.needs_structure(batch[i].options)}
         described = picture_descriptors(images) if wanted else None
         oriented: dict[int, np.ndarray] = {}
         for row, i in enumerate(members):

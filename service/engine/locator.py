@@ -159,7 +159,7 @@ class Locator:
         """Whether a request with ``options`` compares the pictures' structure."""
         return self.compares_structure and options.structure_weight > 0 and options.neighbours > 0
 
-    def _needs_structure(self, options: LocateOptions) -> bool:
+    def needs_structure(self, options: LocateOptions) -> bool:
         """Whether a request's pictures need their descriptors: for verification, or for a
         verdict that weighs the best layout match among the reference images."""
         judged = self.judge is not None and self.judge.uses_refs
@@ -192,7 +192,7 @@ class Locator:
         stats = self.image_features(images)
         stats_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
         t0 = time.perf_counter()
-        structure = self.structure(images) if self._needs_structure(options) else None
+        structure = self.structure(images) if self.needs_structure(options) else None
         structure_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
         results = self._locate_encoded(
             lambda: self.embed(images),
@@ -227,7 +227,7 @@ class Locator:
         t0 = time.perf_counter()
         stats = self.image_features(images)
         t1 = time.perf_counter()
-        structure = self.structure(images) if self._needs_structure(options) else None
+        structure = self.structure(images) if self.needs_structure(options) else None
         t2 = time.perf_counter()
         queries = self.embed(images)
         t3 = time.perf_counter()
