@@ -43,10 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime import _model, _vector_extensions
 from tilesets import (
     bundled_weights,
-    descriptors,
     embed,
     latlon,
     markdown_table,
+    read_pictures,
     served_setup,
     tileset,
 )
@@ -124,12 +124,12 @@ def agreement(n: int, seed: int, n_refs: int, threads: int) -> None:
     tiles = tileset("test", n, seed)
     truth = latlon(tiles)
     model, _, refs, _, locator, _ = served_setup(bundled_weights(), 4, n_refs, 0)
-    structure = descriptors(tiles, locator)
+    structure, views = read_pictures(tiles, locator)
     options = LocateOptions(top_k=1)
 
     def answer() -> tuple[np.ndarray, np.ndarray]:
         q = embed(model, tiles)
-        found = locator.locate_embeddings(q, options, structure=structure)
+        found = locator.locate_embeddings(q, options, structure=structure, views=views)
         return q, np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in found])
 
     q0, p0 = answer()

@@ -111,19 +111,19 @@ def embed(model: GeoModel, rows: Sequence[LabelledImage], batch: int = 256) -> n
     return np.concatenate(chunks)
 
 
-def descriptors(
+def read_pictures(
     rows: Sequence[LabelledImage], locator: Locator, batch: int = 256
-) -> np.ndarray | None:
-    """The pictures' structure descriptors as the service makes them for ``locator`` (along
-    their colour ramps, turned the way their best reference match runs), which verification
-    compares with the references'; None where the locator compares no structure."""
-    chunks = []
+) -> tuple[np.ndarray | None, list[Image.Image | None]]:
+    """What the service reads from the pictures before the pipeline (``Locator.read``): their
+    structure descriptors (along their colour ramps, turned the way their best reference
+    match runs; None where the locator compares no structure) and the grey views of those in
+    false colour, which ``locate_embeddings`` locates as well (``views=``)."""
+    chunks, views = [], []
     for s in range(0, len(rows), batch):
-        described = locator.structure([Image.open(r.path) for r in rows[s : s + batch]])
-        if described is None:
-            return None
+        described, seen = locator.read([Image.open(r.path) for r in rows[s : s + batch]])
         chunks.append(described)
-    return np.concatenate(chunks)
+        views.extend(seen)
+    return (None if chunks[0] is None else np.concatenate(chunks)) if chunks else None, views
 
 
 def luminance_descriptors(rows: Sequence[LabelledImage], batch: int = 256) -> np.ndarray:

@@ -48,13 +48,13 @@ from tilesets import (
     bundled_weights,
     cached_set,
     command_line,
-    descriptors,
     embed,
     latlon,
     load_weights,
     luminance_descriptors,
     machine_line,
     markdown_table,
+    read_pictures,
     read_rows,
     served_locator,
     tileset,
@@ -83,8 +83,22 @@ VAL_SHIFTS = {
     "magma": _colormap("magma"),
 }
 #: More colour ramps for --ramps (bench/shift.py reports viridis and terrain): rising and
-#: falling luminance (jet, turbo, the diverging RdYlGn and coolwarm) or rising (the others).
-VAL_RAMPS = ("jet", "turbo", "RdYlGn", "coolwarm", "gist_earth", "cubehelix")
+#: falling luminance (jet, turbo, the diverging RdYlGn, coolwarm and BrBG) or rising
+#: (gist_earth, cubehelix), and an atlas's hypsometric tints, whose curve turns sharply at
+#: pale yellow and at brown (HYPSOMETRIC).
+VAL_RAMPS = ("jet", "turbo", "RdYlGn", "coolwarm", "BrBG", "gist_earth", "cubehelix", "hypsometric")
+#: Deep water, lowland greens, pale yellow, tan, brown, lilac grey, snow: the tints of a
+#: printed relief map (sea below, heights above).
+HYPSOMETRIC = (
+    (0.05, 0.15, 0.40),
+    (0.20, 0.45, 0.20),
+    (0.60, 0.80, 0.45),
+    (0.95, 0.92, 0.60),
+    (0.85, 0.70, 0.45),
+    (0.60, 0.40, 0.25),
+    (0.70, 0.65, 0.70),
+    (1.00, 1.00, 1.00),
+)
 GRIDS = {
     "neighbours": {
         "neighbour_weight": (0.0, 1.0, 3.0),
@@ -143,6 +157,15 @@ def validation_draw(name: str, n: int, width_km: float | None, shift, salt: tupl
     return read_rows(cached_set(OUT / f"val-{name}-{n}-{VAL_SEED}-{SIZE}px", write))
 
 
+def register_hypsometric() -> None:
+    import matplotlib
+    from matplotlib.colors import LinearSegmentedColormap
+
+    if "hypsometric" not in matplotlib.colormaps:
+        ramp = LinearSegmentedColormap.from_list("hypsometric", HYPSOMETRIC)
+        matplotlib.colormaps.register(ramp)
+
+
 def validation_sets(n: int) -> dict[str, list]:
     sets = {f"{w} km": validation_draw(f"zoom{w}", n, w, lambda im: im) for w in VAL_WIDTHS_KM}
     sets.update({name: validation_draw(name, n, None, f) for name, f in VAL_SHIFTS.items()})
@@ -174,13 +197,14 @@ def main() -> None:
     locator, _ = served_locator(model, weights=weights, res=args.res, refs=refs)
     sets = validation_sets(args.per_set)
     if args.ramps:
+        register_hypsometric()
         for name in VAL_RAMPS:
             sets[name] = validation_draw(name, args.per_set, None, _colormap(name))
     if args.deblock:
         deblock_table(locator, sets, args.per_set)
         return
     embedded = {
-        name: (embed(model, rows), descriptors(rows, locator), latlon(rows))
+        name: (embed(model, rows), read_pictures(rows, locator), latlon(rows))
         for name, rows in sets.items()
     }  # one pass through the image tower per set
     if args.snap:
@@ -198,8 +222,8 @@ def main() -> None:
             setattr(pipeline, name, setting.pop(name))
         opts = LocateOptions(top_k=1, **setting)
         shares = []
-        for q, structure, truth in embedded.values():
-            res = locator.locate_embeddings(q, opts, structure=structure)
+        for q, (structure, views), truth in embedded.values():
+            res = locator.locate_embeddings(q, opts, structure=structure, views=views)
             pred = np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res])
             d = errors_km(pred, truth)
             shares.append([np.mean(d <= t) for t in (25, 200, 750)])
@@ -272,8 +296,8 @@ def snap_table(locator, sets: dict, embedded: dict, baseline: PixelBaseline) -> 
     opts = LocateOptions(top_k=1)
     temperature = locator.temperature(opts)
     rows = []
-    for name, (q, structure, truth) in embedded.items():
-        res = locator.locate_embeddings(q, opts, structure=structure)
+    for name, (q, (structure, views), truth) in embedded.items():
+        res = locator.locate_embeddings(q, opts, structure=structure, views=views)
         served = np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res])
         scored = locator._score(q, opts, temperature, structure)
         top = np.array([[s.neighbours[0]["lat"], s.neighbours[0]["lon"]] for s in scored])
@@ -291,27 +315,50 @@ def snap_table(locator, sets: dict, embedded: dict, baseline: PixelBaseline) -> 
 
 
 def ramps_table(locator, sets: dict, embedded: dict) -> None:
-    """Served top-1 within 25/200/750 km per set with luminance descriptors and as served
-    (along colour ramps, those of unsure direction turned the way their best reference match
-    runs); and the shares of pictures laid out otherwise than by luminance, of unsure
-    direction, and turned round."""
+    """Served top-1 within 25/200/750 km per set with luminance descriptors, with descriptors
+    along colour ramps (those of unsure direction turned the way their best reference match
+    runs), and as served (those and the grey views); and the shares of pictures laid out
+    otherwise than by luminance, of unsure direction, turned round, and answered from their
+    grey view."""
     opts = LocateOptions(top_k=1)
     table = []
-    for name, (q, served, truth) in embedded.items():
-        along, unsure = picture_descriptors([Image.open(r.path) for r in sets[name]])
+    for name, (q, (served, views), truth) in embedded.items():
+        reading = picture_descriptors([Image.open(r.path) for r in sets[name]])
+        along = reading.descriptors
         luminance = luminance_descriptors(sets[name])
         row = [name]
-        for changed in (np.any(along != luminance, axis=1), unsure, np.any(served != along, 1)):
+        for changed in (
+            np.any(along != luminance, axis=1),
+            reading.unsure,
+            np.any(served != along, 1),
+        ):
             row.append(f"{100 * np.mean(changed):.1f} %")
-        for desc in (luminance, served):
-            res = locator.locate_embeddings(q, opts, structure=desc)
+        answers = {}
+        for label, desc, seen in (
+            ("luminance", luminance, None),
+            ("along", served, None),
+            ("served", served, views),
+        ):
+            answers[label] = locator.locate_embeddings(q, opts, structure=desc, views=seen)
+        grey = np.mean(["grey_view" in r.stages for r in answers["served"]])
+        row.append(f"{100 * grey:.1f} %")
+        for res in answers.values():
             d = errors_km(
                 np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res]), truth
             )
             row.append("/".join(f"{100 * np.mean(d <= t):.1f}" for t in SHOWN))
         table.append(row)
         print(" | ".join(row), flush=True)
-    header = ["set", "along a ramp", "unsure", "turned round", "luminance", "served"]
+    header = [
+        "set",
+        "along a ramp",
+        "unsure",
+        "turned round",
+        "grey view",
+        "luminance",
+        "along ramps",
+        "served",
+    ]
     print(markdown_table(header, table))
 
 

@@ -30,10 +30,12 @@ added before descriptors existed) and matches nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 from scipy.sparse.csgraph import minimum_spanning_tree, shortest_path
+from scipy.spatial import cKDTree
 from scipy.spatial.distance import pdist, squareform
 
 STRUCTURE_SIDE = 16
@@ -59,6 +61,28 @@ RAMP_FAR_SHARE = 0.005
 #: surely dark to bright (rising ramps: 0.95 and more for 95 % of validation pictures); below
 #: it, luminance rises and falls along the ramp and the direction is unsure.
 RAMP_SURE = 0.9
+#: A grey view of a ramp of unsure direction is drawn at most this many pixels a side (a
+#: larger picture is first shrunk, nearest colour: the image tower shrinks it anyway).
+RAMP_VIEW_SIDE = 1024
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+class Ramp(NamedTuple):
+    """A picture's colour ramp: its colours (quantised codes, sorted), each one's position
+    along the curve in [0, 1] from the dark end, and whether that direction is sure."""
+
+    codes: np.ndarray
+    along: np.ndarray
+    sure: bool
+
+
+class PictureReading(NamedTuple):
+    """What ``picture_descriptors`` read: the (n, STRUCTURE_DIM) int8 descriptors, which of
+    them (n,) bool are ramps of unsure direction, and each picture's ramp (None: none)."""
+
+    descriptors: np.ndarray
+    unsure: np.ndarray
+    ramps: list[Ramp | None]
 
 
 def structure_descriptors(
@@ -66,19 +90,55 @@ def structure_descriptors(
 ) -> np.ndarray:
     """(n, STRUCTURE_DIM) int8 descriptors of the pictures; with ``follow_ramps`` (pictures to
     locate, not references), a false-colour picture's along its colour ramp."""
-    return _describe(images, follow_ramps)[0]
+    return _describe(images, follow_ramps).descriptors
 
 
-def picture_descriptors(images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+def picture_descriptors(images: Sequence[Image.Image]) -> PictureReading:
     """Descriptors of pictures to locate (along their colour ramps where they are read as
-    ramps) and which of them (n,) bool are ramps whose direction is unsure: the caller's to
-    choose."""
+    ramps), which of them are ramps whose direction is unsure (the caller's to choose), and
+    the ramps (for ``ramp_view``)."""
     return _describe(images, True)
 
 
-def _describe(images: Sequence[Image.Image], follow_ramps: bool) -> tuple[np.ndarray, np.ndarray]:
+def ramp_view(img: Image.Image, ramp: Ramp, turned: bool = False) -> Image.Image:
+    """The picture in grey along its colour ramp, for the image tower: a ramp that runs surely
+    dark to bright keeps its own luminance (the grey picture the quantity would give); one of
+    unsure direction is drawn by its position along the ramp, from the end ``turned`` says
+    (the locator's choice) to the other. The picture's size (at most RAMP_VIEW_SIDE)."""
+    if ramp.sure:
+        return img.convert("L").convert("RGB")
+    if max(img.size) > RAMP_VIEW_SIDE:
+        img = img.copy()
+        img.thumbnail((RAMP_VIEW_SIDE, RAMP_VIEW_SIDE), Image.Resampling.NEAREST)
+    code = _codes(np.asarray(img.convert("RGB")))
+    row = np.minimum(np.searchsorted(ramp.codes, code), len(ramp.codes) - 1)
+    known = ramp.codes[row] == code
+    if not known.all():  # colours the sample missed: the nearest colour of the ramp
+        _, nearest = cKDTree(_levels(ramp.codes)).query(_levels(code[~known]))
+        row[~known] = nearest
+    position = ramp.along[row]
+    grey = np.round(255.0 * (1.0 - position if turned else position))
+    return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+
+
+def _codes(rgb: np.ndarray) -> np.ndarray:
+    """Each pixel's colour, each channel in RAMP_LEVELS steps, as one integer code."""
+    q = rgb.astype(np.int32) * RAMP_LEVELS // 256
+    return (q[..., 0] * RAMP_LEVELS + q[..., 1]) * RAMP_LEVELS + q[..., 2]
+
+
+def _levels(codes: np.ndarray) -> np.ndarray:
+    """Codes as (n, 3) float steps per channel."""
+    return np.stack(
+        [codes // RAMP_LEVELS**2, codes // RAMP_LEVELS % RAMP_LEVELS, codes % RAMP_LEVELS],
+        axis=1,
+    ).astype(np.float64)
+
+
+def _describe(images: Sequence[Image.Image], follow_ramps: bool) -> PictureReading:
     out = np.zeros((len(images), STRUCTURE_DIM), dtype=np.int8)
     unsure = np.zeros(len(images), dtype=bool)
+    ramps: list[Ramp | None] = [None] * len(images)
     for i, img in enumerate(images):
         w, h = img.size
         side = min(w, h)
@@ -87,7 +147,9 @@ def _describe(images: Sequence[Image.Image], follow_ramps: bool) -> tuple[np.nda
         box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
         read = _ramp_grid(img, box) if follow_ramps else None
         grid = None if read is None else read[0]
-        unsure[i] = read is not None and not read[1]
+        if read is not None:
+            ramps[i] = read[1]
+            unsure[i] = not read[1].sure
         if grid is None:
             # reducing_gap: a large picture is first shrunk by an integer factor, which is cheap.
             grid = img.convert("L").resize(
@@ -101,13 +163,12 @@ def _describe(images: Sequence[Image.Image], follow_ramps: bool) -> tuple[np.nda
         if not r.any():  # flat: no layout at all
             continue
         out[i] = np.round(r * (_SCALE / np.linalg.norm(r)))
-    return out, unsure
+    return PictureReading(out, unsure, ramps)
 
 
-def _ramp_grid(img: Image.Image, box: tuple[int, int, int, int]) -> tuple[np.ndarray, bool] | None:
+def _ramp_grid(img: Image.Image, box: tuple[int, int, int, int]) -> tuple[np.ndarray, Ramp] | None:
     """The STRUCTURE_SIDE² grid (uint8) of the picture's position along its colour ramp and
-    whether its dark-to-bright direction is sure, or None when its colours do not lie along
-    one curve."""
+    the ramp, or None when its colours do not lie along one curve."""
     if box[2] - box[0] < RAMP_SIDE or img.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
         return None
     # Nearest, not averaged: averaging blends two colours of the ramp into one off it.
@@ -118,10 +179,10 @@ def _ramp_grid(img: Image.Image, box: tuple[int, int, int, int]) -> tuple[np.nda
     found = _ramp(rgb)
     if found is None:
         return None
-    position, agreement = found
+    position, ramp = found
     cell = RAMP_SIDE // STRUCTURE_SIDE
     grid = position.reshape(STRUCTURE_SIDE, cell, STRUCTURE_SIDE, cell).mean(axis=(1, 3))
-    return np.round(grid * (255.0 / max(float(grid.max()), 1e-9))), agreement >= RAMP_SURE
+    return np.round(grid * (255.0 / max(float(grid.max()), 1e-9))), ramp
 
 
 def ramp_position(rgb: np.ndarray) -> np.ndarray | None:
@@ -131,18 +192,13 @@ def ramp_position(rgb: np.ndarray) -> np.ndarray | None:
     return None if found is None else found[0]
 
 
-def _ramp(rgb: np.ndarray) -> tuple[np.ndarray, float] | None:
-    """``ramp_position`` and how closely the position follows luminance (their correlation
-    over the pixels, in [0, 1])."""
-    q = rgb.astype(np.int32) * RAMP_LEVELS // 256
-    code = (q[..., 0] * RAMP_LEVELS + q[..., 1]) * RAMP_LEVELS + q[..., 2]
-    colours, where, counts = np.unique(code.ravel(), return_inverse=True, return_counts=True)
+def _ramp(rgb: np.ndarray) -> tuple[np.ndarray, Ramp] | None:
+    """``ramp_position`` and the ramp; its direction is sure where the position follows
+    luminance (their correlation over the pixels) at least RAMP_SURE."""
+    colours, where, counts = np.unique(_codes(rgb).ravel(), return_inverse=True, return_counts=True)
     if len(colours) < RAMP_MIN_COLOURS:
         return None
-    levels = np.stack(
-        [colours // RAMP_LEVELS**2, colours // RAMP_LEVELS % RAMP_LEVELS, colours % RAMP_LEVELS],
-        axis=1,
-    ).astype(np.float64)
+    levels = _levels(colours)
     if len(colours) > RAMP_DENSITY * (np.ptp(levels, axis=0).sum() + 1):
         return None
     if np.ptp(levels, axis=1).max() <= 1:  # grey: luminance is that order already
@@ -158,12 +214,13 @@ def _ramp(rgb: np.ndarray) -> tuple[np.ndarray, float] | None:
     off = (from_a + from_b - length) / 2.0
     if counts @ (off > RAMP_FAR_STEPS) > RAMP_FAR_SHARE * counts.sum():
         return None
-    position = ((from_a - from_b + length) / (2.0 * length))[where].reshape(rgb.shape[:2])
-    luma = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    along = (from_a - from_b + length) / (2.0 * length)
+    position = along[where].reshape(rgb.shape[:2])
+    luma = rgb.astype(np.float64) @ _LUMA
     agreement = float(np.corrcoef(position.ravel(), luma.ravel())[0, 1]) if luma.std() else 0.0
     if agreement < 0:
-        position, agreement = 1.0 - position, -agreement
-    return position, agreement
+        along, position, agreement = 1.0 - along, 1.0 - position, -agreement
+    return position, Ramp(colours, along, agreement >= RAMP_SURE)
 
 
 def structure_similarity(query: np.ndarray, refs: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from encoders.structure import picture_descriptors
+from encoders.structure import PictureReading, picture_descriptors
 from service.engine.album import AlbumResult
 from service.engine.localizability import image_statistics_many
 from service.engine.locator import LocateResult, Locator
@@ -216,7 +216,7 @@ def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:
         groups.setdefault(id(item.locator.model), []).append(i)
     embedded: dict[int, tuple[np.ndarray, float]] = {}
     stats: dict[int, tuple[np.ndarray | None, float]] = {}
-    structure: dict[int, tuple[np.ndarray | None, float]] = {}
+    read: dict[int, tuple[np.ndarray | None, list[Image.Image | None], float]] = {}
     for members in groups.values():
         images = [batch[i].image for i in members]
         t0 = time.perf_counter()
@@ -231,23 +231,23 @@ def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:
             own = rows is not None and batch[i].locator.judge is not None
             stats[i] = (rows[row : row + 1] if own else None, stats_ms)
         t2 = time.perf_counter()
-        wanted = {i for i in members if batch[i].locator.needs_structure(batch[i].options)}
-        described = picture_descriptors(images) if wanted else None
-        oriented: dict[int, np.ndarray] = {}
+        # Read once for the group; each item's locator orients its own (as Locator.locate).
+        reading = picture_descriptors(images)
+        mine = {}
         for row, i in enumerate(members):
-            if described is not None and i in wanted:
-                desc, unsure = described
-                oriented[i] = batch[i].locator.orient(desc[row : row + 1], unsure[row : row + 1])
-        structure_ms = (time.perf_counter() - t2) * 1000 / len(members)
-        for i in members:
-            structure[i] = (oriented[i], structure_ms) if i in oriented else (None, 0.0)
+            item = batch[i]
+            one = PictureReading(*(part[row : row + 1] for part in reading))
+            desc, view = item.locator.read([item.image], one)
+            mine[i] = (desc if item.locator.needs_structure(item.options) else None, view)
+        read_ms = (time.perf_counter() - t2) * 1000 / len(members)
+        read.update({i: (*got, read_ms) for i, got in mine.items()})
     for i, item in enumerate(batch):
         query, encode_ms = embedded[i]
         image_stats, stats_ms = stats[i]
-        descriptor, structure_ms = structure[i]
+        descriptor, views, structure_ms = read[i]
         try:
             result = item.locator.locate_embeddings(
-                query, item.options, image_stats=image_stats, structure=descriptor
+                query, item.options, image_stats=image_stats, structure=descriptor, views=views
             )[0]
         except Exception as exc:
             outcomes.append(exc)

@@ -29,7 +29,13 @@ from PIL import Image
 
 from encoders import GeoModel, get_profile
 from encoders.profiles import text_profiles
-from encoders.structure import STRUCTURE_DIM, picture_descriptors, structure_similarity
+from encoders.structure import (
+    STRUCTURE_DIM,
+    PictureReading,
+    picture_descriptors,
+    ramp_view,
+    structure_similarity,
+)
 from index.geo import (
     int_to_cell,
     latlon_to_cells,
@@ -169,7 +175,28 @@ class Locator:
         """The pictures' structure descriptors (None: nothing to compare them with)."""
         if not self.compares_structure:
             return None
-        return self.orient(*picture_descriptors(images))
+        reading = picture_descriptors(images)
+        return self.orient(reading.descriptors, reading.unsure)
+
+    def read(
+        self, images: Sequence[Image.Image], reading: PictureReading | None = None
+    ) -> tuple[np.ndarray | None, list[Image.Image | None]]:
+        """The pictures' structure descriptors (None: nothing to compare them with) and, for
+        pictures in false colour (read as a colour ramp), their views in grey along the ramp
+        (``encoders.structure.ramp_view``; None for the others), each ramp of unsure direction
+        drawn the way ``orient`` turned its layout. ``reading``: the pictures'
+        ``picture_descriptors`` when the caller has them."""
+        reading = picture_descriptors(images) if reading is None else reading
+        structure = None
+        turned = np.zeros(len(images), dtype=bool)
+        if self.compares_structure:
+            structure = self.orient(reading.descriptors, reading.unsure)
+            turned = np.any(structure != reading.descriptors, axis=1)
+        views = [
+            None if ramp is None else ramp_view(img, ramp, bool(t))
+            for img, ramp, t in zip(images, reading.ramps, turned, strict=True)
+        ]
+        return structure, views
 
     def orient(self, structure: np.ndarray, unsure: np.ndarray) -> np.ndarray:
         """The descriptors, those of colour ramps of unsure direction (``unsure``) turned
@@ -192,7 +219,8 @@ class Locator:
         stats = self.image_features(images)
         stats_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
         t0 = time.perf_counter()
-        structure = self.structure(images) if self.needs_structure(options) else None
+        structure, views = self.read(images)
+        structure = structure if self.needs_structure(options) else None
         structure_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
         results = self._locate_encoded(
             lambda: self.embed(images),
@@ -200,6 +228,7 @@ class Locator:
             options,
             image_stats=stats,
             structure=structure,
+            views=views,
         )
         for r in results:
             if r.localizability is not None:
@@ -227,12 +256,15 @@ class Locator:
         t0 = time.perf_counter()
         stats = self.image_features(images)
         t1 = time.perf_counter()
-        structure = self.structure(images) if self.needs_structure(options) else None
+        structure, views = self.read(images)
+        structure = structure if self.needs_structure(options) else None
         t2 = time.perf_counter()
         queries = self.embed(images)
         t3 = time.perf_counter()
         temperature = self.temperature(options)
         batch = self._verified(queries, options, temperature, stats, structure)
+        self._prefer_views(batch, views, options, temperature, stats, structure)
+        queries = np.stack([s.q for s in batch]) if batch else queries  # a grey view's own
 
         t = time.perf_counter()
         pooled = _pool_union([s.pool for s in batch])
@@ -315,12 +347,13 @@ class Locator:
         options: LocateOptions,
         image_stats: np.ndarray | None = None,
         structure: np.ndarray | None = None,
+        views: Sequence[Image.Image | None] | None = None,
     ) -> list[LocateResult]:
         t0 = time.perf_counter()
         queries = encode()
         encode_ms = (time.perf_counter() - t0) * 1000 / max(n, 1)
         results = self.locate_embeddings(
-            queries, options, image_stats=image_stats, structure=structure
+            queries, options, image_stats=image_stats, structure=structure, views=views
         )
         for r in results:
             r.timings_ms = {"encode": round(encode_ms, 3), **r.timings_ms}
@@ -332,17 +365,60 @@ class Locator:
         options: LocateOptions,
         image_stats: np.ndarray | None = None,
         structure: np.ndarray | None = None,
+        views: Sequence[Image.Image | None] | None = None,
     ) -> list[LocateResult]:
         """The pipeline after the image tower, for (n, D) unit query vectors.
 
         ``image_stats``: the pictures' ``image_features`` (one row per query); with them and
         a fitted verdict every answer carries its localizability, else it is None.
         ``structure``: their ``structure`` descriptors, which verification compares with the
-        reference neighbours'; None: cosine only.
+        reference neighbours'; None: cosine only. ``views``: their grey views (``read``),
+        located too where there is one.
         """
         temperature = self.temperature(options)
         batch = self._verified(queries, options, temperature, image_stats, structure)
+        if views is not None:
+            self._prefer_views(batch, views, options, temperature, image_stats, structure)
         return [self._describe(scored, options, temperature) for scored in batch]
+
+    def _prefer_views(
+        self,
+        batch: list[Scored],
+        views: Sequence[Image.Image | None],
+        options: LocateOptions,
+        temperature: float,
+        image_stats: np.ndarray | None,
+        structure: np.ndarray | None,
+    ) -> None:
+        """A picture in false colour is located from its grey view as well (its colours say
+        nothing the model learned; the layout of the quantity they draw does), and keeps the
+        answer whose first place is the more probable: the grey view where the ramp hides a
+        true-colour look, the picture itself where its colours look like the ground's (an
+        atlas's green-to-brown tints). In place; the second pass is timed as ``grey_view``."""
+        rows = [i for i, view in enumerate(views) if view is not None]
+        if not rows:
+            return
+        t0 = time.perf_counter()
+        again = self._verified(
+            self.embed([views[i] for i in rows]),
+            options,
+            temperature,
+            None if image_stats is None else np.asarray(image_stats)[rows],  # the picture's own
+            None if structure is None else structure[rows],
+        )
+        ms = (time.perf_counter() - t0) * 1000 / len(rows)
+        for i, scored in zip(rows, again, strict=True):
+            if self._top_probability(scored, options, temperature) > self._top_probability(
+                batch[i], options, temperature
+            ):
+                scored.stages.append("grey_view")
+                batch[i] = scored
+            batch[i].timer.ms["grey_view"] = round(ms, 3)
+
+    def _top_probability(self, scored: Scored, options: LocateOptions, temperature: float) -> float:
+        """The probability the answer would state for its first place (its mass nearby)."""
+        first = self._describe(scored.copy(), options, temperature).candidates
+        return first[0].probability if first else 0.0
 
     def _verified(
         self,
@@ -688,17 +764,7 @@ class Locator:
         """Softmax, uncertainty region, diversify and describe one scored pool."""
         draft = scored.copy()  # before the pool is sorted and cut, for ``revise``
         pool, stages, timer, t = scored.pool, scored.stages, scored.timer, scored.t
-        logits = scored.logits / temperature
-        if scored.gallery_lse is not None:
-            # GeoCLIP's softmax over the whole gallery (plus any extra points found).
-            extra = np.array(
-                [s for s, src in zip(logits, pool.source, strict=True) if src != "gallery"]
-            )
-            lse = scored.gallery_lse
-            lse = np.logaddexp(lse, logsumexp(extra)) if len(extra) else lse
-            probs = np.exp(logits - lse)
-        else:
-            probs = np.exp(logits - logsumexp(logits)) if len(logits) else logits
+        probs = _probabilities(scored, temperature)
         order = np.argsort(-probs, kind="stable")
         pool.take(order)
         probs = probs[order]
@@ -873,3 +939,17 @@ def _pool_union(pools: Sequence[Pool]) -> Pool:
         source=[source[i] for i in first],
         country=np.concatenate([p.country for p in pools])[first],
     )
+
+
+def _probabilities(scored: Scored, temperature: float) -> np.ndarray:
+    """The softmax of a scored pool at ``temperature``, in pool order."""
+    logits = scored.logits / temperature
+    if scored.gallery_lse is not None:
+        # GeoCLIP's softmax over the whole gallery (plus any extra points found).
+        extra = np.array(
+            [s for s, src in zip(logits, scored.pool.source, strict=True) if src != "gallery"]
+        )
+        lse = scored.gallery_lse
+        lse = np.logaddexp(lse, logsumexp(extra)) if len(extra) else lse
+        return np.exp(logits - lse)
+    return np.exp(logits - logsumexp(logits)) if len(logits) else logits

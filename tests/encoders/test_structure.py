@@ -11,6 +11,7 @@ from encoders.structure import (
     STRUCTURE_DIM,
     picture_descriptors,
     ramp_position,
+    ramp_view,
     structure_descriptors,
     structure_similarity,
 )
@@ -80,7 +81,8 @@ def test_a_false_colour_picture_is_laid_out_along_its_ramp():
     ramped = [_through_ramp(t) for t in tiles]
     read = [ramp_position(np.asarray(r)) is not None for r in ramped]
     assert sum(read) >= 20
-    along, unsure = picture_descriptors(ramped)
+    reading = picture_descriptors(ramped)
+    along, unsure = reading.descriptors, reading.unsure
     np.testing.assert_array_equal(structure_descriptors(ramped, follow_ramps=True), along)
     # Its luminance rises and falls: the direction of most is unsure, and only of ramps.
     assert unsure.sum() >= 12 and not np.any(unsure & ~np.array(read))
@@ -90,7 +92,7 @@ def test_a_false_colour_picture_is_laid_out_along_its_ramp():
         for t in tiles
     ]
     assert all(ramp_position(np.asarray(r)) is not None for r in rising)
-    assert not picture_descriptors(rising)[1].any()
+    assert not picture_descriptors(rising).unsure.any()
     # What luminance alone makes of the same pictures; references are always described so.
     luminance = structure_descriptors([ImageOps.grayscale(r).convert("RGB") for r in ramped])
     np.testing.assert_array_equal(structure_descriptors(ramped), luminance)
@@ -102,6 +104,37 @@ def test_a_false_colour_picture_is_laid_out_along_its_ramp():
 
     assert same(along) > 0.9
     assert same(along) - same(luminance) > 0.2
+
+
+def test_a_ramp_seen_in_grey_follows_the_quantity_it_draws():
+    """The grey view of a false-colour picture is the layout of what its ramp draws: its
+    luminance where the ramp surely rises, its position along the ramp (turned as the caller
+    says) where the direction is unsure; at any size, colours the sample missed too."""
+    from scipy.stats import spearmanr
+
+    def order(a: Image.Image, b: Image.Image) -> float:
+        return float(spearmanr(np.asarray(a.convert("L")).ravel(), np.asarray(b).ravel())[0])
+
+    seen = {True: 0, False: 0}
+    for tile in _tiles(12):
+        grey = ImageOps.grayscale(tile)
+        rising = _image(np.repeat(_floats(grey)[..., None], 3, axis=-1) ** [1, 0.7, 0.4])
+        for picture in (_through_ramp(tile), rising):
+            ramp = picture_descriptors([picture]).ramps[0]
+            if ramp is None:
+                continue
+            seen[ramp.sure] += 1
+            view = ramp_view(picture, ramp)
+            assert view.size == picture.size and view.mode == "RGB"
+            if ramp.sure:
+                assert view.tobytes() == picture.convert("L").convert("RGB").tobytes()
+            else:
+                turned = np.asarray(ramp_view(picture, ramp, turned=True), np.int16)
+                assert np.abs(turned + np.asarray(view, np.int16) - 255).max() <= 1
+            assert abs(order(view, grey)) > 0.95  # the read direction may be either
+            big = picture.resize((200, 200), Image.Resampling.BICUBIC)  # colours in between
+            assert abs(order(ramp_view(big, ramp), grey.resize((200, 200)))) > 0.9
+    assert seen[True] >= 10 and seen[False] >= 6
 
 
 def test_true_colour_views_and_drawings_are_not_ramps():

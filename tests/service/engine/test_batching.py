@@ -154,7 +154,8 @@ def test_batching_on_and_off_through_the_app(make_client, bm_locator, enabled):
 
 def test_pictures_in_false_colour_are_laid_out_as_alone(bm_locator, tmp_path):
     """A batch lays pictures drawn through a colour ramp out along it, turned the way their
-    best reference match runs, as a picture located alone is: the same answers."""
+    best reference match runs, and locates their grey views too, as a picture located alone
+    is: the same answers."""
     import matplotlib
 
     from encoders.structure import picture_descriptors, structure_descriptors
@@ -191,8 +192,9 @@ def test_pictures_in_false_colour_are_laid_out_as_alone(bm_locator, tmp_path):
         )
         for t in refs[: len(PLACES)]
     ]
-    along, unsure = picture_descriptors(tiles)
-    assert unsure.any() and np.any(loc.structure(tiles) != along)  # some are turned round
+    reading = picture_descriptors(tiles)
+    assert reading.unsure.any()
+    assert np.any(loc.structure(tiles) != reading.descriptors)  # some are turned round
     options = LocateOptions(top_k=3, return_neighbours=True)
 
     async def main() -> list:
@@ -205,8 +207,11 @@ def test_pictures_in_false_colour_are_laid_out_as_alone(bm_locator, tmp_path):
         finally:
             await batcher.stop()
 
-    for tile, res in zip(tiles, asyncio.run(main()), strict=True):
+    batched = asyncio.run(main())
+    assert any("grey_view" in r.stages for r in batched)  # answered from their grey views
+    for tile, res in zip(tiles, batched, strict=True):
         alone = loc.locate([tile], options)[0]
+        assert res.stages == alone.stages
         assert [n["id"] for n in res.extra["neighbours"]] == [
             n["id"] for n in alone.extra["neighbours"]
         ]

@@ -145,3 +145,48 @@ def test_scale_power_draws_more_narrow_views_with_the_same_range():
     rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
     plain = TileStyle(scale=(lo, hi), log_scale=True)
     assert plain.draw_scale(rng_a) == float(np.exp(rng_b.uniform(np.log(lo), np.log(hi))))
+
+
+def test_a_false_colour_picture_is_answered_from_its_grey_view_where_that_is_surer(locator):
+    """A tile drawn through a colour ramp is located as it is and from its grey view
+    (encoders.structure.ramp_view); it keeps the answer whose first place is the more probable,
+    marked ``grey_view`` when that is the view's, on rising (magma) and rising-and-falling
+    (jet) ramps alike. (What it gains is measured in bench/tune.py --ramps.)"""
+    import matplotlib
+
+    from encoders.bluemarble import load_map, sample_centres
+    from index.geo import is_land
+
+    rng = np.random.default_rng(21)
+    mosaic = load_map()
+    places = sample_centres(16, rng, is_land, sea_weight=0.0)
+    tiles = [render_tile(lat, lon, 2.0, 64, mosaic) for lat, lon in places]
+    opts = LocateOptions(top_k=1)
+    chosen = 0
+    for name in ("magma", "jet"):
+        cmap = matplotlib.colormaps[name]
+        pictures = [
+            Image.fromarray(
+                np.round(cmap(luma(np.asarray(t, np.float32) / 255.0))[..., :3] * 255).astype(
+                    np.uint8
+                )
+            )
+            for t in tiles
+        ]
+        served = locator.locate(pictures, opts)
+        _, views = locator.read(pictures)
+        assert sum(v is not None for v in views) >= 14
+        for picture, view, res in zip(pictures, views, served, strict=True):
+            drawn = locator.locate_embeddings(locator.embed([picture]), opts)[0]
+            answers = [drawn]
+            if view is not None:
+                grey = locator.locate_embeddings(locator.embed([view]), opts)[0]
+                answers.append(grey)
+            best = max(answers, key=lambda r: r.candidates[0].probability)
+            from_view = best is not drawn
+            assert ("grey_view" in res.stages) == from_view
+            chosen += from_view
+            assert (res.candidates[0].lat, res.candidates[0].lon) == pytest.approx(
+                (best.candidates[0].lat, best.candidates[0].lon), abs=1e-4
+            )
+    assert chosen >= 8
