@@ -115,24 +115,35 @@ def main() -> None:
 
 
 def ramps_cost(locator: Locator, images: list[Image.Image], request_ms: float) -> None:
-    """What reading colour ramps adds to a picture's structure descriptor: luminance alone
-    against the served descriptor (``Locator.structure``: ramps read, those of unsure direction
-    turned the way their best reference match runs), alternating picture by picture, for the
-    test tiles and for the same tiles drawn through `jet`; ms per picture (median)."""
+    """What reading colour ramps adds: a picture's luminance layout alone against what the
+    service reads before the pipeline (``Locator.read``: ramps read, those of unsure direction
+    turned the way their best reference match runs, and grey views drawn), alternating picture
+    by picture; and, located as served, the second pass of the pictures read as ramps (their
+    grey views through the tower and the pipeline, ``grey_view``). For the test tiles and the
+    same tiles drawn through `jet`; ms per picture (median)."""
     jet = _colormap("jet")
+    options = LocateOptions()
     for name, pictures in (("test tiles", images), ("the same in jet", [jet(i) for i in images])):
         spent: dict[bool, list[float]] = {False: [], True: []}
         for img in pictures:
             for served in (False, True):
                 t = time.perf_counter()
-                locator.structure([img]) if served else structure_descriptors([img])
+                locator.read([img]) if served else structure_descriptors([img])
                 spent[served].append((time.perf_counter() - t) * 1000)
         plain, ramps = (statistics.median(spent[f]) for f in (False, True))
         print(
-            f"structure descriptor per picture, {name}: {plain:.3f} ms of luminance alone, "
-            f"{ramps:.3f} ms served, reading colour ramps (+{ramps - plain:.3f} ms, "
+            f"reading per picture, {name}: {plain:.3f} ms of luminance alone, {ramps:.3f} ms "
+            f"served, reading colour ramps (+{ramps - plain:.3f} ms, "
             f"{100 * (ramps - plain) / request_ms:.1f} % of the new model's median request)"
         )
+        timings = [locator.locate([img], options)[0].timings_ms for img in pictures]
+        second = [t["grey_view"] for t in timings if "grey_view" in t]
+        if second:
+            total = statistics.median(sum(t.values()) for t in timings if "grey_view" in t)
+            print(
+                f"  {len(second)} of {len(pictures)} read as ramps; their grey views' second "
+                f"pass {statistics.median(second):.2f} ms of a {total:.2f} ms request (median)"
+            )
 
 
 if __name__ == "__main__":

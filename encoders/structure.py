@@ -16,7 +16,9 @@ the order along the curve does. The curve is the longest path of the minimum spa
 over the picture's distinct colours, laid out from dark to bright overall. A ramp whose
 luminance rises and falls has no dark end, so where the position follows luminance less than
 RAMP_SURE its direction is unsure, and the locator turns it round if the reversed layout
-matches a reference better (``picture_descriptors`` says which pictures are unsure). Any
+matches a reference better (``picture_descriptors`` says which pictures are unsure). The same
+reading gives the image tower a grey view of such a picture (``ramp_view``): the model learned
+grey pictures, not the ramp's colours, and the locator keeps whichever answer is surer. Any
 picture whose colours do not lie on one curve (photographs, satellite views in true colour,
 drawings of a few flat colours) keeps luminance. Reference images keep luminance always: they
 are views in true colour, whose luminance is what a ramp's order estimates, and their stored
@@ -51,6 +53,18 @@ _SCALE = 127.0
 #: matplotlib ramps are read as ramps in 99.7-100 % of tiles; true-colour tiles in 0.0-2.7 %,
 #: where their colours happen to lie along one curve (with 32 steps a channel, up to 6.3 % at
 #: 0.5 % of the pixels off the curve, up to 11 % at 2 %).
+#: Where a ramp's curve turns sharply (an atlas's tints: green, pale yellow, tan), its two arms
+#: come within a step of each other near the bend, the tree cuts across them and the bend's tip
+#: hangs off the longest path. Colours further off the curve are still a ramp's when they hang
+#: at no more than RAMP_TIPS places, at most RAMP_TIP_STEPS steps off and RAMP_TIP_COLOURS
+#: colours each, off a curve at least RAMP_TIP_LENGTH steps long (a tip is narrow and the
+#: curve long beside it; a photograph's cloud branches everywhere, and a dull picture's few
+#: colours make a short curve that a few steps off it would bend anywhere). They lie where
+#: they hang.
+RAMP_TIPS = 2
+RAMP_TIP_STEPS = 4.0
+RAMP_TIP_COLOURS = 8
+RAMP_TIP_LENGTH = 40.0
 RAMP_SIDE = 64
 RAMP_LEVELS = 64
 RAMP_MIN_COLOURS = 12
@@ -212,15 +226,31 @@ def _ramp(rgb: np.ndarray) -> tuple[np.ndarray, Ramp] | None:
     from_b = shortest_path(tree, directed=False, indices=int(np.argmax(from_a)))
     length = float(from_a.max())
     off = (from_a + from_b - length) / 2.0
-    if counts @ (off > RAMP_FAR_STEPS) > RAMP_FAR_SHARE * counts.sum():
-        return None
     along = (from_a - from_b + length) / (2.0 * length)
+    far = off > RAMP_FAR_STEPS
+    if counts @ far > RAMP_FAR_SHARE * counts.sum() and not _bend_tips(
+        along[far] * length, off, length
+    ):
+        return None
     position = along[where].reshape(rgb.shape[:2])
     luma = rgb.astype(np.float64) @ _LUMA
     agreement = float(np.corrcoef(position.ravel(), luma.ravel())[0, 1]) if luma.std() else 0.0
     if agreement < 0:
         along, position, agreement = 1.0 - along, 1.0 - position, -agreement
     return position, Ramp(colours, along, agreement >= RAMP_SURE)
+
+
+def _bend_tips(hung_at: np.ndarray, off: np.ndarray, length: float) -> bool:
+    """Whether the colours off the curve, hung at ``hung_at`` (steps along it; a branch's
+    colours project onto the place where it leaves the curve), are the tips of sharp bends
+    of a curve ``length`` steps long."""
+    _, per_place = np.unique(np.round(hung_at, 3), return_counts=True)
+    return (
+        length >= RAMP_TIP_LENGTH
+        and len(per_place) <= RAMP_TIPS
+        and float(off.max()) <= RAMP_TIP_STEPS + 1e-9
+        and int(per_place.max()) <= RAMP_TIP_COLOURS
+    )
 
 
 def structure_similarity(query: np.ndarray, refs: np.ndarray) -> np.ndarray:

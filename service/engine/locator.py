@@ -82,6 +82,11 @@ STRUCTURE_POOL = 50
 #: Reference images found by their structure alone (``LoadedIndex.search_structure``) that
 #: join that shortlist; 0: the embedding's shortlist only.
 STRUCTURE_SEARCH = 50
+#: A picture in false colour is answered from its grey view where that answer's first place
+#: is this many times as probable as the picture's own: switching on true-colour pictures that
+#: happen to read as ramps gained nothing on validation draws, and 1.1 halves those switches
+#: while the ramps keep their gain (docs/BENCHMARKS.md, "seen in grey").
+GREY_VIEW_MARGIN = 1.1
 
 
 class Locator:
@@ -392,9 +397,10 @@ class Locator:
     ) -> None:
         """A picture in false colour is located from its grey view as well (its colours say
         nothing the model learned; the layout of the quantity they draw does), and keeps the
-        answer whose first place is the more probable: the grey view where the ramp hides a
-        true-colour look, the picture itself where its colours look like the ground's (an
-        atlas's green-to-brown tints). In place; the second pass is timed as ``grey_view``."""
+        answer whose first place is the more probable (the picture's unless the view's is
+        GREY_VIEW_MARGIN times as probable): the grey view where the ramp hides a true-colour
+        look, the picture itself where its colours look like the ground's (an atlas's
+        green-to-brown tints). In place; the second pass is timed as ``grey_view``."""
         rows = [i for i, view in enumerate(views) if view is not None]
         if not rows:
             return
@@ -408,9 +414,8 @@ class Locator:
         )
         ms = (time.perf_counter() - t0) * 1000 / len(rows)
         for i, scored in zip(rows, again, strict=True):
-            if self._top_probability(scored, options, temperature) > self._top_probability(
-                batch[i], options, temperature
-            ):
+            view = self._top_probability(scored, options, temperature)
+            if view > GREY_VIEW_MARGIN * self._top_probability(batch[i], options, temperature):
                 scored.stages.append("grey_view")
                 batch[i] = scored
             batch[i].timer.ms["grey_view"] = round(ms, 3)

@@ -8,6 +8,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from encoders.bluemarble import load_map, render_tile, rotate_hue, sample_centres
 from encoders.structure import (
+    RAMP_LEVELS,
     STRUCTURE_DIM,
     picture_descriptors,
     ramp_position,
@@ -104,6 +105,73 @@ def test_a_false_colour_picture_is_laid_out_along_its_ramp():
 
     assert same(along) > 0.9
     assert same(along) - same(luminance) > 0.2
+
+
+#: An atlas's relief tints: deep water, greens, pale yellow, tan, brown, lilac grey, snow. The
+#: curve turns sharply at pale yellow and at brown.
+_ATLAS_TINTS = np.array(
+    [
+        (0.05, 0.15, 0.40),
+        (0.20, 0.45, 0.20),
+        (0.60, 0.80, 0.45),
+        (0.95, 0.92, 0.60),
+        (0.85, 0.70, 0.45),
+        (0.60, 0.40, 0.25),
+        (0.70, 0.65, 0.70),
+        (1.00, 1.00, 1.00),
+    ]
+)
+
+
+def _through_tints(tile: Image.Image) -> Image.Image:
+    """The tile's luminance drawn through a 256-colour table of the atlas tints."""
+    y = _floats(ImageOps.grayscale(tile))
+    t = (y - y.min()) / max(float(np.ptp(y)), 1e-6)
+    stops = np.linspace(0.0, 1.0, len(_ATLAS_TINTS))
+    table = np.stack(
+        [np.interp(np.linspace(0.0, 1.0, 256), stops, _ATLAS_TINTS[:, c]) for c in range(3)], -1
+    )
+    return _image(table[np.round(t * 255).astype(int)])
+
+
+def test_a_ramp_that_turns_sharply_is_read_with_its_bends(monkeypatch):
+    """Near a sharp bend the ramp's two arms lie a step apart and the bend's tip hangs off the
+    curve; a few such tips are still a ramp's, laid out where they hang."""
+    import encoders.structure as structure
+
+    tiles = _tiles(24)
+    pictures = [_through_tints(t) for t in tiles]
+    grey = structure_descriptors([ImageOps.grayscale(t).convert("RGB") for t in tiles])
+    reading = picture_descriptors(pictures)
+    read = [i for i, ramp in enumerate(reading.ramps) if ramp is not None]
+    assert len(read) >= 14
+    same = [structure_similarity(reading.descriptors[i], grey[i][None])[0] for i in read]
+    assert np.median(same) > 0.9
+    monkeypatch.setattr(structure, "RAMP_TIPS", 0)  # no tips: the bends break the curve
+    assert sum(ramp_position(np.asarray(p)) is not None for p in pictures) <= len(read) - 6
+
+
+def _curve_with_a_tip(length: int) -> np.ndarray:
+    """64x64 colours whose red rises over ``length`` steps of the ramp reader's quantisation,
+    with a tip three steps deep off the middle of the curve (48 pixels)."""
+    k = np.minimum(np.arange(64) * length // 63, length)
+    levels = np.zeros((64, 64, 3), int)
+    levels[..., 0] = 10 + k[None, :]
+    levels[..., 1:] = 30
+    for depth in (1, 2, 3):
+        levels[8 * (depth - 1) : 8 * depth, 30:32] = (10 + k[30], 30 + depth, 30)
+    return (levels * (256 // RAMP_LEVELS) + 2).astype(np.uint8)
+
+
+def test_a_few_steps_off_a_short_curve_are_no_bend(monkeypatch):
+    """A tip a few steps deep is a bend's on a long curve; on a short one (a dull picture's few
+    colours) the same steps are a large part of the whole, and it is no ramp."""
+    import encoders.structure as structure
+
+    assert ramp_position(_curve_with_a_tip(50)) is not None
+    assert ramp_position(_curve_with_a_tip(16)) is None
+    monkeypatch.setattr(structure, "RAMP_TIP_LENGTH", 0.0)
+    assert ramp_position(_curve_with_a_tip(16)) is not None
 
 
 def test_a_ramp_seen_in_grey_follows_the_quantity_it_draws():
