@@ -14,7 +14,7 @@ Tile sets, downloads and indexes are cached under bench/out (keyed by seed, coun
 and the weights file's sha256), so a rerun only locates.
 
     .venv/bin/python bench/shift.py [--per-set 400] [--refs N] [--res 4]
-        [--weights PATH] [--quick]
+        [--weights PATH] [--quick] [--no-grey-views]
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from tilesets import (
     write_labelled,
 )
 
+import service.engine.locator as locator_module
 from encoders.bluemarble import (
     KM_PER_PIXEL,
     bmng_path,
@@ -516,7 +517,14 @@ def main() -> None:
     ap.add_argument(
         "--quick", action="store_true", help="smoke run: 12 per set, 2000 refs, 300 calibration"
     )
+    ap.add_argument(
+        "--no-grey-views",
+        action="store_true",
+        help="answer pictures in false colour from themselves only (what the grey views change)",
+    )
     args = ap.parse_args()
+    if args.no_grey_views:
+        locator_module.GREY_VIEW_MARGIN = float("inf")
     per_set = args.per_set or (12 if args.quick else 400)
     n_refs = args.refs or (2000 if args.quick else Settings().setup_reference_tiles)
     n_calib = args.calib if args.calib is not None else (300 if args.quick else 2000)

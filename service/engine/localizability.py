@@ -45,8 +45,9 @@ import numpy as np
 from PIL import Image
 
 #: Version of the features and of the stored model's layout (3: the best layout match is
-#: measured with pictures in false colour laid out along their colour ramps).
-FORMAT = 3
+#: measured with pictures in false colour laid out along their colour ramps; 4: ramps that
+#: turn sharply read with the tips of their bends).
+FORMAT = 4
 #: Side of the square the image statistics are measured on.
 SIDE = 64
 #: Gallery points whose softmax gives the answer-shape features; reference neighbours averaged.
