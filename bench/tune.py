@@ -61,7 +61,7 @@ from tilesets import (
     write_labelled,
 )
 
-from encoders.bluemarble import load_map, render_tile, sample_centres
+from encoders.bluemarble import ATLAS_TINTS, load_map, render_tile, sample_centres
 from encoders.structure import picture_descriptors
 from index.geo import is_land
 from service.config import Settings
@@ -85,20 +85,8 @@ VAL_SHIFTS = {
 #: More colour ramps for --ramps (bench/shift.py reports viridis and terrain): rising and
 #: falling luminance (jet, turbo, the diverging RdYlGn, coolwarm and BrBG) or rising
 #: (gist_earth, cubehelix), and an atlas's hypsometric tints, whose curve turns sharply at
-#: pale yellow and at brown (HYPSOMETRIC).
+#: pale yellow and at brown (encoders.bluemarble.ATLAS_TINTS).
 VAL_RAMPS = ("jet", "turbo", "RdYlGn", "coolwarm", "BrBG", "gist_earth", "cubehelix", "hypsometric")
-#: Deep water, lowland greens, pale yellow, tan, brown, lilac grey, snow: the tints of a
-#: printed relief map (sea below, heights above).
-HYPSOMETRIC = (
-    (0.05, 0.15, 0.40),
-    (0.20, 0.45, 0.20),
-    (0.60, 0.80, 0.45),
-    (0.95, 0.92, 0.60),
-    (0.85, 0.70, 0.45),
-    (0.60, 0.40, 0.25),
-    (0.70, 0.65, 0.70),
-    (1.00, 1.00, 1.00),
-)
 GRIDS = {
     "neighbours": {
         "neighbour_weight": (0.0, 1.0, 3.0),
@@ -162,7 +150,7 @@ def register_hypsometric() -> None:
     from matplotlib.colors import LinearSegmentedColormap
 
     if "hypsometric" not in matplotlib.colormaps:
-        ramp = LinearSegmentedColormap.from_list("hypsometric", HYPSOMETRIC)
+        ramp = LinearSegmentedColormap.from_list("hypsometric", ATLAS_TINTS.tolist())
         matplotlib.colormaps.register(ramp)
 
 

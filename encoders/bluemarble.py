@@ -139,6 +139,24 @@ def apply_palette(y: np.ndarray, knots: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(y, grid, knots[:, c]) for c in range(3)], axis=-1)
 
 
+#: A printed relief map's tints (deep water, lowland greens, pale yellow, tan, brown, lilac
+#: grey, snow), knots for ``apply_palette``: a false-colour rendering whose curve through colour
+#: space turns sharply at pale yellow and at brown. Not a training palette: the benches and
+#: tests draw validation pictures through it.
+ATLAS_TINTS = np.array(
+    [
+        (0.05, 0.15, 0.40),
+        (0.20, 0.45, 0.20),
+        (0.60, 0.80, 0.45),
+        (0.95, 0.92, 0.60),
+        (0.85, 0.70, 0.45),
+        (0.60, 0.40, 0.25),
+        (0.70, 0.65, 0.70),
+        (1.00, 1.00, 1.00),
+    ]
+)
+
+
 def ordered_palette(rng: np.random.Generator, knots: int) -> np.ndarray:
     """(knots, 3) RGB colours whose luma rises from dark to bright, chroma at random."""
     y = np.sort(rng.uniform(0.0, 1.0, knots))

@@ -50,7 +50,7 @@ _SCALE = 127.0
 #: colour cloud fills an area (and is not examined further). At most RAMP_FAR_SHARE of its
 #: pixels lie more than RAMP_FAR_STEPS steps off the curve (a ramp quantised to steps is a
 #: staircase, a step or two wide). Chosen on validation draws (bench/tune.py --ramps): seven
-#: matplotlib ramps are read as ramps in 99.7-100 % of tiles; true-colour tiles in 0.0-2.7 %,
+#: matplotlib ramps are read as ramps in 99.7-100 % of tiles; true-colour tiles in 0.0-3.0 %,
 #: where their colours happen to lie along one curve (with 32 steps a channel, up to 6.3 % at
 #: 0.5 % of the pixels off the curve, up to 11 % at 2 %).
 #: Where a ramp's curve turns sharply (an atlas's tints: green, pale yellow, tan), its two arms
@@ -229,7 +229,7 @@ def _ramp(rgb: np.ndarray) -> tuple[np.ndarray, Ramp] | None:
     along = (from_a - from_b + length) / (2.0 * length)
     far = off > RAMP_FAR_STEPS
     if counts @ far > RAMP_FAR_SHARE * counts.sum() and not _bend_tips(
-        along[far] * length, off, length
+        along[far] * length, off[far], length
     ):
         return None
     position = along[where].reshape(rgb.shape[:2])
@@ -241,9 +241,9 @@ def _ramp(rgb: np.ndarray) -> tuple[np.ndarray, Ramp] | None:
 
 
 def _bend_tips(hung_at: np.ndarray, off: np.ndarray, length: float) -> bool:
-    """Whether the colours off the curve, hung at ``hung_at`` (steps along it; a branch's
-    colours project onto the place where it leaves the curve), are the tips of sharp bends
-    of a curve ``length`` steps long."""
+    """Whether the colours far off a curve ``length`` steps long are the tips of its sharp
+    bends: ``hung_at``, where each hangs (steps along the curve; a branch's colours project
+    onto the place where it leaves it), and ``off``, how far off it each lies (steps)."""
     _, per_place = np.unique(np.round(hung_at, 3), return_counts=True)
     return (
         length >= RAMP_TIP_LENGTH

@@ -397,10 +397,11 @@ class Locator:
     ) -> None:
         """A picture in false colour is located from its grey view as well (its colours say
         nothing the model learned; the layout of the quantity they draw does), and keeps the
-        answer whose first place is the more probable (the picture's unless the view's is
-        GREY_VIEW_MARGIN times as probable): the grey view where the ramp hides a true-colour
-        look, the picture itself where its colours look like the ground's (an atlas's
-        green-to-brown tints). In place; the second pass is timed as ``grey_view``."""
+        answer whose first place is the more probable (the picture's unless the view's is more
+        than GREY_VIEW_MARGIN times as probable): the grey view where the ramp hides a
+        true-colour look, the picture itself where its colours look like the ground's (an
+        atlas's green-to-brown tints). In place; the answer keeps the picture's own stage
+        times, and the second pass is timed as ``grey_view``."""
         rows = [i for i, view in enumerate(views) if view is not None]
         if not rows:
             return
@@ -417,6 +418,7 @@ class Locator:
             view = self._top_probability(scored, options, temperature)
             if view > GREY_VIEW_MARGIN * self._top_probability(batch[i], options, temperature):
                 scored.stages.append("grey_view")
+                scored.timer = batch[i].timer  # the first pass's times; the second is grey_view
                 batch[i] = scored
             batch[i].timer.ms["grey_view"] = round(ms, 3)
 

@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from encoders.bluemarble import load_map, render_tile, rotate_hue, sample_centres
+from encoders.bluemarble import (
+    ATLAS_TINTS,
+    apply_palette,
+    load_map,
+    render_tile,
+    rotate_hue,
+    sample_centres,
+)
 from encoders.structure import (
     RAMP_LEVELS,
     STRUCTURE_DIM,
@@ -107,31 +114,10 @@ def test_a_false_colour_picture_is_laid_out_along_its_ramp():
     assert same(along) - same(luminance) > 0.2
 
 
-#: An atlas's relief tints: deep water, greens, pale yellow, tan, brown, lilac grey, snow. The
-#: curve turns sharply at pale yellow and at brown.
-_ATLAS_TINTS = np.array(
-    [
-        (0.05, 0.15, 0.40),
-        (0.20, 0.45, 0.20),
-        (0.60, 0.80, 0.45),
-        (0.95, 0.92, 0.60),
-        (0.85, 0.70, 0.45),
-        (0.60, 0.40, 0.25),
-        (0.70, 0.65, 0.70),
-        (1.00, 1.00, 1.00),
-    ]
-)
-
-
 def _through_tints(tile: Image.Image) -> Image.Image:
-    """The tile's luminance drawn through a 256-colour table of the atlas tints."""
+    """The tile's luminance, stretched to [0, 1], drawn through the atlas tints."""
     y = _floats(ImageOps.grayscale(tile))
-    t = (y - y.min()) / max(float(np.ptp(y)), 1e-6)
-    stops = np.linspace(0.0, 1.0, len(_ATLAS_TINTS))
-    table = np.stack(
-        [np.interp(np.linspace(0.0, 1.0, 256), stops, _ATLAS_TINTS[:, c]) for c in range(3)], -1
-    )
-    return _image(table[np.round(t * 255).astype(int)])
+    return _image(apply_palette((y - y.min()) / max(float(np.ptp(y)), 1e-6), ATLAS_TINTS))
 
 
 def test_a_ramp_that_turns_sharply_is_read_with_its_bends(monkeypatch):
