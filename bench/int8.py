@@ -3,8 +3,9 @@
 Recipes (the first three: dynamic quantisation of the matrix products' weights, one scale per
 output column, each run's activations uint8 with one scale per run):
 
-- ``int8, 8-bit`` (exported before): int8 weights over their full range;
-- ``int8, 7-bit`` (exported now, ``INT8_QUANTIZATION``): int8 weights within 7 bits;
+- ``int8, 8-bit``: int8 weights over their full range (``INT8_8BIT``: the export's on a CPU
+  with VNNI);
+- ``int8, 7-bit``: int8 weights within 7 bits (``INT8_7BIT``: the export's elsewhere);
 - ``uint8``: uint8 weights over their full range, which ONNX Runtime multiplies with other
   (uint8 x uint8) kernels;
 - ``int8 blocks of 32 / 128 (MatMulNBits)``: 8-bit weights with one scale per block of input
@@ -64,8 +65,8 @@ from service.engine.options import LocateOptions
 from service.engine.scores import errors_km
 
 RECIPES = {
-    "int8, 8-bit (before)": {"reduce_range": False},
-    "int8, 7-bit (exported)": {},
+    "int8, 8-bit (exported with VNNI)": {"reduce_range": False},
+    "int8, 7-bit (exported without VNNI)": {"reduce_range": True},
     "uint8": {"unsigned": True, "reduce_range": False},
     "int8 blocks of 32 (MatMulNBits)": {"block_size": 32},
     "int8 blocks of 128 (MatMulNBits)": {"block_size": 128},

@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import functools
 import gc
 import json
 import logging
+import platform
 import shutil
 import time
 import uuid
@@ -61,16 +63,64 @@ MAX_BATCH = 4096
 CHUNK_PIXELS = 5 * 224 * 224
 #: How ``int8`` is made, recorded in each int8 manifest: an export made another way is refused
 #: and made again. Dynamic quantisation of the matrix products' weights, one scale per output
-#: column, kept within 7 bits. On x86 CPUs with AVX2 and without VNNI, ONNX Runtime multiplies
-#: uint8 activations by int8 weights in pairs summed into int16 (VPMADDUBSW), which saturates
-#: with full 8-bit weights: on such a CPU a ViT-L/14 tower's embeddings fell to a cosine of
-#: 0.954 with fp32's (1.5e-2 mean 1 - cos on a 2-layer ViT), against 0.9992 within 7 bits.
-INT8_QUANTIZATION = "dynamic, MatMul/Gemm weights int8 per output column, 7-bit range"
+#: column. ONNX Runtime multiplies uint8 activations by int8 weights. On x86 CPUs with AVX2 and
+#: without VNNI it sums the products in pairs into int16 (VPMADDUBSW), which saturates with full
+#: 8-bit weights: on such a CPU a ViT-L/14 tower's embeddings fell to a cosine of 0.954 with
+#: fp32's (1.5e-2 mean 1 - cos on a 2-layer ViT), against 0.9992 with weights within 7 bits.
+#: With VNNI (8-bit dot products summed into int32) nothing saturates, and full 8-bit weights
+#: halve the error of 7-bit ones at the same speed (docs/BENCHMARKS.md). So an export uses the
+#: full range where the CPU that makes it has VNNI, 7 bits elsewhere; an artifact with full
+#: 8-bit weights is refused (and made again, within 7 bits) on a CPU without VNNI, which a copy
+#: to another replica may be. 7-bit weights hold on every CPU and are used wherever found.
+INT8_7BIT = "dynamic, MatMul/Gemm weights int8 per output column, 7-bit range"
+INT8_8BIT = "dynamic, MatMul/Gemm weights int8 per output column, 8-bit range (CPUs with VNNI)"
+#: x86 CPU flags (/proc/cpuinfo) of the 8-bit dot-product instructions ONNX Runtime's int8
+#: kernels use when present (AVX-512 VNNI, AVX-VNNI, AMX).
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def quantization(precision: str) -> str | None:
-    """What an export of ``precision`` records as its ``quantization`` (None: not quantised)."""
-    return INT8_QUANTIZATION if precision == "int8" else None
+@functools.cache
+def has_vnni() -> bool:
+    """Whether this CPU sums 8-bit products without int16 saturation (x86 with VNNI, as Linux
+    reports it). Anything else, including an unreadable /proc/cpuinfo and other architectures
+    whose kernels were not measured here, counts as without: 7-bit weights hold everywhere."""
+    if platform.machine().lower() not in {"x86_64", "amd64"}:
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+        [],
+    )
+    return not VNNI_FLAGS.isdisjoint(flags)
+
+
+def quantization(precision: str, portable: bool = False) -> str | None:
+    """What an export of ``precision`` on this CPU records as its ``quantization`` (None: not
+    quantised); ``portable``: weights within 7 bits whatever this CPU has."""
+    if precision != "int8":
+        return None
+    return INT8_8BIT if has_vnni() and not portable else INT8_7BIT
+
+
+def _quantization_problem(found: str | None, precision: str) -> str | None:
+    """Why an artifact whose weights were quantised as ``found`` may not run here (None: it
+    may)."""
+    if precision != "int8":
+        return None if found is None else f"its fp32 graph records a quantisation ({found!r})"
+    if found == INT8_7BIT or (found == INT8_8BIT and has_vnni()):
+        return None
+    if found == INT8_8BIT:
+        return (
+            "its weights use the full 8-bit range, which this CPU (without VNNI) multiplies "
+            "with int16 saturation"
+        )
+    return (
+        f"its weights were quantised as {found or 'full 8-bit int8'!r}, "
+        f"not as this version quantises them ({quantization(precision)!r})"
+    )
 
 
 log = logging.getLogger(__name__)
@@ -93,8 +143,8 @@ class RuntimeManifest:
     files: dict[str, str]
     created_at: str
     exporter: dict[str, str]
-    #: How the weights were quantised (``INT8_QUANTIZATION``); None for fp32, and in int8
-    #: manifests written before it was recorded (full 8-bit weights: refused).
+    #: How the weights were quantised (``INT8_7BIT`` or ``INT8_8BIT``); None for fp32, and in
+    #: int8 manifests written before it was recorded (refused).
     quantization: str | None = None
 
 
@@ -160,17 +210,13 @@ def stale_reason(
         "runtime": runtime,
         "precision": precision,
         "input_size": input_size(model),
-        "quantization": quantization(precision),
     }
     for key, value in wanted.items():
-        if getattr(m, key) == value:
-            continue
-        if key == "quantization":
-            return (
-                f"its weights were quantised as {getattr(m, key) or 'full 8-bit int8'!r}, "
-                f"not as this version quantises them ({value!r})"
-            )
-        return f"it was exported for {key} {getattr(m, key)}, not {value}"
+        if getattr(m, key) != value:
+            return f"it was exported for {key} {getattr(m, key)}, not {value}"
+    problem = _quantization_problem(m.quantization, precision)
+    if problem is not None:
+        return problem
     if m.tower_sha256 != digest:
         return (
             f"it was exported from other weights ({m.weights}, tower sha256 "
@@ -209,13 +255,14 @@ def quantize_tower(
     int8: Path,
     *,
     unsigned: bool = False,
-    reduce_range: bool = True,
+    reduce_range: bool | None = None,
     block_size: int = 0,
 ) -> None:
     """int8 weights for the matrix products (MatMul/Gemm): the transformer's cost; the patch
-    convolution and normalisations stay fp32. The defaults are the export's
-    (``INT8_QUANTIZATION``); bench/int8.py compares the others: ``unsigned`` weights (uint8,
-    the slower uint8 x uint8 kernels), full 8-bit ones (``reduce_range=False``), and
+    convolution and normalisations stay fp32. The defaults are the export's (``quantization``:
+    weights within 7 bits, ``reduce_range``, unless this CPU has VNNI); bench/int8.py compares
+    the others: ``unsigned`` weights (uint8, the slower uint8 x uint8 kernels), 8-bit or 7-bit
+    ones whatever the CPU (``reduce_range`` False or True), and
     ``block_size`` > 0: ONNX Runtime's MatMulNBits, 8-bit weights with one scale per block of
     that many input rows, whose activations are quantised per row and block as well."""
     if block_size:
@@ -235,8 +282,8 @@ def quantize_tower(
             # One scale per output column: on 800 Blue Marble test tiles the nearest gallery
             # cell stayed torch's for 95.0 % of them, against 93.9 % with one per tensor.
             per_channel=True,
-            # 7-bit weights: no int16 saturation on CPUs without VNNI (INT8_QUANTIZATION).
-            reduce_range=reduce_range,
+            # 7-bit weights: no int16 saturation on CPUs without VNNI (INT8_7BIT).
+            reduce_range=not has_vnni() if reduce_range is None else reduce_range,
         )
     finally:
         root.removeFilter(quiet)
@@ -267,16 +314,21 @@ class _NoPreprocessAdvice(logging.Filter):
 
 
 def export_image_runtime(
-    model: GeoModel, directory: Path, runtime: str, precision: str
+    model: GeoModel, directory: Path, runtime: str, precision: str, *, portable: bool = False
 ) -> RuntimeManifest:
     """Export the model's image tower into ``directory`` (replacing what is there), while no
-    other process exports or loads it."""
+    other process exports or loads it. ``portable``: int8 weights within 7 bits on any CPU."""
     with _locked(Path(directory)):
-        return _export(model, Path(directory), runtime, precision, tower_digest(model))
+        return _export(model, Path(directory), runtime, precision, tower_digest(model), portable)
 
 
 def _export(
-    model: GeoModel, directory: Path, runtime: str, precision: str, digest: str
+    model: GeoModel,
+    directory: Path,
+    runtime: str,
+    precision: str,
+    digest: str,
+    portable: bool = False,
 ) -> RuntimeManifest:
     """The export itself; the caller holds the artifact's lock."""
     import onnxruntime
@@ -293,10 +345,13 @@ def _export(
     work.mkdir()
     try:
         started = time.perf_counter()
+        recipe = quantization(precision, portable)
         if precision == "int8":
             (work / "fp32").mkdir()
             _write_onnx(model, size, work / "fp32" / MODEL_FILE)
-            quantize_tower(work / "fp32" / MODEL_FILE, work / MODEL_FILE)
+            quantize_tower(
+                work / "fp32" / MODEL_FILE, work / MODEL_FILE, reduce_range=recipe == INT8_7BIT
+            )
             shutil.rmtree(work / "fp32")
         else:
             _write_onnx(model, size, work / MODEL_FILE)
@@ -316,7 +371,7 @@ def _export(
             files={name: sha256_file(path) for name, path in files.items()},
             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             exporter={"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-            quantization=quantization(precision),
+            quantization=recipe,
         )
         # The manifest is written last: a folder without one is an unfinished export.
         atomic_write(work / MANIFEST_FILE, (json.dumps(asdict(manifest), indent=2) + "\n").encode())
@@ -406,13 +461,15 @@ def load_image_runtime(
     threads: int | None = None,
     export: bool = True,
     release: bool = True,
+    portable: bool = False,
 ) -> OnnxImageTower | None:
     """Attach the chosen runtime to ``model`` (None for torch: the loaded tower runs).
 
     The artifact under ``root`` is used when its manifest matches the loaded weights; else it
     is exported again when ``export`` (logging why), or refused with RuntimeArtifactError.
     ``release``: free the torch backbone's weights afterwards (the head stays: text and
-    feature embeddings use it).
+    feature embeddings use it). ``portable``: an export made here keeps int8 weights within
+    7 bits (GEOLOC_IMAGE_INT8_PORTABLE); an artifact found is used if it can run here.
     """
     check_choice(runtime, precision)
     if runtime == "torch":
@@ -441,7 +498,7 @@ def load_image_runtime(
                 )
             else:
                 log.info("exporting the %s image tower (%s/%s)", model.profile, runtime, precision)
-            _export(model, directory, runtime, precision, digest)
+            _export(model, directory, runtime, precision, digest, portable)
         manifest = read_manifest(directory)
         backbone = model.image_tower.backbone
         if release and not isinstance(backbone, ReleasedBackbone):

@@ -63,6 +63,12 @@ class Settings(_LocateDefaults):
         description="Image-tower precision; int8 (int8 weights in the matrix products) "
         "needs GEOLOC_IMAGE_RUNTIME=onnx.",
     )
+    image_int8_portable: bool = Field(
+        False,
+        description="Export int8 weights within 7 bits even where this CPU has VNNI (where "
+        "full 8-bit weights halve the error). For an export that replicas on other CPUs load "
+        "read-only: one without VNNI refuses full 8-bit weights (they saturate there).",
+    )
 
     # -- limits --------------------------------------------------------------------------
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest image accepted.")

@@ -45,7 +45,7 @@ def runtime_export(
     check_choice(runtime, precision)
     model = load_geomodel(s, profile or None, image_runtime=False)
     directory = artifact_dir(s.runtimes_dir, model.profile, runtime, precision)
-    export_image_runtime(model, directory, runtime, precision)
+    export_image_runtime(model, directory, runtime, precision, portable=s.image_int8_portable)
     pictures = parity_pictures(24)
     reference = model.embed_images(pictures)
     load_image_runtime(model, s.runtimes_dir, runtime, precision, export=False)

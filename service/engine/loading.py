@@ -56,7 +56,11 @@ def load_geomodel(
     )
     if image_runtime:
         load_image_runtime(
-            model, settings.runtimes_dir, settings.image_runtime, settings.image_precision
+            model,
+            settings.runtimes_dir,
+            settings.image_runtime,
+            settings.image_precision,
+            portable=settings.image_int8_portable,
         )
     return model
 

@@ -221,6 +221,7 @@ def add_reference_images(
             image_runtime=settings.image_runtime,
             image_precision=settings.image_precision,
             runtimes_dir=str(settings.runtimes_dir),
+            image_int8_portable=settings.image_int8_portable,
         )
         pending = job.pending()
         initial = job.n_rows - sum(job.shard_rows(s) for s in pending)

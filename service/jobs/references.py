@@ -175,6 +175,7 @@ class EncoderSpec:
     image_runtime: str = "torch"
     image_precision: str = "fp32"
     runtimes_dir: str = ""
+    image_int8_portable: bool = False
 
 
 @dataclass
@@ -320,7 +321,11 @@ class ShardEncoder:
             from encoders.runtime import load_image_runtime
 
             load_image_runtime(
-                self.model, Path(spec.runtimes_dir), spec.image_runtime, spec.image_precision
+                self.model,
+                Path(spec.runtimes_dir),
+                spec.image_runtime,
+                spec.image_precision,
+                portable=spec.image_int8_portable,
             )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

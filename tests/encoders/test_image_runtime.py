@@ -19,15 +19,19 @@ from encoders.registry import get_profile
 from encoders.runtime import (
     CHUNK_PIXELS,
     DATA_FILE,
-    INT8_QUANTIZATION,
+    INT8_7BIT,
+    INT8_8BIT,
     MANIFEST_FILE,
     MODEL_FILE,
     OnnxImageTower,
     ReleasedBackbone,
     RuntimeArtifactError,
     artifact_dir,
+    export_image_runtime,
+    has_vnni,
     input_size,
     load_image_runtime,
+    quantization,
     quantize_tower,
     read_manifest,
 )
@@ -118,10 +122,14 @@ def test_int8_keeps_the_direction(tmp_path: Path) -> None:
     assert np.abs(got - reference).max() > 1e-6  # really quantised, not the fp32 graph
 
 
-def test_int8_holds_on_cpus_without_vnni(tmp_path: Path) -> None:
-    """Weights within 7 bits: on an AVX2 CPU without VNNI, ONNX Runtime sums pairs of uint8 x
-    int8 products into int16, which saturates with full 8-bit weights (this 2-layer ViT then
-    fell to a cosine of 0.983 with torch's embeddings). Elsewhere it holds either way."""
+def test_int8_holds_on_cpus_without_vnni(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights within 7 bits where the CPU has no VNNI: on an AVX2 CPU without it, ONNX Runtime
+    sums pairs of uint8 x int8 products into int16, which saturates with full 8-bit weights
+    (this 2-layer ViT then fell to a cosine of 0.983 with torch's embeddings). 7-bit weights
+    hold on every CPU."""
+    import encoders.runtime as runtime
+
+    monkeypatch.setattr(runtime, "has_vnni", lambda: False)
     model = _small_geoclip_architecture()
     pictures = _pictures(12, seed=1)
     reference = model.embed_images(pictures)
@@ -129,8 +137,62 @@ def test_int8_holds_on_cpus_without_vnni(tmp_path: Path) -> None:
     got = model.embed_images(pictures)
     assert np.sum(got * reference, axis=1).min() >= 0.999
     assert read_manifest(artifact_dir(tmp_path, model.profile, "onnx", "int8")).quantization == (
-        INT8_QUANTIZATION
+        INT8_7BIT
     )
+
+
+def test_full_8bit_weights_run_only_where_the_cpu_has_vnni(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CPU with VNNI exports full 8-bit weights; a copy of that artifact on a CPU without VNNI
+    is refused and exported again within 7 bits, which a CPU with VNNI then keeps using (a
+    folder shared by mixed replicas settles on the weights that hold on all of them)."""
+    import encoders.runtime as runtime
+
+    model = load_model("bluemarble")
+    directory = artifact_dir(tmp_path, "bluemarble", "onnx", "int8")
+    monkeypatch.setattr(runtime, "has_vnni", lambda: True)
+    load_image_runtime(model, tmp_path, "onnx", "int8", release=False)
+    assert read_manifest(directory).quantization == INT8_8BIT
+    monkeypatch.setattr(runtime, "has_vnni", lambda: False)
+    with pytest.raises(RuntimeArtifactError, match="without VNNI"):
+        load_image_runtime(model, tmp_path, "onnx", "int8", export=False)
+    with caplog.at_level(logging.WARNING, logger="encoders.runtime"):
+        load_image_runtime(model, tmp_path, "onnx", "int8", release=False)
+    assert "without VNNI" in caplog.text
+    assert read_manifest(directory).quantization == INT8_7BIT
+    monkeypatch.setattr(runtime, "has_vnni", lambda: True)
+    created = read_manifest(directory).created_at
+    files = read_manifest(directory).files
+    load_image_runtime(model, tmp_path, "onnx", "int8", export=False, release=False)
+    assert (
+        read_manifest(directory).files == files and read_manifest(directory).created_at == created
+    )
+    # Made to be portable, on a CPU with VNNI too: within 7 bits.
+    export_image_runtime(model, directory, "onnx", "int8", portable=True)
+    assert read_manifest(directory).quantization == INT8_7BIT
+
+
+@pytest.mark.skipif(not has_vnni(), reason="full 8-bit int8 weights saturate without VNNI")
+def test_full_8bit_weights_are_closer_to_fp32_on_a_cpu_with_vnni(tmp_path: Path) -> None:
+    """On this CPU (VNNI) the export's full 8-bit weights err less than 7-bit ones would."""
+    model = load_model("bluemarble")
+    pictures = _pictures(64, seed=5)
+    reference = model.embed_images(pictures)
+    load_image_runtime(model, tmp_path, "onnx", "fp32", release=False)
+    fp32 = artifact_dir(tmp_path, "bluemarble", "onnx", "fp32") / MODEL_FILE
+    manifest = read_manifest(fp32.parent)
+    pixels = model.pixels(pictures)
+    want = torch.nn.functional.normalize(torch.as_tensor(reference), dim=1)
+    err = {}
+    for bits, reduce_range in ((8, False), (7, True)):
+        (tmp_path / str(bits)).mkdir()
+        quantize_tower(fp32, tmp_path / str(bits) / MODEL_FILE, reduce_range=reduce_range)
+        got = OnnxImageTower(tmp_path / str(bits) / MODEL_FILE, 1, manifest)(pixels)
+        cos = (torch.nn.functional.normalize(got, dim=1) * want).sum(1)
+        err[bits] = float((1 - cos).mean())
+    assert err[8] < err[7]
+    assert quantization("int8") == INT8_8BIT
 
 
 def test_blockwise_int8_quantises_every_weight_product(tmp_path: Path) -> None:
@@ -181,7 +243,7 @@ def test_int8_artifact_quantised_another_way_is_exported_again(
     with caplog.at_level(logging.WARNING, logger="encoders.runtime"):
         load_image_runtime(model, tmp_path, "onnx", "int8", release=False)
     assert "quantised as" in caplog.text
-    assert read_manifest(directory).quantization == INT8_QUANTIZATION
+    assert read_manifest(directory).quantization == quantization("int8")
     # fp32 records none, and needs none.
     load_image_runtime(model, tmp_path, "onnx", "fp32", release=False)
     assert read_manifest(artifact_dir(tmp_path, "bluemarble", "onnx", "fp32")).quantization is None

@@ -160,6 +160,29 @@ def test_a_few_steps_off_a_short_curve_are_no_bend(monkeypatch):
     assert ramp_position(_curve_with_a_tip(16)) is not None
 
 
+def test_each_limit_on_bend_tips_alone_breaks_a_ramp():
+    """Colours off a curve are bend tips only while every limit holds: few places, few steps
+    off, few colours at a place, a long curve. Breaking any one of them alone is no ramp."""
+    from encoders.structure import (
+        RAMP_TIP_COLOURS,
+        RAMP_TIP_LENGTH,
+        RAMP_TIP_STEPS,
+        RAMP_TIPS,
+        _bend_tips,
+    )
+
+    def tips(places: int, colours: int, steps: float, length: float) -> bool:
+        hung_at = np.repeat(np.linspace(5.0, length - 5.0, places), colours)
+        return _bend_tips(hung_at, np.full(hung_at.size, steps), length)
+
+    ok = (RAMP_TIPS, RAMP_TIP_COLOURS, RAMP_TIP_STEPS, RAMP_TIP_LENGTH)
+    assert tips(*ok)
+    assert not tips(RAMP_TIPS + 1, *ok[1:])
+    assert not tips(ok[0], RAMP_TIP_COLOURS + 1, *ok[2:])
+    assert not tips(*ok[:2], RAMP_TIP_STEPS + 0.5, ok[3])
+    assert not tips(*ok[:3], RAMP_TIP_LENGTH - 1.0)
+
+
 def test_a_ramp_seen_in_grey_follows_the_quantity_it_draws():
     """The grey view of a false-colour picture is the layout of what its ramp draws: its
     luminance where the ramp surely rises, its position along the ramp (turned as the caller

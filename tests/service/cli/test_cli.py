@@ -194,7 +194,18 @@ def test_eval_compares_the_int8_runtime_with_torch_image_by_image(tmp_path, monk
     int8 = run("eval", str(csv), "--compare", str(report))
     assert int8.exit_code == 0, int8.output
     assert "against torch: the same top-1 on" in int8.output and "(5 images)" in int8.output
-    assert (tmp_path / "data" / "runtimes" / "bluemarble" / "onnx-int8" / "manifest.json").is_file()
+    manifest = tmp_path / "data" / "runtimes" / "bluemarble" / "onnx-int8" / "manifest.json"
+    assert manifest.is_file()
+
+    # Full 8-bit weights where this CPU has VNNI, unless the export is to be portable.
+    import encoders.runtime as runtime
+
+    monkeypatch.setattr(runtime, "has_vnni", lambda: True)
+    assert run("runtime", "export").exit_code == 0
+    assert json.loads(manifest.read_text())["quantization"] == runtime.INT8_8BIT
+    monkeypatch.setenv("GEOLOC_IMAGE_INT8_PORTABLE", "true")
+    assert run("runtime", "export").exit_code == 0
+    assert json.loads(manifest.read_text())["quantization"] == runtime.INT8_7BIT
 
 
 def test_agreement_counts_an_image_answered_by_one_run_only():
