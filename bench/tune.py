@@ -121,10 +121,18 @@ GRIDS = {
 }
 
 
-def validation_draw(name: str, n: int, width_km: float | None, shift, salt: tuple = ()) -> list:
+def validation_draw(
+    name: str,
+    n: int,
+    width_km: float | None,
+    shift,
+    salt: tuple = (),
+    mosaic: np.ndarray | None = None,
+) -> list:
     """``n`` clean land tiles ``width_km`` wide (None: log-uniform over 470-1,180 km, as the
     shifted sets), each passed through ``shift``: a validation draw of its own (seeded by
-    VAL_SEED, ``name`` and ``salt``), cached under bench/out."""
+    VAL_SEED, ``name`` and ``salt``), cached under bench/out. ``mosaic``: the rendering of the
+    Earth the tiles are drawn from (default bmng.jpg)."""
 
     def write(tmp: Path) -> None:
         rng = np.random.default_rng([VAL_SEED, len(name), *salt])
@@ -133,11 +141,11 @@ def validation_draw(name: str, n: int, width_km: float | None, shift, salt: tupl
             widths = np.exp(rng.uniform(np.log(470.0), np.log(1180.0), n))
         else:
             widths = np.full(n, float(width_km))
-        mosaic = load_map()
+        earth = load_map() if mosaic is None else mosaic
         write_labelled(
             tmp,
             (
-                (shift(render_tile(a, o, scale_for(w), SIZE, mosaic)), a, o)
+                (shift(render_tile(a, o, scale_for(w), SIZE, earth)), a, o)
                 for (a, o), w in zip(centres.tolist(), widths.tolist(), strict=True)
             ),
         )
