@@ -105,13 +105,18 @@ def quantization(precision: str, portable: bool = False) -> str | None:
     return INT8_8BIT if has_vnni() and not portable else INT8_7BIT
 
 
-def _quantization_problem(found: str | None, precision: str) -> str | None:
+def _quantization_problem(found: str | None, precision: str, portable: bool) -> str | None:
     """Why an artifact whose weights were quantised as ``found`` may not run here (None: it
-    may)."""
+    may); ``portable``: only weights that run on every CPU will do."""
     if precision != "int8":
         return None if found is None else f"its fp32 graph records a quantisation ({found!r})"
-    if found == INT8_7BIT or (found == INT8_8BIT and has_vnni()):
+    if found == INT8_7BIT or (found == INT8_8BIT and has_vnni() and not portable):
         return None
+    if found == INT8_8BIT and portable:
+        return (
+            "its weights use the full 8-bit range, which CPUs without VNNI multiply with int16 "
+            "saturation, and GEOLOC_IMAGE_INT8_PORTABLE asks for weights that run on any CPU"
+        )
     if found == INT8_8BIT:
         return (
             "its weights use the full 8-bit range, which this CPU (without VNNI) multiplies "
@@ -119,7 +124,7 @@ def _quantization_problem(found: str | None, precision: str) -> str | None:
         )
     return (
         f"its weights were quantised as {found or 'full 8-bit int8'!r}, "
-        f"not as this version quantises them ({quantization(precision)!r})"
+        f"not as this version quantises them ({quantization(precision, portable)!r})"
     )
 
 
@@ -196,9 +201,15 @@ def read_manifest(directory: Path) -> RuntimeManifest:
 
 
 def stale_reason(
-    directory: Path, model: GeoModel, runtime: str, precision: str, digest: str
+    directory: Path,
+    model: GeoModel,
+    runtime: str,
+    precision: str,
+    digest: str,
+    portable: bool = False,
 ) -> str | None:
-    """Why the artifact in ``directory`` may not serve ``model`` (None: it may)."""
+    """Why the artifact in ``directory`` may not serve ``model`` (None: it may); ``portable``:
+    int8 weights must run on any CPU."""
     try:
         m = read_manifest(directory)
     except FileNotFoundError:
@@ -214,7 +225,7 @@ def stale_reason(
     for key, value in wanted.items():
         if getattr(m, key) != value:
             return f"it was exported for {key} {getattr(m, key)}, not {value}"
-    problem = _quantization_problem(m.quantization, precision)
+    problem = _quantization_problem(m.quantization, precision, portable)
     if problem is not None:
         return problem
     if m.tower_sha256 != digest:
@@ -468,8 +479,9 @@ def load_image_runtime(
     The artifact under ``root`` is used when its manifest matches the loaded weights; else it
     is exported again when ``export`` (logging why), or refused with RuntimeArtifactError.
     ``release``: free the torch backbone's weights afterwards (the head stays: text and
-    feature embeddings use it). ``portable``: an export made here keeps int8 weights within
-    7 bits (GEOLOC_IMAGE_INT8_PORTABLE); an artifact found is used if it can run here.
+    feature embeddings use it). ``portable`` (GEOLOC_IMAGE_INT8_PORTABLE): int8 weights within
+    7 bits, which run on any CPU; an artifact with full 8-bit ones is refused, and an export
+    made here keeps 7 bits.
     """
     check_choice(runtime, precision)
     if runtime == "torch":
@@ -483,7 +495,7 @@ def load_image_runtime(
     directory = artifact_dir(root, model.profile, runtime, precision)
     digest = tower_digest(model)
     with _locked(directory):
-        reason = stale_reason(directory, model, runtime, precision, digest)
+        reason = stale_reason(directory, model, runtime, precision, digest, portable)
         if reason is not None:
             if not export:
                 raise RuntimeArtifactError(

@@ -66,8 +66,9 @@ class Settings(_LocateDefaults):
     image_int8_portable: bool = Field(
         False,
         description="Export int8 weights within 7 bits even where this CPU has VNNI (where "
-        "full 8-bit weights halve the error). For an export that replicas on other CPUs load "
-        "read-only: one without VNNI refuses full 8-bit weights (they saturate there).",
+        "full 8-bit weights halve the error), and refuse an export with full 8-bit weights. "
+        "For an export that replicas on other CPUs load read-only, and for encoders (Ray) on "
+        "mixed CPUs: a CPU without VNNI refuses full 8-bit weights (they saturate there).",
     )
 
     # -- limits --------------------------------------------------------------------------

@@ -48,7 +48,9 @@ def runtime_export(
     export_image_runtime(model, directory, runtime, precision, portable=s.image_int8_portable)
     pictures = parity_pictures(24)
     reference = model.embed_images(pictures)
-    load_image_runtime(model, s.runtimes_dir, runtime, precision, export=False)
+    load_image_runtime(
+        model, s.runtimes_dir, runtime, precision, export=False, portable=s.image_int8_portable
+    )
     exported = model.embed_images(pictures)
     cosine = np.sum(reference * exported, axis=1)
     typer.echo(

@@ -19,6 +19,7 @@ indexes and the model; what it works on is in results.py, the geometry of places
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -423,8 +424,10 @@ class Locator:
             batch[i].timer.ms["grey_view"] = round(ms, 3)
 
     def _top_probability(self, scored: Scored, options: LocateOptions, temperature: float) -> float:
-        """The probability the answer would state for its first place (its mass nearby)."""
-        first = self._describe(scored.copy(), options, temperature).candidates
+        """The probability the answer would state for its first place (its mass nearby); the
+        first place alone, with no region, countries or place names."""
+        lean = dataclasses.replace(options, top_k=1, describe=False)
+        first = self._describe(scored.copy(), lean, temperature, region=False).candidates
         return first[0].probability if first else 0.0
 
     def _verified(
@@ -767,8 +770,11 @@ class Locator:
             s.pool.score[m] = v
             s.pool.exact[m] = True
 
-    def _describe(self, scored: Scored, opt: LocateOptions, temperature: float) -> LocateResult:
-        """Softmax, uncertainty region, diversify and describe one scored pool."""
+    def _describe(
+        self, scored: Scored, opt: LocateOptions, temperature: float, region: bool = True
+    ) -> LocateResult:
+        """Softmax, uncertainty region (unless not ``region``: nor countries), diversify and
+        describe one scored pool."""
         draft = scored.copy()  # before the pool is sorted and cut, for ``revise``
         pool, stages, timer, t = scored.pool, scored.stages, scored.timer, scored.t
         probs = _probabilities(scored, temperature)
@@ -785,9 +791,9 @@ class Locator:
         # that abstains states neither: they would present it as confident.
         verdict = dict(scored.verdict) if scored.verdict is not None else None
         abstained = verdict is not None and verdict["abstained"]
-        region = None
+        wants_region, region = region, None
         country_probs: list[dict[str, Any]] = []
-        if len(probs) and not abstained:
+        if len(probs) and not abstained and wants_region:
             reg = uncertainty_region(pool.latlon, probs, res=opt.region_res, share=opt.region_share)
             region = {
                 "share": reg.share,

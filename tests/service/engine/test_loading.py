@@ -333,3 +333,19 @@ def test_a_replica_refuses_to_swap_to_or_activate_a_version_of_other_weights(
         assert "was built with model weights" in caplog.text
     finally:
         state.engine.dispose()
+
+
+def test_a_portable_int8_tower_is_exported_within_7_bits_on_a_cpu_with_vnni(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GEOLOC_IMAGE_INT8_PORTABLE reaches the export the service makes on first start."""
+    import encoders.runtime as runtime
+    from service.engine.loading import load_geomodel
+
+    monkeypatch.setattr(runtime, "has_vnni", lambda: True)
+    base = {"data_dir": tmp_path, "image_runtime": "onnx", "image_precision": "int8"}
+    manifest = runtime.artifact_dir(tmp_path / "runtimes", "bluemarble", "onnx", "int8")
+    load_geomodel(Settings(**base))
+    assert runtime.read_manifest(manifest).quantization == runtime.INT8_8BIT
+    load_geomodel(Settings(**base, image_int8_portable=True))
+    assert runtime.read_manifest(manifest).quantization == runtime.INT8_7BIT
