@@ -270,7 +270,7 @@ def train(
             )
             bar.update()
             if on_step is not None:
-                on_step(step, float(loss))
+                on_step(step, float(loss.detach()))
         bar.close()
         seconds = time.perf_counter() - t0
         model.eval()

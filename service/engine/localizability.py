@@ -106,7 +106,9 @@ FEATURES: tuple[str, ...] = IMAGE_FEATURES + ANSWER_FEATURES
 _REF_FEATURES = frozenset({"ref_mean_cos", "has_refs", "ref_best_structure"})
 
 #: How an unusual value of a feature reads in a reason: (when high, when low); "" says nothing.
-#: In order of preference: of the features far outside the domain, the first one here is named.
+#: In order of preference: of the features far outside the domain, the first one here is named
+#: unless another is more than 1 / _NAMED_SHARE times as far out (a photo with a few straight
+#: edges and hard edges everywhere has "many hard edges", a page "straight edges").
 _PHRASES: dict[str, tuple[str, str]] = {
     "flat_share": ("much of it is flat colour", ""),
     "hv_edge_share": ("it has the straight edges of text or buildings", ""),
@@ -137,6 +139,7 @@ _PHRASES: dict[str, tuple[str, str]] = {
 #: |robust z| from which a feature is far outside the domain (then named by preference), and
 #: below which it is not unusual at all.
 _FAR_Z, _UNUSUAL_Z = 3.0, 2.0
+_NAMED_SHARE = 0.5
 
 
 # -- features -----------------------------------------------------------------------------------
@@ -522,7 +525,8 @@ class LocalizabilityModel:
 
     def _most_unusual(self, x: np.ndarray) -> str:
         """The phrase of the feature that most sets the picture apart from the domain: the
-        first (in _PHRASES order) of those far outside it, else the most unusual one."""
+        first (in _PHRASES order) of those far outside it and at least _NAMED_SHARE as far out
+        as the furthest, else the most unusual one."""
         z = (np.asarray(x, float) - self.typical_median) / self.typical_scale
         candidates: list[tuple[int, float, str]] = []
         for rank, (i, high, low) in enumerate(self._phrases):
@@ -530,6 +534,7 @@ class LocalizabilityModel:
             if phrase and abs(z[i]) >= _UNUSUAL_Z:
                 candidates.append((rank, abs(float(z[i])), phrase))
         far = [c for c in candidates if c[1] >= _FAR_Z]
+        far = [c for c in far if c[1] >= _NAMED_SHARE * max(f[1] for f in far)]
         if far:
             return min(far)[2]
         return max(candidates, key=lambda c: c[1])[2] if candidates else ""

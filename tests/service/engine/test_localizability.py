@@ -122,6 +122,25 @@ def test_the_verdict_separates_generated_negatives_from_held_out_tiles(
             assert "judge" in r.stages and r.timings_ms["judge"] > 0
 
 
+def test_the_reason_names_a_preferred_feature_unless_another_is_much_further_out(judged):
+    """Straight edges are named before hard edges, but not when the edges are hard everywhere
+    and only a few are straight (a photo), nor a feature only a little outside the domain."""
+    model = judged.locator.judge
+    hv, hard = L.FEATURES.index("hv_edge_share"), L.FEATURES.index("strong_edge_share")
+
+    def why(z_hv: float, z_hard: float) -> str:
+        x = model.typical_median.copy()
+        x[hv] += z_hv * model.typical_scale[hv]
+        x[hard] += z_hard * model.typical_scale[hard]
+        return model.reason("not_locatable", x)
+
+    straight, hard_edges = L._PHRASES["hv_edge_share"][0], L._PHRASES["strong_edge_share"][0]
+    assert why(20.0, 27.0).endswith(straight)  # a page: both far out, straight edges named
+    assert why(5.0, 30.0).endswith(hard_edges)  # a photo: a few straight edges, hard ones
+    assert why(2.5, 30.0).endswith(hard_edges)
+    assert why(30.0, 2.5).endswith(straight)
+
+
 def test_the_verdict_does_not_depend_on_the_request_filters(judged):
     loc = judged.locator
     tile = Image.open(io.BytesIO(tile_bytes(-25.0, 133.0))).convert("RGB")
