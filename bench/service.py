@@ -5,6 +5,12 @@ and drives it with N concurrent clients posting Blue Marble tiles to /v1/locate 
 fixed time per concurrency level. Bounded: every level runs --seconds, then stops.
 
     .venv/bin/python bench/service.py [--seconds 20] [--levels 1,4,16] [--workers 2]
+        [--data DIR]
+
+``--data``: serve a copy (hard links) of a data directory `geoloc setup` made, i.e. the
+default set-up with its reference-image index and the calibration that carries the
+localizability verdict (bench/shift.py's cache under bench/out/data-bluemarble-* is one),
+instead of a bare H3 res-``--res`` gallery.
 """
 
 from __future__ import annotations
@@ -107,20 +113,29 @@ def main() -> None:
     ap.add_argument("--levels", default="1,4,16")
     ap.add_argument("--res", type=int, default=3)
     ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    ap.add_argument("--data", type=Path, default=None, help="a data dir `geoloc setup` made")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     data = Path(tempfile.mkdtemp(prefix="geoloc-bench-svc-"))
     env = {**os.environ, "GEOLOC_DATA_DIR": str(data)}
     geoloc = str(ROOT / ".venv/bin/geoloc")
+    if args.data is not None:
+        for part in ("indexes", "calibrations"):  # hard links: the copy costs no space
+            subprocess.run(["cp", "-al", str(args.data / part), str(data / part)], check=True)
+        served = f"the set-up in {args.data} (gallery, reference images, calibration, verdict)"
     subprocess.run([geoloc, "db", "upgrade"], env=env, check=True, capture_output=True)
-    subprocess.run(
-        [geoloc, "index", "build", "--res", str(args.res)], env=env, check=True, capture_output=True
-    )
+    if args.data is None:
+        subprocess.run(
+            [geoloc, "index", "build", "--res", str(args.res)],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        served = f"H3 res-{args.res} land gallery"
     images = tiles(64)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cpus; {args.workers} worker(s); "
-        "bundled bluemarble model, "
-        f"H3 res-{args.res} land gallery, {args.seconds:.0f} s per level"
+        f"bundled bluemarble model, {served}, {args.seconds:.0f} s per level"
     )
     # A request admitted to the queue waits at most for the QUEUE_MAX images ahead of it:
     # QUEUE_MAX / throughput, plus its own service time.
