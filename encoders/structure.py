@@ -20,7 +20,10 @@ matches a reference better (``picture_descriptors`` says which pictures are unsu
 reading gives the image tower a grey view of such a picture (``ramp_view``): the model learned
 grey pictures, not the ramp's colours, and the locator keeps whichever answer is surer. Any
 picture whose colours do not lie on one curve (photographs, satellite views in true colour,
-drawings of a few flat colours) keeps luminance. Reference images keep luminance always: they
+drawings of a few flat colours) keeps luminance, and so does a picture whose colours a codec
+flattened (``COLOURS_FLATTENED``: a heavily compressed JPEG's few chroma levels can fall on one
+curve; read as ramps, such pictures lost 0.3-0.5 points within 200 to 2,500 km on validation
+draws, docs/BENCHMARKS.md). Reference images keep luminance always: they
 are views in true colour, whose luminance is what a ramp's order estimates, and their stored
 descriptors stay valid (reading references as ramps too cost true-colour pictures up to a
 point within 200 km on validation draws: docs/BENCHMARKS.md).
@@ -40,6 +43,11 @@ from scipy.sparse.csgraph import minimum_spanning_tree, shortest_path
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import pdist, squareform
 
+#: Key of ``Image.info`` that marks a picture whose colours a codec flattened (a heavily
+#: compressed JPEG keeps a few chroma levels per 16 x 16 block, so a true-colour view's colours
+#: may fall on one curve): such a picture is never read as a colour ramp. The decoder that
+#: judges the compression sets it (service.engine.images).
+COLOURS_FLATTENED = "geoloc.colours_flattened"
 STRUCTURE_SIDE = 16
 STRUCTURE_DIM = STRUCTURE_SIDE * STRUCTURE_SIDE
 _SCALE = 127.0
@@ -159,7 +167,8 @@ def _describe(images: Sequence[Image.Image], follow_ramps: bool) -> PictureReadi
         if side < 1:
             continue
         box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-        read = _ramp_grid(img, box) if follow_ramps else None
+        readable = follow_ramps and not img.info.get(COLOURS_FLATTENED)
+        read = _ramp_grid(img, box) if readable else None
         grid = None if read is None else read[0]
         if read is not None:
             ramps[i] = read[1]

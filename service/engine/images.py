@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageFilter, ImageOps
 
+from encoders.structure import COLOURS_FLATTENED
 from service.engine.options import ImageLimits
 from service.errors import (
     ImageShapeError,
@@ -95,6 +96,7 @@ def decode_image(data: bytes, limits: ImageLimits, *, name: str = "image") -> Im
             img = ImageOps.exif_transpose(img).convert("RGB")
             if limits.deblock_above and blockiness(img) >= limits.deblock_above:
                 img = img.filter(ImageFilter.GaussianBlur(DEBLOCK_RADIUS))
+                img.info[COLOURS_FLATTENED] = True  # not to be read as a colour ramp
             return img
     except InputImageError:
         raise

@@ -66,3 +66,27 @@ def test_decode_smooths_only_heavily_compressed_pictures():
         assert np.array_equal(
             np.asarray(decode_image(data, ON)), np.asarray(decode_image(data, OFF))
         )
+
+
+def test_a_picture_whose_colours_the_codec_flattened_is_never_read_as_a_ramp():
+    """Quality 8 keeps a few chroma levels per 16 x 16 block, so a true-colour view's colours
+    may fall on one curve: the decoder that smooths such a picture marks it, and its layout is
+    its luminance's, with no ramp (nor grey view) read from it."""
+    from encoders.structure import COLOURS_FLATTENED, picture_descriptors, structure_descriptors
+
+    tiles = _tiles(60)
+    decoded = [decode_image(_jpeg(t, 8), ON) for t in tiles]
+    heavy = [im for im in decoded if im.info.get(COLOURS_FLATTENED)]
+    assert len(heavy) >= 30  # the smoothed ones (a near-flat view has no blocks to see)
+    assert all(
+        blockiness(decode_image(_jpeg(t, 8), OFF)) >= 5.0
+        for t, im in zip(tiles, decoded, strict=True)
+        if im.info.get(COLOURS_FLATTENED)
+    )
+    assert not any(decode_image(_jpeg(t, 90), ON).info.get(COLOURS_FLATTENED) for t in tiles)
+    reading = picture_descriptors(heavy)
+    assert all(r is None for r in reading.ramps) and not reading.unsure.any()
+    assert np.array_equal(reading.descriptors, structure_descriptors(heavy))
+    # The same pixels unmarked: some of them read as ramps.
+    unmarked = [Image.fromarray(np.asarray(im)) for im in heavy]
+    assert any(r is not None for r in picture_descriptors(unmarked).ramps)
