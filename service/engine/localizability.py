@@ -47,8 +47,9 @@ from PIL import Image
 #: Version of the features and of the stored model's layout (3: the best layout match is
 #: measured with pictures in false colour laid out along their colour ramps; 4: ramps that
 #: turn sharply read with the tips of their bends). Pictures whose colours a codec flattened
-#: are laid out by luminance since format 4 was set: no new format, as a verdict's fit tiles
-#: (JPEG quality 35 and above) are almost never such pictures.
+#: are laid out by luminance since format 4 was set: no new format, as few of a verdict's fit
+#: tiles (JPEG quality 35 and above) are smoothed on decoding (8 %), and of those only the few
+#: whose colours fell on one curve were read as ramps.
 FORMAT = 4
 #: Side of the square the image statistics are measured on.
 SIDE = 64
