@@ -94,9 +94,11 @@ def decode_image(data: bytes, limits: ImageLimits, *, name: str = "image") -> Im
             img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img).convert("RGB")
-            if limits.deblock_above and blockiness(img) >= limits.deblock_above:
+            flattened = bool(limits.deblock_above) and blockiness(img) >= limits.deblock_above
+            if flattened:
                 img = img.filter(ImageFilter.GaussianBlur(DEBLOCK_RADIUS))
-                img.info[COLOURS_FLATTENED] = True  # not to be read as a colour ramp
+            # Set either way: a PNG text chunk of the same name lands in info too.
+            img.info[COLOURS_FLATTENED] = flattened  # True: not to be read as a colour ramp
             return img
     except InputImageError:
         raise

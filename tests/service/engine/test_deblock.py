@@ -90,3 +90,17 @@ def test_a_picture_whose_colours_the_codec_flattened_is_never_read_as_a_ramp():
     # The same pixels unmarked: some of them read as ramps.
     unmarked = [Image.fromarray(np.asarray(im)) for im in heavy]
     assert any(r is not None for r in picture_descriptors(unmarked).ramps)
+
+
+def test_a_picture_cannot_claim_flattened_colours_itself():
+    """The mark is the decoder's alone: a PNG text chunk of the same name does not set it."""
+    from PIL import PngImagePlugin
+
+    from encoders.structure import COLOURS_FLATTENED
+
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text(COLOURS_FLATTENED, "yes")
+    buf = io.BytesIO()
+    _tiles(1)[0].save(buf, format="PNG", pnginfo=meta)
+    assert Image.open(io.BytesIO(buf.getvalue())).info.get(COLOURS_FLATTENED) == "yes"
+    assert decode_image(buf.getvalue(), ON).info[COLOURS_FLATTENED] is False
