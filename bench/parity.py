@@ -13,6 +13,9 @@ with its 95 % interval (mean +- 1.96 standard errors). An interval wholly below 
 pipeline is worse; one that holds zero says the draws cannot tell them apart.
 
     .venv/bin/python bench/parity.py [--kinds blur,jpeg8,lsmask] [--draws 5] [--per-set 400]
+        [--first-draw 0]
+
+``--first-draw 5`` gives draws 5-9: other pictures than the reported 0-4, for choosing.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--kinds", default="blur,jpeg8,lsmask")
     ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--first-draw", type=int, default=0, help="number of the first draw")
     ap.add_argument("--per-set", type=int, default=400)
     ap.add_argument("--calib", type=int, default=2000)
     ap.add_argument("--res", type=int, default=4)
@@ -85,7 +89,7 @@ def main() -> None:
             run_tiles(
                 kind, kind_draw(kind, args.per_set, d, mosaics), locator, options, baseline, load
             )
-            for d in range(args.draws)
+            for d in range(args.first_draw, args.first_draw + args.draws)
         ]
         pixel = np.concatenate([r.pixel_km for r in results])
         ours = np.concatenate([r.pipeline_km for r in results])

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import io
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -107,6 +109,16 @@ def serve(data_dir: Path, port: int, batching: bool, workers: int) -> subprocess
     raise SystemExit("server did not become ready")
 
 
+def _copy_tree(src: Path, dst: Path) -> None:
+    """``src`` copied to ``dst`` as hard links where the file system allows (no space), else as
+    copies (another file system: a tmpfs /tmp)."""
+    try:
+        shutil.copytree(src, dst, copy_function=os.link)
+    except (OSError, shutil.Error):
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=20)
@@ -117,11 +129,18 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     data = Path(tempfile.mkdtemp(prefix="geoloc-bench-svc-"))
+    atexit.register(shutil.rmtree, data, True)  # the servers are stopped by then
     env = {**os.environ, "GEOLOC_DATA_DIR": str(data)}
     geoloc = str(ROOT / ".venv/bin/geoloc")
     if args.data is not None:
-        for part in ("indexes", "calibrations"):  # hard links: the copy costs no space
-            subprocess.run(["cp", "-al", str(args.data / part), str(data / part)], check=True)
+        if not (args.data / "indexes").is_dir():
+            raise SystemExit(
+                f"{args.data} has no indexes/ folder: not a data dir geoloc setup made"
+            )
+        for part in ("indexes", "calibrations"):
+            if (args.data / part).is_dir():
+                _copy_tree(args.data / part, data / part)
+        # A fresh database: each index's newest version on disk is served.
         served = f"the set-up in {args.data} (gallery, reference images, calibration, verdict)"
     subprocess.run([geoloc, "db", "upgrade"], env=env, check=True, capture_output=True)
     if args.data is None:

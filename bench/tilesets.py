@@ -117,7 +117,9 @@ def read_pictures(
     """What the service reads from the pictures before the pipeline (``Locator.read``): their
     structure descriptors (along their colour ramps, turned the way their best reference
     match runs; None where the locator compares no structure) and the grey views of those in
-    false colour, which ``locate_embeddings`` locates as well (``views=``)."""
+    false colour, which ``locate_embeddings`` locates as well (``views=``). The files are
+    opened as stored, as ``embed`` opens them: a heavy JPEG is neither smoothed nor marked as
+    the service's decoder does (bench/shift.py and bench/parity.py decode as it does)."""
     chunks, views = [], []
     for s in range(0, len(rows), batch):
         described, seen = locator.read([Image.open(r.path) for r in rows[s : s + batch]])

@@ -57,6 +57,7 @@ from tilesets import (
     read_pictures,
     read_rows,
     served_locator,
+    short_hash,
     tileset,
     write_labelled,
 )
@@ -131,8 +132,9 @@ def validation_draw(
 ) -> list:
     """``n`` clean land tiles ``width_km`` wide (None: log-uniform over 470-1,180 km, as the
     shifted sets), each passed through ``shift``: a validation draw of its own (seeded by
-    VAL_SEED, ``name`` and ``salt``), cached under bench/out. ``mosaic``: the rendering of the
-    Earth the tiles are drawn from (default bmng.jpg)."""
+    VAL_SEED, the length of ``name`` and ``salt``: sets whose names are as long share their
+    places, a paired design), cached under bench/out. ``mosaic``: the rendering of the Earth
+    the tiles are drawn from (default bmng.jpg)."""
 
     def write(tmp: Path) -> None:
         rng = np.random.default_rng([VAL_SEED, len(name), *salt])
@@ -150,7 +152,15 @@ def validation_draw(
             ),
         )
 
-    return read_rows(cached_set(OUT / f"val-{name}-{n}-{VAL_SEED}-{SIZE}px", write))
+    key = (
+        ""
+        if width_km is None and not salt and mosaic is None
+        else "-"
+        + short_hash(
+            repr((width_km, salt, None if mosaic is None else mosaic[::97, ::97].tobytes()))
+        )
+    )  # the sets cached before these arguments existed keep their folders
+    return read_rows(cached_set(OUT / f"val-{name}-{n}-{VAL_SEED}-{SIZE}px{key}", write))
 
 
 def register_hypsometric() -> None:

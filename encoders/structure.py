@@ -167,7 +167,7 @@ def _describe(images: Sequence[Image.Image], follow_ramps: bool) -> PictureReadi
         if side < 1:
             continue
         box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-        readable = follow_ramps and not img.info.get(COLOURS_FLATTENED)
+        readable = follow_ramps and img.info.get(COLOURS_FLATTENED) is not True
         read = _ramp_grid(img, box) if readable else None
         grid = None if read is None else read[0]
         if read is not None:

@@ -537,9 +537,9 @@ class LocalizabilityModel:
             if phrase and abs(z[i]) >= _UNUSUAL_Z:
                 candidates.append((rank, abs(float(z[i])), phrase))
         far = [c for c in candidates if c[1] >= _FAR_Z]
-        far = [c for c in far if c[1] >= _NAMED_SHARE * max(f[1] for f in far)]
         if far:
-            return min(far)[2]
+            furthest = max(c[1] for c in far)
+            return min(c for c in far if c[1] >= _NAMED_SHARE * furthest)[2]
         return max(candidates, key=lambda c: c[1])[2] if candidates else ""
 
     def judge(self, x: np.ndarray, abstain_below: float | None = None) -> list[dict[str, Any]]:

@@ -126,7 +126,7 @@ def test_the_reason_names_a_preferred_feature_unless_another_is_much_further_out
     """Straight edges are named before hard edges, but not when the edges are hard everywhere
     and only a few are straight (a photo), nor a feature only a little outside the domain."""
     model = judged.locator.judge
-    hv, hard = L.FEATURES.index("hv_edge_share"), L.FEATURES.index("strong_edge_share")
+    hv, hard = model.features.index("hv_edge_share"), model.features.index("strong_edge_share")
 
     def why(z_hv: float, z_hard: float) -> str:
         x = model.typical_median.copy()
