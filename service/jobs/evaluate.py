@@ -24,6 +24,8 @@ from service.engine.scores import (
 from service.jobs.datasets import LabelledImage
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from service.config import Settings
     from service.engine.calibration import Calibration
 
@@ -37,12 +39,16 @@ class Embedded:
     stats: np.ndarray | None = None
     #: (n, d) structure descriptors verification compares; None: the locator has none.
     structure: np.ndarray | None = None
+    #: (n,) the grey views of pictures in false colour (``Locator.read``), None for the others;
+    #: None: no picture has one. Kept until located, as the service locates them too.
+    views: list[Image.Image | None] | None = None
 
-    def part(self, rows: slice) -> dict[str, np.ndarray | None]:
+    def part(self, rows: slice) -> dict[str, Any]:
         """The pictures' keyword arguments of ``Locator.locate_embeddings`` for ``rows``."""
         return {
             "image_stats": None if self.stats is None else self.stats[rows],
             "structure": None if self.structure is None else self.structure[rows],
+            "views": None if self.views is None else self.views[rows],
         }
 
 
@@ -57,13 +63,15 @@ def embed_rows(
 ) -> Embedded:
     """Read and embed the images in batches; unreadable ones become problem lines. With
     ``image_stats``, also the pictures' localizability statistics; where the locator
-    compares structure, their structure descriptors."""
+    compares structure, their structure descriptors; and the grey views of those in false
+    colour, located too when the service would locate them (``Locator.read``)."""
     from service.engine.localizability import image_statistics_many
 
     kept: list[LabelledImage] = []
     vectors: list[np.ndarray] = []
     stats: list[np.ndarray] = []
     structure: list[np.ndarray] = []
+    views: list[Image.Image | None] = []
     problems: list[str] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -74,8 +82,10 @@ def embed_rows(
             vectors.append(locator.embed(images))
             if image_stats:
                 stats.append(image_statistics_many(images))
-            if locator.compares_structure:
-                structure.append(locator.structure(images))
+            described, seen = locator.read(images)  # as the service reads them
+            if described is not None:
+                structure.append(described)
+            views += seen
         if progress is not None:
             progress(len(chunk))
     dim = locator.model.embed_dim
@@ -85,6 +95,7 @@ def embed_rows(
         problems,
         (np.concatenate(stats) if stats else np.zeros((0, 0))) if image_stats else None,
         np.concatenate(structure) if structure else None,
+        views if any(v is not None for v in views) else None,
     )
 
 
