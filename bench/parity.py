@@ -47,7 +47,7 @@ from service.engine.images import read_image_file
 SHOWN_KM = (25, 200, 750, 2500)
 
 
-def kind_draw(kind: str, n: int, draw: int, mosaics: dict[str, np.ndarray]) -> list:
+def kind_draw(kind: str, n: int, draw: int) -> list:
     """Draw number ``draw`` of ``n`` pictures of ``kind``."""
     name = f"parity-{kind}-{draw}"
     if kind.startswith("zoom"):
@@ -55,9 +55,7 @@ def kind_draw(kind: str, n: int, draw: int, mosaics: dict[str, np.ndarray]) -> l
     if kind in SHIFTS:
         return validation_draw(name, n, None, SHIFTS[kind][1], salt=(draw,))
     if kind in RENDERINGS:
-        if kind not in mosaics:
-            mosaics[kind] = RENDERINGS[kind][1]()
-        return validation_draw(name, n, None, lambda im: im, (draw,), mosaics[kind])
+        return validation_draw(name, n, None, lambda im: im, (draw,), kind)
     raise SystemExit(
         f"unknown kind {kind!r}: one of {', '.join([*SHIFTS, *RENDERINGS])} or zoom<km>"
     )
@@ -82,13 +80,10 @@ def main() -> None:
     options = settings.locate_options()
     baseline = PixelBaseline(refs)
     load = partial(read_image_file, limits=settings.image_limits())
-    mosaics: dict[str, np.ndarray] = {}
     rows = []
     for kind in args.kinds.split(","):
         results = [
-            run_tiles(
-                kind, kind_draw(kind, args.per_set, d, mosaics), locator, options, baseline, load
-            )
+            run_tiles(kind, kind_draw(kind, args.per_set, d), locator, options, baseline, load)
             for d in range(args.first_draw, args.first_draw + args.draws)
         ]
         pixel = np.concatenate([r.pixel_km for r in results])

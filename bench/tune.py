@@ -38,7 +38,18 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shift import SIZE, _blur, _colormap, _gamma, _grayscale, _haze, _hue, _jpeg, scale_for
+from shift import (
+    RENDERINGS,
+    SIZE,
+    _blur,
+    _colormap,
+    _gamma,
+    _grayscale,
+    _haze,
+    _hue,
+    _jpeg,
+    scale_for,
+)
 from tilesets import (
     CALIB_SEED,
     OUT,
@@ -128,13 +139,13 @@ def validation_draw(
     width_km: float | None,
     shift,
     salt: tuple = (),
-    mosaic: np.ndarray | None = None,
+    rendering: str | None = None,
 ) -> list:
     """``n`` clean land tiles ``width_km`` wide (None: log-uniform over 470-1,180 km, as the
     shifted sets), each passed through ``shift``: a validation draw of its own (seeded by
     VAL_SEED, the length of ``name`` and ``salt``: sets whose names are as long share their
-    places, a paired design), cached under bench/out. ``mosaic``: the rendering of the Earth
-    the tiles are drawn from (default bmng.jpg)."""
+    places, a paired design), cached under bench/out. ``rendering``: one of bench/shift.py's
+    other Earth images to draw the tiles from (default bmng.jpg)."""
 
     def write(tmp: Path) -> None:
         rng = np.random.default_rng([VAL_SEED, len(name), *salt])
@@ -143,7 +154,7 @@ def validation_draw(
             widths = np.exp(rng.uniform(np.log(470.0), np.log(1180.0), n))
         else:
             widths = np.full(n, float(width_km))
-        earth = load_map() if mosaic is None else mosaic
+        earth = load_map() if rendering is None else RENDERINGS[rendering][1]()
         write_labelled(
             tmp,
             (
@@ -152,14 +163,9 @@ def validation_draw(
             ),
         )
 
-    key = (
-        ""
-        if width_km is None and not salt and mosaic is None
-        else "-"
-        + short_hash(
-            repr((width_km, salt, None if mosaic is None else mosaic[::97, ::97].tobytes()))
-        )
-    )  # the sets cached before these arguments existed keep their folders
+    drawn = (width_km, salt, rendering)
+    # Sets cached before these arguments existed keep their folders.
+    key = "" if drawn == (None, (), None) else f"-{short_hash(drawn)}"
     return read_rows(cached_set(OUT / f"val-{name}-{n}-{VAL_SEED}-{SIZE}px{key}", write))
 
 

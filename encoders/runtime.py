@@ -80,21 +80,22 @@ VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 @functools.cache
-def has_vnni() -> bool:
-    """Whether this CPU sums 8-bit products without int16 saturation (x86 with VNNI, as Linux
-    reports it). Anything else, including an unreadable /proc/cpuinfo and other architectures
-    whose kernels were not measured here, counts as without: 7-bit weights hold everywhere."""
-    if platform.machine().lower() not in {"x86_64", "amd64"}:
-        return False
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (/proc/cpuinfo); empty where unreadable."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
-        [],
-    )
-    return not VNNI_FLAGS.isdisjoint(flags)
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def has_vnni() -> bool:
+    """Whether this CPU sums 8-bit products without int16 saturation (x86 with VNNI). Anything
+    else, including other architectures whose kernels were not measured here, counts as
+    without: 7-bit weights hold everywhere."""
+    x86 = platform.machine().lower() in {"x86_64", "amd64"}
+    return x86 and not VNNI_FLAGS.isdisjoint(cpu_flags())
 
 
 def quantization(precision: str, portable: bool = False) -> str | None:
@@ -112,16 +113,13 @@ def _quantization_problem(found: str | None, precision: str, portable: bool) -> 
         return None if found is None else f"its fp32 graph records a quantisation ({found!r})"
     if found == INT8_7BIT or (found == INT8_8BIT and has_vnni() and not portable):
         return None
-    if found == INT8_8BIT and portable:
-        return (
-            "its weights use the full 8-bit range, which CPUs without VNNI multiply with int16 "
-            "saturation, and GEOLOC_IMAGE_INT8_PORTABLE asks for weights that run on any CPU"
-        )
     if found == INT8_8BIT:
-        return (
-            "its weights use the full 8-bit range, which this CPU (without VNNI) multiplies "
-            "with int16 saturation"
+        why = (
+            "GEOLOC_IMAGE_INT8_PORTABLE asks for weights that run on any CPU"
+            if portable
+            else "this CPU has no VNNI"
         )
+        return f"its weights use the full 8-bit range, which saturates without VNNI ({why})"
     return (
         f"its weights were quantised as {found or 'full 8-bit int8'!r}, "
         f"not as this version quantises them ({quantization(precision, portable)!r})"
@@ -266,14 +264,14 @@ def quantize_tower(
     int8: Path,
     *,
     unsigned: bool = False,
-    reduce_range: bool | None = None,
+    reduce_range: bool = True,
     block_size: int = 0,
 ) -> None:
     """int8 weights for the matrix products (MatMul/Gemm): the transformer's cost; the patch
-    convolution and normalisations stay fp32. The defaults are the export's (``quantization``:
-    weights within 7 bits, ``reduce_range``, unless this CPU has VNNI); bench/int8.py compares
-    the others: ``unsigned`` weights (uint8, the slower uint8 x uint8 kernels), 8-bit or 7-bit
-    ones whatever the CPU (``reduce_range`` False or True), and
+    convolution and normalisations stay fp32. Weights within 7 bits by default
+    (``reduce_range``; the export passes False where ``quantization`` says INT8_8BIT);
+    bench/int8.py compares the others: ``unsigned`` weights (uint8, the slower uint8 x uint8
+    kernels), and
     ``block_size`` > 0: ONNX Runtime's MatMulNBits, 8-bit weights with one scale per block of
     that many input rows, whose activations are quantised per row and block as well."""
     if block_size:
@@ -294,7 +292,7 @@ def quantize_tower(
             # cell stayed torch's for 95.0 % of them, against 93.9 % with one per tensor.
             per_channel=True,
             # 7-bit weights: no int16 saturation on CPUs without VNNI (INT8_7BIT).
-            reduce_range=not has_vnni() if reduce_range is None else reduce_range,
+            reduce_range=reduce_range,
         )
     finally:
         root.removeFilter(quiet)

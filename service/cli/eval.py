@@ -30,7 +30,12 @@ def _read_eval_rows(data: Path, skip_bad: bool, limit: int) -> list[Any]:
 
 
 def _embed_rows(
-    loc: Any, rows: list[Any], s: Settings, batch_size: int, image_stats: bool = False
+    loc: Any,
+    rows: list[Any],
+    s: Settings,
+    batch_size: int,
+    image_stats: bool = False,
+    grey_views: bool = False,
 ) -> Any:
     from service.jobs.evaluate import embed_rows
 
@@ -42,6 +47,7 @@ def _embed_rows(
             batch_size=batch_size,
             progress=bar.update,
             image_stats=image_stats,
+            grey_views=grey_views,
         )
     for p in emb.problems:
         typer.echo(f"error: {p}", err=True)
@@ -115,7 +121,7 @@ def eval_cmd(
         **({} if region_res is None else {"region_res": region_res}),
     )
     opts.validate(max_top_k=s.max_top_k, max_retrieve_k=s.max_retrieve_k)
-    emb = _embed_rows(loc, rows, s, batch_size, image_stats=loc.judge is not None)
+    emb = _embed_rows(loc, rows, s, batch_size, image_stats=loc.judge is not None, grey_views=True)
     results = []
     with typer.progressbar(length=len(emb.rows), label="locating", file=sys.stderr) as bar:
         for start in range(0, len(emb.rows), batch_size):

@@ -427,7 +427,7 @@ class Locator:
         """The probability the answer would state for its first place (its mass nearby); the
         first place alone, with no region, countries or place names."""
         lean = dataclasses.replace(options, top_k=1, describe=False)
-        first = self._describe(scored.copy(), lean, temperature, region=False).candidates
+        first = self._describe(scored.copy(), lean, temperature, with_region=False).candidates
         return first[0].probability if first else 0.0
 
     def _verified(
@@ -771,10 +771,10 @@ class Locator:
             s.pool.exact[m] = True
 
     def _describe(
-        self, scored: Scored, opt: LocateOptions, temperature: float, region: bool = True
+        self, scored: Scored, opt: LocateOptions, temperature: float, with_region: bool = True
     ) -> LocateResult:
-        """Softmax, uncertainty region (unless not ``region``: nor countries), diversify and
-        describe one scored pool."""
+        """Softmax, uncertainty region and countries (``with_region``), diversify and describe
+        one scored pool."""
         draft = scored.copy()  # before the pool is sorted and cut, for ``revise``
         pool, stages, timer, t = scored.pool, scored.stages, scored.timer, scored.t
         probs = _probabilities(scored, temperature)
@@ -791,9 +791,9 @@ class Locator:
         # that abstains states neither: they would present it as confident.
         verdict = dict(scored.verdict) if scored.verdict is not None else None
         abstained = verdict is not None and verdict["abstained"]
-        wants_region, region = region, None
+        region = None
         country_probs: list[dict[str, Any]] = []
-        if len(probs) and not abstained and wants_region:
+        if len(probs) and not abstained and with_region:
             reg = uncertainty_region(pool.latlon, probs, res=opt.region_res, share=opt.region_share)
             region = {
                 "share": reg.share,

@@ -60,11 +60,13 @@ def embed_rows(
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     image_stats: bool = False,
+    grey_views: bool = False,
 ) -> Embedded:
     """Read and embed the images in batches; unreadable ones become problem lines. With
     ``image_stats``, also the pictures' localizability statistics; where the locator
-    compares structure, their structure descriptors; and the grey views of those in false
-    colour, located too when the service would locate them (``Locator.read``)."""
+    compares structure, their structure descriptors; with ``grey_views``, the grey views of
+    those in false colour, for ``locate_embeddings`` to locate as the service does
+    (``Locator.read``)."""
     from service.engine.localizability import image_statistics_many
 
     kept: list[LabelledImage] = []
@@ -82,10 +84,13 @@ def embed_rows(
             vectors.append(locator.embed(images))
             if image_stats:
                 stats.append(image_statistics_many(images))
-            described, seen = locator.read(images)  # as the service reads them
+            if grey_views:
+                described, seen = locator.read(images)  # as the service reads them
+                views += seen
+            else:
+                described = locator.structure(images)
             if described is not None:
                 structure.append(described)
-            views += seen
         if progress is not None:
             progress(len(chunk))
     dim = locator.model.embed_dim

@@ -40,7 +40,7 @@ def test_eval_locates_false_colour_pictures_from_their_grey_views_as_the_service
     limits = settings.image_limits()
     opts = LocateOptions(top_k=1)
 
-    emb = embed_rows(locator, rows, limits=limits, batch_size=8)
+    emb = embed_rows(locator, rows, limits=limits, batch_size=8, grey_views=True)
     assert emb.views is not None and sum(v is not None for v in emb.views) >= 14
     measured = []
     for start in range(0, len(rows), 8):
