@@ -8,7 +8,8 @@ over cheap features:
   ``SIDE`` px, centre crop): colour, saturation, gradients, flat and clipped pixels,
   high-frequency energy and spectral slope, luma entropy, strong axis-aligned edges (text,
   buildings), a bright or blue top (sky), colour count, how much the picture changes across
-  its area;
+  its area, how plain its border is and how far its middle is from the border (one thing on
+  a backdrop);
 - **answer shape** from the pipeline: the best gallery cosine, the entropy and top-1/top-2
   gap of the softmax over the best ``GALLERY_K`` gallery points, the mean cosine to the
   ``NEIGHBOURS_K`` nearest reference images and the best layout match among the reference
@@ -46,11 +47,12 @@ from PIL import Image
 
 #: Version of the features and of the stored model's layout (3: the best layout match is
 #: measured with pictures in false colour laid out along their colour ramps; 4: ramps that
-#: turn sharply read with the tips of their bends). Pictures whose colours a codec flattened
-#: are laid out by luminance since format 4 was set: no new format, as few of a verdict's fit
-#: tiles (JPEG quality 35 and above) are smoothed on decoding (8 %), and of those only the few
-#: whose colours fell on one curve were read as ramps.
-FORMAT = 4
+#: turn sharply read with the tips of their bends; 5: how plain the picture's border is and
+#: how its middle differs from it, a thing on a backdrop). Pictures whose colours a codec
+#: flattened were laid out by luminance under format 4 without a new format, as few of a
+#: verdict's fit tiles (JPEG quality 35 and above) are smoothed on decoding (8 %), and of those
+#: only the few whose colours fell on one curve were read as ramps.
+FORMAT = 5
 #: Side of the square the image statistics are measured on.
 SIDE = 64
 #: Gallery points whose softmax gives the answer-shape features; reference neighbours averaged.
@@ -94,6 +96,8 @@ IMAGE_FEATURES: tuple[str, ...] = (
     "colour_count",
     "block_mean_std",
     "block_std_std",
+    "frame_std",
+    "frame_gap",
 )
 ANSWER_FEATURES: tuple[str, ...] = (
     "best_gallery_cos",
@@ -113,6 +117,7 @@ _REF_FEATURES = frozenset({"ref_mean_cos", "has_refs", "ref_best_structure"})
 #: unless another is more than 1 / _NAMED_SHARE times as far out (a photo with a few straight
 #: edges and hard edges everywhere has "many hard edges", a page "straight edges").
 _PHRASES: dict[str, tuple[str, str]] = {
+    "frame_gap": ("it shows one thing on a plain background", ""),
     "flat_share": ("much of it is flat colour", ""),
     "hv_edge_share": ("it has the straight edges of text or buildings", ""),
     "sky_blue": ("its top is blue like a sky", ""),
@@ -160,6 +165,16 @@ _LOGF = np.log(np.sqrt(_EDGES[:-1] * _EDGES[1:]))
 _SLOPE = (_LOGF - _LOGF.mean()) / ((_LOGF - _LOGF.mean()) ** 2).sum()
 #: |sin 2θ| below this: a gradient within 10 degrees of horizontal or vertical.
 _AXIS = math.sin(math.radians(20))
+#: The picture's border (its outer SIDE // 10 pixels) and its middle (the central half of each
+#: side), as flat pixel masks: a thing photographed on a backdrop (a product, a coin, the
+#: Moon, an eye's fundus) has a plain border and a middle unlike it; a view of the Earth
+#: runs on past its edges.
+_RING = SIDE // 10
+_I = np.arange(SIDE)
+_EDGE = np.minimum(_I, SIDE - 1 - _I)  # distance to the nearer edge along one axis
+_D = np.minimum(_EDGE[:, None], _EDGE[None, :])
+_BORDER = (_D < _RING).ravel()
+_MIDDLE = (_D >= SIDE // 4).ravel()
 
 
 def frame(img: Image.Image) -> np.ndarray:
@@ -240,6 +255,9 @@ def image_statistics_many(images: Sequence[Image.Image]) -> np.ndarray:
     blocks = blocks.transpose(0, 1, 3, 2, 4).reshape(n, 16, -1)
     b_mean, b_std = blocks.mean(axis=2), blocks.std(axis=2)
     p90 = np.partition(g, int(0.9 * (g.shape[1] - 1)), axis=1)[:, int(0.9 * (g.shape[1] - 1))]
+    ring, middle = x[:, :, _BORDER], x[:, :, _MIDDLE]
+    frame_std = ring.std(axis=2).mean(axis=1)
+    frame_gap = np.linalg.norm(middle.mean(axis=2) - ring.mean(axis=2), axis=1)
     return np.column_stack(
         [
             mean,
@@ -262,6 +280,8 @@ def image_statistics_many(images: Sequence[Image.Image]) -> np.ndarray:
             colours,
             b_mean.std(axis=1) / (lum.std(axis=1) + 0.02),
             b_std.std(axis=1) / (b_std.mean(axis=1) + 0.02),
+            frame_std,
+            frame_gap,
         ]
     ).astype(np.float64)
 

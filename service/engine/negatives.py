@@ -40,6 +40,8 @@ KINDS: tuple[str, ...] = (
     "brick",
     "scene",
     "blurred",
+    "object",
+    "micrograph",
 )
 #: Kinds drawn to look like photographs: negatives only for profiles that are not for photos.
 PHOTO_LIKE: frozenset[str] = frozenset({"scene", "dead_leaves"})
@@ -413,6 +415,122 @@ def scene(rng: Rng) -> Image.Image:
     return canvas
 
 
+def _smooth_mask(inside: np.ndarray, soft: float, rng: Rng) -> np.ndarray:
+    """A 0/1 mask with edges blurred over ``soft`` px (a lens's, not a map's, edge)."""
+    img = Image.fromarray((inside * 255).astype(np.uint8))
+    if soft > 0:
+        img = img.filter(ImageFilter.GaussianBlur(soft))
+    return np.asarray(img, np.float32)[..., None] / 255.0
+
+
+def _backdrop(rng: Rng, w: int, h: int) -> np.ndarray:
+    """A studio backdrop: near black, near white or a pale neutral, a little uneven."""
+    r = rng.random()
+    tone = rng.uniform(0.0, 0.035) if r < 0.45 else rng.uniform(0.9, 1.0) if r < 0.8 else None
+    base = np.full(3, tone) if tone is not None else rng.uniform(0.5, 0.85) + rng.normal(0, 0.02, 3)
+    gx, gy = _grid(w, h)
+    a = rng.uniform(0, 2 * np.pi)
+    shade = rng.uniform(0, 0.05) * (gx * np.cos(a) + gy * np.sin(a) - 0.5)
+    return np.clip(base + shade[..., None], 0, 1)
+
+
+def object_on_backdrop(rng: Rng) -> Image.Image:
+    """One textured, shaded object on a plain backdrop (product shots, coins, planets and
+    moons, dishes, eye fundus photographs): a disc, an ellipse or a lobed blob filling 30-95 %
+    of the short side."""
+    w, h = _size(rng)
+    gx, gy = _grid(w, h)
+    s = max(w, h)
+    cx = (w / s) * rng.uniform(0.35, 0.65)
+    cy = (h / s) * rng.uniform(0.35, 0.65)
+    r0 = 0.5 * rng.uniform(0.3, 0.95) * min(w, h) / s
+    dx, dy = gx - cx, gy - cy
+    ang = np.arctan2(dy, dx)
+    rr = np.hypot(dx, dy)
+    shape = rng.choice(["disc", "ellipse", "blob"])
+    if shape == "ellipse":
+        t = rng.uniform(0, np.pi)
+        e = rng.uniform(0.45, 0.9)
+        u, v = dx * np.cos(t) + dy * np.sin(t), -dx * np.sin(t) + dy * np.cos(t)
+        rr = np.hypot(u, v / e)
+    elif shape == "blob":
+        for k in range(2, 6):  # a few smooth lobes
+            rr = rr * (1 + rng.uniform(0, 0.12) * np.cos(k * ang + rng.uniform(0, 2 * np.pi)))
+    inside = (rr <= r0).astype(np.float32)
+    mask = _smooth_mask(inside, rng.uniform(0, 0.01) * s, rng)
+    tex = _fractal(rng, w, h, float(rng.uniform(1.5, 3.2)))
+    fill = _palette(rng, tex) if rng.random() < 0.6 else np.repeat(tex[..., None], 3, -1)
+    fill = fill * rng.uniform(0.3, 1.0) + (1 - rng.uniform(0.3, 1.0)) * _colour(rng) * 0.5
+    q = np.clip(rr / max(r0, 1e-6), 0, 1)
+    if rng.random() < 0.7:  # shaded: a sphere's limb, or light from one side
+        lx, ly = rng.normal(0, 0.5, 2)
+        light = np.sqrt(1 - q**2) + 0.3 * (lx * dx + ly * dy) / max(r0, 1e-6)
+        fill = fill * np.clip(light, 0.05, 1.2)[..., None] ** rng.uniform(0.3, 1.0)
+    draw_on = _image(np.clip(fill, 0, 1))
+    draw = ImageDraw.Draw(draw_on)
+    for _ in range(int(rng.integers(0, 25))):  # craters, spots, vessels, specks
+        px, py = rng.uniform(-r0, r0, 2) * 0.8 + (cx, cy)
+        pr = rng.uniform(0.01, 0.12) * r0 * s
+        c = _rgb(np.clip(fill.mean((0, 1)) * rng.uniform(0.3, 1.6), 0, 1))
+        if rng.random() < 0.5:
+            draw.ellipse((px * s - pr, py * s - pr, px * s + pr, py * s + pr), outline=c)
+        else:
+            a = rng.uniform(0, 2 * np.pi)
+            ln = rng.uniform(0.2, 0.9) * r0 * s
+            draw.line(
+                (px * s, py * s, px * s + ln * np.cos(a), py * s + ln * np.sin(a)),
+                fill=c,
+                width=int(rng.integers(1, 4)),
+            )
+    obj = np.asarray(draw_on, np.float32) / 255.0
+    x = mask * obj + (1 - mask) * _backdrop(rng, w, h)
+    return _image(x + rng.uniform(0, 0.01) * rng.standard_normal((h, w, 1)))
+
+
+#: Stains of light microscopy as (background, cytoplasm, nucleus) colours: haematoxylin and
+#: eosin, DAB with a blue counterstain, Giemsa, and unstained grey.
+_STAINS = np.array(
+    [
+        [(0.95, 0.88, 0.92), (0.90, 0.55, 0.72), (0.35, 0.20, 0.55)],
+        [(0.93, 0.92, 0.90), (0.62, 0.42, 0.25), (0.30, 0.35, 0.65)],
+        [(0.92, 0.90, 0.95), (0.80, 0.60, 0.80), (0.45, 0.15, 0.50)],
+        [(0.78, 0.78, 0.78), (0.60, 0.60, 0.60), (0.30, 0.30, 0.30)],
+    ]
+)
+
+
+def micrograph(rng: Rng) -> Image.Image:
+    """Cells under a microscope: many round cells of similar size, each with a nucleus, in a
+    stain's colours on a light field, or fluorescent on black."""
+    w, h = _size(rng)
+    fluo = rng.random() < 0.3
+    if fluo:
+        back = np.full(3, rng.uniform(0, 0.05))
+        glow = np.eye(3)[rng.integers(0, 3)] * 0.8 + rng.uniform(0, 0.2, 3)
+        cyto, nucleus = glow * rng.uniform(0.3, 0.6), np.array([0.2, 0.3, 1.0]) * 0.9
+    else:
+        back, cyto, nucleus = _STAINS[rng.integers(0, len(_STAINS))] * rng.uniform(0.9, 1.05)
+    r_cell = rng.uniform(0.02, 0.08) * min(w, h)
+    density = rng.uniform(0.2, 1.2)
+    n = int(min(3000, density * w * h / (np.pi * r_cell**2)))
+    img = _image(np.ones((h, w, 3)) * back)
+    draw = ImageDraw.Draw(img)
+    for _ in range(n):
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        rx, ry = r_cell * rng.uniform(0.7, 1.3, 2)
+        c = np.clip(cyto * rng.uniform(0.8, 1.2), 0, 1)
+        draw.ellipse((x - rx, y - ry, x + rx, y + ry), fill=_rgb(c), outline=_rgb(c * 0.7))
+        nr = rng.uniform(0.25, 0.55)
+        ox, oy = rng.normal(0, 0.15, 2) * (rx, ry)
+        draw.ellipse(
+            (x + ox - rx * nr, y + oy - ry * nr, x + ox + rx * nr, y + oy + ry * nr),
+            fill=_rgb(np.clip(nucleus * rng.uniform(0.8, 1.2), 0, 1)),
+        )
+    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.02 * min(w, h) + 0.5)))
+    x = np.asarray(img, np.float32) / 255.0
+    return _image(x + rng.uniform(0.005, 0.04) * rng.standard_normal((h, w, 1)))
+
+
 _BASE: dict[str, Callable[[Rng], Image.Image]] = {
     "white_noise": white_noise,
     "pink_noise": pink_noise,
@@ -426,6 +544,8 @@ _BASE: dict[str, Callable[[Rng], Image.Image]] = {
     "gravel": gravel,
     "brick": brick,
     "scene": scene,
+    "object": object_on_backdrop,
+    "micrograph": micrograph,
 }
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from api_fixtures import FIT_TILES, NEGATIVES_PER_KIND
 from api_helpers import tile_bytes
-from PIL import Image
+from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from index.store import new_version
@@ -388,3 +388,25 @@ def test_negative_kinds_follow_the_profile_domain():
     c = [np.asarray(im) for _, im in negatives(("pink_noise", "text"), 2, TEST_SEED)]
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert not any(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_a_thing_on_a_backdrop_reads_as_framed_and_a_view_of_the_earth_does_not(tmp_path):
+    """frame_gap / frame_std: a plain border around a middle unlike it (the Moon on black, a
+    product on white) against views of the Earth, which run on past their edges."""
+    rng = np.random.default_rng(3)
+    things = [im for _, im in negatives(("object",), 40, TEST_SEED)]
+    held = write_bluemarble_set(tmp_path / "held", 40, seed=617, kind="test", progress=False)
+    tiles = [Image.open(r.path).convert("RGB") for r in read_labelled_csv(held)[0]]
+    gap, spread = L.IMAGE_FEATURES.index("frame_gap"), L.IMAGE_FEATURES.index("frame_std")
+    a, b = L.image_statistics_many(things), L.image_statistics_many(tiles)
+    assert np.median(a[:, gap]) > 2 * np.median(b[:, gap])
+    assert np.median(a[:, spread]) < np.median(b[:, spread])
+    # A grey disc on black: border plain, middle far from it; the same disc filling the frame
+    # (a texture running past the edges) is not framed.
+    disc = Image.new("RGB", (96, 80))
+    ImageDraw.Draw(disc).ellipse((28, 20, 68, 60), fill=(180, 180, 170))
+    noise = Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8))
+    (d,), (t,) = L.image_statistics_many([disc]), L.image_statistics_many([noise])
+    assert d[spread] < 0.01 and d[gap] > 0.5
+    assert t[spread] > 0.1 and t[gap] < 0.1
+    assert "frame_gap" in L.FEATURES and L.FORMAT == 5
