@@ -10,6 +10,8 @@ Printed, within 25 / 200 / 750 km:
 - the mean single-picture rate over the albums' tiles, the best single picture of each album
   (an album counts when any of its pictures is within), and the joint answer; the share of
   albums whose joint answer misses a threshold that their best single picture meets;
+- the same for albums of narrower views (about 250-355 km wide, ``NARROW_STYLE``), where
+  single pictures are right less often;
 - robustness on 5-tile albums: the joint answer as drawn, with one tile replaced by a tile at
   least 2,000 km away, and with one replaced by a non-satellite image (bench/shift.py's
   generated sets and natural photos), with the replaced picture's mean weight and the share of
@@ -42,7 +44,7 @@ from tilesets import (
     served_setup,
 )
 
-from encoders.bluemarble import iter_tiles, sample_centres
+from encoders.bluemarble import TileStyle, iter_tiles, sample_centres
 from index.geo import is_land
 from service.config import Settings
 from service.engine.album import AlbumConfig
@@ -55,6 +57,9 @@ REPORT_SEED, TUNE_SEED = 70701, 70702
 SHOWN_KM = (25, 200, 750)
 SPREAD_KM = 50.0  # album tiles' centres lie within this of the album's place
 FOREIGN_MIN_KM = 2000.0
+#: Narrow albums: TEST_STYLE's augmentations with views about 250-355 km wide instead of
+#: 470-1,180 km (TEST_STYLE's scale 1-2.5), where single pictures are right less often.
+NARROW_STYLE = replace(TEST_STYLE, scale=(250 / 470, 355 / 470))
 EARTH_KM = 6371.0088
 
 
@@ -76,14 +81,16 @@ def offset(place: np.ndarray, rng: np.random.Generator, k: int, radius_km: float
     return np.stack([lat, lon], axis=1)
 
 
-def draw_albums(n: int, seed: int, sizes: tuple[int, int] = (3, 5)) -> list[Album]:
+def draw_albums(
+    n: int, seed: int, sizes: tuple[int, int] = (3, 5), style: TileStyle = TEST_STYLE
+) -> list[Album]:
     rng = np.random.default_rng(seed)
     places = sample_centres(n, rng, is_land)
     albums = []
     for place in places:
         k = int(rng.integers(sizes[0], sizes[1], endpoint=True))
         centres = offset(place, rng, k, SPREAD_KM)
-        albums.append(Album(place, centres, list(iter_tiles(centres, rng, TEST_STYLE))))
+        albums.append(Album(place, centres, list(iter_tiles(centres, rng, style))))
     return albums
 
 
@@ -255,6 +262,13 @@ def main() -> None:
         f"{' / '.join(str(int(s)) for s in sizes)}\n"
     )
     print(markdown_table(["", *[f"within {t} km" for t in SHOWN_KM]], single_rows(main_run)))
+
+    narrow = run(locator, options, draw_albums(n, REPORT_SEED + 20, style=NARROW_STYLE), config)
+    print(
+        f"\n### Narrow albums (seed {REPORT_SEED + 20}): {n} albums of 3-5 tiles, views about "
+        f"250-355 km wide, TEST_STYLE's colour augmentation\n"
+    )
+    print(markdown_table(["", *[f"within {t} km" for t in SHOWN_KM]], single_rows(narrow)))
 
     fives = draw_albums(max(n // 2, 10), REPORT_SEED + 10, sizes=(5, 5))
     clean = run(locator, options, fives, config)
