@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
-from shift import GENERATED, generated_set, natural_photos
+from shift import GENERATED, generated_set, natural_photos, scale_for
 from tilesets import (
     bundled_weights,
     command_line,
@@ -59,7 +59,7 @@ SPREAD_KM = 50.0  # album tiles' centres lie within this of the album's place
 FOREIGN_MIN_KM = 2000.0
 #: Narrow albums: TEST_STYLE's augmentations with views about 250-355 km wide instead of
 #: 470-1,180 km (TEST_STYLE's scale 1-2.5), where single pictures are right less often.
-NARROW_STYLE = replace(TEST_STYLE, scale=(250 / 470, 355 / 470))
+NARROW_STYLE = replace(TEST_STYLE, scale=(scale_for(250.0), scale_for(355.0)))
 EARTH_KM = 6371.0088
 
 

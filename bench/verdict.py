@@ -10,12 +10,13 @@ generated negatives, `fit_localizability`), judged on pictures bench/shift.py ne
   `not_locatable`, and flagged (`not_locatable` or `uncertain`);
 - **the newest negative kinds, drawn from another seed** (HELD_SEED): the share flagged, by a
   verdict fitted with that kind and by one fitted without it (how the verdict holds for kinds
-  of pictures it never saw).
+  of pictures it never saw; such a fit's blurred negatives blur only the kinds it keeps).
 
 Variants: the served verdict; the same without a negative kind; the same without the framing
 features (frame_std and frame_gap held constant, so the classifier cannot use them).
+``--stability``: the served fit on three other draws of the negatives and with three fit seeds.
 
-    .venv/bin/python bench/verdict.py [--per-set 300]
+    .venv/bin/python bench/verdict.py [--per-set 300] [--stability]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shift import _photo, wheel_files
+from shift import wheel_files
 from tilesets import (
     CALIB_SEED,
     OUT,
@@ -49,16 +50,19 @@ from tilesets import (
 )
 from tune import validation_sets
 
+from index.files import sha256_file
 from service.config import Settings
+from service.engine import negatives as negatives_module
 from service.engine.images import read_image_file
 from service.engine.loading import load_locator
 from service.engine.localizability import (
     FEATURES,
+    FORMAT,
     LocalizabilityModel,
     fit_localizability,
     image_statistics_many,
 )
-from service.engine.negatives import KINDS, negatives
+from service.engine.negatives import KINDS, kinds_for, negatives
 from service.jobs.calibrate import NEGATIVES_SEED
 from service.jobs.evaluate import embed_rows
 
@@ -69,6 +73,8 @@ LEFT_OUT = ("object", "micrograph")
 FRAMING = ("frame_std", "frame_gap")
 #: The seed of the left-out kinds' pictures judged here (never fitted on).
 HELD_SEED = 70801
+#: Other draws of every negative kind, for --stability.
+STABILITY_SEEDS = (21, 22, 23)
 
 
 def _grey(a: np.ndarray) -> Image.Image:
@@ -85,7 +91,7 @@ def validation_pictures(load: Callable[[Path], Image.Image]) -> dict[str, Image.
         out[name] = load(d / name)
     mri = np.frombuffer(gzip.decompress((d / "s1045.ima.gz").read_bytes()), "<u2")
     out["MRI slice (s1045.ima)"] = _grey(mri.reshape(256, 256)).convert("RGB")
-    d = wheel_files(SKLEARN_WHEEL, partial(_photo, folder="sklearn/datasets/images"))
+    d = wheel_files(SKLEARN_WHEEL, lambda m: m.startswith("sklearn/datasets/images/"))
     for name in ("china.jpg", "flower.jpg"):
         out[name] = load(d / "files/sklearn/datasets/images" / name)
     d = wheel_files(SCIPY_WHEEL, lambda m: m in ("scipy/misc/face.dat", "scipy/misc/ascent.dat"))
@@ -99,13 +105,89 @@ def validation_pictures(load: Callable[[Path], Image.Image]) -> dict[str, Image.
 def cached_rows(name: str, make: Callable[[], np.ndarray]) -> np.ndarray:
     path = OUT / f"{name}.npy"
     if not path.exists():
-        np.save(path, make())
+        tmp = path.with_suffix(".part.npy")
+        np.save(tmp, make())
+        tmp.replace(path)  # a killed run leaves no truncated file under the final name
     return np.load(path)
+
+
+def stability(
+    pos: np.ndarray,
+    features: Callable[[list[Image.Image]], np.ndarray],
+    natural: np.ndarray,
+    names: list[str],
+    tiles: dict[str, np.ndarray],
+    key: str,
+    per_kind: int,
+) -> None:
+    """The served fit on three other draws of the negatives (STABILITY_SEEDS), and on the
+    first draw with three classifier seeds: how far t_high, the validation natural pictures'
+    scores and the validation tiles' verdicts move with them."""
+    draws = {}
+    for s in STABILITY_SEEDS:
+        labelled = list(negatives(KINDS, per_kind, s))
+        x = cached_rows(
+            f"verdict-{key}-draw-{s}-{per_kind}",
+            lambda lab=labelled: features([im for _, im in lab]),
+        )
+        draws[s] = (x, [k for k, _ in labelled])
+    runs = {
+        f"negatives drawn with seeds {', '.join(map(str, STABILITY_SEEDS))}": [
+            fit_localizability(pos, *draws[s], purpose="", domain="satellite", leave_one_out=False)
+            for s in STABILITY_SEEDS
+        ],
+        f"seed {STABILITY_SEEDS[0]}'s draw, fit seeds 0, 1, 2": [
+            fit_localizability(
+                pos,
+                *draws[STABILITY_SEEDS[0]],
+                purpose="",
+                domain="satellite",
+                seed=seed,
+                leave_one_out=False,
+            )
+            for seed in (0, 1, 2)
+        ],
+    }
+    rows = []
+    for label, models in runs.items():
+        nat = np.array([m.scores(natural) for m in models])
+        judged = [
+            [np.digitize(m.scores(x), [m.t_low, m.t_high]) / 2 for x in tiles.values()]
+            for m in models
+        ]
+        not_loc = [np.mean([np.mean(j == 0) for j in js]) for js in judged]
+        flagged = [np.mean([np.mean(j < 1) for j in js]) for js in judged]
+        rows.append(
+            [
+                label,
+                " / ".join(f"{m.t_high:.3f}" for m in models),
+                " / ".join(
+                    str(int(np.sum(n < m.t_high))) for n, m in zip(nat, models, strict=True)
+                ),
+                f"{nat.std(axis=0).mean():.3f} (largest {nat.std(axis=0).max():.3f}, "
+                f"{names[int(nat.std(axis=0).argmax())]})",
+                " / ".join(pct(v) for v in not_loc),
+                " / ".join(pct(v) for v in flagged),
+            ]
+        )
+    header = [
+        "fits",
+        "t_high",
+        f"natural flagged (of {len(names)})",
+        "natural score: mean sd over fits",
+        "tiles not_locatable (mean of sets)",
+        "tiles flagged (mean of sets)",
+    ]
+    print("\nStability of the served fit:\n")
+    print(markdown_table(header, rows))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--per-set", type=int, default=300, help="validation tiles per set")
+    ap.add_argument(
+        "--stability", action="store_true", help="also: the verdict over draws and seeds"
+    )
     args = ap.parse_args()
     t0 = time.perf_counter()
     print(f"command: {command_line()}")
@@ -116,7 +198,12 @@ def main() -> None:
     # Features as `geoloc setup` fits on them: through the uncalibrated locator.
     locator = load_locator(settings.model_copy(update={"calibration": "off"}), model=served.model)
     opts = settings.locate_options(top_k=1, describe=False)
-    key = short_hash((served.model.weights_id, str(settings.data_dir), FEATURES))
+    # Rows are cached by what they depend on: weights, set-up, features, generators, seeds.
+    generators = sha256_file(Path(negatives_module.__file__))
+    seeds = (NEGATIVES_SEED, HELD_SEED)
+    key = short_hash(
+        (served.model.weights_id, str(settings.data_dir), FEATURES, FORMAT, generators, seeds)
+    )
     per_kind = settings.calibration_negatives
 
     def features(images: list[Image.Image]) -> np.ndarray:
@@ -145,6 +232,26 @@ def main() -> None:
         )
         for k in KINDS
     }
+    # `blurred` blurs pictures of the other kinds: a variant that leaves kinds out gets blurred
+    # pictures drawn from the rest only, so that it never sees the left-out kinds at all.
+    base = tuple(k for k in kinds_for("satellite") if k != "blurred")
+    blurred_without = {
+        out: cached_rows(
+            f"verdict-{key}-neg-blurred-without-{'-'.join(out)}-{per_kind}",
+            lambda out=out: features(
+                [
+                    im
+                    for _, im in negatives(
+                        ("blurred",),
+                        per_kind,
+                        NEGATIVES_SEED,
+                        blur_from=tuple(k for k in base if k not in out),
+                    )
+                ]
+            ),
+        )
+        for out in ((LEFT_OUT[0],), (LEFT_OUT[1],), LEFT_OUT)
+    }
     held = {
         k: cached_rows(
             f"verdict-{key}-held-{k}-{per_kind}",
@@ -170,17 +277,19 @@ def main() -> None:
     )
 
     def fit(kinds: tuple[str, ...], blind: tuple[str, ...]) -> Callable[[np.ndarray], np.ndarray]:
-        """The scores of a verdict fitted on ``kinds`` with the ``blind`` features held at 0,
-        relative to its thresholds: below 0 under t_low, (0, 1) between, 1 from t_high."""
+        """The judgement of a verdict fitted on ``kinds`` with the ``blind`` features held at 0:
+        0 not_locatable, 0.5 uncertain, 1 located."""
         cols = [FEATURES.index(f) for f in blind]
+        out = tuple(k for k in LEFT_OUT if k not in kinds)
+        rows = {k: blurred_without[out] if k == "blurred" and out else neg[k] for k in kinds}
 
         def hide(x: np.ndarray) -> np.ndarray:
             x = x.copy()
             x[:, cols] = 0.0
             return x
 
-        x = np.vstack([hide(neg[k]) for k in kinds])
-        labels = [k for k in kinds for _ in range(len(neg[k]))]
+        x = np.vstack([hide(rows[k]) for k in kinds])
+        labels = [k for k in kinds for _ in range(len(rows[k]))]
         m: LocalizabilityModel = fit_localizability(
             hide(pos), x, labels, purpose="", domain="satellite", leave_one_out=False
         )
@@ -220,6 +329,8 @@ def main() -> None:
     print(markdown_table(header, rows))
     print("\nValidation tiles judged not_locatable / flagged, by set:\n")
     print(markdown_table(["variant", *tiles], per_set))
+    if args.stability:
+        stability(pos, features, natural, list(pictures), tiles, key, per_kind)
     print(f"\nwall time {time.perf_counter() - t0:.0f} s")
 
 

@@ -19,8 +19,9 @@ over cheap features:
 
 The classifier (standardised features -> one hidden tanh layer -> logistic) is trained with
 outlier exposure: positives are held-out pictures of the model's domain, negatives are
-synthetic pictures of other kinds (service/engine/negatives.py), never natural photos. Two
-thresholds fitted on a validation split make the verdict: ``not_locatable`` below ``t_low``
+synthetic pictures of other kinds (service/engine/negatives.py), never natural photos. It is
+cross-fitted: one classifier per fold, trained on the other folds, the score their mean. Two
+thresholds fitted on the out-of-fold scores make the verdict: ``not_locatable`` below ``t_low``
 (about 2 % of in-domain pictures fall there), ``located`` from ``t_high`` (at most about 1 % of
 negatives reach it, and the least typical tenth of in-domain pictures stays below it),
 ``uncertain`` between: pictures that look like the domain, but less so than most it knows. The
@@ -48,7 +49,8 @@ from PIL import Image
 #: Version of the features and of the stored model's layout (3: the best layout match is
 #: measured with pictures in false colour laid out along their colour ramps; 4: ramps that
 #: turn sharply read with the tips of their bends; 5: how plain the picture's border is and
-#: how its middle differs from it, a thing on a backdrop). Pictures whose colours a codec
+#: how its middle differs from it, a thing on a backdrop, and a cross-fitted classifier per
+#: fold). Pictures whose colours a codec
 #: flattened were laid out by luminance under format 4 without a new format, as few of a
 #: verdict's fit tiles (JPEG quality 35 and above) are smoothed on decoding (8 %), and of those
 #: only the few whose colours fell on one curve were read as ramps.
@@ -117,9 +119,9 @@ _REF_FEATURES = frozenset({"ref_mean_cos", "has_refs", "ref_best_structure"})
 #: unless another is more than 1 / _NAMED_SHARE times as far out (a photo with a few straight
 #: edges and hard edges everywhere has "many hard edges", a page "straight edges").
 _PHRASES: dict[str, tuple[str, str]] = {
-    "frame_gap": ("it shows one thing on a plain background", ""),
     "flat_share": ("much of it is flat colour", ""),
     "hv_edge_share": ("it has the straight edges of text or buildings", ""),
+    "frame_gap": ("it shows one thing on a plain background", ""),
     "sky_blue": ("its top is blue like a sky", ""),
     "sky_luma": ("its top is bright like a sky", ""),
     "colour_count": ("", "it has few colours"),
@@ -168,7 +170,8 @@ _AXIS = math.sin(math.radians(20))
 #: The picture's border (its outer SIDE // 10 pixels) and its middle (the central half of each
 #: side), as flat pixel masks: a thing photographed on a backdrop (a product, a coin, the
 #: Moon, an eye's fundus) has a plain border and a middle unlike it; a view of the Earth
-#: runs on past its edges.
+#: runs on past its edges. Measured on the framed square (``frame``): on an oblong picture,
+#: two of its sides lie inside the picture.
 _RING = SIDE // 10
 _I = np.arange(SIDE)
 _EDGE = np.minimum(_I, SIDE - 1 - _I)  # distance to the nearer edge along one axis
@@ -504,7 +507,8 @@ def domain_words(purpose: str) -> str:
 
 @dataclass(frozen=True)
 class LocalizabilityModel:
-    classifier: Classifier
+    #: The cross-fitted classifiers (one per fold); a picture's score is their mean.
+    classifiers: tuple[Classifier, ...]
     t_low: float
     t_high: float
     domain: str
@@ -530,7 +534,7 @@ class LocalizabilityModel:
         return [(self.features.index(n), hi, lo) for n, (hi, lo) in _PHRASES.items()]
 
     def scores(self, x: np.ndarray) -> np.ndarray:
-        return self.classifier.scores(x)
+        return np.mean([c.scores(x) for c in self.classifiers], axis=0)
 
     def verdict(self, score: float) -> str:
         if score < self.t_low:
@@ -599,7 +603,7 @@ class LocalizabilityModel:
             "features": list(self.features),
             "gallery_k": self.gallery_k,
             "neighbours_k": self.neighbours_k,
-            "classifier": self.classifier.to_dict(),
+            "classifiers": [c.to_dict() for c in self.classifiers],
             "t_low": self.t_low,
             "t_high": self.t_high,
             "domain": self.domain,
@@ -632,8 +636,10 @@ class LocalizabilityModel:
             raise ValueError("its typical values do not fit its features")
         if not (np.isfinite(median).all() and np.isfinite(spread).all() and (spread > 0).all()):
             raise ValueError("its typical values are not finite and positive")
+        if not isinstance(d.get("classifiers"), list) or not d["classifiers"]:
+            raise ValueError("it has no classifiers")
         return cls(
-            classifier=Classifier.from_dict(d["classifier"], len(FEATURES)),
+            classifiers=tuple(Classifier.from_dict(c, len(FEATURES)) for c in d["classifiers"]),
             t_low=t_low,
             t_high=t_high,
             domain=str(d["domain"]),
@@ -694,37 +700,26 @@ def _rates(scores: np.ndarray, t_low: float, t_high: float) -> dict[str, Any]:
     }
 
 
-@dataclass
-class _Split:
-    x_fit: np.ndarray
-    y_fit: np.ndarray
-    k_fit: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    k_val: np.ndarray
+#: Folds of the cross-fit: each classifier of the verdict is trained on all but one fold, and
+#: every picture of the fit is scored by the one classifier that never saw it. The thresholds
+#: come from those out-of-fold scores of all the fit's pictures, not from one small held-back
+#: split (whose top 1 % of negatives is a handful of pictures: the thresholds, and the
+#: verdicts near them, moved with the split and the seed).
+FOLDS = 5
 
 
-def _split(
-    pos: np.ndarray, neg: np.ndarray, kinds: np.ndarray, rng: np.random.Generator, val_share: float
-) -> _Split:
-    def cut(n: int) -> np.ndarray:
-        return rng.random(n) < val_share
-
-    vp = cut(len(pos))
-    vn = np.zeros(len(neg), dtype=bool)
-    for k in np.unique(kinds):  # the same share of every kind
-        idx = np.flatnonzero(kinds == k)
-        vn[rng.permutation(idx)[: max(1, round(val_share * len(idx)))]] = True
-    x = np.concatenate([pos, neg])
-    y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
-    k = np.concatenate([np.full(len(pos), ""), kinds]).astype(object)
-    val = np.concatenate([vp, vn])
-    return _Split(x[~val], y[~val], k[~val], x[val], y[val], k[val])
+def _folds(kinds: np.ndarray, n_pos: int, rng: np.random.Generator) -> np.ndarray:
+    """A fold for each row (positives first, then the negatives of ``kinds``): the positives
+    and every negative kind spread evenly over the folds."""
+    fold = np.empty(n_pos + len(kinds), dtype=np.int64)
+    fold[:n_pos] = rng.permutation(np.arange(n_pos) % FOLDS)
+    for k in np.unique(kinds):
+        idx = n_pos + np.flatnonzero(kinds == k)
+        fold[idx] = rng.permutation(np.arange(len(idx)) % FOLDS)
+    return fold
 
 
-def _fit_one(sp: _Split, uses_refs: bool, seed: int, exclude: str | None = None) -> Classifier:
-    keep = sp.k_fit != exclude if exclude else np.ones(len(sp.y_fit), dtype=bool)
-    x, y, k = sp.x_fit[keep], sp.y_fit[keep], sp.k_fit[keep]
+def _fit_one(x: np.ndarray, y: np.ndarray, k: np.ndarray, uses_refs: bool, seed: int) -> Classifier:
     typical = x[y == 1]
     if uses_refs:  # also without the reference index, so that the model serves both ways
         x, y, k = np.concatenate([x, _drop_refs(x)]), np.concatenate([y, y]), np.concatenate([k, k])
@@ -739,17 +734,16 @@ def fit_localizability(
     purpose: str,
     domain: str,
     seed: int = 0,
-    val_share: float = 0.3,
     leave_one_out: bool = True,
     notes: dict[str, Any] | None = None,
 ) -> LocalizabilityModel:
     """Fit on in-domain feature rows ``pos`` and synthetic negatives ``neg`` (their ``kinds``).
 
-    A random ``val_share`` of each (per kind for negatives) is held back: the classifier is
-    trained on the rest, the thresholds are fitted on the held-back rows, and the figures
-    recorded are measured there. With ``leave_one_out`` every negative kind is also left out
-    of a fit in turn, and the share of it that is still flagged is recorded: how the verdict
-    holds for kinds of pictures it never saw.
+    Cross-fitted over FOLDS folds (per kind for negatives): one classifier per fold, trained on
+    the other folds; the served score is their mean. The thresholds are fitted on the
+    out-of-fold scores, and the figures recorded are measured on them. With ``leave_one_out``
+    every negative kind is also left out of a fit in turn, and the share of it that is still
+    flagged is recorded: how the verdict holds for kinds of pictures it never saw.
     """
     pos, neg = np.asarray(pos, float), np.asarray(neg, float)
     kinds_arr = np.asarray(list(kinds), dtype=object)
@@ -763,35 +757,47 @@ def fit_localizability(
     uses_refs = bool(np.any(pos[:, FEATURES.index("has_refs")] > 0))
     if not uses_refs:
         pos, neg = _drop_refs(pos), _drop_refs(neg)
-    sp = _split(pos, neg, kinds_arr, np.random.default_rng(seed), val_share)
-    clf = _fit_one(sp, uses_refs, seed)
-    s_val = clf.scores(sp.x_val)
-    is_pos = sp.y_val == 1
-    t_low, t_high = _thresholds(s_val[is_pos], s_val[~is_pos])
+    x = np.concatenate([pos, neg])
+    y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    k = np.concatenate([np.full(len(pos), ""), kinds_arr]).astype(object)
+    fold = _folds(kinds_arr, len(pos), np.random.default_rng(seed))
+    is_pos = y == 1
+    classifiers = []
+    oof, oof_nr = np.empty(len(x)), np.empty(len(x))
+    for f in range(FOLDS):
+        out = fold == f
+        clf = _fit_one(x[~out], y[~out], k[~out], uses_refs, seed + f)
+        classifiers.append(clf)
+        oof[out] = clf.scores(x[out])
+        oof_nr[out] = clf.scores(_drop_refs(x[out]))
+    t_low, t_high = _thresholds(oof[is_pos], oof[~is_pos])
     names = sorted(set(kinds_arr))
     validation = {
-        "in_domain": _rates(s_val[is_pos], t_low, t_high),
-        "negatives": _rates(s_val[~is_pos], t_low, t_high),
-        "per_kind": {k: _rates(s_val[sp.k_val == k], t_low, t_high) for k in names},
+        "in_domain": _rates(oof[is_pos], t_low, t_high),
+        "negatives": _rates(oof[~is_pos], t_low, t_high),
+        "per_kind": {n: _rates(oof[k == n], t_low, t_high) for n in names},
     }
     if uses_refs:  # the same pictures served without the reference index
-        s_nr = clf.scores(_drop_refs(sp.x_val))
         validation["without_reference_images"] = {
-            "in_domain": _rates(s_nr[is_pos], t_low, t_high),
-            "negatives": _rates(s_nr[~is_pos], t_low, t_high),
+            "in_domain": _rates(oof_nr[is_pos], t_low, t_high),
+            "negatives": _rates(oof_nr[~is_pos], t_low, t_high),
         }
     loko: dict[str, Any] = {}
     if leave_one_out:
-        for k in names:
-            c = _fit_one(sp, uses_refs, seed, exclude=k)
-            s = c.scores(sp.x_val)
-            rest = ~is_pos & (sp.k_val != k)
-            lo, hi = _thresholds(s[is_pos], s[rest])
-            r = _rates(s[sp.k_val == k], lo, hi)
-            loko[k] = {
+        # One classifier per kind, trained on folds 1.. without that kind; its thresholds from
+        # fold 0's pictures of the other kinds; judged on every picture of the kind.
+        held = fold == 0
+        for n in names:
+            train = ~held & (k != n)
+            c = _fit_one(x[train], y[train], k[train], uses_refs, seed)
+            lo, hi = _thresholds(c.scores(x[held & is_pos]), c.scores(x[held & ~is_pos & (k != n)]))
+            r = _rates(c.scores(x[k == n]), lo, hi)
+            loko[n] = {
                 "flagged": r["flagged"],
                 "not_locatable": r["not_locatable"],
-                "in_domain_not_locatable": _rates(s[is_pos], lo, hi)["not_locatable"],
+                "in_domain_not_locatable": _rates(c.scores(x[held & is_pos]), lo, hi)[
+                    "not_locatable"
+                ],
             }
     med = np.median(pos, axis=0)
     q75, q25 = np.percentile(pos, [75, 25], axis=0)
@@ -799,8 +805,8 @@ def fit_localizability(
     fit = {
         "in_domain_images": len(pos),
         "negative_images": len(neg),
-        "negative_kinds": {k: int(np.sum(kinds_arr == k)) for k in names},
-        "validation_share": val_share,
+        "negative_kinds": {n: int(np.sum(kinds_arr == n)) for n in names},
+        "folds": FOLDS,
         "seed": seed,
         "targets": {
             "in_domain_below_t_low": IN_DOMAIN_BELOW_LOW,
@@ -812,7 +818,7 @@ def fit_localizability(
         **(notes or {}),
     }
     return LocalizabilityModel(
-        classifier=clf,
+        classifiers=tuple(classifiers),
         t_low=t_low,
         t_high=t_high,
         domain=domain,

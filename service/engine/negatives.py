@@ -415,7 +415,7 @@ def scene(rng: Rng) -> Image.Image:
     return canvas
 
 
-def _smooth_mask(inside: np.ndarray, soft: float, rng: Rng) -> np.ndarray:
+def _smooth_mask(inside: np.ndarray, soft: float) -> np.ndarray:
     """A 0/1 mask with edges blurred over ``soft`` px (a lens's, not a map's, edge)."""
     img = Image.fromarray((inside * 255).astype(np.uint8))
     if soft > 0:
@@ -426,8 +426,12 @@ def _smooth_mask(inside: np.ndarray, soft: float, rng: Rng) -> np.ndarray:
 def _backdrop(rng: Rng, w: int, h: int) -> np.ndarray:
     """A studio backdrop: near black, near white or a pale neutral, a little uneven."""
     r = rng.random()
-    tone = rng.uniform(0.0, 0.035) if r < 0.45 else rng.uniform(0.9, 1.0) if r < 0.8 else None
-    base = np.full(3, tone) if tone is not None else rng.uniform(0.5, 0.85) + rng.normal(0, 0.02, 3)
+    if r < 0.45:
+        base = np.full(3, rng.uniform(0.0, 0.035))
+    elif r < 0.8:
+        base = np.full(3, rng.uniform(0.9, 1.0))
+    else:
+        base = rng.uniform(0.5, 0.85) + rng.normal(0, 0.02, 3)
     gx, gy = _grid(w, h)
     a = rng.uniform(0, 2 * np.pi)
     shade = rng.uniform(0, 0.05) * (gx * np.cos(a) + gy * np.sin(a) - 0.5)
@@ -457,14 +461,15 @@ def object_on_backdrop(rng: Rng) -> Image.Image:
         for k in range(2, 6):  # a few smooth lobes
             rr = rr * (1 + rng.uniform(0, 0.12) * np.cos(k * ang + rng.uniform(0, 2 * np.pi)))
     inside = (rr <= r0).astype(np.float32)
-    mask = _smooth_mask(inside, rng.uniform(0, 0.01) * s, rng)
+    mask = _smooth_mask(inside, rng.uniform(0, 0.01) * s)
     tex = _fractal(rng, w, h, float(rng.uniform(1.5, 3.2)))
     fill = _palette(rng, tex) if rng.random() < 0.6 else np.repeat(tex[..., None], 3, -1)
-    fill = fill * rng.uniform(0.3, 1.0) + (1 - rng.uniform(0.3, 1.0)) * _colour(rng) * 0.5
-    q = np.clip(rr / max(r0, 1e-6), 0, 1)
+    keep = rng.uniform(0.3, 1.0)  # the texture's share, the rest a tint
+    fill = fill * keep + (1 - keep) * _colour(rng) * 0.5
+    q = np.clip(rr / r0, 0, 1)
     if rng.random() < 0.7:  # shaded: a sphere's limb, or light from one side
         lx, ly = rng.normal(0, 0.5, 2)
-        light = np.sqrt(1 - q**2) + 0.3 * (lx * dx + ly * dy) / max(r0, 1e-6)
+        light = np.sqrt(1 - q**2) + 0.3 * (lx * dx + ly * dy) / r0
         fill = fill * np.clip(light, 0.05, 1.2)[..., None] ** rng.uniform(0.3, 1.0)
     draw_on = _image(np.clip(fill, 0, 1))
     draw = ImageDraw.Draw(draw_on)
@@ -562,13 +567,16 @@ def jpeg(img: Image.Image, quality: int) -> Image.Image:
     return Image.open(buf).convert("RGB")
 
 
-def generate(kind: str, rng: Rng, domain: str = "satellite") -> Image.Image:
-    """One picture of ``kind``; 80 % of them JPEG-compressed at quality 20..95."""
+def generate(
+    kind: str, rng: Rng, domain: str = "satellite", blur_from: tuple[str, ...] | None = None
+) -> Image.Image:
+    """One picture of ``kind``; 80 % of them JPEG-compressed at quality 20..95. ``blurred``
+    blurs a picture of one of ``blur_from`` (default: every other kind of the domain)."""
     allowed = kinds_for(domain)
     if kind not in allowed:
         raise ValueError(f"unknown negative kind {kind!r} for domain {domain!r}; known: {allowed}")
     if kind == "blurred":
-        img = blurred(rng, tuple(k for k in allowed if k != "blurred"))
+        img = blurred(rng, blur_from or tuple(k for k in allowed if k != "blurred"))
     else:
         img = _BASE[kind](rng)
     if rng.random() < 0.8:
@@ -577,10 +585,15 @@ def generate(kind: str, rng: Rng, domain: str = "satellite") -> Image.Image:
 
 
 def negatives(
-    kinds: tuple[str, ...], per_kind: int, seed: int, domain: str = "satellite"
+    kinds: tuple[str, ...],
+    per_kind: int,
+    seed: int,
+    domain: str = "satellite",
+    blur_from: tuple[str, ...] | None = None,
 ) -> Iterator[tuple[str, Image.Image]]:
-    """``per_kind`` pictures of each kind, interleaved; the same ones for the same seed."""
+    """``per_kind`` pictures of each kind, interleaved; the same ones for the same seed.
+    ``blur_from``: the kinds ``blurred`` blurs (default: every other kind of the domain)."""
     streams = {k: np.random.default_rng([seed, i]) for i, k in enumerate(KINDS) if k in kinds}
     for _ in range(per_kind):
         for k in kinds:
-            yield k, generate(k, streams[k], domain)
+            yield k, generate(k, streams[k], domain, blur_from)

@@ -388,6 +388,11 @@ def test_negative_kinds_follow_the_profile_domain():
     c = [np.asarray(im) for _, im in negatives(("pink_noise", "text"), 2, TEST_SEED)]
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert not any(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+    # ``blurred`` blurs only the kinds it is given: blurred flat colours stay flat.
+    flat = [np.asarray(im, float) for _, im in negatives(("blurred",), 6, 5, blur_from=("flat",))]
+    assert all(x.std(axis=(0, 1)).max() < 8 for x in flat)
+    mixed = [np.asarray(im, float) for _, im in negatives(("blurred",), 6, 5)]
+    assert max(x.std(axis=(0, 1)).max() for x in mixed) > 8
 
 
 def test_a_thing_on_a_backdrop_reads_as_framed_and_a_view_of_the_earth_does_not(tmp_path):
@@ -401,8 +406,8 @@ def test_a_thing_on_a_backdrop_reads_as_framed_and_a_view_of_the_earth_does_not(
     a, b = L.image_statistics_many(things), L.image_statistics_many(tiles)
     assert np.median(a[:, gap]) > 2 * np.median(b[:, gap])
     assert np.median(a[:, spread]) < np.median(b[:, spread])
-    # A grey disc on black: border plain, middle far from it; the same disc filling the frame
-    # (a texture running past the edges) is not framed.
+    # A grey disc on black: border plain, middle far from it; noise running past the edges is
+    # not framed.
     disc = Image.new("RGB", (96, 80))
     ImageDraw.Draw(disc).ellipse((28, 20, 68, 60), fill=(180, 180, 170))
     noise = Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8))
