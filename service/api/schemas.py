@@ -814,10 +814,11 @@ class LocalizabilityInfo(BaseModel):
         "reference index)."
     )
     in_domain: dict[str, Any] | None = Field(
-        description="Verdict shares on held-out in-domain images of the fit's validation split."
+        description="Verdict shares on the fit's in-domain images, each scored by the fold's "
+        "classifier that never saw it (out of fold)."
     )
     negatives: dict[str, Any] | None = Field(
-        description="Verdict shares on generated non-domain images of the validation split."
+        description="Verdict shares on the fit's generated non-domain images, out of fold."
     )
     negative_kinds: dict[str, int] | None = Field(
         description="Generated negatives of each kind the verdict was fitted on."

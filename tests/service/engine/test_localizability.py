@@ -74,7 +74,7 @@ def test_the_fit_is_recorded_in_the_calibration_artifact(judged):
     assert fit["in_domain_images"] == FIT_TILES
     assert fit["negative_kinds"] == dict.fromkeys(sorted(KINDS), NEGATIVES_PER_KIND)
     val = fit["validation"]
-    # The thresholds' own targets, on the validation split.
+    # The thresholds' own targets, on the out-of-fold scores.
     assert val["in_domain"]["not_locatable"] <= 0.05
     assert val["negatives"]["located"] <= 0.03
     assert set(val["per_kind"]) == set(KINDS)
