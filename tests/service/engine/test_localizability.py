@@ -415,3 +415,26 @@ def test_a_thing_on_a_backdrop_reads_as_framed_and_a_view_of_the_earth_does_not(
     assert d[spread] < 0.01 and d[gap] > 0.5
     assert t[spread] > 0.1 and t[gap] < 0.1
     assert "frame_gap" in L.FEATURES and L.FORMAT == 5
+
+
+def test_the_verdict_is_cross_fitted_and_its_score_is_the_folds_mean():
+    """Five classifiers, each trained without one fold; thresholds from out-of-fold scores; a
+    served score is the classifiers' mean (scored all at once); the same seed, the same fit."""
+    rng = np.random.default_rng(8)
+    f = len(L.FEATURES)
+    pos = rng.normal(0, 1, (300, f))
+    neg = rng.normal(1.5, 1.5, (240, f))
+    kinds = ["a", "b", "c"] * 80
+    model = L.fit_localizability(pos, neg, kinds, purpose="", domain="satellite", seed=3)
+    assert len(model.classifiers) == L.FOLDS and model.fit["folds"] == L.FOLDS
+    x = np.concatenate([rng.normal(0, 1, (20, f)), rng.normal(1.5, 1.5, (20, f))])
+    each = np.mean([c.scores(x) for c in model.classifiers], axis=0)
+    np.testing.assert_allclose(model.scores(x), each, rtol=0, atol=1e-12)
+    val = model.fit["validation"]
+    assert val["in_domain"]["n"] == 300 and val["negatives"]["n"] == 240  # every row, out of fold
+    assert 0.005 <= val["in_domain"]["not_locatable"] <= 0.04  # t_low: about 2 % below
+    again = L.fit_localizability(pos, neg, kinds, purpose="", domain="satellite", seed=3)
+    np.testing.assert_array_equal(again.scores(x), model.scores(x))
+    assert (again.t_low, again.t_high) == (model.t_low, model.t_high)
+    restored = L.LocalizabilityModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    np.testing.assert_allclose(restored.scores(x), model.scores(x), rtol=0, atol=1e-12)
