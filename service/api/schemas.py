@@ -309,8 +309,9 @@ class LocalizabilityOut(BaseModel):
     score: float = Field(
         ge=0,
         le=1,
-        description="How much the picture is like those the model can locate: the output of "
-        "the fitted localizability classifier, in [0, 1] (1: like the held-out in-domain "
+        description="How much the picture is like those the model can locate: the mean of "
+        "the fitted localizability classifiers (one per fold), in [0, 1] (1: like the held-out "
+        "in-domain "
         "pictures; 0: like the generated non-domain ones). /v1/info `localizability` gives "
         "its thresholds t_low and t_high.",
         examples=[0.93],

@@ -49,12 +49,12 @@ from PIL import Image
 #: Version of the features and of the stored model's layout (3: the best layout match is
 #: measured with pictures in false colour laid out along their colour ramps; 4: ramps that
 #: turn sharply read with the tips of their bends; 5: how plain the picture's border is and
-#: how its middle differs from it, a thing on a backdrop, and a cross-fitted classifier per
+#: how its middle differs from it, a thing on a backdrop; 6: a cross-fitted classifier per
 #: fold). Pictures whose colours a codec
 #: flattened were laid out by luminance under format 4 without a new format, as few of a
 #: verdict's fit tiles (JPEG quality 35 and above) are smoothed on decoding (8 %), and of those
 #: only the few whose colours fell on one curve were read as ramps.
-FORMAT = 5
+FORMAT = 6
 #: Side of the square the image statistics are measured on.
 SIDE = 64
 #: Gallery points whose softmax gives the answer-shape features; reference neighbours averaged.
@@ -735,7 +735,8 @@ FOLDS = 5
 
 def _folds(kinds: np.ndarray, n_pos: int, rng: np.random.Generator) -> np.ndarray:
     """A fold for each row (positives first, then the negatives of ``kinds``): the positives
-    and every negative kind spread evenly over the folds."""
+    and every negative kind spread evenly over the folds (``fit_localizability`` asks for at
+    least FOLDS of each kind, so that every fold holds every kind)."""
     fold = np.empty(n_pos + len(kinds), dtype=np.int64)
     fold[:n_pos] = rng.permutation(np.arange(n_pos) % FOLDS)
     for k in np.unique(kinds):
@@ -766,7 +767,9 @@ def fit_localizability(
 
     Cross-fitted over FOLDS folds (per kind for negatives): one classifier per fold, trained on
     the other folds; the served score is their mean. The thresholds are fitted on the
-    out-of-fold scores, and the figures recorded are measured on them. With ``leave_one_out``
+    out-of-fold scores, and the figures recorded are measured on them: one classifier's
+    figures, which the served mean meets or errs on the cautious side of (averaging pulls
+    scores away from 0 and 1, into ``uncertain``). With ``leave_one_out``
     every negative kind is also left out of a fit in turn, and the share of it that is still
     flagged is recorded: how the verdict holds for kinds of pictures it never saw.
     """
@@ -778,6 +781,12 @@ def fit_localizability(
         raise ValueError(
             f"{len(pos)} in-domain pictures and {len(np.unique(kinds_arr))} negative kinds; "
             "the localizability fit needs at least 20 and 2"
+        )
+    fewest = min(int(np.sum(kinds_arr == k)) for k in np.unique(kinds_arr))
+    if fewest < FOLDS:
+        raise ValueError(
+            f"{fewest} generated pictures of a negative kind; the localizability fit needs at "
+            f"least {FOLDS} of each, one per fold (GEOLOC_CALIBRATION_NEGATIVES)"
         )
     uses_refs = bool(np.any(pos[:, FEATURES.index("has_refs")] > 0))
     if not uses_refs:
@@ -791,7 +800,7 @@ def fit_localizability(
     oof, oof_nr = np.empty(len(x)), np.empty(len(x))
     for f in range(FOLDS):
         out = fold == f
-        clf = _fit_one(x[~out], y[~out], k[~out], uses_refs, seed + f)
+        clf = _fit_one(x[~out], y[~out], k[~out], uses_refs, seed * FOLDS + f)
         classifiers.append(clf)
         oof[out] = clf.scores(x[out])
         oof_nr[out] = clf.scores(_drop_refs(x[out]))
@@ -868,7 +877,7 @@ def fit_lines(model: dict[str, Any]) -> list[str]:
         f"localizability: t_low {model['t_low']:.4f}, t_high {model['t_high']:.4f}; "
         f"{fit.get('in_domain_images')} in-domain images, {fit.get('negative_images')} "
         f"generated negatives of {len(fit.get('negative_kinds', {}))} kinds",
-        f"  validation: in-domain {pct(pos.get('located'))} located, "
+        f"  out of fold: in-domain {pct(pos.get('located'))} located, "
         f"{pct(pos.get('not_locatable'))} not_locatable; negatives {pct(neg.get('flagged'))} "
         f"flagged, {pct(neg.get('not_locatable'))} not_locatable",
     ]

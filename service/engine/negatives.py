@@ -576,7 +576,10 @@ def generate(
     if kind not in allowed:
         raise ValueError(f"unknown negative kind {kind!r} for domain {domain!r}; known: {allowed}")
     if kind == "blurred":
-        img = blurred(rng, blur_from or tuple(k for k in allowed if k != "blurred"))
+        sources = tuple(k for k in allowed if k != "blurred") if blur_from is None else blur_from
+        if not sources or not set(sources) <= set(allowed) - {"blurred"}:
+            raise ValueError(f"blur_from {blur_from!r}: name some of {allowed} but 'blurred'")
+        img = blurred(rng, sources)
     else:
         img = _BASE[kind](rng)
     if rng.random() < 0.8:

@@ -414,7 +414,7 @@ def test_a_thing_on_a_backdrop_reads_as_framed_and_a_view_of_the_earth_does_not(
     (d,), (t,) = L.image_statistics_many([disc]), L.image_statistics_many([noise])
     assert d[spread] < 0.01 and d[gap] > 0.5
     assert t[spread] > 0.1 and t[gap] < 0.1
-    assert "frame_gap" in L.FEATURES and L.FORMAT == 5
+    assert "frame_gap" in L.FEATURES and L.FORMAT >= 5
 
 
 def test_the_verdict_is_cross_fitted_and_its_score_is_the_folds_mean():
@@ -438,3 +438,12 @@ def test_the_verdict_is_cross_fitted_and_its_score_is_the_folds_mean():
     assert (again.t_low, again.t_high) == (model.t_low, model.t_high)
     restored = L.LocalizabilityModel.from_dict(json.loads(json.dumps(model.to_dict())))
     np.testing.assert_allclose(restored.scores(x), model.scores(x), rtol=0, atol=1e-12)
+
+
+def test_too_few_negatives_of_a_kind_for_the_folds_is_refused_clearly():
+    f = len(L.FEATURES)
+    pos, neg = np.zeros((40, f)), np.ones((2 * (L.FOLDS - 1), f))
+    with pytest.raises(ValueError, match="GEOLOC_CALIBRATION_NEGATIVES"):
+        L.fit_localizability(pos, neg, ["a", "b"] * (L.FOLDS - 1), purpose="", domain="satellite")
+    with pytest.raises(ValueError, match="blur_from"):
+        next(negatives(("blurred",), 1, 5, blur_from=("blurred",)))
