@@ -447,3 +447,11 @@ def test_too_few_negatives_of_a_kind_for_the_folds_is_refused_clearly():
         L.fit_localizability(pos, neg, ["a", "b"] * (L.FOLDS - 1), purpose="", domain="satellite")
     with pytest.raises(ValueError, match="blur_from"):
         next(negatives(("blurred",), 1, 5, blur_from=("blurred",)))
+
+
+def test_the_statistics_own_mean_and_std_are_numpy_s_bit_for_bit():
+    rng = np.random.default_rng(11)
+    for shape, axis in (((3, 4096), 1), ((2, 3, 4096), 2), ((5, 16, 256), 2), ((1, 7), 1)):
+        a = rng.random(shape, dtype=np.float32) * rng.uniform(0.1, 10)
+        np.testing.assert_array_equal(L._mean(a, axis), a.mean(axis=axis))
+        np.testing.assert_array_equal(L._std(a, axis), a.std(axis=axis))
