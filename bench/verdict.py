@@ -124,13 +124,13 @@ def stability(
     first draw with three classifier seeds: how far t_high, the validation natural pictures'
     scores and the validation tiles' verdicts move with them."""
     draws = {}
+    labels = [k for _ in range(per_kind) for k in KINDS]  # the order `negatives` yields
     for s in STABILITY_SEEDS:
-        labelled = list(negatives(KINDS, per_kind, s))
         x = cached_rows(
             f"verdict-{key}-draw-{s}-{per_kind}",
-            lambda lab=labelled: features([im for _, im in lab]),
+            lambda s=s: features([im for _, im in negatives(KINDS, per_kind, s)]),
         )
-        draws[s] = (x, [k for k, _ in labelled])
+        draws[s] = (x, labels)
     runs = {
         f"negatives drawn with seeds {', '.join(map(str, STABILITY_SEEDS))}": [
             fit_localizability(pos, *draws[s], purpose="", domain="satellite", leave_one_out=False)
