@@ -60,7 +60,6 @@ from service.engine.localizability import (
     FORMAT,
     LocalizabilityModel,
     fit_localizability,
-    image_statistics_many,
 )
 from service.engine.negatives import KINDS, kinds_for, negatives
 from service.jobs.calibrate import NEGATIVES_SEED
@@ -100,6 +99,12 @@ def validation_pictures(load: Callable[[Path], Image.Image]) -> dict[str, Image.
     with open(d / "files/scipy/misc/ascent.dat", "rb") as f:
         out["ascent (scipy.misc)"] = _grey(pickle.load(f)).convert("RGB")
     return out
+
+
+def flagged(model: LocalizabilityModel, x: np.ndarray) -> tuple[float, float]:
+    """The shares of rows ``x`` the verdict judges not_locatable, and flags."""
+    shares = model.shares(x)
+    return shares["not_locatable"], shares["flagged"]
 
 
 def cached_rows(name: str, make: Callable[[], np.ndarray]) -> np.ndarray:
@@ -151,12 +156,9 @@ def stability(
     rows = []
     for label, models in runs.items():
         nat = np.array([m.scores(natural) for m in models])
-        judged = [
-            [np.digitize(m.scores(x), [m.t_low, m.t_high]) / 2 for x in tiles.values()]
-            for m in models
-        ]
-        not_loc = [np.mean([np.mean(j == 0) for j in js]) for js in judged]
-        flagged = [np.mean([np.mean(j < 1) for j in js]) for js in judged]
+        judged = [[flagged(m, x) for x in tiles.values()] for m in models]
+        not_loc = [np.mean([lo for lo, _ in js]) for js in judged]
+        shares = [np.mean([fl for _, fl in js]) for js in judged]
         rows.append(
             [
                 label,
@@ -167,7 +169,7 @@ def stability(
                 f"{nat.std(axis=0).mean():.3f} (largest {nat.std(axis=0).max():.3f}, "
                 f"{names[int(nat.std(axis=0).argmax())]})",
                 " / ".join(pct(v) for v in not_loc),
-                " / ".join(pct(v) for v in flagged),
+                " / ".join(pct(v) for v in shares),
             ]
         )
     header = [
@@ -207,16 +209,8 @@ def main() -> None:
     per_kind = settings.calibration_negatives
 
     def features(images: list[Image.Image]) -> np.ndarray:
-        rows = [
-            locator.judge_features(
-                locator.embed(images[s : s + 32]),
-                image_statistics_many(images[s : s + 32]),
-                opts,
-                locator.structure(images[s : s + 32]),
-            )
-            for s in range(0, len(images), 32)
-        ]
-        return np.vstack(rows)
+        batches = range(0, len(images), 32)
+        return np.vstack([locator.picture_features(images[s : s + 32], opts) for s in batches])
 
     def positives() -> np.ndarray:
         emb = embed_rows(
@@ -276,9 +270,11 @@ def main() -> None:
         f"tiles a set; {len(pictures)} validation natural pictures"
     )
 
-    def fit(kinds: tuple[str, ...], blind: tuple[str, ...]) -> Callable[[np.ndarray], np.ndarray]:
-        """The judgement of a verdict fitted on ``kinds`` with the ``blind`` features held at 0:
-        0 not_locatable, 0.5 uncertain, 1 located."""
+    def fit(
+        kinds: tuple[str, ...], blind: tuple[str, ...]
+    ) -> tuple[LocalizabilityModel, Callable[[np.ndarray], np.ndarray]]:
+        """A verdict fitted on ``kinds`` with the ``blind`` features held at 0, and what hides
+        them from the rows it judges."""
         cols = [FEATURES.index(f) for f in blind]
         out = tuple(k for k in LEFT_OUT if k not in kinds)
         rows = {k: blurred_without[out] if k == "blurred" and out else neg[k] for k in kinds}
@@ -293,11 +289,7 @@ def main() -> None:
         m: LocalizabilityModel = fit_localizability(
             hide(pos), x, labels, purpose="", domain="satellite", leave_one_out=False
         )
-        return lambda rows: np.digitize(m.scores(hide(rows)), [m.t_low, m.t_high]) / 2
-
-    def rates(judged: np.ndarray) -> tuple[float, float]:
-        """(not_locatable, flagged) shares."""
-        return float(np.mean(judged == 0)), float(np.mean(judged < 1))
+        return m, hide
 
     variants: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         "served (every kind, framing features)": (KINDS, ()),
@@ -313,13 +305,13 @@ def main() -> None:
     header += ["tiles not_locatable: mean, worst set", "tiles flagged: mean"]
     rows, per_set = [], []
     for label, (kinds, blind) in variants.items():
-        judge = fit(kinds, blind)
-        s = judge(natural)
-        located = [n for n, v in zip(pictures, s, strict=True) if v == 1]
-        judged = {name: rates(judge(x)) for name, x in tiles.items()}
+        m, hide = fit(kinds, blind)
+        verdicts = [m.verdict(v) for v in m.scores(hide(natural))]
+        located = [n for n, v in zip(pictures, verdicts, strict=True) if v == "located"]
+        judged = {name: flagged(m, hide(x)) for name, x in tiles.items()}
         worst = max(judged, key=lambda name: judged[name][0])
-        row = [label, *(pct(rates(judge(held[k]))[1]) for k in LEFT_OUT)]
-        row += [f"{np.sum(s < 1)} / {len(s)}", ", ".join(located) or "-"]
+        row = [label, *(pct(flagged(m, hide(held[k]))[1]) for k in LEFT_OUT)]
+        row += [f"{len(verdicts) - len(located)} / {len(verdicts)}", ", ".join(located) or "-"]
         row += [
             f"{pct(np.mean([lo for lo, _ in judged.values()]))}, {pct(judged[worst][0])} ({worst})",
             pct(np.mean([fl for _, fl in judged.values()])),

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any
 
@@ -369,17 +369,8 @@ class Classifier:
     w2: np.ndarray
     b2: float
 
-    def inputs(self, x: np.ndarray) -> np.ndarray:
-        z = np.clip((np.asarray(x, np.float64) - self.mean) / self.scale, -CLIP_Z, CLIP_Z)
-        t = _typicality(z, self.centre, self.precision)
-        t = np.clip((t - self.typ_mean) / self.typ_scale, -CLIP_Z, CLIP_Z)
-        return np.column_stack([z, t])
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return np.tanh(self.inputs(x) @ self.w1 + self.b1) @ self.w2 + self.b2
-
     def scores(self, x: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-np.clip(self.logits(x), -50, 50)))
+        return _forward(_stack((self,)), x)[0]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -431,10 +422,32 @@ class Classifier:
         )
 
 
+def _stack(classifiers: Sequence[Classifier]) -> dict[str, np.ndarray]:
+    """The classifiers' arrays and numbers, each stacked along a first axis (one per
+    classifier), for ``_forward``."""
+    return {
+        f.name: np.stack([np.asarray(getattr(c, f.name), np.float64) for c in classifiers])
+        for f in fields(Classifier)
+    }
+
+
+def _forward(a: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """(classifiers, n) scores of rows ``x`` (n, F) by stacked classifiers (``_stack``): every
+    classifier in one pass of array calls, as the verdict is paid on every request."""
+    x = np.asarray(x, np.float64)[None]  # (1, n, F) against (C, ...) arrays
+    z = np.clip((x - a["mean"][:, None]) / a["scale"][:, None], -CLIP_Z, CLIP_Z)
+    t = _typicality(z, a["centre"][:, None], a["precision"])
+    t = np.clip((t - a["typ_mean"][:, None]) / a["typ_scale"][:, None], -CLIP_Z, CLIP_Z)
+    h = np.tanh(np.concatenate([z, t[..., None]], axis=2) @ a["w1"] + a["b1"][:, None])
+    logits = np.einsum("cnh,ch->cn", h, a["w2"]) + a["b2"][:, None]
+    return 1.0 / (1.0 + np.exp(-np.clip(logits, -50, 50)))
+
+
 def _typicality(z: np.ndarray, centre: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """log(1 + Mahalanobis² / F) of rows z (..., n, F) from ``centre`` (..., 1 or n, F)."""
     d = z - centre
-    d2 = np.einsum("ij,jk,ik->i", d, precision, d)
-    return np.log1p(np.maximum(d2, 0.0) / len(centre))
+    d2 = np.einsum("...nf,...fg,...ng->...n", d, precision, d)
+    return np.log1p(np.maximum(d2, 0.0) / z.shape[-1])
 
 
 def _in_domain_shape(
@@ -519,11 +532,6 @@ def domain_words(purpose: str) -> str:
     return re.sub(r"\s*\([^)]*\)", "", purpose).strip() or "pictures"
 
 
-#: A classifier's arrays and numbers, as stacked for scoring with all of them at once.
-_CLASSIFIER_ARRAYS = ("mean", "scale", "centre", "precision", "typ_mean", "typ_scale", "w1")
-_CLASSIFIER_ARRAYS += ("b1", "w2", "b2")
-
-
 @dataclass(frozen=True)
 class LocalizabilityModel:
     #: The cross-fitted classifiers (one per fold); a picture's score is their mean.
@@ -554,26 +562,15 @@ class LocalizabilityModel:
 
     @cached_property
     def _stacked(self) -> dict[str, np.ndarray]:
-        """The classifiers' arrays stacked along a first axis: one pass of array calls scores
-        a picture with all of them (the verdict is paid on every request)."""
-        return {
-            name: np.stack([np.asarray(getattr(c, name), np.float64) for c in self.classifiers])
-            for name in _CLASSIFIER_ARRAYS
-        }
+        return _stack(self.classifiers)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
-        """The mean of the classifiers' scores (``Classifier.scores``, all at once)."""
-        a = self._stacked
-        x = np.asarray(x, np.float64)[None]  # (1, n, F) against (C, ...) arrays
-        z = np.clip((x - a["mean"][:, None]) / a["scale"][:, None], -CLIP_Z, CLIP_Z)
-        d = z - a["centre"][:, None]
-        d2 = np.einsum("cnf,cfg,cng->cn", d, a["precision"], d)
-        t = np.log1p(np.maximum(d2, 0.0) / z.shape[2])
-        t = np.clip((t - a["typ_mean"][:, None]) / a["typ_scale"][:, None], -CLIP_Z, CLIP_Z)
-        inputs = np.concatenate([z, t[..., None]], axis=2)
-        h = np.tanh(inputs @ a["w1"] + a["b1"][:, None])
-        logits = np.einsum("cnh,ch->cn", h, a["w2"]) + a["b2"][:, None]
-        return (1.0 / (1.0 + np.exp(-np.clip(logits, -50, 50)))).mean(axis=0)
+        """The mean of the classifiers' scores."""
+        return _forward(self._stacked, x).mean(axis=0)
+
+    def shares(self, x: np.ndarray) -> dict[str, Any]:
+        """How the rows ``x`` are judged: the share of each verdict, and of those flagged."""
+        return _rates(self.scores(x), self.t_low, self.t_high)
 
     def verdict(self, score: float) -> str:
         if score < self.t_low:
@@ -838,14 +835,13 @@ def fit_localizability(
         for n in names:
             train = ~held & (k != n)
             c = _fit_one(x[train], y[train], k[train], uses_refs, seed)
-            lo, hi = _thresholds(c.scores(x[held & is_pos]), c.scores(x[held & ~is_pos & (k != n)]))
+            held_pos = c.scores(x[held & is_pos])
+            lo, hi = _thresholds(held_pos, c.scores(x[held & ~is_pos & (k != n)]))
             r = _rates(c.scores(x[k == n]), lo, hi)
             loko[n] = {
                 "flagged": r["flagged"],
                 "not_locatable": r["not_locatable"],
-                "in_domain_not_locatable": _rates(c.scores(x[held & is_pos]), lo, hi)[
-                    "not_locatable"
-                ],
+                "in_domain_not_locatable": _rates(held_pos, lo, hi)["not_locatable"],
             }
     med = np.median(pos, axis=0)
     q75, q25 = np.percentile(pos, [75, 25], axis=0)

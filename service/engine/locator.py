@@ -460,6 +460,13 @@ class Locator:
         shape = self._answer_shape(queries, options, known, self.neighbours is not None, structure)
         return np.hstack([image_stats, answer_features(shape[0], self.scale, *shape[1:])])
 
+    def picture_features(self, images: Sequence[Image.Image], options: LocateOptions) -> np.ndarray:
+        """``judge_features`` of pictures read from scratch: embedded, measured and described
+        here (the generated negatives ``geoloc calibrate`` fits the verdict against)."""
+        return self.judge_features(
+            self.embed(images), image_statistics_many(images), options, self.structure(images)
+        )
+
     def _answer_shape(
         self,
         queries: np.ndarray,

@@ -139,7 +139,7 @@ def fit_localizability_for(
     ``per_kind`` generated negatives of each kind of the profile's domain, which go through
     the same model and index."""
     from encoders import get_profile
-    from service.engine.localizability import fit_localizability, image_statistics_many
+    from service.engine.localizability import fit_localizability
     from service.engine.negatives import kinds_for, negatives
 
     profile = get_profile(locator.model.profile)
@@ -149,14 +149,7 @@ def fit_localizability_for(
 
     def run(batch: Iterable[tuple[str, Image.Image]]) -> None:
         names, images = zip(*batch, strict=True)
-        rows.append(
-            locator.judge_features(
-                locator.embed(images),
-                image_statistics_many(images),
-                options,
-                locator.structure(images),
-            )
-        )
+        rows.append(locator.picture_features(images, options))
         kinds.extend(names)
         if progress is not None:
             progress(len(images))
