@@ -18,11 +18,13 @@ Printed, within 25 / 200 / 750 km:
   them treated as outliers;
 - time: an album of 5 against the same 5 pictures located as one batch, alternating.
 
-``--tune`` sweeps the album temperature and uniform share on other draws (seed 70702) and
-prints the table the defaults were chosen from; the reported albums (seed 70701) are never
-tuned on.
+``--tune temperature`` sweeps the album temperature and uniform share, ``--tune spread`` the
+album's spread (``GEOLOC_ALBUM_SPREAD_KM``) on albums as drawn, narrow albums and 5-tile
+albums with a foreign tile, all on other draws (seeds 70702, 70712, 70722), and prints the
+tables the defaults were chosen from; the reported albums (seeds 70701, 70711, 70721) are
+never tuned on.
 
-    .venv/bin/python bench/album.py [--albums 400] [--tune] [--quick]
+    .venv/bin/python bench/album.py [--albums 400] [--tune temperature|spread] [--quick]
 """
 
 from __future__ import annotations
@@ -195,11 +197,36 @@ def time_ratio(
     return 1000 * float(np.median(album_ms)), 1000 * float(np.median(batch_ms))
 
 
+def with_foreign_tile(n: int, seed: int) -> list[Album]:
+    """n albums of 5 tiles whose last tile is replaced by one at least 2,000 km away."""
+    fives = draw_albums(n, seed, sizes=(5, 5))
+    foreign = foreign_tiles(fives, seed)
+    return [replace(a, tiles=[*a.tiles[:-1], f[0]]) for a, f in zip(fives, foreign, strict=True)]
+
+
+def tune_spread(locator: Locator, options: LocateOptions, n: int, base: AlbumConfig) -> None:
+    sets = {
+        "albums": draw_albums(n, TUNE_SEED),
+        "narrow albums": draw_albums(n, TUNE_SEED + 20, style=NARROW_STYLE),
+        "with a foreign tile": with_foreign_tile(max(n // 2, 10), TUNE_SEED + 10),
+    }
+    rows = []
+    for spread in (0.0, 15.0, 25.0, 35.0, 50.0):
+        cfg = replace(base, spread_km=spread)
+        cells = []
+        for albums in sets.values():
+            r = run(locator, options, albums, cfg, [np.zeros(1)] * len(albums))
+            cells.append(" / ".join(pct(within(r.joint_km, t)) for t in SHOWN_KM))
+        rows.append([f"{spread:g}", *cells])
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in sets.items())
+    print(f"\n### Tuning draws for the spread (seeds {TUNE_SEED}, +20, +10: {sizes})\n")
+    header = ["spread km", *[f"{k}: joint {' / '.join(map(str, SHOWN_KM))} km" for k in sets]]
+    print(markdown_table(header, rows))
+
+
 def tune(locator: Locator, options: LocateOptions, n: int, base: AlbumConfig) -> None:
     albums = draw_albums(n, TUNE_SEED)
-    fives = draw_albums(max(n // 2, 10), TUNE_SEED + 10, sizes=(5, 5))
-    foreign = foreign_tiles(fives, TUNE_SEED + 10)
-    swapped = [replace(a, tiles=[*a.tiles[:-1], f[0]]) for a, f in zip(fives, foreign, strict=True)]
+    swapped = with_foreign_tile(max(n // 2, 10), TUNE_SEED + 10)
     first = run(locator, options, albums, base)
     rows = []
     for temperature in (1.0, 2.0, 3.0, 5.0):
@@ -216,7 +243,7 @@ def tune(locator: Locator, options: LocateOptions, n: int, base: AlbumConfig) ->
                 ]
             )
     print(
-        f"\n### Tuning draws (seed {TUNE_SEED}: {len(albums)} albums, {len(fives)} with a "
+        f"\n### Tuning draws (seed {TUNE_SEED}: {len(albums)} albums, {len(swapped)} with a "
         "foreign tile)\n"
     )
     header = ["τ", "ε", *[f"joint {t} km" for t in SHOWN_KM], "foreign 25 km", "foreign 200 km"]
@@ -229,7 +256,11 @@ def main() -> None:
     ap.add_argument("--refs", type=int, default=None, help="reference tiles (as geoloc setup)")
     ap.add_argument("--calib", type=int, default=None, help="calibration tiles (default 2000)")
     ap.add_argument("--res", type=int, default=4, help="H3 resolution of the land gallery")
-    ap.add_argument("--tune", action="store_true", help="sweep τ and ε on the tuning draws")
+    ap.add_argument(
+        "--tune",
+        choices=("temperature", "spread"),
+        help="sweep τ and ε, or the spread, on the tuning draws",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 albums, 2000 refs")
     args = ap.parse_args()
     n = args.albums or (20 if args.quick else 400)
@@ -247,10 +278,10 @@ def main() -> None:
         f"gallery {locator.index_label}; {len(refs):,} reference tiles; calibration "
         f"temperature {locator.temperature(options):.3g}; album: temperature "
         f"{config.temperature:g}, uniform share {config.uniform:g}, outliers below "
-        f"{config.outlier_below:g} agreement"
+        f"{config.outlier_below:g} agreement, spread {config.spread_km:g} km"
     )
     if args.tune:
-        tune(locator, options, n, config)
+        (tune_spread if args.tune == "spread" else tune)(locator, options, n, config)
         print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
         return
 

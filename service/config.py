@@ -143,6 +143,16 @@ class Settings(_LocateDefaults):
         description="Share of a uniform component in each picture's likelihood: bounds how "
         "far one picture (from elsewhere, or with no location cues) can pull the joint answer.",
     )
+    album_spread_km: float = Field(
+        25.0,
+        ge=0,
+        le=2000,
+        description="How far apart an album's pictures may have been taken, in km (one "
+        "standard deviation; 25: within about 50 km of one place): each picture's "
+        "reference-neighbour kernels are widened by it before the pictures are combined, and the "
+        "joint answer also weighs the mean of the pooled places near its first. 0: pictures of "
+        "one spot (a burst, frames of a video).",
+    )
     album_outlier_below: float = Field(
         0.5,
         ge=0,
@@ -470,6 +480,7 @@ class Settings(_LocateDefaults):
             uniform=self.album_uniform,
             temperature=self.album_temperature,
             outlier_below=self.album_outlier_below,
+            spread_km=self.album_spread_km,
         )
 
     def locate_options(self, **overrides: object) -> LocateOptions:

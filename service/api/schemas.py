@@ -276,8 +276,9 @@ class CandidateOut(BaseModel):
     )
     source: str = Field(
         description="Where the point came from: gallery (the index), refined (an H3 child "
-        "found by refinement), neighbour (a reference image's location) or llm (an LLM "
-        "proposal).",
+        "found by refinement), neighbour (a reference image's location), llm (an LLM "
+        "proposal) or album (an album's joint answer: the mean of its pooled places near "
+        "its first).",
         examples=["refined"],
     )
     country_code: str | None = Field(

@@ -40,6 +40,7 @@ from encoders.structure import (
 from index.geo import (
     int_to_cell,
     latlon_to_cells,
+    pairwise_km,
 )
 from index.geocode import ReverseGeocoder
 from index.region import country_distribution, uncertainty_region
@@ -254,9 +255,11 @@ class Locator:
         One pass of the image tower for all pictures, then the pipeline for each (retrieve,
         refine, verify, judge). Every picture's candidates are pooled, every pooled point is
         scored against every picture with verification's logits (one GPS-tower call for the
-        pool), and service/engine/album.py ``combine`` weighs the pictures. The joint answer
-        is described like a single one (diversify, region, countries), with the album's
-        verdict."""
+        pool), and service/engine/album.py ``combine`` weighs the pictures. Each picture's
+        reference kernels are first widened by the album's spread (``config.spread_km``: its
+        pictures need not show one spot), and the mean of the pooled places near the joint
+        answer's first is scored as one more place. The joint answer is described like a
+        single one (diversify, region, countries), with the album's verdict."""
         config = config or AlbumConfig()
         n = len(images)
         t0 = time.perf_counter()
@@ -274,16 +277,27 @@ class Locator:
 
         t = time.perf_counter()
         pooled = _pool_union([s.pool for s in batch])
-        m = len(pooled.score)
-        cosines, logits = np.zeros((n, m)), np.zeros((n, m))
-        if m:
+        supports = [_spread(s.support, config.spread_km) for s in batch]
+
+        def score(latlon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """Every picture's cosines and logits (n, len(latlon)) at the points."""
             with torch.inference_mode():
-                gps = self.model.embed_gps(pooled.latlon.astype(np.float32))
-            cosines = queries.astype(np.float64) @ gps.T.astype(np.float64)  # (n, m)
-            for i, s in enumerate(batch):  # per picture, vectorised over the pool
-                logits[i] = self._logits(pooled.latlon, cosines[i], s.support, options)
+                gps = self.model.embed_gps(latlon.astype(np.float32))
+            cos = queries.astype(np.float64) @ gps.T.astype(np.float64)
+            pairs = zip(cos, supports, strict=True)  # per picture, vectorised over the points
+            logit = np.stack([self._logits(latlon, c, sup, options) for c, sup in pairs])
+            return cos, logit
+
+        m = len(pooled.score)
+        cosines, logits = score(pooled.latlon) if m else (np.zeros((n, 0)), np.zeros((n, 0)))
         prior = np.array([_prior_weight(s.verdict) for s in batch])
         combined = combine(logits / temperature, prior, config)
+        centre = _joint_centre(pooled.latlon, combined.logits, 2.0 * config.spread_km)
+        if centre is not None and self._filter_points(centre, options).all():
+            cos, logit = score(centre)
+            pooled.extend(centre, cos[0], "album", self.geocoder.country_codes(centre))
+            cosines, logits = np.hstack([cosines, cos]), np.hstack([logits, logit])
+            combined = combine(logits / temperature, prior, config)
         pooled.score = combined.weights @ cosines  # the pictures' weighted mean cosine
         timer = Timer()
         for stage in ("retrieve", "refine", "verify", "judge"):
@@ -973,3 +987,31 @@ def _probabilities(scored: Scored, temperature: float) -> np.ndarray:
         lse = np.logaddexp(lse, logsumexp(extra)) if len(extra) else lse
         return np.exp(logits - lse)
     return np.exp(logits - logsumexp(logits)) if len(logits) else logits
+
+
+def _spread(support: Support | None, spread_km: float) -> Support | None:
+    """``support`` with each neighbour's kernel widened by ``spread_km`` (the two spreads
+    added as independent Gaussian ones): an album's picture may show ground that far from the
+    place the album shares."""
+    if support is None or spread_km <= 0:
+        return support
+    latlon, weight, kernels = support
+    return latlon, weight, np.sqrt(kernels**2 + spread_km**2)
+
+
+def _joint_centre(latlon: np.ndarray, joint: np.ndarray, radius_km: float) -> np.ndarray | None:
+    """(1, 2): the mean of the pooled points within ``radius_km`` of the joint answer's first,
+    weighted by the joint probabilities. The pooled points lie near each picture's own place
+    (or its references'), while an album's place lies among them; None where there is nothing
+    to average (no radius, or no other point that near)."""
+    if radius_km <= 0 or len(joint) < 2:
+        return None
+    top = int(np.argmax(joint))
+    near = pairwise_km(latlon[top : top + 1], latlon)[0] <= radius_km
+    if near.sum() < 2:
+        return None
+    lat, lon = np.radians(latlon[near, 0]), np.radians(latlon[near, 1])
+    xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
+    w = np.exp(joint[near] - joint[top])
+    x, y, z = w @ xyz
+    return np.degrees([[np.arctan2(z, np.hypot(x, y)), np.arctan2(y, x)]])

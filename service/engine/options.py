@@ -49,6 +49,11 @@ class AlbumConfig:
     temperature: float = 1.0
     #: Pictures whose agreement with the joint answer is below this are outliers.
     outlier_below: float = 0.5
+    #: How far apart, in km (one standard deviation), the pictures of one album may have been
+    #: taken: each picture's reference-neighbour kernels are widened by it before the pictures
+    #: are combined (sharp kernels of pictures a few tens of km apart must still overlap), and
+    #: the mean of the pooled places within twice it of the joint answer's first is scored too.
+    spread_km: float = 25.0
 
 
 @dataclass(frozen=True)

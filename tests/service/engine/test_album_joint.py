@@ -16,6 +16,7 @@ from index.geo import haversine_km
 from service.cli.main import app
 from service.config import Settings
 from service.engine.album import combine
+from service.engine.locator import _joint_centre, _spread
 from service.engine.negatives import negatives
 from service.engine.options import AlbumConfig
 
@@ -148,3 +149,41 @@ def test_cli_locate_album(judged, tmp_path, monkeypatch):
 
     one = runner.invoke(app, ["locate", "--album", str(paths[0])])
     assert one.exit_code == 2 and "--album takes 2 to" in one.output
+
+
+def test_an_albums_spread_widens_each_pictures_kernels():
+    latlon = np.array([[10.0, 20.0], [11.0, 21.0]])
+    support = (latlon, np.array([0.5, 0.5]), np.array([15.0, 50.0]))
+    assert _spread(support, 0.0) is support
+    widened = _spread(support, 20.0)
+    assert widened[2] == pytest.approx([25.0, np.hypot(50.0, 20.0)])
+    assert widened[0] is latlon and _spread(None, 20.0) is None
+
+
+def test_the_joint_centre_averages_the_pooled_points_near_the_first():
+    # Three pictures' places around (13, 14), each ~40 km from it, and one far point.
+    pooled = np.array([[13.36, 14.0], [12.82, 14.31], [12.82, 13.69], [40.0, 14.0]])
+    joint = np.array([0.0, -0.1, -0.2, 5.0])
+    # The far point is the joint's first: nothing else lies near it.
+    assert _joint_centre(pooled, joint, 100.0) is None
+    joint[3] = -9.0
+    centre = _joint_centre(pooled, joint, 100.0)
+    assert centre.shape == (1, 2)
+    assert haversine_km(*centre[0], 13.0, 14.0) < 5.0  # among them, nearer than any of them
+    assert min(haversine_km(*centre[0], *p) for p in pooled[:3]) > 30.0
+    # Heavier points pull it: the first alone outweighs the other two.
+    leaning = _joint_centre(pooled, np.array([0.0, -5.0, -5.0, -9.0]), 100.0)
+    assert haversine_km(*leaning[0], *pooled[0]) < 5.0
+    assert _joint_centre(pooled, joint, 0.0) is None  # no spread: the pool as it is
+
+
+def test_locate_album_adds_the_joint_centre(judged):
+    loc = judged.locator
+    opts = Settings().locate_options(top_k=5)
+    images = [tile(*p) for p in SAHEL]
+    spread = loc.locate_album(images, opts, AlbumConfig(spread_km=25.0))
+    without = loc.locate_album(images, opts, AlbumConfig(spread_km=0.0))
+    assert "album" in [c.source for c in spread.joint.candidates]
+    assert "album" not in [c.source for c in without.joint.candidates]
+    top = spread.joint.candidates[0]
+    assert haversine_km(top.lat, top.lon, *SAHEL[0]) < 300
