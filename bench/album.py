@@ -20,7 +20,7 @@ Printed, within 25 / 200 / 750 km:
 
 ``--tune temperature`` sweeps the album temperature and uniform share, ``--tune spread`` the
 album's spread (``GEOLOC_ALBUM_SPREAD_KM``) on albums as drawn, narrow albums and 5-tile
-albums with a foreign tile, all on other draws (seeds 70702, 70712, 70722), and prints the
+albums with a foreign tile, all on other draws (seeds 70702, 70722, 70712), and prints the
 tables the defaults were chosen from; the reported albums (seeds 70701, 70711, 70721) are
 never tuned on.
 

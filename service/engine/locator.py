@@ -295,9 +295,14 @@ class Locator:
         centre = _joint_centre(pooled.latlon, combined.logits, 2.0 * config.spread_km)
         if centre is not None and self._filter_points(centre, options).all():
             cos, logit = score(centre)
-            pooled.extend(centre, cos[0], "album", self.geocoder.country_codes(centre))
-            cosines, logits = np.hstack([cosines, cos]), np.hstack([logits, logit])
-            combined = combine(logits / temperature, prior, config)
+            wider = np.hstack([cosines, cos]), np.hstack([logits, logit])
+            again = combine(wider[1] / temperature, prior, config)
+            # Kept only as the new first place: a point beside the first that does not beat it
+            # would only add to the mass stated for that place.
+            if int(np.argmax(again.logits)) == m:
+                score_nan = np.full(1, np.nan)  # set below from the pictures' weights
+                pooled.extend(centre, score_nan, "album", self.geocoder.country_codes(centre))
+                (cosines, logits), combined = wider, again
         pooled.score = combined.weights @ cosines  # the pictures' weighted mean cosine
         timer = Timer()
         for stage in ("retrieve", "refine", "verify", "judge"):
@@ -1003,7 +1008,7 @@ def _joint_centre(latlon: np.ndarray, joint: np.ndarray, radius_km: float) -> np
     """(1, 2): the mean of the pooled points within ``radius_km`` of the joint answer's first,
     weighted by the joint probabilities. The pooled points lie near each picture's own place
     (or its references'), while an album's place lies among them; None where there is nothing
-    to average (no radius, or no other point that near)."""
+    to average (no radius, no other point that near, logits that are not finite)."""
     if radius_km <= 0 or len(joint) < 2:
         return None
     top = int(np.argmax(joint))
@@ -1013,5 +1018,7 @@ def _joint_centre(latlon: np.ndarray, joint: np.ndarray, radius_km: float) -> np
     lat, lon = np.radians(latlon[near, 0]), np.radians(latlon[near, 1])
     xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
     w = np.exp(joint[near] - joint[top])
+    if not np.isfinite(w).all():
+        return None
     x, y, z = w @ xyz
     return np.degrees([[np.arctan2(z, np.hypot(x, y)), np.arctan2(y, x)]])
