@@ -10,7 +10,14 @@ from typing import Annotated, Literal, get_type_hints
 from pydantic import Field, SecretStr, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.engine.options import SERVICE_OPTIONS, AlbumConfig, ImageLimits, LocateOptions
+from service.engine.options import (
+    MAX_SPREAD_KM,
+    SERVICE_OPTIONS,
+    SPREAD_DOC,
+    AlbumConfig,
+    ImageLimits,
+    LocateOptions,
+)
 
 _DEFAULTS = LocateOptions()
 #: One setting (GEOLOC_<NAME>) per option with a service-wide default, typed and defaulted
@@ -144,14 +151,7 @@ class Settings(_LocateDefaults):
         "far one picture (from elsewhere, or with no location cues) can pull the joint answer.",
     )
     album_spread_km: float = Field(
-        25.0,
-        ge=0,
-        le=2000,
-        description="How far apart an album's pictures may have been taken, in km (one "
-        "standard deviation; 25: within about 50 km of one place): each picture's "
-        "reference-neighbour kernels are widened by it before the pictures are combined, and the "
-        "joint answer also weighs the mean of the pooled places near its first. 0: pictures of "
-        "one spot (a burst, frames of a video).",
+        25.0, ge=0, le=MAX_SPREAD_KM, description=SPREAD_DOC + " A request may ask for its own."
     )
     album_outlier_below: float = Field(
         0.5,
@@ -475,12 +475,13 @@ class Settings(_LocateDefaults):
             self.deblock_above,
         )
 
-    def album_config(self) -> AlbumConfig:
+    def album_config(self, spread_km: float | None = None) -> AlbumConfig:
+        """How albums are combined; ``spread_km``: a request's own spread (None: the setting)."""
         return AlbumConfig(
             uniform=self.album_uniform,
             temperature=self.album_temperature,
             outlier_below=self.album_outlier_below,
-            spread_km=self.album_spread_km,
+            spread_km=self.album_spread_km if spread_km is None else spread_km,
         )
 
     def locate_options(self, **overrides: object) -> LocateOptions:

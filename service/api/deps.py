@@ -31,6 +31,7 @@ from service.api.schemas import AlbumJSONRequest, LocateJSONRequest, LocateReque
 from service.config import Settings
 from service.db import authenticate
 from service.engine.locator import LocateOptions, Locator
+from service.engine.options import MAX_SPREAD_KM, SPREAD_DOC, AlbumConfig
 
 # -- the state and what it holds ------------------------------------------------------------------
 
@@ -183,8 +184,8 @@ async def _json_body(
     except ValidationError as exc:
         raise _invalid_request(exc, "body") from None
     merged = {**query.model_dump(exclude_none=True), **body.model_dump(exclude_none=True)}
-    merged.pop(images)
-    return body, ops.locate_options(settings, LocateRequestOptions(**merged))
+    options = {k: v for k, v in merged.items() if k in LocateRequestOptions.model_fields}
+    return body, ops.locate_options(settings, LocateRequestOptions(**options))
 
 
 async def _multipart_files(
@@ -242,12 +243,26 @@ async def read_batch_input(
     return await _multipart_files(request, settings, settings.max_batch, too_many), opts
 
 
+@dataclass(frozen=True)
+class AlbumInput:
+    files: list[tuple[str | None, bytes | str]]
+    options: LocateOptions
+    config: AlbumConfig
+
+
+SpreadQuery = Annotated[
+    float | None,
+    Query(ge=0, le=MAX_SPREAD_KM, description=SPREAD_DOC + " Default GEOLOC_ALBUM_SPREAD_KM."),
+]
+
+
 async def read_album_input(
-    request: Request, settings: SettingsDep, query: QueryOptions
-) -> tuple[list[tuple[str | None, bytes | str]], LocateOptions]:
+    request: Request, settings: SettingsDep, query: QueryOptions, spread_km: SpreadQuery = None
+) -> AlbumInput:
     """The pictures of /v1/locate/album: multipart ``files`` (bytes) or JSON ``images_base64``
-    (base64 text, decoded per picture), at most GEOLOC_MAX_ALBUM. How many can be used is the
-    operation's check: a bad picture is a problem of its own."""
+    (base64 text, decoded per picture), at most GEOLOC_MAX_ALBUM, with the album's spread (the
+    query's, overridden by a JSON body's). How many can be used is the operation's check: a bad
+    picture is a problem of its own."""
     limit = settings.max_album
     too_many = f"at most {limit} pictures per album (GEOLOC_MAX_ALBUM)"
     ctype = _content_type(request)
@@ -255,19 +270,20 @@ async def read_album_input(
         body, opts = await _json_body(request, AlbumJSONRequest, "images_base64", settings, query)
         if len(body.images_base64) > limit:
             raise TooManyImagesError(too_many)
-        return [(None, text) for text in body.images_base64], opts
+        spread = spread_km if body.spread_km is None else body.spread_km
+        files: list[tuple[str | None, bytes | str]] = [(None, t) for t in body.images_base64]
+        return AlbumInput(files, opts, settings.album_config(spread))
     if ctype == "multipart/form-data":
         opts = ops.locate_options(settings, query)
-        return list(await _multipart_files(request, settings, limit, too_many)), opts
+        parts = list(await _multipart_files(request, settings, limit, too_many))
+        return AlbumInput(list(parts), opts, settings.album_config(spread_km))
     raise UnsupportedContentTypeError(
         f"send multipart/form-data (fields 'files') or application/json (images_base64), "
         f"not {ctype or 'no content type'!r}"
     )
 
 
-AlbumDep = Annotated[
-    tuple[list[tuple[str | None, bytes | str]], LocateOptions], Depends(read_album_input)
-]
+AlbumDep = Annotated[AlbumInput, Depends(read_album_input)]
 BatchDep = Annotated[
     tuple[list[tuple[str | None, bytes]], LocateOptions], Depends(read_batch_input)
 ]

@@ -51,7 +51,7 @@ from service.engine.images import decode_image, image_text
 from service.engine.llm_stages import LLMReport
 from service.engine.llm_stages import skipped as llm_skipped
 from service.engine.locator import LocateResult, Locator
-from service.engine.options import LocateOptions, text_query
+from service.engine.options import AlbumConfig, LocateOptions, text_query
 from service.errors import GeolocError, ImageTooLargeError, InvalidOptionError
 
 log = logging.getLogger(__name__)
@@ -327,6 +327,7 @@ async def locate_album(
     state: ServiceState,
     files: list[tuple[str | None, bytes | str]],
     options: LocateOptions,
+    config: AlbumConfig,
     caller: Caller,
     *,
     instance: str,
@@ -361,7 +362,7 @@ async def locate_album(
             f"{len(files)} could" + (f" ({lost})" if lost else "")
         )
     result = await state.batcher.submit_album(
-        locator, images, options, s.album_config(), timeout_s=s.request_timeout_s
+        locator, images, options, config, timeout_s=s.request_timeout_s
     )
     report = llm_skipped("albums do not use the LLM stages")
     warnings = []

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from service.api.problems import Problem
 from service.engine.llm_stages import LLMReport
+from service.engine.options import MAX_SPREAD_KM, SPREAD_DOC
 
 _STRICT_FLOATS = ConfigDict(allow_inf_nan=False)
 ISO2 = r"^[A-Za-z]{2}$"
@@ -457,6 +458,9 @@ class AlbumJSONRequest(LocateRequestOptions):
         ...,
         min_length=1,
         description="The pictures' bytes, base64-encoded: 2 to GEOLOC_MAX_ALBUM of them.",
+    )
+    spread_km: float | None = Field(
+        None, ge=0, le=MAX_SPREAD_KM, description=SPREAD_DOC + " Default GEOLOC_ALBUM_SPREAD_KM."
     )
 
 

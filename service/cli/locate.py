@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from service.cli.common import friendly_errors, settings, usage_error
+from service.engine.options import MAX_SPREAD_KM
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -166,6 +167,16 @@ def locate_cmd(
             "with each image's weight and whether it is an outlier.",
         ),
     ] = False,
+    spread_km: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            max=MAX_SPREAD_KM,
+            metavar="KM",
+            help="With --album: how far apart the images may have been taken (one standard "
+            "deviation; default GEOLOC_ALBUM_SPREAD_KM; 0: one spot).",
+        ),
+    ] = None,
 ) -> None:
     """Locate images (several are encoded as one batch), or a description with --text."""
     if not text and not images:
@@ -177,6 +188,8 @@ def locate_cmd(
         usage_error('give image files, or --text "a description of a place", not both')
     if album and text:
         usage_error("--album locates images of one place; it does not take --text")
+    if spread_km is not None and not album:
+        usage_error("--spread-km is how far apart an album's images were taken: add --album")
     from index.geo import BBox
 
     s = settings()
@@ -220,7 +233,7 @@ def locate_cmd(
             raise typer.Exit(2)
         loc = load_locator(s, index_name=name or None, index_version=version or None)
         if album:
-            joint = loc.locate_album(pil, opts, s.album_config())
+            joint = loc.locate_album(pil, opts, s.album_config(spread_km))
             within_km = loc.calibration.within_km if loc.calibration else s.calibration_km
             typer.echo(
                 album_json(joint, ok)

@@ -38,6 +38,17 @@ SERVICE_OPTIONS = (
 )
 
 
+#: The widest album spread a setting or a request may ask for, in km.
+MAX_SPREAD_KM = 2000.0
+#: What an album's spread means (the setting's and the request option's description).
+SPREAD_DOC = (
+    "How far apart the album's pictures may have been taken, in km (one standard deviation; "
+    "25: within about 50 km of one place): each picture's reference-neighbour kernels are "
+    "widened by it before the pictures are combined, and the joint answer also weighs the mean "
+    "of the pooled places near its first. 0: pictures of one spot (a burst, frames of a video)."
+)
+
+
 @dataclass(frozen=True)
 class AlbumConfig:
     """How the pictures of an album are combined (service/engine/album.py;

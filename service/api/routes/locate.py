@@ -64,10 +64,12 @@ async def locate_album(
     One joint answer (candidates, region, countries, verdict; `prediction_id` for feedback on
     it), and each picture's own answer with its weight and whether it was an outlier. A
     picture that cannot be read gets its problem; the album answers from the rest when at least
-    two remain. Options are query parameters (for JSON also body fields).
+    two remain. Options are query parameters (for JSON also body fields), and `spread_km`
+    says how far apart the pictures may have been taken (default GEOLOC_ALBUM_SPREAD_KM).
     """
-    files, options = album
-    return await ops.locate_album(state, files, options, caller, instance=request.url.path)
+    return await ops.locate_album(
+        state, album.files, album.options, album.config, caller, instance=request.url.path
+    )
 
 
 async def locate_url(

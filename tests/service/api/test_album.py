@@ -145,3 +145,37 @@ def test_album_limits(make_client):
         assert refs <= set(document["components"]["schemas"]), refs - set(
             document["components"]["schemas"]
         )
+
+
+def test_an_album_may_say_how_far_apart_its_pictures_were_taken(make_client):
+    b64 = [base64.b64encode(tile_bytes(a, o)).decode() for a, o in SAHEL]
+    with make_client() as client:
+
+        def sources(params: dict | None = None, body: dict | None = None) -> list[str]:
+            if body is None:
+                r = client.post("/v1/locate/album", files=files(SAHEL), params=params)
+            else:
+                json_body = {"images_base64": b64, **body}
+                r = client.post("/v1/locate/album", json=json_body, params=params)
+            assert r.status_code == 200, r.text
+            return [c["source"] for c in r.json()["candidates"]]
+
+        # The default spread (GEOLOC_ALBUM_SPREAD_KM, 25 km) puts the pictures' mean place first;
+        # a spread of 0 (one spot) never scores it, by query parameter or JSON body field.
+        assert sources(params={"top_k": 5})[0] == "album"
+        assert "album" not in sources(params={"top_k": 5, "spread_km": 0})
+        assert "album" not in sources(body={"top_k": 5, "spread_km": 0})
+        # A JSON body's spread overrides the query's, as every other option.
+        assert sources(params={"spread_km": 0}, body={"spread_km": 25})[0] == "album"
+        assert "album" not in sources(params={"spread_km": 0}, body={"top_k": 5})
+        for bad in (-1, 5000, "far"):
+            assert_problem(
+                client.post("/v1/locate/album", files=files(SAHEL), params={"spread_km": bad}),
+                422,
+                "invalid-request",
+            )
+        assert_problem(
+            client.post("/v1/locate/album", json={"images_base64": b64, "spread_km": 5000}),
+            422,
+            "invalid-request",
+        )

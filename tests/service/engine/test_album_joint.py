@@ -150,6 +150,22 @@ def test_cli_locate_album(judged, tmp_path, monkeypatch):
     one = runner.invoke(app, ["locate", "--album", str(paths[0])])
     assert one.exit_code == 2 and "--album takes 2 to" in one.output
 
+    # --spread-km: the album's own spread (0: one spot, so no mean place is scored).
+    sahel = []
+    for i, p in enumerate(SAHEL):
+        sahel.append(tmp_path / f"s{i}.png")
+        sahel[-1].write_bytes(tile_bytes(*p))
+    four = [*map(str, sahel), "--json", "--top-k", "5"]  # test_locate_album_adds_the_joint_centre's
+    sources = {}
+    for spread in ("0", "25"):
+        got = runner.invoke(app, ["locate", "--album", *four, "--spread-km", spread])
+        assert got.exit_code == 0, got.output
+        body = json.loads(got.stdout)["results"][0]["result"]
+        sources[spread] = [c["source"] for c in body["candidates"]]
+    assert "album" not in sources["0"] and sources["25"][0] == "album", sources
+    lone = runner.invoke(app, ["locate", str(paths[0]), "--spread-km", "10"])
+    assert lone.exit_code == 2 and "add --album" in lone.output
+
 
 def test_an_albums_spread_widens_each_pictures_kernels():
     latlon = np.array([[10.0, 20.0], [11.0, 21.0]])
