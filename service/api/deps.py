@@ -175,10 +175,10 @@ def _is_json(ctype: str) -> bool:
 
 
 async def _json_body(
-    request: Request, model: type[_Body], images: str, settings: Settings, query: QueryOptions
+    request: Request, model: type[_Body], settings: Settings, query: QueryOptions
 ) -> tuple[_Body, LocateOptions]:
-    """A JSON locate body and its options: the query string's, overridden by the body's fields
-    (all but the ``images`` field)."""
+    """A JSON locate body and its options: the query string's, overridden by the body's option
+    fields (not its pictures, nor an album's spread)."""
     try:
         body = model.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -209,7 +209,7 @@ async def read_image_input(
     """
     ctype = _content_type(request)
     if _is_json(ctype):
-        body, opts = await _json_body(request, LocateJSONRequest, "image_base64", settings, query)
+        body, opts = await _json_body(request, LocateJSONRequest, settings, query)
         data = ops.decode_base64(body.image_base64, settings.max_image_bytes)
         return ImageInput(data=data, filename=None, options=opts)
     if ctype == "multipart/form-data":
@@ -267,7 +267,7 @@ async def read_album_input(
     too_many = f"at most {limit} pictures per album (GEOLOC_MAX_ALBUM)"
     ctype = _content_type(request)
     if _is_json(ctype):
-        body, opts = await _json_body(request, AlbumJSONRequest, "images_base64", settings, query)
+        body, opts = await _json_body(request, AlbumJSONRequest, settings, query)
         if len(body.images_base64) > limit:
             raise TooManyImagesError(too_many)
         spread = spread_km if body.spread_km is None else body.spread_km
@@ -276,7 +276,7 @@ async def read_album_input(
     if ctype == "multipart/form-data":
         opts = ops.locate_options(settings, query)
         parts = list(await _multipart_files(request, settings, limit, too_many))
-        return AlbumInput(list(parts), opts, settings.album_config(spread_km))
+        return AlbumInput(parts, opts, settings.album_config(spread_km))
     raise UnsupportedContentTypeError(
         f"send multipart/form-data (fields 'files') or application/json (images_base64), "
         f"not {ctype or 'no content type'!r}"

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from service.cli.common import friendly_errors, settings, usage_error
-from service.engine.options import MAX_SPREAD_KM
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -170,11 +169,9 @@ def locate_cmd(
     spread_km: Annotated[
         float | None,
         typer.Option(
-            min=0,
-            max=MAX_SPREAD_KM,
             metavar="KM",
             help="With --album: how far apart the images may have been taken (one standard "
-            "deviation; default GEOLOC_ALBUM_SPREAD_KM; 0: one spot).",
+            "deviation, 0 to 2,000; default GEOLOC_ALBUM_SPREAD_KM; 0: one spot).",
         ),
     ] = None,
 ) -> None:
@@ -188,8 +185,13 @@ def locate_cmd(
         usage_error('give image files, or --text "a description of a place", not both')
     if album and text:
         usage_error("--album locates images of one place; it does not take --text")
-    if spread_km is not None and not album:
-        usage_error("--spread-km is how far apart an album's images were taken: add --album")
+    if spread_km is not None:
+        from service.engine.options import MAX_SPREAD_KM  # light commands import it late
+
+        if not album:
+            usage_error("--spread-km is how far apart an album's images were taken: add --album")
+        if not 0 <= spread_km <= MAX_SPREAD_KM:
+            usage_error(f"--spread-km must be 0 to {MAX_SPREAD_KM:,.0f} km; got {spread_km:g}")
     from index.geo import BBox
 
     s = settings()

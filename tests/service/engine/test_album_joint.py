@@ -165,6 +165,9 @@ def test_cli_locate_album(judged, tmp_path, monkeypatch):
     assert "album" not in sources["0"] and sources["25"][0] == "album", sources
     lone = runner.invoke(app, ["locate", str(paths[0]), "--spread-km", "10"])
     assert lone.exit_code == 2 and "add --album" in lone.output
+    for bad in ("-1", "5000", "nan"):
+        wide = runner.invoke(app, ["locate", "--album", *four, "--spread-km", bad])
+        assert wide.exit_code == 2 and "--spread-km must be 0 to 2,000 km" in wide.output
 
 
 def test_an_albums_spread_widens_each_pictures_kernels():

@@ -89,7 +89,16 @@ def test_request_bounds_agree_with_the_options_checks(name: str) -> None:
 
 
 #: `geoloc locate` parameters that are about the command, not the pipeline.
-LOCATE_COMMAND_ONLY = {"images", "text", "as_json", "profile", "index", "batch_size", "album"}
+LOCATE_COMMAND_ONLY = {
+    "images",
+    "text",
+    "as_json",
+    "profile",
+    "index",
+    "batch_size",
+    "album",
+    "spread_km",  # an album's, not a locate option (AlbumConfig)
+}
 #: CLI parameters named for one use (``--country FR --country ES``) and the option they fill.
 CLI_NAMES = {"country": "countries"}
 
