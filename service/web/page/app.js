@@ -363,11 +363,15 @@
     select(batch.items[0]);
   }
 
+  // How far apart the album's images were taken (the select's value: spread_km; "": the
+  // service's default). Another choice sends the album again; what was located is kept.
   function showAlbum(batch) {
     if (batch.files.length > maxAlbum()) return; // the bar says why nothing is sent
-    if (!batch.album) {
+    const spread = $("album-spread").value;
+    if (!batch.album || batch.album.spread !== spread) {
       const n = batch.files.length;
-      batch.album = { id: state.nextId++, album: batch, name: `Album of ${n} images`, thumb: batch.files[0].thumb, status: "waiting", result: null, failure: null, truth: null, exif: null, exifAnswered: true, feedback: null };
+      const how = spread === "" ? "" : ` (${$("album-spread").selectedOptions[0].textContent})`;
+      batch.album = { id: state.nextId++, album: batch, spread, name: `Album of ${n} images${how}`, thumb: batch.files[0].thumb, status: "waiting", result: null, failure: null, truth: null, exif: null, exifAnswered: true, feedback: null };
       state.items.push(batch.album);
       enqueue(batch.album);
     }
@@ -383,6 +387,7 @@
     $("album-bar").hidden = !offered;
     box.disabled = !offered;
     box.checked = offered && batch.same;
+    $("album-spread").disabled = !offered;
     $("album-count").textContent = String(n);
     const msg = $("album-msg");
     const tooMany = offered && batch.same && n > max;
@@ -390,6 +395,11 @@
     msg.textContent = tooMany
       ? `Too many images for one album: ${n} chosen, an album holds 2 to ${max}. Nothing was sent. Choose at most ${max} images, or turn off “Same place” to locate each image on its own.`
       : "";
+  }
+
+  function spreadChanged() {
+    const batch = state.batch;
+    if (batch && batch.same && batch.files.length >= 2) showAlbum(batch);
   }
 
   function samePlaceChanged() {
@@ -442,7 +452,10 @@
     if (item.album) for (const f of item.album.files) form.append("files", f.file, f.name);
     else form.append("file", item.file, item.name);
     const k = parseInt($("top-k").value, 10);
-    const query = Number.isFinite(k) && k > 0 ? `?top_k=${k}` : "";
+    const params = new URLSearchParams();
+    if (Number.isFinite(k) && k > 0) params.set("top_k", String(k));
+    if (item.album && item.spread) params.set("spread_km", item.spread);
+    const query = params.toString() ? `?${params}` : "";
     const path = item.album ? "/v1/locate/album" : "/v1/locate";
     const started = performance.now();
     const answer = await call(path + query, { method: "POST", body: form, headers: headers() });
@@ -923,6 +936,7 @@
     });
     $("feedback").addEventListener("click", sendFeedback);
     $("same-place").addEventListener("change", samePlaceChanged);
+    $("album-spread").addEventListener("change", spreadChanged);
   }
 
   async function loadInfo() {

@@ -812,6 +812,19 @@ def test_album_same_place_sends_one_album_and_draws_the_joint_answer_and_each_im
     page.check("#same-place")
     page.wait_for_selector("#album-section:not([hidden]) .album-image")
     assert len(_album_calls(p)) == 1
+    assert "spread_km" not in _album_calls(p)[0]  # the service's default spread
+
+    # How far apart the images were taken: another choice sends the album again with it.
+    assert page.is_enabled("#album-spread")
+    with page.expect_request(lambda r: urlsplit(r.url).path == "/v1/locate/album") as sent:
+        page.select_option("#album-spread", "0")
+    assert "spread_km=0" in sent.value.url and "top_k=3" in sent.value.url
+    page.wait_for_function(ALBUM_DONE)
+    assert "(at one spot)" in page.inner_text("#result-name")
+    assert page.locator("#queue .queue-item.album").count() == 2  # the first is kept
+    assert "album" not in [
+        c["source"] for c in page.evaluate("geoloc.state.selected.result")["candidates"]
+    ]
     assert p.off_loopback() == []
 
 
