@@ -320,7 +320,9 @@ def album_response(
         )
         for i, name in enumerate(filenames)
     ]
-    return AlbumResponse(**joint.model_dump(), images=items, used=len(used))
+    return AlbumResponse(
+        **joint.model_dump(), images=items, used=len(used), spread_km=result.spread_km
+    )
 
 
 async def locate_album(
@@ -386,10 +388,11 @@ async def locate_album(
                 if item.result.prediction_id is None:
                     item.result.warnings.append(_NOT_RECORDED)
         body = album.model_dump(
-            mode="json", exclude={"prediction_id", "warnings", "images", "used"}
+            mode="json", exclude={"prediction_id", "warnings", "images", "used", "spread_km"}
         )
         body["album"] = {
             "used": album.used,
+            "spread_km": album.spread_km,
             "images": [
                 {
                     **item.model_dump(mode="json", exclude={"result", "problem"}),

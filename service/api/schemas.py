@@ -513,11 +513,17 @@ class AlbumResponse(LocateResponse):
                 for i, (w, a) in enumerate(((0.52, 1.0), (0.48, 0.93), (0.0, 0.01)))
             ],
             "used": 3,
+            "spread_km": 25.0,
         }
     )
 
     images: list[AlbumImageOut] = Field(description="One per picture, in the order sent.")
     used: int = Field(description="Pictures that took part in the joint answer.")
+    spread_km: float = Field(
+        description="How far apart the pictures were taken, in km, as the joint answer assumed "
+        "(the request's spread_km, else GEOLOC_ALBUM_SPREAD_KM).",
+        examples=[25.0],
+    )
 
 
 class BatchItem(BaseModel):

@@ -346,6 +346,7 @@ class Locator:
             weights=combined.weights,
             agreement=combined.agreement,
             outlier=combined.outlier,
+            spread_km=config.spread_km,
         )
 
     def locate_texts(self, texts: Sequence[str], options: LocateOptions) -> list[LocateResult]:

@@ -168,6 +168,12 @@ def test_an_album_may_say_how_far_apart_its_pictures_were_taken(make_client):
         # A JSON body's spread overrides the query's, as every other option.
         assert sources(params={"spread_km": 0}, body={"spread_km": 25})[0] == "album"
         assert "album" not in sources(params={"spread_km": 0}, body={"top_k": 5})
+        # The answer says which spread it assumed, and so does its stored record.
+        for params, spread in (({}, 25.0), ({"spread_km": 7.5}, 7.5)):
+            r = client.post("/v1/locate/album", files=files(SAHEL), params=params)
+            assert r.json()["spread_km"] == spread
+            stored = client.get(f"/v1/predictions/{r.json()['prediction_id']}").json()
+            assert stored["result"]["album"]["spread_km"] == spread
         for bad in (-1, 5000, "far"):
             assert_problem(
                 client.post("/v1/locate/album", files=files(SAHEL), params={"spread_km": bad}),
