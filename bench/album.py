@@ -197,11 +197,15 @@ def time_ratio(
     return 1000 * float(np.median(album_ms)), 1000 * float(np.median(batch_ms))
 
 
+def last_replaced(albums: Sequence[Album], pictures: Sequence[Image.Image]) -> list[Album]:
+    """The albums, each with its last tile replaced by the picture of the same rank."""
+    return [replace(a, tiles=[*a.tiles[:-1], p]) for a, p in zip(albums, pictures, strict=True)]
+
+
 def with_foreign_tile(n: int, seed: int) -> list[Album]:
     """n albums of 5 tiles whose last tile is replaced by one at least 2,000 km away."""
     fives = draw_albums(n, seed, sizes=(5, 5))
-    foreign = foreign_tiles(fives, seed)
-    return [replace(a, tiles=[*a.tiles[:-1], f[0]]) for a, f in zip(fives, foreign, strict=True)]
+    return last_replaced(fives, [f[0] for f in foreign_tiles(fives, seed)])
 
 
 def tune_spread(locator: Locator, options: LocateOptions, n: int, base: AlbumConfig) -> None:
@@ -303,14 +307,8 @@ def main() -> None:
 
     fives = draw_albums(max(n // 2, 10), REPORT_SEED + 10, sizes=(5, 5))
     clean = run(locator, options, fives, config)
-    foreign = foreign_tiles(fives, REPORT_SEED + 10)
-    with_foreign = [
-        replace(a, tiles=[*a.tiles[:-1], f[0]]) for a, f in zip(fives, foreign, strict=True)
-    ]
-    others = nonsatellite_images(len(fives))
-    with_other = [
-        replace(a, tiles=[*a.tiles[:-1], o[1]]) for a, o in zip(fives, others, strict=True)
-    ]
+    with_foreign = last_replaced(fives, [f[0] for f in foreign_tiles(fives, REPORT_SEED + 10)])
+    with_other = last_replaced(fives, [o[1] for o in nonsatellite_images(len(fives))])
     rows = [["5 tiles as drawn", *[pct(within(clean.joint_km, t)) for t in SHOWN_KM], "-", "-"]]
     for label, albums_k in (
         (f"one tile replaced by a tile ≥ {FOREIGN_MIN_KM:,.0f} km away", with_foreign),

@@ -48,6 +48,15 @@ def pairwise_km(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return haversine_km(a[:, None, 0], a[:, None, 1], b[None, :, 0], b[None, :, 1])
 
 
+def mean_latlon(latlon: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(2,) the weighted mean of (n, 2) positions on the sphere (of their unit vectors, so it
+    holds across the antimeridian and near the poles)."""
+    lat, lon = np.radians(latlon[:, 0]), np.radians(latlon[:, 1])
+    xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
+    x, y, z = np.asarray(weights, dtype=np.float64) @ xyz
+    return np.degrees([np.arctan2(z, np.hypot(x, y)), np.arctan2(y, x)])
+
+
 def geoscore(d_km: Any) -> np.ndarray:
     """GeoScore = 5000 * exp(-d / 1492.7): 5000 at the spot, ~0 on the far side of the Earth."""
     return 5000.0 * np.exp(-np.asarray(d_km, dtype=np.float64) / GEOSCORE_SCALE_KM)

@@ -40,6 +40,7 @@ from encoders.structure import (
 from index.geo import (
     int_to_cell,
     latlon_to_cells,
+    mean_latlon,
     pairwise_km,
 )
 from index.geocode import ReverseGeocoder
@@ -1016,10 +1017,7 @@ def _joint_centre(latlon: np.ndarray, joint: np.ndarray, radius_km: float) -> np
     near = pairwise_km(latlon[top : top + 1], latlon)[0] <= radius_km
     if near.sum() < 2:
         return None
-    lat, lon = np.radians(latlon[near, 0]), np.radians(latlon[near, 1])
-    xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
     w = np.exp(joint[near] - joint[top])
     if not np.isfinite(w).all():
         return None
-    x, y, z = w @ xyz
-    return np.degrees([[np.arctan2(z, np.hypot(x, y)), np.arctan2(y, x)]])
+    return mean_latlon(latlon[near], w)[None, :]

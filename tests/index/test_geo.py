@@ -21,6 +21,7 @@ from index.geo import (
     is_land,
     land_cells,
     latlon_to_cells,
+    mean_latlon,
     pairwise_km,
     validate_latlon,
 )
@@ -43,6 +44,16 @@ def test_haversine_broadcasts_and_pairwise():
     assert m.shape == (2, 3)
     assert m[0, 0] == pytest.approx(m[1, 1]) == pytest.approx(343.5, abs=1.0)
     assert m[0, 1] == 0.0
+
+
+def test_mean_latlon_on_the_sphere():
+    # Across the antimeridian: the mean of 179 E and 179 W is on it, not at 0.
+    lat, lon = mean_latlon(np.array([[10.0, 179.0], [10.0, -179.0]]), np.ones(2))
+    assert lat == pytest.approx(10.0, abs=0.01) and abs(lon) == pytest.approx(180.0)
+    # Weights pull it; the scale of the weights does not matter.
+    pts = np.array([[0.0, 0.0], [0.0, 10.0]])
+    assert mean_latlon(pts, np.array([3.0, 1.0])) == pytest.approx([0.0, 2.5], abs=0.05)
+    assert mean_latlon(pts, np.array([30.0, 10.0])) == pytest.approx(mean_latlon(pts, [3, 1]))
 
 
 def test_geoscore():
