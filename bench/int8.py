@@ -11,6 +11,11 @@ output column, each run's activations uint8 with one scale per run):
 - ``int8 blocks of 32 / 128 (MatMulNBits)``: 8-bit weights with one scale per block of input
   rows, activations quantised per row and block (int8 compute), Gemms rewritten as MatMuls.
 
+and three emulations (``EMULATED``: int8 rounding computed in fp32, so untimed): int8 weights
+with fp32 activations, the error every int8-weight recipe starts from; with the activations
+quantised per run, as the dynamic recipes do (a check of the emulation); and per row (each
+token), which ONNX Runtime's dynamic quantisation does not offer.
+
 On x86 CPUs with AVX2 and without VNNI, ONNX Runtime multiplies uint8 activations by int8
 weights in pairs summed into int16, which saturates with full 8-bit weights; the header line
 says which vector extensions this CPU has.
@@ -64,6 +69,17 @@ from encoders.runtime import (
 from service.engine.options import LocateOptions
 from service.engine.scores import errors_km
 
+#: Diagnostics, not recipes: the fp32 graph with its matrix products' weights rounded to int8 (one
+#: scale per output column, 8 bits) and their activations kept, or rounded to uint8 with one
+#: scale and zero point per run (as dynamic quantisation does) or per row (per token), all
+#: computed in fp32. They show what int8 weights alone cost, and what each way of quantising the
+#: activations adds, on any CPU.
+EMULATED = {
+    "emulated: int8 weights only, fp32 activations": {"activations": None},
+    "emulated: int8 weights, uint8 activations per run": {"activations": "run"},
+    "emulated: int8 weights, uint8 activations per row": {"activations": "row"},
+}
+
 RECIPES = {
     "int8, 8-bit (exported with VNNI)": {"reduce_range": False},
     "int8, 7-bit (exported without VNNI)": {"reduce_range": True},
@@ -85,7 +101,86 @@ def towers(model, root: Path, threads: int) -> dict[str, OnnxImageTower]:
         quantize_tower(fp32_dir / MODEL_FILE, path, **options)
         int8 = dataclasses.replace(manifest, precision="int8")
         out[name] = OnnxImageTower(path, threads, int8)
+    for i, (name, options) in enumerate(EMULATED.items()):
+        path = root / f"emulated{i}" / MODEL_FILE
+        path.parent.mkdir()
+        emulate_int8(fp32_dir / MODEL_FILE, path, **options)
+        out[name] = OnnxImageTower(path, threads, manifest)
     return out
+
+
+def emulate_int8(fp32: Path, out: Path, *, activations: str | None, bits: int = 8) -> None:
+    """``fp32`` with each MatMul's constant weights rounded to ``bits`` (one scale per output
+    column) and, with ``activations`` "run" or "row", its input rounded to uint8 (asymmetric,
+    zero included) with one scale for the whole run or one per row: int8 arithmetic emulated
+    in fp32 (Gemms first written as MatMul + Add)."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    wrapped = ONNXModel(onnx.load(str(fp32)))
+    wrapped.replace_gemm_with_matmul()
+    wrapped.remove_unused_constant()
+    graph = wrapped.model.graph
+    consts = {t.name: t for t in graph.initializer}
+    opset = max(o.version for o in wrapped.model.opset_import if o.domain in ("", "ai.onnx"))
+    top = 2.0 ** (bits - 1) - 1
+    graph.initializer.extend(
+        numpy_helper.from_array(np.array(v, np.float32), k)
+        for k, v in {"emu_0": 0.0, "emu_255": 255.0, "emu_eps": 1e-8}.items()
+    )
+    if opset >= 18:  # reductions take their axes as an input from opset 18
+        graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "emu_axes"))
+    nodes = []
+    for k, node in enumerate(graph.node):
+        w = consts.get(node.input[1]) if node.op_type == "MatMul" else None
+        if w is None or len(w.dims) != 2:
+            nodes.append(node)
+            continue
+        weights = numpy_helper.to_array(w).astype(np.float32)
+        scale = np.maximum(np.abs(weights).max(axis=0), 1e-12) / top
+        rounded = (np.round(weights / scale) * scale).astype(np.float32)
+        w.CopyFrom(numpy_helper.from_array(rounded, w.name))
+        if activations:
+            x, p = node.input[0], f"emu{k}_"
+
+            def reduce(op: str, name: str, x: str = x, p: str = p):
+                if activations == "run":  # no axes: over the whole tensor
+                    return helper.make_node(op, [x], [p + name], keepdims=1)
+                if opset >= 18:
+                    return helper.make_node(op, [x, "emu_axes"], [p + name], keepdims=1)
+                return helper.make_node(op, [x], [p + name], axes=[-1], keepdims=1)
+
+            ops = [
+                reduce("ReduceMax", "hi0"),
+                reduce("ReduceMin", "lo0"),
+                ("Max", ["hi0", "emu_0"], "hi"),
+                ("Min", ["lo0", "emu_0"], "lo"),
+                ("Sub", ["hi", "lo"], "range"),
+                ("Div", ["range", "emu_255"], "s0"),
+                ("Max", ["s0", "emu_eps"], "s"),
+                ("Div", ["lo", "s"], "lo_s"),
+                ("Round", ["lo_s"], "nzp"),  # minus the zero point
+                ("Div", [x, "s"], "xs"),
+                ("Round", ["xs"], "xr"),
+                ("Sub", ["xr", "nzp"], "xz"),
+                ("Clip", ["xz", "emu_0", "emu_255"], "xq"),
+                ("Add", ["xq", "nzp"], "xd"),
+                ("Mul", ["xd", "s"], "x"),
+            ]
+            for op in ops:
+                if isinstance(op, tuple):
+                    kind, inputs, output = op
+                    ins = [i if i.startswith("emu_") or i == x else p + i for i in inputs]
+                    op = helper.make_node(kind, ins, [p + output])
+                nodes.append(op)
+            node.input[0] = p + "x"
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save_model(
+        wrapped.model, str(out), save_as_external_data=True, location=out.name + ".data"
+    )
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -103,9 +198,10 @@ def speed_and_parity(profile: str, rounds: int, threads: int) -> None:
             ms: dict[tuple[str, int], float] = {}
             for batch in (1, 8):
                 x = pixels[:batch]
-                times: dict[str, list[float]] = {k: [] for k in ts}
+                times: dict[str, list[float]] = {k: [] for k in ts if k not in EMULATED}
                 for _ in range(rounds):
-                    for k, t in ts.items():
+                    for k in times:
+                        t = ts[k]
                         start = time.perf_counter()
                         t(x)
                         times[k].append(time.perf_counter() - start)
@@ -116,7 +212,10 @@ def speed_and_parity(profile: str, rounds: int, threads: int) -> None:
     rows = []
     for k in ts:
         cos = np.sum(emb[k] * emb["fp32"], axis=1)
-        cells = [f"{ms[(k, b)]:.2f} ({ms[(k, b)] / ms[('fp32', b)]:.2f}×)" for b in (1, 8)]
+        cells = [
+            f"{ms[(k, b)]:.2f} ({ms[(k, b)] / ms[('fp32', b)]:.2f}×)" if (k, b) in ms else "-"
+            for b in (1, 8)
+        ]  # emulated int8 runs in fp32: its time says nothing
         rows.append([k, *cells, f"{np.mean(1 - cos):.1e}", f"{cos.min():.5f}"])
     print(markdown_table([*header, "mean 1 − cos", "min cos"], rows), flush=True)
 
