@@ -72,8 +72,9 @@ from service.engine.scores import errors_km
 #: Diagnostics, not recipes: the fp32 graph with its matrix products' weights rounded to int8 (one
 #: scale per output column, 8 bits) and their activations kept, or rounded to uint8 with one
 #: scale and zero point per run (as dynamic quantisation does) or per row (per token), all
-#: computed in fp32. They show what int8 weights alone cost, and what each way of quantising the
-#: activations adds, on any CPU.
+#: computed in fp32, over the same products the dynamic recipes quantise (every MatMul and Gemm
+#: with constant weights). They show what int8 weights alone cost, and what each way of quantising
+#: the activations adds, on any CPU.
 EMULATED = {
     "emulated: int8 weights only, fp32 activations": {"activations": None},
     "emulated: int8 weights, uint8 activations per run": {"activations": "run"},
@@ -113,7 +114,8 @@ def emulate_int8(fp32: Path, out: Path, *, activations: str | None, bits: int = 
     """``fp32`` with each MatMul's constant weights rounded to ``bits`` (one scale per output
     column) and, with ``activations`` "run" or "row", its input rounded to uint8 (asymmetric,
     zero included) with one scale for the whole run or one per row: int8 arithmetic emulated
-    in fp32 (Gemms first written as MatMul + Add)."""
+    in fp32. Gemms are first written as MatMul + Add, as dynamic quantisation writes them
+    before it quantises them."""
     import onnx
     from onnx import helper, numpy_helper
     from onnxruntime.quantization.onnx_model import ONNXModel
@@ -121,15 +123,17 @@ def emulate_int8(fp32: Path, out: Path, *, activations: str | None, bits: int = 
     wrapped = ONNXModel(onnx.load(str(fp32)))
     wrapped.replace_gemm_with_matmul()
     wrapped.remove_unused_constant()
-    graph = wrapped.model.graph
+    model = wrapped.model
+    graph = model.graph
     consts = {t.name: t for t in graph.initializer}
-    opset = max(o.version for o in wrapped.model.opset_import if o.domain in ("", "ai.onnx"))
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     top = 2.0 ** (bits - 1) - 1
-    graph.initializer.extend(
-        numpy_helper.from_array(np.array(v, np.float32), k)
-        for k, v in {"emu_0": 0.0, "emu_255": 255.0, "emu_eps": 1e-8}.items()
-    )
-    if opset >= 18:  # reductions take their axes as an input from opset 18
+    if activations:
+        graph.initializer.extend(
+            numpy_helper.from_array(np.array(v, np.float32), k)
+            for k, v in {"emu_0": 0.0, "emu_255": 255.0, "emu_eps": 1e-8}.items()
+        )
+    if activations == "row" and opset >= 18:  # reductions take axes as an input from 18
         graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "emu_axes"))
     nodes = []
     for k, node in enumerate(graph.node):
@@ -161,7 +165,7 @@ def emulate_int8(fp32: Path, out: Path, *, activations: str | None, bits: int = 
                 ("Max", ["s0", "emu_eps"], "s"),
                 ("Div", ["lo", "s"], "lo_s"),
                 ("Round", ["lo_s"], "nzp"),  # minus the zero point
-                ("Div", [x, "s"], "xs"),
+                ("Div", [None, "s"], "xs"),  # None: the product's input
                 ("Round", ["xs"], "xr"),
                 ("Sub", ["xr", "nzp"], "xz"),
                 ("Clip", ["xz", "emu_0", "emu_255"], "xq"),
@@ -171,16 +175,14 @@ def emulate_int8(fp32: Path, out: Path, *, activations: str | None, bits: int = 
             for op in ops:
                 if isinstance(op, tuple):
                     kind, inputs, output = op
-                    ins = [i if i.startswith("emu_") or i == x else p + i for i in inputs]
+                    ins = [x if i is None else i if i.startswith("emu_") else p + i for i in inputs]
                     op = helper.make_node(kind, ins, [p + output])
                 nodes.append(op)
             node.input[0] = p + "x"
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    onnx.save_model(
-        wrapped.model, str(out), save_as_external_data=True, location=out.name + ".data"
-    )
+    onnx.save_model(model, str(out), save_as_external_data=True, location=out.name + ".data")
 
 
 def unit(x: np.ndarray) -> np.ndarray:
