@@ -117,7 +117,7 @@ def emulate_int8(fp32: Path, out: Path, *, activations: str | None, bits: int = 
     in fp32. Gemms are first written as MatMul + Add, as dynamic quantisation writes them
     before it quantises them."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
     from onnxruntime.quantization.onnx_model import ONNXModel
 
     wrapped = ONNXModel(onnx.load(str(fp32)))
@@ -146,43 +146,48 @@ def emulate_int8(fp32: Path, out: Path, *, activations: str | None, bits: int = 
         rounded = (np.round(weights / scale) * scale).astype(np.float32)
         w.CopyFrom(numpy_helper.from_array(rounded, w.name))
         if activations:
-            x, p = node.input[0], f"emu{k}_"
-
-            def reduce(op: str, name: str, x: str = x, p: str = p):
-                if activations == "run":  # no axes: over the whole tensor
-                    return helper.make_node(op, [x], [p + name], keepdims=1)
-                if opset >= 18:
-                    return helper.make_node(op, [x, "emu_axes"], [p + name], keepdims=1)
-                return helper.make_node(op, [x], [p + name], axes=[-1], keepdims=1)
-
-            ops = [
-                reduce("ReduceMax", "hi0"),
-                reduce("ReduceMin", "lo0"),
-                ("Max", ["hi0", "emu_0"], "hi"),
-                ("Min", ["lo0", "emu_0"], "lo"),
-                ("Sub", ["hi", "lo"], "range"),
-                ("Div", ["range", "emu_255"], "s0"),
-                ("Max", ["s0", "emu_eps"], "s"),
-                ("Div", ["lo", "s"], "lo_s"),
-                ("Round", ["lo_s"], "nzp"),  # minus the zero point
-                ("Div", [None, "s"], "xs"),  # None: the product's input
-                ("Round", ["xs"], "xr"),
-                ("Sub", ["xr", "nzp"], "xz"),
-                ("Clip", ["xz", "emu_0", "emu_255"], "xq"),
-                ("Add", ["xq", "nzp"], "xd"),
-                ("Mul", ["xd", "s"], "x"),
-            ]
-            for op in ops:
-                if isinstance(op, tuple):
-                    kind, inputs, output = op
-                    ins = [x if i is None else i if i.startswith("emu_") else p + i for i in inputs]
-                    op = helper.make_node(kind, ins, [p + output])
-                nodes.append(op)
-            node.input[0] = p + "x"
+            nodes.extend(_fake_uint8(node.input[0], f"emu{k}_", activations == "row", opset))
+            node.input[0] = f"emu{k}_x"
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
     onnx.save_model(model, str(out), save_as_external_data=True, location=out.name + ".data")
+
+
+def _fake_uint8(x: str, p: str, per_row: bool, opset: int) -> list:
+    """Nodes that round ``x`` to uint8 and back into ``p``x: the range's ends (with zero) give
+    the scale and zero point, over the whole tensor as DynamicQuantizeLinear takes them, or
+    over each row (``per_row``). Names starting with "emu_" are the shared constants."""
+    from onnx import helper
+
+    if not per_row:
+        axes: tuple[list[str], dict] = ([], {})  # no axes: over the whole tensor
+    elif opset >= 18:  # reductions take their axes as an input from opset 18
+        axes = (["emu_axes"], {})
+    else:
+        axes = ([], {"axes": [-1]})
+
+    def node(op: str, inputs: list[str], output: str, **attrs: object):
+        names = [x if i == "" else i if i.startswith("emu_") else p + i for i in inputs]
+        return helper.make_node(op, names, [p + output], **attrs)
+
+    return [
+        node("ReduceMax", ["", *axes[0]], "hi0", keepdims=1, **axes[1]),
+        node("ReduceMin", ["", *axes[0]], "lo0", keepdims=1, **axes[1]),
+        node("Max", ["hi0", "emu_0"], "hi"),
+        node("Min", ["lo0", "emu_0"], "lo"),
+        node("Sub", ["hi", "lo"], "range"),
+        node("Div", ["range", "emu_255"], "s0"),
+        node("Max", ["s0", "emu_eps"], "s"),
+        node("Div", ["lo", "s"], "lo_s"),
+        node("Round", ["lo_s"], "nzp"),  # minus the zero point
+        node("Div", ["", "s"], "xs"),  # "": the input
+        node("Round", ["xs"], "xr"),
+        node("Sub", ["xr", "nzp"], "xz"),
+        node("Clip", ["xz", "emu_0", "emu_255"], "xq"),
+        node("Add", ["xq", "nzp"], "xd"),
+        node("Mul", ["xd", "s"], "x"),
+    ]
 
 
 def unit(x: np.ndarray) -> np.ndarray:

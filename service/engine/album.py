@@ -61,7 +61,7 @@ class AlbumResult:
     weights: np.ndarray  # (n,) share of the joint answer's evidence; sums to 1
     agreement: np.ndarray  # (n,) agreement with the joint answer, in [0, 1]
     outlier: np.ndarray  # (n,) bool
-    spread_km: float = 0.0  # how far apart the pictures were taken, as the answer assumed
+    spread_km: float  # how far apart the pictures were taken, as the answer assumed
 
     def parts(self) -> list[dict[str, Any]]:
         """Each picture's ``{"weight", "agreement", "outlier"}``."""
