@@ -75,12 +75,12 @@ def main() -> None:
         )
     )
 
-    structure, views = read_pictures(test, locator)
+    read = read_pictures(test, locator)
     tables = []
     with tempfile.TemporaryDirectory() as exported:
         for runtime, precision in runtimes:
             load_image_runtime(model, Path(exported), runtime, precision, release=False)
-            table = [*rows, *pipeline_rows(model, locator, test, (structure, views), args.res)]
+            table = [*rows, *pipeline_rows(model, locator, test, read, args.res)]
             tables.append((f"{runtime} {precision}", table))
     for name, table in tables:
         print_table(name, table, truth, test, refs, args.res, len(locator.index))
@@ -95,8 +95,8 @@ def main() -> None:
             )
 
 
-def pipeline_rows(model, locator, test, read, res: int) -> list:
-    structure, views = read  # read_pictures
+def pipeline_rows(model, locator, test, read: dict, res: int) -> list:
+    """``read``: the test pictures' ``read_pictures``."""
     rows = []
     t = time.perf_counter()
     q = embed(model, test)
@@ -114,7 +114,7 @@ def pipeline_rows(model, locator, test, read, res: int) -> list:
     for label, opts in variants:
         o = LocateOptions(top_k=1, **opts)
         t = time.perf_counter()
-        res = locator.locate_embeddings(q, o, structure=structure, views=views)
+        res = locator.locate_embeddings(q, o, **read)
         per = embed_s + (time.perf_counter() - t) / len(test)
         pred = np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res])
         rows.append((label, pred, per))

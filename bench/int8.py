@@ -231,12 +231,12 @@ def agreement(n: int, seed: int, n_refs: int, threads: int) -> None:
     tiles = tileset("test", n, seed)
     truth = latlon(tiles)
     model, _, refs, _, locator, _ = served_setup(bundled_weights(), 4, n_refs, 0)
-    structure, views = read_pictures(tiles, locator)
+    read = read_pictures(tiles, locator)
     options = LocateOptions(top_k=1)
 
     def answer() -> tuple[np.ndarray, np.ndarray]:
         q = embed(model, tiles)
-        found = locator.locate_embeddings(q, options, structure=structure, views=views)
+        found = locator.locate_embeddings(q, options, **read)
         return q, np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in found])
 
     q0, p0 = answer()

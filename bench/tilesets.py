@@ -17,7 +17,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -113,19 +113,25 @@ def embed(model: GeoModel, rows: Sequence[LabelledImage], batch: int = 256) -> n
 
 def read_pictures(
     rows: Sequence[LabelledImage], locator: Locator, batch: int = 256
-) -> tuple[np.ndarray | None, list[Image.Image | None]]:
-    """What the service reads from the pictures before the pipeline (``Locator.read``): their
-    structure descriptors (along their colour ramps, turned the way their best reference
-    match runs; None where the locator compares no structure) and the grey views of those in
-    false colour, which ``locate_embeddings`` locates as well (``views=``). The files are
-    opened as stored, as ``embed`` opens them: a heavy JPEG is neither smoothed nor marked as
-    the service's decoder does (bench/shift.py and bench/parity.py decode as it does)."""
-    chunks, views = [], []
+) -> dict[str, Any]:
+    """What the service reads from the pictures before the pipeline (``Locator.read``), as
+    ``locate_embeddings``'s keyword arguments: their structure descriptors (along their colour
+    ramps, turned the way their best reference match runs) and colour thumbnails (each None
+    where the locator compares none), and the grey views of those in false colour, which
+    ``locate_embeddings`` locates as well. The files are opened as stored, as ``embed`` opens
+    them: a heavy JPEG is neither smoothed nor marked as the service's decoder does
+    (bench/shift.py and bench/parity.py decode as it does)."""
+    structure, colour, views = [], [], []
     for s in range(0, len(rows), batch):
-        described, seen = locator.read([Image.open(r.path) for r in rows[s : s + batch]])
-        chunks.append(described)
+        described, thumbs, seen = locator.read([Image.open(r.path) for r in rows[s : s + batch]])
+        structure.append(described)
+        colour.append(thumbs)
         views.extend(seen)
-    return (None if chunks[0] is None else np.concatenate(chunks)) if chunks else None, views
+
+    def joined(parts: list[np.ndarray | None]) -> np.ndarray | None:
+        return None if not parts or parts[0] is None else np.concatenate(parts)
+
+    return {"structure": joined(structure), "colour": joined(colour), "views": views}
 
 
 def luminance_descriptors(rows: Sequence[LabelledImage], batch: int = 256) -> np.ndarray:

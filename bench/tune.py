@@ -9,7 +9,7 @@ per setting, the mean over the sets of the shares within 25/200/750 km and the w
 200 km share.
 
     .venv/bin/python bench/tune.py [--weights PATH] [--per-set 300] [--refs N] \
-        [--grid neighbours|structure|support|precision|widths|served] [--ref-power P] [--snap]
+        [--grid neighbours|structure|support|precision|widths|colour|served] [--ref-power P] [--snap]
 
 ``--ref-power`` draws the reference tiles with another ``scale_power`` (how many narrow views
 the reference set holds against wide ones); ``--grid served`` runs the served settings only.
@@ -84,7 +84,7 @@ from service.engine.scores import errors_km
 
 #: Validation draws only: seeds and parameters distinct from bench/shift.py's reported sets.
 VAL_SEED = 50501
-VAL_WIDTHS_KM = (300, 600, 1200, 1800)
+VAL_WIDTHS_KM = (250, 300, 600, 1200, 1800)
 VAL_SHIFTS = {
     "gray": _grayscale,
     "hue135": _hue(135.0),
@@ -127,6 +127,11 @@ GRIDS = {
     "widths": {
         "neighbour_kernel_share": (0.0, 0.06, 0.1, 0.15),
         "neighbour_weight": (1.0,),
+    },
+    # How much a close colour match ranks a reference neighbour up, and from how close.
+    "colour": {
+        "colour_weight": (0.0, 0.5, 1.0, 2.0),
+        "colour_threshold": (0.5, 0.6, 0.75),
     },
     # The served settings alone (to compare reference sets, --ref-power).
     "served": {"structure_weight": (LocateOptions().structure_weight,)},
@@ -234,8 +239,8 @@ def main() -> None:
             setattr(pipeline, name, setting.pop(name))
         opts = LocateOptions(top_k=1, **setting)
         shares = []
-        for q, (structure, views), truth in embedded.values():
-            res = locator.locate_embeddings(q, opts, structure=structure, views=views)
+        for q, read, truth in embedded.values():
+            res = locator.locate_embeddings(q, opts, **read)
             pred = np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res])
             d = errors_km(pred, truth)
             shares.append([np.mean(d <= t) for t in (25, 200, 750)])
@@ -308,10 +313,10 @@ def snap_table(locator, sets: dict, embedded: dict, baseline: PixelBaseline) -> 
     opts = LocateOptions(top_k=1)
     temperature = locator.temperature(opts)
     rows = []
-    for name, (q, (structure, views), truth) in embedded.items():
-        res = locator.locate_embeddings(q, opts, structure=structure, views=views)
+    for name, (q, read, truth) in embedded.items():
+        res = locator.locate_embeddings(q, opts, **read)
         served = np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res])
-        scored = locator._score(q, opts, temperature, structure)
+        scored = locator._score(q, opts, temperature, read["structure"], read["colour"])
         top = np.array([[s.neighbours[0]["lat"], s.neighbours[0]["lon"]] for s in scored])
         corr = np.array([s.neighbours[0].get("structure") or 0.0 for s in scored])
         d_served, d_top = errors_km(served, truth), errors_km(top, truth)
@@ -334,7 +339,8 @@ def ramps_table(locator, sets: dict, embedded: dict) -> None:
     grey view."""
     opts = LocateOptions(top_k=1)
     table = []
-    for name, (q, (served, views), truth) in embedded.items():
+    for name, (q, read, truth) in embedded.items():
+        served, views, colour = read["structure"], read["views"], read["colour"]
         reading = picture_descriptors([Image.open(r.path) for r in sets[name]])
         along = reading.descriptors
         luminance = luminance_descriptors(sets[name])
@@ -351,7 +357,9 @@ def ramps_table(locator, sets: dict, embedded: dict) -> None:
             ("along", served, None),
             ("served", served, views),
         ):
-            answers[label] = locator.locate_embeddings(q, opts, structure=desc, views=seen)
+            answers[label] = locator.locate_embeddings(
+                q, opts, structure=desc, views=seen, colour=colour
+            )
         grey = np.mean(["grey_view" in r.stages for r in answers["served"]])
         row.append(f"{100 * grey:.1f} %")
         for res in answers.values():

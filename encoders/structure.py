@@ -30,6 +30,13 @@ point within 200 km on validation draws: docs/BENCHMARKS.md).
 
 Stored as int8 (x 127), one row per reference image; all zeros means "unknown" (a reference
 added before descriptors existed) and matches nothing.
+
+Colour thumbnails are the other half of the comparison: the picture's centre square in RGB on
+a COLOUR_SIDE² grid (uint8). The layout is blind to hue and the embedding is trained to ignore
+it, so two views of one region with the same layout but other colours (a narrow view whose
+layout matches many places) were told apart by nothing. ``colour_agreement`` credits only a
+close match, so a picture whose colours were shifted (a palette, a gamma, haze) gets nothing
+from them rather than a wrong match.
 """
 
 from __future__ import annotations
@@ -51,6 +58,10 @@ COLOURS_FLATTENED = "geoloc.colours_flattened"
 STRUCTURE_SIDE = 16
 STRUCTURE_DIM = STRUCTURE_SIDE * STRUCTURE_SIDE
 _SCALE = 127.0
+#: Colour thumbnails: COLOUR_SIDE² RGB cells of the centre square (8: as good as 16 on
+#: validation draws, docs/BENCHMARKS.md), uint8, row-major cells, channels last.
+COLOUR_SIDE = 8
+COLOUR_DIM = COLOUR_SIDE * COLOUR_SIDE * 3
 #: Colour ramps: the picture's colours are examined on a RAMP_SIDE² sample of its centre square,
 #: each channel in RAMP_LEVELS steps. A ramp shows at least RAMP_MIN_COLOURS distinct colours
 #: (fewer: flat areas, a drawing) and at most RAMP_DENSITY of them per step of the box they
@@ -100,11 +111,13 @@ class Ramp(NamedTuple):
 
 class PictureReading(NamedTuple):
     """What ``picture_descriptors`` read: the (n, STRUCTURE_DIM) int8 descriptors, which of
-    them (n,) bool are ramps of unsure direction, and each picture's ramp (None: none)."""
+    them (n,) bool are ramps of unsure direction, each picture's ramp (None: none) and its
+    (n, COLOUR_DIM) uint8 colour thumbnail."""
 
     descriptors: np.ndarray
     unsure: np.ndarray
     ramps: list[Ramp | None]
+    colour: np.ndarray
 
 
 def structure_descriptors(
@@ -117,9 +130,41 @@ def structure_descriptors(
 
 def picture_descriptors(images: Sequence[Image.Image]) -> PictureReading:
     """Descriptors of pictures to locate (along their colour ramps where they are read as
-    ramps), which of them are ramps whose direction is unsure (the caller's to choose), and
-    the ramps (for ``ramp_view``)."""
+    ramps), which of them are ramps whose direction is unsure (the caller's to choose), the
+    ramps (for ``ramp_view``) and the colour thumbnails."""
     return _describe(images, True)
+
+
+def colour_thumbnails(images: Sequence[Image.Image]) -> np.ndarray:
+    """(n, COLOUR_DIM) uint8: each picture's centre square in RGB on a COLOUR_SIDE² grid (all
+    zeros for an empty picture)."""
+    out = np.zeros((len(images), COLOUR_DIM), dtype=np.uint8)
+    for i, img in enumerate(images):
+        box = _centre_square(img)
+        if box is None:
+            continue
+        small = img.convert("RGB").resize(
+            (COLOUR_SIDE, COLOUR_SIDE), Image.Resampling.BOX, box=box, reducing_gap=2.0
+        )
+        out[i] = np.asarray(small, dtype=np.uint8).ravel()
+    return out
+
+
+def colour_agreement(picture: np.ndarray, refs: np.ndarray, threshold: float) -> np.ndarray:
+    """(k,) in [0, 1]: how closely each reference thumbnail of refs (k, COLOUR_DIM) matches
+    the picture's (COLOUR_DIM,). The match is c = 1 − ‖p − r‖² / ‖p − p̄‖², the share of the
+    picture's colour variation (about its mean colour p̄) that the reference explains: 1 for
+    the same colours, 0 for no better than a flat patch of the picture's mean colour. Only a
+    close match counts: (c − threshold) / (1 − threshold), clipped to [0, 1]. A flat picture
+    and unknown (all-zero) references get 0."""
+    p = np.asarray(picture, dtype=np.float64).reshape(-1, 3)
+    r = np.asarray(refs, dtype=np.float64).reshape(len(refs), len(p), 3)
+    spread = float(((p - p.mean(axis=0)) ** 2).sum())
+    if spread < 1.0 or not len(r):  # under one grey level in all: no colours to compare
+        return np.zeros(len(r))
+    c = 1.0 - ((r - p) ** 2).sum(axis=(1, 2)) / spread
+    c[~r.any(axis=(1, 2))] = -np.inf
+    return np.clip((c - threshold) / (1.0 - threshold), 0.0, 1.0)
 
 
 def ramp_view(img: Image.Image, ramp: Ramp, turned: bool = False) -> Image.Image:
@@ -162,11 +207,9 @@ def _describe(images: Sequence[Image.Image], follow_ramps: bool) -> PictureReadi
     unsure = np.zeros(len(images), dtype=bool)
     ramps: list[Ramp | None] = [None] * len(images)
     for i, img in enumerate(images):
-        w, h = img.size
-        side = min(w, h)
-        if side < 1:
+        box = _centre_square(img)
+        if box is None:
             continue
-        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
         readable = follow_ramps and img.info.get(COLOURS_FLATTENED) is not True
         read = _ramp_grid(img, box) if readable else None
         grid = None if read is None else read[0]
@@ -186,7 +229,17 @@ def _describe(images: Sequence[Image.Image], follow_ramps: bool) -> PictureReadi
         if not r.any():  # flat: no layout at all
             continue
         out[i] = np.round(r * (_SCALE / np.linalg.norm(r)))
-    return PictureReading(out, unsure, ramps)
+    colour = colour_thumbnails(images) if follow_ramps else np.zeros((len(images), 0), np.uint8)
+    return PictureReading(out, unsure, ramps, colour)
+
+
+def _centre_square(img: Image.Image) -> tuple[int, int, int, int] | None:
+    """The picture's centre square as a crop box, as the image tower frames it (None: empty)."""
+    w, h = img.size
+    side = min(w, h)
+    if side < 1:
+        return None
+    return ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
 
 
 def _ramp_grid(img: Image.Image, box: tuple[int, int, int, int]) -> tuple[np.ndarray, Ramp] | None:

@@ -19,6 +19,7 @@ import numpy as np
 from index.faiss_helpers import ADD_CHUNK, make_index, train_index
 from index.files import atomic_write, fsync_dir, fsync_file, sha256_file
 from index.manifest import (
+    COLOUR_FILE,
     COUNTRY_FILE,
     DATA_FILES,
     GALLERY_KINDS,
@@ -140,6 +141,8 @@ def publish_index(
             save_npy(tmp_dir / STRUCTURE_FILE, table.structure)
         if table.width is not None:
             save_npy(tmp_dir / WIDTH_FILE, table.width)
+        if table.colour is not None:
+            save_npy(tmp_dir / COLOUR_FILE, table.colour)
         extra.setdefault("faiss_version", faiss.__version__)
         extra.setdefault("build_seconds", round(time.perf_counter() - t0, 3))
         manifest = finish_publication(
@@ -155,6 +158,7 @@ def publish_index(
                 *DATA_FILES,
                 *((STRUCTURE_FILE,) if table.structure is not None else ()),
                 *((WIDTH_FILE,) if table.width is not None else ()),
+                *((COLOUR_FILE,) if table.colour is not None else ()),
             ),
             extra=extra,
         )

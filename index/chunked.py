@@ -25,6 +25,7 @@ from index.faiss_helpers import (
 )
 from index.files import fsync_file
 from index.manifest import (
+    COLOUR_FILE,
     COUNTRY_FILE,
     DATA_FILES,
     EXACT_FILE,
@@ -130,7 +131,10 @@ def publish_index_chunked(
     ids = np.empty(count, dtype=np.int64)
     latlon = np.empty((count, 2), dtype=np.float64)
     country = np.empty(count, dtype="<U2")
-    structure: np.ndarray | None = None  # on disk, opened at the first chunk that has some
+    # Row-aligned descriptors (PointTable field -> file), on disk, each opened at the first
+    # chunk that has some; zero rows (unknown) until filled.
+    described = {"structure": STRUCTURE_FILE, "colour": COLOUR_FILE}
+    rows_out: dict[str, np.ndarray] = {}
     width = np.full(count, np.nan, dtype=np.float32)
     has_width = False
 
@@ -156,17 +160,20 @@ def publish_index_chunked(
             ids[start : start + n] = table.ids
             latlon[start : start + n] = table.latlon
             country[start : start + n] = table.country
-            if table.structure is not None and structure is None:
-                structure = np.lib.format.open_memmap(
-                    tmp_dir / STRUCTURE_FILE, "w+", np.int8, (count, table.structure.shape[1])
-                )  # zero rows (unknown) until filled
-            if structure is not None and table.structure is not None:
-                if table.structure.shape[1] != structure.shape[1]:
-                    raise IndexStoreError(
-                        f"chunk at row {start} has structure descriptors of width "
-                        f"{table.structure.shape[1]}, earlier chunks {structure.shape[1]}"
+            for field, fname in described.items():
+                got = getattr(table, field)
+                if got is None:
+                    continue
+                if field not in rows_out:
+                    rows_out[field] = np.lib.format.open_memmap(
+                        tmp_dir / fname, "w+", got.dtype, (count, got.shape[1])
                     )
-                structure[start : start + n] = table.structure
+                if got.shape[1] != rows_out[field].shape[1]:
+                    raise IndexStoreError(
+                        f"chunk at row {start} has {field} rows of width {got.shape[1]}, "
+                        f"earlier chunks {rows_out[field].shape[1]}"
+                    )
+                rows_out[field][start : start + n] = got
             if table.width is not None:  # stored only where some width is known
                 width[start : start + n] = table.width
                 has_width |= bool(np.isfinite(table.width).any())
@@ -210,15 +217,13 @@ def publish_index_chunked(
             recall = _measure_recall(whole, recall_q, recall_rows, exact, exact_vectors, rerank_k)
             del exact_vectors
         del whole
-        if structure is not None:
-            structure.flush()
-            del structure
-        data_files = [
-            *DATA_FILES,
-            *(f for f in (ONDISK_FILE, EXACT_FILE, STRUCTURE_FILE) if (tmp_dir / f).exists()),
-        ]
+        for arr in rows_out.values():
+            arr.flush()
+        rows_out.clear()  # unmapped
+        written = (ONDISK_FILE, EXACT_FILE, *described.values())
+        data_files = [*DATA_FILES, *(f for f in written if (tmp_dir / f).exists())]
         for f in data_files:
-            if f in (INDEX_FILE, ONDISK_FILE, EXACT_FILE, STRUCTURE_FILE):
+            if f in (INDEX_FILE, *written):
                 fsync_file(tmp_dir / f)
         save_npy(tmp_dir / IDS_FILE, ids)
         save_npy(tmp_dir / LATLON_FILE, latlon)
@@ -256,7 +261,7 @@ def publish_index_chunked(
     except BaseException:
         if exact_fh is not None:
             exact_fh.close()
-        structure = None  # unmap before the directory goes
+        rows_out.clear()  # unmap before the directory goes
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return manifest

@@ -58,6 +58,9 @@ STRUCTURE_FILE = "structure.npy"
 #: Optional: row-aligned float32 km of ground each reference image shows (nan: unknown),
 #: which sets how sharply verification trusts that image's location.
 WIDTH_FILE = "width.npy"
+#: Optional: row-aligned uint8 colour thumbnails of reference images
+#: (``encoders.structure.colour_thumbnails``), which verification compares with the query's.
+COLOUR_FILE = "colour.npy"
 #: Inverted lists of a compressed index live in this file beside ``index.faiss``.
 ONDISK_FILE = "index.ivfdata"
 #: Row-aligned float16 copies of a compressed index's vectors, read from disk a few rows at a

@@ -10,7 +10,7 @@ import numpy as np
 from index.geo import latlon_valid
 from index.manifest import IndexStoreError
 
-__all__ = ["PointTable", "VectorChunk", "check_points", "check_vectors"]
+__all__ = ["PointTable", "VectorChunk", "check_points", "check_rows", "check_vectors"]
 
 _COUNTRY_RE = re.compile(r"^([A-Z]{2})?$")
 # Stored vectors must be unit norm (scores are cosines); allow float32 round-off and fp16 sources.
@@ -26,6 +26,8 @@ class PointTable:
     structure: np.ndarray | None = None
     #: float32 (n,) km of ground each reference image shows, or None; nan: unknown.
     width: np.ndarray | None = None
+    #: uint8 (n, d) colour thumbnails (reference images), or None; zero rows: unknown.
+    colour: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -90,14 +92,8 @@ def check_points(points: PointTable, n: int) -> PointTable:
         )
     if country.ndim != 1:
         raise IndexStoreError(f"country must be a 1-D array of strings, got shape {country.shape}")
-    structure = points.structure
-    if structure is not None:
-        structure = np.asarray(structure)
-        if structure.ndim != 2 or len(structure) != n or structure.dtype != np.int8:
-            raise IndexStoreError(
-                f"structure descriptors must be an int8 (n, d) array with one row per vector, "
-                f"got {structure.dtype} {structure.shape} for {n} vectors"
-            )
+    structure = check_rows(points.structure, n, np.int8, "structure descriptors")
+    colour = check_rows(points.colour, n, np.uint8, "colour thumbnails")
     width = points.width
     if width is not None:
         width = np.asarray(width, dtype=np.float32)
@@ -115,6 +111,21 @@ def check_points(points: PointTable, n: int) -> PointTable:
         ids=np.ascontiguousarray(ids, dtype=np.int64),
         latlon=latlon,
         country=np.ascontiguousarray(country, dtype="<U2"),
-        structure=None if structure is None else np.ascontiguousarray(structure),
+        structure=structure,
         width=width,
+        colour=colour,
     )
+
+
+def check_rows(rows: np.ndarray | None, n: int, dtype: type, what: str) -> np.ndarray | None:
+    """A row-aligned (n, d) array of ``dtype`` (descriptors of the ``n`` vectors), C-ordered,
+    or IndexStoreError naming ``what``; None stays None."""
+    if rows is None:
+        return None
+    arr = np.asarray(rows)
+    if arr.ndim != 2 or len(arr) != n or arr.dtype != dtype:
+        raise IndexStoreError(
+            f"{what} must be a {np.dtype(dtype).name} (n, d) array with one row per vector, "
+            f"got {arr.dtype} {arr.shape} for {n} vectors"
+        )
+    return np.ascontiguousarray(arr)

@@ -15,6 +15,7 @@ from index.exact import ExactVectors, rerank
 from index.faiss_helpers import ADD_CHUNK, is_hnsw, ivf_of, ivf_params, read_faiss
 from index.files import sha256_file
 from index.manifest import (
+    COLOUR_FILE,
     COUNTRY_FILE,
     DATA_FILES,
     EXACT_FILE,
@@ -340,21 +341,27 @@ def load_index(
             width=np.load(path / WIDTH_FILE, mmap_mode="r", allow_pickle=False)
             if WIDTH_FILE in manifest.files
             else None,
+            colour=np.load(path / COLOUR_FILE, mmap_mode="r", allow_pickle=False)
+            if COLOUR_FILE in manifest.files
+            else None,
         )
         exact = ExactVectors(path / EXACT_FILE) if EXACT_FILE in manifest.files else None
     except (RuntimeError, ValueError, OSError) as exc:
         raise IndexStoreError(
             f"cannot read index files in {path}: {exc}; rebuild with `geoloc index build`"
         ) from exc
-    if points.structure is not None and (
-        points.structure.ndim != 2
-        or len(points.structure) != manifest.count
-        or points.structure.dtype != np.int8
+    for fname, rows, dtype in (
+        (STRUCTURE_FILE, points.structure, np.int8),
+        (COLOUR_FILE, points.colour, np.uint8),
     ):
-        raise IndexStoreError(
-            f"{path / STRUCTURE_FILE} holds {points.structure.dtype} {points.structure.shape}, "
-            f"not int8 rows for the manifest's {manifest.count}; rebuild the index"
-        )
+        if rows is not None and (
+            rows.ndim != 2 or len(rows) != manifest.count or rows.dtype != dtype
+        ):
+            raise IndexStoreError(
+                f"{path / fname} holds {rows.dtype} {rows.shape}, not "
+                f"{np.dtype(dtype).name} rows for the manifest's {manifest.count}; rebuild "
+                "the index"
+            )
     if points.width is not None and points.width.shape != (manifest.count,):
         raise IndexStoreError(
             f"{path / WIDTH_FILE} holds {points.width.shape}, not one width for each of the "

@@ -29,6 +29,7 @@ from index.faiss_helpers import (  # noqa: F401
     select_device,
 )
 from index.manifest import (  # noqa: F401
+    COLOUR_FILE,
     COUNTRY_FILE,
     DATA_FILES,
     EXACT_FILE,

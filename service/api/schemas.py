@@ -387,6 +387,12 @@ class NeighbourOut(BaseModel):
         "index stores them; verification ranks the neighbours by similarity + "
         "structure_weight × structure.",
     )
+    colour: float | None = Field(
+        None,
+        description="How closely the two images' colour thumbnails agree, 0 to 1 (0: no "
+        "closer than colour_threshold), when the reference index stores them; verification "
+        "adds colour_weight × colour to the ranking.",
+    )
     width_km: float | None = Field(
         None,
         description="Ground width the reference image shows, km, when its reference table "

@@ -216,7 +216,9 @@ def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:
         groups.setdefault(id(item.locator.model), []).append(i)
     embedded: dict[int, tuple[np.ndarray, float]] = {}
     stats: dict[int, tuple[np.ndarray | None, float]] = {}
-    read: dict[int, tuple[np.ndarray | None, list[Image.Image | None], float]] = {}
+    read: dict[
+        int, tuple[np.ndarray | None, np.ndarray | None, list[Image.Image | None], float]
+    ] = {}
     for members in groups.values():
         images = [batch[i].image for i in members]
         t0 = time.perf_counter()
@@ -237,17 +239,26 @@ def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:
         for row, i in enumerate(members):
             item = batch[i]
             one = PictureReading(*(part[row : row + 1] for part in reading))
-            desc, view = item.locator.read([item.image], one)
-            mine[i] = (desc if item.locator.needs_structure(item.options) else None, view)
+            desc, thumb, view = item.locator.read([item.image], one)
+            mine[i] = (
+                desc if item.locator.needs_structure(item.options) else None,
+                thumb if item.locator.wants_colour(item.options) else None,
+                view,
+            )
         read_ms = (time.perf_counter() - t2) * 1000 / len(members)
         read.update({i: (*got, read_ms) for i, got in mine.items()})
     for i, item in enumerate(batch):
         query, encode_ms = embedded[i]
         image_stats, stats_ms = stats[i]
-        descriptor, views, structure_ms = read[i]
+        descriptor, thumb, views, structure_ms = read[i]
         try:
             result = item.locator.locate_embeddings(
-                query, item.options, image_stats=image_stats, structure=descriptor, views=views
+                query,
+                item.options,
+                image_stats=image_stats,
+                structure=descriptor,
+                views=views,
+                colour=thumb,
             )[0]
         except Exception as exc:
             outcomes.append(exc)

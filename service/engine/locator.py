@@ -31,8 +31,10 @@ from PIL import Image
 from encoders import GeoModel, get_profile
 from encoders.profiles import text_profiles
 from encoders.structure import (
+    COLOUR_DIM,
     STRUCTURE_DIM,
     PictureReading,
+    colour_agreement,
     picture_descriptors,
     ramp_view,
     structure_similarity,
@@ -173,6 +175,16 @@ class Locator:
         """Whether a request with ``options`` compares the pictures' structure."""
         return self.compares_structure and options.structure_weight > 0 and options.neighbours > 0
 
+    @property
+    def compares_colour(self) -> bool:
+        """Whether the reference index holds colour thumbnails of this release's kind."""
+        stored = None if self.neighbours is None else self.neighbours.points.colour
+        return stored is not None and stored.shape[1] == COLOUR_DIM
+
+    def wants_colour(self, options: LocateOptions) -> bool:
+        """Whether a request with ``options`` compares the pictures' colours."""
+        return self.compares_colour and options.colour_weight > 0 and options.neighbours > 0
+
     def needs_structure(self, options: LocateOptions) -> bool:
         """Whether a request's pictures need their descriptors: for verification, or for a
         verdict that weighs the best layout match among the reference images."""
@@ -188,12 +200,12 @@ class Locator:
 
     def read(
         self, images: Sequence[Image.Image], reading: PictureReading | None = None
-    ) -> tuple[np.ndarray | None, list[Image.Image | None]]:
-        """The pictures' structure descriptors (None: nothing to compare them with) and, for
-        pictures in false colour (read as a colour ramp), their views in grey along the ramp
-        (``encoders.structure.ramp_view``; None for the others), each ramp of unsure direction
-        drawn the way ``orient`` turned its layout. ``reading``: the pictures'
-        ``picture_descriptors`` when the caller has them."""
+    ) -> tuple[np.ndarray | None, np.ndarray | None, list[Image.Image | None]]:
+        """The pictures' structure descriptors and colour thumbnails (None: nothing to compare
+        them with) and, for pictures in false colour (read as a colour ramp), their views in
+        grey along the ramp (``encoders.structure.ramp_view``; None for the others), each ramp
+        of unsure direction drawn the way ``orient`` turned its layout. ``reading``: the
+        pictures' ``picture_descriptors`` when the caller has them."""
         reading = picture_descriptors(images) if reading is None else reading
         structure = None
         turned = np.zeros(len(images), dtype=bool)
@@ -204,7 +216,7 @@ class Locator:
             None if ramp is None else ramp_view(img, ramp, bool(t))
             for img, ramp, t in zip(images, reading.ramps, turned, strict=True)
         ]
-        return structure, views
+        return structure, reading.colour if self.compares_colour else None, views
 
     def orient(self, structure: np.ndarray, unsure: np.ndarray) -> np.ndarray:
         """The descriptors, those of colour ramps of unsure direction (``unsure``) turned
@@ -227,8 +239,9 @@ class Locator:
         stats = self.image_features(images)
         stats_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
         t0 = time.perf_counter()
-        structure, views = self.read(images)
+        structure, colour, views = self.read(images)
         structure = structure if self.needs_structure(options) else None
+        colour = colour if self.wants_colour(options) else None
         structure_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
         results = self._locate_encoded(
             lambda: self.embed(images),
@@ -237,6 +250,7 @@ class Locator:
             image_stats=stats,
             structure=structure,
             views=views,
+            colour=colour,
         )
         for r in results:
             if r.localizability is not None:
@@ -266,13 +280,14 @@ class Locator:
         t0 = time.perf_counter()
         stats = self.image_features(images)
         t1 = time.perf_counter()
-        structure, views = self.read(images)
+        structure, colour, views = self.read(images)
         structure = structure if self.needs_structure(options) else None
+        colour = colour if self.wants_colour(options) else None
         t2 = time.perf_counter()
         queries = self.embed(images)
         t3 = time.perf_counter()
         temperature = self.temperature(options)
-        batch = self._verified(queries, options, temperature, stats, structure)
+        batch = self._verified(queries, options, temperature, stats, structure, colour)
         self._prefer_views(batch, views, options, temperature, stats, structure)
         queries = np.stack([s.q for s in batch]) if batch else queries  # a grey view's own
 
@@ -375,12 +390,18 @@ class Locator:
         image_stats: np.ndarray | None = None,
         structure: np.ndarray | None = None,
         views: Sequence[Image.Image | None] | None = None,
+        colour: np.ndarray | None = None,
     ) -> list[LocateResult]:
         t0 = time.perf_counter()
         queries = encode()
         encode_ms = (time.perf_counter() - t0) * 1000 / max(n, 1)
         results = self.locate_embeddings(
-            queries, options, image_stats=image_stats, structure=structure, views=views
+            queries,
+            options,
+            image_stats=image_stats,
+            structure=structure,
+            views=views,
+            colour=colour,
         )
         for r in results:
             r.timings_ms = {"encode": round(encode_ms, 3), **r.timings_ms}
@@ -393,17 +414,19 @@ class Locator:
         image_stats: np.ndarray | None = None,
         structure: np.ndarray | None = None,
         views: Sequence[Image.Image | None] | None = None,
+        colour: np.ndarray | None = None,
     ) -> list[LocateResult]:
         """The pipeline after the image tower, for (n, D) unit query vectors.
 
         ``image_stats``: the pictures' ``image_features`` (one row per query); with them and
         a fitted verdict every answer carries its localizability, else it is None.
-        ``structure``: their ``structure`` descriptors, which verification compares with the
-        reference neighbours'; None: cosine only. ``views``: their grey views (``read``),
-        located too where there is one.
+        ``structure``: their ``structure`` descriptors and ``colour`` their colour
+        thumbnails (``read``), which verification compares with the reference neighbours';
+        None: not compared. ``views``: their grey views (``read``), located too where there
+        is one.
         """
         temperature = self.temperature(options)
-        batch = self._verified(queries, options, temperature, image_stats, structure)
+        batch = self._verified(queries, options, temperature, image_stats, structure, colour)
         if views is not None:
             self._prefer_views(batch, views, options, temperature, image_stats, structure)
         return [self._describe(scored, options, temperature) for scored in batch]
@@ -434,6 +457,7 @@ class Locator:
             temperature,
             None if image_stats is None else np.asarray(image_stats)[rows],  # the picture's own
             None if structure is None else structure[rows],
+            None,  # a grey view has no colours; the picture's are a ramp's
         )
         ms = (time.perf_counter() - t0) * 1000 / len(rows)
         for i, scored in zip(rows, again, strict=True):
@@ -458,10 +482,11 @@ class Locator:
         temperature: float,
         image_stats: np.ndarray | None,
         structure: np.ndarray | None,
+        colour: np.ndarray | None = None,
     ) -> list[Scored]:
         """Each query scored (retrieve, refine, verify) and, with ``image_stats`` and a fitted
         verdict, judged; before the softmax and the description."""
-        batch = self._score(queries, options, temperature, structure)
+        batch = self._score(queries, options, temperature, structure, colour)
         if image_stats is not None and self.judge is not None and batch:
             self._judge(batch, queries, np.asarray(image_stats), options, structure)
         return batch
@@ -565,12 +590,17 @@ class Locator:
             s.t = now
 
     def candidate_logits(
-        self, queries: np.ndarray, options: LocateOptions, structure: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        options: LocateOptions,
+        structure: np.ndarray | None = None,
+        colour: np.ndarray | None = None,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """(latlon (n, 2), logits (n,)) of every candidate of each query, before the softmax
         and its temperature: what calibration fits the temperature on (with the pictures'
-        ``structure`` descriptors, as served). Candidate normalisation only."""
-        scored = self._score(queries, options, 1.0, structure)
+        ``structure`` descriptors and ``colour`` thumbnails, as served). Candidate
+        normalisation only."""
+        scored = self._score(queries, options, 1.0, structure, colour)
         return [(s.pool.latlon.copy(), s.logits.copy()) for s in scored]
 
     def revise(
@@ -607,6 +637,7 @@ class Locator:
         options: LocateOptions,
         temperature: float,
         structure: np.ndarray | None = None,
+        colour: np.ndarray | None = None,
     ) -> list[Scored]:
         """Retrieve, refine and verify a batch: each query's pool and logits (before softmax).
 
@@ -626,6 +657,8 @@ class Locator:
         found: np.ndarray | None = None
         if not self.wants_structure(options):
             structure = None
+        if not self.wants_colour(options):
+            colour = None
         if self.neighbours is not None and options.neighbours > 0:
             nb_k = min(options.neighbours, len(self.neighbours))
             if structure is not None:  # a deeper shortlist, ranked again in _retrieve
@@ -653,6 +686,7 @@ class Locator:
                 None if gallery_lse is None else float(gallery_lse[i]),
                 None if nb is None else (nb[0][i], nb[1][i]),
                 None if structure is None else structure[i],
+                None if colour is None else colour[i],
             )
             for i in range(len(queries))
         ]
@@ -730,10 +764,12 @@ class Locator:
         gallery_lse: float | None,
         nb: tuple[np.ndarray, np.ndarray] | None,
         structure: np.ndarray | None = None,
+        colour: np.ndarray | None = None,
     ) -> Scored:
         """One query's starting pool: gallery hits, plus its image neighbours' points (score
-        NaN until the batch's GPS-tower call). With the picture's ``structure`` descriptor,
-        the neighbours are ranked by cosine + structure_weight·correlation first."""
+        NaN until the batch's GPS-tower call). With the picture's ``structure`` descriptor
+        and ``colour`` thumbnail, the neighbours are ranked by cosine +
+        structure_weight·correlation + colour_weight·colour agreement first."""
         ok = rows >= 0
         rows, scores = rows[ok], scores[ok]
         pts = self.index.points
@@ -748,14 +784,26 @@ class Locator:
         support: Support | None = None
         if nb is not None:
             sims, nrows = nb[0][nb[1] >= 0], nb[1][nb[1] >= 0]
-            keys, corr, known = sims, None, np.zeros(0, dtype=bool)
+            keys, corr, agree = sims, None, None
             if structure is not None and len(nrows):
                 described = np.asarray(self.neighbours.points.structure[nrows])  # one read
-                corr = structure_similarity(structure, described)
-                keys = sims + opt.structure_weight * corr
+                corr = np.where(  # zero rows: never described
+                    described.any(axis=1), structure_similarity(structure, described), np.nan
+                )
+                keys = keys + opt.structure_weight * np.nan_to_num(corr)
+            if colour is not None and len(nrows):
+                thumbs = np.asarray(self.neighbours.points.colour[nrows])
+                agree = np.where(  # zero rows: no thumbnail
+                    thumbs.any(axis=1),
+                    colour_agreement(colour, thumbs, opt.colour_threshold),
+                    np.nan,
+                )
+                keys = keys + opt.colour_weight * np.nan_to_num(agree)
+            if keys is not sims:  # ranked again: keep the best
                 keep = np.argsort(-keys, kind="stable")[: opt.neighbours]
-                sims, nrows, corr, keys = sims[keep], nrows[keep], corr[keep], keys[keep]
-                known = described[keep].any(axis=1)  # zero rows: never described
+                sims, nrows, keys = sims[keep], nrows[keep], keys[keep]
+                corr = None if corr is None else corr[keep]
+                agree = None if agree is None else agree[keep]
             nlatlon = np.asarray(self.neighbours.points.latlon[nrows], dtype=np.float64)
             neighbours = [
                 {"id": int(i), "lat": float(a), "lon": float(b), "similarity": float(sim)}
@@ -763,9 +811,10 @@ class Locator:
                     self.neighbours.points.ids[nrows], nlatlon, sims, strict=True
                 )
             ]
-            if corr is not None:
-                for d, c, k in zip(neighbours, corr, known, strict=True):
-                    d["structure"] = round(float(c), 4) if k else None
+            for name, values in (("structure", corr), ("colour", agree)):
+                if values is not None:
+                    for d, v in zip(neighbours, values, strict=True):
+                        d[name] = round(float(v), 4) if np.isfinite(v) else None
             stored = self.neighbours.points.width
             width = None if stored is None else np.asarray(stored[nrows], dtype=np.float64)
             if width is not None:

@@ -31,6 +31,8 @@ SERVICE_OPTIONS = (
     "neighbour_kernel_share",
     "neighbour_temperature",
     "structure_weight",
+    "colour_weight",
+    "colour_threshold",
     "llm_diversify",
     "llm_rerank",
     "nprobe",
@@ -128,6 +130,13 @@ class LocateOptions:
     #: references without descriptors): cosine only. Chosen on validation draws
     #: (bench/tune.py --grid structure).
     structure_weight: float = 1.5
+    #: ... and + colour_weight·(how closely the picture's colour thumbnail matches theirs,
+    #: counted from colour_threshold up: ``encoders.structure.colour_agreement``), where the
+    #: reference index stores thumbnails; 0: off. The layout and the embedding are blind to
+    #: hue, and a narrow view's layout matches many places. Chosen on validation draws
+    #: (bench/tune.py --grid colour).
+    colour_weight: float = 1.0
+    colour_threshold: float = 0.6
     #: The optional LLM stages (service/engine/llm_stages.py): proposals that join the candidates,
     #: and a reranking among the returned candidates. Used only when an LLM is configured.
     llm_diversify: bool = True
@@ -180,6 +189,8 @@ class LocateOptions:
         check(0 <= self.neighbour_kernel_share <= 1, "neighbour_kernel_share must be 0..1")
         check(0 <= self.neighbour_temperature <= 1000, "neighbour_temperature must be 0..1000")
         check(0 <= self.structure_weight <= 10, "structure_weight must be between 0 and 10")
+        check(0 <= self.colour_weight <= 10, "colour_weight must be between 0 and 10")
+        check(0 <= self.colour_threshold < 1, "colour_threshold must be in [0, 1)")
         check(
             self.temperature is None or 0.01 <= self.temperature <= 100,
             "temperature must be between 0.01 and 100",

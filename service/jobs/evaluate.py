@@ -42,6 +42,8 @@ class Embedded:
     #: (n,) the grey views of pictures in false colour (``Locator.read``), None for the others;
     #: None: no picture has one. Kept until located, as the service locates them too.
     views: list[Image.Image | None] | None = None
+    #: (n, d) colour thumbnails verification compares; None: the locator has none.
+    colour: np.ndarray | None = None
 
     def part(self, rows: slice) -> dict[str, Any]:
         """The pictures' keyword arguments of ``Locator.locate_embeddings`` for ``rows``."""
@@ -49,6 +51,7 @@ class Embedded:
             "image_stats": None if self.stats is None else self.stats[rows],
             "structure": None if self.structure is None else self.structure[rows],
             "views": None if self.views is None else self.views[rows],
+            "colour": None if self.colour is None else self.colour[rows],
         }
 
 
@@ -73,6 +76,7 @@ def embed_rows(
     vectors: list[np.ndarray] = []
     stats: list[np.ndarray] = []
     structure: list[np.ndarray] = []
+    colour: list[np.ndarray] = []
     views: list[Image.Image | None] = []
     problems: list[str] = []
     for start in range(0, len(rows), batch_size):
@@ -84,13 +88,13 @@ def embed_rows(
             vectors.append(locator.embed(images))
             if image_stats:
                 stats.append(image_statistics_many(images))
+            described, thumbs, seen = locator.read(images)  # as the service reads them
             if grey_views:
-                described, seen = locator.read(images)  # as the service reads them
                 views += seen
-            else:
-                described = locator.structure(images)
             if described is not None:
                 structure.append(described)
+            if thumbs is not None:
+                colour.append(thumbs)
         if progress is not None:
             progress(len(chunk))
     dim = locator.model.embed_dim
@@ -101,6 +105,7 @@ def embed_rows(
         (np.concatenate(stats) if stats else np.zeros((0, 0))) if image_stats else None,
         np.concatenate(structure) if structure else None,
         views if any(v is not None for v in views) else None,
+        np.concatenate(colour) if colour else None,
     )
 
 
@@ -331,7 +336,7 @@ def fit_calibration(
         progress=progress,
         image_stats=localizability,
     )
-    pools = locator.candidate_logits(emb.vectors, opts, structure=emb.structure)
+    pools = locator.candidate_logits(emb.vectors, opts, structure=emb.structure, colour=emb.colour)
     truths = np.array([(r.lat, r.lon) for r in emb.rows]).reshape(-1, 2)
     within = settings.calibration_km if within_km is None else within_km
     cases = prepare_cases(pools, truths, nms_km=opts.nms_km, diversify=opts.diversify)

@@ -16,7 +16,7 @@ import torch
 
 from encoders import GeoModel
 from encoders.model import resolve_device
-from encoders.structure import STRUCTURE_DIM
+from encoders.structure import COLOUR_DIM, STRUCTURE_DIM
 from index.gallery import Gallery, csv_gallery, encode_gallery, h3_gallery
 from index.geocode import ReverseGeocoder
 from index.store import (
@@ -333,8 +333,9 @@ def _publish_references(
                     ids=np.asarray(old.points.ids[rows]),  # type: ignore[union-attr]
                     latlon=np.asarray(old.points.latlon[rows]),  # type: ignore[union-attr]
                     country=np.asarray(old.points.country[rows]),  # type: ignore[union-attr]
-                    structure=old_structure(rows),
+                    structure=old_rows(old.points.structure, rows, STRUCTURE_DIM, np.int8),  # type: ignore[union-attr]
                     width=old_width(rows),
+                    colour=old_rows(old.points.colour, rows, COLOUR_DIM, np.uint8),  # type: ignore[union-attr]
                 ),
             )
         for shard, points in new_points:
@@ -346,14 +347,15 @@ def _publish_references(
                     points.country,
                     refjobs.shard_structure(job, shard),
                     refjobs.shard_width(job, shard),
+                    refjobs.shard_colour(job, shard),
                 ),
             )
 
-    def old_structure(rows: np.ndarray) -> np.ndarray:
-        """Carried images' descriptors; zeros (unknown) from a version that has none."""
-        stored = old.points.structure  # type: ignore[union-attr]
+    def old_rows(stored: np.ndarray | None, rows: np.ndarray, dim: int, dtype: type) -> np.ndarray:
+        """Carried images' descriptors or thumbnails; zeros (unknown) from a version that has
+        none."""
         if stored is None:
-            return np.zeros((len(rows), STRUCTURE_DIM), dtype=np.int8)
+            return np.zeros((len(rows), dim), dtype=dtype)
         return np.asarray(stored[rows])
 
     def old_width(rows: np.ndarray) -> np.ndarray:
@@ -387,6 +389,7 @@ def _publish_references(
                 latlon=np.concatenate([p.points.latlon for p in parts]),
                 country=np.concatenate([p.points.country for p in parts]),
                 structure=np.concatenate([p.points.structure for p in parts]),  # type: ignore[misc]
+                colour=np.concatenate([p.points.colour for p in parts]),  # type: ignore[misc]
                 width=width if np.isfinite(width).any() else None,  # stored where some known
             ),
             profile=model.profile,

@@ -41,7 +41,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from encoders.structure import STRUCTURE_DIM, structure_descriptors
+from encoders.structure import (
+    COLOUR_DIM,
+    STRUCTURE_DIM,
+    colour_thumbnails,
+    structure_descriptors,
+)
 from index.files import atomic_write, sha256_file
 from index.tables import (
     ID_COLUMNS,
@@ -341,6 +346,7 @@ class ShardEncoder:
         dim = self.model.embed_dim
         vectors = np.empty((n, dim), dtype=np.float32)
         structure = np.zeros((n, STRUCTURE_DIM), dtype=np.int8)
+        colour = np.zeros((n, COLOUR_DIM), dtype=np.uint8)
         ok = np.zeros(n, dtype=bool)
         bad: list[dict[str, Any]] = []
         size = self.spec.batch_size
@@ -371,6 +377,7 @@ class ShardEncoder:
             if images:
                 vectors[where] = self.model.embed_images(images)
                 structure[where] = structure_descriptors(images)
+                colour[where] = colour_thumbnails(images)
                 ok[where] = True
         out = self.job.out_file(shard)
         atomic_write(
@@ -379,6 +386,7 @@ class ShardEncoder:
                 fh,
                 vectors=vectors[ok],
                 structure=structure[ok],
+                colour=colour[ok],
                 id=np.asarray(rows["id"], dtype=np.int64)[ok],
                 row=np.asarray(rows["row"], dtype=np.int64)[ok],
                 latlon=np.column_stack([rows["lat"], rows["lon"]]).astype(np.float64)[ok],
@@ -484,10 +492,20 @@ def shard_vectors(job: Job, shard: int) -> np.ndarray:
 def shard_structure(job: Job, shard: int) -> np.ndarray:
     """The shard's structure descriptors (zeros, "unknown", for a shard encoded before
     descriptors were stored)."""
+    return _shard_rows(job, shard, "structure", STRUCTURE_DIM, np.int8)
+
+
+def shard_colour(job: Job, shard: int) -> np.ndarray:
+    """The shard's colour thumbnails (zeros, "unknown", for a shard encoded before
+    thumbnails were stored)."""
+    return _shard_rows(job, shard, "colour", COLOUR_DIM, np.uint8)
+
+
+def _shard_rows(job: Job, shard: int, member: str, dim: int, dtype: type) -> np.ndarray:
     with np.load(job.out_file(shard), allow_pickle=False) as z:
-        if "structure" in z.files:
-            return z["structure"]
-        return np.zeros((len(z["row"]), STRUCTURE_DIM), dtype=np.int8)
+        if member in z.files:
+            return z[member]
+        return np.zeros((len(z["row"]), dim), dtype=dtype)
 
 
 def shard_width(job: Job, shard: int) -> np.ndarray:

@@ -3,6 +3,8 @@ are."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
@@ -15,8 +17,11 @@ from encoders.bluemarble import (
     sample_centres,
 )
 from encoders.structure import (
+    COLOUR_DIM,
     RAMP_LEVELS,
     STRUCTURE_DIM,
+    colour_agreement,
+    colour_thumbnails,
     picture_descriptors,
     ramp_position,
     ramp_view,
@@ -225,3 +230,38 @@ def test_true_colour_views_and_drawings_are_not_ramps():
     pen.ellipse((40, 30, 90, 90), fill=(30, 150, 60))
     # Soft edges blend each pair of its three colours: three curves, not one.
     assert ramp_position(np.asarray(drawing.filter(ImageFilter.GaussianBlur(2)))) is None
+
+
+def test_colour_agreement_credits_only_close_colour_matches():
+    """A tile's own colours agree fully, a lightly re-encoded copy's nearly, other places' and
+    the same place in shifted colours (a hue turn, a gamma, grey) not at all, though their
+    layouts still match; flat pictures and unknown references never agree."""
+    tiles = _tiles(12)
+    thumbs = colour_thumbnails(tiles)
+    assert thumbs.dtype == np.uint8 and thumbs.shape == (12, COLOUR_DIM)
+    framed = ImageOps.expand(tiles[0], border=(16, 0), fill=(255, 0, 0))  # wider: centre square
+    np.testing.assert_array_equal(colour_thumbnails([framed])[0], thumbs[0])
+
+    own = colour_agreement(thumbs[0], thumbs, 0.6)
+    assert own[0] == 1.0 and own.shape == (12,)
+    assert (own[1:] < 0.5).mean() >= 0.9  # other places
+    for tile, thumb in zip(tiles, thumbs, strict=True):
+        buf = io.BytesIO()
+        tile.save(buf, "JPEG", quality=75)
+        again = colour_thumbnails([Image.open(buf)])[0]
+        assert colour_agreement(again, thumb[None], 0.6)[0] > 0.8
+    x = _floats(tiles[0])
+    for shifted in (_image(rotate_hue(x, 135.0)), _image(x**0.6), tiles[0].convert("L")):
+        p = colour_thumbnails([shifted.convert("RGB")])[0]
+        assert colour_agreement(p, thumbs[:1], 0.6)[0] == 0.0
+        assert structure_similarity(structure_descriptors([shifted])[0], _desc(tiles[:1]))[0] > 0.8
+
+    flat = colour_thumbnails([Image.new("RGB", (32, 32), (40, 90, 30))])[0]
+    assert not colour_agreement(flat, thumbs, 0.0).any()
+    unknown = np.zeros((1, COLOUR_DIM), np.uint8)
+    assert colour_agreement(thumbs[0], unknown, 0.0)[0] == 0.0
+    assert colour_agreement(thumbs[0], thumbs[:0], 0.6).shape == (0,)
+
+
+def _desc(tiles: list[Image.Image]) -> np.ndarray:
+    return structure_descriptors(tiles)

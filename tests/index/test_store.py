@@ -365,6 +365,64 @@ def test_structure_descriptors_travel_with_the_points(tmp_path: Path) -> None:
         )
 
 
+def test_colour_thumbnails_travel_with_the_points(tmp_path: Path) -> None:
+    """Thumbnails are stored row for row by both builders (one table, and in chunks), and
+    a table of the wrong type is refused."""
+    from dataclasses import replace
+
+    from index.points import PointTable, VectorChunk
+    from index.store import COLOUR_FILE, publish_index_chunked
+
+    n = 40
+    thumbs = np.random.default_rng(3).integers(0, 256, (n, 192), dtype=np.uint8)
+    vectors = unit_vectors(n)
+    m = publish_index(
+        tmp_path,
+        "refs",
+        vectors,
+        replace(points_for(n), colour=thumbs),
+        profile="p",
+        gallery_kind="images",
+        h3_resolution=None,
+    )
+    assert COLOUR_FILE in m.files
+    np.testing.assert_array_equal(np.asarray(load_index(tmp_path, "refs").points.colour), thumbs)
+
+    whole = points_for(n)
+
+    def chunks():
+        # The first chunk has no thumbnails: its rows stay zero (unknown).
+        for rows, colour in ((slice(0, 15), None), (slice(15, n), thumbs[15:])):
+            part = PointTable(whole.ids[rows], whole.latlon[rows], whole.country[rows])
+            yield VectorChunk(vectors[rows], replace(part, colour=colour))
+
+    chunked = publish_index_chunked(
+        tmp_path,
+        "chunked",
+        chunks,
+        count=n,
+        dim=vectors.shape[1],
+        train_vectors=vectors,
+        factory="Flat",
+        profile="p",
+        gallery_kind="images",
+    )
+    assert COLOUR_FILE in chunked.files
+    stored = np.asarray(load_index(tmp_path, "chunked").points.colour)
+    assert not stored[:15].any()
+    np.testing.assert_array_equal(stored[15:], thumbs[15:])
+    with pytest.raises(IndexStoreError, match="uint8"):
+        publish_index(
+            tmp_path,
+            "bad",
+            vectors,
+            replace(points_for(n), colour=thumbs.astype(np.int16)),
+            profile="p",
+            gallery_kind="images",
+            h3_resolution=None,
+        )
+
+
 def publish_images(root: Path, name: str, n: int, structure: np.ndarray | None = None):
     """A reference-image index of n random vectors (with these structure descriptors)."""
     from dataclasses import replace

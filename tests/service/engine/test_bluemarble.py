@@ -174,7 +174,7 @@ def test_a_false_colour_picture_is_answered_from_its_grey_view_where_that_is_sur
             for t in tiles
         ]
         served = locator.locate(pictures, opts)
-        _, views = locator.read(pictures)
+        _, _, views = locator.read(pictures)
         assert sum(v is not None for v in views) >= 14
         for picture, view, res in zip(pictures, views, served, strict=True):
             drawn = locator.locate_embeddings(locator.embed([picture]), opts)[0]

@@ -225,6 +225,61 @@ def test_verification_ranks_the_neighbours_by_structure_too(locator, tmp_path):
         )
 
 
+def test_verification_ranks_the_neighbours_by_colour_too(locator, tmp_path):
+    """A reference whose thumbnail has the query picture's colours outranks a closer
+    embedding of another picture, by colour_weight x their agreement; at weight 0, or
+    from an index without thumbnails, it does not."""
+    from PIL import Image
+
+    from encoders.structure import colour_thumbnails
+
+    rng = np.random.default_rng(1)
+    query_pic, other_pic = (
+        Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).resize((32, 32))
+        for _ in range(2)
+    )
+    q = queries(locator)[:1]  # as if taken in Île-de-France
+    side = rng.standard_normal(q.shape[1]).astype(np.float32)
+    side -= (side @ q[0]) * q[0]
+    side /= np.linalg.norm(side)
+    match = 0.9 * q[0] + np.sqrt(1 - 0.81) * side  # cosine 0.9, the query's picture
+    vectors = np.stack([q[0], match]).astype(np.float32)  # the decoy: cosine 1, another picture
+    latlon = np.array([TRUTHS[1], TRUTHS[0]])  # decoy near Tokyo, match in Île-de-France
+    points = PointTable(
+        ids=np.array([1, 2]),
+        latlon=latlon,
+        country=locator.geocoder.country_codes(latlon),
+        colour=colour_thumbnails([other_pic, query_pic]),
+    )
+    loc = with_references(locator, tmp_path, vectors, points)
+    assert loc.compares_colour and not loc.compares_structure
+    _, colour, _ = loc.read([query_pic])
+    assert colour is not None
+
+    def answer(**kw):
+        opts = LocateOptions(return_neighbours=True, **kw)
+        return loc.locate_embeddings(q, opts, colour=colour)[0]
+
+    found = answer(colour_weight=0.5)
+    ranked = found.extra["neighbours"]
+    assert [n["id"] for n in ranked] == [2, 1]
+    assert ranked[0]["colour"] == 1.0 and ranked[1]["colour"] == 0.0
+    assert ranked[0]["similarity"] == pytest.approx(0.9, abs=1e-4)  # the cosine, as before
+    assert [n["id"] for n in answer(colour_weight=0.0).extra["neighbours"]] == [1, 2]
+    # The neighbours' weights move the answer to the match's place.
+    first = found.candidates[0]
+    assert dist(np.array([[first.lat, first.lon]]), TRUTHS[:1])[0] < 300
+    plain = with_references(locator, tmp_path / "plain", vectors, replace(points, colour=None))
+    assert not plain.compares_colour and plain.read([query_pic])[1] is None
+    bare = plain.locate_embeddings(q, LocateOptions(return_neighbours=True), colour=colour)[0]
+    assert [n["id"] for n in bare.extra["neighbours"]] == [1, 2]
+    assert "colour" not in bare.extra["neighbours"][0]
+    with pytest.raises(InvalidOptionError):
+        LocateOptions(colour_threshold=1.0).validate(
+            max_top_k=10, max_retrieve_k=100, max_nprobe=1, max_rerank_k=0
+        )
+
+
 def test_verification_finds_a_reference_by_structure_alone(locator, tmp_path, monkeypatch):
     """A reference whose embedding is farther than the whole embedding shortlist (as under a
     colour change the image tower has not learnt) but whose picture has the query's layout

@@ -20,8 +20,15 @@ import pytest
 from encoders import load_model
 from encoders.bluemarble import TileStyle, write_tileset
 from encoders.model import resolve_device
-from encoders.structure import structure_descriptors
-from index.store import EXACT_FILE, STRUCTURE_FILE, WIDTH_FILE, list_indexes, load_index
+from encoders.structure import colour_thumbnails, structure_descriptors
+from index.store import (
+    COLOUR_FILE,
+    EXACT_FILE,
+    STRUCTURE_FILE,
+    WIDTH_FILE,
+    list_indexes,
+    load_index,
+)
 from service.config import Settings
 from service.errors import GeolocError, InputImageError
 from service.jobs.datasets import DatasetError
@@ -200,6 +207,10 @@ def test_in_process_job_resumes_reports_bad_rows_and_publishes_once(tmp_path, mo
     pics = [Image.open(table.parent / rows[i]["uri"]) for i in (0, 44)]
     got = np.asarray(idx.points.structure)[[ids.tolist().index(100), ids.tolist().index(144)]]
     np.testing.assert_array_equal(got, structure_descriptors(pics))
+    # ... and their colour thumbnails.
+    assert COLOUR_FILE in r.manifest.files
+    got = np.asarray(idx.points.colour)[[ids.tolist().index(100), ids.tolist().index(144)]]
+    np.testing.assert_array_equal(got, colour_thumbnails(pics))
     # ... and the width of ground each view shows (32 px of 1.5 map pixels at 15 per degree).
     assert WIDTH_FILE in r.manifest.files
     stored = np.asarray(idx.points.width)
@@ -247,6 +258,8 @@ def test_a_second_table_adds_to_the_index_and_can_compress_it(tmp_path, model):
         np.asarray(idx3.points.structure)[:70], np.asarray(idx.points.structure)
     )
     np.testing.assert_array_equal(np.asarray(idx3.points.width)[:70], idx.points.width)
+    np.testing.assert_array_equal(np.asarray(idx3.points.colour)[:70], idx.points.colour)
+    assert np.asarray(idx3.points.colour)[70:].any(axis=1).all()
     assert np.isfinite(idx3.points.width).all()
     assert np.asarray(idx3.points.structure).any(axis=1).mean() > 0.8  # flat sea: zeros
 
