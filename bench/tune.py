@@ -9,7 +9,8 @@ per setting, the mean over the sets of the shares within 25/200/750 km and the w
 200 km share.
 
     .venv/bin/python bench/tune.py [--weights PATH] [--per-set 300] [--refs N] \
-        [--grid neighbours|structure|support|precision|widths|colour|served] [--ref-power P] [--snap]
+        [--grid neighbours|structure|support|precision|widths|colour|served] \
+        [--ref-power P] [--snap]
 
 ``--ref-power`` draws the reference tiles with another ``scale_power`` (how many narrow views
 the reference set holds against wide ones); ``--grid served`` runs the served settings only.
