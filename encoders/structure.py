@@ -152,18 +152,19 @@ def colour_thumbnails(images: Sequence[Image.Image]) -> np.ndarray:
 
 def colour_agreement(picture: np.ndarray, refs: np.ndarray, threshold: float) -> np.ndarray:
     """(k,) in [0, 1]: how closely each reference thumbnail of refs (k, COLOUR_DIM) matches
-    the picture's (COLOUR_DIM,). The match is c = 1 − ‖p − r‖² / ‖p − p̄‖², the share of the
-    picture's colour variation (about its mean colour p̄) that the reference explains: 1 for
-    the same colours, 0 for no better than a flat patch of the picture's mean colour. Only a
-    close match counts: (c − threshold) / (1 − threshold), clipped to [0, 1]. A flat picture
-    and unknown (all-zero) references get 0."""
-    p = np.asarray(picture, dtype=np.float64).reshape(-1, 3)
-    r = np.asarray(refs, dtype=np.float64).reshape(len(refs), len(p), 3)
-    spread = float(((p - p.mean(axis=0)) ** 2).sum())
+    the picture's (COLOUR_DIM,). The match is c = 1 − ‖p − r‖² / ‖p − p̄‖², where p̄ is the
+    picture's mean over all its cells and channels: the share of the picture's departure from
+    a flat grey of its brightness (its hue and its contrast both) that the reference explains.
+    1 for the same colours, 0 for no better than that grey. Only a close match counts:
+    (c − threshold) / (1 − threshold), clipped to [0, 1]. A flat grey picture and unknown
+    (all-zero) references get 0."""
+    p = np.asarray(picture, dtype=np.float64).ravel()
+    r = np.asarray(refs, dtype=np.float64).reshape(len(refs), len(p))
+    spread = float(((p - p.mean()) ** 2).sum())
     if spread < 1.0 or not len(r):  # under one grey level in all: no colours to compare
         return np.zeros(len(r))
-    c = 1.0 - ((r - p) ** 2).sum(axis=(1, 2)) / spread
-    c[~r.any(axis=(1, 2))] = -np.inf
+    c = 1.0 - ((r - p) ** 2).sum(axis=1) / spread
+    c[~r.any(axis=1)] = -np.inf
     return np.clip((c - threshold) / (1.0 - threshold), 0.0, 1.0)
 
 

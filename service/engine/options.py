@@ -135,7 +135,7 @@ class LocateOptions:
     #: reference index stores thumbnails; 0: off. The layout and the embedding are blind to
     #: hue, and a narrow view's layout matches many places. Chosen on validation draws
     #: (bench/tune.py --grid colour).
-    colour_weight: float = 1.0
+    colour_weight: float = 0.5
     colour_threshold: float = 0.6
     #: The optional LLM stages (service/engine/llm_stages.py): proposals that join the candidates,
     #: and a reranking among the returned candidates. Used only when an LLM is configured.

@@ -16,7 +16,8 @@ it and nothing is deleted.
    under ``<data>/setup/references`` and embeds them through `geoloc images add`'s job
    (in-process); the tiles are deleted once published (the index keeps their embeddings and
    GPS, which is all a neighbour needs; they are ~4 KB each). A new version replacing a stale
-   one (other weights, or built before structure descriptors or view widths were stored)
+   one (other weights, or built before structure descriptors, view widths or colour
+   thumbnails were stored)
    holds only the tiles (`images add --replace`). Other profiles take reference photos
    from the user (`geoloc images add`);
 4. calibration: for the served index version, unless one exists that was fitted with these
@@ -37,6 +38,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from index.store import (
+    COLOUR_FILE,
     STRUCTURE_FILE,
     WIDTH_FILE,
     IndexWeightsError,
@@ -269,6 +271,8 @@ def _references(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
             stale = "stores no structure descriptors (built before verification compared them)"
         if not stale and s.profile in SELF_DATA_PROFILES and WIDTH_FILE not in old.files:
             stale = "stores no view widths (built before verification used them)"
+        if not stale and COLOUR_FILE not in old.files:
+            stale = "stores no colour thumbnails (built before verification compared them)"
         if not stale:
             return f"{name}/{old.version} exists"
         echo(f"{name}/{old.version} {stale}")

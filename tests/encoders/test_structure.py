@@ -235,7 +235,7 @@ def test_true_colour_views_and_drawings_are_not_ramps():
 def test_colour_agreement_credits_only_close_colour_matches():
     """A tile's own colours agree fully, a lightly re-encoded copy's nearly, other places' and
     the same place in shifted colours (a hue turn, a gamma, grey) not at all, though their
-    layouts still match; flat pictures and unknown references never agree."""
+    layouts still match; a flat grey picture and unknown references never agree."""
     tiles = _tiles(12)
     thumbs = colour_thumbnails(tiles)
     assert thumbs.dtype == np.uint8 and thumbs.shape == (12, COLOUR_DIM)
@@ -256,8 +256,12 @@ def test_colour_agreement_credits_only_close_colour_matches():
         assert colour_agreement(p, thumbs[:1], 0.6)[0] == 0.0
         assert structure_similarity(structure_descriptors([shifted])[0], _desc(tiles[:1]))[0] > 0.8
 
-    flat = colour_thumbnails([Image.new("RGB", (32, 32), (40, 90, 30))])[0]
-    assert not colour_agreement(flat, thumbs, 0.0).any()
+    grey = colour_thumbnails([Image.new("RGB", (32, 32), (90, 90, 90))])[0]
+    assert not colour_agreement(grey, thumbs, 0.0).any()
+    # A flat colour has its hue to compare: the same colour agrees, another does not.
+    green, tan = (Image.new("RGB", (32, 32), c) for c in ((40, 90, 30), (200, 170, 120)))
+    flat = colour_thumbnails([green, tan])
+    np.testing.assert_array_equal(colour_agreement(flat[0], flat, 0.6), [1.0, 0.0])
     unknown = np.zeros((1, COLOUR_DIM), np.uint8)
     assert colour_agreement(thumbs[0], unknown, 0.0)[0] == 0.0
     assert colour_agreement(thumbs[0], thumbs[:0], 0.6).shape == (0,)

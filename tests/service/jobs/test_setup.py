@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from index.store import STRUCTURE_FILE, WIDTH_FILE, PointTable, list_indexes, publish_index
+from index.store import (
+    COLOUR_FILE,
+    STRUCTURE_FILE,
+    WIDTH_FILE,
+    PointTable,
+    list_indexes,
+    publish_index,
+)
 from service.config import Settings
 from service.engine.calibration import list_calibrations
 from service.engine.loading import load_locator
@@ -75,6 +82,9 @@ def test_setup_builds_gallery_references_and_calibration_once(tmp_path):
     assert r.extra["neighbours"]  # Geo-alignment ran: reference images were retrieved
     # ... and verification compared their structure with the picture's.
     assert STRUCTURE_FILE in refs[0].files and "structure" in r.extra["neighbours"][0]
+    # ... and their colours (a clean tile of the reference set's own map agrees closely with
+    # some of its neighbours).
+    assert COLOUR_FILE in refs[0].files and "colour" in r.extra["neighbours"][0]
     # ... and knows the ground each reference view shows (255-637 km: REFERENCE_STYLE at 64 px).
     assert WIDTH_FILE in refs[0].files
     assert 200 < r.extra["neighbours"][0]["width_km"] < 2200
@@ -87,9 +97,14 @@ def test_setup_builds_gallery_references_and_calibration_once(tmp_path):
     assert "exists" in again and "has calibration" in again, again
     assert "rendering" not in again and "building" not in again, again
 
-    # A reference index from before structure descriptors (or view widths) were stored is
-    # rebuilt with them, and the calibration fitted with the old one is fitted again.
-    for kept, why in (((), "no structure descriptors"), (("structure",), "no view widths")):
+    # A reference index from before structure descriptors (or view widths, or colour
+    # thumbnails) were stored is rebuilt with them, and the calibration fitted with the old
+    # one is fitted again.
+    for kept, why in (
+        ((), "no structure descriptors"),
+        (("structure",), "no view widths"),
+        (("structure", "width"), "no colour thumbnails"),
+    ):
         loc = load_locator(s)
         served, fitted = loc.neighbours, loc.calibration.options["references"]
         assert served is not None
@@ -103,6 +118,7 @@ def test_setup_builds_gallery_references_and_calibration_once(tmp_path):
                 np.asarray(old.latlon),
                 np.asarray(old.country),
                 structure=np.asarray(old.structure) if "structure" in kept else None,
+                width=np.asarray(old.width) if "width" in kept else None,
             ),
             profile="bluemarble",
             gallery_kind="images",
@@ -113,9 +129,11 @@ def test_setup_builds_gallery_references_and_calibration_once(tmp_path):
         assert f"stores {why}" in out, out
         assert f"was fitted with {fitted}" in out, out
         newest = max(list_indexes(data, "refs-bluemarble"), key=lambda m: (m.created_at, m.version))
-        assert {STRUCTURE_FILE, WIDTH_FILE} <= set(newest.files) and newest.count == 300
+        assert {STRUCTURE_FILE, WIDTH_FILE, COLOUR_FILE} <= set(newest.files)
+        assert newest.count == 300
         loc = load_locator(s)
         assert loc.compares_structure and loc.neighbours.points.width is not None
+        assert loc.compares_colour
         assert loc.calibration.options["references"] == f"refs-bluemarble/{newest.version}"
 
     # The verdict weighs the best layout match among the references ...
