@@ -131,8 +131,8 @@ GRIDS = {
     },
     # How much a close colour match ranks a reference neighbour up, and from how close.
     "colour": {
-        "colour_weight": (0.0, 0.5, 1.0, 2.0),
-        "colour_threshold": (0.5, 0.6, 0.75),
+        "colour_weight": (0.0, 0.25, 0.5, 1.0),
+        "colour_threshold": (0.6, 0.75, 0.85),
     },
     # The served settings alone (to compare reference sets, --ref-power).
     "served": {"structure_weight": (LocateOptions().structure_weight,)},
@@ -185,8 +185,11 @@ def register_hypsometric() -> None:
 
 
 def validation_sets(n: int) -> dict[str, list]:
+    """The validation draws, and ``n`` tiles drawn as the test tiles are (the training
+    distribution's zooms and colour changes) with the validation seed."""
     sets = {f"{w} km": validation_draw(f"zoom{w}", n, w, lambda im: im) for w in VAL_WIDTHS_KM}
     sets.update({name: validation_draw(name, n, None, f) for name, f in VAL_SHIFTS.items()})
+    sets["test style"] = tileset("test", n, VAL_SEED)
     return sets
 
 

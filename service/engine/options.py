@@ -136,7 +136,7 @@ class LocateOptions:
     #: hue, and a narrow view's layout matches many places. Chosen on validation draws
     #: (bench/tune.py --grid colour).
     colour_weight: float = 0.5
-    colour_threshold: float = 0.6
+    colour_threshold: float = 0.75
     #: The optional LLM stages (service/engine/llm_stages.py): proposals that join the candidates,
     #: and a reranking among the returned candidates. Used only when an LLM is configured.
     llm_diversify: bool = True
