@@ -133,7 +133,7 @@ def ramps_cost(locator: Locator, images: list[Image.Image], request_ms: float) -
         plain, ramps = (statistics.median(spent[f]) for f in (False, True))
         print(
             f"reading per picture, {name}: {plain:.3f} ms of luminance alone, {ramps:.3f} ms "
-            f"served, reading colour ramps (+{ramps - plain:.3f} ms, "
+            f"served, reading colour ramps and the colour thumbnail (+{ramps - plain:.3f} ms, "
             f"{100 * (ramps - plain) / request_ms:.1f} % of the new model's median request)"
         )
         second, total = [], []

@@ -143,10 +143,13 @@ def colour_thumbnails(images: Sequence[Image.Image]) -> np.ndarray:
         box = _centre_square(img)
         if box is None:
             continue
-        small = img.convert("RGB").resize(
+        # Resized first where the mode allows, converted after: a large picture is not
+        # copied whole.
+        src = img if img.mode in ("RGB", "RGBA", "L") else img.convert("RGB")
+        small = src.resize(
             (COLOUR_SIDE, COLOUR_SIDE), Image.Resampling.BOX, box=box, reducing_gap=2.0
         )
-        out[i] = np.asarray(small, dtype=np.uint8).ravel()
+        out[i] = np.asarray(small.convert("RGB"), dtype=np.uint8).ravel()
     return out
 
 
@@ -156,16 +159,16 @@ def colour_agreement(picture: np.ndarray, refs: np.ndarray, threshold: float) ->
     picture's mean over all its cells and channels: the share of the picture's departure from
     a flat grey of its brightness (its hue and its contrast both) that the reference explains.
     1 for the same colours, 0 for no better than that grey. Only a close match counts:
-    (c − threshold) / (1 − threshold), clipped to [0, 1]. A flat grey picture and unknown
-    (all-zero) references get 0."""
+    (c − threshold) / (1 − threshold), clipped to [0, 1]. A flat grey picture gets 0, and
+    unknown (all-zero) references nan."""
     p = np.asarray(picture, dtype=np.float64).ravel()
     r = np.asarray(refs, dtype=np.float64).reshape(len(refs), len(p))
     spread = float(((p - p.mean()) ** 2).sum())
+    known = r.any(axis=1)
     if spread < 1.0 or not len(r):  # under one grey level in all: no colours to compare
-        return np.zeros(len(r))
+        return np.where(known, 0.0, np.nan)
     c = 1.0 - ((r - p) ** 2).sum(axis=1) / spread
-    c[~r.any(axis=1)] = -np.inf
-    return np.clip((c - threshold) / (1.0 - threshold), 0.0, 1.0)
+    return np.where(known, np.clip((c - threshold) / (1.0 - threshold), 0.0, 1.0), np.nan)
 
 
 def ramp_view(img: Image.Image, ramp: Ramp, turned: bool = False) -> Image.Image:

@@ -217,9 +217,8 @@ def publish_index_chunked(
             recall = _measure_recall(whole, recall_q, recall_rows, exact, exact_vectors, rerank_k)
             del exact_vectors
         del whole
-        for arr in rows_out.values():
-            arr.flush()
-        rows_out.clear()  # unmapped
+        while rows_out:  # flushed and unmapped
+            rows_out.popitem()[1].flush()
         written = (ONDISK_FILE, EXACT_FILE, *described.values())
         data_files = [*DATA_FILES, *(f for f in written if (tmp_dir / f).exists())]
         for f in data_files:

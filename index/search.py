@@ -34,7 +34,7 @@ from index.manifest import (
     list_indexes,
     read_manifest,
 )
-from index.points import PointTable
+from index.points import PointTable, check_rows
 
 __all__ = ["SMALL_QUERY_BATCH", "LoadedIndex", "load_index", "structure_codes"]
 
@@ -354,14 +354,10 @@ def load_index(
         (STRUCTURE_FILE, points.structure, np.int8),
         (COLOUR_FILE, points.colour, np.uint8),
     ):
-        if rows is not None and (
-            rows.ndim != 2 or len(rows) != manifest.count or rows.dtype != dtype
-        ):
-            raise IndexStoreError(
-                f"{path / fname} holds {rows.dtype} {rows.shape}, not "
-                f"{np.dtype(dtype).name} rows for the manifest's {manifest.count}; rebuild "
-                "the index"
-            )
+        try:
+            check_rows(rows, manifest.count, dtype, fname)
+        except IndexStoreError as exc:
+            raise IndexStoreError(f"{path}: {exc}; rebuild the index") from exc
     if points.width is not None and points.width.shape != (manifest.count,):
         raise IndexStoreError(
             f"{path / WIDTH_FILE} holds {points.width.shape}, not one width for each of the "

@@ -240,11 +240,8 @@ def _run_batch(batch: list[_Item]) -> list[LocateResult | BaseException]:
             item = batch[i]
             one = PictureReading(*(part[row : row + 1] for part in reading))
             desc, thumb, view = item.locator.read([item.image], one)
-            mine[i] = (
-                desc if item.locator.needs_structure(item.options) else None,
-                thumb if item.locator.wants_colour(item.options) else None,
-                view,
-            )
+            # The colours go as read: the pipeline compares them only where asked to.
+            mine[i] = (desc if item.locator.needs_structure(item.options) else None, thumb, view)
         read_ms = (time.perf_counter() - t2) * 1000 / len(members)
         read.update({i: (*got, read_ms) for i, got in mine.items()})
     for i, item in enumerate(batch):

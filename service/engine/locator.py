@@ -82,7 +82,8 @@ if TYPE_CHECKING:
 STAGES = ("retrieve", "refine", "diversify", "verify", "judge", "describe")
 #: The finest H3 resolution refinement descends to (~0.1 km² cells).
 MAX_REFINE_RES = 10
-#: Reference neighbours the structure comparison ranks before ``neighbours`` are kept.
+#: Reference neighbours the structure and colour comparisons rank before ``neighbours`` are
+#: kept.
 STRUCTURE_POOL = 50
 #: Reference images found by their structure alone (``LoadedIndex.search_structure``) that
 #: join that shortlist; 0: the embedding's shortlist only.
@@ -168,8 +169,12 @@ class Locator:
     @property
     def compares_structure(self) -> bool:
         """Whether the reference index holds structure descriptors of this release's kind."""
-        stored = None if self.neighbours is None else self.neighbours.points.structure
-        return stored is not None and stored.shape[1] == STRUCTURE_DIM
+        return self._stores("structure", STRUCTURE_DIM)
+
+    def _stores(self, field: str, dim: int) -> bool:
+        """Whether the reference index holds rows ``field`` of ``dim`` per image."""
+        stored = None if self.neighbours is None else getattr(self.neighbours.points, field)
+        return stored is not None and stored.shape[1] == dim
 
     def wants_structure(self, options: LocateOptions) -> bool:
         """Whether a request with ``options`` compares the pictures' structure."""
@@ -178,8 +183,7 @@ class Locator:
     @property
     def compares_colour(self) -> bool:
         """Whether the reference index holds colour thumbnails of this release's kind."""
-        stored = None if self.neighbours is None else self.neighbours.points.colour
-        return stored is not None and stored.shape[1] == COLOUR_DIM
+        return self._stores("colour", COLOUR_DIM)
 
     def wants_colour(self, options: LocateOptions) -> bool:
         """Whether a request with ``options`` compares the pictures' colours."""
@@ -241,7 +245,6 @@ class Locator:
         t0 = time.perf_counter()
         structure, colour, views = self.read(images)
         structure = structure if self.needs_structure(options) else None
-        colour = colour if self.wants_colour(options) else None
         structure_ms = (time.perf_counter() - t0) * 1000 / max(len(images), 1)
         results = self._locate_encoded(
             lambda: self.embed(images),
@@ -255,7 +258,7 @@ class Locator:
         for r in results:
             if r.localizability is not None:
                 r.add_time("judge", stats_ms)
-            if structure is not None:
+            if structure is not None or colour is not None:
                 r.add_time("retrieve", structure_ms)
         return results
 
@@ -282,7 +285,6 @@ class Locator:
         t1 = time.perf_counter()
         structure, colour, views = self.read(images)
         structure = structure if self.needs_structure(options) else None
-        colour = colour if self.wants_colour(options) else None
         t2 = time.perf_counter()
         queries = self.embed(images)
         t3 = time.perf_counter()
@@ -457,7 +459,10 @@ class Locator:
             temperature,
             None if image_stats is None else np.asarray(image_stats)[rows],  # the picture's own
             None if structure is None else structure[rows],
-            None,  # a grey view has no colours; the picture's are a ramp's
+            # A grey view has no colours (the picture's are a ramp's): it gets no colour credit,
+            # which tilts the choice below towards the picture only where its own colours
+            # closely match a reference's, as a ramp's seldom do.
+            None,
         )
         ms = (time.perf_counter() - t0) * 1000 / len(rows)
         for i, scored in zip(rows, again, strict=True):
@@ -661,7 +666,7 @@ class Locator:
             colour = None
         if self.neighbours is not None and options.neighbours > 0:
             nb_k = min(options.neighbours, len(self.neighbours))
-            if structure is not None:  # a deeper shortlist, ranked again in _retrieve
+            if structure is not None or colour is not None:  # ranked again in _retrieve
                 nb_k = min(max(nb_k, STRUCTURE_POOL), len(self.neighbours))
             nb_allowed = self._allowed_rows(options, self.neighbours)
             nb = self.neighbours.search(
@@ -792,12 +797,8 @@ class Locator:
                 )
                 keys = keys + opt.structure_weight * np.nan_to_num(corr)
             if colour is not None and len(nrows):
-                thumbs = np.asarray(self.neighbours.points.colour[nrows])
-                agree = np.where(  # zero rows: no thumbnail
-                    thumbs.any(axis=1),
-                    colour_agreement(colour, thumbs, opt.colour_threshold),
-                    np.nan,
-                )
+                thumbs = np.asarray(self.neighbours.points.colour[nrows])  # zero rows: nan
+                agree = colour_agreement(colour, thumbs, opt.colour_threshold)
                 keys = keys + opt.colour_weight * np.nan_to_num(agree)
             if keys is not sims:  # ranked again: keep the best
                 keep = np.argsort(-keys, kind="stable")[: opt.neighbours]

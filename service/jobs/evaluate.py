@@ -67,7 +67,8 @@ def embed_rows(
 ) -> Embedded:
     """Read and embed the images in batches; unreadable ones become problem lines. With
     ``image_stats``, also the pictures' localizability statistics; where the locator
-    compares structure, their structure descriptors; with ``grey_views``, the grey views of
+    compares structure or colours, their structure descriptors and colour thumbnails (read as
+    the service reads them, ``Locator.read``); with ``grey_views``, the grey views of
     those in false colour, for ``locate_embeddings`` to locate as the service does
     (``Locator.read``)."""
     from service.engine.localizability import image_statistics_many

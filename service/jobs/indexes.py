@@ -342,19 +342,19 @@ def _publish_references(
             yield VectorChunk(
                 refjobs.shard_vectors(job, shard),
                 PointTable(
-                    points.ids,
-                    points.latlon,
-                    points.country,
-                    refjobs.shard_structure(job, shard),
-                    refjobs.shard_width(job, shard),
-                    refjobs.shard_colour(job, shard),
+                    ids=points.ids,
+                    latlon=points.latlon,
+                    country=points.country,
+                    structure=refjobs.shard_member(job, shard, "structure"),
+                    width=refjobs.shard_member(job, shard, "width"),
+                    colour=refjobs.shard_member(job, shard, "colour"),
                 ),
             )
 
     def old_rows(stored: np.ndarray | None, rows: np.ndarray, dim: int, dtype: type) -> np.ndarray:
         """Carried images' descriptors or thumbnails; zeros (unknown) from a version that has
-        none."""
-        if stored is None:
+        none, or has them of another kind (another size)."""
+        if stored is None or stored.shape[1] != dim:
             return np.zeros((len(rows), dim), dtype=dtype)
         return np.asarray(stored[rows])
 

@@ -66,6 +66,8 @@ from service.jobs.datasets import DatasetError
 
 RUNNERS = ("auto", "inprocess", "ray")
 _SHARD = "shard-{:05d}"
+#: What an encoded shard holds for its images (``Job.encode_shard``'s npz members).
+SHARD_MEMBERS = ("vectors", "structure", "colour", "id", "row", "latlon", "width")
 # bad_rows.csv says "not numbers" of nan and inf, too
 _WORDING = {Reason.NOT_FINITE: WORDING[Reason.NOT_NUMBERS], Reason.EMPTY_TEXT: "empty image uri"}
 
@@ -203,10 +205,19 @@ class Job:
         return self.dir / "out" / f"{_SHARD.format(shard)}.done"
 
     def done(self) -> list[int]:
-        return [s for s in range(self.n_shards) if self.done_file(s).is_file()]
+        return [s for s in range(self.n_shards) if self._finished(s)]
 
     def pending(self) -> list[int]:
-        return [s for s in range(self.n_shards) if not self.done_file(s).is_file()]
+        return [s for s in range(self.n_shards) if not self._finished(s)]
+
+    def _finished(self, shard: int) -> bool:
+        """Encoded, with everything this release stores of an image: a shard an earlier
+        release finished without some of it is encoded again (its images would otherwise be
+        published with those rows unknown)."""
+        if not self.done_file(shard).is_file():
+            return False
+        with np.load(self.out_file(shard), allow_pickle=False) as z:
+            return set(SHARD_MEMBERS) <= set(z.files)
 
     def shard_rows(self, shard: int) -> int:
         return int(self.meta["shard_sizes"][shard])
@@ -489,32 +500,11 @@ def shard_vectors(job: Job, shard: int) -> np.ndarray:
         return z["vectors"]
 
 
-def shard_structure(job: Job, shard: int) -> np.ndarray:
-    """The shard's structure descriptors (zeros, "unknown", for a shard encoded before
-    descriptors were stored)."""
-    return _shard_rows(job, shard, "structure", STRUCTURE_DIM, np.int8)
-
-
-def shard_colour(job: Job, shard: int) -> np.ndarray:
-    """The shard's colour thumbnails (zeros, "unknown", for a shard encoded before
-    thumbnails were stored)."""
-    return _shard_rows(job, shard, "colour", COLOUR_DIM, np.uint8)
-
-
-def _shard_rows(job: Job, shard: int, member: str, dim: int, dtype: type) -> np.ndarray:
+def shard_member(job: Job, shard: int, member: str) -> np.ndarray:
+    """One of a finished shard's SHARD_MEMBERS: "structure" (descriptors), "colour"
+    (thumbnails), "width" (view widths in km, nan: unknown), ..."""
     with np.load(job.out_file(shard), allow_pickle=False) as z:
-        if member in z.files:
-            return z[member]
-        return np.zeros((len(z["row"]), dim), dtype=dtype)
-
-
-def shard_width(job: Job, shard: int) -> np.ndarray:
-    """The shard's view widths in km (nan: unknown, as for a shard encoded before widths were
-    stored)."""
-    with np.load(job.out_file(shard), allow_pickle=False) as z:
-        if "width" in z.files:
-            return z["width"]
-        return np.full(len(z["row"]), np.nan)
+        return z[member]
 
 
 def write_report(job: Job, input_bad: list[BadRow]) -> tuple[Path, list[BadRow]]:

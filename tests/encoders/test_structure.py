@@ -263,7 +263,8 @@ def test_colour_agreement_credits_only_close_colour_matches():
     flat = colour_thumbnails([green, tan])
     np.testing.assert_array_equal(colour_agreement(flat[0], flat, 0.6), [1.0, 0.0])
     unknown = np.zeros((1, COLOUR_DIM), np.uint8)
-    assert colour_agreement(thumbs[0], unknown, 0.0)[0] == 0.0
+    assert np.isnan(colour_agreement(thumbs[0], unknown, 0.0)[0])
+    assert np.isnan(colour_agreement(grey, unknown, 0.0)[0])
     assert colour_agreement(thumbs[0], thumbs[:0], 0.6).shape == (0,)
 
 

@@ -155,10 +155,11 @@ def test_batching_on_and_off_through_the_app(make_client, bm_locator, enabled):
 def test_pictures_in_false_colour_are_laid_out_as_alone(bm_locator, tmp_path):
     """A batch lays pictures drawn through a colour ramp out along it, turned the way their
     best reference match runs, and locates their grey views too, as a picture located alone
-    is: the same answers."""
+    is; true-colour pictures in the same batch have their colours compared: the same
+    answers."""
     import matplotlib
 
-    from encoders.structure import picture_descriptors, structure_descriptors
+    from encoders.structure import colour_thumbnails, picture_descriptors, structure_descriptors
     from index.store import PointTable, load_index, publish_index
 
     rng = np.random.default_rng(3)
@@ -170,6 +171,7 @@ def test_pictures_in_false_colour_are_laid_out_as_alone(bm_locator, tmp_path):
         latlon=latlon,
         country=bm_locator.geocoder.country_codes(latlon),
         structure=structure_descriptors(refs),
+        colour=colour_thumbnails(refs),
     )
     vectors = bm_locator.embed(refs).astype(np.float32)
     publish_index(
@@ -195,6 +197,7 @@ def test_pictures_in_false_colour_are_laid_out_as_alone(bm_locator, tmp_path):
     reading = picture_descriptors(tiles)
     assert reading.unsure.any()
     assert np.any(loc.structure(tiles) != reading.descriptors)  # some are turned round
+    tiles += refs[: len(PLACES)]  # in true colour: their own references agree in colour
     options = LocateOptions(top_k=3, return_neighbours=True)
 
     async def main() -> list:
@@ -209,11 +212,13 @@ def test_pictures_in_false_colour_are_laid_out_as_alone(bm_locator, tmp_path):
 
     batched = asyncio.run(main())
     assert any("grey_view" in r.stages for r in batched)  # answered from their grey views
+    assert all(r.extra["neighbours"][0]["colour"] == 1.0 for r in batched[len(PLACES) :])
     for tile, res in zip(tiles, batched, strict=True):
         alone = loc.locate([tile], options)[0]
         assert res.stages == alone.stages
-        assert [n["id"] for n in res.extra["neighbours"]] == [
-            n["id"] for n in alone.extra["neighbours"]
-        ]
+        for key in ("id", "colour"):  # no colour: answered from a grey view
+            assert [n.get(key) for n in res.extra["neighbours"]] == [
+                n.get(key) for n in alone.extra["neighbours"]
+            ]
         for a, b in zip(res.candidates, alone.candidates, strict=True):
             assert (a.lat, a.lon) == pytest.approx((b.lat, b.lon), abs=1e-3)

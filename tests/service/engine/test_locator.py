@@ -226,9 +226,10 @@ def test_verification_ranks_the_neighbours_by_structure_too(locator, tmp_path):
 
 
 def test_verification_ranks_the_neighbours_by_colour_too(locator, tmp_path):
-    """A reference whose thumbnail has the query picture's colours outranks a closer
-    embedding of another picture, by colour_weight x their agreement; at weight 0, or
-    from an index without thumbnails, it does not."""
+    """A reference whose thumbnail has the query picture's colours outranks closer
+    embeddings of other pictures, by colour_weight x their agreement, even from beyond the
+    ``neighbours`` nearest by cosine; one stored without a thumbnail gets no credit; at weight
+    0, or from an index without thumbnails, colours change nothing."""
     from PIL import Image
 
     from encoders.structure import colour_thumbnails
@@ -242,14 +243,21 @@ def test_verification_ranks_the_neighbours_by_colour_too(locator, tmp_path):
     side = rng.standard_normal(q.shape[1]).astype(np.float32)
     side -= (side @ q[0]) * q[0]
     side /= np.linalg.norm(side)
-    match = 0.9 * q[0] + np.sqrt(1 - 0.81) * side  # cosine 0.9, the query's picture
-    vectors = np.stack([q[0], match]).astype(np.float32)  # the decoy: cosine 1, another picture
-    latlon = np.array([TRUTHS[1], TRUTHS[0]])  # decoy near Tokyo, match in Île-de-France
+
+    def at(cos: float) -> np.ndarray:
+        return cos * q[0] + np.sqrt(1 - cos**2) * side
+
+    # The decoy: cosine 1, another picture; the match: cosine 0.9, the query's picture; a
+    # reference without a thumbnail: cosine 0.95.
+    vectors = np.stack([q[0], at(0.9), at(0.95)]).astype(np.float32)
+    latlon = np.array([TRUTHS[1], TRUTHS[0], TRUTHS[2]])  # Tokyo, Île-de-France, elsewhere
+    thumbs = colour_thumbnails([other_pic, query_pic, query_pic])
+    thumbs[2] = 0  # unknown
     points = PointTable(
-        ids=np.array([1, 2]),
+        ids=np.array([1, 2, 3]),
         latlon=latlon,
         country=locator.geocoder.country_codes(latlon),
-        colour=colour_thumbnails([other_pic, query_pic]),
+        colour=thumbs,
     )
     loc = with_references(locator, tmp_path, vectors, points)
     assert loc.compares_colour and not loc.compares_structure
@@ -262,17 +270,19 @@ def test_verification_ranks_the_neighbours_by_colour_too(locator, tmp_path):
 
     found = answer(colour_weight=0.5)
     ranked = found.extra["neighbours"]
-    assert [n["id"] for n in ranked] == [2, 1]
-    assert ranked[0]["colour"] == 1.0 and ranked[1]["colour"] == 0.0
+    assert [n["id"] for n in ranked] == [2, 1, 3]
+    assert [n["colour"] for n in ranked] == [1.0, 0.0, None]
     assert ranked[0]["similarity"] == pytest.approx(0.9, abs=1e-4)  # the cosine, as before
-    assert [n["id"] for n in answer(colour_weight=0.0).extra["neighbours"]] == [1, 2]
     # The neighbours' weights move the answer to the match's place.
     first = found.candidates[0]
     assert dist(np.array([[first.lat, first.lon]]), TRUTHS[:1])[0] < 300
+    # From beyond the one neighbour kept: the colours rank a deeper shortlist.
+    assert [n["id"] for n in answer(colour_weight=0.5, neighbours=1).extra["neighbours"]] == [2]
+    assert [n["id"] for n in answer(colour_weight=0.0).extra["neighbours"]] == [1, 3, 2]
     plain = with_references(locator, tmp_path / "plain", vectors, replace(points, colour=None))
     assert not plain.compares_colour and plain.read([query_pic])[1] is None
     bare = plain.locate_embeddings(q, LocateOptions(return_neighbours=True), colour=colour)[0]
-    assert [n["id"] for n in bare.extra["neighbours"]] == [1, 2]
+    assert [n["id"] for n in bare.extra["neighbours"]] == [1, 3, 2]
     assert "colour" not in bare.extra["neighbours"][0]
     with pytest.raises(InvalidOptionError):
         LocateOptions(colour_threshold=1.0).validate(
