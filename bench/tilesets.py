@@ -36,6 +36,7 @@ from service.engine.loading import load_locator
 from service.engine.locator import Locator
 from service.jobs.datasets import LabelledImage, read_labelled_csv
 from service.jobs.indexes import GallerySpec, add_reference_images, build_index
+from service.jobs.setup import newest_manifest, references_problem
 from service.jobs.training import TILE_STYLES, write_bluemarble_set
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -210,7 +211,9 @@ def served_locator(
     if not list_indexes(settings.index_dir, settings.default_index):
         build_index(settings, settings.default_index, GallerySpec(kind="h3", res=res), model=model)
     refs_name = f"refs-{model.profile}"
-    if not list_indexes(settings.index_dir, refs_name):
+    built = newest_manifest(settings, refs_name)
+    # Rebuilt (as `geoloc setup` rebuilds it) where a cached one lacks what verification uses.
+    if built is None or references_problem(built, model.weights_id, self_data=True):
         add_reference_images(
             settings,
             refs[0].path.parent / "labels.csv",
@@ -218,6 +221,7 @@ def served_locator(
             name=refs_name,
             runner="inprocess",
             batch_size=256,
+            replace=built is not None,
         )
     if calibration:
         _calibrate(settings, model, calibration)

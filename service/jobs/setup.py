@@ -153,7 +153,7 @@ def _exists(s: Settings, name: str) -> bool:
     return bool(list_indexes(s.index_dir, name))
 
 
-def _newest(s: Settings, name: str) -> Manifest | None:
+def newest_manifest(s: Settings, name: str) -> Manifest | None:
     """The newest version of an index (what the service serves of a reference index)."""
     return max(
         list_indexes(s.index_dir, name), key=lambda m: (m.created_at, m.version), default=None
@@ -167,6 +167,21 @@ def _stale(m: Manifest, weights: str) -> str:
     if m.weights is None:
         return "records no model weights (built before they were recorded)"
     return f"was built with other model weights ({m.weights}; the model has {weights})"
+
+
+def references_problem(m: Manifest, weights: str, self_data: bool) -> str:
+    """Why reference index version ``m`` is not what this release's verification needs from a
+    model with ``weights`` ("": it is). ``self_data``: the profile renders its own references,
+    which record their view widths."""
+    if stale := _stale(m, weights):
+        return stale
+    if STRUCTURE_FILE not in m.files:
+        return "stores no structure descriptors (built before verification compared them)"
+    if self_data and WIDTH_FILE not in m.files:
+        return "stores no view widths (built before verification used them)"
+    if COLOUR_FILE not in m.files:
+        return "stores no colour thumbnails (built before verification compared them)"
+    return ""
 
 
 def _activate_in_place(s: Settings, name: str, old: str, new: str, echo: Echo) -> bool:
@@ -264,15 +279,9 @@ def _tiles(out: Path, count: int, *, seed: int, kind: str, progress: bool, echo:
 def _references(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
     name = s.reference_index or f"refs-{s.profile}"
     stale = ""
-    old = _newest(s, name)  # the service serves the newest version of a reference index
+    old = newest_manifest(s, name)  # the service serves the newest version of a reference index
     if old is not None:
-        stale = _stale(old, model.weights_id())
-        if not stale and STRUCTURE_FILE not in old.files:
-            stale = "stores no structure descriptors (built before verification compared them)"
-        if not stale and s.profile in SELF_DATA_PROFILES and WIDTH_FILE not in old.files:
-            stale = "stores no view widths (built before verification used them)"
-        if not stale and COLOUR_FILE not in old.files:
-            stale = "stores no colour thumbnails (built before verification compared them)"
+        stale = references_problem(old, model.weights_id(), s.profile in SELF_DATA_PROFILES)
         if not stale:
             return f"{name}/{old.version} exists"
         echo(f"{name}/{old.version} {stale}")
@@ -359,7 +368,7 @@ def _calibration(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
     # The service applies the newest one; it must have been fitted for these weights.
     label = weights_label(s.checkpoint, model.weights_id())
     # ... and with the reference index served now: the neighbours are part of its logits.
-    refs = _newest(s, s.reference_index or f"refs-{s.profile}")
+    refs = newest_manifest(s, s.reference_index or f"refs-{s.profile}")
     refs_label = None if refs is None else refs.label
     if have and have[-1].profile == s.profile and have[-1].weights == label:
         fitted_with = have[-1].options.get("references", "an unrecorded reference index")
