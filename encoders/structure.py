@@ -111,13 +111,13 @@ class Ramp(NamedTuple):
 
 class PictureReading(NamedTuple):
     """What ``picture_descriptors`` read: the (n, STRUCTURE_DIM) int8 descriptors, which of
-    them (n,) bool are ramps of unsure direction, each picture's ramp (None: none) and its
-    (n, COLOUR_DIM) uint8 colour thumbnail."""
+    them (n,) bool are ramps of unsure direction, each picture's ramp (None: none) and the
+    (n, COLOUR_DIM) uint8 colour thumbnails."""
 
     descriptors: np.ndarray
     unsure: np.ndarray
     ramps: list[Ramp | None]
-    colour: np.ndarray
+    colour: np.ndarray | None = None  # references' descriptors are read without
 
 
 def structure_descriptors(
@@ -132,7 +132,7 @@ def picture_descriptors(images: Sequence[Image.Image]) -> PictureReading:
     """Descriptors of pictures to locate (along their colour ramps where they are read as
     ramps), which of them are ramps whose direction is unsure (the caller's to choose), the
     ramps (for ``ramp_view``) and the colour thumbnails."""
-    return _describe(images, True)
+    return _describe(images, True)._replace(colour=colour_thumbnails(images))
 
 
 def colour_thumbnails(images: Sequence[Image.Image]) -> np.ndarray:
@@ -233,8 +233,7 @@ def _describe(images: Sequence[Image.Image], follow_ramps: bool) -> PictureReadi
         if not r.any():  # flat: no layout at all
             continue
         out[i] = np.round(r * (_SCALE / np.linalg.norm(r)))
-    colour = colour_thumbnails(images) if follow_ramps else np.zeros((len(images), 0), np.uint8)
-    return PictureReading(out, unsure, ramps, colour)
+    return PictureReading(out, unsure, ramps)
 
 
 def _centre_square(img: Image.Image) -> tuple[int, int, int, int] | None:

@@ -197,19 +197,21 @@ class Locator:
 
     def structure(self, images: Sequence[Image.Image]) -> np.ndarray | None:
         """The pictures' structure descriptors (None: nothing to compare them with)."""
-        if not self.compares_structure:
-            return None
-        reading = picture_descriptors(images)
-        return self.orient(reading.descriptors, reading.unsure)
+        return self.read(images, with_views=False)[0]
 
     def read(
-        self, images: Sequence[Image.Image], reading: PictureReading | None = None
+        self,
+        images: Sequence[Image.Image],
+        reading: PictureReading | None = None,
+        *,
+        with_views: bool = True,
     ) -> tuple[np.ndarray | None, np.ndarray | None, list[Image.Image | None]]:
         """The pictures' structure descriptors and colour thumbnails (None: nothing to compare
         them with) and, for pictures in false colour (read as a colour ramp), their views in
         grey along the ramp (``encoders.structure.ramp_view``; None for the others), each ramp
-        of unsure direction drawn the way ``orient`` turned its layout. ``reading``: the
-        pictures' ``picture_descriptors`` when the caller has them."""
+        of unsure direction drawn the way ``orient`` turned its layout (all None without
+        ``with_views``: a caller that does not locate them). ``reading``: the pictures'
+        ``picture_descriptors`` when the caller has them."""
         reading = picture_descriptors(images) if reading is None else reading
         structure = None
         turned = np.zeros(len(images), dtype=bool)
@@ -217,7 +219,7 @@ class Locator:
             structure = self.orient(reading.descriptors, reading.unsure)
             turned = np.any(structure != reading.descriptors, axis=1)
         views = [
-            None if ramp is None else ramp_view(img, ramp, bool(t))
+            None if ramp is None or not with_views else ramp_view(img, ramp, bool(t))
             for img, ramp, t in zip(images, reading.ramps, turned, strict=True)
         ]
         return structure, reading.colour if self.compares_colour else None, views

@@ -89,7 +89,8 @@ def embed_rows(
             vectors.append(locator.embed(images))
             if image_stats:
                 stats.append(image_statistics_many(images))
-            described, thumbs, seen = locator.read(images)  # as the service reads them
+            # As the service reads them; the grey views drawn only where they are located.
+            described, thumbs, seen = locator.read(images, with_views=grey_views)
             if grey_views:
                 views += seen
             if described is not None:
