@@ -9,7 +9,7 @@ per setting, the mean over the sets of the shares within 25/200/750 km and the w
 200 km share.
 
     .venv/bin/python bench/tune.py [--weights PATH] [--per-set 300] [--refs N] \
-        [--grid neighbours|structure|support|precision|widths|colour|served] \
+        [--grid neighbours|structure|support|precision|widths|colour|near_copy|served] \
         [--ref-power P] [--snap]
 
 ``--ref-power`` draws the reference tiles with another ``scale_power`` (how many narrow views
@@ -85,6 +85,8 @@ from service.engine.scores import errors_km
 
 #: Validation draws only: seeds and parameters distinct from bench/shift.py's reported sets.
 VAL_SEED = 50501
+#: The event the stated probabilities are calibrated for (GEOLOC_CALIBRATION_KM's default).
+CALIBRATION_KM = Settings().calibration_km
 VAL_WIDTHS_KM = (250, 300, 600, 1200, 1800)
 VAL_SHIFTS = {
     "gray": _grayscale,
@@ -134,9 +136,20 @@ GRIDS = {
         "colour_weight": (0.0, 0.25, 0.5, 1.0),
         "colour_threshold": (0.6, 0.75, 0.85),
     },
+    # When the first reference neighbour is a near copy whose place is made first: how close
+    # its colours must be and how narrow its view (0 km: never).
+    "near_copy": {
+        "near_copy_colour": (0.3, 0.5, 0.7),
+        "near_copy_km": (0.0, 300.0, 400.0, 600.0),
+    },
     # The served settings alone (to compare reference sets, --ref-power).
     "served": {"structure_weight": (LocateOptions().structure_weight,)},
 }
+
+
+def copied(result) -> bool:
+    """Whether an answer's first place is a reference's, as a near copy of the picture."""
+    return pipeline.NEAR_COPY in result.stages
 
 
 def validation_draw(
@@ -242,12 +255,15 @@ def main() -> None:
         for name in [n for n in setting if n.isupper()]:  # a module constant, not an option
             setattr(pipeline, name, setting.pop(name))
         opts = LocateOptions(top_k=1, **setting)
-        shares = []
+        shares, copies = [], []
         for q, read, truth in embedded.values():
             res = locator.locate_embeddings(q, opts, **read)
             pred = np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res])
             d = errors_km(pred, truth)
             shares.append([np.mean(d <= t) for t in (25, 200, 750)])
+            copies += [
+                (r.candidates[0].probability, e) for r, e in zip(res, d, strict=True) if copied(r)
+            ]
         s = np.array(shares)
         rows_out.append(
             (
@@ -261,6 +277,13 @@ def main() -> None:
             for n, v in zip(sets, s, strict=True)
         )
         print("  ", ", ".join(per_set), flush=True)
+        if copies:  # what the first place of a near copy states, against how often it holds
+            p, e = np.array(copies).T
+            print(
+                f"   near copies: {len(e)}, stated {100 * p.mean():.1f} %, within "
+                f"{CALIBRATION_KM:g} km {100 * np.mean(e <= CALIBRATION_KM):.1f} %",
+                flush=True,
+            )
         print(" ".join(rows_out[-1]), flush=True)
     print(
         f"\nvalidation sets (seed {VAL_SEED}, {args.per_set} each): "

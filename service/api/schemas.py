@@ -277,9 +277,10 @@ class CandidateOut(BaseModel):
     )
     source: str = Field(
         description="Where the point came from: gallery (the index), refined (an H3 child "
-        "found by refinement), neighbour (a reference image's location), llm (an LLM "
-        "proposal) or album (an album's joint answer: the mean of its pooled places near "
-        "its first).",
+        "found by refinement), neighbour (a reference image's location), near_copy (the "
+        "location of a narrow reference view whose colours closely match the picture's, made "
+        "first: near_copy_colour, near_copy_km), llm (an LLM proposal) or album (an album's "
+        "joint answer: the mean of its pooled places near its first).",
         examples=["refined"],
     )
     country_code: str | None = Field(

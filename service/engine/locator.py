@@ -59,6 +59,7 @@ from service.engine.localizability import (
 from service.engine.options import LocateOptions
 from service.engine.places import (
     Beam,
+    lift_near_copy,
     logsumexp,
     merge_places,
     neighbour_kernels,
@@ -93,6 +94,13 @@ STRUCTURE_SEARCH = 50
 #: happen to read as ramps gained nothing on validation draws, and 1.1 halves those switches
 #: while the ramps keep their gain (docs/BENCHMARKS.md, "seen in grey").
 GREY_VIEW_MARGIN = 1.1
+#: The source (and stage) of a reference neighbour's place made first as a near copy of the
+#: picture (LocateOptions.near_copy_colour, near_copy_km).
+NEAR_COPY = "near_copy"
+#: How much more probable than all other candidates together a near copy's place is made
+#: before the temperature: about the odds that such a place is right within nms_km on
+#: validation draws (docs/BENCHMARKS.md, "Near copies").
+NEAR_COPY_ODDS = 2.0
 
 
 class Locator:
@@ -310,6 +318,11 @@ class Locator:
 
         m = len(pooled.score)
         cosines, logits = score(pooled.latlon) if m else (np.zeros((n, 0)), np.zeros((n, 0)))
+        for i, s in enumerate(batch):  # a picture's near copy leads its own row, as alone
+            if NEAR_COPY in s.stages:
+                copy = s.pool.latlon[s.pool.source.index(NEAR_COPY)]
+                at = int(np.argmin(np.abs(pooled.latlon - copy).sum(axis=1)))  # its place
+                logits[i] = lift_near_copy(logits[i], at, NEAR_COPY_ODDS)
         prior = np.array([_prior_weight(s.verdict) for s in batch])
         combined = combine(logits / temperature, prior, config)
         centre = _joint_centre(pooled.latlon, combined.logits, 2.0 * config.spread_km)
@@ -723,6 +736,10 @@ class Locator:
 
         for s in batch:
             s.logits = self._logits(s.pool.latlon, s.pool.score, s.support, options)
+            if NEAR_COPY in s.pool.source and options.normalization == "candidates":
+                at = s.pool.source.index(NEAR_COPY)
+                s.logits = lift_near_copy(s.logits, at, NEAR_COPY_ODDS)
+                s.stages.append(NEAR_COPY)
             s.t = t
         return batch
 
@@ -830,6 +847,7 @@ class Locator:
                 )
                 support = (nlatlon, w / w.sum(), kernels)
                 # Their GPS joins the candidates, scored like any other point.
+                first = len(pool.score)
                 pool.extend(
                     nlatlon,
                     np.full(len(nlatlon), np.nan),
@@ -837,6 +855,8 @@ class Locator:
                     np.asarray(self.neighbours.points.country[nrows]),
                     exact=False,
                 )
+                if _near_copy(agree, width, opt):
+                    pool.source[first] = NEAR_COPY
         return Scored(
             pool, np.empty(0), gallery_lse, ["retrieve"], Timer(), 0.0, neighbours, q, support
         )
@@ -1046,6 +1066,15 @@ def _probabilities(scored: Scored, temperature: float) -> np.ndarray:
         lse = np.logaddexp(lse, logsumexp(extra)) if len(extra) else lse
         return np.exp(logits - lse)
     return np.exp(logits - logsumexp(logits)) if len(logits) else logits
+
+
+def _near_copy(agree: np.ndarray | None, width: np.ndarray | None, opt: LocateOptions) -> bool:
+    """Whether the first ranked reference neighbour (colour agreement ``agree[0]``, view
+    ``width[0]`` km wide) is a near copy of the picture; unknown colours or widths never are."""
+    if agree is None or width is None or not len(agree) or opt.near_copy_km <= 0:
+        return False
+    a, w = float(agree[0]), float(width[0])
+    return a >= opt.near_copy_colour and w <= opt.near_copy_km  # NaN compares False
 
 
 def _spread(support: Support | None, spread_km: float) -> Support | None:

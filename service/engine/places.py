@@ -48,6 +48,18 @@ def neighbour_kernels(
     return out
 
 
+def lift_near_copy(logits: np.ndarray, at: int, odds: float) -> np.ndarray:
+    """``logits`` with the one at ``at`` raised (never lowered) to log(``odds``) above the
+    log-sum-exp of all the others: at temperature 1 that point alone then holds at least
+    odds / (1 + odds) of the mass, so its place comes first whatever the others merge into."""
+    if len(logits) < 2:
+        return logits
+    others = np.delete(logits, at)
+    out = logits.copy()
+    out[at] = max(float(logits[at]), logsumexp(others) + float(np.log(odds)))
+    return out
+
+
 def logsumexp(x: np.ndarray) -> float:
     if not len(x):
         return -np.inf

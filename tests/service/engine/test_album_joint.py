@@ -208,3 +208,49 @@ def test_locate_album_adds_the_joint_centre(judged):
     assert [c.source for c in spread.joint.candidates[1:]].count("album") == 0
     assert "album" not in [c.source for c in without.joint.candidates]
     assert haversine_km(top.lat, top.lon, *SAHEL[0]) < 300
+
+
+def test_an_albums_near_copies_lead_the_joint_answer(bm_locator, tmp_path):
+    """Pictures each a near copy of a narrow reference view of one place (its colours, 300 km
+    wide) put the reference's place first alone and in the album's joint answer, however far
+    it is from where the image tower places them; with near_copy_km 0 neither answer moves
+    there."""
+    from encoders.structure import colour_thumbnails
+    from index.store import PointTable, load_index, publish_index
+    from service.engine.locator import NEAR_COPY, Locator
+
+    images = [tile(*p) for p in SAHEL]
+    far = np.tile([[-25.0, 135.0]], (len(images), 1))  # four views of one place in Australia
+    points = PointTable(
+        ids=np.arange(len(images)),
+        latlon=far,
+        country=bm_locator.geocoder.country_codes(far),
+        width=np.full(len(images), 300.0, np.float32),
+        colour=colour_thumbnails(images),
+    )
+    publish_index(
+        tmp_path,
+        "refs",
+        bm_locator.embed(images),
+        points,
+        profile=bm_locator.model.profile,
+        gallery_kind="images",
+        h3_resolution=None,
+    )
+    loc = Locator(
+        bm_locator.model,
+        bm_locator.index,
+        bm_locator.geocoder,
+        neighbours=load_index(tmp_path, "refs"),
+    )
+    opts = Settings().locate_options(top_k=3)
+    album = loc.locate_album(images, opts)
+    for single, copy in zip(album.images, far, strict=True):
+        assert single.candidates[0].source == NEAR_COPY
+        assert haversine_km(single.candidates[0].lat, single.candidates[0].lon, *copy) < 1
+    top = album.joint.candidates[0]
+    assert haversine_km(top.lat, top.lon, *far[0]) < 1, album.joint.candidates
+    off = loc.locate_album(images, opts.__class__(**{**opts.__dict__, "near_copy_km": 0.0}))
+    for answer in (off.joint, *off.images):
+        first = answer.candidates[0]
+        assert haversine_km(first.lat, first.lon, *SAHEL[0]) < 500

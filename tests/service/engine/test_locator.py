@@ -451,3 +451,69 @@ def test_a_narrow_reference_view_places_the_answer_at_its_match(locator, tmp_pat
     # At share 0 a stored width changes nothing.
     off = locs["narrow"].locate_embeddings(q, replace(opts, neighbour_kernel_share=0.0))[0]
     assert top1([off]) == pytest.approx(top1([got["unknown"]]))
+
+
+def test_a_near_copy_of_a_narrow_reference_answers_first(locator, tmp_path):
+    """A first reference neighbour whose colours closely match the picture's and whose view is
+    at most near_copy_km wide puts its own place first (source and stage ``near_copy``), with
+    at least NEAR_COPY_ODDS / (1 + NEAR_COPY_ODDS) of the mass at temperature 1, far from where
+    the GPS tower answers; a wide view, another picture's colours, an unknown width, no
+    thumbnail of the picture, near_copy_km 0 or gallery normalisation leave the answer alone."""
+    from PIL import Image
+
+    from encoders.structure import colour_thumbnails
+    from service.engine.locator import NEAR_COPY, NEAR_COPY_ODDS
+
+    rng = np.random.default_rng(2)
+    query_pic, other_pic = (
+        Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).resize((32, 32))
+        for _ in range(2)
+    )
+    q = queries(locator)[:1]  # the GPS tower's Île-de-France
+    side = rng.standard_normal(q.shape[1]).astype(np.float32)
+    side -= (side @ q[0]) * q[0]
+    side /= np.linalg.norm(side)
+    # The decoy: cosine 1, another picture's colours, in Tokyo; the copy: cosine 0.6, the
+    # query's colours, in Kenya (ranked first by 0.6 + colour_weight x 1 against 1 + 0).
+    vectors = np.stack([q[0], 0.6 * q[0] + 0.8 * side]).astype(np.float32)
+    latlon = np.array([TRUTHS[1], TRUTHS[4]])
+    thumbs = colour_thumbnails([other_pic, query_pic])
+
+    def served(width_km: float, thumbs=thumbs, name="", **kw):
+        points = PointTable(
+            ids=np.array([1, 2]),
+            latlon=latlon,
+            country=locator.geocoder.country_codes(latlon),
+            width=np.array([200.0, width_km], np.float32),
+            colour=thumbs,
+        )
+        loc = with_references(locator, tmp_path / f"{name}{width_km:g}", vectors, points)
+        colour = loc.read([query_pic])[1]
+        return loc.locate_embeddings(q, LocateOptions(return_neighbours=True, **kw), colour=colour)
+
+    copied = served(300.0)[0]
+    assert copied.extra["neighbours"][0]["id"] == 2 and copied.extra["neighbours"][0]["colour"] == 1
+    first = copied.candidates[0]
+    assert first.source == NEAR_COPY and NEAR_COPY in copied.stages
+    assert dist(top1([copied]), TRUTHS[4:5])[0] < 1.0
+    assert first.probability >= NEAR_COPY_ODDS / (1 + NEAR_COPY_ODDS) - 1e-6
+    assert first.probability == max(c.probability for c in copied.candidates)
+
+    def not_copied(result) -> None:
+        assert NEAR_COPY not in result.stages
+        assert all(c.source != NEAR_COPY for c in result.candidates)
+        assert dist(top1([result]), TRUTHS[:1])[0] < 300  # the GPS tower's answer
+
+    not_copied(served(600.0)[0])  # too wide a view to place the picture
+    not_copied(served(float("nan"))[0])  # unknown width
+    not_copied(served(300.0, near_copy_km=0.0)[0])
+    not_copied(served(300.0, near_copy_km=200.0)[0])
+    others = colour_thumbnails([other_pic, other_pic])  # no reference has the query's colours
+    not_copied(served(300.0, thumbs=others, name="others")[0])
+    gallery = served(300.0, normalization="gallery", name="g")[0]
+    assert NEAR_COPY not in gallery.stages
+    for bad in ({"near_copy_colour": 1.5}, {"near_copy_km": -1.0}, {"near_copy_km": float("nan")}):
+        with pytest.raises(InvalidOptionError):
+            LocateOptions(**bad).validate(
+                max_top_k=10, max_retrieve_k=100, max_nprobe=1, max_rerank_k=0
+            )
