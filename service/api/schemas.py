@@ -279,7 +279,8 @@ class CandidateOut(BaseModel):
         description="Where the point came from: gallery (the index), refined (an H3 child "
         "found by refinement), neighbour (a reference image's location), near_copy (the "
         "location of a narrow reference view whose colours closely match the picture's, made "
-        "first: near_copy_colour, near_copy_km), llm (an LLM proposal) or album (an album's "
+        "first: GEOLOC_NEAR_COPY_COLOUR, GEOLOC_NEAR_COPY_KM), llm (an LLM proposal) or album "
+        "(an album's "
         "joint answer: the mean of its pooled places near its first).",
         examples=["refined"],
     )
@@ -428,10 +429,12 @@ class LocateResponse(BaseModel):
         "abstained."
     )
     stages: list[str] = Field(
-        description="The pipeline stages that ran, in order: retrieve, refine, verify, judge "
-        "(the localizability verdict), diversify, describe; then llm_diversify and "
-        "llm_rerank when the LLM stages changed the answer. A stage switched off (an option "
-        "or the profile) is missing.",
+        description="The pipeline stages that ran, in order: retrieve, refine, verify, "
+        "near_copy (a near copy's place was made first), judge (the localizability verdict), "
+        "diversify, describe; grey_view when the answer came from the picture's grey view, "
+        "combine for an album's joint answer; then llm_diversify and llm_rerank when the LLM "
+        "stages changed the answer. A stage switched off (an option or the profile) is "
+        "missing.",
         examples=[["retrieve", "refine", "verify", "judge", "diversify", "describe"]],
     )
     timings_ms: dict[str, float] = Field(

@@ -98,8 +98,9 @@ GREY_VIEW_MARGIN = 1.1
 #: picture (LocateOptions.near_copy_colour, near_copy_km).
 NEAR_COPY = "near_copy"
 #: How much more probable than all other candidates together a near copy's place is made
-#: before the temperature: about the odds that such a place is right within nms_km on
-#: validation draws (docs/BENCHMARKS.md, "Near copies").
+#: before the temperature: at 2, the mass its first place then states (about 86 % with what
+#: merges into it) matches how often such places are right within 50 km on validation draws
+#: (docs/BENCHMARKS.md, "Built: near copies").
 NEAR_COPY_ODDS = 2.0
 
 
@@ -319,10 +320,11 @@ class Locator:
         m = len(pooled.score)
         cosines, logits = score(pooled.latlon) if m else (np.zeros((n, 0)), np.zeros((n, 0)))
         for i, s in enumerate(batch):  # a picture's near copy leads its own row, as alone
-            if NEAR_COPY in s.stages:
+            if NEAR_COPY in s.pool.source:
                 copy = s.pool.latlon[s.pool.source.index(NEAR_COPY)]
                 at = int(np.argmin(np.abs(pooled.latlon - copy).sum(axis=1)))  # its place
                 logits[i] = lift_near_copy(logits[i], at, NEAR_COPY_ODDS)
+                pooled.source[at] = NEAR_COPY  # whichever picture's pool held it first
         prior = np.array([_prior_weight(s.verdict) for s in batch])
         combined = combine(logits / temperature, prior, config)
         centre = _joint_centre(pooled.latlon, combined.logits, 2.0 * config.spread_km)
@@ -342,7 +344,9 @@ class Locator:
             total = sum(s.timer.ms.get(stage, 0.0) for s in batch)
             if total:
                 timer.ms[stage] = round(total, 3)
-        stages = [*dict.fromkeys(st for s in batch for st in s.stages), "combine"]
+        # near_copy is the joint answer's own stage only where its first place is one (below).
+        stages = [*dict.fromkeys(st for s in batch for st in s.stages if st != NEAR_COPY)]
+        stages.append("combine")
         verdict = None
         if self.judge is not None:
             verdict = album_verdict(
@@ -361,6 +365,8 @@ class Locator:
             verdict=verdict,
         )
         result = self._describe(joint, options, 1.0)
+        if result.candidates and result.candidates[0].source == NEAR_COPY:
+            result.stages.append(NEAR_COPY)
         singles = [self._describe(s, options, temperature) for s in batch]
         # The steps before the pipeline ran once for all pictures: each gets its share.
         steps = {"encode": t3 - t2, "judge": t1 - t0, "retrieve": t2 - t1}
@@ -642,7 +648,8 @@ class Locator:
             score = self._gps_scores(scored.q, pts)
             logits = self._logits(pts, score, scored.support, options)
             scored.pool.extend(pts, score, source, self.geocoder.country_codes(pts))
-            scored.logits = np.concatenate([scored.logits, logits])
+            # A near copy stays that much ahead of every candidate, the new ones included.
+            scored.logits = _lift_copy(scored, np.concatenate([scored.logits, logits]))
             scored.timer.add("verify", t)
         scored.t = time.perf_counter()
         return self._describe(scored, options, self.temperature(options))
@@ -735,10 +742,8 @@ class Locator:
             t = share_time(live, "verify", t, n)
 
         for s in batch:
-            s.logits = self._logits(s.pool.latlon, s.pool.score, s.support, options)
-            if NEAR_COPY in s.pool.source and options.normalization == "candidates":
-                at = s.pool.source.index(NEAR_COPY)
-                s.logits = lift_near_copy(s.logits, at, NEAR_COPY_ODDS)
+            s.logits = _lift_copy(s, self._logits(s.pool.latlon, s.pool.score, s.support, options))
+            if NEAR_COPY in s.pool.source:
                 s.stages.append(NEAR_COPY)
             s.t = t
         return batch
@@ -1068,10 +1073,20 @@ def _probabilities(scored: Scored, temperature: float) -> np.ndarray:
     return np.exp(logits - logsumexp(logits)) if len(logits) else logits
 
 
+def _lift_copy(scored: Scored, logits: np.ndarray) -> np.ndarray:
+    """``logits`` (of ``scored``'s pool) with its near copy's, where it has one, raised to
+    NEAR_COPY_ODDS times all the others together (``lift_near_copy``)."""
+    if NEAR_COPY not in scored.pool.source:
+        return logits
+    return lift_near_copy(logits, scored.pool.source.index(NEAR_COPY), NEAR_COPY_ODDS)
+
+
 def _near_copy(agree: np.ndarray | None, width: np.ndarray | None, opt: LocateOptions) -> bool:
     """Whether the first ranked reference neighbour (colour agreement ``agree[0]``, view
     ``width[0]`` km wide) is a near copy of the picture; unknown colours or widths never are."""
     if agree is None or width is None or not len(agree) or opt.near_copy_km <= 0:
+        return False
+    if not opt.verify or opt.normalization != "candidates":  # no place is made first then
         return False
     a, w = float(agree[0]), float(width[0])
     return a >= opt.near_copy_colour and w <= opt.near_copy_km  # NaN compares False

@@ -42,6 +42,27 @@ SERVICE_OPTIONS = (
 )
 
 
+#: The options that shape the candidate logits a softmax temperature is fitted on: a
+#: calibration records them, and `geoloc setup` fits a new one where the served ones differ.
+LOGIT_OPTIONS = (
+    "retrieve_k",
+    "refine",
+    "diversify",
+    "nms_km",
+    "neighbours",
+    "verify",
+    "neighbour_weight",
+    "neighbour_kernel_km",
+    "neighbour_kernel_share",
+    "neighbour_temperature",
+    "structure_weight",
+    "colour_weight",
+    "colour_threshold",
+    "near_copy_colour",
+    "near_copy_km",
+)
+
+
 #: The widest album spread a setting or a request may ask for, in km.
 MAX_SPREAD_KM = 2000.0
 #: What an album's spread means (the setting's and the request option's description).
@@ -140,12 +161,14 @@ class LocateOptions:
     colour_weight: float = 0.5
     colour_threshold: float = 0.75
     #: A picture whose first reference neighbour (in that ranking) agrees in colour at least
-    #: near_copy_colour (its ``colour`` in ``neighbours``) and shows ground at most
-    #: near_copy_km wide (its stored ``width_km``) is a near copy of that view: the
-    #: reference's place becomes the first candidate (source ``near_copy``). A narrow view's
-    #: embedding and layout match many places; a close colour match of a narrow reference
-    #: places it. Wider references are centred too coarsely to overrule verification.
-    #: near_copy_km 0: off. Chosen on validation draws (bench/tune.py --grid near_copy).
+    #: near_copy_colour (its ``colour`` in ``neighbours``, counted from colour_threshold, so
+    #: it needs colour_weight > 0) and shows ground at most near_copy_km wide (its stored
+    #: ``width_km``) is a near copy of that view: when verifying, with candidate
+    #: normalisation, the reference's place becomes the first candidate (source
+    #: ``near_copy``). A narrow view's embedding and layout match many places; a close colour
+    #: match of a narrow reference places it. Wider references are centred too coarsely to
+    #: overrule verification. near_copy_km 0: off. Chosen on validation draws
+    #: (bench/tune.py --grid near_copy).
     near_copy_colour: float = 0.3
     near_copy_km: float = 400.0
     #: The optional LLM stages (service/engine/llm_stages.py): proposals that join the candidates,
@@ -202,7 +225,7 @@ class LocateOptions:
         check(0 <= self.structure_weight <= 10, "structure_weight must be between 0 and 10")
         check(0 <= self.colour_weight <= 10, "colour_weight must be between 0 and 10")
         check(0 <= self.colour_threshold < 1, "colour_threshold must be in [0, 1)")
-        check(0 <= self.near_copy_colour <= 1, "near_copy_colour must be between 0 and 1")
+        check(0 < self.near_copy_colour <= 1, "near_copy_colour must be in (0, 1]")
         check(0 <= self.near_copy_km <= 5000, "near_copy_km must be between 0 (off) and 5000")
         check(
             self.temperature is None or 0.01 <= self.temperature <= 100,

@@ -13,7 +13,7 @@ import numpy as np
 
 from service.engine.images import read_image_files
 from service.engine.locator import LocateResult, Locator
-from service.engine.options import ImageLimits, LocateOptions
+from service.engine.options import LOGIT_OPTIONS, ImageLimits, LocateOptions
 from service.engine.scores import (
     THRESHOLDS_KM,
     errors_km,
@@ -365,12 +365,9 @@ def fit_calibration(
         profile=locator.model.profile,
         weights=weights_label(settings.checkpoint, locator.model.weights_id),
         data={"path": str(data.resolve()), "sha256": sha256_file(data), "rows": len(emb.rows)},
-        # The neighbours' support is part of the logits fitted here: the reference index is
-        # recorded, and setup refits when the served one changes.
-        options={
-            k: getattr(opts, k)
-            for k in ("retrieve_k", "refine", "diversify", "nms_km", "neighbours", "verify")
-        }
+        # The neighbours' support is part of the logits fitted here: the options that shape
+        # them and the reference index are recorded, and setup refits when either changes.
+        options={k: getattr(opts, k) for k in LOGIT_OPTIONS}
         | {"references": locator.references_label},
         fit=fit,
         localizability=judge.to_dict() if judge is not None else None,

@@ -47,6 +47,7 @@ from index.store import (
     list_indexes,
 )
 from service.config import Settings
+from service.engine.options import LOGIT_OPTIONS
 
 #: Profiles that can render their own reference and held-out images.
 SELF_DATA_PROFILES = frozenset({"bluemarble"})
@@ -373,14 +374,20 @@ def _calibration(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
     if have and have[-1].profile == s.profile and have[-1].weights == label:
         fitted_with = have[-1].options.get("references", "an unrecorded reference index")
         unusable = have[-1].verdict_problem
-        if fitted_with == refs_label and not unusable:
+        # ... and under the options that shape those logits now.
+        served = s.locate_options()
+        changed = [k for k in LOGIT_OPTIONS if have[-1].options.get(k) != getattr(served, k)]
+        if fitted_with == refs_label and not unusable and not changed:
             return f"{name}/{version} has calibration {have[-1].label}"
-        why = (
-            f"has a verdict this version cannot use ({unusable})"
-            if unusable
-            else f"was fitted with {fitted_with or 'no reference index'}, the service uses "
-            f"{refs_label or 'none'}"
-        )
+        if unusable:
+            why = f"has a verdict this version cannot use ({unusable})"
+        elif fitted_with != refs_label:
+            why = (
+                f"was fitted with {fitted_with or 'no reference index'}, the service uses "
+                f"{refs_label or 'none'}"
+            )
+        else:
+            why = f"was fitted with other pipeline options ({', '.join(changed)})"
         echo(
             f"calibration {have[-1].version} of {name}/{version} {why}: fitting a new one "
             "(it is kept)"

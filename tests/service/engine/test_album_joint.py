@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -250,7 +251,9 @@ def test_an_albums_near_copies_lead_the_joint_answer(bm_locator, tmp_path):
         assert haversine_km(single.candidates[0].lat, single.candidates[0].lon, *copy) < 1
     top = album.joint.candidates[0]
     assert haversine_km(top.lat, top.lon, *far[0]) < 1, album.joint.candidates
-    off = loc.locate_album(images, opts.__class__(**{**opts.__dict__, "near_copy_km": 0.0}))
+    assert top.source == NEAR_COPY and NEAR_COPY in album.joint.stages
+    off = loc.locate_album(images, replace(opts, near_copy_km=0.0))
     for answer in (off.joint, *off.images):
         first = answer.candidates[0]
         assert haversine_km(first.lat, first.lon, *SAHEL[0]) < 500
+        assert first.source != NEAR_COPY and NEAR_COPY not in answer.stages

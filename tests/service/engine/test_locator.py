@@ -457,8 +457,9 @@ def test_a_near_copy_of_a_narrow_reference_answers_first(locator, tmp_path):
     """A first reference neighbour whose colours closely match the picture's and whose view is
     at most near_copy_km wide puts its own place first (source and stage ``near_copy``), with
     at least NEAR_COPY_ODDS / (1 + NEAR_COPY_ODDS) of the mass at temperature 1, far from where
-    the GPS tower answers; a wide view, another picture's colours, an unknown width, no
-    thumbnail of the picture, near_copy_km 0 or gallery normalisation leave the answer alone."""
+    the GPS tower answers; a wide view, another picture's colours, an unknown width, a copy
+    stored without a thumbnail, no thumbnail of the picture, colour weight 0, near_copy_km 0,
+    no verification or gallery normalisation leave the answer alone."""
     from PIL import Image
 
     from encoders.structure import colour_thumbnails
@@ -479,7 +480,7 @@ def test_a_near_copy_of_a_narrow_reference_answers_first(locator, tmp_path):
     latlon = np.array([TRUTHS[1], TRUTHS[4]])
     thumbs = colour_thumbnails([other_pic, query_pic])
 
-    def served(width_km: float, thumbs=thumbs, name="", **kw):
+    def served(width_km: float, thumbs=thumbs, name="", with_colour=True, **kw):
         points = PointTable(
             ids=np.array([1, 2]),
             latlon=latlon,
@@ -488,7 +489,7 @@ def test_a_near_copy_of_a_narrow_reference_answers_first(locator, tmp_path):
             colour=thumbs,
         )
         loc = with_references(locator, tmp_path / f"{name}{width_km:g}", vectors, points)
-        colour = loc.read([query_pic])[1]
+        colour = loc.read([query_pic])[1] if with_colour else None
         return loc.locate_embeddings(q, LocateOptions(return_neighbours=True, **kw), colour=colour)
 
     copied = served(300.0)[0]
@@ -510,9 +511,24 @@ def test_a_near_copy_of_a_narrow_reference_answers_first(locator, tmp_path):
     not_copied(served(300.0, near_copy_km=200.0)[0])
     others = colour_thumbnails([other_pic, other_pic])  # no reference has the query's colours
     not_copied(served(300.0, thumbs=others, name="others")[0])
+    unknown = thumbs.copy()
+    unknown[1] = 0  # the copy stored without a thumbnail
+    not_copied(served(300.0, thumbs=unknown, name="unknown")[0])
+    not_copied(served(300.0, with_colour=False, name="no-colour")[0])
+    not_copied(served(300.0, colour_weight=0.0, name="w0")[0])
     gallery = served(300.0, normalization="gallery", name="g")[0]
     assert NEAR_COPY not in gallery.stages
-    for bad in ({"near_copy_colour": 1.5}, {"near_copy_km": -1.0}, {"near_copy_km": float("nan")}):
+    assert all(c.source != NEAR_COPY for c in gallery.candidates)
+    unverified = served(300.0, verify=False, name="v")[0]
+    assert NEAR_COPY not in unverified.stages
+    assert all(c.source != NEAR_COPY for c in unverified.candidates)
+    bad_options = (
+        {"near_copy_colour": 1.5},
+        {"near_copy_colour": 0.0},  # any thumbnail would be a copy of a flat picture
+        {"near_copy_km": -1.0},
+        {"near_copy_km": float("nan")},
+    )
+    for bad in bad_options:
         with pytest.raises(InvalidOptionError):
             LocateOptions(**bad).validate(
                 max_top_k=10, max_retrieve_k=100, max_nprobe=1, max_rerank_k=0
