@@ -13,6 +13,19 @@ from dataclasses import dataclass
 from index.geo import BBox
 from service.errors import InvalidOptionError
 
+#: The options of verification's reference neighbours.
+NEIGHBOUR_OPTIONS = (
+    "neighbours",
+    "neighbour_weight",
+    "neighbour_kernel_km",
+    "neighbour_kernel_share",
+    "neighbour_temperature",
+    "structure_weight",
+    "colour_weight",
+    "colour_threshold",
+    "near_copy_colour",
+    "near_copy_km",
+)
 #: The options with a service-wide default, a setting each (GEOLOC_TOP_K, ...); the others
 #: (stage switches, filters, ``temperature``) are chosen per request only.
 SERVICE_OPTIONS = (
@@ -25,42 +38,15 @@ SERVICE_OPTIONS = (
     "nms_km",
     "region_share",
     "region_res",
-    "neighbours",
-    "neighbour_weight",
-    "neighbour_kernel_km",
-    "neighbour_kernel_share",
-    "neighbour_temperature",
-    "structure_weight",
-    "colour_weight",
-    "colour_threshold",
-    "near_copy_colour",
-    "near_copy_km",
+    *NEIGHBOUR_OPTIONS,
     "llm_diversify",
     "llm_rerank",
     "nprobe",
     "rerank_k",
 )
-
-
 #: The options that shape the candidate logits a softmax temperature is fitted on: a
 #: calibration records them, and `geoloc setup` fits a new one where the served ones differ.
-LOGIT_OPTIONS = (
-    "retrieve_k",
-    "refine",
-    "diversify",
-    "nms_km",
-    "neighbours",
-    "verify",
-    "neighbour_weight",
-    "neighbour_kernel_km",
-    "neighbour_kernel_share",
-    "neighbour_temperature",
-    "structure_weight",
-    "colour_weight",
-    "colour_threshold",
-    "near_copy_colour",
-    "near_copy_km",
-)
+LOGIT_OPTIONS = ("retrieve_k", "refine", "diversify", "nms_km", "verify", *NEIGHBOUR_OPTIONS)
 
 
 #: The widest album spread a setting or a request may ask for, in km.
