@@ -5,11 +5,12 @@ draws that bench/shift.py never reports (other seeds, other widths, other shift 
 in the set-up `make run` serves.
 
 Every set is embedded once; each setting reruns the pipeline after the image tower. Printed:
-per setting, the mean over the sets of the shares within 25/200/750 km and the worst set's
-200 km share.
+per setting, the mean over the sets of the shares within 25/200/750/2,500 km and the worst
+set's 200 km share.
 
     .venv/bin/python bench/tune.py [--weights PATH] [--per-set 300] [--refs N] \
-        [--grid neighbours|structure|support|precision|widths|colour|near_copy|served] \
+        [--grid neighbours|structure|support|precision|widths|colour|near_copy|\
+        colour_search|served] \
         [--ref-power P] [--snap]
 
 ``--ref-power`` draws the reference tiles with another ``scale_power`` (how many narrow views
@@ -142,6 +143,8 @@ GRIDS = {
         "near_copy_colour": (0.3, 0.5, 0.7),
         "near_copy_km": (0.0, 300.0, 400.0, 600.0),
     },
+    # How many references found by colour alone join the shortlist (a module constant).
+    "colour_search": {"COLOUR_SEARCH": (0, 50)},
     # The served settings alone (to compare reference sets, --ref-power).
     "served": {"structure_weight": (LocateOptions().structure_weight,)},
 }
@@ -203,6 +206,8 @@ def validation_sets(n: int) -> dict[str, list]:
     sets = {f"{w} km": validation_draw(f"zoom{w}", n, w, lambda im: im) for w in VAL_WIDTHS_KM}
     sets.update({name: validation_draw(name, n, None, f) for name, f in VAL_SHIFTS.items()})
     sets["test style"] = tileset("test", n, VAL_SEED)
+    # A codec harsher than jpeg12's, which smears the texture and keeps the colours.
+    sets["jpeg8"] = validation_draw("jpeg8v", n, None, _jpeg(8), salt=(11,))
     return sets
 
 
@@ -260,7 +265,7 @@ def main() -> None:
             res = locator.locate_embeddings(q, opts, **read)
             pred = np.array([[r.candidates[0].lat, r.candidates[0].lon] for r in res])
             d = errors_km(pred, truth)
-            shares.append([np.mean(d <= t) for t in (25, 200, 750)])
+            shares.append([np.mean(d <= t) for t in (25, 200, 750, 2500)])
             copies += [
                 (r.candidates[0].probability, e) for r, e in zip(res, d, strict=True) if copied(r)
             ]
@@ -273,7 +278,7 @@ def main() -> None:
             )
         )
         per_set = (
-            f"{n} {100 * v[0]:.0f}/{100 * v[1]:.0f}/{100 * v[2]:.0f}"
+            f"{n} {100 * v[0]:.0f}/{100 * v[1]:.0f}/{100 * v[2]:.0f}/{100 * v[3]:.0f}"
             for n, v in zip(sets, s, strict=True)
         )
         print("  ", ", ".join(per_set), flush=True)
@@ -291,7 +296,7 @@ def main() -> None:
     )
     print(
         markdown_table(
-            [*names, "mean 25 km", "mean 200 km", "mean 750 km", "worst 200 km"], rows_out
+            [*names, *(f"mean {t} km" for t in (25, 200, 750, 2500)), "worst 200 km"], rows_out
         )
     )
 

@@ -89,6 +89,10 @@ STRUCTURE_POOL = 50
 #: Reference images found by their structure alone (``LoadedIndex.search_structure``) that
 #: join that shortlist; 0: the embedding's shortlist only.
 STRUCTURE_SEARCH = 50
+#: Reference images found by their colour thumbnails alone (``LoadedIndex.search_colour``)
+#: that join it too; 0: none. Chosen on validation draws (docs/BENCHMARKS.md, "A colour
+#: search").
+COLOUR_SEARCH = 50
 #: A picture in false colour is answered from its grey view where that answer's first place
 #: is this many times as probable as the picture's own: switching on true-colour pictures that
 #: happen to read as ramps gained nothing on validation draws, and 1.1 halves those switches
@@ -144,6 +148,8 @@ class Locator:
         self.abstain_below = abstain_below
         if self.compares_structure and STRUCTURE_SEARCH:
             self.neighbours.structure_index()  # at load (and swap), not on the first request
+        if self.compares_colour and COLOUR_SEARCH:
+            self.neighbours.colour_index()
 
     @property
     def abstain_threshold(self) -> float | None:
@@ -698,7 +704,10 @@ class Locator:
                 found = self.neighbours.search_structure(
                     structure, STRUCTURE_SEARCH, allowed=nb_allowed
                 )
-                nb = self._add_structure_matches(queries, found, nb)
+                nb = self._add_matches(queries, found, nb)
+            if colour is not None and COLOUR_SEARCH:
+                by_colour = self.neighbours.search_colour(colour, COLOUR_SEARCH, allowed=nb_allowed)
+                nb = self._add_matches(queries, by_colour, nb)
         gallery_lse = (
             self._gallery_logsumexp(queries, allowed, temperature)
             if options.normalization == "gallery"
@@ -748,14 +757,16 @@ class Locator:
             s.t = t
         return batch
 
-    def _add_structure_matches(
+    def _add_matches(
         self, queries: np.ndarray, found: np.ndarray, nb: tuple[np.ndarray, np.ndarray]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The embedding's reference shortlist ``nb`` (sims, rows), widened by ``found``: the
-        STRUCTURE_SEARCH references whose luminance layouts best match each picture's, found
-        without the embedding: under a colour change the embedding has not learnt (haze, a
-        false-colour palette) the right reference keeps its layout but not its embedding.
-        Their cosines come from the stored vectors; _retrieve ranks them all together."""
+        """The embedding's reference shortlist ``nb`` (sims, rows), widened by ``found``
+        (rows; -1: none), references found without the embedding: the STRUCTURE_SEARCH whose
+        luminance layouts best match each picture's (under a colour change the embedding has
+        not learnt, haze or a false-colour palette, the right reference keeps its layout but
+        not its embedding), or the COLOUR_SEARCH nearest in colour (a picture whose codec or
+        blur left its colours but not its texture). Their cosines come from the stored
+        vectors; _retrieve ranks them all together."""
         assert self.neighbours is not None
         sims, rows = [], []
         for i, (s_i, r_i) in enumerate(zip(*nb, strict=True)):

@@ -433,6 +433,50 @@ def publish_images(root: Path, name: str, n: int, structure: np.ndarray | None =
     )
 
 
+def test_search_colour_finds_the_colours_without_the_embedding(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from encoders.structure import colour_thumbnails
+    from index.search import colour_codes
+
+    rng = np.random.default_rng(4)
+    pics = [
+        Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).resize((32, 32))
+        for _ in range(40)
+    ]
+    thumbs = colour_thumbnails(pics)
+    thumbs[7] = 0  # a reference stored without a thumbnail
+    n = len(pics)
+    points = replace(points_for(n), colour=thumbs)
+    published = publish_index(
+        tmp_path,
+        "refs",
+        unit_vectors(n),
+        points,
+        profile="p",
+        gallery_kind="images",
+        h3_resolution=None,
+    )
+    idx = load_index(tmp_path, published.name)
+    # The same colours, the texture smeared (as a heavy JPEG or blur leaves them).
+    smeared = [pics[i].resize((8, 8)).resize((32, 32), Image.Resampling.BILINEAR) for i in (3, 20)]
+    rows = idx.search_colour(colour_thumbnails(smeared), 2)
+    assert rows.shape == (2, 2) and rows[:, 0].tolist() == [3, 20]
+    allowed = np.ones(n, dtype=bool)
+    allowed[3] = False
+    assert 3 not in idx.search_colour(colour_thumbnails(smeared[:1]), 5, allowed=allowed)
+    assert 7 not in idx.search_colour(thumbs[8:30], 39)  # all-zero row: nobody's match
+    # A code is the mean of 2 x 2 cells, a quarter of the numbers.
+    assert colour_codes(thumbs[:1]).shape == (1, 48)
+    assert colour_codes(thumbs[:1])[0, :3] == pytest.approx(
+        thumbs[0].reshape(8, 8, 3)[:2, :2].reshape(-1, 3).mean(axis=0)
+    )
+    with pytest.raises(IndexStoreError, match="shape"):
+        idx.search_colour(thumbs[:, :48], 1)
+    with pytest.raises(IndexStoreError, match="no colour thumbnails"):
+        load_index(tmp_path, publish_images(tmp_path, "plain", n).name).search_colour(thumbs, 1)
+
+
 def test_search_structure_finds_the_layout_without_the_embedding(tmp_path: Path) -> None:
     from encoders.structure import structure_descriptors
 

@@ -340,6 +340,55 @@ def test_verification_finds_a_reference_by_structure_alone(locator, tmp_path, mo
     assert n_decoys + 1 not in [n["id"] for n in unseen.extra["neighbours"]]
 
 
+def test_verification_finds_a_reference_by_colour_alone(locator, tmp_path, monkeypatch):
+    """A reference whose embedding is farther than the whole embedding shortlist (as for a
+    picture whose codec smeared its texture) but whose colours are the query's is found by the
+    colour search, built at load, and outranks the decoys; without that search it is never
+    seen."""
+    from PIL import Image
+
+    from encoders.structure import colour_thumbnails
+    from service.engine import locator as pipeline
+
+    rng = np.random.default_rng(5)
+    n_decoys = pipeline.STRUCTURE_POOL + 10
+    pics = [
+        Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).resize((32, 32))
+        for _ in range(n_decoys + 1)
+    ]
+    q = queries(locator)[:1]  # as if taken in Île-de-France
+    d = q.shape[1]
+
+    def at_cosine(c: float) -> np.ndarray:
+        side = rng.standard_normal(d).astype(np.float32)
+        side -= (side @ q[0]) * q[0]
+        return c * q[0] + np.sqrt(1 - c * c) * side / np.linalg.norm(side)
+
+    vectors = np.stack([at_cosine(0.85) for _ in range(n_decoys)] + [at_cosine(0.6)])
+    latlon = np.array([TRUTHS[1]] * n_decoys + [TRUTHS[0]])  # decoys near Tokyo
+    points = PointTable(
+        ids=np.arange(1, n_decoys + 2),
+        latlon=latlon,
+        country=locator.geocoder.country_codes(latlon),
+        colour=colour_thumbnails(pics),
+    )
+    loc = with_references(locator, tmp_path, vectors.astype(np.float32), points)
+    assert loc.neighbours._colour_codes is not None  # built at load, not by a request
+    smeared = pics[-1].resize((8, 8)).resize((32, 32), Image.Resampling.BILINEAR)
+    opts = LocateOptions(return_neighbours=True)
+
+    def located():
+        return loc.locate_embeddings(q, opts, colour=loc.read([smeared])[1])[0]
+
+    found = located()
+    assert found.extra["neighbours"][0]["id"] == n_decoys + 1
+    assert found.extra["neighbours"][0]["similarity"] == pytest.approx(0.6, abs=1e-4)
+    assert found.extra["neighbours"][0]["colour"] > 0.5
+    monkeypatch.setattr(pipeline, "COLOUR_SEARCH", 0)
+    unseen = located()
+    assert n_decoys + 1 not in [n["id"] for n in unseen.extra["neighbours"]]
+
+
 def test_a_false_colour_picture_finds_its_reference_along_its_ramp(locator, tmp_path):
     """A picture drawn through a colour ramp whose luminance rises and falls is described by
     its position along the ramp, turned the way its best reference match runs: the structure
