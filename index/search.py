@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ def colour_codes(thumbnails: np.ndarray) -> np.ndarray:
     block of cells, a quarter of the numbers for a colour search to scan (the caller ranks its
     shortlist again by the full thumbnails). Unknown (all-zero) rows lie far from all others."""
     t = np.asarray(thumbnails, dtype=np.float32)
-    side = int(round(np.sqrt(t.shape[1] / 3)))
+    side = math.isqrt(t.shape[1] // 3) if t.ndim == 2 else 0
     if t.ndim != 2 or 3 * side * side != t.shape[1] or side % 2:
         raise IndexStoreError(f"colour thumbnails of shape {t.shape} are no even RGB grid")
     half = side // 2
