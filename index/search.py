@@ -47,24 +47,17 @@ def structure_codes(descriptors: np.ndarray) -> np.ndarray:
     return np.packbits(np.asarray(descriptors) > 0, axis=1)
 
 
-#: Where an unknown (all-zero) colour thumbnail's code lies: further from every real picture's
-#: than any real thumbnail is, so that a colour search never returns one before them.
-_UNKNOWN_COLOUR = 1e4
-
-
 def colour_codes(thumbnails: np.ndarray) -> np.ndarray:
     """(n, d / 4) float32 of RGB colour thumbnails (n, d) laid out on a square grid of cells
     (uint8 RGB, row-major, as ``encoders.structure.colour_thumbnails``): the mean of each 2 × 2
     block of cells, a quarter of the numbers for a colour search to scan (the caller ranks its
-    shortlist again by the full thumbnails). Unknown (all-zero) rows lie far from all others."""
+    shortlist again by the full thumbnails)."""
     t = np.asarray(thumbnails, dtype=np.float32)
     side = math.isqrt(t.shape[1] // 3) if t.ndim == 2 else 0
-    if t.ndim != 2 or 3 * side * side != t.shape[1] or side % 2:
+    if t.ndim != 2 or side == 0 or 3 * side * side != t.shape[1] or side % 2:
         raise IndexStoreError(f"colour thumbnails of shape {t.shape} are no even RGB grid")
     half = side // 2
-    codes = t.reshape(len(t), half, 2, half, 2, 3).mean(axis=(2, 4)).reshape(len(t), -1)
-    codes[~t.any(axis=1)] = _UNKNOWN_COLOUR
-    return codes
+    return t.reshape(len(t), half, 2, half, 2, 3).mean(axis=(2, 4)).reshape(len(t), 3 * half**2)
 
 
 #: Below this many queries a search runs on one OpenMP thread. faiss's idle OpenMP
@@ -118,7 +111,9 @@ class LoadedIndex:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _direct_map: bool = field(default=False, init=False, repr=False)
     _structure_codes: faiss.IndexBinaryFlat | None = field(default=None, init=False, repr=False)
-    _colour_codes: faiss.IndexFlatL2 | None = field(default=None, init=False, repr=False)
+    _colour_codes: tuple[faiss.IndexScalarQuantizer, np.ndarray] | None = field(
+        default=None, init=False, repr=False
+    )
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -237,9 +232,10 @@ class LoadedIndex:
             _, rows = codes.search(structure_codes(d), min(int(k), n), params=params)
         return rows.astype(np.int64, copy=False)
 
-    def colour_index(self) -> faiss.IndexFlatL2:
-        """The codes ``search_colour`` scans (``colour_codes``), built once. A loader calls it
-        up front, so that no request pays for the build."""
+    def colour_index(self) -> tuple[faiss.IndexScalarQuantizer, np.ndarray]:
+        """The codes ``search_colour`` scans (``colour_codes`` rounded to bytes, 48 a
+        reference), and which rows have a thumbnail at all; built once. A loader calls it up
+        front, so that no request pays for the build."""
         colour = self.points.colour
         if colour is None:
             raise IndexStoreError(
@@ -248,10 +244,15 @@ class LoadedIndex:
             )
         with self._lock:
             if self._colour_codes is None:
-                codes = faiss.IndexFlatL2(colour.shape[1] // 4)
+                codes = faiss.IndexScalarQuantizer(
+                    colour.shape[1] // 4, faiss.ScalarQuantizer.QT_8bit_direct, faiss.METRIC_L2
+                )
+                known = np.empty(len(colour), dtype=bool)
                 for start in range(0, len(colour), ADD_CHUNK):
-                    codes.add(colour_codes(colour[start : start + ADD_CHUNK]))
-                self._colour_codes = codes
+                    chunk = np.asarray(colour[start : start + ADD_CHUNK])
+                    known[start : start + len(chunk)] = chunk.any(axis=1)
+                    codes.add(np.round(colour_codes(chunk)))
+                self._colour_codes = (codes, known)
             return self._colour_codes
 
     def search_colour(
@@ -259,19 +260,21 @@ class LoadedIndex:
     ) -> np.ndarray:
         """Rows (q, k) int64 whose colour thumbnails lie nearest each query's (squared
         distance of their ``colour_codes``): a shortlist found without the embedding or the
-        layout, for the caller to rank again by the full thumbnails. Missing results have
-        row -1."""
+        layout, for the caller to rank again by the full thumbnails. Rows stored without a
+        thumbnail are never found; missing results have row -1."""
         t = np.asarray(thumbnails)
-        codes = self.colour_index()
+        codes, known = self.colour_index()
         if t.ndim != 2 or t.shape[1] != 4 * codes.d:
             raise IndexStoreError(f"thumbnails must have shape (q, {4 * codes.d}), got {t.shape}")
         if k < 1:
             raise IndexStoreError(f"k must be >= 1, got {k}")
         n = len(self)
-        _, _bitmap, sel = _allowed_selector(allowed, n)  # _bitmap outlives the search
-        params = None if sel is None else faiss.SearchParameters(sel=sel)
-        with _search_threads(len(t)):
-            _, rows = codes.search(colour_codes(t), min(int(k), n), params=params)
+        mask, _, _ = _allowed_selector(allowed, n)  # checked
+        _, _bitmap, sel = _allowed_selector(known if mask is None else known & mask, n)
+        with _search_threads(len(t)):  # _bitmap outlives the search
+            _, rows = codes.search(
+                colour_codes(t), min(int(k), n), params=faiss.SearchParameters(sel=sel)
+            )
         return rows.astype(np.int64, copy=False)
 
     def _filter_fallback(

@@ -83,6 +83,8 @@ if TYPE_CHECKING:
 STAGES = ("retrieve", "refine", "diversify", "verify", "judge", "describe")
 #: The finest H3 resolution refinement descends to (~0.1 km² cells).
 MAX_REFINE_RES = 10
+# A change to how candidates are scored below (these constants included) raises
+# service.engine.options.SCORING, so that calibrations fitted before are fitted again.
 #: Reference neighbours the structure and colour comparisons rank before ``neighbours`` are
 #: kept.
 STRUCTURE_POOL = 50

@@ -47,6 +47,10 @@ SERVICE_OPTIONS = (
 #: The options that shape the candidate logits a softmax temperature is fitted on: a
 #: calibration records them, and `geoloc setup` fits a new one where the served ones differ.
 LOGIT_OPTIONS = ("retrieve_k", "refine", "diversify", "nms_km", "verify", *NEIGHBOUR_OPTIONS)
+#: How the pipeline scores candidates beyond its options (which references verification
+#: searches, how a near copy leads): raised with every such change; a calibration records it
+#: (as "scoring"), and `geoloc setup` fits a new one where it differs.
+SCORING = 2
 
 
 #: The widest album spread a setting or a request may ask for, in km.
@@ -135,7 +139,8 @@ class LocateOptions:
     neighbour_temperature: float = 50.0
     #: The neighbours are ranked and weighted by cosine + structure_weight·(rank correlation
     #: of the picture's luminance layout with theirs, ``encoders.structure``), among the
-    #: STRUCTURE_POOL nearest by cosine and the STRUCTURE_SEARCH nearest by layout; 0 (or
+    #: STRUCTURE_POOL nearest by cosine, the STRUCTURE_SEARCH nearest by layout and the
+    #: COLOUR_SEARCH nearest in colour (service/engine/locator.py); 0 (or
     #: references without descriptors): cosine only. Chosen on validation draws
     #: (bench/tune.py --grid structure).
     structure_weight: float = 1.5

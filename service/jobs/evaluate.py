@@ -13,7 +13,7 @@ import numpy as np
 
 from service.engine.images import read_image_files
 from service.engine.locator import LocateResult, Locator
-from service.engine.options import LOGIT_OPTIONS, ImageLimits, LocateOptions
+from service.engine.options import LOGIT_OPTIONS, SCORING, ImageLimits, LocateOptions
 from service.engine.scores import (
     THRESHOLDS_KM,
     errors_km,
@@ -368,7 +368,7 @@ def fit_calibration(
         # The neighbours' support is part of the logits fitted here: the options that shape
         # them and the reference index are recorded, and setup refits when either changes.
         options={k: getattr(opts, k) for k in LOGIT_OPTIONS}
-        | {"references": locator.references_label},
+        | {"scoring": SCORING, "references": locator.references_label},
         fit=fit,
         localizability=judge.to_dict() if judge is not None else None,
     )

@@ -47,7 +47,7 @@ from index.store import (
     list_indexes,
 )
 from service.config import Settings
-from service.engine.options import LOGIT_OPTIONS
+from service.engine.options import LOGIT_OPTIONS, SCORING
 
 #: Profiles that can render their own reference and held-out images.
 SELF_DATA_PROFILES = frozenset({"bluemarble"})
@@ -376,7 +376,8 @@ def _calibration(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
         unusable = have[-1].verdict_problem
         # ... and under the options that shape those logits now.
         served = s.locate_options()
-        changed = [k for k in LOGIT_OPTIONS if have[-1].options.get(k) != getattr(served, k)]
+        now = {k: getattr(served, k) for k in LOGIT_OPTIONS} | {"scoring": SCORING}
+        changed = [k for k, v in now.items() if have[-1].options.get(k) != v]
         if fitted_with == refs_label and not unusable and not changed:
             return f"{name}/{version} has calibration {have[-1].label}"
         if unusable:
@@ -387,7 +388,7 @@ def _calibration(s: Settings, model: _Model, echo: Echo, progress: bool) -> str:
                 f"{refs_label or 'none'}"
             )
         else:
-            why = f"was fitted with other pipeline options ({', '.join(changed)})"
+            why = f"was fitted with other pipeline options or scoring ({', '.join(changed)})"
         echo(
             f"calibration {have[-1].version} of {name}/{version} {why}: fitting a new one "
             "(it is kept)"

@@ -465,7 +465,13 @@ def test_search_colour_finds_the_colours_without_the_embedding(tmp_path: Path) -
     allowed = np.ones(n, dtype=bool)
     allowed[3] = False
     assert 3 not in idx.search_colour(colour_thumbnails(smeared[:1]), 5, allowed=allowed)
-    assert 7 not in idx.search_colour(thumbs[8:30], 39)  # all-zero row: nobody's match
+    # A reference without a thumbnail is never found: not by a black picture, not as filler.
+    black = np.full((1, 192), 2, np.uint8)
+    assert 7 not in idx.search_colour(black, 5)
+    few = np.zeros(n, dtype=bool)
+    few[[1, 2, 7]] = True
+    assert idx.search_colour(thumbs[:1], 3, allowed=few)[0].tolist()[2] == -1
+    assert idx.search_colour(thumbs[:0], 3).shape == (0, 3)
     # A code is the mean of 2 x 2 cells, a quarter of the numbers.
     assert colour_codes(thumbs[:1]).shape == (1, 48)
     assert colour_codes(thumbs[:1])[0, :3] == pytest.approx(

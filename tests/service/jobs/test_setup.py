@@ -162,16 +162,17 @@ def test_setup_builds_gallery_references_and_calibration_once(tmp_path):
     out = _setup(data)
     assert "has a verdict this version cannot use" in out, out
     assert load_locator(s).judge is not None
-    # ... and so is one fitted under other options that shape the logits (a release before
-    # near copies recorded none of theirs).
+    # ... and so is one fitted under other options that shape the logits, or another scoring
+    # (a release before near copies recorded neither).
     cal = load_locator(s).calibration
     assert cal.options["near_copy_km"] == s.locate_options().near_copy_km
     raw = json.loads(Path(cal.path).read_text())
-    for key in ("near_copy_colour", "near_copy_km"):
+    for key in ("near_copy_colour", "near_copy_km", "scoring"):
         del raw["options"][key]
     Path(cal.path).write_text(json.dumps(raw))
     out = _setup(data)
-    assert "was fitted with other pipeline options (near_copy_colour, near_copy_km)" in out, out
+    changed = "near_copy_colour, near_copy_km, scoring"
+    assert f"was fitted with other pipeline options or scoring ({changed})" in out, out
     assert load_locator(s).calibration.version != cal.version
     assert "has calibration" in _setup(data)
 
