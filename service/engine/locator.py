@@ -103,10 +103,10 @@ GREY_VIEW_MARGIN = 1.1
 #: The source (and stage) of a reference neighbour's place made first as a near copy of the
 #: picture (LocateOptions.near_copy_colour, near_copy_km).
 NEAR_COPY = "near_copy"
-#: How much more probable than all other candidates together a near copy's place is made
-#: before the temperature: at 2, the mass its first place then states (about 86 % with what
-#: merges into it) matches how often such places are right within 50 km on validation draws
-#: (docs/BENCHMARKS.md, "Built: near copies").
+#: How much more probable than all other candidates together a near copy's place is made,
+#: at temperature 1 and at the one stated: at 2, the mass its first place then states (about
+#: 80-86 % with what merges into it) is near how often such places are right within 50 km on
+#: validation draws (docs/BENCHMARKS.md, "Built: near copies").
 NEAR_COPY_ODDS = 2.0
 
 
@@ -331,7 +331,7 @@ class Locator:
             if NEAR_COPY in s.pool.source:
                 copy = s.pool.latlon[s.pool.source.index(NEAR_COPY)]
                 at = int(np.argmin(np.abs(pooled.latlon - copy).sum(axis=1)))  # its place
-                logits[i] = lift_near_copy(logits[i], at, NEAR_COPY_ODDS)
+                logits[i] = lift_near_copy(logits[i], at, NEAR_COPY_ODDS, temperature)
                 pooled.source[at] = NEAR_COPY  # whichever picture's pool held it first
         prior = np.array([_prior_weight(s.verdict) for s in batch])
         combined = combine(logits / temperature, prior, config)
@@ -629,13 +629,16 @@ class Locator:
         options: LocateOptions,
         structure: np.ndarray | None = None,
         colour: np.ndarray | None = None,
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(latlon (n, 2), logits (n,)) of every candidate of each query, before the softmax
-        and its temperature: what calibration fits the temperature on (with the pictures'
-        ``structure`` descriptors and ``colour`` thumbnails, as served). Candidate
-        normalisation only."""
+    ) -> list[tuple[np.ndarray, np.ndarray, int | None]]:
+        """(latlon (n, 2), logits (n,), where its near copy is) of every candidate of each
+        query, before the softmax and its temperature, a near copy lifted for temperature 1
+        only: what calibration fits the temperature on (with the pictures' ``structure``
+        descriptors and ``colour`` thumbnails, as served; ``lift_near_copy`` at each
+        temperature tried). Candidate normalisation only."""
         scored = self._score(queries, options, 1.0, structure, colour)
-        return [(s.pool.latlon.copy(), s.logits.copy()) for s in scored]
+        return [
+            (s.pool.latlon.copy(), s.logits.copy(), near_copy_at(s.pool.source)) for s in scored
+        ]
 
     def revise(
         self, result: LocateResult, points: np.ndarray, options: LocateOptions, source: str
@@ -657,7 +660,9 @@ class Locator:
             logits = self._logits(pts, score, scored.support, options)
             scored.pool.extend(pts, score, source, self.geocoder.country_codes(pts))
             # A near copy stays that much ahead of every candidate, the new ones included.
-            scored.logits = _lift_copy(scored, np.concatenate([scored.logits, logits]))
+            scored.logits = _lift_copy(
+                scored, np.concatenate([scored.logits, logits]), self.temperature(options)
+            )
             scored.timer.add("verify", t)
         scored.t = time.perf_counter()
         return self._describe(scored, options, self.temperature(options))
@@ -753,7 +758,8 @@ class Locator:
             t = share_time(live, "verify", t, n)
 
         for s in batch:
-            s.logits = _lift_copy(s, self._logits(s.pool.latlon, s.pool.score, s.support, options))
+            logits = self._logits(s.pool.latlon, s.pool.score, s.support, options)
+            s.logits = _lift_copy(s, logits, temperature)
             if NEAR_COPY in s.pool.source:
                 s.stages.append(NEAR_COPY)
             s.t = t
@@ -1086,12 +1092,17 @@ def _probabilities(scored: Scored, temperature: float) -> np.ndarray:
     return np.exp(logits - logsumexp(logits)) if len(logits) else logits
 
 
-def _lift_copy(scored: Scored, logits: np.ndarray) -> np.ndarray:
+def _lift_copy(scored: Scored, logits: np.ndarray, temperature: float) -> np.ndarray:
     """``logits`` (of ``scored``'s pool) with its near copy's, where it has one, raised to
-    NEAR_COPY_ODDS times all the others together (``lift_near_copy``)."""
-    if NEAR_COPY not in scored.pool.source:
-        return logits
-    return lift_near_copy(logits, scored.pool.source.index(NEAR_COPY), NEAR_COPY_ODDS)
+    NEAR_COPY_ODDS times all the others together at temperature 1 and at ``temperature``
+    (``lift_near_copy``)."""
+    at = near_copy_at(scored.pool.source)
+    return logits if at is None else lift_near_copy(logits, at, NEAR_COPY_ODDS, temperature)
+
+
+def near_copy_at(source: Sequence[str]) -> int | None:
+    """Where a pool's near copy is (its index in ``source``), if it has one."""
+    return source.index(NEAR_COPY) if NEAR_COPY in source else None
 
 
 def _near_copy(agree: np.ndarray | None, width: np.ndarray | None, opt: LocateOptions) -> bool:

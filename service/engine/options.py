@@ -50,7 +50,7 @@ LOGIT_OPTIONS = ("retrieve_k", "refine", "diversify", "nms_km", "verify", *NEIGH
 #: How the pipeline scores candidates beyond its options (which references verification
 #: searches, how a near copy leads): raised with every such change; a calibration records it
 #: (as "scoring"), and `geoloc setup` fits a new one where it differs.
-SCORING = 2
+SCORING = 3
 
 
 #: The widest album spread a setting or a request may ask for, in km.

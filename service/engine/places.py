@@ -48,15 +48,23 @@ def neighbour_kernels(
     return out
 
 
-def lift_near_copy(logits: np.ndarray, at: int, odds: float) -> np.ndarray:
-    """``logits`` with the one at ``at`` raised (never lowered) to log(``odds``) above the
-    log-sum-exp of all the others: at temperature 1 that point alone then holds at least
-    odds / (1 + odds) of the mass, so its place comes first whatever the others merge into."""
+def lift_near_copy(
+    logits: np.ndarray, at: int, odds: float, temperature: float = 1.0
+) -> np.ndarray:
+    """``logits`` with the one at ``at`` raised (never lowered) so that, in the softmax of
+    logits / t, that point alone holds at least odds / (1 + odds) of the mass both at t = 1
+    (where places are ranked: its place comes first whatever the others merge into) and at
+    t = ``temperature`` (the probabilities stated)."""
     if len(logits) < 2:
         return logits
     others = np.delete(logits, at)
+    t, log_odds = float(temperature), float(np.log(odds))
     out = logits.copy()
-    out[at] = max(float(logits[at]), logsumexp(others) + float(np.log(odds)))
+    out[at] = max(
+        float(logits[at]),
+        logsumexp(others) + log_odds,
+        t * (logsumexp(others / t) + log_odds),
+    )
     return out
 
 

@@ -14,9 +14,9 @@ import numpy as np
 
 from index.geo import haversine_km
 from service.engine.localizability import LocalizabilityModel
-from service.engine.locator import Locator
+from service.engine.locator import NEAR_COPY_ODDS, Locator
 from service.engine.options import LocateOptions
-from service.engine.places import merge_places, nms_owners
+from service.engine.places import lift_near_copy, merge_places, nms_owners
 from service.engine.scores import reliability
 
 if TYPE_CHECKING:
@@ -39,17 +39,18 @@ class _Case:
     logits: np.ndarray
     top_place: np.ndarray  # bool: merged into the top-1 place
     d_km: float
+    copy: int | None = None  # where its near copy is (lifted at every temperature, as served)
 
 
 def prepare_cases(
-    pools: list[tuple[np.ndarray, np.ndarray]],
+    pools: list[tuple[np.ndarray, np.ndarray, int | None]],
     truths: np.ndarray,
     *,
     nms_km: float,
     diversify: bool,
 ) -> list[_Case]:
     cases = []
-    for (latlon, logits), (lat, lon) in zip(pools, np.asarray(truths), strict=True):
+    for (latlon, logits, copy), (lat, lon) in zip(pools, np.asarray(truths), strict=True):
         if not len(logits):
             continue
         order = np.argsort(-logits, kind="stable")
@@ -57,7 +58,8 @@ def prepare_cases(
         owner = nms_owners(pts, nms_km) if diversify else np.arange(len(pts))
         keep, _ = merge_places(owner, np.exp(z - z[0]))
         d = float(haversine_km(pts[keep[0], 0], pts[keep[0], 1], lat, lon))
-        cases.append(_Case(z, owner == keep[0], d))
+        at = None if copy is None else int(np.flatnonzero(order == copy)[0])
+        cases.append(_Case(z, owner == keep[0], d, at))
     return cases
 
 
@@ -66,7 +68,10 @@ def top1(cases: list[_Case], temperature: float) -> tuple[np.ndarray, np.ndarray
     pipeline states them (softmax, then diversify's merge)."""
     conf = np.empty(len(cases))
     for i, c in enumerate(cases):
-        p = np.exp((c.logits - c.logits[0]) / temperature)
+        z = c.logits
+        if c.copy is not None:
+            z = lift_near_copy(z, c.copy, NEAR_COPY_ODDS, temperature)
+        p = np.exp((z - z.max()) / temperature)
         conf[i] = p[c.top_place].sum() / p.sum()
     return conf, np.array([c.d_km for c in cases])
 

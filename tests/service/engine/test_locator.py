@@ -505,7 +505,7 @@ def test_a_narrow_reference_view_places_the_answer_at_its_match(locator, tmp_pat
 def test_a_near_copy_of_a_narrow_reference_answers_first(locator, tmp_path):
     """A first reference neighbour whose colours closely match the picture's and whose view is
     at most near_copy_km wide puts its own place first (source and stage ``near_copy``), with
-    at least NEAR_COPY_ODDS / (1 + NEAR_COPY_ODDS) of the mass at temperature 1, far from where
+    at least NEAR_COPY_ODDS / (1 + NEAR_COPY_ODDS) of the mass at any temperature, far from where
     the GPS tower answers; a wide view, another picture's colours, an unknown width, a copy
     stored without a thumbnail, no thumbnail of the picture, colour weight 0, near_copy_km 0,
     no verification or gallery normalisation leave the answer alone."""
@@ -548,6 +548,11 @@ def test_a_near_copy_of_a_narrow_reference_answers_first(locator, tmp_path):
     assert dist(top1([copied]), TRUTHS[4:5])[0] < 1.0
     assert first.probability >= NEAR_COPY_ODDS / (1 + NEAR_COPY_ODDS) - 1e-6
     assert first.probability == max(c.probability for c in copied.candidates)
+    # ... at any temperature: a calibration's softens every other candidate, not the copy.
+    for t in (0.5, 3.0):
+        warm = served(300.0, temperature=t, name=f"t{t}")[0].candidates[0]
+        assert warm.source == NEAR_COPY
+        assert warm.probability >= NEAR_COPY_ODDS / (1 + NEAR_COPY_ODDS) - 1e-6
 
     def not_copied(result) -> None:
         assert NEAR_COPY not in result.stages

@@ -180,3 +180,27 @@ def test_eval_json_plots_and_compare(world, tmp_path, monkeypatch):
     bad.write_text('{"n": 3}')
     result = runner.invoke(app, ["eval", str(world["held"]), "--compare", str(bad)])
     assert result.exit_code == 2 and "not the output of `geoloc eval --json`" in result.output
+
+
+def test_the_fit_lifts_a_near_copy_at_each_temperature_as_served():
+    """A near copy's place holds NEAR_COPY_ODDS / (1 + NEAR_COPY_ODDS) of the mass at every
+    temperature the fit tries, as the pipeline states it (``lift_near_copy``), not only at
+    temperature 1, where candidate_logits lifted it."""
+    from service.engine.locator import NEAR_COPY_ODDS
+    from service.engine.places import lift_near_copy
+
+    latlon = np.array([[0.0, 0.0], [10.0, 10.0], [20.0, 20.0], [30.0, 30.0], [-40.0, 50.0]])
+    raw = np.array([5.0, 4.5, 4.0, 3.5, 0.0])  # the copy is the last point
+    lifted = lift_near_copy(raw, 4, NEAR_COPY_ODDS)  # as candidate_logits gives it
+    truth = np.array([[-40.0, 50.0]])
+    (case,) = prepare_cases([(latlon, lifted, 4)], truth, nms_km=50.0, diversify=True)
+    (plain,) = prepare_cases([(latlon, lifted, None)], truth, nms_km=50.0, diversify=True)
+    assert case.d_km < 1.0  # its place is the first
+    share = NEAR_COPY_ODDS / (1 + NEAR_COPY_ODDS)
+    for t in (0.5, 1.0, 3.0):
+        conf, _ = top1([case], t)
+        served = lift_near_copy(raw, 4, NEAR_COPY_ODDS, t) / t
+        p = np.exp(served - served.max())
+        assert conf[0] == pytest.approx(p[4] / p.sum(), rel=1e-9)
+        assert conf[0] >= share - 1e-9
+    assert top1([plain], 3.0)[0][0] < share  # without it the temperature softens the copy
