@@ -82,6 +82,15 @@ def _search_threads(n_queries: int) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
+def _checked_mask(allowed: np.ndarray, n: int) -> np.ndarray:
+    mask = np.asarray(allowed)
+    if mask.dtype != np.bool_ or mask.shape != (n,):
+        raise IndexStoreError(
+            f"allowed must be a bool mask of shape ({n},), got {mask.dtype} {mask.shape}"
+        )
+    return mask
+
+
 def _allowed_selector(
     allowed: np.ndarray | None, n: int
 ) -> tuple[np.ndarray | None, np.ndarray | None, faiss.IDSelector | None]:
@@ -90,11 +99,7 @@ def _allowed_selector(
     the search returns."""
     if allowed is None:
         return None, None, None
-    mask = np.asarray(allowed)
-    if mask.dtype != np.bool_ or mask.shape != (n,):
-        raise IndexStoreError(
-            f"allowed must be a bool mask of shape ({n},), got {mask.dtype} {mask.shape}"
-        )
+    mask = _checked_mask(allowed, n)
     # IDSelectorBitmap reads bit (i & 7) of byte i >> 3: little bit order.
     bitmap = np.packbits(mask, bitorder="little")
     return mask, bitmap, faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap))
@@ -198,12 +203,7 @@ class LoadedIndex:
     def structure_index(self) -> faiss.IndexBinaryFlat:
         """The sign codes ``search_structure`` scans, built once (one bit a descriptor cell).
         A loader calls it up front, so that no request pays for the build."""
-        structure = self.points.structure
-        if structure is None:
-            raise IndexStoreError(
-                f"index {self.manifest.name}/{self.manifest.version} holds no structure "
-                "descriptors; rebuild it with a release that stores them"
-            )
+        structure = self._stored("structure", "structure descriptors")
         with self._lock:
             if self._structure_codes is None:
                 codes = faiss.IndexBinaryFlat(structure.shape[1])
@@ -223,25 +223,13 @@ class LoadedIndex:
         codes = self.structure_index()
         if d.ndim != 2 or d.shape[1] != codes.d:
             raise IndexStoreError(f"descriptors must have shape (q, {codes.d}), got {d.shape}")
-        if k < 1:
-            raise IndexStoreError(f"k must be >= 1, got {k}")
-        n = len(self)
-        _, _bitmap, sel = _allowed_selector(allowed, n)  # _bitmap outlives the search
-        params = None if sel is None else faiss.SearchParameters(sel=sel)
-        with _search_threads(len(d)):
-            _, rows = codes.search(structure_codes(d), min(int(k), n), params=params)
-        return rows.astype(np.int64, copy=False)
+        return self._scan(codes, structure_codes(d), k, allowed)
 
     def colour_index(self) -> tuple[faiss.IndexScalarQuantizer, np.ndarray]:
         """The codes ``search_colour`` scans (``colour_codes`` rounded to bytes, 48 a
         reference), and which rows have a thumbnail at all; built once. A loader calls it up
         front, so that no request pays for the build."""
-        colour = self.points.colour
-        if colour is None:
-            raise IndexStoreError(
-                f"index {self.manifest.name}/{self.manifest.version} holds no colour "
-                "thumbnails; rebuild it with a release that stores them"
-            )
+        colour = self._stored("colour", "colour thumbnails")
         with self._lock:
             if self._colour_codes is None:
                 codes = faiss.IndexScalarQuantizer(
@@ -266,15 +254,31 @@ class LoadedIndex:
         codes, known = self.colour_index()
         if t.ndim != 2 or t.shape[1] != 4 * codes.d:
             raise IndexStoreError(f"thumbnails must have shape (q, {4 * codes.d}), got {t.shape}")
+        mask = known if allowed is None else known & _checked_mask(allowed, len(self))
+        return self._scan(codes, colour_codes(t), k, mask)
+
+    def _stored(self, field: str, what: str) -> np.ndarray:
+        """The point table's ``field`` rows; IndexStoreError if this index stores none."""
+        rows = getattr(self.points, field)
+        if rows is None:
+            raise IndexStoreError(
+                f"index {self.manifest.name}/{self.manifest.version} holds no {what}; rebuild "
+                "it with a release that stores them"
+            )
+        return rows
+
+    def _scan(
+        self, codes: faiss.Index, queries: np.ndarray, k: int, allowed: np.ndarray | None
+    ) -> np.ndarray:
+        """Rows (q, k) int64 of the codes nearest each query's code, among the ``allowed``
+        rows (a bool mask; None: all); -1 where there are fewer."""
         if k < 1:
             raise IndexStoreError(f"k must be >= 1, got {k}")
         n = len(self)
-        mask, _, _ = _allowed_selector(allowed, n)  # checked
-        _, _bitmap, sel = _allowed_selector(known if mask is None else known & mask, n)
-        with _search_threads(len(t)):  # _bitmap outlives the search
-            _, rows = codes.search(
-                colour_codes(t), min(int(k), n), params=faiss.SearchParameters(sel=sel)
-            )
+        _, _bitmap, sel = _allowed_selector(allowed, n)  # _bitmap outlives the search
+        params = None if sel is None else faiss.SearchParameters(sel=sel)
+        with _search_threads(len(queries)):
+            _, rows = codes.search(queries, min(int(k), n), params=params)
         return rows.astype(np.int64, copy=False)
 
     def _filter_fallback(

@@ -328,8 +328,8 @@ class Locator:
         m = len(pooled.score)
         cosines, logits = score(pooled.latlon) if m else (np.zeros((n, 0)), np.zeros((n, 0)))
         for i, s in enumerate(batch):  # a picture's near copy leads its own row, as alone
-            if NEAR_COPY in s.pool.source:
-                copy = s.pool.latlon[s.pool.source.index(NEAR_COPY)]
+            if (mine := near_copy_at(s.pool.source)) is not None:
+                copy = s.pool.latlon[mine]
                 at = int(np.argmin(np.abs(pooled.latlon - copy).sum(axis=1)))  # its place
                 logits[i] = lift_near_copy(logits[i], at, NEAR_COPY_ODDS, temperature)
                 pooled.source[at] = NEAR_COPY  # whichever picture's pool held it first
@@ -707,14 +707,18 @@ class Locator:
             nb = self.neighbours.search(
                 queries, nb_k, allowed=nb_allowed, nprobe=nprobe, rerank_k=options.rerank_k
             )
+            matches = []  # references found without the embedding
             if structure is not None and STRUCTURE_SEARCH:
                 found = self.neighbours.search_structure(
                     structure, STRUCTURE_SEARCH, allowed=nb_allowed
                 )
-                nb = self._add_matches(queries, found, nb)
+                matches.append(found)
             if colour is not None and COLOUR_SEARCH:
-                by_colour = self.neighbours.search_colour(colour, COLOUR_SEARCH, allowed=nb_allowed)
-                nb = self._add_matches(queries, by_colour, nb)
+                matches.append(
+                    self.neighbours.search_colour(colour, COLOUR_SEARCH, allowed=nb_allowed)
+                )
+            if matches:
+                nb = self._add_matches(queries, np.hstack(matches), nb)
         gallery_lse = (
             self._gallery_logsumexp(queries, allowed, temperature)
             if options.normalization == "gallery"

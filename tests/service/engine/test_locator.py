@@ -290,6 +290,22 @@ def test_verification_ranks_the_neighbours_by_colour_too(locator, tmp_path):
         )
 
 
+def beyond_the_shortlist(locator, rng, n_decoys: int):
+    """A query (as if taken in Île-de-France) and reference vectors and places for it:
+    ``n_decoys`` at cosine 0.85 near Tokyo, then its own picture's at cosine 0.6, farther
+    than the embedding's whole shortlist."""
+    q = queries(locator)[:1]
+
+    def at_cosine(c: float) -> np.ndarray:
+        side = rng.standard_normal(q.shape[1]).astype(np.float32)
+        side -= (side @ q[0]) * q[0]
+        return c * q[0] + np.sqrt(1 - c * c) * side / np.linalg.norm(side)
+
+    vectors = np.stack([at_cosine(0.85) for _ in range(n_decoys)] + [at_cosine(0.6)])
+    latlon = np.array([TRUTHS[1]] * n_decoys + [TRUTHS[0]])
+    return q, vectors.astype(np.float32), latlon
+
+
 def test_verification_finds_a_reference_by_structure_alone(locator, tmp_path, monkeypatch):
     """A reference whose embedding is farther than the whole embedding shortlist (as under a
     colour change the image tower has not learnt) but whose picture has the query's layout
@@ -306,23 +322,14 @@ def test_verification_finds_a_reference_by_structure_alone(locator, tmp_path, mo
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
         for _ in range(n_decoys + 1)
     ]
-    q = queries(locator)[:1]  # as if taken in Île-de-France
-    d = q.shape[1]
-
-    def at_cosine(c: float) -> np.ndarray:
-        side = rng.standard_normal(d).astype(np.float32)
-        side -= (side @ q[0]) * q[0]
-        return c * q[0] + np.sqrt(1 - c * c) * side / np.linalg.norm(side)
-
-    vectors = np.stack([at_cosine(0.85) for _ in range(n_decoys)] + [at_cosine(0.6)])
-    latlon = np.array([TRUTHS[1]] * n_decoys + [TRUTHS[0]])  # decoys near Tokyo
+    q, vectors, latlon = beyond_the_shortlist(locator, rng, n_decoys)
     points = PointTable(
         ids=np.arange(1, n_decoys + 2),
         latlon=latlon,
         country=locator.geocoder.country_codes(latlon),
         structure=structure_descriptors(pics),
     )
-    loc = with_references(locator, tmp_path, vectors.astype(np.float32), points)
+    loc = with_references(locator, tmp_path, vectors, points)
     assert loc.neighbours._structure_codes is not None  # built at load, not by a request
     # The query's own picture, in a false-colour rendering: its luminance order is kept.
     hazy = pics[-1].convert("L").point(lambda v: 40 + v // 2)
@@ -356,23 +363,14 @@ def test_verification_finds_a_reference_by_colour_alone(locator, tmp_path, monke
         Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).resize((32, 32))
         for _ in range(n_decoys + 1)
     ]
-    q = queries(locator)[:1]  # as if taken in Île-de-France
-    d = q.shape[1]
-
-    def at_cosine(c: float) -> np.ndarray:
-        side = rng.standard_normal(d).astype(np.float32)
-        side -= (side @ q[0]) * q[0]
-        return c * q[0] + np.sqrt(1 - c * c) * side / np.linalg.norm(side)
-
-    vectors = np.stack([at_cosine(0.85) for _ in range(n_decoys)] + [at_cosine(0.6)])
-    latlon = np.array([TRUTHS[1]] * n_decoys + [TRUTHS[0]])  # decoys near Tokyo
+    q, vectors, latlon = beyond_the_shortlist(locator, rng, n_decoys)
     points = PointTable(
         ids=np.arange(1, n_decoys + 2),
         latlon=latlon,
         country=locator.geocoder.country_codes(latlon),
         colour=colour_thumbnails(pics),
     )
-    loc = with_references(locator, tmp_path, vectors.astype(np.float32), points)
+    loc = with_references(locator, tmp_path, vectors, points)
     assert loc.neighbours._colour_codes is not None  # built at load, not by a request
     smeared = pics[-1].resize((8, 8)).resize((32, 32), Image.Resampling.BILINEAR)
     opts = LocateOptions(return_neighbours=True)
