@@ -23,6 +23,13 @@ The combination, per pooled point ``c`` and picture ``i``:
   nothing). A few rounds of this reweighting settle; a picture with agreement below
   ``outlier_below`` is an outlier.
 
+Which region, and where in it (``regional``). Kernels widened by the album's spread place the
+answer finely, but narrow views' pictures of one place, each sharp around its own spot, agree
+on the region less often than with kernels wider still. So the pictures are combined twice,
+with the album's spread and with ``REGION_SPREAD`` times it; each pooled point's region (the
+points within ``REGION_RADIUS`` times the spread) gets the mass the wide combination gives it,
+shared among its points as the album's spread shares it.
+
 Everything is an (n, m) array operation: no loop over picture-candidate pairs.
 """
 
@@ -36,10 +43,24 @@ import numpy as np
 from service.engine.options import AlbumConfig
 from service.engine.results import LocateResult
 
-__all__ = ["AlbumConfig", "AlbumResult", "Combined", "album_verdict", "combine"]
+__all__ = [
+    "REGION_RADIUS",
+    "REGION_SPREAD",
+    "AlbumConfig",
+    "AlbumResult",
+    "Combined",
+    "album_verdict",
+    "combine",
+    "regional",
+]
 
 #: Rounds of reweighting (each: joint, then every picture's agreement with it).
 ROUNDS = 4
+#: The region's spread, as a multiple of the album's: how much each region of the pool weighs
+#: is combined with kernels this much wider (``regional``).
+REGION_SPREAD = 3.0
+#: A point's region: the pooled points within this multiple of the album's spread.
+REGION_RADIUS = 4.0
 
 
 @dataclass
@@ -114,6 +135,30 @@ def combine(
         agreement=agreement,
         outlier=(agreement < config.outlier_below) & (prior > 0),
     )
+
+
+def _log_sums(logits: np.ndarray, near: np.ndarray) -> np.ndarray:
+    """log Σ_{j near i} exp(logits_j) for every i (``near``: (m, m) bool, self included)."""
+    finite = logits[np.isfinite(logits)]
+    top = float(finite.max()) if finite.size else 0.0
+    with np.errstate(divide="ignore"):
+        return np.log(near @ np.exp(logits - top)) + top
+
+
+def regional(
+    distance_km: np.ndarray, fine: np.ndarray, coarse: np.ndarray, radius_km: float
+) -> np.ndarray:
+    """Joint logits whose regions weigh as in ``coarse`` and whose points share their region's
+    mass as in ``fine``: ``fine(c) - log Σ_R(c) exp fine + log Σ_R(c) exp coarse``, where R(c)
+    is the points within ``radius_km`` of c (``distance_km``: the (m, m) distances). Where the
+    two agree on the regions this is ``fine`` again; a point that is -inf in ``fine`` stays so.
+    """
+    fine = np.asarray(fine, dtype=np.float64)
+    if not len(fine):
+        return fine
+    near = np.asarray(distance_km) <= radius_km
+    out = fine - _log_sums(fine, near) + _log_sums(np.asarray(coarse, dtype=np.float64), near)
+    return np.where(np.isfinite(fine), out, fine)
 
 
 def album_verdict(

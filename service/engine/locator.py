@@ -48,7 +48,16 @@ from index.geo import (
 from index.geocode import ReverseGeocoder
 from index.region import country_distribution, uncertainty_region
 from index.store import LoadedIndex
-from service.engine.album import AlbumConfig, AlbumResult, album_verdict, combine
+from service.engine.album import (
+    REGION_RADIUS,
+    REGION_SPREAD,
+    AlbumConfig,
+    AlbumResult,
+    Combined,
+    album_verdict,
+    combine,
+    regional,
+)
 from service.engine.localizability import (
     GALLERY_K,
     NEIGHBOURS_K,
@@ -314,32 +323,49 @@ class Locator:
 
         t = time.perf_counter()
         pooled = _pool_union([s.pool for s in batch])
-        supports = [_spread(s.support, config.spread_km) for s in batch]
+        # Each picture's kernels widened by the album's spread and, for the regions' mass, by
+        # the region's (album.py ``regional``).
+        spreads = (config.spread_km, REGION_SPREAD * config.spread_km)
+        supports = [[_spread(s.support, km) for s in batch] for km in spreads]
 
         def score(latlon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            """Every picture's cosines and logits (n, len(latlon)) at the points."""
+            """Every picture's cosines (n, k) at the points, and its logits under the album's
+            spread and under the region's (2, n, k)."""
             with torch.inference_mode():
                 gps = self.model.embed_gps(latlon.astype(np.float32))
             cos = queries.astype(np.float64) @ gps.T.astype(np.float64)
-            pairs = zip(cos, supports, strict=True)  # per picture, vectorised over the points
-            logit = np.stack([self._logits(latlon, c, sup, options) for c, sup in pairs])
-            return cos, logit
+            logit = [
+                [self._logits(latlon, c, sup, options) for c, sup in zip(cos, row, strict=True)]
+                for row in supports
+            ]  # per picture and spread, vectorised over the points
+            return cos, np.array(logit)
+
+        def joint(latlon: np.ndarray, logits: np.ndarray) -> Combined:
+            fine = combine(logits[0] / temperature, prior, config)
+            if spreads[1] > spreads[0]:
+                coarse = combine(logits[1] / temperature, prior, config)
+                radius = REGION_RADIUS * config.spread_km
+                fine.logits = regional(
+                    pairwise_km(latlon, latlon), fine.logits, coarse.logits, radius
+                )
+            return fine
 
         m = len(pooled.score)
-        cosines, logits = score(pooled.latlon) if m else (np.zeros((n, 0)), np.zeros((n, 0)))
-        for i, s in enumerate(batch):  # a picture's near copy leads its own row, as alone
+        cosines, logits = score(pooled.latlon) if m else (np.zeros((n, 0)), np.zeros((2, n, 0)))
+        for i, s in enumerate(batch):  # a picture's near copy leads its own rows, as alone
             if (mine := near_copy_at(s.pool.source)) is not None:
                 copy = s.pool.latlon[mine]
                 at = int(np.argmin(np.abs(pooled.latlon - copy).sum(axis=1)))  # its place
-                logits[i] = lift_near_copy(logits[i], at, NEAR_COPY_ODDS, temperature)
+                for row in logits[:, i]:
+                    row[:] = lift_near_copy(row, at, NEAR_COPY_ODDS, temperature)
                 pooled.source[at] = NEAR_COPY  # whichever picture's pool held it first
         prior = np.array([_prior_weight(s.verdict) for s in batch])
-        combined = combine(logits / temperature, prior, config)
+        combined = joint(pooled.latlon, logits)
         centre = _joint_centre(pooled.latlon, combined.logits, 2.0 * config.spread_km)
         if centre is not None and self._filter_points(centre, options).all():
             cos, logit = score(centre)
-            wider = np.hstack([cosines, cos]), np.hstack([logits, logit])
-            again = combine(wider[1] / temperature, prior, config)
+            wider = np.hstack([cosines, cos]), np.concatenate([logits, logit], axis=2)
+            again = joint(np.vstack([pooled.latlon, centre]), wider[1])
             # Kept only as the new first place: a point beside the first that does not beat it
             # would only add to the mass stated for that place.
             if int(np.argmax(again.logits)) == m:

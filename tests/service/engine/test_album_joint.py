@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from index.geo import haversine_km
 from service.cli.main import app
 from service.config import Settings
-from service.engine.album import combine
+from service.engine.album import combine, regional
 from service.engine.locator import _joint_centre, _spread
 from service.engine.negatives import negatives
 from service.engine.options import AlbumConfig
@@ -178,6 +178,29 @@ def test_an_albums_spread_widens_each_pictures_kernels():
     widened = _spread(support, 20.0)
     assert widened[2] == pytest.approx([25.0, np.hypot(50.0, 20.0)])
     assert widened[0] is latlon and _spread(None, 20.0) is None
+
+
+def test_regions_weigh_as_the_wide_combination_says_and_share_as_the_album_spread_does():
+    # Two regions 1,000 km apart: points 0-1 in one, 2-3 in the other.
+    distance = np.array(
+        [[0, 40, 1000, 1000], [40, 0, 1000, 1000], [1000, 1000, 0, 30], [1000, 1000, 30, 0]],
+        dtype=float,
+    )
+    # The album's spread puts most mass on the first region, 5:2 between its points; the
+    # wider spread gives the second region 0.8.
+    fine = np.log([0.5, 0.2, 0.2, 0.1])
+    coarse = np.log([0.1, 0.1, 0.5, 0.3])
+    q = np.exp(regional(distance, fine, coarse, 100.0))
+    q /= q.sum()
+    assert q[2] + q[3] == pytest.approx(0.8)
+    assert q[0] / q[1] == pytest.approx(2.5) and q[2] / q[3] == pytest.approx(2.0)
+    assert np.argmax(q) == 2  # the first place moves to the region the wide spread prefers
+    # Where both agree on the regions, nothing moves; a point ruled out stays out.
+    same = regional(distance, fine, fine + 3.0, 100.0)
+    assert np.exp(same) / np.exp(same).sum() == pytest.approx(np.exp(fine) / np.exp(fine).sum())
+    ruled_out = regional(distance, np.array([0.0, -np.inf, 0.0, 0.0]), coarse, 100.0)
+    assert ruled_out[1] == -np.inf and np.isfinite(ruled_out[[0, 2, 3]]).all()
+    assert regional(np.zeros((0, 0)), np.empty(0), np.empty(0), 100.0).shape == (0,)
 
 
 def test_the_joint_centre_averages_the_pooled_points_near_the_first():
