@@ -19,12 +19,13 @@ Printed, within 25 / 200 / 750 km:
 - time: an album of 5 against the same 5 pictures located as one batch, alternating.
 
 ``--tune temperature`` sweeps the album temperature and uniform share, ``--tune spread`` the
-album's spread (``GEOLOC_ALBUM_SPREAD_KM``) on albums as drawn, narrow albums and 5-tile
+album's spread (``GEOLOC_ALBUM_SPREAD_KM``), ``--tune region`` the regions' spread and radius
+(``AlbumConfig.region_spread``, ``region_radius``) on albums as drawn, narrow albums and 5-tile
 albums with a foreign tile, all on other draws (seeds 70702, 70722, 70712), and prints the
 tables the defaults were chosen from; the reported albums (seeds 70701, 70711, 70721) are
 never tuned on.
 
-    .venv/bin/python bench/album.py [--albums 400] [--tune temperature|spread] [--quick]
+    .venv/bin/python bench/album.py [--albums 400] [--tune temperature|spread|region] [--quick]
 """
 
 from __future__ import annotations
@@ -228,6 +229,33 @@ def tune_spread(locator: Locator, options: LocateOptions, n: int, base: AlbumCon
     print(markdown_table(header, rows))
 
 
+def tune_region(locator: Locator, options: LocateOptions, n: int, base: AlbumConfig) -> None:
+    """The regions' spread and radius (multiples of the album's spread) on the tuning draws."""
+    sets = {
+        "albums": draw_albums(n, TUNE_SEED),
+        "narrow albums": draw_albums(n, TUNE_SEED + 20, style=NARROW_STYLE),
+        "with a foreign tile": with_foreign_tile(max(n // 2, 10), TUNE_SEED + 10),
+    }
+    grid = [(1.0, 4.0), (2.0, 2.0), (2.0, 4.0), (2.0, 8.0), (3.0, 3.0), (3.0, 4.0), (3.0, 6.0)]
+    rows = []
+    for region_spread, region_radius in [*grid, (4.0, 4.0)]:
+        cfg = replace(base, region_spread=region_spread, region_radius=region_radius)
+        cells = []
+        for albums in sets.values():
+            r = run(locator, options, albums, cfg, [np.zeros(1)] * len(albums))
+            cells.append(" / ".join(pct(within(r.joint_km, t)) for t in SHOWN_KM))
+        label = "one combination" if region_spread <= 1 else f"{region_spread:g}"
+        rows.append([label, f"{region_radius:g}" if region_spread > 1 else "-", *cells])
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in sets.items())
+    print(f"\n### Tuning draws for the regions (seeds {TUNE_SEED}, +20, +10: {sizes})\n")
+    header = [
+        "region spread × s",
+        "radius × s",
+        *[f"{k}: joint {' / '.join(map(str, SHOWN_KM))} km" for k in sets],
+    ]
+    print(markdown_table(header, rows))
+
+
 def tune(locator: Locator, options: LocateOptions, n: int, base: AlbumConfig) -> None:
     albums = draw_albums(n, TUNE_SEED)
     swapped = with_foreign_tile(max(n // 2, 10), TUNE_SEED + 10)
@@ -262,8 +290,8 @@ def main() -> None:
     ap.add_argument("--res", type=int, default=4, help="H3 resolution of the land gallery")
     ap.add_argument(
         "--tune",
-        choices=("temperature", "spread"),
-        help="sweep τ and ε, or the spread, on the tuning draws",
+        choices=("temperature", "spread", "region"),
+        help="sweep τ and ε, the spread, or the regions' spread and radius on the tuning draws",
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 albums, 2000 refs")
     args = ap.parse_args()
@@ -285,7 +313,8 @@ def main() -> None:
         f"{config.outlier_below:g} agreement, spread {config.spread_km:g} km"
     )
     if args.tune:
-        (tune_spread if args.tune == "spread" else tune)(locator, options, n, config)
+        sweep = {"temperature": tune, "spread": tune_spread, "region": tune_region}[args.tune]
+        sweep(locator, options, n, config)
         print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
         return
 

@@ -26,8 +26,8 @@ The combination, per pooled point ``c`` and picture ``i``:
 Which region, and where in it (``regional``). Kernels widened by the album's spread place the
 answer finely, but narrow views' pictures of one place, each sharp around its own spot, agree
 on the region less often than with kernels wider still. So the pictures are combined twice,
-with the album's spread and with ``REGION_SPREAD`` times it; each pooled point's region (the
-points within ``REGION_RADIUS`` times the spread) gets the mass the wide combination gives it,
+with the album's spread and with ``region_spread`` times it; each pooled point's region (the
+points within ``region_radius`` times the spread) gets the mass the wide combination gives it,
 shared among its points as the album's spread shares it.
 
 Everything is an (n, m) array operation: no loop over picture-candidate pairs.
@@ -44,8 +44,6 @@ from service.engine.options import AlbumConfig
 from service.engine.results import LocateResult
 
 __all__ = [
-    "REGION_RADIUS",
-    "REGION_SPREAD",
     "AlbumConfig",
     "AlbumResult",
     "Combined",
@@ -56,11 +54,6 @@ __all__ = [
 
 #: Rounds of reweighting (each: joint, then every picture's agreement with it).
 ROUNDS = 4
-#: The region's spread, as a multiple of the album's: how much each region of the pool weighs
-#: is combined with kernels this much wider (``regional``).
-REGION_SPREAD = 3.0
-#: A point's region: the pooled points within this multiple of the album's spread.
-REGION_RADIUS = 4.0
 
 
 @dataclass

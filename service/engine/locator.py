@@ -49,8 +49,6 @@ from index.geocode import ReverseGeocoder
 from index.region import country_distribution, uncertainty_region
 from index.store import LoadedIndex
 from service.engine.album import (
-    REGION_RADIUS,
-    REGION_SPREAD,
     AlbumConfig,
     AlbumResult,
     Combined,
@@ -325,8 +323,9 @@ class Locator:
         pooled = _pool_union([s.pool for s in batch])
         # Each picture's kernels widened by the album's spread and, for the regions' mass, by
         # the region's (album.py ``regional``).
-        spreads = (config.spread_km, REGION_SPREAD * config.spread_km)
+        spreads = (config.spread_km, config.region_spread * config.spread_km)
         supports = [[_spread(s.support, km) for s in batch] for km in spreads]
+        regions = spreads[1] > spreads[0]
 
         def score(latlon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             """Every picture's cosines (n, k) at the points, and its logits under the album's
@@ -336,15 +335,15 @@ class Locator:
             cos = queries.astype(np.float64) @ gps.T.astype(np.float64)
             logit = [
                 [self._logits(latlon, c, sup, options) for c, sup in zip(cos, row, strict=True)]
-                for row in supports
+                for row in supports[: 2 if regions else 1]
             ]  # per picture and spread, vectorised over the points
-            return cos, np.array(logit)
+            return cos, np.array(logit if regions else logit * 2)
 
         def joint(latlon: np.ndarray, logits: np.ndarray) -> Combined:
             fine = combine(logits[0] / temperature, prior, config)
-            if spreads[1] > spreads[0]:
+            if regions:
                 coarse = combine(logits[1] / temperature, prior, config)
-                radius = REGION_RADIUS * config.spread_km
+                radius = config.region_radius * config.spread_km
                 fine.logits = regional(
                     pairwise_km(latlon, latlon), fine.logits, coarse.logits, radius
                 )

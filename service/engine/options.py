@@ -80,6 +80,12 @@ class AlbumConfig:
     #: are combined (sharp kernels of pictures a few tens of km apart must still overlap), and
     #: the mean of the pooled places within twice it of the joint answer's first is scored too.
     spread_km: float = 25.0
+    #: The regions' spread, as a multiple of ``spread_km``: how much each region of the pool
+    #: weighs comes from the pictures combined with kernels this much wider (album.py
+    #: ``regional``; 1: one combination).
+    region_spread: float = 3.0
+    #: A pooled point's region: the pooled points within this multiple of ``spread_km``.
+    region_radius: float = 4.0
 
 
 @dataclass(frozen=True)
