@@ -30,7 +30,7 @@ with the album's spread and with ``region_spread`` times it; each pooled point's
 points within ``region_radius`` times the spread) gets the mass the wide combination gives it,
 shared among its points as the album's spread shares it.
 
-Everything is an (n, m) array operation: no loop over picture-candidate pairs.
+Everything is an (n, m) or (m, m) array operation: no loop over picture-candidate pairs.
 """
 
 from __future__ import annotations
@@ -131,11 +131,13 @@ def combine(
 
 
 def _log_sums(logits: np.ndarray, near: np.ndarray) -> np.ndarray:
-    """log Σ_{j near i} exp(logits_j) for every i (``near``: (m, m) bool, self included)."""
-    finite = logits[np.isfinite(logits)]
-    top = float(finite.max()) if finite.size else 0.0
+    """log Σ_{j near i} exp(logits_j) for every i (``near``: (m, m) bool, self included),
+    each region shifted by its own largest logit so that none underflows to 0."""
+    masked = np.where(near, logits[None, :], -np.inf)
+    top = masked.max(axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)  # a region with no finite logit stays -inf
     with np.errstate(divide="ignore"):
-        return np.log(near @ np.exp(logits - top)) + top
+        return np.log(np.exp(masked - top).sum(axis=1)) + top[:, 0]
 
 
 def regional(
@@ -144,7 +146,10 @@ def regional(
     """Joint logits whose regions weigh as in ``coarse`` and whose points share their region's
     mass as in ``fine``: ``fine(c) - log Σ_R(c) exp fine + log Σ_R(c) exp coarse``, where R(c)
     is the points within ``radius_km`` of c (``distance_km``: the (m, m) distances). Where the
-    two agree on the regions this is ``fine`` again; a point that is -inf in ``fine`` stays so.
+    points fall into groups farther apart than the radius, each group's mass is ``coarse``'s
+    exactly; where neighbourhoods overlap, each point's own neighbourhood is rescaled, so the
+    masses are ``coarse``'s approximately. Where the two agree on the regions this is ``fine``
+    again; a point that is -inf in ``fine`` stays so.
     """
     fine = np.asarray(fine, dtype=np.float64)
     if not len(fine):

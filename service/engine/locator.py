@@ -339,7 +339,7 @@ class Locator:
             ]  # per picture and spread, vectorised over the points
             return cos, np.array(logit if regions else logit * 2)
 
-        def joint(latlon: np.ndarray, logits: np.ndarray) -> Combined:
+        def combined_at(latlon: np.ndarray, logits: np.ndarray) -> Combined:
             fine = combine(logits[0] / temperature, prior, config)
             if regions:
                 coarse = combine(logits[1] / temperature, prior, config)
@@ -359,12 +359,12 @@ class Locator:
                     row[:] = lift_near_copy(row, at, NEAR_COPY_ODDS, temperature)
                 pooled.source[at] = NEAR_COPY  # whichever picture's pool held it first
         prior = np.array([_prior_weight(s.verdict) for s in batch])
-        combined = joint(pooled.latlon, logits)
+        combined = combined_at(pooled.latlon, logits)
         centre = _joint_centre(pooled.latlon, combined.logits, 2.0 * config.spread_km)
         if centre is not None and self._filter_points(centre, options).all():
             cos, logit = score(centre)
             wider = np.hstack([cosines, cos]), np.concatenate([logits, logit], axis=2)
-            again = joint(np.vstack([pooled.latlon, centre]), wider[1])
+            again = combined_at(np.vstack([pooled.latlon, centre]), wider[1])
             # Kept only as the new first place: a point beside the first that does not beat it
             # would only add to the mass stated for that place.
             if int(np.argmax(again.logits)) == m:

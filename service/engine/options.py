@@ -85,6 +85,7 @@ class AlbumConfig:
     #: ``regional``; 1: one combination).
     region_spread: float = 3.0
     #: A pooled point's region: the pooled points within this multiple of ``spread_km``.
+    #: (These two are the method's, chosen on benchmark draws like ROUNDS, not settings.)
     region_radius: float = 4.0
 
 

@@ -201,6 +201,12 @@ def test_regions_weigh_as_the_wide_combination_says_and_share_as_the_album_sprea
     ruled_out = regional(distance, np.array([0.0, -np.inf, 0.0, 0.0]), coarse, 100.0)
     assert ruled_out[1] == -np.inf and np.isfinite(ruled_out[[0, 2, 3]]).all()
     assert regional(np.zeros((0, 0)), np.empty(0), np.empty(0), 100.0).shape == (0,)
+    # A whole region ruled out stays out; one far below the best does not underflow.
+    gone = regional(distance, np.array([0.0, 0.0, -np.inf, -np.inf]), coarse, 100.0)
+    assert np.isfinite(gone[:2]).all() and (gone[2:] == -np.inf).all()
+    low = regional(distance, np.array([0.0, -1.0, -900.0, -901.0]), coarse, 100.0)
+    assert np.isfinite(low).all()
+    assert low[2] - low[3] == pytest.approx(1.0) and np.argmax(low) == 2
 
 
 def test_the_joint_centre_averages_the_pooled_points_near_the_first():
