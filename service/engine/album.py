@@ -28,7 +28,10 @@ answer finely, but narrow views' pictures of one place, each sharp around its ow
 on the region less often than with kernels wider still. So the pictures are combined twice,
 with the album's spread and with ``region_spread`` times it; each pooled point's region (the
 points within ``region_radius`` times the spread) gets the mass the wide combination gives it,
-shared among its points as the album's spread shares it.
+shared among its points as the album's spread shares it. The pictures' agreement, weights and
+outliers are the wide combination's: whether a picture agrees is a question about the region
+(a picture of the place taken 40 km from the others agrees with them), and the album's spread
+then places the answer with those weights.
 
 Everything is an (n, m) or (m, m) array operation: no loop over picture-candidate pairs.
 """
@@ -94,9 +97,12 @@ def combine(
     logits: np.ndarray,
     localizability: np.ndarray,
     config: AlbumConfig,
+    agreement: np.ndarray | None = None,
 ) -> Combined:
     """Joint logits over m pooled points from each picture's ``logits`` (n, m), already at the
-    calibrated temperature, and its ``localizability`` (n,) prior weight in [0, 1]."""
+    calibrated temperature, and its ``localizability`` (n,) prior weight in [0, 1].
+    ``agreement``: each picture's agreement as another combination of the same pictures found
+    it (the regions'), used as it is instead of the rounds of reweighting."""
     logits = np.asarray(logits, dtype=np.float64)
     n, m = logits.shape
     prior = np.clip(np.nan_to_num(np.asarray(localizability, dtype=np.float64)), 0.0, 1.0)
@@ -109,17 +115,22 @@ def combine(
     p = np.exp(logp)
     mix = np.logaddexp(np.log1p(-eps) + logp, np.log(eps / m))  # log p~_i
     self_match = np.einsum("ij,ij->i", p, p)  # Σ_c p_i(c)²: the picture's own typical match
-    weights = prior.copy()
-    agreement = np.ones(n)
-    joint = np.zeros(m)
-    for _ in range(ROUNDS):
-        joint = weights @ mix / config.temperature
-        q = np.exp(log_softmax(joint))
-        match = np.minimum(1.0, (p @ q) / self_match)
-        agreement = match / max(float(match[prior > 0].max()), 1e-12)
+    if agreement is not None:
+        agreement = np.asarray(agreement, dtype=np.float64)
         weights = prior * agreement
         if not weights.any():
             weights = prior
+    else:
+        weights = prior.copy()
+        agreement = np.ones(n)
+        for _ in range(ROUNDS):
+            joint = weights @ mix / config.temperature
+            q = np.exp(log_softmax(joint))
+            match = np.minimum(1.0, (p @ q) / self_match)
+            agreement = match / max(float(match[prior > 0].max()), 1e-12)
+            weights = prior * agreement
+            if not weights.any():
+                weights = prior
     joint = weights @ mix / config.temperature
     total = weights.sum()
     return Combined(

@@ -340,13 +340,13 @@ class Locator:
             return cos, np.array(logit if regions else logit * 2)
 
         def combined_at(latlon: np.ndarray, logits: np.ndarray) -> Combined:
-            fine = combine(logits[0] / temperature, prior, config)
-            if regions:
-                coarse = combine(logits[1] / temperature, prior, config)
-                radius = config.region_radius * config.spread_km
-                fine.logits = regional(
-                    pairwise_km(latlon, latlon), fine.logits, coarse.logits, radius
-                )
+            if not regions:
+                return combine(logits[0] / temperature, prior, config)
+            # Whether the pictures agree is the regions' question; the spread places the answer.
+            coarse = combine(logits[1] / temperature, prior, config)
+            fine = combine(logits[0] / temperature, prior, config, coarse.agreement)
+            radius = config.region_radius * config.spread_km
+            fine.logits = regional(pairwise_km(latlon, latlon), fine.logits, coarse.logits, radius)
             return fine
 
         m = len(pooled.score)

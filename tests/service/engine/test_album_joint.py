@@ -65,6 +65,24 @@ def test_an_outlier_gets_a_low_weight_and_cannot_move_the_answer():
     assert gap > 5
 
 
+def test_agreement_found_by_another_combination_is_used_as_it_is():
+    # Picture 2 is sharp on point 2, 40 km from point 0 where the other two are: with the
+    # album's spread it disagrees; the regions' combination found that it agrees.
+    logits = np.array([[4.0, 0.0, 1.0, 0.0], [4.0, 0.0, 1.0, 0.0], [1.0, 0.0, 5.0, 0.0]])
+    alone = combine(logits, np.ones(3), AlbumConfig())
+    assert alone.outlier.tolist() == [False, False, True]
+    given = combine(logits, np.ones(3), AlbumConfig(), agreement=np.ones(3))
+    assert given.agreement.tolist() == [1.0, 1.0, 1.0] and not given.outlier.any()
+    assert given.weights == pytest.approx([1 / 3] * 3)
+    # With its full weight picture 2 pulls more mass to its spot than when it is an outlier.
+    q = np.exp(given.logits - given.logits.max())
+    q_alone = np.exp(alone.logits - alone.logits.max())
+    assert q[2] / q.sum() > q_alone[2] / q_alone.sum()
+    # An agreement of 0 for everyone falls back to the localizability weights.
+    none = combine(logits, np.array([1.0, 0.5, 0.5]), AlbumConfig(), agreement=np.zeros(3))
+    assert none.weights == pytest.approx([0.5, 0.25, 0.25])
+
+
 def test_a_picture_with_no_cues_moves_nothing_and_abstained_ones_weigh_nothing():
     m = 20
     peaked = np.zeros((2, m))
