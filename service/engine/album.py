@@ -21,7 +21,8 @@ The combination, per pooled point ``c`` and picture ``i``:
   that agrees best has 1). A picture of the same place scores about 1; a confident picture of
   another place about 0; a picture with no location cues (a flat ``p_i``) about 1 (it moves
   nothing). A few rounds of this reweighting settle; a picture with agreement below
-  ``outlier_below`` is an outlier.
+  ``outlier_below`` is an outlier. With regions (below), these rounds run in the regions'
+  combination, and the album spread's takes their agreement as it is.
 
 Which region, and where in it (``regional``). Kernels widened by the album's spread place the
 answer finely, but narrow views' pictures of one place, each sharp around its own spot, agree
@@ -43,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from index.geo import pairwise_km
 from service.engine.options import AlbumConfig
 from service.engine.results import LocateResult
 
@@ -52,6 +54,7 @@ __all__ = [
     "Combined",
     "album_verdict",
     "combine",
+    "combine_regions",
     "regional",
 ]
 
@@ -76,7 +79,7 @@ class AlbumResult:
     joint: LocateResult
     images: list[LocateResult]
     weights: np.ndarray  # (n,) share of the joint answer's evidence; sums to 1
-    agreement: np.ndarray  # (n,) agreement with the joint answer, in [0, 1]
+    agreement: np.ndarray  # (n,) agreement with the (regions') joint answer, in [0, 1]
     outlier: np.ndarray  # (n,) bool
     spread_km: float  # how far apart the pictures were taken, as the answer assumed
 
@@ -116,7 +119,9 @@ def combine(
     mix = np.logaddexp(np.log1p(-eps) + logp, np.log(eps / m))  # log p~_i
     self_match = np.einsum("ij,ij->i", p, p)  # Σ_c p_i(c)²: the picture's own typical match
     if agreement is not None:
-        agreement = np.asarray(agreement, dtype=np.float64)
+        agreement = np.clip(np.nan_to_num(np.asarray(agreement, dtype=np.float64)), 0.0, 1.0)
+        if agreement.shape != (n,):
+            raise ValueError(f"agreement has shape {agreement.shape}; expected ({n},)")
         weights = prior * agreement
         if not weights.any():
             weights = prior
@@ -168,6 +173,24 @@ def regional(
     near = np.asarray(distance_km) <= radius_km
     out = fine - _log_sums(fine, near) + _log_sums(np.asarray(coarse, dtype=np.float64), near)
     return np.where(np.isfinite(fine), out, fine)
+
+
+def combine_regions(
+    latlon: np.ndarray, logits: np.ndarray, localizability: np.ndarray, config: AlbumConfig
+) -> Combined:
+    """The joint answer over m pooled points ``latlon`` (m, 2) from each picture's logits under
+    the album's spread and under the regions' (2, n, m), already at the calibrated
+    temperature. Whether a picture agrees is asked of the regions' combination (a picture of
+    the place taken tens of km from the others agrees with them there); the album's spread then
+    places the answer with those weights, and ``regional`` gives each region the regions'
+    mass. Without regions (``config.regions``), the album spread's combination alone."""
+    if not config.regions:
+        return combine(logits[0], localizability, config)
+    coarse = combine(logits[1], localizability, config)
+    fine = combine(logits[0], localizability, config, coarse.agreement)
+    radius = config.region_radius * config.spread_km
+    fine.logits = regional(pairwise_km(latlon, latlon), fine.logits, coarse.logits, radius)
+    return fine
 
 
 def album_verdict(

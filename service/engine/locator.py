@@ -48,14 +48,7 @@ from index.geo import (
 from index.geocode import ReverseGeocoder
 from index.region import country_distribution, uncertainty_region
 from index.store import LoadedIndex
-from service.engine.album import (
-    AlbumConfig,
-    AlbumResult,
-    Combined,
-    album_verdict,
-    combine,
-    regional,
-)
+from service.engine.album import AlbumConfig, AlbumResult, album_verdict, combine_regions
 from service.engine.localizability import (
     GALLERY_K,
     NEIGHBOURS_K,
@@ -325,7 +318,7 @@ class Locator:
         # the region's (album.py ``regional``).
         spreads = (config.spread_km, config.region_spread * config.spread_km)
         supports = [[_spread(s.support, km) for s in batch] for km in spreads]
-        regions = spreads[1] > spreads[0]
+        regions = config.regions
 
         def score(latlon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             """Every picture's cosines (n, k) at the points, and its logits under the album's
@@ -339,16 +332,6 @@ class Locator:
             ]  # per picture and spread, vectorised over the points
             return cos, np.array(logit if regions else logit * 2)
 
-        def combined_at(latlon: np.ndarray, logits: np.ndarray) -> Combined:
-            if not regions:
-                return combine(logits[0] / temperature, prior, config)
-            # Whether the pictures agree is the regions' question; the spread places the answer.
-            coarse = combine(logits[1] / temperature, prior, config)
-            fine = combine(logits[0] / temperature, prior, config, coarse.agreement)
-            radius = config.region_radius * config.spread_km
-            fine.logits = regional(pairwise_km(latlon, latlon), fine.logits, coarse.logits, radius)
-            return fine
-
         m = len(pooled.score)
         cosines, logits = score(pooled.latlon) if m else (np.zeros((n, 0)), np.zeros((2, n, 0)))
         for i, s in enumerate(batch):  # a picture's near copy leads its own rows, as alone
@@ -359,12 +342,14 @@ class Locator:
                     row[:] = lift_near_copy(row, at, NEAR_COPY_ODDS, temperature)
                 pooled.source[at] = NEAR_COPY  # whichever picture's pool held it first
         prior = np.array([_prior_weight(s.verdict) for s in batch])
-        combined = combined_at(pooled.latlon, logits)
+        combined = combine_regions(pooled.latlon, logits / temperature, prior, config)
         centre = _joint_centre(pooled.latlon, combined.logits, 2.0 * config.spread_km)
         if centre is not None and self._filter_points(centre, options).all():
             cos, logit = score(centre)
             wider = np.hstack([cosines, cos]), np.concatenate([logits, logit], axis=2)
-            again = combined_at(np.vstack([pooled.latlon, centre]), wider[1])
+            again = combine_regions(
+                np.vstack([pooled.latlon, centre]), wider[1] / temperature, prior, config
+            )
             # Kept only as the new first place: a point beside the first that does not beat it
             # would only add to the mass stated for that place.
             if int(np.argmax(again.logits)) == m:

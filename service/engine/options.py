@@ -88,6 +88,11 @@ class AlbumConfig:
     #: (These two are the method's, chosen on benchmark draws like ROUNDS, not settings.)
     region_radius: float = 4.0
 
+    @property
+    def regions(self) -> bool:
+        """Whether the pictures are combined under the regions' spread too."""
+        return self.spread_km > 0 and self.region_spread > 1
+
 
 @dataclass(frozen=True)
 class ImageLimits:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from index.geo import haversine_km
 from service.cli.main import app
 from service.config import Settings
-from service.engine.album import combine, regional
+from service.engine.album import combine, combine_regions, regional
 from service.engine.locator import _joint_centre, _spread
 from service.engine.negatives import negatives
 from service.engine.options import AlbumConfig
@@ -81,6 +81,34 @@ def test_agreement_found_by_another_combination_is_used_as_it_is():
     # An agreement of 0 for everyone falls back to the localizability weights.
     none = combine(logits, np.array([1.0, 0.5, 0.5]), AlbumConfig(), agreement=np.zeros(3))
     assert none.weights == pytest.approx([0.5, 0.25, 0.25])
+
+
+def test_the_regions_decide_who_agrees_and_the_albums_spread_places_the_answer():
+    # Points 0 and 2 lie 40 km apart; 1 and 3 far away. Pictures 0 and 1 are of point 0,
+    # picture 2 is sharp on point 2 under the album's spread; under the regions' wider kernels
+    # it supports point 0 too.
+    latlon = np.array([[13.0, 14.0], [40.0, 14.0], [13.36, 14.0], [-20.0, 30.0]])
+    fine = np.array([[4.0, 0.0, 1.0, 0.0], [4.0, 0.0, 1.0, 0.0], [1.0, 0.0, 5.0, 0.0]])
+    coarse = np.array([[4.0, 0.0, 3.5, 0.0], [4.0, 0.0, 3.5, 0.0], [4.0, 0.0, 4.5, 0.0]])
+    logits = np.stack([fine, coarse])
+    config = AlbumConfig()
+    assert config.regions
+    alone = combine(fine, np.ones(3), config)
+    assert alone.outlier[2]  # under the album's spread alone, picture 2 disagrees
+    joint = combine_regions(latlon, logits, np.ones(3), config)
+    wide = combine(coarse, np.ones(3), config)
+    assert joint.agreement == pytest.approx(wide.agreement) and not joint.outlier.any()
+    assert joint.weights == pytest.approx(wide.weights)
+    assert np.argmax(joint.logits) == 0  # placed where the album's spread puts the mass
+    q = np.exp(joint.logits - joint.logits.max())
+    assert (q[0] + q[2]) / q.sum() == pytest.approx(
+        np.exp(wide.logits[[0, 2]]).sum() / np.exp(wide.logits).sum()
+    )  # the region around points 0 and 2 weighs as the wide combination says
+    # No regions (one spot): the album spread's combination alone.
+    spot = replace(config, spread_km=0.0)
+    assert not spot.regions
+    only = combine_regions(latlon, logits, np.ones(3), spot)
+    assert only.logits == pytest.approx(alone.logits) and only.outlier[2]
 
 
 def test_a_picture_with_no_cues_moves_nothing_and_abstained_ones_weigh_nothing():
