@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.special import logsumexp
 
 from index.geo import pairwise_km
 from service.engine.options import AlbumConfig
@@ -146,16 +147,6 @@ def combine(
     )
 
 
-def _log_sums(logits: np.ndarray, near: np.ndarray) -> np.ndarray:
-    """log Σ_{j near i} exp(logits_j) for every i (``near``: (m, m) bool, self included),
-    each region shifted by its own largest logit so that none underflows to 0."""
-    masked = np.where(near, logits[None, :], -np.inf)
-    top = masked.max(axis=1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)  # a region with no finite logit stays -inf
-    with np.errstate(divide="ignore"):
-        return np.log(np.exp(masked - top).sum(axis=1)) + top[:, 0]
-
-
 def regional(
     distance_km: np.ndarray, fine: np.ndarray, coarse: np.ndarray, radius_km: float
 ) -> np.ndarray:
@@ -171,7 +162,12 @@ def regional(
     if not len(fine):
         return fine
     near = np.asarray(distance_km) <= radius_km
-    out = fine - _log_sums(fine, near) + _log_sums(np.asarray(coarse, dtype=np.float64), near)
+
+    def region_sums(x: np.ndarray) -> np.ndarray:
+        # Masked to each region, so that every row is shifted by its own largest logit.
+        return logsumexp(np.where(near, x[None, :], -np.inf), axis=1)
+
+    out = fine - region_sums(fine) + region_sums(np.asarray(coarse, dtype=np.float64))
     return np.where(np.isfinite(fine), out, fine)
 
 
@@ -179,11 +175,12 @@ def combine_regions(
     latlon: np.ndarray, logits: np.ndarray, localizability: np.ndarray, config: AlbumConfig
 ) -> Combined:
     """The joint answer over m pooled points ``latlon`` (m, 2) from each picture's logits under
-    the album's spread and under the regions' (2, n, m), already at the calibrated
-    temperature. Whether a picture agrees is asked of the regions' combination (a picture of
-    the place taken tens of km from the others agrees with them there); the album's spread then
-    places the answer with those weights, and ``regional`` gives each region the regions'
-    mass. Without regions (``config.regions``), the album spread's combination alone."""
+    the album's spread and, with regions, under the regions' ((2, n, m), else (1, n, m)),
+    already at the calibrated temperature. Whether a picture agrees is asked of the regions'
+    combination (a picture of the place taken tens of km from the others agrees with them
+    there); the album's spread then places the answer with those weights, and ``regional``
+    gives each region the regions' mass. Without regions (``config.regions``), the album
+    spread's combination alone."""
     if not config.regions:
         return combine(logits[0], localizability, config)
     coarse = combine(logits[1], localizability, config)

@@ -316,24 +316,26 @@ class Locator:
         pooled = _pool_union([s.pool for s in batch])
         # Each picture's kernels widened by the album's spread and, for the regions' mass, by
         # the region's (album.py ``regional``).
-        spreads = (config.spread_km, config.region_spread * config.spread_km)
+        spreads = [config.spread_km]
+        if config.regions:
+            spreads.append(config.region_spread * config.spread_km)
         supports = [[_spread(s.support, km) for s in batch] for km in spreads]
-        regions = config.regions
 
         def score(latlon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            """Every picture's cosines (n, k) at the points, and its logits under the album's
-            spread and under the region's (2, n, k)."""
+            """Every picture's cosines (n, k) at the points, and its logits under each spread
+            (len(spreads), n, k)."""
             with torch.inference_mode():
                 gps = self.model.embed_gps(latlon.astype(np.float32))
             cos = queries.astype(np.float64) @ gps.T.astype(np.float64)
             logit = [
                 [self._logits(latlon, c, sup, options) for c, sup in zip(cos, row, strict=True)]
-                for row in supports[: 2 if regions else 1]
-            ]  # per picture and spread, vectorised over the points
-            return cos, np.array(logit if regions else logit * 2)
+                for row in supports
+            ]  # per spread and picture, vectorised over the points
+            return cos, np.array(logit)
 
         m = len(pooled.score)
-        cosines, logits = score(pooled.latlon) if m else (np.zeros((n, 0)), np.zeros((2, n, 0)))
+        empty = (np.zeros((n, 0)), np.zeros((len(spreads), n, 0)))
+        cosines, logits = score(pooled.latlon) if m else empty
         for i, s in enumerate(batch):  # a picture's near copy leads its own rows, as alone
             if (mine := near_copy_at(s.pool.source)) is not None:
                 copy = s.pool.latlon[mine]
