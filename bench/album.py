@@ -9,9 +9,12 @@ builds, the calibration with its verdict).
 Printed, within 25 / 200 / 750 km:
 - the mean single-picture rate over the albums' tiles, the best single picture of each album
   (an album counts when any of its pictures is within), and the joint answer; the share of
-  albums whose joint answer misses a threshold that their best single picture meets;
+  albums whose joint answer misses a threshold that their best single picture meets; the
+  joint's gain over the mean single picture with a 95 % interval from resampling the albums;
 - the same for albums of narrower views (about 250-355 km wide, ``NARROW_STYLE``), where
   single pictures are right less often;
+- the same for albums in other colours and renderings (``draw_shifted_albums``: bench/shift.py's
+  colour shifts and Earth renderings, one per album), and per kind within 200 km;
 - robustness on 5-tile albums: the joint answer as drawn, with one tile replaced by a tile at
   least 2,000 km away, and with one replaced by a non-satellite image (bench/shift.py's
   generated sets and natural photos), with the replaced picture's mean weight and the share of
@@ -37,7 +40,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
-from shift import GENERATED, generated_set, natural_photos, scale_for
+from shift import (
+    GENERATED,
+    RENDERINGS,
+    SHIFT_WIDTHS_KM,
+    SHIFTS,
+    SIZE,
+    generated_set,
+    natural_photos,
+    scale_for,
+)
 from tilesets import (
     bundled_weights,
     command_line,
@@ -47,7 +59,7 @@ from tilesets import (
     served_setup,
 )
 
-from encoders.bluemarble import TileStyle, iter_tiles, sample_centres
+from encoders.bluemarble import TileStyle, iter_tiles, load_map, render_tile, sample_centres
 from index.geo import is_land
 from service.config import Settings
 from service.engine.album import AlbumConfig
@@ -64,6 +76,8 @@ FOREIGN_MIN_KM = 2000.0
 #: 470-1,180 km (TEST_STYLE's scale 1-2.5), where single pictures are right less often.
 NARROW_STYLE = replace(TEST_STYLE, scale=(scale_for(250.0), scale_for(355.0)))
 EARTH_KM = 6371.0088
+#: Resamplings of the albums for the interval on the joint's gain (``gain_interval``).
+BOOTSTRAP = 2000
 
 
 @dataclass
@@ -95,6 +109,53 @@ def draw_albums(
         centres = offset(place, rng, k, SPREAD_KM)
         albums.append(Album(place, centres, list(iter_tiles(centres, rng, style))))
     return albums
+
+
+def draw_shifted_albums(n: int, seed: int) -> list[tuple[str, Album]]:
+    """Albums off the training's colours: each tile rendered clean at a width log-uniform in
+    bench/shift.py's SHIFT_WIDTHS_KM (the test's zoom range), then given the album's one colour
+    shift (pictures of one trip share their camera and light), or drawn from one of the other
+    Earth renderings; the kinds in turn (shift.py's SHIFTS but the clean control, then its
+    RENDERINGS). Returned as (kind, album)."""
+    rng = np.random.default_rng(seed)
+    places = sample_centres(n, rng, is_land)
+    kinds = [k for k in SHIFTS if k != "clean"] + list(RENDERINGS)
+    mosaics = {"bmng": load_map()}
+    lo, hi = np.log(SHIFT_WIDTHS_KM)
+    out = []
+    for i, place in enumerate(places):
+        kind = kinds[i % len(kinds)]
+        k = int(rng.integers(3, 5, endpoint=True))
+        centres = offset(place, rng, k, SPREAD_KM)
+        scales = scale_for(1.0) * np.exp(rng.uniform(lo, hi, k))
+        if kind in RENDERINGS:
+            if kind not in mosaics:
+                mosaics[kind] = RENDERINGS[kind][1]()
+            mosaic, shift = mosaics[kind], None
+        else:
+            mosaic, shift = mosaics["bmng"], SHIFTS[kind][1]
+        tiles = [
+            render_tile(a, o, sc, SIZE, mosaic)
+            for (a, o), sc in zip(centres.tolist(), scales.tolist(), strict=True)
+        ]
+        out.append((kind, Album(place, centres, [shift(t) if shift else t for t in tiles])))
+    return out
+
+
+def kind_rows(kinds: Sequence[str], r: Run, km: float = 200.0) -> list[list[str]]:
+    """Per kind of album: how many, the mean single picture, the best single picture of the
+    album and the joint answer within ``km``, and the joint's gain over the mean in points."""
+    rows = []
+    for kind in dict.fromkeys(kinds):
+        pick = [i for i, k in enumerate(kinds) if k == kind]
+        single = np.concatenate([r.single_km[i] for i in pick])
+        best = np.array([r.single_km[i].min() for i in pick])
+        joint = r.joint_km[pick]
+        label = SHIFTS[kind][0] if kind in SHIFTS else RENDERINGS[kind][0]
+        gain = 100 * (within(joint, km) - within(single, km))
+        rows.append([label, str(len(pick)), pct(within(single, km)), pct(within(best, km)),
+                     pct(within(joint, km)), f"{gain:+.1f}"])  # fmt: skip
+    return rows
 
 
 def foreign_tiles(albums: Sequence[Album], seed: int) -> list[tuple[Image.Image, np.ndarray]]:
@@ -179,8 +240,25 @@ def single_rows(r: Run) -> list[list[str]]:
             "joint misses where the best single meets",
             *[pct(float(np.mean((best <= t) & (r.joint_km > t)))) for t in SHOWN_KM],
         ],
+        [
+            f"joint − mean single, points (95 % interval over {BOOTSTRAP:,} resamplings)",
+            *[gain_interval(r, t) for t in SHOWN_KM],
+        ],
     ]
     return rows
+
+
+def gain_interval(r: Run, km: float, seed: int = 0) -> str:
+    """The joint answer's gain over the mean single picture within ``km``, in points, with a
+    95 % percentile interval from resampling the albums (each album's pictures together)."""
+    hits = np.array([np.sum(s <= km) for s in r.single_km], dtype=np.float64)
+    sizes = np.array([len(s) for s in r.single_km], dtype=np.float64)
+    joint = (r.joint_km <= km).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(joint), (BOOTSTRAP, len(joint)))
+    gains = joint[pick].mean(1) - hits[pick].sum(1) / sizes[pick].sum(1)
+    lo, hi = np.percentile(100 * gains, [2.5, 97.5])
+    return f"{100 * (joint.mean() - hits.sum() / sizes.sum()):+.1f} ({lo:+.1f} to {hi:+.1f})"
 
 
 def time_ratio(
@@ -333,6 +411,18 @@ def main() -> None:
         f"250-355 km wide, TEST_STYLE's colour augmentation\n"
     )
     print(markdown_table(["", *[f"within {t} km" for t in SHOWN_KM]], single_rows(narrow)))
+
+    shifted = draw_shifted_albums(n, REPORT_SEED + 30)
+    other = run(locator, options, [a for _, a in shifted], config)
+    print(
+        f"\n### Albums in other colours and renderings (seed {REPORT_SEED + 30}): {n} albums of "
+        f"3-5 tiles, each album one kind, the kinds in turn\n"
+    )
+    print(markdown_table(["", *[f"within {t} km" for t in SHOWN_KM]], single_rows(other)))
+    print()
+    header = ["kind", "albums", "mean single", "best single", "joint", "joint − mean, points"]
+    print("within 200 km, per kind:\n")
+    print(markdown_table(header, kind_rows([k for k, _ in shifted], other)))
 
     fives = draw_albums(max(n // 2, 10), REPORT_SEED + 10, sizes=(5, 5))
     clean = run(locator, options, fives, config)
