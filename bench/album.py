@@ -336,27 +336,23 @@ def tune_region(locator: Locator, options: LocateOptions, n: int, base: AlbumCon
 
 def tune(locator: Locator, options: LocateOptions, n: int, base: AlbumConfig) -> None:
     albums = draw_albums(n, TUNE_SEED)
+    narrow = draw_albums(n, TUNE_SEED + 20, style=NARROW_STYLE)
     swapped = with_foreign_tile(max(n // 2, 10), TUNE_SEED + 10)
-    first = run(locator, options, albums, base)
     rows = []
-    for temperature in (1.0, 2.0, 3.0, 5.0):
+    for temperature in (0.5, 1.0, 2.0):
         for uniform in (0.01, 0.05, 0.2):
             cfg = replace(base, temperature=temperature, uniform=uniform)
-            r = run(locator, options, albums, cfg, first.single_km)
-            f = run(locator, options, swapped, cfg, [np.zeros(1)] * len(swapped))
-            rows.append(
-                [
-                    f"{temperature:g}",
-                    f"{uniform:g}",
-                    *[pct(within(r.joint_km, t)) for t in SHOWN_KM],
-                    *[pct(within(f.joint_km, t)) for t in (25, 200)],
-                ]
-            )
+            cells = []
+            for drawn in (albums, narrow, swapped):
+                r = run(locator, options, drawn, cfg, [np.zeros(1)] * len(drawn))
+                cells.append(" / ".join(pct(within(r.joint_km, t)) for t in SHOWN_KM))
+            rows.append([f"{temperature:g}", f"{uniform:g}", *cells])
     print(
-        f"\n### Tuning draws (seed {TUNE_SEED}: {len(albums)} albums, {len(swapped)} with a "
-        "foreign tile)\n"
+        f"\n### Tuning draws (seed {TUNE_SEED}: {len(albums)} albums; seed {TUNE_SEED + 20}: "
+        f"{len(narrow)} narrow albums; seed {TUNE_SEED + 10}: {len(swapped)} with a foreign "
+        "tile), joint within 25 / 200 / 750 km\n"
     )
-    header = ["τ", "ε", *[f"joint {t} km" for t in SHOWN_KM], "foreign 25 km", "foreign 200 km"]
+    header = ["τ", "ε", "albums", "narrow albums", "with a foreign tile"]
     print(markdown_table(header, rows))
 
 
