@@ -25,8 +25,8 @@ Printed, within 25 / 200 / 750 km:
 album's spread (``GEOLOC_ALBUM_SPREAD_KM``), ``--tune region`` the regions' spread and radius
 (``AlbumConfig.region_spread``, ``region_radius``) on albums as drawn, narrow albums and 5-tile
 albums with a foreign tile, all on other draws (seeds 70702, 70722, 70712), and prints the
-tables the defaults were chosen from; the reported albums (seeds 70701, 70711, 70721) are
-never tuned on.
+tables the defaults were chosen from; the reported albums (seeds 70701, 70711, 70721, 70731)
+are never tuned on.
 
     .venv/bin/python bench/album.py [--albums 400] [--tune temperature|spread|region] [--quick]
 """
@@ -241,7 +241,8 @@ def single_rows(r: Run) -> list[list[str]]:
             *[pct(float(np.mean((best <= t) & (r.joint_km > t)))) for t in SHOWN_KM],
         ],
         [
-            f"joint − mean single, points (95 % interval over {BOOTSTRAP:,} resamplings)",
+            f"joint − mean single, points (95 % interval over {BOOTSTRAP:,} resamplings of "
+            "the albums)",
             *[gain_interval(r, t) for t in SHOWN_KM],
         ],
     ]

@@ -167,7 +167,8 @@ def regional(
         # Masked to each region, so that every row is shifted by its own largest logit.
         return logsumexp(np.where(near, x[None, :], -np.inf), axis=1)
 
-    out = fine - region_sums(fine) + region_sums(np.asarray(coarse, dtype=np.float64))
+    with np.errstate(invalid="ignore"):  # -inf - -inf where a region is all ruled out: kept below
+        out = fine - region_sums(fine) + region_sums(np.asarray(coarse, dtype=np.float64))
     return np.where(np.isfinite(fine), out, fine)
 
 
