@@ -199,6 +199,15 @@ class Run:
     weights: list[np.ndarray]
     outlier: list[np.ndarray]
 
+    def __getitem__(self, rows: Sequence[int]) -> Run:
+        """The same run over some of its albums."""
+        return Run(
+            [self.single_km[i] for i in rows],
+            self.joint_km[list(rows)],
+            [self.weights[i] for i in rows],
+            [self.outlier[i] for i in rows],
+        )
+
 
 def run(
     locator: Locator,
@@ -416,6 +425,9 @@ def main() -> None:
         f"3-5 tiles, each album one kind, the kinds in turn\n"
     )
     print(markdown_table(["", *[f"within {t} km" for t in SHOWN_KM]], single_rows(other)))
+    colour = [i for i, (k, _) in enumerate(shifted) if k in SHIFTS]
+    print(f"\nthe {len(colour)} albums with a colour shift (not another rendering):\n")
+    print(markdown_table(["", *[f"within {t} km" for t in SHOWN_KM]], single_rows(other[colour])))
     print()
     header = ["kind", "albums", "mean single", "best single", "joint", "joint − mean, points"]
     print("within 200 km, per kind:\n")
