@@ -4,8 +4,10 @@ Runtime in fp32 or with int8 weights.
 The image tower is nearly all of a request's CPU time. ONNX Runtime fuses the transformer's
 kernels and, with ``int8``, runs its matrix products on 8-bit weights (dynamic quantisation:
 activations are quantised per batch, so no calibration images are needed). It is one wheel
-that runs on x86 and ARM, with the same numbers as torch in fp32; OpenVINO would add a larger,
-Intel-first dependency for the same kernels.
+that runs on x86 and ARM, with the same numbers as torch in fp32. OpenVINO, measured on an
+Intel Xeon, ran ViT-L/14 faster at batch 8 but held a second copy of the weights (about 1 GB
+more at peak than torch) and is a 180 MB install (docs/BENCHMARKS.md, "OpenVINO and
+torch.compile on the Xeon").
 
 An exported tower is an artifact like an index: a folder with the graph, its weights file and
 a manifest that records the profile, the weights (``weights_id`` and a sha256 of the tower's own
