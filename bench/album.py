@@ -238,7 +238,8 @@ def change(d: np.ndarray, base: np.ndarray, km: float) -> str:
     return f"{pct(within(d, km))} ({100 * (within(d, km) - within(base, km)):+.1f})"
 
 
-def single_rows(r: Run) -> list[list[str]]:
+def album_table(r: Run) -> str:
+    """Single pictures and the joint answer within each of SHOWN_KM, as a markdown table."""
     flat = np.concatenate(r.single_km)
     best = np.array([s.min() for s in r.single_km])
     rows = [
@@ -255,7 +256,7 @@ def single_rows(r: Run) -> list[list[str]]:
             *[gain_interval(r, t) for t in SHOWN_KM],
         ],
     ]
-    return rows
+    return markdown_table(["", *[f"within {t} km" for t in SHOWN_KM]], rows)
 
 
 def gain_interval(r: Run, km: float, seed: int = 0) -> str:
@@ -297,73 +298,61 @@ def with_foreign_tile(n: int, seed: int) -> list[Album]:
     return last_replaced(fives, [f[0] for f in foreign_tiles(fives, seed)])
 
 
-def tune_spread(locator: Locator, options: LocateOptions, n: int, base: AlbumConfig) -> None:
+def sweep(
+    locator: Locator,
+    options: LocateOptions,
+    n: int,
+    title: str,
+    header: Sequence[str],
+    configs: Sequence[tuple[Sequence[str], AlbumConfig]],
+) -> None:
+    """The joint answer under each of ``configs`` (the row's first cells, the config) on the
+    tuning draws, never the reported ones: albums (TUNE_SEED), narrow albums (+20) and 5-tile
+    albums with a foreign tile (+10)."""
     sets = {
         "albums": draw_albums(n, TUNE_SEED),
         "narrow albums": draw_albums(n, TUNE_SEED + 20, style=NARROW_STYLE),
         "with a foreign tile": with_foreign_tile(max(n // 2, 10), TUNE_SEED + 10),
     }
     rows = []
-    for spread in (0.0, 15.0, 25.0, 35.0, 50.0):
-        cfg = replace(base, spread_km=spread)
-        cells = []
+    for cells, cfg in configs:
+        rows.append(list(cells))
         for albums in sets.values():
             r = run(locator, options, albums, cfg, [np.zeros(1)] * len(albums))
-            cells.append(" / ".join(pct(within(r.joint_km, t)) for t in SHOWN_KM))
-        rows.append([f"{spread:g}", *cells])
+            rows[-1].append(" / ".join(pct(within(r.joint_km, t)) for t in SHOWN_KM))
     sizes = ", ".join(f"{k} {len(v)}" for k, v in sets.items())
-    print(f"\n### Tuning draws for the spread (seeds {TUNE_SEED}, +20, +10: {sizes})\n")
-    header = ["spread km", *[f"{k}: joint {' / '.join(map(str, SHOWN_KM))} km" for k in sets]]
-    print(markdown_table(header, rows))
+    print(f"\n### Tuning draws for {title} (seeds {TUNE_SEED}, +20, +10: {sizes})\n")
+    km = " / ".join(map(str, SHOWN_KM))
+    print(markdown_table([*header, *[f"{k}: joint {km} km" for k in sets]], rows))
+
+
+def tune_spread(locator: Locator, options: LocateOptions, n: int, base: AlbumConfig) -> None:
+    configs = [([f"{s:g}"], replace(base, spread_km=s)) for s in (0.0, 15.0, 25.0, 35.0, 50.0)]
+    sweep(locator, options, n, "the spread", ["spread km"], configs)
 
 
 def tune_region(locator: Locator, options: LocateOptions, n: int, base: AlbumConfig) -> None:
-    """The regions' spread and radius (multiples of the album's spread) on the tuning draws."""
-    sets = {
-        "albums": draw_albums(n, TUNE_SEED),
-        "narrow albums": draw_albums(n, TUNE_SEED + 20, style=NARROW_STYLE),
-        "with a foreign tile": with_foreign_tile(max(n // 2, 10), TUNE_SEED + 10),
-    }
+    """The regions' spread and radius (multiples of the album's spread)."""
     grid = [(1.0, 4.0), (2.0, 2.0), (2.0, 4.0), (2.0, 8.0), (3.0, 3.0), (3.0, 4.0), (3.0, 6.0)]
-    rows = []
-    for region_spread, region_radius in [*grid, (4.0, 4.0)]:
-        cfg = replace(base, region_spread=region_spread, region_radius=region_radius)
-        cells = []
-        for albums in sets.values():
-            r = run(locator, options, albums, cfg, [np.zeros(1)] * len(albums))
-            cells.append(" / ".join(pct(within(r.joint_km, t)) for t in SHOWN_KM))
-        label = "one combination" if region_spread <= 1 else f"{region_spread:g}"
-        rows.append([label, f"{region_radius:g}" if region_spread > 1 else "-", *cells])
-    sizes = ", ".join(f"{k} {len(v)}" for k, v in sets.items())
-    print(f"\n### Tuning draws for the regions (seeds {TUNE_SEED}, +20, +10: {sizes})\n")
-    header = [
-        "region spread × s",
-        "radius × s",
-        *[f"{k}: joint {' / '.join(map(str, SHOWN_KM))} km" for k in sets],
+    configs = [
+        (
+            ["one combination", "-"] if spread <= 1 else [f"{spread:g}", f"{radius:g}"],
+            replace(base, region_spread=spread, region_radius=radius),
+        )
+        for spread, radius in [*grid, (4.0, 4.0)]
     ]
-    print(markdown_table(header, rows))
+    header = ["region spread × s", "radius × s"]
+    sweep(locator, options, n, "the regions", header, configs)
 
 
 def tune(locator: Locator, options: LocateOptions, n: int, base: AlbumConfig) -> None:
-    albums = draw_albums(n, TUNE_SEED)
-    narrow = draw_albums(n, TUNE_SEED + 20, style=NARROW_STYLE)
-    swapped = with_foreign_tile(max(n // 2, 10), TUNE_SEED + 10)
-    rows = []
-    for temperature in (0.5, 1.0, 2.0):
-        for uniform in (0.01, 0.05, 0.2):
-            cfg = replace(base, temperature=temperature, uniform=uniform)
-            cells = []
-            for drawn in (albums, narrow, swapped):
-                r = run(locator, options, drawn, cfg, [np.zeros(1)] * len(drawn))
-                cells.append(" / ".join(pct(within(r.joint_km, t)) for t in SHOWN_KM))
-            rows.append([f"{temperature:g}", f"{uniform:g}", *cells])
-    print(
-        f"\n### Tuning draws (seed {TUNE_SEED}: {len(albums)} albums; seed {TUNE_SEED + 20}: "
-        f"{len(narrow)} narrow albums; seed {TUNE_SEED + 10}: {len(swapped)} with a foreign "
-        "tile), joint within 25 / 200 / 750 km\n"
-    )
-    header = ["τ", "ε", "albums", "narrow albums", "with a foreign tile"]
-    print(markdown_table(header, rows))
+    """The album temperature τ and uniform share ε."""
+    configs = [
+        ([f"{t:g}", f"{u:g}"], replace(base, temperature=t, uniform=u))
+        for t in (0.5, 1.0, 2.0)
+        for u in (0.01, 0.05, 0.2)
+    ]
+    sweep(locator, options, n, "τ and ε", ["τ", "ε"], configs)
 
 
 def main() -> None:
@@ -409,14 +398,14 @@ def main() -> None:
         f"\n### Albums (seed {REPORT_SEED}): {n} albums of 3 / 4 / 5 tiles: "
         f"{' / '.join(str(int(s)) for s in sizes)}\n"
     )
-    print(markdown_table(["", *[f"within {t} km" for t in SHOWN_KM]], single_rows(main_run)))
+    print(album_table(main_run))
 
     narrow = run(locator, options, draw_albums(n, REPORT_SEED + 20, style=NARROW_STYLE), config)
     print(
         f"\n### Narrow albums (seed {REPORT_SEED + 20}): {n} albums of 3-5 tiles, views about "
         f"250-355 km wide, TEST_STYLE's colour augmentation\n"
     )
-    print(markdown_table(["", *[f"within {t} km" for t in SHOWN_KM]], single_rows(narrow)))
+    print(album_table(narrow))
 
     shifted = draw_shifted_albums(n, REPORT_SEED + 30)
     other = run(locator, options, [a for _, a in shifted], config)
@@ -424,10 +413,10 @@ def main() -> None:
         f"\n### Albums in other colours and renderings (seed {REPORT_SEED + 30}): {n} albums of "
         f"3-5 tiles, each album one kind, the kinds in turn\n"
     )
-    print(markdown_table(["", *[f"within {t} km" for t in SHOWN_KM]], single_rows(other)))
+    print(album_table(other))
     colour = [i for i, (k, _) in enumerate(shifted) if k in SHIFTS]
     print(f"\nthe {len(colour)} albums with a colour shift (not another rendering):\n")
-    print(markdown_table(["", *[f"within {t} km" for t in SHOWN_KM]], single_rows(other[colour])))
+    print(album_table(other[colour]))
     print()
     header = ["kind", "albums", "mean single", "best single", "joint", "joint − mean, points"]
     print("within 200 km, per kind:\n")

@@ -123,9 +123,7 @@ def combine(
         agreement = np.clip(np.nan_to_num(np.asarray(agreement, dtype=np.float64)), 0.0, 1.0)
         if agreement.shape != (n,):
             raise ValueError(f"agreement has shape {agreement.shape}; expected ({n},)")
-        weights = prior * agreement
-        if not weights.any():
-            weights = prior
+        weights = _weighed(prior, agreement)
     else:
         weights = prior.copy()
         agreement = np.ones(n)
@@ -134,9 +132,7 @@ def combine(
             q = np.exp(log_softmax(joint))
             match = np.minimum(1.0, (p @ q) / self_match)
             agreement = match / max(float(match[prior > 0].max()), 1e-12)
-            weights = prior * agreement
-            if not weights.any():
-                weights = prior
+            weights = _weighed(prior, agreement)
     joint = weights @ mix / config.temperature
     total = weights.sum()
     return Combined(
@@ -145,6 +141,13 @@ def combine(
         agreement=agreement,
         outlier=(agreement < config.outlier_below) & (prior > 0),
     )
+
+
+def _weighed(prior: np.ndarray, agreement: np.ndarray) -> np.ndarray:
+    """Each picture's weight: its prior times its agreement, or the prior alone where no
+    picture agrees at all (then nothing tells them apart)."""
+    weights = prior * agreement
+    return weights if weights.any() else prior
 
 
 def regional(
