@@ -9,7 +9,10 @@ output column, each run's activations uint8 with one scale per run):
 - ``uint8``: uint8 weights over their full range, which ONNX Runtime multiplies with other
   (uint8 x uint8) kernels;
 - ``int8 blocks of 32 / 128 (MatMulNBits)``: 8-bit weights with one scale per block of input
-  rows, activations quantised per row and block (int8 compute), Gemms rewritten as MatMuls.
+  rows, activations quantised per row and block (int8 compute), Gemms rewritten as MatMuls;
+- ``int8-residual``: the export's ``int8-residual`` (encoders/quantize.py): each per-token
+  product's activations as two 7-bit parts (value and rounding residual), two int8 products
+  with 8-bit weights; the per-picture products fp32.
 
 and three emulations (``EMULATED``: int8 rounding computed in fp32, so untimed): int8 weights
 with fp32 activations, the error every int8-weight recipe starts from; with the activations
@@ -57,6 +60,7 @@ from tilesets import (
     tileset,
 )
 
+from encoders.quantize import quantize_residual
 from encoders.runtime import (
     MODEL_FILE,
     OnnxImageTower,
@@ -87,6 +91,7 @@ RECIPES = {
     "uint8": {"unsigned": True, "reduce_range": False},
     "int8 blocks of 32 (MatMulNBits)": {"block_size": 32},
     "int8 blocks of 128 (MatMulNBits)": {"block_size": 128},
+    "int8-residual (exported as int8-residual)": {"residual": True},
 }
 
 
@@ -99,7 +104,10 @@ def towers(model, root: Path, threads: int) -> dict[str, OnnxImageTower]:
     for i, (name, options) in enumerate(RECIPES.items()):
         path = root / f"recipe{i}" / MODEL_FILE
         path.parent.mkdir()
-        quantize_tower(fp32_dir / MODEL_FILE, path, **options)
+        if options.get("residual"):
+            quantize_residual(fp32_dir / MODEL_FILE, path)
+        else:
+            quantize_tower(fp32_dir / MODEL_FILE, path, **options)
         int8 = dataclasses.replace(manifest, precision="int8")
         out[name] = OnnxImageTower(path, threads, int8)
     for i, (name, options) in enumerate(EMULATED.items()):

@@ -1,4 +1,4 @@
-"""Image-tower runtimes side by side: torch fp32 eager, ONNX Runtime fp32 and int8.
+"""Image-tower runtimes side by side: torch fp32 eager, ONNX Runtime fp32, int8 and int8-residual.
 
 For each profile (`bluemarble` with its trained weights; `geoclip`, the ViT-L/14 architecture,
 with seeded random backbone weights: the same compute as the real ones), in one run:
@@ -43,7 +43,7 @@ from encoders.runtime import (
     parity_pictures,
 )
 
-VARIANTS = (("onnx", "fp32"), ("onnx", "int8"))
+VARIANTS = (("onnx", "fp32"), ("onnx", "int8"), ("onnx", "int8-residual"))
 
 
 def _model(profile: str):

@@ -1,5 +1,6 @@
 """Image-tower runtimes: the tower as torch runs it, or exported to ONNX and run by ONNX
-Runtime in fp32 or with int8 weights.
+Runtime in fp32, with int8 products (``int8``), or with int8 products that keep fp32's answers
+(``int8-residual``, encoders/quantize.py).
 
 The image tower is nearly all of a request's CPU time. ONNX Runtime fuses the transformer's
 kernels and, with ``int8``, runs its matrix products on 8-bit weights (dynamic quantisation:
@@ -40,13 +41,14 @@ from PIL import Image
 
 from encoders.errors import EncoderError
 from encoders.model import state_digest
+from encoders.quantize import INT8_RESIDUAL, quantize_residual
 from index.files import atomic_write, fsync_dir, fsync_file, sha256_file
 
 if TYPE_CHECKING:
     from encoders.model import GeoModel
 
 RUNTIMES = ("torch", "onnx")
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int8-residual")
 ARTIFACT_FORMAT = "geoloc.image-runtime"
 ARTIFACT_VERSION = 2
 MODEL_FILE = "image_tower.onnx"
@@ -102,7 +104,10 @@ def has_vnni() -> bool:
 
 def quantization(precision: str, portable: bool = False) -> str | None:
     """What an export of ``precision`` on this CPU records as its ``quantization`` (None: not
-    quantised); ``portable``: weights within 7 bits whatever this CPU has."""
+    quantised); ``portable``: weights within 7 bits whatever this CPU has (``int8-residual``
+    holds on every CPU as made)."""
+    if precision == "int8-residual":
+        return INT8_RESIDUAL
     if precision != "int8":
         return None
     return INT8_8BIT if has_vnni() and not portable else INT8_7BIT
@@ -111,8 +116,12 @@ def quantization(precision: str, portable: bool = False) -> str | None:
 def _quantization_problem(found: str | None, precision: str, portable: bool) -> str | None:
     """Why an artifact whose weights were quantised as ``found`` may not run here (None: it
     may); ``portable``: only weights that run on every CPU will do."""
-    if precision != "int8":
+    if precision == "fp32":
         return None if found is None else f"its fp32 graph records a quantisation ({found!r})"
+    if precision == "int8-residual":  # one recipe, which runs on every CPU
+        if found == INT8_RESIDUAL:
+            return None
+        return f"its weights were quantised as {found!r}, not as {INT8_RESIDUAL!r}"
     if found == INT8_7BIT or (found == INT8_8BIT and has_vnni() and not portable):
         return None
     if found == INT8_8BIT:
@@ -357,15 +366,17 @@ def _export(
     try:
         started = time.perf_counter()
         recipe = quantization(precision, portable)
-        if precision == "int8":
-            (work / "fp32").mkdir()
-            _write_onnx(model, size, work / "fp32" / MODEL_FILE)
-            quantize_tower(
-                work / "fp32" / MODEL_FILE, work / MODEL_FILE, reduce_range=recipe == INT8_7BIT
-            )
-            shutil.rmtree(work / "fp32")
-        else:
+        if precision == "fp32":
             _write_onnx(model, size, work / MODEL_FILE)
+        else:  # quantised from the fp32 graph
+            fp32 = work / "fp32" / MODEL_FILE
+            fp32.parent.mkdir()
+            _write_onnx(model, size, fp32)
+            if precision == "int8":
+                quantize_tower(fp32, work / MODEL_FILE, reduce_range=recipe == INT8_7BIT)
+            else:
+                quantize_residual(fp32, work / MODEL_FILE)
+            shutil.rmtree(fp32.parent)
         files = {MODEL_FILE: work / MODEL_FILE, DATA_FILE: work / DATA_FILE}
         for path in files.values():
             path.chmod(0o644)  # the quantiser writes its weights file private

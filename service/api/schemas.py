@@ -755,7 +755,10 @@ class ImageRuntimeInfo(BaseModel):
     """The image tower's runtime (GEOLOC_IMAGE_RUNTIME, GEOLOC_IMAGE_PRECISION)."""
 
     runtime: str = Field(description="What runs the image tower: torch or onnx.")
-    precision: str = Field(description="fp32, or int8 (int8 weights in the matrix products).")
+    precision: str = Field(
+        description="fp32, int8 (int8 matrix products) or int8-residual (int8 products of "
+        "each activation's two 8-bit parts)."
+    )
     tower_sha256: str | None = Field(
         None, description="sha256 of the image tower's weights the onnx export was made from."
     )

@@ -15,6 +15,7 @@ from PIL import Image
 
 from encoders import load_model
 from encoders.profiles import build_model
+from encoders.quantize import INT8_RESIDUAL
 from encoders.registry import get_profile
 from encoders.runtime import (
     CHUNK_PIXELS,
@@ -234,6 +235,74 @@ def test_blockwise_int8_quantises_every_weight_product(tmp_path: Path) -> None:
     assert cos.min() >= 0.999 and torch.abs(got - want).max() > 1e-6
 
 
+@pytest.mark.parametrize("which", ["bluemarble", "small-geoclip-architecture"])
+def test_int8_residual_keeps_torchs_embeddings_closer_than_int8(tmp_path: Path, which: str) -> None:
+    """Each activation in two parts (value and rounding residual): on `bluemarble`'s trained
+    weights its embeddings are at least ten times closer to torch's than int8's."""
+    model = load_model("bluemarble") if which == "bluemarble" else _small_geoclip_architecture()
+    pictures = _pictures(16, seed=5)
+    reference = model.embed_images(pictures)
+    errors = {}
+    for precision in ("int8", "int8-residual"):
+        load_image_runtime(model, tmp_path, "onnx", precision, release=False)
+        got = model.embed_images(pictures)
+        errors[precision] = float(np.mean(1 - np.sum(got * reference, axis=1)))
+        assert np.abs(got - reference).max() > 1e-7  # really quantised, not the fp32 graph
+    model.image_runtime = None
+    assert errors["int8-residual"] * 10 <= errors["int8"]
+    manifest = read_manifest(artifact_dir(tmp_path, model.profile, "onnx", "int8-residual"))
+    assert manifest.quantization == INT8_RESIDUAL == quantization("int8-residual", portable=True)
+
+
+def test_int8_residual_products_never_saturate_and_per_picture_ones_stay_fp32(
+    tmp_path: Path,
+) -> None:
+    """Every per-token product becomes two int8 ones whose activations lie within 0..128
+    (no int16 saturation without VNNI); the products applied once per picture (the pooled
+    token's projection and the head) stay fp32 MatMuls/Gemms."""
+    import onnx
+    import onnxruntime as ort
+
+    model = load_model("bluemarble")
+    load_image_runtime(model, tmp_path, "onnx", "fp32", release=False)
+    fp32 = onnx.load(str(artifact_dir(tmp_path, "bluemarble", "onnx", "fp32") / MODEL_FILE))
+    weights = {t.name for t in fp32.graph.initializer}
+    products = [n for n in fp32.graph.node if n.op_type in ("MatMul", "Gemm")]
+    weighted = [n for n in products if n.input[1] in weights]
+    load_image_runtime(model, tmp_path, "onnx", "int8-residual", release=False)
+    path = artifact_dir(tmp_path, "bluemarble", "onnx", "int8-residual") / MODEL_FILE
+    graph = onnx.load(str(path))
+    ops = [n.op_type for n in graph.graph.node]
+    per_picture = 3  # the pooled token's projection and the head's two layers
+    assert ops.count("MatMulIntegerToFloat") == 2 * (len(weighted) - per_picture)
+    kept = [n for n in graph.graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert len(kept) == len(products) - len(weighted) + per_picture
+    quantised = [
+        n.output[0] for n in graph.graph.node if n.op_type == "QuantizeLinear"
+    ]  # the values and the residuals
+    assert len(quantised) == ops.count("MatMulIntegerToFloat")
+    graph.graph.output.extend(onnx.ValueInfoProto(name=name) for name in quantised)
+    onnx.save(graph, str(tmp_path / "probe.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "probe.onnx"), providers=["CPUExecutionProvider"])
+    outputs = session.run(quantised, {"pixels": model.pixels(_pictures(8, seed=6)).numpy()})
+    assert all(o.dtype == np.uint8 for o in outputs)
+    assert max(int(o.max()) for o in outputs) <= 128
+    assert max(int(o.max()) for o in outputs) >= 100  # the 7-bit range is used
+
+
+def test_int8_residual_artifact_quantised_another_way_is_refused(tmp_path: Path) -> None:
+    model = load_model("bluemarble")
+    load_image_runtime(model, tmp_path, "onnx", "int8-residual", release=False)
+    directory = artifact_dir(tmp_path, "bluemarble", "onnx", "int8-residual")
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    manifest["quantization"] = INT8_7BIT
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeArtifactError, match="not as 'MatMul/Gemm weights int8"):
+        load_image_runtime(model, tmp_path, "onnx", "int8-residual", export=False)
+    load_image_runtime(model, tmp_path, "onnx", "int8-residual", release=False)
+    assert read_manifest(directory).quantization == INT8_RESIDUAL
+
+
 def test_int8_artifact_quantised_another_way_is_exported_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -301,8 +370,9 @@ def test_damaged_or_unfinished_artifact_is_exported_again(tmp_path: Path) -> Non
 
 def test_choices_are_checked() -> None:
     model = load_model("bluemarble")
-    with pytest.raises(RuntimeArtifactError, match="needs the onnx runtime"):
-        load_image_runtime(model, Path("unused"), "torch", "int8")
+    for precision in ("int8", "int8-residual"):
+        with pytest.raises(RuntimeArtifactError, match="needs the onnx runtime"):
+            load_image_runtime(model, Path("unused"), "torch", precision)
     with pytest.raises(RuntimeArtifactError, match="unknown image runtime"):
         load_image_runtime(model, Path("unused"), "openvino", "fp32")
     assert load_image_runtime(model, Path("unused"), "torch", "fp32") is None
