@@ -349,3 +349,18 @@ def test_a_portable_int8_tower_is_exported_within_7_bits_on_a_cpu_with_vnni(
     assert runtime.read_manifest(manifest).quantization == runtime.INT8_8BIT
     load_geomodel(Settings(**base, image_int8_portable=True))
     assert runtime.read_manifest(manifest).quantization == runtime.INT8_7BIT
+
+
+def test_int8_residual_is_a_setting_the_service_loads_and_needs_onnx(tmp_path: Path) -> None:
+    import encoders.runtime as runtime
+    from encoders.quantize import INT8_RESIDUAL
+    from service.engine.loading import load_geomodel
+
+    with pytest.raises(ValueError, match="int8-residual needs image_runtime onnx"):
+        Settings(data_dir=tmp_path, image_precision="int8-residual")
+    s = Settings(data_dir=tmp_path, image_runtime="onnx", image_precision="int8-residual")
+    model = load_geomodel(s)
+    assert model.image_runtime is not None
+    assert model.image_runtime.describe()["precision"] == "int8-residual"
+    directory = runtime.artifact_dir(tmp_path / "runtimes", "bluemarble", "onnx", "int8-residual")
+    assert runtime.read_manifest(directory).quantization == INT8_RESIDUAL
