@@ -10,9 +10,9 @@ So here each activation is carried in two 7-bit parts: its rounding to 7 bits, a
 of what that left over (the residual, within half a step) to 7 bits on a scale 127 times finer,
 about 14 bits in all. Each part is multiplied by the same int8 weights (8 bits, one scale per
 output column) in ONNX Runtime's int8 kernels, and the two products are summed in fp32: twice
-int8's products, none of fp32's. Activations within 7 bits (0..128) times weights within 8
-(-127..127) never saturate the int16 pair sums of CPUs without VNNI (2 x 128 x 127 < 2^15), so
-one artifact runs on every CPU.
+int8's products, none of fp32's. Activation codes within 0..128 times weights within
+-127..127 never saturate the int16 pair sums of CPUs without VNNI (2 x 128 x 127 < 2^15), so
+one artifact serves every CPU (its speed was measured on CPUs with VNNI only).
 
 Products applied once per picture (rank-2 inputs: the pooled token's projection and the head)
 stay fp32: they cost nothing beside the per-token ones, and the head's int8 weights alone were
@@ -26,12 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-#: What an ``int8-residual`` manifest records as its ``quantization``.
+#: What an ``int8-residual`` manifest records as its ``quantization``: an export whose record
+#: differs is refused and made again, so change the version with any change to the recipe
+#: (the constants below, the per-picture rule).
 INT8_RESIDUAL = (
-    "MatMul/Gemm weights int8 per output column, 8-bit range; per-token activations as two "
+    "v1: MatMul/Gemm weights int8 per output column, 8-bit range; per-token activations as two "
     "7-bit parts (value, rounding residual), two int8 products; per-picture products fp32"
 )
-ACTIVATION_STEPS = 127.0  # 7 bits: 0..127 (128 at the rounding edge)
+#: Steps of each activation part: its codes lie within 0..127, or 128 where the largest value
+#: rounds up; within 0..128 either way, which is what keeps the pair sums from saturating.
+ACTIVATION_STEPS = 127.0
 RESIDUAL_ZERO = 64  # the residual's zero point: it lies within +-63.5 steps of its finer scale
 WEIGHT_TOP = 127.0  # 8-bit symmetric weights
 
@@ -43,13 +47,15 @@ def quantize_residual(fp32: Path, out: Path) -> None:
     from onnx import helper, numpy_helper
     from onnxruntime.quantization.onnx_model import ONNXModel
 
+    for stale in (out, out.with_name(out.name + ".data")):
+        stale.unlink(missing_ok=True)  # onnx appends external data to an existing file
     wrapped = ONNXModel(onnx.load(str(fp32)))
     wrapped.replace_gemm_with_matmul()  # a Gemm's weights become a MatMul's, bias an Add
     wrapped.remove_unused_constant()
     model = wrapped.model
     graph = model.graph
     consts = {t.name: t for t in graph.initializer}
-    per_picture = _per_picture_tensors(graph)
+    per_picture = _per_picture_tensors(model)
     shared = {
         "rq_zero": np.array(0.0, np.float32),
         "rq_steps": np.array(ACTIVATION_STEPS, np.float32),
@@ -120,13 +126,21 @@ def _two_part_product(x: str, p: str, out: str) -> list:
     return nodes
 
 
-def _per_picture_tensors(graph: object) -> set[str]:
+def _per_picture_tensors(model: object) -> set[str]:
     """Names of the graph's rank-2 tensors whose first axis is the batch: one row per picture
-    (after pooling), where the per-token ones have a token axis or batch x tokens rows."""
-    batch = graph.input[0].type.tensor_type.shape.dim[0].dim_param  # type: ignore[attr-defined]
+    (after pooling), where the per-token ones have a token axis or batch x tokens rows. The
+    exporter records every tensor's shape; a graph without them has them inferred."""
+    import onnx
+
+    graph = model.graph  # type: ignore[attr-defined]
+    if not graph.value_info:
+        graph = onnx.shape_inference.infer_shapes(model).graph
+    batch = graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    if not batch:
+        raise ValueError("int8-residual needs a graph whose batch axis is dynamic")
     out = set()
-    for v in graph.value_info:  # type: ignore[attr-defined]
+    for v in [*graph.value_info, *graph.input, *graph.output]:
         dims = v.type.tensor_type.shape.dim
-        if batch and len(dims) == 2 and dims[0].dim_param == batch:
+        if len(dims) == 2 and dims[0].dim_param == batch:
             out.add(v.name)
     return out

@@ -121,7 +121,8 @@ def _quantization_problem(found: str | None, precision: str, portable: bool) -> 
     if precision == "int8-residual":  # one recipe, which runs on every CPU
         if found == INT8_RESIDUAL:
             return None
-        return f"its weights were quantised as {found!r}, not as {INT8_RESIDUAL!r}"
+        was = found or "full 8-bit int8"
+        return f"its weights were quantised as {was!r}, not as {INT8_RESIDUAL!r}"
     if found == INT8_7BIT or (found == INT8_8BIT and has_vnni() and not portable):
         return None
     if found == INT8_8BIT:
@@ -157,8 +158,9 @@ class RuntimeManifest:
     files: dict[str, str]
     created_at: str
     exporter: dict[str, str]
-    #: How the weights were quantised (``INT8_7BIT`` or ``INT8_8BIT``); None for fp32, and in
-    #: int8 manifests written before it was recorded (refused).
+    #: How the weights were quantised (``INT8_7BIT`` or ``INT8_8BIT`` for int8, ``INT8_RESIDUAL``
+    #: for int8-residual); None for fp32, and in int8 manifests written before it was recorded
+    #: (refused).
     quantization: str | None = None
 
 

@@ -69,8 +69,8 @@ class Settings(_LocateDefaults):
         "fp32",
         description="Image-tower precision: fp32; int8 (int8 matrix products, the fastest; "
         "answers move where candidates are nearly tied); or int8-residual (each activation "
-        "as two 8-bit parts: twice int8's products, answers within 1 km of fp32's on 98 % of "
-        "validation tiles). The int8 ones need GEOLOC_IMAGE_RUNTIME=onnx.",
+        "as two 7-bit parts: twice int8's products, answers within 1 km of fp32's on 98 % of "
+        "bluemarble's test tiles). The int8 ones need GEOLOC_IMAGE_RUNTIME=onnx.",
     )
     image_int8_portable: bool = Field(
         False,

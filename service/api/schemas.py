@@ -757,7 +757,7 @@ class ImageRuntimeInfo(BaseModel):
     runtime: str = Field(description="What runs the image tower: torch or onnx.")
     precision: str = Field(
         description="fp32, int8 (int8 matrix products) or int8-residual (int8 products of "
-        "each activation's two 8-bit parts)."
+        "each activation's two 7-bit parts)."
     )
     tower_sha256: str | None = Field(
         None, description="sha256 of the image tower's weights the onnx export was made from."

@@ -85,7 +85,7 @@ def test_fp32_export_matches_torch(tmp_path: Path, which: str) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int8-residual"])
 def test_the_session_maps_the_weights_file_instead_of_copying_it(
     tmp_path: Path, precision: str
 ) -> None:
@@ -247,11 +247,12 @@ def test_int8_residual_keeps_torchs_embeddings_closer_than_int8(tmp_path: Path, 
         load_image_runtime(model, tmp_path, "onnx", precision, release=False)
         got = model.embed_images(pictures)
         errors[precision] = float(np.mean(1 - np.sum(got * reference, axis=1)))
-        assert np.abs(got - reference).max() > 1e-7  # really quantised, not the fp32 graph
+        # Really quantised, not the fp32 graph (whose largest difference is ~2e-7).
+        assert np.abs(got - reference).max() > 1e-5
     model.image_runtime = None
     assert errors["int8-residual"] * 10 <= errors["int8"]
     manifest = read_manifest(artifact_dir(tmp_path, model.profile, "onnx", "int8-residual"))
-    assert manifest.quantization == INT8_RESIDUAL == quantization("int8-residual", portable=True)
+    assert manifest.quantization == INT8_RESIDUAL
 
 
 def test_int8_residual_products_never_saturate_and_per_picture_ones_stay_fp32(
@@ -273,6 +274,8 @@ def test_int8_residual_products_never_saturate_and_per_picture_ones_stay_fp32(
     path = artifact_dir(tmp_path, "bluemarble", "onnx", "int8-residual") / MODEL_FILE
     graph = onnx.load(str(path))
     ops = [n.op_type for n in graph.graph.node]
+    int8 = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert int8 and all(np.abs(onnx.numpy_helper.to_array(t)).max() <= 127 for t in int8)
     per_picture = 3  # the pooled token's projection and the head's two layers
     assert ops.count("MatMulIntegerToFloat") == 2 * (len(weighted) - per_picture)
     kept = [n for n in graph.graph.node if n.op_type in ("MatMul", "Gemm")]
@@ -297,7 +300,7 @@ def test_int8_residual_artifact_quantised_another_way_is_refused(tmp_path: Path)
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
     manifest["quantization"] = INT8_7BIT
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(RuntimeArtifactError, match="not as 'MatMul/Gemm weights int8"):
+    with pytest.raises(RuntimeArtifactError, match="not as 'v1: MatMul/Gemm weights int8"):
         load_image_runtime(model, tmp_path, "onnx", "int8-residual", export=False)
     load_image_runtime(model, tmp_path, "onnx", "int8-residual", release=False)
     assert read_manifest(directory).quantization == INT8_RESIDUAL
