@@ -43,12 +43,12 @@ from PIL import Image
 from shift import (
     GENERATED,
     RENDERINGS,
-    SHIFT_WIDTHS_KM,
     SHIFTS,
     SIZE,
     generated_set,
     natural_photos,
     scale_for,
+    shift_scales,
 )
 from tilesets import (
     bundled_weights,
@@ -121,13 +121,12 @@ def draw_shifted_albums(n: int, seed: int) -> list[tuple[str, Album]]:
     places = sample_centres(n, rng, is_land)
     kinds = [k for k in SHIFTS if k != "clean"] + list(RENDERINGS)
     mosaics = {"bmng": load_map()}
-    lo, hi = np.log(SHIFT_WIDTHS_KM)
     out = []
     for i, place in enumerate(places):
         kind = kinds[i % len(kinds)]
         k = int(rng.integers(3, 5, endpoint=True))
         centres = offset(place, rng, k, SPREAD_KM)
-        scales = scale_for(1.0) * np.exp(rng.uniform(lo, hi, k))
+        scales = shift_scales(rng, k)
         if kind in RENDERINGS:
             if kind not in mosaics:
                 mosaics[kind] = RENDERINGS[kind][1]()

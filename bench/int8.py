@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import sys
 import tempfile
@@ -60,14 +61,13 @@ from tilesets import (
     tileset,
 )
 
-from encoders.quantize import quantize_residual
+from encoders.quantize import as_matmuls, quantize_residual, quantize_tower, range_scale
 from encoders.runtime import (
     MODEL_FILE,
     OnnxImageTower,
     artifact_dir,
     export_image_runtime,
     parity_pictures,
-    quantize_tower,
     read_manifest,
 )
 from service.engine.options import LocateOptions
@@ -85,13 +85,14 @@ EMULATED = {
     "emulated: int8 weights, uint8 activations per row": {"activations": "row"},
 }
 
+#: Each recipe: what writes its quantised graph (fp32 graph, output path).
 RECIPES = {
-    "int8, 8-bit (exported with VNNI)": {"reduce_range": False},
-    "int8, 7-bit (exported without VNNI)": {"reduce_range": True},
-    "uint8": {"unsigned": True, "reduce_range": False},
-    "int8 blocks of 32 (MatMulNBits)": {"block_size": 32},
-    "int8 blocks of 128 (MatMulNBits)": {"block_size": 128},
-    "int8-residual (exported as int8-residual)": {"residual": True},
+    "int8, 8-bit (exported with VNNI)": functools.partial(quantize_tower, reduce_range=False),
+    "int8, 7-bit (exported without VNNI)": functools.partial(quantize_tower, reduce_range=True),
+    "uint8": functools.partial(quantize_tower, unsigned=True, reduce_range=False),
+    "int8 blocks of 32 (MatMulNBits)": functools.partial(quantize_tower, block_size=32),
+    "int8 blocks of 128 (MatMulNBits)": functools.partial(quantize_tower, block_size=128),
+    "int8-residual (exported as int8-residual)": quantize_residual,
 }
 
 
@@ -101,13 +102,10 @@ def towers(model, root: Path, threads: int) -> dict[str, OnnxImageTower]:
     export_image_runtime(model, fp32_dir, "onnx", "fp32")
     manifest = read_manifest(fp32_dir)
     out = {"fp32": OnnxImageTower(fp32_dir / MODEL_FILE, threads, manifest)}
-    for i, (name, options) in enumerate(RECIPES.items()):
+    for i, (name, quantize) in enumerate(RECIPES.items()):
         path = root / f"recipe{i}" / MODEL_FILE
         path.parent.mkdir()
-        if options.get("residual"):
-            quantize_residual(fp32_dir / MODEL_FILE, path)
-        else:
-            quantize_tower(fp32_dir / MODEL_FILE, path, **options)
+        quantize(fp32_dir / MODEL_FILE, path)
         int8 = dataclasses.replace(manifest, precision="int8")
         out[name] = OnnxImageTower(path, threads, int8)
     for i, (name, options) in enumerate(EMULATED.items()):
@@ -122,15 +120,12 @@ def emulate_int8(fp32: Path, out: Path, *, activations: str | None, bits: int = 
     """``fp32`` with each MatMul's constant weights rounded to ``bits`` (one scale per output
     column) and, with ``activations`` "run" or "row", its input rounded to uint8 (asymmetric,
     zero included) with one scale for the whole run or one per row: int8 arithmetic emulated
-    in fp32. Gemms are first written as MatMul + Add, as dynamic quantisation writes them
-    before it quantises them."""
+    in fp32. Gemms are first written as MatMul + Add (``as_matmuls``), as dynamic quantisation
+    writes them before it quantises them."""
     import onnx
     from onnx import numpy_helper
-    from onnxruntime.quantization.onnx_model import ONNXModel
 
-    wrapped = ONNXModel(onnx.load(str(fp32)))
-    wrapped.replace_gemm_with_matmul()
-    wrapped.remove_unused_constant()
+    wrapped = as_matmuls(fp32)
     model = wrapped.model
     graph = model.graph
     consts = {t.name: t for t in graph.initializer}
@@ -139,7 +134,7 @@ def emulate_int8(fp32: Path, out: Path, *, activations: str | None, bits: int = 
     if activations:
         graph.initializer.extend(
             numpy_helper.from_array(np.array(v, np.float32), k)
-            for k, v in {"emu_0": 0.0, "emu_255": 255.0, "emu_eps": 1e-8}.items()
+            for k, v in {"emu_0": 0.0, "emu_255": 255.0}.items()
         )
     if activations == "row" and opset >= 18:  # reductions take axes as an input from 18
         graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "emu_axes"))
@@ -163,37 +158,29 @@ def emulate_int8(fp32: Path, out: Path, *, activations: str | None, bits: int = 
 
 
 def _fake_uint8(x: str, p: str, per_row: bool, opset: int) -> list:
-    """Nodes that round ``x`` to uint8 and back into ``p``x: the range's ends (with zero) give
-    the scale and zero point, over the whole tensor as DynamicQuantizeLinear takes them, or
-    over each row (``per_row``). Names starting with "emu_" are the shared constants."""
+    """Nodes that round ``x`` to uint8 and back into ``p``x, on the scale and zero point
+    ``range_scale`` gives over the whole tensor, as DynamicQuantizeLinear takes them, or over
+    each row (``per_row``). Names starting with "emu_" are the shared constants."""
     from onnx import helper
 
     if not per_row:
-        axes: tuple[list[str], dict] = ([], {})  # no axes: over the whole tensor
+        axes = None  # over the whole tensor
     elif opset >= 18:  # reductions take their axes as an input from opset 18
         axes = (["emu_axes"], {})
     else:
         axes = ([], {"axes": [-1]})
 
-    def node(op: str, inputs: list[str], output: str, **attrs: object):
+    def node(op: str, inputs: list[str], output: str):
         names = [x if i == "" else i if i.startswith("emu_") else p + i for i in inputs]
-        return helper.make_node(op, names, [p + output], **attrs)
+        return helper.make_node(op, names, [p + output])
 
     return [
-        node("ReduceMax", ["", *axes[0]], "hi0", keepdims=1, **axes[1]),
-        node("ReduceMin", ["", *axes[0]], "lo0", keepdims=1, **axes[1]),
-        node("Max", ["hi0", "emu_0"], "hi"),
-        node("Min", ["lo0", "emu_0"], "lo"),
-        node("Sub", ["hi", "lo"], "range"),
-        node("Div", ["range", "emu_255"], "s0"),
-        node("Max", ["s0", "emu_eps"], "s"),
-        node("Div", ["lo", "s"], "lo_s"),
-        node("Round", ["lo_s"], "nzp"),  # minus the zero point
+        *range_scale(x, p, 255.0, axes),
         node("Div", ["", "s"], "xs"),  # "": the input
         node("Round", ["xs"], "xr"),
-        node("Sub", ["xr", "nzp"], "xz"),
+        node("Add", ["xr", "zf"], "xz"),
         node("Clip", ["xz", "emu_0", "emu_255"], "xq"),
-        node("Add", ["xq", "nzp"], "xd"),
+        node("Sub", ["xq", "zf"], "xd"),
         node("Mul", ["xd", "s"], "x"),
     ]
 

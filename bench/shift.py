@@ -219,11 +219,16 @@ def zoom_set(width_km: int, n: int) -> list:
     return read_rows(cached_set(OUT / f"zoom-{width_km}km-{n}-{ZOOM_SEED}-{SIZE}px", write))
 
 
+def shift_scales(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` tile scales for views log-uniform in SHIFT_WIDTHS_KM wide."""
+    lo, hi = np.log(SHIFT_WIDTHS_KM)
+    return scale_for(1.0) * np.exp(rng.uniform(lo, hi, n))
+
+
 def shift_places(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Centres and scales of section 3: land, widths log-uniform in SHIFT_WIDTHS_KM."""
     rng, centres = land_centres(n, SHIFT_SEED)
-    lo, hi = np.log(SHIFT_WIDTHS_KM)
-    return centres, scale_for(1.0) * np.exp(rng.uniform(lo, hi, n))
+    return centres, shift_scales(rng, n)
 
 
 def shift_set(name: str, n: int) -> list:

@@ -1,6 +1,8 @@
-"""``int8-residual``: int8 matrix products whose answers stay torch fp32's.
+"""How an exported image tower's matrix products are quantised: ``int8`` (``quantize_tower``,
+ONNX Runtime's dynamic quantisation) and ``int8-residual`` (``quantize_residual``), int8
+products whose answers stay torch fp32's.
 
-Dynamic int8 (``quantize_tower``) rounds each product's activations to 8 bits with one scale
+Dynamic int8 rounds each product's activations to 8 bits with one scale
 per run. That rounding, not the weights', is what moves `bluemarble`'s answers: its top-1
 stayed torch's within 1 km for 92 % of validation tiles, and no int8 x int8 recipe with one
 rounding of the activations (per token, per block, outlier channels in fp32) reached 97 %
@@ -22,7 +24,9 @@ quantised, 6e-6 without).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,45 +44,117 @@ RESIDUAL_ZERO = 64  # the residual's zero point: it lies within +-63.5 steps of 
 WEIGHT_TOP = 127.0  # 8-bit symmetric weights
 
 
+def quantize_tower(
+    fp32: Path,
+    int8: Path,
+    *,
+    unsigned: bool = False,
+    reduce_range: bool = True,
+    block_size: int = 0,
+) -> None:
+    """int8 weights for the matrix products (MatMul/Gemm): the transformer's cost; the patch
+    convolution and normalisations stay fp32. Weights within 7 bits by default
+    (``reduce_range``; the export passes False where ``quantization`` says INT8_8BIT);
+    bench/int8.py compares the others: ``unsigned`` weights (uint8, the slower uint8 x uint8
+    kernels), and
+    ``block_size`` > 0: ONNX Runtime's MatMulNBits, 8-bit weights with one scale per block of
+    that many input rows, whose activations are quantised per row and block as well."""
+    if block_size:
+        _quantize_blockwise(fp32, int8, block_size)
+        return
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root, quiet = logging.getLogger(), _NoPreprocessAdvice()
+    root.addFilter(quiet)  # it suggests an optional pre-processing step on every call
+    try:
+        quantize_dynamic(
+            fp32,
+            int8,
+            weight_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            use_external_data_format=True,
+            # One scale per output column: on 800 Blue Marble test tiles the nearest gallery
+            # cell stayed torch's for 95.0 % of them, against 93.9 % with one per tensor.
+            per_channel=True,
+            # 7-bit weights: no int16 saturation on CPUs without VNNI (INT8_7BIT).
+            reduce_range=reduce_range,
+        )
+    finally:
+        root.removeFilter(quiet)
+
+
+def _quantize_blockwise(fp32: Path, int8: Path, block_size: int) -> None:
+    """MatMulNBits with 8-bit symmetric weights in blocks of ``block_size`` and int8 compute
+    (accuracy level 4). Its quantiser handles MatMul only, so each Gemm (the attention's
+    output projections, the head) is first rewritten as MatMul + Add (``as_matmuls``)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        as_matmuls(fp32).model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=4
+    )
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(int8), use_external_data_format=True)
+
+
+class _NoPreprocessAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider to run pre-processing")
+
+
+def as_matmuls(fp32: Path) -> Any:
+    """``fp32``'s graph (an ONNX Runtime ``ONNXModel``) with each Gemm written as MatMul + Add,
+    by ONNX Runtime's own rewrite, as its dynamic quantisation writes them before quantising:
+    the quantisers here handle MatMuls only."""
+    import onnx
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    wrapped = ONNXModel(onnx.load(str(fp32)))
+    wrapped.replace_gemm_with_matmul()
+    wrapped.remove_unused_constant()  # the untransposed weights the Gemms no longer read
+    return wrapped
+
+
 def quantize_residual(fp32: Path, out: Path) -> None:
     """Write ``fp32``'s graph with every per-token MatMul/Gemm on constant weights replaced by
     two int8 products (value and residual) summed in fp32; see the module docstring."""
     import onnx
     from onnx import helper, numpy_helper
-    from onnxruntime.quantization.onnx_model import ONNXModel
 
     for stale in (out, out.with_name(out.name + ".data")):
         stale.unlink(missing_ok=True)  # onnx appends external data to an existing file
-    wrapped = ONNXModel(onnx.load(str(fp32)))
-    wrapped.replace_gemm_with_matmul()  # a Gemm's weights become a MatMul's, bias an Add
-    wrapped.remove_unused_constant()
+    wrapped = as_matmuls(fp32)
     model = wrapped.model
     graph = model.graph
     consts = {t.name: t for t in graph.initializer}
     per_picture = _per_picture_tensors(model)
-    shared = {
-        "rq_zero": np.array(0.0, np.float32),
-        "rq_steps": np.array(ACTIVATION_STEPS, np.float32),
-        "rq_tiny": np.array(1e-12, np.float32),
-        "rq_rzp": np.array(RESIDUAL_ZERO, np.uint8),
-    }
-    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in shared.items())
+    parts: dict[str, str] = {}  # each input's two parts, made once however many products read it
     nodes = []
     for k, node in enumerate(graph.node):
         w = consts.get(node.input[1]) if node.op_type == "MatMul" else None
-        if w is None or len(w.dims) != 2 or node.input[0] in per_picture:
+        x = node.input[0]
+        if w is None or len(w.dims) != 2 or x in per_picture:
             nodes.append(node)
             continue
+        if x not in parts:
+            parts[x] = f"rq{k}_"
+            nodes.extend(_two_parts(x, parts[x]))
         weights = numpy_helper.to_array(w).astype(np.float32)
         scale = (np.maximum(np.abs(weights).max(axis=0), 1e-30) / WEIGHT_TOP).astype(np.float32)
         q = np.clip(np.round(weights / scale), -WEIGHT_TOP, WEIGHT_TOP).astype(np.int8)
-        p = f"rq{k}_"
+        a, b = parts[x], f"rw{k}_"
         graph.initializer.extend([
-            numpy_helper.from_array(q, p + "w"),
-            numpy_helper.from_array(scale, p + "ws"),
-            numpy_helper.from_array(np.zeros(q.shape[1], np.int8), p + "wz"),
+            numpy_helper.from_array(q, b + "w"),
+            numpy_helper.from_array(scale, b + "ws"),
+            numpy_helper.from_array(np.zeros(q.shape[1], np.int8), b + "wz"),
         ])  # fmt: skip
-        nodes.extend(_two_part_product(node.input[0], p, node.output[0]))
+        ms = "com.microsoft"
+        nodes += [
+            helper.make_node("MatMulIntegerToFloat", [a + "q", b + "w", a + "s", b + "ws",
+                             a + "z", b + "wz"], [b + "y0"], domain=ms),
+            helper.make_node("MatMulIntegerToFloat", [a + "rq", b + "w", a + "rs", b + "ws",
+                             a + "rz", b + "wz"], [b + "y1"], domain=ms),
+            helper.make_node("Add", [b + "y0", b + "y1"], [node.output[0]]),
+        ]  # fmt: skip
     del graph.node[:]
     graph.node.extend(nodes)
     wrapped.remove_unused_constant()  # the fp32 weights the products no longer read
@@ -87,43 +163,61 @@ def quantize_residual(fp32: Path, out: Path) -> None:
     onnx.save_model(model, str(out), save_as_external_data=True, location=out.name + ".data")
 
 
-def _two_part_product(x: str, p: str, out: str) -> list:
-    """Nodes that compute ``out`` = ``x`` @ the int8 weights ``p``w (scales ``p``ws) as the
-    sum of two int8 products: ``x`` rounded to 7 bits, and its rounding residual on a scale
-    127 times finer. Names starting with "rq_" are the shared constants."""
+def range_scale(x: str, p: str, steps: float, axes: tuple[list[str], dict] | None = None) -> list:
+    """Nodes that map ``x``'s range, zero included, onto ``steps`` steps: ``p``s, the scale,
+    and ``p``zf, the zero point round(-lo / s) as a float. Over the whole tensor (scalars), as
+    DynamicQuantizeLinear takes them, or per row with ``axes``: a reduction's (axis inputs,
+    attributes). ``p``steps holds ``steps``."""
+    from onnx import helper, numpy_helper
+
+    inputs, attrs = axes or ([], {})
+    keep = 1 if axes else 0
+
+    def const(name: str, value: float) -> Any:
+        tensor = numpy_helper.from_array(np.array(value, np.float32), p + name)
+        return helper.make_node("Constant", [], [p + name], value=tensor)
+
+    def op(kind: str, ins: list[str], out: str, **kw: Any) -> Any:
+        return helper.make_node(kind, [i if i == x else p + i for i in ins], [p + out], **kw)
+
+    return [
+        const("zero", 0.0),
+        const("steps", steps),
+        const("tiny", 1e-12),
+        helper.make_node("ReduceMax", [x, *inputs], [p + "hi0"], keepdims=keep, **attrs),
+        helper.make_node("ReduceMin", [x, *inputs], [p + "lo0"], keepdims=keep, **attrs),
+        op("Max", ["hi0", "zero"], "hi"),
+        op("Min", ["lo0", "zero"], "lo"),
+        op("Sub", ["hi", "lo"], "span"),
+        op("Div", ["span", "steps"], "s0"),
+        op("Max", ["s0", "tiny"], "s"),
+        op("Div", ["lo", "s"], "lo_s"),
+        op("Neg", ["lo_s"], "nzf"),
+        op("Round", ["nzf"], "zf"),
+    ]
+
+
+def _two_parts(x: str, p: str) -> list:
+    """Nodes that carry ``x`` in two 7-bit parts, uint8 codes with scalar scales and zero
+    points: ``p``q (``p``s, ``p``z), ``x`` rounded over its range; ``p``rq (``p``rs, ``p``rz),
+    what that rounding left over, within half a step, on a scale 127 times finer."""
     import onnx
-    from onnx import helper
+    from onnx import helper, numpy_helper
 
-    nodes = []
+    def op(kind: str, ins: list[str], out: str, **kw: Any) -> Any:
+        return helper.make_node(kind, [i if i == x else p + i for i in ins], [p + out], **kw)
 
-    def op(kind: str, inputs: list[str], output: str, **attrs: object) -> None:
-        names = [i if i.startswith("rq_") or i == x else p + i for i in inputs]
-        nodes.append(helper.make_node(kind, names, [p + output], **attrs))
-
-    # The value's 7-bit scale and zero point over the whole run, zero included, as
-    # DynamicQuantizeLinear takes them (which only makes 8-bit ones).
-    op("ReduceMax", [x], "hi0", keepdims=0)
-    op("ReduceMin", [x], "lo0", keepdims=0)
-    op("Max", ["hi0", "rq_zero"], "hi")
-    op("Min", ["lo0", "rq_zero"], "lo")
-    op("Sub", ["hi", "lo"], "span")
-    op("Div", ["span", "rq_steps"], "s0")
-    op("Max", ["s0", "rq_tiny"], "s")
-    op("Div", ["lo", "s"], "lo_s")
-    op("Neg", ["lo_s"], "z0")
-    op("Round", ["z0"], "z1")
-    op("Cast", ["z1"], "z", to=onnx.TensorProto.UINT8)
-    op("QuantizeLinear", [x, "s", "z"], "q")
-    # The residual, within half a step of the value's scale, on a scale 127 times finer.
-    op("DequantizeLinear", ["q", "s", "z"], "back")
-    op("Sub", [x, "back"], "r")
-    op("Div", ["s", "rq_steps"], "rs")
-    op("QuantizeLinear", ["r", "rs", "rq_rzp"], "rq")
-    ms = "com.microsoft"
-    op("MatMulIntegerToFloat", ["q", "w", "s", "ws", "z", "wz"], "y0", domain=ms)
-    op("MatMulIntegerToFloat", ["rq", "w", "rs", "ws", "rq_rzp", "wz"], "y1", domain=ms)
-    nodes.append(helper.make_node("Add", [p + "y0", p + "y1"], [out]))
-    return nodes
+    residual_zero = numpy_helper.from_array(np.array(RESIDUAL_ZERO, np.uint8), p + "rz")
+    return [
+        *range_scale(x, p, ACTIVATION_STEPS),
+        op("Cast", ["zf"], "z", to=onnx.TensorProto.UINT8),
+        op("QuantizeLinear", [x, "s", "z"], "q"),
+        op("DequantizeLinear", ["q", "s", "z"], "back"),
+        op("Sub", [x, "back"], "r"),
+        op("Div", ["s", "steps"], "rs"),
+        helper.make_node("Constant", [], [p + "rz"], value=residual_zero),
+        op("QuantizeLinear", ["r", "rs", "rz"], "rq"),
+    ]
 
 
 def _per_picture_tensors(model: object) -> set[str]:

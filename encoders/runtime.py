@@ -41,7 +41,7 @@ from PIL import Image
 
 from encoders.errors import EncoderError
 from encoders.model import state_digest
-from encoders.quantize import INT8_RESIDUAL, quantize_residual
+from encoders.quantize import INT8_RESIDUAL, quantize_residual, quantize_tower
 from index.files import atomic_write, fsync_dir, fsync_file, sha256_file
 
 if TYPE_CHECKING:
@@ -104,8 +104,8 @@ def has_vnni() -> bool:
 
 def quantization(precision: str, portable: bool = False) -> str | None:
     """What an export of ``precision`` on this CPU records as its ``quantization`` (None: not
-    quantised); ``portable``: weights within 7 bits whatever this CPU has (``int8-residual``
-    holds on every CPU as made)."""
+    quantised); ``portable``: int8 weights within 7 bits whatever this CPU has
+    (``int8-residual``'s hold on every CPU as made)."""
     if precision == "int8-residual":
         return INT8_RESIDUAL
     if precision != "int8":
@@ -116,16 +116,12 @@ def quantization(precision: str, portable: bool = False) -> str | None:
 def _quantization_problem(found: str | None, precision: str, portable: bool) -> str | None:
     """Why an artifact whose weights were quantised as ``found`` may not run here (None: it
     may); ``portable``: only weights that run on every CPU will do."""
-    if precision == "fp32":
-        return None if found is None else f"its fp32 graph records a quantisation ({found!r})"
-    if precision == "int8-residual":  # one recipe, which runs on every CPU
-        if found == INT8_RESIDUAL:
-            return None
-        was = found or "full 8-bit int8"
-        return f"its weights were quantised as {was!r}, not as {INT8_RESIDUAL!r}"
-    if found == INT8_7BIT or (found == INT8_8BIT and has_vnni() and not portable):
+    wanted = quantization(precision, portable)
+    if found == wanted or (precision == "int8" and found == INT8_7BIT):  # 7 bits run anywhere
         return None
-    if found == INT8_8BIT:
+    if precision == "fp32":
+        return f"its fp32 graph records a quantisation ({found!r})"
+    if precision == "int8" and found == INT8_8BIT:
         why = (
             "GEOLOC_IMAGE_INT8_PORTABLE asks for weights that run on any CPU"
             if portable
@@ -134,7 +130,7 @@ def _quantization_problem(found: str | None, precision: str, portable: bool) -> 
         return f"its weights use the full 8-bit range, which saturates without VNNI ({why})"
     return (
         f"its weights were quantised as {found or 'full 8-bit int8'!r}, "
-        f"not as this version quantises them ({quantization(precision, portable)!r})"
+        f"not as {wanted!r}, as this version quantises them"
     )
 
 
@@ -270,69 +266,6 @@ def _write_onnx(model: GeoModel, size: list[int], path: Path) -> None:
             verbose=False,
         )
         program.save(str(path), external_data=True)
-
-
-def quantize_tower(
-    fp32: Path,
-    int8: Path,
-    *,
-    unsigned: bool = False,
-    reduce_range: bool = True,
-    block_size: int = 0,
-) -> None:
-    """int8 weights for the matrix products (MatMul/Gemm): the transformer's cost; the patch
-    convolution and normalisations stay fp32. Weights within 7 bits by default
-    (``reduce_range``; the export passes False where ``quantization`` says INT8_8BIT);
-    bench/int8.py compares the others: ``unsigned`` weights (uint8, the slower uint8 x uint8
-    kernels), and
-    ``block_size`` > 0: ONNX Runtime's MatMulNBits, 8-bit weights with one scale per block of
-    that many input rows, whose activations are quantised per row and block as well."""
-    if block_size:
-        _quantize_blockwise(fp32, int8, block_size)
-        return
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    root, quiet = logging.getLogger(), _NoPreprocessAdvice()
-    root.addFilter(quiet)  # it suggests an optional pre-processing step on every call
-    try:
-        quantize_dynamic(
-            fp32,
-            int8,
-            weight_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            use_external_data_format=True,
-            # One scale per output column: on 800 Blue Marble test tiles the nearest gallery
-            # cell stayed torch's for 95.0 % of them, against 93.9 % with one per tensor.
-            per_channel=True,
-            # 7-bit weights: no int16 saturation on CPUs without VNNI (INT8_7BIT).
-            reduce_range=reduce_range,
-        )
-    finally:
-        root.removeFilter(quiet)
-
-
-def _quantize_blockwise(fp32: Path, int8: Path, block_size: int) -> None:
-    """MatMulNBits with 8-bit symmetric weights in blocks of ``block_size`` and int8 compute
-    (accuracy level 4). Its quantiser handles MatMul only, so each Gemm (the attention's
-    output projections, the head) is first rewritten as MatMul + Add by ONNX Runtime's own
-    ``ONNXModel.replace_gemm_with_matmul``."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    from onnxruntime.quantization.onnx_model import ONNXModel
-
-    graph = ONNXModel(onnx.load(str(fp32)))
-    graph.replace_gemm_with_matmul()
-    graph.remove_unused_constant()  # the untransposed weights the Gemms no longer read
-    quantizer = MatMulNBitsQuantizer(
-        graph.model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=4
-    )
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(int8), use_external_data_format=True)
-
-
-class _NoPreprocessAdvice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Please consider to run pre-processing")
 
 
 def export_image_runtime(
