@@ -1,4 +1,4 @@
-"""How the int8 image tower is quantised: the export's recipe beside four others, in one run.
+"""How the int8 image tower is quantised: the export's recipes beside four others, in one run.
 
 Recipes (the first three: dynamic quantisation of the matrix products' weights, one scale per
 output column, each run's activations uint8 with one scale per run):
@@ -12,7 +12,9 @@ output column, each run's activations uint8 with one scale per run):
   rows, activations quantised per row and block (int8 compute), Gemms rewritten as MatMuls;
 - ``int8-residual``: the export's ``int8-residual`` (encoders/quantize.py): each per-token
   product's activations as two 7-bit parts (value and rounding residual), two int8 products
-  with 8-bit weights; the per-picture products fp32.
+  with 8-bit weights; the per-picture products fp32;
+- ``int8-fp32``: the export's ``int8-fp32``: the weights in two int8 parts as well, three int8
+  products.
 
 and three emulations (``EMULATED``: int8 rounding computed in fp32, so untimed): int8 weights
 with fp32 activations, the error every int8-weight recipe starts from; with the activations
@@ -61,7 +63,7 @@ from tilesets import (
     tileset,
 )
 
-from encoders.quantize import as_matmuls, quantize_residual, quantize_tower, range_scale
+from encoders.quantize import as_matmuls, quantize_parts, quantize_tower, range_scale
 from encoders.runtime import (
     MODEL_FILE,
     OnnxImageTower,
@@ -92,7 +94,8 @@ RECIPES = {
     "uint8": functools.partial(quantize_tower, unsigned=True, reduce_range=False),
     "int8 blocks of 32 (MatMulNBits)": functools.partial(quantize_tower, block_size=32),
     "int8 blocks of 128 (MatMulNBits)": functools.partial(quantize_tower, block_size=128),
-    "int8-residual (exported as int8-residual)": quantize_residual,
+    "int8-residual (exported as int8-residual)": quantize_parts,
+    "int8-fp32 (exported as int8-fp32)": functools.partial(quantize_parts, weight_parts=2),
 }
 
 

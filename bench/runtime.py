@@ -1,4 +1,5 @@
-"""Image-tower runtimes side by side: torch fp32 eager, ONNX Runtime fp32, int8 and int8-residual.
+"""Image-tower runtimes side by side: torch fp32 eager; ONNX Runtime fp32, int8, int8-residual
+and int8-fp32.
 
 For each profile (`bluemarble` with its trained weights; `geoclip`, the ViT-L/14 architecture,
 with seeded random backbone weights: the same compute as the real ones), in one run:
@@ -43,7 +44,12 @@ from encoders.runtime import (
     parity_pictures,
 )
 
-VARIANTS = (("onnx", "fp32"), ("onnx", "int8"), ("onnx", "int8-residual"))
+VARIANTS = (
+    ("onnx", "fp32"),
+    ("onnx", "int8"),
+    ("onnx", "int8-residual"),
+    ("onnx", "int8-fp32"),
+)
 
 
 def _model(profile: str):

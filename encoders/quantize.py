@@ -1,6 +1,6 @@
 """How an exported image tower's matrix products are quantised: ``int8`` (``quantize_tower``,
-ONNX Runtime's dynamic quantisation) and ``int8-residual`` (``quantize_residual``), int8
-products whose answers stay torch fp32's.
+ONNX Runtime's dynamic quantisation), and ``int8-residual`` and ``int8-fp32``
+(``quantize_parts``): int8 products whose answers stay torch fp32's.
 
 Dynamic int8 rounds each product's activations to 8 bits with one scale
 per run. That rounding, not the weights', is what moves `bluemarble`'s answers: its top-1
@@ -10,16 +10,22 @@ rounding of the activations (per token, per block, outlier channels in fp32) rea
 
 So here each activation is carried in two 7-bit parts: its rounding to 7 bits, and the rounding
 of what that left over (the residual, within half a step) to 7 bits on a scale 127 times finer,
-about 14 bits in all. Each part is multiplied by the same int8 weights (8 bits, one scale per
-output column) in ONNX Runtime's int8 kernels, and the two products are summed in fp32: twice
-int8's products, none of fp32's. Activation codes within 0..128 times weights within
--127..127 never saturate the int16 pair sums of CPUs without VNNI (2 x 128 x 127 < 2^15), so
-one artifact serves every CPU (its speed was measured on CPUs with VNNI only).
+about 14 bits in all. ``int8-residual`` multiplies each part by the same int8 weights (8 bits,
+one scale per output column) in ONNX Runtime's int8 kernels and sums the two products in fp32:
+twice int8's products, none of fp32's. Its 8-bit weights are then most of what still differs
+from fp32. ``int8-fp32`` carries the weights in two parts as well (the second, what rounding
+left over, on a scale 254 times finer) and adds the third product that matters, the
+activations' value times the weights' residual (the residual times the residual is below both
+parts' rounding): three int8 products, and embeddings within 1e-4 of fp32's (max |difference|
+of the unit vectors), the bound the fp32 runtime is held to. Activation codes within 0..128
+times weight codes within -127..127 never saturate the int16 pair sums of CPUs without VNNI
+(2 x 128 x 127 < 2^15), so one artifact serves every CPU (their speed was measured on CPUs
+with VNNI only).
 
 Products applied once per picture (rank-2 inputs: the pooled token's projection and the head)
 stay fp32: they cost nothing beside the per-token ones, and the head's int8 weights alone were
-most of the remaining error (mean 1 - cos to fp32 on 600 validation tiles: 3.5e-5 with them
-quantised, 6e-6 without).
+most of ``int8-residual``'s remaining error (mean 1 - cos to fp32 on 600 validation tiles:
+3.5e-5 with them quantised, 6e-6 without).
 """
 
 from __future__ import annotations
@@ -37,11 +43,21 @@ INT8_RESIDUAL = (
     "v1: MatMul/Gemm weights int8 per output column, 8-bit range; per-token activations as two "
     "7-bit parts (value, rounding residual), two int8 products; per-picture products fp32"
 )
+#: The same for ``int8-fp32``.
+INT8_FP32 = (
+    "v1: MatMul/Gemm weights as two int8 parts per output column (value, 8-bit range; rounding "
+    "residual on a 254 times finer scale); per-token activations as two 7-bit parts (value, "
+    "rounding residual); three int8 products (value x value, residual x value, value x "
+    "residual); per-picture products fp32"
+)
 #: Steps of each activation part: its codes lie within 0..127, or 128 where the largest value
 #: rounds up; within 0..128 either way, which is what keeps the pair sums from saturating.
 ACTIVATION_STEPS = 127.0
 RESIDUAL_ZERO = 64  # the residual's zero point: it lies within +-63.5 steps of its finer scale
 WEIGHT_TOP = 127.0  # 8-bit symmetric weights
+#: How much finer the weights' residual part is scaled: it lies within half a step, so its
+#: codes stay within -127..127 as the value's do.
+WEIGHT_RESIDUAL_STEPS = 2 * WEIGHT_TOP
 
 
 def quantize_tower(
@@ -114,12 +130,16 @@ def as_matmuls(fp32: Path) -> Any:
     return wrapped
 
 
-def quantize_residual(fp32: Path, out: Path) -> None:
+def quantize_parts(fp32: Path, out: Path, weight_parts: int = 1) -> None:
     """Write ``fp32``'s graph with every per-token MatMul/Gemm on constant weights replaced by
-    two int8 products (value and residual) summed in fp32; see the module docstring."""
+    int8 products summed in fp32: the activations' two parts times the weights' value
+    (``weight_parts`` 1: ``int8-residual``), and with ``weight_parts`` 2 the activations' value
+    times the weights' residual too (``int8-fp32``); see the module docstring."""
     import onnx
     from onnx import helper, numpy_helper
 
+    if weight_parts not in (1, 2):
+        raise ValueError(f"weight_parts is 1 or 2, not {weight_parts}")
     for stale in (out, out.with_name(out.name + ".data")):
         stale.unlink(missing_ok=True)  # onnx appends external data to an existing file
     wrapped = as_matmuls(fp32)
@@ -138,29 +158,49 @@ def quantize_residual(fp32: Path, out: Path) -> None:
         if x not in parts:
             parts[x] = f"rq{k}_"
             nodes.extend(_two_parts(x, parts[x]))
-        weights = numpy_helper.to_array(w).astype(np.float32)
-        scale = (np.maximum(np.abs(weights).max(axis=0), 1e-30) / WEIGHT_TOP).astype(np.float32)
-        q = np.clip(np.round(weights / scale), -WEIGHT_TOP, WEIGHT_TOP).astype(np.int8)
         a, b = parts[x], f"rw{k}_"
-        graph.initializer.extend([
-            numpy_helper.from_array(q, b + "w"),
-            numpy_helper.from_array(scale, b + "ws"),
-            numpy_helper.from_array(np.zeros(q.shape[1], np.int8), b + "wz"),
-        ])  # fmt: skip
-        ms = "com.microsoft"
-        nodes += [
-            helper.make_node("MatMulIntegerToFloat", [a + "q", b + "w", a + "s", b + "ws",
-                             a + "z", b + "wz"], [b + "y0"], domain=ms),
-            helper.make_node("MatMulIntegerToFloat", [a + "rq", b + "w", a + "rs", b + "ws",
-                             a + "rz", b + "wz"], [b + "y1"], domain=ms),
-            helper.make_node("Add", [b + "y0", b + "y1"], [node.output[0]]),
-        ]  # fmt: skip
+        weights = _weight_parts(numpy_helper.to_array(w), weight_parts)
+        for j, (q, scale) in enumerate(weights):
+            graph.initializer.extend([
+                numpy_helper.from_array(q, f"{b}w{j}"),
+                numpy_helper.from_array(scale, f"{b}ws{j}"),
+            ])  # fmt: skip
+        graph.initializer.append(numpy_helper.from_array(np.zeros(len(scale), np.int8), b + "wz"))
+        # (activation part, weight part): value x value, residual x value, value x residual
+        pairs = [("", 0), ("r", 0), ("", 1)][: 1 + len(weights)]
+        for i, (part, j) in enumerate(pairs):
+            nodes.append(helper.make_node(
+                "MatMulIntegerToFloat",
+                [a + part + "q", f"{b}w{j}", a + part + "s", f"{b}ws{j}", a + part + "z", b + "wz"],
+                [f"{b}y{i}"],
+                domain="com.microsoft",
+            ))  # fmt: skip
+        total = f"{b}y0"
+        for i in range(1, len(pairs)):
+            summed = node.output[0] if i == len(pairs) - 1 else f"{b}sum{i}"
+            nodes.append(helper.make_node("Add", [total, f"{b}y{i}"], [summed]))
+            total = summed
     del graph.node[:]
     graph.node.extend(nodes)
     wrapped.remove_unused_constant()  # the fp32 weights the products no longer read
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save_model(model, str(out), save_as_external_data=True, location=out.name + ".data")
+
+
+def _weight_parts(weights: np.ndarray, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n`` int8 parts of (in, out) ``weights`` with one fp32 scale per output column each:
+    the value rounded over the column's range, then (n = 2) what that left over on a scale
+    ``WEIGHT_RESIDUAL_STEPS`` times finer."""
+    values = weights.astype(np.float32)
+    scale = (np.maximum(np.abs(values).max(axis=0), 1e-30) / WEIGHT_TOP).astype(np.float32)
+    out = []
+    for _ in range(n):
+        q = np.clip(np.round(values / scale), -WEIGHT_TOP, WEIGHT_TOP)
+        out.append((q.astype(np.int8), scale))
+        values = values.astype(np.float64) - q * scale  # what the kernels' part leaves over
+        scale = (scale / WEIGHT_RESIDUAL_STEPS).astype(np.float32)
+    return out
 
 
 def range_scale(x: str, p: str, steps: float, axes: tuple[list[str], dict] | None = None) -> list:

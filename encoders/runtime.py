@@ -1,6 +1,6 @@
 """Image-tower runtimes: the tower as torch runs it, or exported to ONNX and run by ONNX
 Runtime in fp32, with int8 products (``int8``), or with int8 products that keep fp32's answers
-(``int8-residual``, encoders/quantize.py).
+(``int8-residual``: nearly; ``int8-fp32``: within fp32's own parity bound; encoders/quantize.py).
 
 The image tower is nearly all of a request's CPU time. ONNX Runtime fuses the transformer's
 kernels and, with ``int8``, runs its matrix products on 8-bit weights (dynamic quantisation:
@@ -41,14 +41,14 @@ from PIL import Image
 
 from encoders.errors import EncoderError
 from encoders.model import state_digest
-from encoders.quantize import INT8_RESIDUAL, quantize_residual, quantize_tower
+from encoders.quantize import INT8_FP32, INT8_RESIDUAL, quantize_parts, quantize_tower
 from index.files import atomic_write, fsync_dir, fsync_file, sha256_file
 
 if TYPE_CHECKING:
     from encoders.model import GeoModel
 
 RUNTIMES = ("torch", "onnx")
-PRECISIONS = ("fp32", "int8", "int8-residual")
+PRECISIONS = ("fp32", "int8", "int8-residual", "int8-fp32")
 ARTIFACT_FORMAT = "geoloc.image-runtime"
 ARTIFACT_VERSION = 2
 MODEL_FILE = "image_tower.onnx"
@@ -81,6 +81,9 @@ INT8_8BIT = "dynamic, MatMul/Gemm weights int8 per output column, 8-bit range (C
 #: x86 CPU flags (/proc/cpuinfo) of the 8-bit dot-product instructions ONNX Runtime's int8
 #: kernels use when present (AVX-512 VNNI, AVX-VNNI, AMX).
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+#: The precisions made of int8 parts (encoders/quantize.py): their recipe, and how many parts
+#: carry the weights.
+PARTS = {"int8-residual": (INT8_RESIDUAL, 1), "int8-fp32": (INT8_FP32, 2)}
 
 
 @functools.cache
@@ -105,9 +108,9 @@ def has_vnni() -> bool:
 def quantization(precision: str, portable: bool = False) -> str | None:
     """What an export of ``precision`` on this CPU records as its ``quantization`` (None: not
     quantised); ``portable``: int8 weights within 7 bits whatever this CPU has
-    (``int8-residual``'s hold on every CPU as made)."""
-    if precision == "int8-residual":
-        return INT8_RESIDUAL
+    (``int8-residual``'s and ``int8-fp32``'s hold on every CPU as made)."""
+    if precision in PARTS:
+        return PARTS[precision][0]
     if precision != "int8":
         return None
     return INT8_8BIT if has_vnni() and not portable else INT8_7BIT
@@ -155,7 +158,7 @@ class RuntimeManifest:
     created_at: str
     exporter: dict[str, str]
     #: How the weights were quantised (``INT8_7BIT`` or ``INT8_8BIT`` for int8, ``INT8_RESIDUAL``
-    #: for int8-residual); None for fp32, and in int8 manifests written before it was recorded
+    #: for int8-residual, ``INT8_FP32`` for int8-fp32); None for fp32, and in int8 manifests written before it was recorded
     #: (refused).
     quantization: str | None = None
 
@@ -310,7 +313,7 @@ def _export(
             if precision == "int8":
                 quantize_tower(fp32, work / MODEL_FILE, reduce_range=recipe == INT8_7BIT)
             else:
-                quantize_residual(fp32, work / MODEL_FILE)
+                quantize_parts(fp32, work / MODEL_FILE, weight_parts=PARTS[precision][1])
             shutil.rmtree(fp32.parent)
         files = {MODEL_FILE: work / MODEL_FILE, DATA_FILE: work / DATA_FILE}
         for path in files.values():

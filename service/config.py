@@ -65,12 +65,14 @@ class Settings(_LocateDefaults):
         "the tower is exported once into <data_dir>/runtimes and re-exported when the "
         "weights change).",
     )
-    image_precision: Literal["fp32", "int8", "int8-residual"] = Field(
+    image_precision: Literal["fp32", "int8", "int8-residual", "int8-fp32"] = Field(
         "fp32",
         description="Image-tower precision: fp32; int8 (int8 matrix products, the fastest; "
-        "answers move where candidates are nearly tied); or int8-residual (each activation "
+        "answers move where candidates are nearly tied); int8-residual (each activation "
         "as two 7-bit parts: twice int8's products, answers within 1 km of fp32's on 98 % of "
-        "bluemarble's test tiles). The int8 ones need GEOLOC_IMAGE_RUNTIME=onnx.",
+        "bluemarble's test tiles); or int8-fp32 (the weights in two parts too: three int8 "
+        "products, embeddings within 1e-4 of fp32's). The int8 ones need "
+        "GEOLOC_IMAGE_RUNTIME=onnx.",
     )
     image_int8_portable: bool = Field(
         False,

@@ -756,8 +756,9 @@ class ImageRuntimeInfo(BaseModel):
 
     runtime: str = Field(description="What runs the image tower: torch or onnx.")
     precision: str = Field(
-        description="fp32, int8 (int8 matrix products) or int8-residual (int8 products of "
-        "each activation's two 7-bit parts)."
+        description="fp32, int8 (int8 matrix products), int8-residual (int8 products of "
+        "each activation's two 7-bit parts) or int8-fp32 (int8 products of the activations' "
+        "and the weights' two parts, with fp32's embeddings)."
     )
     tower_sha256: str | None = Field(
         None, description="sha256 of the image tower's weights the onnx export was made from."

@@ -10,7 +10,8 @@ import typer
 from service.cli.common import fail, friendly_errors, settings
 
 app = typer.Typer(
-    help="Export the image tower for ONNX Runtime (fp32, int8 or int8-residual) and show what "
+    help="Export the image tower for ONNX Runtime (fp32, int8, int8-residual or int8-fp32) and "
+    "show what "
     "is exported.",
     no_args_is_help=True,
 )
@@ -21,7 +22,10 @@ app = typer.Typer(
 def runtime_export(
     runtime: Annotated[str, typer.Option(help="onnx; default GEOLOC_IMAGE_RUNTIME.")] = "",
     precision: Annotated[
-        str, typer.Option(help="fp32, int8 or int8-residual; default GEOLOC_IMAGE_PRECISION.")
+        str,
+        typer.Option(
+            help="fp32, int8, int8-residual or int8-fp32; default GEOLOC_IMAGE_PRECISION."
+        ),
     ] = "",
     profile: Annotated[str, typer.Option(help="Model profile; default GEOLOC_PROFILE.")] = "",
 ) -> None:

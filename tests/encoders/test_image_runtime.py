@@ -15,7 +15,7 @@ from PIL import Image
 
 from encoders import load_model
 from encoders.profiles import build_model
-from encoders.quantize import INT8_RESIDUAL
+from encoders.quantize import INT8_FP32, INT8_RESIDUAL
 from encoders.registry import get_profile
 from encoders.runtime import (
     CHUNK_PIXELS,
@@ -66,26 +66,31 @@ def _small_geoclip_architecture():
     return build_model(profile)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8-fp32"])
 @pytest.mark.parametrize("which", ["bluemarble", "small-geoclip-architecture"])
-def test_fp32_export_matches_torch(tmp_path: Path, which: str) -> None:
+def test_fp32_export_matches_torch(tmp_path: Path, which: str, precision: str) -> None:
+    """fp32, and int8-fp32's three int8 products (the activations' and the weights' two
+    parts), give torch's unit embeddings within 1e-4."""
     model = load_model("bluemarble") if which == "bluemarble" else _small_geoclip_architecture()
     pictures = _pictures(12)
     reference = model.embed_images(pictures)
-    load_image_runtime(model, tmp_path, "onnx", "fp32")
+    load_image_runtime(model, tmp_path, "onnx", precision)
     got = model.embed_images(pictures)
     assert np.abs(got - reference).max() <= 1e-4
+    if precision == "int8-fp32":  # really int8 products: fp32's largest difference is ~2e-7
+        assert np.abs(got - reference).max() > 1e-6
     # The torch backbone's weights were released; the head (text and features) stays.
     assert isinstance(model.image_tower.backbone, ReleasedBackbone)
     with pytest.raises(RuntimeArtifactError, match="released"):
         model.image_tower.backbone(torch.zeros(1, 3, 8, 8))
-    manifest = read_manifest(artifact_dir(tmp_path, model.profile, "onnx", "fp32"))
+    manifest = read_manifest(artifact_dir(tmp_path, model.profile, "onnx", precision))
     assert manifest.profile == model.profile and manifest.weights == model.weights_id
     assert manifest.input_size == list(model.prepare(pictures[0]).shape)
     assert set(manifest.files) == {MODEL_FILE, DATA_FILE}
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
-@pytest.mark.parametrize("precision", ["fp32", "int8", "int8-residual"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int8-residual", "int8-fp32"])
 def test_the_session_maps_the_weights_file_instead_of_copying_it(
     tmp_path: Path, precision: str
 ) -> None:
@@ -255,12 +260,15 @@ def test_int8_residual_keeps_torchs_embeddings_closer_than_int8(tmp_path: Path, 
     assert manifest.quantization == INT8_RESIDUAL
 
 
-def test_int8_residual_products_never_saturate_and_per_picture_ones_stay_fp32(
-    tmp_path: Path,
+@pytest.mark.parametrize(("precision", "parts"), [("int8-residual", 2), ("int8-fp32", 3)])
+def test_int8_parts_products_never_saturate_and_per_picture_ones_stay_fp32(
+    tmp_path: Path, precision: str, parts: int
 ) -> None:
-    """Every per-token product becomes two int8 ones whose activations lie within 0..128
-    (no int16 saturation without VNNI); the products applied once per picture (the pooled
-    token's projection and the head) stay fp32 MatMuls/Gemms."""
+    """Every per-token product becomes two int8 ones (int8-residual: each activation part
+    times the weights) or three (int8-fp32: and the activations' value times the weights'
+    residual), whose activations lie within 0..128 and weights within -127..127 (no int16
+    saturation without VNNI); the products applied once per picture (the pooled token's
+    projection and the head) stay fp32 MatMuls/Gemms."""
     import onnx
     import onnxruntime as ort
 
@@ -270,20 +278,22 @@ def test_int8_residual_products_never_saturate_and_per_picture_ones_stay_fp32(
     weights = {t.name for t in fp32.graph.initializer}
     products = [n for n in fp32.graph.node if n.op_type in ("MatMul", "Gemm")]
     weighted = [n for n in products if n.input[1] in weights]
-    load_image_runtime(model, tmp_path, "onnx", "int8-residual", release=False)
-    path = artifact_dir(tmp_path, "bluemarble", "onnx", "int8-residual") / MODEL_FILE
+    load_image_runtime(model, tmp_path, "onnx", precision, release=False)
+    path = artifact_dir(tmp_path, "bluemarble", "onnx", precision) / MODEL_FILE
     graph = onnx.load(str(path))
     ops = [n.op_type for n in graph.graph.node]
     int8 = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert int8 and all(np.abs(onnx.numpy_helper.to_array(t)).max() <= 127 for t in int8)
     per_picture = 3  # the pooled token's projection and the head's two layers
-    assert ops.count("MatMulIntegerToFloat") == 2 * (len(weighted) - per_picture)
+    assert ops.count("MatMulIntegerToFloat") == parts * (len(weighted) - per_picture)
+    weight_parts = [t for t in int8 if onnx.numpy_helper.to_array(t).any()]  # not zero points
+    assert len(weight_parts) == (parts - 1) * (len(weighted) - per_picture)
     kept = [n for n in graph.graph.node if n.op_type in ("MatMul", "Gemm")]
     assert len(kept) == len(products) - len(weighted) + per_picture
     quantised = [
         n.output[0] for n in graph.graph.node if n.op_type == "QuantizeLinear"
-    ]  # the values and the residuals
-    assert len(quantised) == ops.count("MatMulIntegerToFloat")
+    ]  # the values and the residuals, once per input (each feeds one product here)
+    assert len(quantised) == 2 * (len(weighted) - per_picture)
     graph.graph.output.extend(onnx.ValueInfoProto(name=name) for name in quantised)
     onnx.save(graph, str(tmp_path / "probe.onnx"))
     session = ort.InferenceSession(str(tmp_path / "probe.onnx"), providers=["CPUExecutionProvider"])
@@ -293,17 +303,24 @@ def test_int8_residual_products_never_saturate_and_per_picture_ones_stay_fp32(
     assert max(int(o.max()) for o in outputs) >= 100  # the 7-bit range is used
 
 
-def test_int8_residual_artifact_quantised_another_way_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("precision", "recipe", "other"),
+    [("int8-residual", INT8_RESIDUAL, INT8_7BIT), ("int8-fp32", INT8_FP32, INT8_RESIDUAL)],
+)
+def test_int8_parts_artifact_quantised_another_way_is_refused(
+    tmp_path: Path, precision: str, recipe: str, other: str
+) -> None:
     model = load_model("bluemarble")
-    load_image_runtime(model, tmp_path, "onnx", "int8-residual", release=False)
-    directory = artifact_dir(tmp_path, "bluemarble", "onnx", "int8-residual")
+    load_image_runtime(model, tmp_path, "onnx", precision, release=False)
+    directory = artifact_dir(tmp_path, "bluemarble", "onnx", precision)
+    assert read_manifest(directory).quantization == recipe
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    manifest["quantization"] = INT8_7BIT
+    manifest["quantization"] = other
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(RuntimeArtifactError, match="not as 'v1: MatMul/Gemm weights int8"):
-        load_image_runtime(model, tmp_path, "onnx", "int8-residual", export=False)
-    load_image_runtime(model, tmp_path, "onnx", "int8-residual", release=False)
-    assert read_manifest(directory).quantization == INT8_RESIDUAL
+    with pytest.raises(RuntimeArtifactError, match=f"not as '{recipe[:30]}"):
+        load_image_runtime(model, tmp_path, "onnx", precision, export=False)
+    load_image_runtime(model, tmp_path, "onnx", precision, release=False)
+    assert read_manifest(directory).quantization == recipe
 
 
 def test_int8_artifact_quantised_another_way_is_exported_again(
@@ -373,7 +390,7 @@ def test_damaged_or_unfinished_artifact_is_exported_again(tmp_path: Path) -> Non
 
 def test_choices_are_checked() -> None:
     model = load_model("bluemarble")
-    for precision in ("int8", "int8-residual"):
+    for precision in ("int8", "int8-residual", "int8-fp32"):
         with pytest.raises(RuntimeArtifactError, match="needs the onnx runtime"):
             load_image_runtime(model, Path("unused"), "torch", precision)
     with pytest.raises(RuntimeArtifactError, match="unknown image runtime"):

@@ -351,16 +351,18 @@ def test_a_portable_int8_tower_is_exported_within_7_bits_on_a_cpu_with_vnni(
     assert runtime.read_manifest(manifest).quantization == runtime.INT8_7BIT
 
 
-def test_int8_residual_is_a_setting_the_service_loads_and_needs_onnx(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["int8-residual", "int8-fp32"])
+def test_int8_parts_are_a_setting_the_service_loads_and_need_onnx(
+    tmp_path: Path, precision: str
+) -> None:
     import encoders.runtime as runtime
-    from encoders.quantize import INT8_RESIDUAL
     from service.engine.loading import load_geomodel
 
-    with pytest.raises(ValueError, match="int8-residual needs image_runtime onnx"):
-        Settings(data_dir=tmp_path, image_precision="int8-residual")
-    s = Settings(data_dir=tmp_path, image_runtime="onnx", image_precision="int8-residual")
+    with pytest.raises(ValueError, match=f"{precision} needs image_runtime onnx"):
+        Settings(data_dir=tmp_path, image_precision=precision)
+    s = Settings(data_dir=tmp_path, image_runtime="onnx", image_precision=precision)
     model = load_geomodel(s)
     assert model.image_runtime is not None
-    assert model.image_runtime.describe()["precision"] == "int8-residual"
-    directory = runtime.artifact_dir(tmp_path / "runtimes", "bluemarble", "onnx", "int8-residual")
-    assert runtime.read_manifest(directory).quantization == INT8_RESIDUAL
+    assert model.image_runtime.describe()["precision"] == precision
+    directory = runtime.artifact_dir(tmp_path / "runtimes", "bluemarble", "onnx", precision)
+    assert runtime.read_manifest(directory).quantization == runtime.PARTS[precision][0]
