@@ -158,8 +158,8 @@ class RuntimeManifest:
     created_at: str
     exporter: dict[str, str]
     #: How the weights were quantised (``INT8_7BIT`` or ``INT8_8BIT`` for int8, ``INT8_RESIDUAL``
-    #: for int8-residual, ``INT8_FP32`` for int8-fp32); None for fp32, and in int8 manifests written before it was recorded
-    #: (refused).
+    #: for int8-residual, ``INT8_FP32`` for int8-fp32); None for fp32, and in int8 manifests
+    #: written before it was recorded (refused).
     quantization: str | None = None
 
 
