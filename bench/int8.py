@@ -63,7 +63,13 @@ from tilesets import (
     tileset,
 )
 
-from encoders.quantize import as_matmuls, quantize_parts, quantize_tower, range_scale
+from encoders.quantize import (
+    PART_RECIPES,
+    as_matmuls,
+    quantize_parts,
+    quantize_tower,
+    range_scale,
+)
 from encoders.runtime import (
     MODEL_FILE,
     OnnxImageTower,
@@ -95,7 +101,9 @@ RECIPES = {
     "int8 blocks of 32 (MatMulNBits)": functools.partial(quantize_tower, block_size=32),
     "int8 blocks of 128 (MatMulNBits)": functools.partial(quantize_tower, block_size=128),
     "int8-residual (exported as int8-residual)": quantize_parts,
-    "int8-fp32 (exported as int8-fp32)": functools.partial(quantize_parts, weight_parts=2),
+    "int8-fp32 (exported as int8-fp32)": functools.partial(
+        quantize_parts, **PART_RECIPES["int8-fp32"][1]
+    ),
 }
 
 

@@ -41,7 +41,7 @@ from PIL import Image
 
 from encoders.errors import EncoderError
 from encoders.model import state_digest
-from encoders.quantize import INT8_FP32, INT8_RESIDUAL, quantize_parts, quantize_tower
+from encoders.quantize import PART_RECIPES, quantize_parts, quantize_tower
 from index.files import atomic_write, fsync_dir, fsync_file, sha256_file
 
 if TYPE_CHECKING:
@@ -81,9 +81,7 @@ INT8_8BIT = "dynamic, MatMul/Gemm weights int8 per output column, 8-bit range (C
 #: x86 CPU flags (/proc/cpuinfo) of the 8-bit dot-product instructions ONNX Runtime's int8
 #: kernels use when present (AVX-512 VNNI, AVX-VNNI, AMX).
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
-#: The precisions made of int8 parts (encoders/quantize.py): their recipe, and how many parts
-#: carry the weights.
-PARTS = {"int8-residual": (INT8_RESIDUAL, 1), "int8-fp32": (INT8_FP32, 2)}
+
 
 
 @functools.cache
@@ -109,8 +107,8 @@ def quantization(precision: str, portable: bool = False) -> str | None:
     """What an export of ``precision`` on this CPU records as its ``quantization`` (None: not
     quantised); ``portable``: int8 weights within 7 bits whatever this CPU has
     (``int8-residual``'s and ``int8-fp32``'s hold on every CPU as made)."""
-    if precision in PARTS:
-        return PARTS[precision][0]
+    if precision in PART_RECIPES:
+        return PART_RECIPES[precision][0]
     if precision != "int8":
         return None
     return INT8_8BIT if has_vnni() and not portable else INT8_7BIT
@@ -313,7 +311,7 @@ def _export(
             if precision == "int8":
                 quantize_tower(fp32, work / MODEL_FILE, reduce_range=recipe == INT8_7BIT)
             else:
-                quantize_parts(fp32, work / MODEL_FILE, weight_parts=PARTS[precision][1])
+                quantize_parts(fp32, work / MODEL_FILE, **PART_RECIPES[precision][1])
             shutil.rmtree(fp32.parent)
         files = {MODEL_FILE: work / MODEL_FILE, DATA_FILE: work / DATA_FILE}
         for path in files.values():

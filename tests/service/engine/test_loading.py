@@ -365,4 +365,4 @@ def test_int8_parts_are_a_setting_the_service_loads_and_need_onnx(
     assert model.image_runtime is not None
     assert model.image_runtime.describe()["precision"] == precision
     directory = runtime.artifact_dir(tmp_path / "runtimes", "bluemarble", "onnx", precision)
-    assert runtime.read_manifest(directory).quantization == runtime.PARTS[precision][0]
+    assert runtime.read_manifest(directory).quantization == runtime.quantization(precision)
