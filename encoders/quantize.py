@@ -2,29 +2,33 @@
 ONNX Runtime's dynamic quantisation), and ``int8-residual`` and ``int8-fp32``
 (``quantize_parts``): int8 products whose answers stay torch fp32's.
 
-Dynamic int8 rounds each product's activations to 8 bits with one scale
-per run. That rounding, not the weights', is what moves `bluemarble`'s answers: its top-1
-stayed torch's within 1 km for 92 % of validation tiles, and no int8 x int8 recipe with one
-rounding of the activations (per token, per block, outlier channels in fp32) reached 97 %
-(docs/BENCHMARKS.md, "Where int8's disagreement comes from").
+Dynamic int8 rounds each product's activations to 8 bits with one scale per run. That
+rounding, not the weights', is what moves `bluemarble`'s answers: its top-1 stayed torch's
+within 1 km for 92 % of validation tiles, and no int8 x int8 recipe with one rounding of the
+activations (per token, per block, outlier channels in fp32) reached 97 % (docs/BENCHMARKS.md,
+"Where int8's disagreement comes from").
 
-So here each activation is carried in two 7-bit parts: its rounding to 7 bits, and the rounding
-of what that left over (the residual, within half a step) to 7 bits on a scale 127 times finer,
-about 14 bits in all (over the run's range: one scale per run). ``int8-residual`` multiplies each part by the same int8 weights (8 bits,
-one scale per output column) in ONNX Runtime's int8 kernels and sums the two products in fp32:
-twice int8's products, none of fp32's. Its 8-bit weights are then most of what still differs
-from fp32. ``int8-fp32`` carries the weights in two parts as well (the second, what rounding
-left over, on a scale 254 times finer) and adds the third product that matters, the
-activations' value times the weights' residual (the residual times the residual is below both
-parts' rounding): three int8 products. It also scales each token's activations by their own
-largest magnitude before splitting them, so that a token's precision does not depend on the
-others in the run (with one scale per run, `bluemarble`'s largest difference from fp32 grew
-from 7e-5 at 8 pictures per run to 1.3e-4 at 64; per token, 5e-5 at both). Its embeddings
-stay within 1e-4 of fp32's (max |difference| of the unit vectors), the bound the fp32 runtime
-is held to. Activation codes within 0..128
-times weight codes within -127..127 never saturate the int16 pair sums of CPUs without VNNI
-(2 x 128 x 127 < 2^15), so one artifact serves every CPU (their speed was measured on CPUs
-with VNNI only).
+So here each activation is carried in two 7-bit parts: its rounding to 7 bits over the run's
+range, and the rounding of what that left over (the residual, within half a step) to 7 bits
+on a scale 127 times finer, about 14 bits in all.
+
+- ``int8-residual`` multiplies each part by the same int8 weights (8 bits, one scale per
+  output column) in ONNX Runtime's int8 kernels and sums the two products in fp32: twice
+  int8's products, none of fp32's. Its 8-bit weights are then most of what still differs
+  from fp32.
+- ``int8-fp32`` carries the weights in two parts as well (the second, what rounding left
+  over, on a scale 254 times finer) and adds the third product that matters, the
+  activations' value times the weights' residual (the residual times the residual is below
+  both parts' rounding): three int8 products. It also divides each token's activations by
+  their largest magnitude before splitting them (and multiplies the product's row back), so
+  that a token's precision depends less on the others in the run: over 64 `bluemarble`
+  pictures in one run its largest difference from fp32 fell from 9.3e-5 to 4.9e-5. Its
+  embeddings stay within 1e-4 of fp32's (max |difference| of the unit vectors), the bound
+  the fp32 runtime is held to.
+
+Activation codes within 0..128 times weight codes within -127..127 never saturate the int16
+pair sums of CPUs without VNNI (2 x 128 x 127 < 2^15), so one artifact serves every CPU
+(their speed was measured on CPUs with VNNI only).
 
 Products applied once per picture (rank-2 inputs: the pooled token's projection and the head)
 stay fp32: they cost nothing beside the per-token ones, and the head's int8 weights alone were
