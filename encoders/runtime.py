@@ -83,7 +83,6 @@ INT8_8BIT = "dynamic, MatMul/Gemm weights int8 per output column, 8-bit range (C
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux reports them (/proc/cpuinfo); empty where unreadable."""
