@@ -100,9 +100,11 @@ RECIPES = {
     "uint8": functools.partial(quantize_tower, unsigned=True, reduce_range=False),
     "int8 blocks of 32 (MatMulNBits)": functools.partial(quantize_tower, block_size=32),
     "int8 blocks of 128 (MatMulNBits)": functools.partial(quantize_tower, block_size=128),
-    "int8-residual (exported as int8-residual)": quantize_parts,
+    "int8-residual (exported as int8-residual)": functools.partial(
+        quantize_parts, recipe=PART_RECIPES["int8-residual"]
+    ),
     "int8-fp32 (exported as int8-fp32)": functools.partial(
-        quantize_parts, **PART_RECIPES["int8-fp32"][1]
+        quantize_parts, recipe=PART_RECIPES["int8-fp32"]
     ),
 }
 

@@ -39,6 +39,7 @@ most of ``int8-residual``'s remaining error (mean 1 - cos to fp32 on 600 validat
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +67,20 @@ WEIGHT_TOP = 127.0  # 8-bit symmetric weights
 #: How much finer the weights' residual part is scaled: it lies within half a step, so its
 #: codes stay within -127..127 as the value's do.
 WEIGHT_RESIDUAL_STEPS = 2 * WEIGHT_TOP
-#: The precisions made of int8 parts: the recipe their manifests record, and how
-#: ``quantize_parts`` makes them.
-PART_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
-    "int8-residual": (INT8_RESIDUAL, {}),
-    "int8-fp32": (INT8_FP32, {"weight_parts": 2, "per_token": True}),
+
+
+@dataclass(frozen=True)
+class PartRecipe:
+    """How ``quantize_parts`` makes a precision of int8 parts."""
+
+    record: str  # what its manifests record as their ``quantization``
+    weight_parts: int = 1  # 2: the weights' rounding residual as a second int8 part
+    per_token: bool = False  # each token divided by its largest magnitude before splitting
+
+
+PART_RECIPES = {
+    "int8-residual": PartRecipe(INT8_RESIDUAL),
+    "int8-fp32": PartRecipe(INT8_FP32, weight_parts=2, per_token=True),
 }
 
 
@@ -144,20 +154,18 @@ def as_matmuls(fp32: Path) -> Any:
     return wrapped
 
 
-def quantize_parts(
-    fp32: Path, out: Path, *, weight_parts: int = 1, per_token: bool = False
-) -> None:
+def quantize_parts(fp32: Path, out: Path, recipe: PartRecipe) -> None:
     """Write ``fp32``'s graph with every per-token MatMul/Gemm on constant weights replaced by
     int8 products summed in fp32: the activations' two parts times the weights' value
-    (``weight_parts`` 1: ``int8-residual``), and with ``weight_parts`` 2 the activations' value
-    times the weights' residual too (``int8-fp32``). ``per_token``: each token's activations
+    (``int8-residual``), and with the weights in two parts the activations' value times the
+    weights' residual too (``int8-fp32``). With ``recipe.per_token`` each token's activations
     are divided by their largest magnitude before they are split, and the product's rows
     multiplied by it after; see the module docstring."""
     import onnx
     from onnx import helper, numpy_helper
 
-    if weight_parts not in (1, 2):
-        raise ValueError(f"weight_parts is 1 or 2, not {weight_parts}")
+    if recipe.weight_parts not in (1, 2):
+        raise ValueError(f"weight_parts is 1 or 2, not {recipe.weight_parts}")
     for stale in (out, out.with_name(out.name + ".data")):
         stale.unlink(missing_ok=True)  # onnx appends external data to an existing file
     wrapped = as_matmuls(fp32)
@@ -165,6 +173,12 @@ def quantize_parts(
     graph = model.graph
     consts = {t.name: t for t in graph.initializer}
     per_picture = _per_picture_tensors(model)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if recipe.per_token and opset < 18:  # ReduceMax takes its axes as an input from 18 on
+        raise ValueError(f"per-token parts need a graph of opset 18 or later, not {opset}")
+    # (activation part, weight part) of each product: value x value, residual x value, and
+    # with the weights' residual, value x residual
+    pairs = [("", 0), ("r", 0), ("", 1)] if recipe.weight_parts == 2 else [("", 0), ("r", 0)]
     parts: dict[str, str] = {}  # each input's two parts, made once however many products read it
     nodes = []
     for k, node in enumerate(graph.node):
@@ -175,17 +189,16 @@ def quantize_parts(
             continue
         if x not in parts:
             parts[x] = f"rq{k}_"
-            nodes.extend(_two_parts(x, parts[x], per_token))
+            nodes.extend(_two_parts(x, parts[x], recipe.per_token))
         a, b = parts[x], f"rw{k}_"
-        weights = _weight_parts(numpy_helper.to_array(w), weight_parts)
+        weights = _weight_parts(numpy_helper.to_array(w), recipe.weight_parts)
         for j, (q, scale) in enumerate(weights):
             graph.initializer.extend([
                 numpy_helper.from_array(q, f"{b}w{j}"),
                 numpy_helper.from_array(scale, f"{b}ws{j}"),
             ])  # fmt: skip
-        graph.initializer.append(numpy_helper.from_array(np.zeros(len(scale), np.int8), b + "wz"))
-        # (activation part, weight part): value x value, residual x value, value x residual
-        pairs = [("", 0), ("r", 0), ("", 1)][: 1 + len(weights)]
+        zeros = np.zeros(w.dims[1], np.int8)
+        graph.initializer.append(numpy_helper.from_array(zeros, b + "wz"))
         for i, (part, j) in enumerate(pairs):
             nodes.append(helper.make_node(
                 "MatMulIntegerToFloat",
@@ -193,12 +206,13 @@ def quantize_parts(
                 [f"{b}y{i}"],
                 domain="com.microsoft",
             ))  # fmt: skip
-        total, result = f"{b}y0", f"{b}sum" if per_token else node.output[0]
+        total = f"{b}y0"
+        result = f"{b}sum" if recipe.per_token else node.output[0]
         for i in range(1, len(pairs)):
             summed = result if i == len(pairs) - 1 else f"{b}sum{i}"
             nodes.append(helper.make_node("Add", [total, f"{b}y{i}"], [summed]))
             total = summed
-        if per_token:  # back to each token's own magnitude
+        if recipe.per_token:  # back to each token's own magnitude
             nodes.append(helper.make_node("Mul", [result, a + "row"], [node.output[0]]))
     del graph.node[:]
     graph.node.extend(nodes)
@@ -218,7 +232,8 @@ def _weight_parts(weights: np.ndarray, n: int) -> list[tuple[np.ndarray, np.ndar
     for _ in range(n):
         q = np.clip(np.round(values / scale), -WEIGHT_TOP, WEIGHT_TOP)
         out.append((q.astype(np.int8), scale))
-        values = values.astype(np.float64) - q * scale  # what the kernels' part leaves over
+        # what the kernels' part leaves over
+        values = values.astype(np.float64) - q.astype(np.float64) * scale
         scale = (scale / WEIGHT_RESIDUAL_STEPS).astype(np.float32)
     return out
 
@@ -269,6 +284,7 @@ def _two_parts(x: str, p: str, per_token: bool = False) -> list:
     scaled = []
     if per_token:
         last_axis = numpy_helper.from_array(np.array([-1], np.int64), p + "axis")
+        # only an all-zero token has no magnitude: any positive floor leaves it zero
         tiny = numpy_helper.from_array(np.array(1e-30, np.float32), p + "tiny_row")
         scaled = [
             helper.make_node("Constant", [], [p + "axis"], value=last_axis),
@@ -308,7 +324,7 @@ def _per_picture_tensors(model: object) -> set[str]:
         graph = onnx.shape_inference.infer_shapes(model).graph
     batch = graph.input[0].type.tensor_type.shape.dim[0].dim_param
     if not batch:
-        raise ValueError("int8-residual needs a graph whose batch axis is dynamic")
+        raise ValueError("int8 parts need a graph whose batch axis is dynamic")
     out = set()
     for v in [*graph.value_info, *graph.input, *graph.output]:
         dims = v.type.tensor_type.shape.dim

@@ -107,7 +107,7 @@ def quantization(precision: str, portable: bool = False) -> str | None:
     quantised); ``portable``: int8 weights within 7 bits whatever this CPU has
     (``int8-residual``'s and ``int8-fp32``'s hold on every CPU as made)."""
     if precision in PART_RECIPES:
-        return PART_RECIPES[precision][0]
+        return PART_RECIPES[precision].record
     if precision != "int8":
         return None
     return INT8_8BIT if has_vnni() and not portable else INT8_7BIT
@@ -310,7 +310,7 @@ def _export(
             if precision == "int8":
                 quantize_tower(fp32, work / MODEL_FILE, reduce_range=recipe == INT8_7BIT)
             else:
-                quantize_parts(fp32, work / MODEL_FILE, **PART_RECIPES[precision][1])
+                quantize_parts(fp32, work / MODEL_FILE, PART_RECIPES[precision])
             shutil.rmtree(fp32.parent)
         files = {MODEL_FILE: work / MODEL_FILE, DATA_FILE: work / DATA_FILE}
         for path in files.values():

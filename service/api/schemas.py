@@ -758,7 +758,7 @@ class ImageRuntimeInfo(BaseModel):
     precision: str = Field(
         description="fp32, int8 (int8 matrix products), int8-residual (int8 products of "
         "each activation's two 7-bit parts) or int8-fp32 (int8 products of the activations' "
-        "and the weights' two parts, with fp32's embeddings)."
+        "and the weights' two parts: embeddings within 1e-4 of fp32's)."
     )
     tower_sha256: str | None = Field(
         None, description="sha256 of the image tower's weights the onnx export was made from."

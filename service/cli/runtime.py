@@ -10,9 +10,8 @@ import typer
 from service.cli.common import fail, friendly_errors, settings
 
 app = typer.Typer(
-    help="Export the image tower for ONNX Runtime (fp32, int8, int8-residual or int8-fp32) and "
-    "show what "
-    "is exported.",
+    help="Export the image tower for ONNX Runtime (fp32, int8, int8-residual or int8-fp32) "
+    "and show what is exported.",
     no_args_is_help=True,
 )
 

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from encoders.quantize import quantize_parts
+from encoders.quantize import PART_RECIPES, PartRecipe, quantize_parts
 
 
 def _one_product(path: Path, weights: np.ndarray) -> None:
@@ -50,11 +50,8 @@ def test_each_part_narrows_the_error(product: tuple[Path, np.ndarray]) -> None:
     exact = x.astype(np.float64) @ weights.astype(np.float64)
     scale = np.abs(exact).max()
     errors = {}
-    for name, kwargs in {
-        "int8-residual": {},
-        "int8-fp32": {"weight_parts": 2, "per_token": True},
-    }.items():
-        quantize_parts(root / "fp32.onnx", root / f"{name}.onnx", **kwargs)
+    for name in ("int8-residual", "int8-fp32"):
+        quantize_parts(root / "fp32.onnx", root / f"{name}.onnx", PART_RECIPES[name])
         errors[name] = np.abs(_run(root / f"{name}.onnx", x) - exact).max() / scale
     # 8-bit weights: within 1/254 of a column's range each (measured: 6.0e-3 and 1.4e-4).
     assert 1e-3 < errors["int8-residual"] < 2e-2
@@ -75,7 +72,9 @@ def test_per_token_keeps_a_quiet_token_beside_a_loud_one(
     x[0, 1] *= 1e-6
     exact = x.astype(np.float64) @ weights.astype(np.float64)
     out = root / "parts.onnx"
-    quantize_parts(root / "fp32.onnx", out, weight_parts=2, per_token=per_token)
+    recipe = PartRecipe("probe", weight_parts=2, per_token=per_token)
+    assert PART_RECIPES["int8-fp32"] == PartRecipe(PART_RECIPES["int8-fp32"].record, 2, True)
+    quantize_parts(root / "fp32.onnx", out, recipe)
     got = _run(out, x)
     quiet = np.abs(got[0, 1] - exact[0, 1]).max() / np.abs(exact[0, 1]).max()
     loud = np.abs(got[0, 0] - exact[0, 0]).max() / np.abs(exact[0, 0]).max()

@@ -351,12 +351,27 @@ def test_a_portable_int8_tower_is_exported_within_7_bits_on_a_cpu_with_vnni(
     assert runtime.read_manifest(manifest).quantization == runtime.INT8_7BIT
 
 
+def test_the_settings_offer_every_runtime_and_precision_the_encoders_have() -> None:
+    """Settings declare their choices without importing the encoders (light commands start at
+    once); this keeps the two lists the same."""
+    import typing
+
+    from encoders.runtime import PRECISIONS, RUNTIMES
+
+    fields = Settings.model_fields
+    assert typing.get_args(fields["image_precision"].annotation) == PRECISIONS
+    assert typing.get_args(fields["image_runtime"].annotation) == RUNTIMES
+
+
 @pytest.mark.parametrize("precision", ["int8-residual", "int8-fp32"])
 def test_int8_parts_are_a_setting_the_service_loads_and_need_onnx(
     tmp_path: Path, precision: str
 ) -> None:
     import encoders.runtime as runtime
+    from encoders.quantize import INT8_FP32, INT8_RESIDUAL
     from service.engine.loading import load_geomodel
+
+    recipe = {"int8-residual": INT8_RESIDUAL, "int8-fp32": INT8_FP32}[precision]
 
     with pytest.raises(ValueError, match=f"{precision} needs image_runtime onnx"):
         Settings(data_dir=tmp_path, image_precision=precision)
@@ -365,4 +380,4 @@ def test_int8_parts_are_a_setting_the_service_loads_and_need_onnx(
     assert model.image_runtime is not None
     assert model.image_runtime.describe()["precision"] == precision
     directory = runtime.artifact_dir(tmp_path / "runtimes", "bluemarble", "onnx", precision)
-    assert runtime.read_manifest(directory).quantization == runtime.quantization(precision)
+    assert runtime.read_manifest(directory).quantization == recipe
