@@ -59,12 +59,15 @@ DATA_FILE = MODEL_FILE + ".data"
 MANIFEST_FILE = "manifest.json"
 #: Largest batch the exported graph accepts (its dynamic batch axis is bounded).
 MAX_BATCH = 4096
-#: Input pixels per session run. ONNX Runtime holds a run's intermediate tensors until the run
-#: ends, where torch's eager run frees each as it goes: ViT-L/14 at batch 8 held ~330 MB more
-#: than torch's. Runs of at most 5 images of 224² keep it under torch's peak and cost nothing:
-#: a transformer of 257 tokens fills the matrix products at batch 1 already (per image, batch 1
-#: and batch 8 take the same time). Small towers (``bluemarble``'s 32² input) run 245 at a time.
-CHUNK_PIXELS = 5 * 224 * 224
+#: Input pixels per session run: one ViT-L/14 picture (224²), or 49 of ``bluemarble``'s 32².
+#: ONNX Runtime holds a run's intermediate tensors until the run ends, where torch's eager run
+#: frees each as it goes: ViT-L/14 at batch 8 held ~330 MB more than torch's. Small runs are
+#: also faster per picture: a transformer of 257 tokens fills the matrix products at batch 1
+#: already, and larger runs' activations outgrow the caches the passes between the products
+#: stream through (on the Xeon with AMX, ViT-L/14 int8-residual per picture at batch 8: 0.39x
+#: of torch in runs of 1, 0.44x in runs of 5; `bluemarble` int8-residual over 245 pictures:
+#: 0.81 ms each in runs of 49, 1.26 ms in one run of 245).
+CHUNK_PIXELS = 224 * 224
 #: How ``int8`` is made, recorded in each int8 manifest: an export made another way is refused
 #: and made again. Dynamic quantisation of the matrix products' weights, one scale per output
 #: column. ONNX Runtime multiplies uint8 activations by int8 weights. On x86 CPUs with AVX2 and
