@@ -4,7 +4,7 @@ Runtime in fp32, with int8 products (``int8``), or with int8 products that keep 
 
 The image tower is nearly all of a request's CPU time. ONNX Runtime fuses the transformer's
 kernels and, with ``int8``, runs its matrix products on 8-bit weights (dynamic quantisation:
-activations are quantised per batch, so no calibration images are needed). It is one wheel
+activations are quantised per session run, so no calibration images are needed). It is one wheel
 that runs on x86 and ARM, with the same numbers as torch in fp32. OpenVINO, measured on an
 Intel Xeon, ran ViT-L/14 faster at batch 8 but held a second copy of the weights (about 1 GB
 more at peak than torch) and is a 180 MB install (docs/BENCHMARKS.md, "OpenVINO and
@@ -64,9 +64,9 @@ MAX_BATCH = 4096
 #: frees each as it goes: ViT-L/14 at batch 8 held ~330 MB more than torch's. Small runs are
 #: also faster per picture: a transformer of 257 tokens fills the matrix products at batch 1
 #: already, and larger runs' activations outgrow the caches the passes between the products
-#: stream through (on the Xeon with AMX, ViT-L/14 int8-residual per picture at batch 8: 0.39x
-#: of torch in runs of 1, 0.44x in runs of 5; `bluemarble` int8-residual over 245 pictures:
-#: 0.81 ms each in runs of 49, 1.26 ms in one run of 245).
+#: stream through (on the Xeon with AMX, ViT-L/14 int8-residual per picture at batch 8: 0.47x
+#: of torch in runs of 1, 0.51x in runs of 5, bench/runtime.py; `bluemarble` int8-residual
+#: over 245 pictures: 0.81 ms each in runs of 49, 1.26 ms in one run of 245).
 CHUNK_PIXELS = 224 * 224
 #: How ``int8`` is made, recorded in each int8 manifest: an export made another way is refused
 #: and made again. Dynamic quantisation of the matrix products' weights, one scale per output

@@ -71,7 +71,7 @@ class Settings(_LocateDefaults):
         "answers move where candidates are nearly tied); int8-residual (each activation "
         "as two 7-bit parts: twice int8's products, answers within 1 km of fp32's on 98 % of "
         "bluemarble's test tiles); or int8-fp32 (the weights in two parts too: three int8 "
-        "products, embeddings within 1e-4 of fp32's). The int8 ones need "
+        "products, embeddings within 1e-4 of fp32's on the models measured). The int8 ones need "
         "GEOLOC_IMAGE_RUNTIME=onnx.",
     )
     image_int8_portable: bool = Field(
