@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoders import load_model
 from encoders.runtime import (
+    PRECISIONS,
     artifact_dir,
     cpu_flags,
     export_image_runtime,
@@ -44,12 +45,7 @@ from encoders.runtime import (
     parity_pictures,
 )
 
-VARIANTS = (
-    ("onnx", "fp32"),
-    ("onnx", "int8"),
-    ("onnx", "int8-residual"),
-    ("onnx", "int8-fp32"),
-)
+VARIANTS = tuple(("onnx", precision) for precision in PRECISIONS)
 
 
 def _model(profile: str):

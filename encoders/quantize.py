@@ -77,6 +77,10 @@ class PartRecipe:
     weight_parts: int = 1  # 2: the weights' rounding residual as a second int8 part
     per_token: bool = False  # each token divided by its largest magnitude before splitting
 
+    def __post_init__(self) -> None:
+        if self.weight_parts not in (1, 2):
+            raise ValueError(f"weight_parts is 1 or 2, not {self.weight_parts}")
+
 
 PART_RECIPES = {
     "int8-residual": PartRecipe(INT8_RESIDUAL),
@@ -164,8 +168,6 @@ def quantize_parts(fp32: Path, out: Path, recipe: PartRecipe) -> None:
     import onnx
     from onnx import helper, numpy_helper
 
-    if recipe.weight_parts not in (1, 2):
-        raise ValueError(f"weight_parts is 1 or 2, not {recipe.weight_parts}")
     for stale in (out, out.with_name(out.name + ".data")):
         stale.unlink(missing_ok=True)  # onnx appends external data to an existing file
     wrapped = as_matmuls(fp32)
@@ -252,9 +254,7 @@ def range_scale(x: str, p: str, steps: float, axes: tuple[list[str], dict] | Non
         tensor = numpy_helper.from_array(np.array(value, np.float32), p + name)
         return helper.make_node("Constant", [], [p + name], value=tensor)
 
-    def op(kind: str, ins: list[str], out: str, **kw: Any) -> Any:
-        return helper.make_node(kind, [i if i == x else p + i for i in ins], [p + out], **kw)
-
+    op = _prefixed(x, p)
     return [
         const("zero", 0.0),
         const("steps", steps),
@@ -270,6 +270,16 @@ def range_scale(x: str, p: str, steps: float, axes: tuple[list[str], dict] | Non
         op("Neg", ["lo_s"], "nzf"),
         op("Round", ["nzf"], "zf"),
     ]
+
+
+def _prefixed(x: str, p: str) -> Any:
+    """A node builder whose names, but ``x``'s, get the prefix ``p``."""
+    from onnx import helper
+
+    def op(kind: str, ins: list[str], out: str, **kw: Any) -> Any:
+        return helper.make_node(kind, [i if i == x else p + i for i in ins], [p + out], **kw)
+
+    return op
 
 
 def _two_parts(x: str, p: str, per_token: bool = False) -> list:
@@ -296,9 +306,7 @@ def _two_parts(x: str, p: str, per_token: bool = False) -> list:
         ]
         x = p + "unit"
 
-    def op(kind: str, ins: list[str], out: str, **kw: Any) -> Any:
-        return helper.make_node(kind, [i if i == x else p + i for i in ins], [p + out], **kw)
-
+    op = _prefixed(x, p)
     residual_zero = numpy_helper.from_array(np.array(RESIDUAL_ZERO, np.uint8), p + "rz")
     return [
         *scaled,
