@@ -11,6 +11,7 @@ Printed, within 25 / 200 / 750 km:
   (an album counts when any of its pictures is within), and the joint answer; the share of
   albums whose joint answer misses a threshold that their best single picture meets; the
   joint's gain over the mean single picture with a 95 % interval from resampling the albums;
+  and within 200 km by where the album's place lies (on land, or at sea);
 - the same for albums of narrower views (about 250-355 km wide, ``NARROW_STYLE``), where
   single pictures are right less often;
 - the same for albums in other colours and renderings (``draw_shifted_albums``: bench/shift.py's
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -141,20 +142,35 @@ def draw_shifted_albums(n: int, seed: int) -> list[tuple[str, Album]]:
     return out
 
 
-def kind_rows(kinds: Sequence[str], r: Run, km: float = 200.0) -> list[list[str]]:
-    """Per kind of album: how many, the mean single picture, the best single picture of the
-    album and the joint answer within ``km``, and the joint's gain over the mean in points."""
+KIND_HEADER = ["albums", "mean single", "best single", "joint", "joint − mean, points (95 %)"]
+
+
+def kind_rows(
+    kinds: Sequence[str], r: Run, label: Callable[[str], str], km: float = 200.0
+) -> list[list[str]]:
+    """Per kind of album (``label(kind)`` names it): how many, the mean single picture, the best
+    single picture of the album and the joint answer within ``km``, and the joint's gain over
+    the mean in points with its interval (``gain_interval``)."""
     rows = []
     for kind in dict.fromkeys(kinds):
         pick = [i for i, k in enumerate(kinds) if k == kind]
-        single = np.concatenate([r.single_km[i] for i in pick])
-        best = np.array([r.single_km[i].min() for i in pick])
-        joint = r.joint_km[pick]
-        label = SHIFTS[kind][0] if kind in SHIFTS else RENDERINGS[kind][0]
-        gain = 100 * (within(joint, km) - within(single, km))
-        rows.append([label, str(len(pick)), pct(within(single, km)), pct(within(best, km)),
-                     pct(within(joint, km)), f"{gain:+.1f}"])  # fmt: skip
+        part = r[pick]
+        single = np.concatenate(part.single_km)
+        best = np.array([s.min() for s in part.single_km])
+        rows.append([label(kind), str(len(pick)), pct(within(single, km)), pct(within(best, km)),
+                     pct(within(part.joint_km, km)), gain_interval(part, km)])  # fmt: skip
     return rows
+
+
+def shift_label(kind: str) -> str:
+    return SHIFTS[kind][0] if kind in SHIFTS else RENDERINGS[kind][0]
+
+
+def place_rows(albums: Sequence[Album], r: Run) -> list[list[str]]:
+    """``kind_rows`` by where each album's place lies: on land, or at sea (the test generator
+    keeps a little sea), where a picture may show nothing but water."""
+    kinds = ["land" if land else "sea" for land in is_land(np.stack([a.place for a in albums]))]
+    return kind_rows(kinds, r, lambda kind: f"place {'on' if kind == 'land' else 'at'} {kind}")
 
 
 def foreign_tiles(albums: Sequence[Album], seed: int) -> list[tuple[Image.Image, np.ndarray]]:
@@ -398,13 +414,18 @@ def main() -> None:
         f"{' / '.join(str(int(s)) for s in sizes)}\n"
     )
     print(album_table(main_run))
+    print("\nwithin 200 km, by where the album's place lies:\n")
+    print(markdown_table(["place", *KIND_HEADER], place_rows(albums, main_run)))
 
-    narrow = run(locator, options, draw_albums(n, REPORT_SEED + 20, style=NARROW_STYLE), config)
+    narrow_albums = draw_albums(n, REPORT_SEED + 20, style=NARROW_STYLE)
+    narrow = run(locator, options, narrow_albums, config)
     print(
         f"\n### Narrow albums (seed {REPORT_SEED + 20}): {n} albums of 3-5 tiles, views about "
         f"250-355 km wide, TEST_STYLE's colour augmentation\n"
     )
     print(album_table(narrow))
+    print("\nwithin 200 km, by where the album's place lies:\n")
+    print(markdown_table(["place", *KIND_HEADER], place_rows(narrow_albums, narrow)))
 
     shifted = draw_shifted_albums(n, REPORT_SEED + 30)
     other = run(locator, options, [a for _, a in shifted], config)
@@ -417,9 +438,9 @@ def main() -> None:
     print(f"\nthe {len(colour)} albums with a colour shift (not another rendering):\n")
     print(album_table(other[colour]))
     print()
-    header = ["kind", "albums", "mean single", "best single", "joint", "joint − mean, points"]
     print("within 200 km, per kind:\n")
-    print(markdown_table(header, kind_rows([k for k, _ in shifted], other)))
+    kinds = [k for k, _ in shifted]
+    print(markdown_table(["kind", *KIND_HEADER], kind_rows(kinds, other, shift_label)))
 
     fives = draw_albums(max(n // 2, 10), REPORT_SEED + 10, sizes=(5, 5))
     clean = run(locator, options, fives, config)
