@@ -14,8 +14,9 @@ Printed, within 25 / 200 / 750 km:
   and within 200 km by where the album's place lies (on land, or at sea);
 - the same for albums of narrower views (about 250-355 km wide, ``NARROW_STYLE``), where
   single pictures are right less often;
-- the same for albums in other colours and renderings (``draw_shifted_albums``: bench/shift.py's
-  colour shifts and Earth renderings, one per album), and per kind within 200 km;
+- the same, without the split by place, for albums in other colours and renderings
+  (``draw_shifted_albums``: bench/shift.py's colour shifts and Earth renderings, one per
+  album), and per kind within 200 km;
 - robustness on 5-tile albums: the joint answer as drawn, with one tile replaced by a tile at
   least 2,000 km away, and with one replaced by a non-satellite image (bench/shift.py's
   generated sets and natural photos), with the replaced picture's mean weight and the share of
@@ -146,13 +147,17 @@ KIND_HEADER = ["albums", "mean single", "best single", "joint", "joint − mean,
 
 
 def kind_rows(
-    kinds: Sequence[str], r: Run, label: Callable[[str], str], km: float = 200.0
+    kinds: Sequence[str],
+    r: Run,
+    label: Callable[[str], str],
+    km: float = 200.0,
+    order: Sequence[str] = (),
 ) -> list[list[str]]:
     """Per kind of album (``label(kind)`` names it): how many, the mean single picture, the best
     single picture of the album and the joint answer within ``km``, and the joint's gain over
-    the mean in points with its interval (``gain_interval``)."""
+    the mean in points with its interval (``gain_interval``); the kinds in ``order`` first."""
     rows = []
-    for kind in dict.fromkeys(kinds):
+    for kind in dict.fromkeys([*[k for k in order if k in kinds], *kinds]):
         pick = [i for i, k in enumerate(kinds) if k == kind]
         part = r[pick]
         single = np.concatenate(part.single_km)
@@ -170,7 +175,8 @@ def place_rows(albums: Sequence[Album], r: Run) -> list[list[str]]:
     """``kind_rows`` by where each album's place lies: on land, or at sea (the test generator
     keeps a little sea), where a picture may show nothing but water."""
     kinds = ["land" if land else "sea" for land in is_land(np.stack([a.place for a in albums]))]
-    return kind_rows(kinds, r, lambda kind: f"place {'on' if kind == 'land' else 'at'} {kind}")
+    label = {"land": "place on land", "sea": "place at sea"}
+    return kind_rows(kinds, r, label.__getitem__, order=list(label))
 
 
 def foreign_tiles(albums: Sequence[Album], seed: int) -> list[tuple[Image.Image, np.ndarray]]:
