@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -143,40 +143,32 @@ def draw_shifted_albums(n: int, seed: int) -> list[tuple[str, Album]]:
     return out
 
 
-KIND_HEADER = ["albums", "mean single", "best single", "joint", "joint − mean, points (95 %)"]
-
-
-def kind_rows(
-    kinds: Sequence[str],
-    r: Run,
-    label: Callable[[str], str],
-    km: float = 200.0,
-    order: Sequence[str] = (),
-) -> list[list[str]]:
-    """Per kind of album (``label(kind)`` names it): how many, the mean single picture, the best
-    single picture of the album and the joint answer within ``km``, and the joint's gain over
-    the mean in points with its interval (``gain_interval``); the kinds in ``order`` first."""
+def kind_table(
+    first: str, kinds: Sequence[str], r: Run, labels: Mapping[str, str], km: float = 200.0
+) -> str:
+    """Per kind of album, in ``labels``' order and named by it (``first``: the column's
+    header): how many, the mean single picture, the best single picture of the album and the
+    joint answer within ``km``, and the joint's gain over the mean in points with its interval
+    (``gain_interval``), as a markdown table."""
     rows = []
-    for kind in dict.fromkeys([*[k for k in order if k in kinds], *kinds]):
+    for kind, label in labels.items():
         pick = [i for i, k in enumerate(kinds) if k == kind]
+        if not pick:
+            continue
         part = r[pick]
         single = np.concatenate(part.single_km)
         best = np.array([s.min() for s in part.single_km])
-        rows.append([label(kind), str(len(pick)), pct(within(single, km)), pct(within(best, km)),
+        rows.append([label, str(len(pick)), pct(within(single, km)), pct(within(best, km)),
                      pct(within(part.joint_km, km)), gain_interval(part, km)])  # fmt: skip
-    return rows
+    header = ["albums", "mean single", "best single", "joint", "joint − mean, points (95 %)"]
+    return markdown_table([first, *header], rows)
 
 
-def shift_label(kind: str) -> str:
-    return SHIFTS[kind][0] if kind in SHIFTS else RENDERINGS[kind][0]
-
-
-def place_rows(albums: Sequence[Album], r: Run) -> list[list[str]]:
-    """``kind_rows`` by where each album's place lies: on land, or at sea (the test generator
+def place_table(albums: Sequence[Album], r: Run) -> str:
+    """``kind_table`` by where each album's place lies: on land, or at sea (the test generator
     keeps a little sea), where a picture may show nothing but water."""
     kinds = ["land" if land else "sea" for land in is_land(np.stack([a.place for a in albums]))]
-    label = {"land": "place on land", "sea": "place at sea"}
-    return kind_rows(kinds, r, label.__getitem__, order=list(label))
+    return kind_table("place", kinds, r, {"land": "place on land", "sea": "place at sea"})
 
 
 def foreign_tiles(albums: Sequence[Album], seed: int) -> list[tuple[Image.Image, np.ndarray]]:
@@ -421,7 +413,7 @@ def main() -> None:
     )
     print(album_table(main_run))
     print("\nwithin 200 km, by where the album's place lies:\n")
-    print(markdown_table(["place", *KIND_HEADER], place_rows(albums, main_run)))
+    print(place_table(albums, main_run))
 
     narrow_albums = draw_albums(n, REPORT_SEED + 20, style=NARROW_STYLE)
     narrow = run(locator, options, narrow_albums, config)
@@ -431,7 +423,7 @@ def main() -> None:
     )
     print(album_table(narrow))
     print("\nwithin 200 km, by where the album's place lies:\n")
-    print(markdown_table(["place", *KIND_HEADER], place_rows(narrow_albums, narrow)))
+    print(place_table(narrow_albums, narrow))
 
     shifted = draw_shifted_albums(n, REPORT_SEED + 30)
     other = run(locator, options, [a for _, a in shifted], config)
@@ -445,8 +437,8 @@ def main() -> None:
     print(album_table(other[colour]))
     print()
     print("within 200 km, per kind:\n")
-    kinds = [k for k, _ in shifted]
-    print(markdown_table(["kind", *KIND_HEADER], kind_rows(kinds, other, shift_label)))
+    labels = {k: v[0] for k, v in {**SHIFTS, **RENDERINGS}.items()}
+    print(kind_table("kind", [k for k, _ in shifted], other, labels))
 
     fives = draw_albums(max(n // 2, 10), REPORT_SEED + 10, sizes=(5, 5))
     clean = run(locator, options, fives, config)

@@ -245,20 +245,15 @@ def range_scale(x: str, p: str, steps: float, axes: tuple[list[str], dict] | Non
     and ``p``zf, the zero point round(-lo / s) as a float. Over the whole tensor (scalars), as
     DynamicQuantizeLinear takes them, or per row with ``axes``: a reduction's (axis inputs,
     attributes). ``p``steps holds ``steps``."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     inputs, attrs = axes or ([], {})
     keep = 1 if axes else 0
-
-    def const(name: str, value: float) -> Any:
-        tensor = numpy_helper.from_array(np.array(value, np.float32), p + name)
-        return helper.make_node("Constant", [], [p + name], value=tensor)
-
     op = _prefixed(x, p)
     return [
-        const("zero", 0.0),
-        const("steps", steps),
-        const("tiny", 1e-12),
+        _constant(p + "zero", np.float32(0.0)),
+        _constant(p + "steps", np.float32(steps)),
+        _constant(p + "tiny", np.float32(1e-12)),
         helper.make_node("ReduceMax", [x, *inputs], [p + "hi0"], keepdims=keep, **attrs),
         helper.make_node("ReduceMin", [x, *inputs], [p + "lo0"], keepdims=keep, **attrs),
         op("Max", ["hi0", "zero"], "hi"),
@@ -282,6 +277,15 @@ def _prefixed(x: str, p: str) -> Any:
     return op
 
 
+def _constant(name: str, value: np.ndarray | np.generic) -> Any:
+    """A Constant node ``name`` holding ``value`` (its dtype as it is)."""
+    from onnx import helper, numpy_helper
+
+    return helper.make_node(
+        "Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name)
+    )
+
+
 def _two_parts(x: str, p: str, per_token: bool = False) -> list:
     """Nodes that carry ``x`` in two 7-bit parts, uint8 codes with scalar scales and zero
     points: ``p``q (``p``s, ``p``z), ``x`` rounded over its range; ``p``rq (``p``rs, ``p``rz),
@@ -289,25 +293,22 @@ def _two_parts(x: str, p: str, per_token: bool = False) -> list:
     ``per_token``: ``x``'s rows (tokens) first divided by their largest magnitude, ``p``row,
     so that every token uses the whole range whatever the others in the run hold."""
     import onnx
-    from onnx import helper, numpy_helper
 
     scaled = []
     if per_token:
-        last_axis = numpy_helper.from_array(np.array([-1], np.int64), p + "axis")
-        # only an all-zero token has no magnitude: any positive floor leaves it zero
-        tiny = numpy_helper.from_array(np.array(1e-30, np.float32), p + "tiny_row")
+        op = _prefixed(x, p)
         scaled = [
-            helper.make_node("Constant", [], [p + "axis"], value=last_axis),
-            helper.make_node("Constant", [], [p + "tiny_row"], value=tiny),
-            helper.make_node("Abs", [x], [p + "abs"]),
-            helper.make_node("ReduceMax", [p + "abs", p + "axis"], [p + "row0"], keepdims=1),
-            helper.make_node("Max", [p + "row0", p + "tiny_row"], [p + "row"]),
-            helper.make_node("Div", [x, p + "row"], [p + "unit"]),
+            _constant(p + "axis", np.array([-1], np.int64)),
+            # only an all-zero token has no magnitude: any positive floor leaves it zero
+            _constant(p + "tiny_row", np.float32(1e-30)),
+            op("Abs", [x], "abs"),
+            op("ReduceMax", ["abs", "axis"], "row0", keepdims=1),
+            op("Max", ["row0", "tiny_row"], "row"),
+            op("Div", [x, "row"], "unit"),
         ]
         x = p + "unit"
 
     op = _prefixed(x, p)
-    residual_zero = numpy_helper.from_array(np.array(RESIDUAL_ZERO, np.uint8), p + "rz")
     return [
         *scaled,
         *range_scale(x, p, ACTIVATION_STEPS),
@@ -316,7 +317,7 @@ def _two_parts(x: str, p: str, per_token: bool = False) -> list:
         op("DequantizeLinear", ["q", "s", "z"], "back"),
         op("Sub", [x, "back"], "r"),
         op("Div", ["s", "steps"], "rs"),
-        helper.make_node("Constant", [], [p + "rz"], value=residual_zero),
+        _constant(p + "rz", np.uint8(RESIDUAL_ZERO)),
         op("QuantizeLinear", ["r", "rs", "rz"], "rq"),
     ]
 
